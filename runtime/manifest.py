@@ -1,0 +1,130 @@
+"""``manifest.json``: what a stage hands on (weights folder, calibration set, bundle) and how the next stage checks it.
+
+A manifest names its kind, carries free-form metadata (shapes, dtypes, settings, tool versions) and the sha256 of every
+file in the folder. ``verify`` refuses a folder whose files are missing or changed, with a message naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+MANIFEST_FILE = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+class ManifestError(ValueError):
+    """A folder's manifest is missing, malformed, of the wrong kind, or does not match the files."""
+
+
+def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tool_versions(*packages: str) -> dict[str, str]:
+    """Installed versions of the named distributions (absent ones are skipped), plus Python's."""
+    versions = {"python": platform.python_version()}
+    for name in packages:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+@dataclass
+class Manifest:
+    kind: str  # "weights", "bundle", "calib", ...
+    metadata: dict = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+    version: int = MANIFEST_VERSION
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "version": self.version, "metadata": self.metadata, "files": self.files}
+
+    @property
+    def fingerprint(self) -> str:
+        """A sha256 over the file hashes: identifies the folder's content (used to tie a bundle to its weights)."""
+        text = json.dumps(sorted(self.files.items()))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def write_manifest(folder: str | Path, kind: str, metadata: dict | None = None) -> Manifest:
+    """Hash every file under ``folder`` (except the manifest itself) and write ``manifest.json`` atomically."""
+    folder = Path(folder)
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.name != MANIFEST_FILE and not path.name.startswith("."):
+            files[path.relative_to(folder).as_posix()] = sha256_file(path)
+    manifest = Manifest(kind=kind, metadata=metadata or {}, files=files)
+    atomic_write_text(folder / MANIFEST_FILE, json.dumps(manifest.to_dict(), indent=2) + "\n")
+    return manifest
+
+
+def read_manifest(folder: str | Path, kind: str | None = None) -> Manifest:
+    """Read ``manifest.json`` of ``folder``; with ``kind``, refuse a folder made by another stage."""
+    folder = Path(folder)
+    path = folder / MANIFEST_FILE
+    if not folder.is_dir():
+        raise ManifestError(f"{folder} is not a folder")
+    if not path.is_file():
+        raise ManifestError(
+            f"{folder} has no {MANIFEST_FILE}; it was not written by unidg "
+            f"(expected a {kind or 'unidg'} folder made by the matching `unidg` command)"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ManifestError(f"{path} is not valid JSON ({error}); re-create the folder") from error
+    if not isinstance(data, dict) or "kind" not in data or "files" not in data:
+        raise ManifestError(f"{path} is not a unidg manifest (missing 'kind' or 'files')")
+    if data.get("version", 0) > MANIFEST_VERSION:
+        raise ManifestError(f"{path} has manifest version {data['version']}; this unidg reads <= {MANIFEST_VERSION}")
+    if kind is not None and data["kind"] != kind:
+        raise ManifestError(f"{folder} is a '{data['kind']}' folder, but a '{kind}' folder is needed here")
+    return Manifest(kind=data["kind"], metadata=data.get("metadata", {}), files=data["files"], version=data["version"])
+
+
+def verify_files(folder: str | Path, manifest: Manifest) -> None:
+    """Check every listed file exists and has its recorded sha256."""
+    folder = Path(folder)
+    for name, expected in manifest.files.items():
+        path = folder / name
+        if not path.is_file():
+            raise ManifestError(f"{path} is listed in {folder / MANIFEST_FILE} but missing; re-create the folder")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ManifestError(
+                f"{path} does not match its manifest (sha256 {actual[:12]}… != {expected[:12]}…); "
+                "the file was changed or truncated after export; re-create the folder"
+            )
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temporary file beside ``path`` and rename it into place: readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())

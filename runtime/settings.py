@@ -1,0 +1,75 @@
+"""UniDG generation settings (``unidg.json``): one dataclass shared by training, export and the runtime."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+SETTINGS_FILE = "unidg.json"
+
+
+@dataclass(frozen=True)
+class UniDGSettings:
+    """What a trained UniDG model was made for and how it samples by default."""
+
+    alpha: float = 2.0  # defect-attention amplification (paper Eq. 11): bias log(alpha)
+    beta: float = 0.6  # adaptive crop: minimum crop ratio r (paper Eq. 8)
+    threshold: float = 0.1  # adaptive crop: area ratio T below which the crop is expanded
+    resolution: int = 768  # S: each diptych half is S x S pixels
+    text_tokens: int = 512  # K zero text tokens in reference mode
+    steps: int = 28
+    guidance: float = 30.0
+    dilate_kernel: int = 7
+    dilate_iterations: int = 2
+    fold_text_tokens: bool = True  # K identical zero text tokens -> one key with bias log K (exact)
+
+    def __post_init__(self) -> None:
+        if self.alpha <= 0:
+            raise ValueError(f"alpha must be > 0 (got {self.alpha})")
+        if not 0 < self.beta <= 1:
+            raise ValueError(f"beta must be in (0, 1] (got {self.beta})")
+        if not 0 < self.threshold <= 1:
+            raise ValueError(f"threshold must be in (0, 1] (got {self.threshold})")
+        if self.resolution <= 0 or self.resolution % 16:
+            raise ValueError(f"resolution must be a positive multiple of 16 (got {self.resolution})")
+        if self.text_tokens < 1:
+            raise ValueError(f"text_tokens must be >= 1 (got {self.text_tokens})")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1 (got {self.steps})")
+
+    @property
+    def log_alpha(self) -> float:
+        return math.log(self.alpha)
+
+    @property
+    def image_tokens(self) -> int:
+        """Image tokens of one S x 2S diptych (2x2-packed latents of an 8x VAE)."""
+        return (self.resolution // 16) * (2 * self.resolution // 16)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> UniDGSettings:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown UniDG settings {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / SETTINGS_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, folder: str | Path) -> UniDGSettings:
+        path = Path(folder) / SETTINGS_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: a UniDG weights folder or bundle must contain {SETTINGS_FILE}")
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON ({error}); re-create it with `unidg train merge`") from error
