@@ -1,0 +1,49 @@
+"""Runtime backends: the same sampler over onnxruntime (CPU/GPU), TensorRT engines, or torch exported programs.
+
+``create_backend(name, bundle, **options)`` imports a backend only when asked for, so the lean install needs neither
+TensorRT nor torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from unidg.runtime.backends.base import (
+    Backend,
+    BackendError,
+    BackendUnavailable,
+    NonFiniteOutputError,
+    StepConditioning,
+)
+from unidg.runtime.bundle import Bundle
+
+# name -> (module, class)
+BACKENDS: dict[str, tuple[str, str]] = {
+    "onnxruntime": ("unidg.runtime.backends.onnxruntime_backend", "OnnxRuntimeBackend"),
+    "tensorrt": ("unidg.runtime.backends.tensorrt_backend", "TensorRTBackend"),
+    "torch": ("unidg.runtime.backends.torch_backend", "TorchBackend"),
+}
+
+
+def backend_class(name: str) -> type[Backend]:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {sorted(BACKENDS)}")
+    module_name, class_name = BACKENDS[name]
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def create_backend(name: str, bundle: Bundle, **options: object) -> Backend:
+    """Create backend ``name`` for ``bundle``; options are backend-specific (onnxruntime: providers=["cuda"])."""
+    return backend_class(name).from_bundle(bundle, **options)
+
+
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "BackendError",
+    "BackendUnavailable",
+    "NonFiniteOutputError",
+    "StepConditioning",
+    "backend_class",
+    "create_backend",
+]

@@ -1,0 +1,131 @@
+"""The one interface every runtime backend implements (onnxruntime, TensorRT, torch).
+
+A backend is created from a checked bundle and runs its four graphs. All arrays crossing the interface are host numpy
+float32 in the shapes of Bundle format v1; a backend may keep data on its device between calls (TensorRT and torch keep
+the loop state there), but callers only ever see numpy.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from unidg.runtime.bundle import Bundle
+
+
+class BackendUnavailable(ValueError):
+    """The backend cannot run here: its package, device or execution provider is missing."""
+
+
+class BackendError(ValueError):
+    """A backend cannot use this bundle (graph shapes, engine versions, device capability)."""
+
+
+class GenerationCancelled(Exception):
+    """The progress callback returned False: the loop stopped early and nothing was produced."""
+
+
+class NonFiniteOutputError(ValueError):
+    """A graph produced NaN or Inf: the bundle's weights are corrupt, or the precision overflowed."""
+
+
+@dataclass(frozen=True)
+class StepConditioning:
+    """The step graph's inputs that stay fixed over one batch's denoising loop."""
+
+    cond: np.ndarray  # [B, N, 320] packed masked-diptych latents (64) + packed fill mask (256)
+    ctx: np.ndarray  # [B, C, J] context tokens: zero text token(s) then reference (Redux) tokens
+    key_bias: np.ndarray  # [B, C + N] additive attention bias per key
+    guidance: np.ndarray  # [B] guidance scale
+    img_ids: np.ndarray  # [N, 3]
+    txt_ids: np.ndarray  # [C, 3]
+
+    @property
+    def batch(self) -> int:
+        return int(self.cond.shape[0])
+
+
+class Backend(ABC):
+    """Runs a bundle's graphs: ``encode_images``, ``encode_reference``, ``step`` (x 28), ``decode_latents``."""
+
+    name: str = "base"
+
+    def __init__(self, bundle: Bundle) -> None:
+        self.bundle = bundle
+
+    @classmethod
+    @abstractmethod
+    def from_bundle(cls, bundle: Bundle, **options: object) -> Backend:
+        """Create the backend for ``bundle``; refuse (BackendError / BackendUnavailable) what it cannot run."""
+
+    @property
+    def max_batch(self) -> int | None:
+        """The batch every call must have (static bundle), or None when any batch size works."""
+        return self.bundle.batch
+
+    @abstractmethod
+    def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+        """[B, 3, S, 2S] pixels in [-1, 1] -> [B, 16, S/8, 2S/8] normalized VAE latents (posterior mean)."""
+
+    @abstractmethod
+    def decode_latents(self, latents: np.ndarray) -> np.ndarray:
+        """[B, 16, S/8, 2S/8] normalized latents -> [B, 3, S, 2S] pixels in [-1, 1]."""
+
+    @abstractmethod
+    def encode_reference(self, pixels: np.ndarray) -> np.ndarray:
+        """[B, 3, P, P] reference pixels in [-1, 1] -> [B, R, J] reference (Redux) tokens."""
+
+    @abstractmethod
+    def step(self, x: np.ndarray, conditioning: StepConditioning, sigma: float, sigma_next: float) -> np.ndarray:
+        """One Euler step of the flow: x [B, N, 64] at ``sigma`` -> x at ``sigma_next``."""
+
+    def denoise_all(
+        self,
+        noise: np.ndarray,
+        conditioning: StepConditioning,
+        sigmas: np.ndarray,
+        callback: Callable[[int, int], bool | None] | None = None,
+    ) -> np.ndarray | None:
+        """Run every step in one call (TensorRT: one captured CUDA graph); None: the sampler loops over ``step``.
+
+        An implementation reports progress through ``callback`` as steps finish and raises
+        ``GenerationCancelled`` when it returns False.
+        """
+        return None
+
+    def close(self) -> None:  # noqa: B027 - optional hook: most backends hold nothing to release
+        """Release device memory and sessions (the backend is unusable afterwards)."""
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def check_finite(array: np.ndarray, what: str, bundle: Bundle) -> None:
+    """Refuse NaN/Inf from a graph with a message naming the graph and the likely cause."""
+    if not np.isfinite(array).all():
+        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        raise NonFiniteOutputError(
+            f"{what} produced {bad} NaN/Inf values with bundle {bundle.path}: its weights are corrupt or contain "
+            f"NaN/Inf (or {bundle.precision} overflowed); re-export the bundle from a healthy weights folder"
+        )
+
+
+def step_feeds(x: np.ndarray, conditioning: StepConditioning, sigma: float, sigma_next: float) -> dict[str, np.ndarray]:
+    """The step graph's named float32 inputs (Bundle format v1) for one call."""
+    batch = x.shape[0]
+    return {
+        "x": np.ascontiguousarray(x, dtype=np.float32),
+        "cond": conditioning.cond,
+        "ctx": conditioning.ctx,
+        "key_bias": conditioning.key_bias,
+        "sigma": np.full((batch,), sigma, dtype=np.float32),
+        "sigma_next": np.full((batch,), sigma_next, dtype=np.float32),
+        "guidance": conditioning.guidance,
+        "img_ids": conditioning.img_ids,
+        "txt_ids": conditioning.txt_ids,
+    }

@@ -1,0 +1,342 @@
+"""Read and check a bundle folder (Bundle format v1): ONNX graphs, optional TensorRT plans and torch programs, manifest.
+
+A bundle is what ``unidg export onnx`` writes and every runtime backend reads. ``load_bundle`` refuses, with a message
+naming the bundle and the fix: a folder that is not a bundle, another format version, files missing or changed since
+export (sha256), settings that contradict the recorded shapes, and a bundle made for other settings than the caller's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from unidg.runtime.manifest import ManifestError, read_manifest, verify_files
+from unidg.runtime.settings import UniDGSettings
+
+BUNDLE_KIND = "bundle"
+BUNDLE_FORMAT = "unidg-bundle"
+BUNDLE_FORMAT_VERSION = 1
+GRAPH_NAMES = ("step", "vae_encoder", "vae_decoder", "image_encoder")
+PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8")
+LATENT_CHANNELS = 16
+PACKED_CHANNELS = 64  # 16 latent channels x 2x2 patch
+MASK_CHANNELS = 256  # 8x8 pixel block x 2x2 patch
+COND_CHANNELS = PACKED_CHANNELS + MASK_CHANNELS
+
+# Inputs and outputs of each graph, in call order (Bundle format v1).
+GRAPH_INPUTS = {
+    "step": ("x", "cond", "ctx", "key_bias", "sigma", "sigma_next", "guidance", "img_ids", "txt_ids"),
+    "vae_encoder": ("pixels",),
+    "vae_decoder": ("latents",),
+    "image_encoder": ("pixels",),
+}
+GRAPH_OUTPUTS = {
+    "step": ("x_next",),
+    "vae_encoder": ("latents",),
+    "vae_decoder": ("pixels",),
+    "image_encoder": ("tokens",),
+}
+
+
+class BundleError(ManifestError):
+    """A bundle folder cannot be used: not a bundle, wrong version, changed files, inconsistent or foreign settings."""
+
+
+Dim = int | str  # a fixed size, or a symbolic name for a dynamic axis
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[Dim, ...]
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    name: str
+    file: str
+    inputs: dict[str, TensorSpec]
+    outputs: dict[str, TensorSpec]
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A checked bundle: its folder, manifest, settings and the shapes every backend needs."""
+
+    path: Path
+    settings: UniDGSettings
+    metadata: dict
+    files: dict[str, str]
+    fingerprint: str
+    graphs: dict[str, GraphSpec]
+    batch: int | None  # None: dynamic batch
+    engines: dict = field(default_factory=dict)
+
+    # Shape facts, straight from the manifest (checked against each other by load_bundle).
+    @property
+    def resolution(self) -> int:
+        return int(self.metadata["resolution"])
+
+    @property
+    def precision(self) -> str:
+        return str(self.metadata.get("precision", "fp32"))
+
+    @property
+    def fold_text_tokens(self) -> bool:
+        return bool(self.metadata["fold_text_tokens"])
+
+    @property
+    def text_tokens(self) -> int:
+        return int(self.metadata["text_tokens"])
+
+    @property
+    def reference_tokens(self) -> int:
+        return int(self.metadata["reference_tokens"])
+
+    @property
+    def context_tokens(self) -> int:
+        return int(self.metadata["context_tokens"])
+
+    @property
+    def joint_dim(self) -> int:
+        return int(self.metadata["joint_dim"])
+
+    @property
+    def reference_size(self) -> int:
+        return int(self.metadata["reference_size"])
+
+    @property
+    def vae_scale(self) -> float:
+        return float(self.metadata.get("vae_scale", 0.3611))
+
+    @property
+    def vae_shift(self) -> float:
+        return float(self.metadata.get("vae_shift", 0.1159))
+
+    @property
+    def image_tokens(self) -> int:
+        return (self.resolution // 16) * (2 * self.resolution // 16)
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        return self.resolution // 8, 2 * self.resolution // 8
+
+    def file_path(self, relative: str) -> Path:
+        return self.path / relative
+
+    def graph_path(self, name: str) -> Path:
+        return self.path / self.graphs[name].file
+
+    def describe(self) -> str:
+        batch = "dynamic" if self.batch is None else str(self.batch)
+        return (
+            f"bundle {self.path.name} (S={self.resolution}, {self.precision}, attention "
+            f"{self.metadata.get('attention', '?')}, fold={self.fold_text_tokens}, batch {batch}, "
+            f"fingerprint {self.fingerprint[:12]})"
+        )
+
+
+def _fail(folder: Path, problem: str, fix: str = "re-export it with `unidg export onnx`") -> BundleError:
+    return BundleError(f"bundle {folder}: {problem}; {fix}")
+
+
+def _parse_shape(folder: Path, where: str, raw: object) -> tuple[Dim, ...]:
+    if not isinstance(raw, list | tuple) or not all(isinstance(d, int | str) for d in raw):
+        raise _fail(folder, f"{where} has shape {raw!r}, expected a list of ints / axis names")
+    return tuple(raw)
+
+
+def _parse_graph(folder: Path, name: str, raw: object, files: dict[str, str]) -> GraphSpec:
+    if not isinstance(raw, dict) or "file" not in raw:
+        raise _fail(folder, f"manifest graph '{name}' has no 'file'")
+    specs: dict[str, dict[str, TensorSpec]] = {}
+    for direction, wanted in (("inputs", GRAPH_INPUTS[name]), ("outputs", GRAPH_OUTPUTS[name])):
+        given = raw.get(direction)
+        if not isinstance(given, dict):
+            raise _fail(folder, f"manifest graph '{name}' has no '{direction}' table")
+        missing = [t for t in wanted if t not in given]
+        if missing:
+            raise _fail(folder, f"graph '{name}' lacks {direction} {missing} (Bundle format v1 needs {list(wanted)})")
+        specs[direction] = {
+            t: TensorSpec(
+                _parse_shape(folder, f"{name}.{t}", given[t].get("shape")), str(given[t].get("dtype", "float32"))
+            )
+            for t in wanted
+        }
+        wrong = [f"{t}: {s.dtype}" for t, s in specs[direction].items() if s.dtype != "float32"]
+        if wrong:
+            raise _fail(folder, f"graph '{name}' has non-float32 I/O {wrong}; v1 graphs take and give float32")
+    if raw["file"] not in files:
+        raise _fail(folder, f"graph file {raw['file']} is not listed in the manifest's files")
+    return GraphSpec(name=name, file=raw["file"], inputs=specs["inputs"], outputs=specs["outputs"])
+
+
+def _parse_batch(folder: Path, raw: object) -> int | None:
+    if raw == "dynamic":
+        return None
+    if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 1:
+        return raw
+    raise _fail(folder, f"manifest 'batch' is {raw!r}; expected a positive int or 'dynamic'")
+
+
+def expected_shapes(meta: dict, batch: Dim) -> dict[str, dict[str, tuple[Dim, ...]]]:
+    """The v1 shape of every graph tensor for the manifest's facts (``batch``: an int, or any axis name)."""
+    s = int(meta["resolution"])
+    n = (s // 16) * (2 * s // 16)
+    c, j, r, p = (int(meta[k]) for k in ("context_tokens", "joint_dim", "reference_tokens", "reference_size"))
+    h, w = s // 8, 2 * s // 8
+    return {
+        "step": {
+            "x": (batch, n, PACKED_CHANNELS),
+            "cond": (batch, n, COND_CHANNELS),
+            "ctx": (batch, c, j),
+            "key_bias": (batch, c + n),
+            "sigma": (batch,),
+            "sigma_next": (batch,),
+            "guidance": (batch,),
+            "img_ids": (n, 3),
+            "txt_ids": (c, 3),
+            "x_next": (batch, n, PACKED_CHANNELS),
+        },
+        "vae_encoder": {"pixels": (batch, 3, s, 2 * s), "latents": (batch, LATENT_CHANNELS, h, w)},
+        "vae_decoder": {"latents": (batch, LATENT_CHANNELS, h, w), "pixels": (batch, 3, s, 2 * s)},
+        "image_encoder": {"pixels": (batch, 3, p, p), "tokens": (batch, r, j)},
+    }
+
+
+def shape_mismatch(expected: tuple[Dim, ...], actual: tuple[Dim, ...]) -> bool:
+    """True when two shapes disagree on rank or on any axis that both give as a fixed int."""
+    if len(expected) != len(actual):
+        return True
+    return any(isinstance(e, int) and isinstance(a, int) and e != a for e, a in zip(expected, actual))
+
+
+def _check_shapes(folder: Path, meta: dict, graphs: dict[str, GraphSpec], batch: int | None) -> None:
+    want = expected_shapes(meta, batch if batch is not None else "batch")
+    for name, graph in graphs.items():
+        for tensor, spec in {**graph.inputs, **graph.outputs}.items():
+            expected = want[name][tensor]
+            if shape_mismatch(expected, spec.shape):
+                raise _fail(
+                    folder,
+                    f"graph '{name}' tensor '{tensor}' has shape {list(spec.shape)} but the manifest's settings "
+                    f"(S={meta['resolution']}, C={meta['context_tokens']}, J={meta['joint_dim']}, "
+                    f"R={meta['reference_tokens']}, P={meta['reference_size']}, batch={meta['batch']}) "
+                    f"need {list(expected)}",
+                    "the manifest and the graphs come from different exports; re-export the bundle",
+                )
+
+
+def _check_facts(folder: Path, meta: dict, settings: UniDGSettings) -> None:
+    required = (
+        "resolution",
+        "fold_text_tokens",
+        "text_tokens",
+        "reference_tokens",
+        "context_tokens",
+        "joint_dim",
+        "reference_size",
+        "batch",
+    )
+    missing = [k for k in required if k not in meta]
+    if missing:
+        raise _fail(folder, f"manifest metadata lacks {missing}")
+    for key in ("resolution", "text_tokens", "reference_tokens", "context_tokens", "joint_dim", "reference_size"):
+        value = meta[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise _fail(folder, f"manifest '{key}' is {value!r}, expected a positive int")
+    if meta["resolution"] != settings.resolution:
+        raise _fail(folder, f"manifest resolution {meta['resolution']} != settings resolution {settings.resolution}")
+    if bool(meta["fold_text_tokens"]) != settings.fold_text_tokens:
+        raise _fail(folder, "manifest fold_text_tokens contradicts its settings")
+    if meta["text_tokens"] != settings.text_tokens:
+        raise _fail(folder, f"manifest text_tokens {meta['text_tokens']} != settings K {settings.text_tokens}")
+    context = (1 if meta["fold_text_tokens"] else meta["text_tokens"]) + meta["reference_tokens"]
+    if meta["context_tokens"] != context:
+        raise _fail(
+            folder,
+            f"manifest context_tokens {meta['context_tokens']} != (1 if folded else K) + R = {context}",
+        )
+    if meta.get("latent_channels", LATENT_CHANNELS) != LATENT_CHANNELS:
+        raise _fail(folder, f"latent_channels {meta['latent_channels']} != {LATENT_CHANNELS} (FLUX VAE)")
+    precision = meta.get("precision", "fp32")
+    if precision not in PRECISIONS:
+        raise _fail(folder, f"unknown precision {precision!r} (known: {list(PRECISIONS)})")
+
+
+def _compare_settings(folder: Path, have: UniDGSettings, want: UniDGSettings) -> None:
+    # Sampling defaults (steps, guidance) may differ: they are per-request choices, not part of the graphs.
+    per_request = {"steps", "guidance"}
+    diffs = [
+        f"{k}: bundle {v!r} vs requested {want.to_dict()[k]!r}"
+        for k, v in have.to_dict().items()
+        if k not in per_request and want.to_dict()[k] != v
+    ]
+    if diffs:
+        raise _fail(
+            folder,
+            "was exported for other UniDG settings (" + "; ".join(diffs) + ")",
+            "use a bundle exported with these settings, or drop the settings override",
+        )
+
+
+def load_bundle(
+    path: str | Path,
+    *,
+    verify: bool = True,
+    expected_settings: UniDGSettings | None = None,
+) -> Bundle:
+    """Read ``path/manifest.json`` and check the bundle; ``verify`` re-hashes every file (sha256).
+
+    ``expected_settings``: refuse a bundle exported for other UniDG settings (alpha, beta, resolution, K, folding...).
+    """
+    folder = Path(path)
+    if not folder.exists():
+        raise BundleError(f"bundle {folder} does not exist; pass the folder written by `unidg export onnx`")
+    manifest = read_manifest(folder, kind=BUNDLE_KIND)
+    meta = manifest.metadata
+    if meta.get("format") != BUNDLE_FORMAT:
+        raise _fail(folder, f"manifest format is {meta.get('format')!r}, expected {BUNDLE_FORMAT!r}")
+    version = meta.get("format_version")
+    if version != BUNDLE_FORMAT_VERSION:
+        raise _fail(
+            folder,
+            f"format_version {version!r} is not supported (this unidg reads format_version {BUNDLE_FORMAT_VERSION})",
+            "export the bundle with the same unidg release as the runtime",
+        )
+    if not isinstance(meta.get("settings"), dict) or not meta["settings"]:
+        raise _fail(folder, "manifest has no 'settings' table")
+    try:
+        settings = UniDGSettings.from_dict(meta["settings"])
+    except (TypeError, ValueError) as error:
+        raise _fail(folder, f"manifest settings are invalid ({error})") from error
+    _check_facts(folder, meta, settings)
+    batch = _parse_batch(folder, meta["batch"])
+    raw_graphs = meta.get("graphs")
+    if not isinstance(raw_graphs, dict):
+        raise _fail(folder, "manifest has no 'graphs' table")
+    missing = [g for g in GRAPH_NAMES if g not in raw_graphs]
+    if missing:
+        raise _fail(folder, f"manifest lacks graphs {missing} (Bundle format v1 needs {list(GRAPH_NAMES)})")
+    graphs = {name: _parse_graph(folder, name, raw_graphs[name], manifest.files) for name in GRAPH_NAMES}
+    _check_shapes(folder, meta, graphs, batch)
+    if verify:
+        try:
+            verify_files(folder, manifest)
+        except ManifestError as error:
+            raise BundleError(f"bundle {folder}: {error}") from error
+    if expected_settings is not None:
+        _compare_settings(folder, settings, expected_settings)
+    engines = meta.get("engines") or {}
+    if not isinstance(engines, dict):
+        raise _fail(folder, f"manifest 'engines' is {type(engines).__name__}, expected a table")
+    return Bundle(
+        path=folder,
+        settings=settings,
+        metadata=meta,
+        files=dict(manifest.files),
+        fingerprint=manifest.fingerprint,
+        graphs=graphs,
+        batch=batch,
+        engines=engines,
+    )

@@ -1,0 +1,360 @@
+"""Resumable batch generation: a JSON-lines jobs file in, a UDG folder of results out.
+
+Jobs file: one JSON object per line (blank lines and lines starting with ``#`` are skipped):
+
+    {"reference": "refs/a.png", "reference_mask": "refs/a_mask.png", "source": "src/b.png", "mask": "src/b_mask.png",
+     "seed": 7, "id": "b-scratch", "category": "scratch", "steps": 28, "guidance": 30.0, "object_name": "bottle"}
+
+``reference``, ``reference_mask``, ``source``, ``mask`` and ``seed`` are required; relative paths resolve against the
+jobs file's folder. ``id`` defaults to the line number (``line-000012``).
+
+Output folder (a UDG folder, runtime.udg): ``normal/`` (the source), ``abnormal/`` (the result), ``mask/`` (the dilated
+target mask), ``metadata/<id>.json`` and ``index.jsonl``. The index is the journal: a job is done exactly when its line
+is in ``index.jsonl``, and that line is appended (one write) only after the job's images and metadata are in place
+(each written to a temporary name and renamed). A run killed at any point leaves at most temporary files and files of
+an uncommitted job; the next run with the same arguments removes the former, rewrites the latter and skips every
+committed job, so each job ends up done exactly once. ``batch.json`` records the bundle and jobs file so a resume with
+another bundle, or with a done job's inputs changed, is refused instead of mixing outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from unidg.runtime.images import InputError
+from unidg.runtime.manifest import atomic_write_text
+from unidg.runtime.synthesizer import DefectSynthesizer, SynthesisRequest, SynthesisResult
+from unidg.runtime.udg import INDEX_FILE, UDGWriter, caption_stub, check_category
+
+BATCH_STATE_FILE = "batch.json"
+LOCK_FILE = ".batch.lock"
+METADATA_DIR = "metadata"
+OUTPUT_DIRS = ("normal", "abnormal", "mask", METADATA_DIR)
+DEFAULT_CATEGORY = "unknown"  # UDG needs one of the 28 categories; "unknown" is one of them
+DEFAULT_OBJECT = "object"
+REQUIRED_KEYS = ("reference", "reference_mask", "source", "mask", "seed")
+OPTIONAL_KEYS = ("id", "category", "steps", "guidance", "object_name")
+_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class JobsError(ValueError):
+    """The jobs file, one of its jobs, or the output folder cannot be used; the message names the line or folder."""
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    line: int
+    reference: Path
+    reference_mask: Path
+    source: Path
+    mask: Path
+    seed: int
+    category: str | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    object_name: str = DEFAULT_OBJECT
+
+    @property
+    def where(self) -> str:
+        return f"job {self.id!r} (line {self.line})"
+
+    def spec(self) -> dict:
+        """What defines the job's output (recorded in its metadata, compared on resume)."""
+        return {
+            "id": self.id,
+            "reference": str(self.reference),
+            "reference_mask": str(self.reference_mask),
+            "source": str(self.source),
+            "mask": str(self.mask),
+            "seed": self.seed,
+            "category": self.category,
+            "steps": self.steps,
+            "guidance": self.guidance,
+        }
+
+    def request(self) -> SynthesisRequest:
+        try:
+            return SynthesisRequest.from_files(
+                self.reference,
+                self.reference_mask,
+                self.source,
+                self.mask,
+                seed=self.seed,
+                steps=self.steps,
+                guidance=self.guidance,
+                category=self.category,
+                name=self.where,
+            )
+        except InputError as error:
+            raise JobsError(f"{self.where}: {error}") from error
+
+
+def _parse_job(folder: Path, number: int, text: str) -> Job:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise JobsError(f"line {number} is not valid JSON ({error.msg} at column {error.colno})") from None
+    if not isinstance(data, dict):
+        raise JobsError(f"line {number} must be a JSON object, got {type(data).__name__}")
+    missing = [key for key in REQUIRED_KEYS if key not in data]
+    if missing:
+        raise JobsError(f"line {number} lacks {missing} (each job needs {list(REQUIRED_KEYS)})")
+    unknown = sorted(set(data) - set(REQUIRED_KEYS) - set(OPTIONAL_KEYS))
+    if unknown:
+        raise JobsError(f"line {number} has unknown keys {unknown} (known: {list(REQUIRED_KEYS + OPTIONAL_KEYS)})")
+    paths = {}
+    for key in ("reference", "reference_mask", "source", "mask"):
+        value = data[key]
+        if not isinstance(value, str) or not value:
+            raise JobsError(f"line {number}: {key!r} must be a non-empty path string (got {value!r})")
+        path = Path(value).expanduser()
+        paths[key] = path if path.is_absolute() else folder / path
+    seed = data["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise JobsError(f"line {number}: 'seed' must be a non-negative integer (got {seed!r})")
+    job_id = data.get("id", f"line-{number:06d}")
+    if not isinstance(job_id, str) or not _ID_PATTERN.match(job_id):
+        raise JobsError(f"line {number}: 'id' must be letters, digits, '.', '_', '-' (got {job_id!r})")
+    category = data.get("category")
+    if category is not None:
+        try:
+            check_category(category)
+        except ValueError as error:
+            raise JobsError(f"line {number}: {error}") from None
+    object_name = data.get("object_name", DEFAULT_OBJECT)
+    if not isinstance(object_name, str) or not object_name.strip():
+        raise JobsError(f"line {number}: 'object_name' must be a non-empty string (got {object_name!r})")
+    return Job(
+        id=job_id,
+        line=number,
+        seed=seed,
+        category=category,
+        steps=data.get("steps"),
+        guidance=data.get("guidance"),
+        object_name=object_name,
+        **paths,
+    )
+
+
+def read_jobs(path: str | Path) -> list[Job]:
+    """Parse and check a jobs file (syntax, keys, ids); image files are checked by ``run_batch`` before it runs."""
+    path = Path(path)
+    if not path.is_file():
+        raise JobsError(f"jobs file {path} not found; pass a JSON-lines file with one job per line")
+    jobs: list[Job] = []
+    lines: dict[str, int] = {}
+    for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not text.strip() or text.lstrip().startswith("#"):
+            continue
+        try:
+            job = _parse_job(path.parent, number, text)
+        except JobsError as error:
+            raise JobsError(f"{path}: {error}") from None
+        if job.id in lines:
+            raise JobsError(f"{path}: line {number} repeats id {job.id!r} of line {lines[job.id]}; ids must be unique")
+        lines[job.id] = number
+        jobs.append(job)
+    if not jobs:
+        raise JobsError(f"jobs file {path} lists no jobs")
+    return jobs
+
+
+def committed_ids(folder: Path) -> set[str]:
+    """Ids whose index line is in ``folder/index.jsonl``: the jobs that are done."""
+    index = folder / INDEX_FILE
+    if not index.is_file():
+        return set()
+    ids = set()
+    for text in index.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(json.JSONDecodeError, TypeError, KeyError):
+            ids.add(json.loads(text)["id"])
+    return ids
+
+
+def remove_temporaries(folder: Path) -> int:
+    """Delete temporary files (``.name.XXXX.tmp``) a killed run left behind; returns how many."""
+    removed = 0
+    for directory in (folder, *(folder / name for name in OUTPUT_DIRS)):
+        if directory.is_dir():
+            for path in directory.glob(".*.tmp"):
+                path.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on the output folder (released by the OS if the process dies)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, single writer assumed
+        yield
+        return
+    handle = open(folder / LOCK_FILE, "w")  # noqa: SIM115 - held for the duration of the run
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise JobsError(f"{folder} is in use by another `unidg batch` run; wait or pick another --out") from None
+        yield
+    finally:
+        handle.close()
+
+
+def write_result(
+    writer: UDGWriter,
+    folder: Path,
+    sample_id: str,
+    request: SynthesisRequest,
+    result: SynthesisResult,
+    metadata: dict,
+    metadata_path: str,
+    object_name: str = DEFAULT_OBJECT,
+) -> None:
+    """Commit one result: metadata (atomic) first, then the quadruplet, whose index line is the commit record."""
+    atomic_write_text(folder / metadata_path, json.dumps(metadata, indent=2) + "\n")
+    category = request.category or DEFAULT_CATEGORY
+    writer.add(
+        normal=request.source,
+        abnormal=result.image,
+        mask=result.mask,
+        caption=caption_stub(category, object_name, result.mask),
+        object_name=object_name,
+        category=category,
+        sample_id=sample_id,
+        extra={"metadata": metadata_path, "seed": request.seed},
+    )
+
+
+@dataclass
+class BatchReport:
+    folder: Path
+    total: int
+    already_done: int
+    generated: int
+    seconds: float
+
+
+def _jobs_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _check_folder(folder: Path, synth: DefectSynthesizer, jobs: list[Job], done: set[str]) -> dict | None:
+    """Refuse an output folder that is not ours, or whose recorded bundle / done jobs disagree with this run."""
+    state_path = folder / BATCH_STATE_FILE
+    if not folder.exists():
+        return None
+    if not folder.is_dir():
+        raise JobsError(f"--out {folder} exists and is not a folder")
+    if not state_path.is_file():
+        leftovers = [p.name for p in folder.iterdir() if p.name != LOCK_FILE]
+        if leftovers:
+            raise JobsError(
+                f"--out {folder} already holds files ({', '.join(sorted(leftovers)[:5])}) but no {BATCH_STATE_FILE}; "
+                "it is not a `unidg batch` output folder: pick a new or empty folder"
+            )
+        return None
+    try:
+        state = json.loads(state_path.read_text())
+    except json.JSONDecodeError as error:
+        raise JobsError(f"{state_path} is not valid JSON ({error}); pick a new --out folder") from error
+    recorded = state.get("bundle_fingerprint")
+    if recorded != synth.bundle.fingerprint:
+        raise JobsError(
+            f"--out {folder} was started with another bundle (fingerprint {str(recorded)[:12]}…, this bundle "
+            f"{synth.bundle.fingerprint[:12]}…); resuming would mix outputs of two models: use the original bundle "
+            "or a new --out folder"
+        )
+    by_id = {job.id: job for job in jobs}
+    for job_id in sorted(done):
+        path = folder / METADATA_DIR / f"{job_id}.json"
+        if job_id not in by_id or not path.is_file():
+            continue
+        try:
+            recorded_job = json.loads(path.read_text()).get("job")
+        except json.JSONDecodeError:
+            continue
+        if recorded_job != by_id[job_id].spec():
+            raise JobsError(
+                f"{by_id[job_id].where} is already done in {folder} with other inputs or options "
+                f"(recorded {recorded_job}); give the changed job a new id or use a new --out folder"
+            )
+    return state
+
+
+def run_batch(
+    synth: DefectSynthesizer,
+    jobs_path: str | Path,
+    out_dir: str | Path,
+    *,
+    batch_size: int | None = None,
+    progress: bool = True,
+    on_job_done: Callable[[Job, SynthesisResult], None] | None = None,
+) -> BatchReport:
+    """Run every job of ``jobs_path`` not yet done in ``out_dir``; see the module docstring for the guarantees.
+
+    All jobs are read and checked (files, sizes, masks, options) before anything is written.
+    """
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    jobs_path, folder = Path(jobs_path), Path(out_dir)
+    jobs = read_jobs(jobs_path)
+    done = committed_ids(folder) if folder.is_dir() else set()
+    state = _check_folder(folder, synth, jobs, done)
+    pending = [job for job in jobs if job.id not in done]
+    for job in pending:  # decode and check everything first: a bad job must not stop the run halfway
+        synth.check(job.request())
+    size = batch_size or synth.batch_size
+    if size < 1:
+        raise JobsError(f"--batch-size must be >= 1 (got {size})")
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with folder_lock(folder):
+        remove_temporaries(folder)
+        if state is None:
+            state = {
+                "format": "unidg-batch",
+                "jobs_file": str(jobs_path.resolve()),
+                "jobs_sha256": _jobs_sha256(jobs_path),
+                "bundle": str(synth.bundle.path),
+                "bundle_fingerprint": synth.bundle.fingerprint,
+                "backend": synth.backend.name,
+            }
+            atomic_write_text(folder / BATCH_STATE_FILE, json.dumps(state, indent=2) + "\n")
+        bar = tqdm(total=len(jobs), initial=len(jobs) - len(pending), unit="job", disable=not progress, desc="batch")
+        with UDGWriter(folder) as writer, bar:
+            for start in range(0, len(pending), size):
+                chunk = pending[start : start + size]
+                requests = [job.request() for job in chunk]
+                results = synth.generate_batch(requests)
+                for job, request, result in zip(chunk, requests, results):
+                    metadata = {**result.metadata, "job": job.spec()}
+                    write_result(
+                        writer,
+                        folder,
+                        job.id,
+                        request,
+                        result,
+                        metadata,
+                        f"{METADATA_DIR}/{job.id}.json",
+                        job.object_name,
+                    )
+                    bar.update(1)
+                    if on_job_done is not None:
+                        on_job_done(job, result)
+    return BatchReport(
+        folder=folder,
+        total=len(jobs),
+        already_done=len(jobs) - len(pending),
+        generated=len(pending),
+        seconds=time.perf_counter() - started,
+    )
