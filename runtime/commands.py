@@ -1,0 +1,253 @@
+"""``unidg generate``, ``unidg batch``, ``unidg demo`` and ``unidg bench runtime`` (registered by unidg.cli).
+
+Only argparse at import time: numpy, onnxruntime and (for the torch paths) torch load inside the handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+BACKEND_CHOICES = ("onnxruntime", "tensorrt", "torch")
+
+
+# ------------------------------------------------------------------------------------------------------ shared options
+def _add_backend_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", choices=BACKEND_CHOICES, default="onnxruntime", help="runtime backend")
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="onnxruntime: cpu (default), cuda or tensorrt execution provider (needs onnxruntime-gpu); "
+        "tensorrt: CUDA device index (default 0); torch: cpu (default), cuda or cuda:N",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime CPU threads (default: all cores)")
+    parser.add_argument(
+        "--cuda-graph", action="store_true", help="tensorrt: capture the denoising loop as one CUDA graph"
+    )
+    parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip re-hashing the bundle's files (manifest shapes and settings are still checked)",
+    )
+
+
+def backend_options(args: argparse.Namespace) -> dict:
+    """The backend keyword options the command line selects (each backend takes its own)."""
+    device = args.device
+    if args.backend == "onnxruntime":
+        options: dict = {"providers": [device or "cpu"]}
+        if args.threads:
+            options["threads"] = args.threads
+        return options
+    if args.backend == "tensorrt":
+        options = {"cuda_graph": bool(args.cuda_graph)}
+        if device is not None:
+            index = device.removeprefix("cuda:")
+            if not index.isdigit():
+                raise ValueError(f"--device {device!r}: the tensorrt backend takes a CUDA device index (0, 1, ...)")
+            options["device"] = int(index)
+        return options
+    return {"device": device or "cpu"}
+
+
+def _load_synthesizer(args: argparse.Namespace, **extra: object):
+    from unidg.runtime.synthesizer import DefectSynthesizer
+
+    return DefectSynthesizer.from_bundle(
+        args.bundle, backend=args.backend, verify=not args.no_verify, **extra, **backend_options(args)
+    )
+
+
+def step_progress_bar(total: int, description: str):
+    """A tqdm bar and a progress callback ``(step, total) -> True`` that advances it."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=description, unit="step")
+
+    def advance(step: int, steps: int) -> bool:
+        bar.total = steps
+        bar.update(step - bar.n)
+        return True
+
+    return bar, advance
+
+
+# ------------------------------------------------------------------------------------------------------------ generate
+def _generate(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from unidg.runtime.jobs import write_result
+    from unidg.runtime.synthesizer import SynthesisRequest
+    from unidg.runtime.udg import INDEX_FILE, UDGWriter
+
+    from unidg.cli import UserError
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or (out / INDEX_FILE).exists() or (out / "metadata.json").exists()):
+        raise UserError(f"--out {out} already holds a result; pick a new folder (or use `unidg batch` for many)")
+    started = time.perf_counter()
+    request = SynthesisRequest.from_files(
+        args.reference,
+        args.reference_mask,
+        args.source,
+        args.mask,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        category=args.category,
+        name="request",
+    )
+    loaded_inputs = time.perf_counter()
+    synth = _load_synthesizer(args)
+    with synth:
+        request = synth.check(request)  # every input and option is checked before anything is written
+        loaded_bundle = time.perf_counter()
+        bar, advance = step_progress_bar(request.steps, "generate")
+        with bar:
+            result = synth.generate(request, progress=advance)
+        metadata = dict(result.metadata)
+        metadata["timings_s"] = {
+            **metadata["timings_s"],
+            "load_inputs": round(loaded_inputs - started, 6),
+            "load_bundle": round(loaded_bundle - loaded_inputs, 6),
+        }
+        metadata["inputs"] = {
+            "reference": str(args.reference),
+            "reference_mask": str(args.reference_mask),
+            "source": str(args.source),
+            "mask": str(args.mask),
+        }
+        with UDGWriter(out) as writer:
+            write_result(writer, out, args.id, request, result, metadata, "metadata.json", args.object_name)
+    print(f"wrote {out} (abnormal/{args.id}.png, mask/{args.id}.png, metadata.json)")
+    print(json.dumps({"seed": request.seed, "steps": request.steps, "seconds": metadata["timings_s"]["total"]}))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------- batch
+def _batch(args: argparse.Namespace) -> int:
+    from unidg.runtime.jobs import run_batch
+
+    synth = _load_synthesizer(args, max_batch=args.batch_size)
+    with synth:
+        report = run_batch(synth, args.jobs, args.out, batch_size=args.batch_size, progress=not args.quiet)
+    print(
+        f"{report.folder}: {report.generated} job(s) generated, {report.already_done} already done, "
+        f"{report.total} in all ({report.seconds:.1f} s)"
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------- demo
+def _demo(args: argparse.Namespace) -> int:
+    from unidg.runtime.demo import DEFAULT_BUNDLE, DEFAULT_SAMPLES, run_demo
+
+    from unidg.cli import UserError
+
+    bundle = Path(args.bundle) if args.bundle else DEFAULT_BUNDLE
+    samples = Path(args.samples) if args.samples else DEFAULT_SAMPLES
+    for what, path, flag in (("bundle", bundle, "--bundle"), ("samples folder", samples, "--samples")):
+        if not path.exists():
+            raise UserError(
+                f"the demo {what} {path} is not installed; pass {flag} (a bundle from `unidg export onnx`, "
+                "a folder with samples.json)"
+            )
+    args.bundle = str(bundle)
+    synth = _load_synthesizer(args)
+    with synth:
+        sheet, results = run_demo(synth, samples, args.out, steps=args.steps, progress=True)
+    seconds = sum(r.metadata["timings_s"]["total"] for r in results)
+    print(f"wrote {len(results)} result(s) to {Path(args.out)} and the contact sheet {sheet} ({seconds:.1f} s)")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------- bench
+def _bench_runtime(args: argparse.Namespace) -> int:
+    from unidg.runtime.bench import bench_runtime
+
+    return bench_runtime(args)
+
+
+def bench_subparsers(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """The sub-commands of ``unidg bench``: those of an existing ``bench`` parser, or of a new one."""
+    existing = subparsers.choices.get("bench")
+    if existing is None:
+        parser = subparsers.add_parser("bench", help="benchmarks (runtime, attention)")
+        parser.set_defaults(handler=lambda args: parser.print_help() or 2)
+        return parser.add_subparsers(dest="bench_command", metavar="BENCH")
+    for action in existing._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    return existing.add_subparsers(dest="bench_command", metavar="BENCH")
+
+
+def _register_bench(subparsers: argparse._SubParsersAction) -> None:
+    parser = bench_subparsers(subparsers).add_parser(
+        "runtime",
+        help="end-to-end time per sample: this runtime vs the torch reference sampler (CPU), or the torch backend "
+        "at the full preset on a GPU (--gpu)",
+    )
+    parser.add_argument("--bundle", default=None, help="bundle to time (default: the shipped UniDG-nano bundle)")
+    parser.add_argument(
+        "--weights",
+        default=None,
+        help="weights folder the bundle was exported from, for the torch reference (default: the manifest's "
+        "weights path next to the bundle)",
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per side (median reported; >= 5)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the bundle's, 28)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for both sides (default: torch's)")
+    parser.add_argument("--gpu", action="store_true", help="torch backend, full preset, random weights, on CUDA")
+    parser.add_argument("--resolution", type=int, default=768, help="--gpu: diptych half size S (default 768)")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    parser.set_defaults(handler=_bench_runtime)
+
+
+# ------------------------------------------------------------------------------------------------------------ register
+def register(subparsers: argparse._SubParsersAction) -> None:
+    generate = subparsers.add_parser(
+        "generate",
+        help="paint a reference defect into a source image region (one request)",
+        description="Writes a UDG quadruplet (normal = source, abnormal = result, mask = dilated target mask, "
+        "caption stub) and metadata.json (seed, settings, bundle fingerprint, timings) into --out.",
+    )
+    generate.add_argument("--bundle", required=True, help="bundle folder written by `unidg export onnx`")
+    generate.add_argument("--reference", required=True, help="reference image showing the defect")
+    generate.add_argument("--reference-mask", required=True, help="mask of the defect in the reference (white)")
+    generate.add_argument("--source", required=True, help="image to paint the defect into")
+    generate.add_argument("--mask", required=True, help="target region in the source (white)")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--steps", type=int, default=None, help="denoising steps (default: the bundle's, 28)")
+    generate.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the bundle's)")
+    generate.add_argument("--category", default=None, help="defect category for the caption (one of the 28)")
+    generate.add_argument("--object-name", default="object", help="object name for the caption stub")
+    generate.add_argument("--id", default="000000", help="sample id of the quadruplet (file names)")
+    generate.add_argument("--out", required=True, help="output folder (new, or empty)")
+    _add_backend_options(generate)
+    generate.set_defaults(handler=_generate)
+
+    batch = subparsers.add_parser(
+        "batch",
+        help="run many generation jobs from a JSON-lines file (resumable)",
+        description="Each line: reference, reference_mask, source, mask, seed, optional id, category, steps, "
+        "guidance, object_name; relative paths resolve against the jobs file's folder. Re-run the same command "
+        "after an interruption: finished jobs are kept, the rest are generated once.",
+    )
+    batch.add_argument("--bundle", required=True, help="bundle folder written by `unidg export onnx`")
+    batch.add_argument("--jobs", required=True, help="jobs file (JSON lines)")
+    batch.add_argument("--out", required=True, help="output UDG folder (created, or resumed)")
+    batch.add_argument("--batch-size", type=int, default=None, help="requests per model pass (default: bundle's)")
+    batch.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_backend_options(batch)
+    batch.set_defaults(handler=_batch)
+
+    demo = subparsers.add_parser("demo", help="run the shipped UniDG-nano model on the sample images")
+    demo.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
+    demo.add_argument("--bundle", default=None, help="bundle to run (default: the shipped UniDG-nano bundle)")
+    demo.add_argument("--samples", default=None, help="folder with samples.json (default: the shipped samples)")
+    demo.add_argument("--steps", type=int, default=None, help="denoising steps (default: the bundle's)")
+    _add_backend_options(demo)
+    demo.set_defaults(handler=_demo)
+
+    _register_bench(subparsers)

@@ -1,0 +1,221 @@
+"""``unidg demo``: run a bundle on a folder of sample cases and draw a contact sheet.
+
+A samples folder holds ``samples.json``: a list of cases (or {"cases": [...]}), each
+
+    {"id": "scratch-on-wood", "reference": "wood_ref.png", "reference_mask": "wood_ref_mask.png",
+     "source": "tile.png", "mask": "tile_mask.png", "category": "scratch", "seed": 0, "object_name": "tile"}
+
+(paths relative to the samples folder; ``id``, ``seed`` and ``object_name`` optional). The shipped UniDG-nano bundle
+and its samples live in ``unidg/runtime/assets/``. Outputs: a UDG folder (one quadruplet per case, metadata in
+``metadata/<id>.json``) plus ``contact_sheet.png`` (reference | source + target mask | output, one row per case).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from unidg.runtime.images import InputError
+from unidg.runtime.manifest import atomic_write_bytes
+from unidg.runtime.synthesizer import DefectSynthesizer, SynthesisRequest, SynthesisResult
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEFAULT_BUNDLE = ASSETS / "unidg-nano-bundle"
+DEFAULT_SAMPLES = ASSETS / "samples"
+SAMPLES_FILE = "samples.json"
+DEMO_MARKER = "demo.json"
+CONTACT_SHEET = "contact_sheet.png"
+_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class DemoError(ValueError):
+    """The samples folder or the demo output folder cannot be used."""
+
+
+@dataclass(frozen=True)
+class SampleCase:
+    id: str
+    reference: Path
+    reference_mask: Path
+    source: Path
+    mask: Path
+    category: str | None
+    seed: int = 0
+    object_name: str = "object"
+
+    def request(self, steps: int | None = None) -> SynthesisRequest:
+        try:
+            return SynthesisRequest.from_files(
+                self.reference,
+                self.reference_mask,
+                self.source,
+                self.mask,
+                seed=self.seed,
+                steps=steps,
+                category=self.category,
+                name=f"sample {self.id!r}",
+            )
+        except InputError as error:
+            raise DemoError(f"sample {self.id!r}: {error}") from error
+
+
+def read_samples(folder: str | Path) -> list[SampleCase]:
+    folder = Path(folder)
+    path = folder / SAMPLES_FILE
+    if not path.is_file():
+        raise DemoError(f"{folder} has no {SAMPLES_FILE}; a samples folder lists its cases there")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise DemoError(f"{path} is not valid JSON ({error})") from error
+    entries = data.get("cases") if isinstance(data, dict) else data
+    if not isinstance(entries, list) or not entries:
+        raise DemoError(f"{path} must hold a non-empty list of cases (or {{'cases': [...]}})")
+    cases = []
+    for number, entry in enumerate(entries):
+        where = f"{path} case {number}"
+        if not isinstance(entry, dict):
+            raise DemoError(f"{where} must be an object")
+        missing = [k for k in ("reference", "reference_mask", "source", "mask") if not isinstance(entry.get(k), str)]
+        if missing:
+            raise DemoError(f"{where} lacks path(s) {missing}")
+        case_id = str(entry.get("id", f"sample-{number:03d}"))
+        if not _ID_PATTERN.match(case_id):
+            raise DemoError(f"{where}: id {case_id!r} must be letters, digits, '.', '_', '-'")
+        seed = entry.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise DemoError(f"{where}: seed must be a non-negative integer (got {seed!r})")
+        cases.append(
+            SampleCase(
+                id=case_id,
+                reference=folder / entry["reference"],
+                reference_mask=folder / entry["reference_mask"],
+                source=folder / entry["source"],
+                mask=folder / entry["mask"],
+                category=entry.get("category"),
+                seed=seed,
+                object_name=str(entry.get("object_name", "object")),
+            )
+        )
+    if len({c.id for c in cases}) != len(cases):
+        raise DemoError(f"{path}: case ids must be unique")
+    return cases
+
+
+# ------------------------------------------------------------------------------------------------------ contact sheet
+def _fit(image: np.ndarray, cell: int) -> Image.Image:
+    """``image`` scaled to fit a cell x cell square, centred on grey."""
+    picture = Image.fromarray(image)
+    scale = cell / max(picture.size)
+    size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
+    picture = picture.resize(size, Image.Resampling.LANCZOS)
+    canvas = Image.new("RGB", (cell, cell), (64, 64, 64))
+    canvas.paste(picture, ((cell - size[0]) // 2, (cell - size[1]) // 2))
+    return canvas
+
+
+def mask_overlay(image: np.ndarray, mask: np.ndarray, color=(255, 0, 0), opacity: float = 0.45) -> np.ndarray:
+    """``image`` with ``mask`` tinted in ``color``."""
+    tinted = image.astype(np.float32)
+    tinted[mask] = (1 - opacity) * tinted[mask] + opacity * np.asarray(color, dtype=np.float32)
+    return np.rint(tinted).astype(np.uint8)
+
+
+def contact_sheet(rows: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], cell: int = 256) -> Image.Image:
+    """One row per (label, reference, source with overlay, output); a header names the columns."""
+    font = ImageFont.load_default()
+    header, label_height, gap = 24, 20, 6
+    columns = ("reference (mask tinted)", "source + target mask", "output")
+    width = len(columns) * cell + (len(columns) + 1) * gap
+    height = header + len(rows) * (cell + label_height + gap) + gap
+    sheet = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for c, title in enumerate(columns):
+        draw.text((gap + c * (cell + gap) + 4, 6), title, fill=(0, 0, 0), font=font)
+    for r, (label, *cells) in enumerate(rows):
+        top = header + r * (cell + label_height + gap)
+        draw.text((gap + 4, top + 3), label, fill=(0, 0, 0), font=font)
+        for c, image in enumerate(cells):
+            sheet.paste(_fit(image, cell), (gap + c * (cell + gap), top + label_height))
+    return sheet
+
+
+# --------------------------------------------------------------------------------------------------------------- run
+def _replace_folder(new: Path, out: Path) -> None:
+    """Swap the finished ``new`` folder into ``out``; an existing ``out`` is replaced only if a demo made it."""
+    if out.exists():
+        if not (out / DEMO_MARKER).is_file():
+            raise DemoError(f"--out {out} exists and was not written by `unidg demo`; pick another folder")
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        new.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        new.rename(out)
+
+
+def run_demo(
+    synth: DefectSynthesizer,
+    samples: str | Path,
+    out: str | Path,
+    *,
+    steps: int | None = None,
+    progress: bool = True,
+) -> tuple[Path, list[SynthesisResult]]:
+    """Generate every sample case, write them as a UDG folder + contact sheet into ``out``; returns the sheet path."""
+    from tqdm import tqdm
+    from unidg.runtime.jobs import write_result
+    from unidg.runtime.udg import UDGWriter
+
+    out = Path(out)
+    if out.exists() and not (out / DEMO_MARKER).is_file():
+        raise DemoError(f"--out {out} exists and was not written by `unidg demo`; pick another folder")
+    cases = read_samples(samples)
+    requests = [synth.check(case.request(steps)) for case in cases]  # all inputs checked before anything runs
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        results = []
+        rows = []
+        with UDGWriter(staging) as writer:
+            for case, request in tqdm(list(zip(cases, requests)), desc="demo", unit="case", disable=not progress):
+                result = synth.generate(request)
+                write_result(
+                    writer,
+                    staging,
+                    case.id,
+                    request,
+                    result,
+                    result.metadata,
+                    f"metadata/{case.id}.json",
+                    case.object_name,
+                )
+                results.append(result)
+                label = f"{case.id}  ({case.category or 'no category'}, seed {case.seed})"
+                rows.append(
+                    (
+                        label,
+                        mask_overlay(request.reference, request.reference_mask, (0, 160, 255)),
+                        mask_overlay(request.source, request.target_mask),
+                        result.image,
+                    )
+                )
+        sheet = contact_sheet(rows)
+        buffer = io.BytesIO()
+        sheet.save(buffer, format="PNG")
+        atomic_write_bytes(staging / CONTACT_SHEET, buffer.getvalue())
+        marker = {"bundle": str(synth.bundle.path), "fingerprint": synth.bundle.fingerprint, "cases": len(cases)}
+        atomic_write_bytes(staging / DEMO_MARKER, (json.dumps(marker, indent=2) + "\n").encode())
+        _replace_folder(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out / CONTACT_SHEET, results
