@@ -1,0 +1,497 @@
+"""TensorRT backend: the bundle's serialized engines, device buffers through NVIDIA's CUDA Python bindings, no torch.
+
+Thin by design and written against NVIDIA's documented Python API (``tensorrt.Runtime.deserialize_cuda_engine``,
+``ICudaEngine.get_tensor_*``, ``IExecutionContext.set_input_shape / set_tensor_address / execute_async_v3``;
+``cuda.bindings.runtime`` for memory, streams, events and graphs). Everything that does not need the libraries is
+plain Python tested without a GPU: reading the manifest's ``engines`` table, refusing plans built by another TensorRT
+or for another GPU, and the concrete binding shapes of every tensor.
+
+Manifest ``engines`` table (written beside the ONNX graphs when engines are built):
+
+    "engines": {"tensorrt_version": "10.13.0.35", "compute_capability": [9, 0], "device_name": "NVIDIA H100 ...",
+                "version_compatible": false, "hardware_compatibility": "none",
+                "plans": {"step": {"file": "engines/step.plan", "batch": [1, 4]}, "vae_encoder": {...}, ...}}
+
+Per-plan entries may override any top-level key; ``batch`` is the optimization profile's [min, max] batch (absent:
+the bundle's static batch). The denoising loop keeps x on the GPU (two buffers, ping-pong); with ``cuda_graph=True``
+all steps of one batch are captured once as one CUDA graph and replayed per request, with an event after every step
+so progress is still reported (cancelling takes effect when the graph finishes).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from unidg.runtime.backends.base import (
+    Backend,
+    BackendError,
+    BackendUnavailable,
+    GenerationCancelled,
+    StepConditioning,
+    step_feeds,
+)
+from unidg.runtime.bundle import GRAPH_INPUTS, GRAPH_NAMES, GRAPH_OUTPUTS, Bundle, expected_shapes
+
+HARDWARE_LEVELS = ("none", "same_compute_capability", "ampere_plus")
+# Cross-major runs NVIDIA supports for version-compatible plans (builder major -> runtime major).
+CROSS_MAJOR = {(8, 9), (8, 10), (10, 11)}
+FLOAT_BYTES = 4
+
+
+class EngineMismatchError(BackendError):
+    """A TensorRT plan was built by another TensorRT version or for another GPU than this machine's."""
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    graph: str
+    file: str
+    tensorrt_version: str
+    compute_capability: tuple[int, int]
+    version_compatible: bool = False
+    hardware_compatibility: str = "none"
+    batch: tuple[int, int] | None = None  # optimization profile [min, max]; None: the bundle's static batch
+    device_name: str | None = None
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in str(text).split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+    if not parts:
+        raise ValueError(f"not a version: {text!r}")
+    return tuple(parts)
+
+
+def parse_compute_capability(value: object) -> tuple[int, int]:
+    """[9, 0], "9.0", "sm_90", "90", 9.0 -> (9, 0)."""
+    if isinstance(value, list | tuple) and len(value) == 2:
+        return int(value[0]), int(value[1])
+    text = str(value).lower().removeprefix("sm_").removeprefix("sm")
+    if "." in text:
+        major, minor = text.split(".", 1)
+        return int(major), int(minor or 0)
+    if text.isdigit() and len(text) >= 2:
+        return int(text[:-1]), int(text[-1])
+    raise ValueError(f"not a compute capability: {value!r} (expected e.g. [9, 0], '9.0' or 'sm_90')")
+
+
+def parse_engines(bundle: Bundle) -> dict[str, EngineSpec]:
+    """The bundle's TensorRT plans, one per graph; refuses a bundle without a complete, well-formed table."""
+    table = bundle.engines
+    if not table:
+        raise BackendError(
+            f"bundle {bundle.path} has no TensorRT engines (manifest 'engines' is empty); build them on the target GPU "
+            "with the export tools, or run this bundle with --backend onnxruntime"
+        )
+    plans = table.get("plans", {name: table[name] for name in GRAPH_NAMES if name in table})
+    missing = [name for name in GRAPH_NAMES if name not in plans]
+    if missing:
+        raise BackendError(f"bundle {bundle.path}: manifest 'engines' lacks plans for {missing}")
+    specs = {}
+    for name in GRAPH_NAMES:
+        entry = {**{k: v for k, v in table.items() if k != "plans"}, **plans[name]}
+        where = f"bundle {bundle.path}: engine '{name}'"
+        try:
+            file = str(entry["file"])
+            version = str(entry["tensorrt_version"])
+            parse_version(version)
+            capability = parse_compute_capability(entry["compute_capability"])
+        except KeyError as error:
+            raise BackendError(f"{where} lacks {error.args[0]!r} in the manifest") from None
+        except ValueError as error:
+            raise BackendError(f"{where}: {error}") from None
+        if file not in bundle.files:
+            raise BackendError(f"{where}: plan {file} is not listed in the manifest's files (sha256 unchecked)")
+        level = str(entry.get("hardware_compatibility", "none")).lower()
+        if level not in HARDWARE_LEVELS:
+            raise BackendError(f"{where}: hardware_compatibility {level!r} is not one of {list(HARDWARE_LEVELS)}")
+        batch = entry.get("batch")
+        if batch is not None:
+            if not (isinstance(batch, list | tuple) and len(batch) == 2 and 1 <= int(batch[0]) <= int(batch[1])):
+                raise BackendError(f"{where}: batch {batch!r} must be [min, max] with 1 <= min <= max")
+            batch = (int(batch[0]), int(batch[1]))
+        elif bundle.batch is None:
+            raise BackendError(f"{where}: a dynamic-batch bundle needs the plan's profile 'batch': [min, max]")
+        specs[name] = EngineSpec(
+            graph=name,
+            file=file,
+            tensorrt_version=version,
+            compute_capability=capability,
+            version_compatible=bool(entry.get("version_compatible", False)),
+            hardware_compatibility=level,
+            batch=batch,
+            device_name=entry.get("device_name"),
+        )
+    return specs
+
+
+def check_engine_compatibility(
+    spec: EngineSpec, runtime_version: str, device_capability: tuple[int, int], device_name: str = "this GPU"
+) -> None:
+    """Refuse a plan this TensorRT / GPU cannot run (NVIDIA: plans are tied to the TensorRT version that built them
+    unless built version-compatible, and to the GPU's compute capability unless built hardware-compatible)."""
+    built, running = parse_version(spec.tensorrt_version), parse_version(runtime_version)
+    rebuild = "rebuild the engines on this machine (same TensorRT, same GPU) or use --backend onnxruntime"
+    if spec.version_compatible:
+        ok = built >= (8, 6) and running >= built and (built[0] == running[0] or (built[0], running[0]) in CROSS_MAJOR)
+        if not ok:
+            raise EngineMismatchError(
+                f"engine {spec.file} was built version-compatible with TensorRT {spec.tensorrt_version}, which "
+                f"TensorRT {runtime_version} cannot run (needs a runtime of the same or a supported later major, "
+                f"not older than the builder); {rebuild}"
+            )
+    else:
+        common = min(len(built), len(running), 4)
+        if built[:common] != running[:common]:
+            raise EngineMismatchError(
+                f"engine {spec.file} was built with TensorRT {spec.tensorrt_version} but this is TensorRT "
+                f"{runtime_version}; plans only run on the TensorRT version that built them; {rebuild}"
+            )
+    major_minor = tuple(device_capability)
+    if spec.hardware_compatibility == "ampere_plus":
+        if major_minor < (8, 0):
+            raise EngineMismatchError(
+                f"engine {spec.file} is hardware-compatible for Ampere and later (sm_80+), but {device_name} is "
+                f"sm_{major_minor[0]}{major_minor[1]}; {rebuild}"
+            )
+    elif major_minor != spec.compute_capability:
+        built_for = spec.device_name or "another GPU"
+        raise EngineMismatchError(
+            f"engine {spec.file} was built for compute capability {spec.compute_capability[0]}."
+            f"{spec.compute_capability[1]} ({built_for}) but {device_name} is {major_minor[0]}.{major_minor[1]}; "
+            f"{rebuild}"
+        )
+
+
+def check_batch(spec: EngineSpec, bundle: Bundle, batch: int) -> None:
+    if spec.batch is None:
+        if batch != bundle.batch:
+            raise BackendError(f"engine {spec.file} runs batch {bundle.batch} only (got {batch})")
+    elif not spec.batch[0] <= batch <= spec.batch[1]:
+        raise BackendError(
+            f"engine {spec.file} was built for batch {spec.batch[0]}..{spec.batch[1]} (got {batch}); "
+            "lower --batch-size or rebuild the engine with a larger profile"
+        )
+
+
+def binding_shapes(bundle: Bundle, graph: str, batch: int) -> dict[str, tuple[int, ...]]:
+    """Concrete shape of every input and output tensor of ``graph`` for ``batch`` requests (Bundle format v1)."""
+    shapes = expected_shapes(bundle.metadata, batch)[graph]
+    return {name: tuple(int(d) for d in shapes[name]) for name in (*GRAPH_INPUTS[graph], *GRAPH_OUTPUTS[graph])}
+
+
+def binding_bytes(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    """Device bytes of each float32 binding."""
+    return {name: int(np.prod(shape, dtype=np.int64)) * FLOAT_BYTES for name, shape in shapes.items()}
+
+
+def loop_plan(steps: int) -> list[tuple[int, int, int]]:
+    """For each step i: (x buffer read, x buffer written, sigma row); x ping-pongs between buffers 0 and 1, and the
+    step reads sigma row i and sigma_next row i + 1 of the (steps + 1, B) sigma table. The result is in buffer
+    ``steps % 2``."""
+    return [(i % 2, (i + 1) % 2, i) for i in range(steps)]
+
+
+# --------------------------------------------------------------------------------------------------- library imports
+def _import_tensorrt():
+    try:
+        import tensorrt
+    except ImportError as error:
+        raise BackendUnavailable(
+            "tensorrt not installed: the tensorrt backend needs TensorRT's Python package and the CUDA Python "
+            "bindings (`pip install 'unidg[tensorrt]'` on a machine with an NVIDIA GPU and driver); on other "
+            f"machines use --backend onnxruntime ({error})"
+        ) from error
+    return tensorrt
+
+
+def _import_cudart():
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        try:  # cuda-python < 12.6 layout
+            from cuda import cudart
+        except ImportError as error:
+            raise BackendUnavailable(
+                f"cuda-python not installed: the tensorrt backend needs `pip install 'unidg[tensorrt]'` ({error})"
+            ) from error
+    return cudart
+
+
+class _Cuda:
+    """Error-checked calls into ``cuda.bindings.runtime`` (each returns (error, *results))."""
+
+    def __init__(self, cudart) -> None:
+        self.rt = cudart
+
+    def __call__(self, result, what: str):
+        error, values = result[0], result[1:]
+        if error != self.rt.cudaError_t.cudaSuccess:
+            name = self.rt.cudaGetErrorName(error)[1]
+            raise BackendError(f"CUDA error in {what}: {name.decode() if isinstance(name, bytes) else name}")
+        return values[0] if len(values) == 1 else values or None
+
+    def malloc(self, nbytes: int) -> int:
+        return int(self(self.rt.cudaMalloc(max(nbytes, 1)), "cudaMalloc"))
+
+    def upload(self, device: int, array: np.ndarray, stream) -> None:
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
+        self(self.rt.cudaMemcpyAsync(device, array.ctypes.data, array.nbytes, kind, stream), "cudaMemcpyAsync H2D")
+        self(self.rt.cudaStreamSynchronize(stream), "cudaStreamSynchronize")  # the host array may go away
+
+    def download(self, device: int, shape: tuple[int, ...], stream) -> np.ndarray:
+        host = np.empty(shape, dtype=np.float32)
+        kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        self(self.rt.cudaMemcpyAsync(host.ctypes.data, device, host.nbytes, kind, stream), "cudaMemcpyAsync D2H")
+        self(self.rt.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
+        return host
+
+
+class _Engine:
+    """One deserialized plan, its execution context and device buffers for the current batch."""
+
+    def __init__(self, backend: TensorRTBackend, spec: EngineSpec, engine) -> None:
+        self.backend, self.spec, self.engine = backend, spec, engine
+        self.context = engine.create_execution_context()
+        if self.context is None:
+            raise BackendError(f"TensorRT could not create an execution context for {spec.file} (out of memory?)")
+        self.batch: int | None = None
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.buffers: dict[str, int] = {}
+        self._check_io()
+
+    def _check_io(self) -> None:
+        trt = self.backend.trt
+        names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
+        wanted = set(GRAPH_INPUTS[self.spec.graph]) | set(GRAPH_OUTPUTS[self.spec.graph])
+        if names != wanted:
+            raise BackendError(f"engine {self.spec.file} has tensors {sorted(names)}, expected {sorted(wanted)}")
+        for name in names:
+            if self.engine.get_tensor_dtype(name) != trt.DataType.FLOAT:
+                raise BackendError(f"engine {self.spec.file} tensor {name!r} is not float32 (Bundle format v1 I/O)")
+
+    def prepare(self, batch: int) -> None:
+        """Set input shapes and (re)allocate buffers for ``batch``; addresses are bound per call."""
+        if batch == self.batch:
+            return
+        check_batch(self.spec, self.backend.bundle, batch)
+        cuda = self.backend.cuda
+        self.release()
+        self.shapes = binding_shapes(self.backend.bundle, self.spec.graph, batch)
+        for name in GRAPH_INPUTS[self.spec.graph]:
+            if not self.context.set_input_shape(name, self.shapes[name]):
+                raise BackendError(f"engine {self.spec.file} rejects input {name} of shape {self.shapes[name]}")
+        self.buffers = {name: cuda.malloc(n) for name, n in binding_bytes(self.shapes).items()}
+        self.batch = batch
+
+    def bind(self, addresses: dict[str, int]) -> None:
+        for name in (*GRAPH_INPUTS[self.spec.graph], *GRAPH_OUTPUTS[self.spec.graph]):
+            if not self.context.set_tensor_address(name, addresses.get(name, self.buffers.get(name))):
+                raise BackendError(f"engine {self.spec.file}: cannot bind tensor {name}")
+
+    def enqueue(self) -> None:
+        if not self.context.execute_async_v3(self.backend.stream):
+            raise BackendError(f"TensorRT failed to enqueue {self.spec.file}")
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """Host in, host out: for the one-shot graphs (VAE, image encoder)."""
+        batch = next(iter(feeds.values())).shape[0]
+        self.prepare(batch)
+        for name, array in feeds.items():
+            self.backend.cuda.upload(self.buffers[name], array, self.backend.stream)
+        self.bind({})
+        self.enqueue()
+        (output,) = GRAPH_OUTPUTS[self.spec.graph]
+        return self.backend.cuda.download(self.buffers[output], self.shapes[output], self.backend.stream)
+
+    def release(self) -> None:
+        for pointer in self.buffers.values():
+            self.backend.cuda(self.backend.cuda.rt.cudaFree(pointer), "cudaFree")
+        self.buffers, self.batch = {}, None
+
+
+class TensorRTBackend(Backend):
+    name = "tensorrt"
+
+    def __init__(self, bundle: Bundle, trt, cudart, device: int, cuda_graph: bool) -> None:
+        super().__init__(bundle)
+        self.trt, self.cuda, self.device, self.cuda_graph = trt, _Cuda(cudart), device, cuda_graph
+        self.engines: dict[str, _Engine] = {}
+        self.stream = None
+        self._conditioning: StepConditioning | None = None  # whose arrays sit in the step buffers
+        self._last_x: np.ndarray | None = None  # the host copy of the step output; its data is in buffer _x_index
+        self._x_index = 0
+        self._x_buffers: list[int] = []
+        self._sigma_table = 0  # device (steps + 1, B) sigmas for the captured loop
+        self._graphs: dict[tuple[int, int], tuple[object, list]] = {}  # (batch, steps) -> (graph exec, events)
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, device: int = 0, cuda_graph: bool = False) -> TensorRTBackend:
+        trt = _import_tensorrt()
+        cudart = _import_cudart()
+        specs = parse_engines(bundle)
+        backend = cls(bundle, trt, cudart, int(device), bool(cuda_graph))
+        cuda = backend.cuda
+        count = cuda(cudart.cudaGetDeviceCount(), "cudaGetDeviceCount")
+        if not 0 <= backend.device < count:
+            raise BackendUnavailable(f"CUDA device {device} does not exist ({count} device(s) visible)")
+        cuda(cudart.cudaSetDevice(backend.device), "cudaSetDevice")
+        properties = cuda(cudart.cudaGetDeviceProperties(backend.device), "cudaGetDeviceProperties")
+        capability = (int(properties.major), int(properties.minor))
+        name = properties.name.decode(errors="replace") if isinstance(properties.name, bytes) else str(properties.name)
+        for spec in specs.values():  # before deserializing: a mismatched plan is refused with a clear reason
+            check_engine_compatibility(spec, trt.__version__, capability, f"GPU {backend.device} ({name.strip()})")
+        backend.stream = cuda(cudart.cudaStreamCreate(), "cudaStreamCreate")
+        logger = trt.Logger(trt.Logger.WARNING)
+        runtime = trt.Runtime(logger)
+        if any(spec.version_compatible for spec in specs.values()):
+            # Version-compatible plans carry their own lean runtime (host code); the sha256 check vouched for them.
+            runtime.engine_host_code_allowed = True
+        backend._runtime = runtime
+        for graph, spec in specs.items():
+            engine = runtime.deserialize_cuda_engine(Path(bundle.file_path(spec.file)).read_bytes())
+            if engine is None:
+                raise BackendError(f"TensorRT could not deserialize {bundle.file_path(spec.file)} (see its log above)")
+            backend.engines[graph] = _Engine(backend, spec, engine)
+        return backend
+
+    # ------------------------------------------------------------------------------------------- one-shot graphs
+    def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+        return self.engines["vae_encoder"].run({"pixels": pixels})
+
+    def decode_latents(self, latents: np.ndarray) -> np.ndarray:
+        return self.engines["vae_decoder"].run({"latents": latents})
+
+    def encode_reference(self, pixels: np.ndarray) -> np.ndarray:
+        return self.engines["image_encoder"].run({"pixels": pixels})
+
+    # ------------------------------------------------------------------------------------------------ the loop
+    def _load_conditioning(self, conditioning: StepConditioning, batch: int) -> _Engine:
+        step = self.engines["step"]
+        if step.batch != batch:
+            self._drop_graphs()  # captured graphs point at the buffers prepare() replaces
+            step.prepare(batch)
+            self._conditioning = None
+            self._x_buffers = [step.buffers["x"], step.buffers["x_next"]]  # x ping-pongs in the step's own buffers
+        if self._conditioning is not conditioning:
+            feeds = step_feeds(np.zeros(step.shapes["x"], np.float32), conditioning, 0.0, 0.0)
+            for name in ("cond", "ctx", "key_bias", "guidance", "img_ids", "txt_ids"):
+                self.cuda.upload(step.buffers[name], feeds[name], self.stream)
+            self._conditioning = conditioning
+            self._last_x = None
+        return step
+
+    def step(self, x: np.ndarray, conditioning: StepConditioning, sigma: float, sigma_next: float) -> np.ndarray:
+        batch = x.shape[0]
+        step = self._load_conditioning(conditioning, batch)
+        if x is not self._last_x:  # x came from the host, not from our previous step
+            self._x_index = 0
+            self.cuda.upload(self._x_buffers[0], x, self.stream)
+        source, target = self._x_buffers[self._x_index], self._x_buffers[1 - self._x_index]
+        self.cuda.upload(step.buffers["sigma"], np.full(batch, sigma, np.float32), self.stream)
+        self.cuda.upload(step.buffers["sigma_next"], np.full(batch, sigma_next, np.float32), self.stream)
+        step.bind({"x": source, "x_next": target})
+        step.enqueue()
+        self._x_index = 1 - self._x_index
+        self._last_x = self.cuda.download(target, step.shapes["x_next"], self.stream)
+        return self._last_x
+
+    def denoise_all(
+        self,
+        noise: np.ndarray,
+        conditioning: StepConditioning,
+        sigmas: np.ndarray,
+        callback: Callable[[int, int], bool | None] | None = None,
+    ) -> np.ndarray | None:
+        if not self.cuda_graph:
+            return None
+        rt, cuda = self.cuda.rt, self.cuda
+        batch, steps = noise.shape[0], len(sigmas) - 1
+        step = self._load_conditioning(conditioning, batch)
+        table = np.repeat(np.asarray(sigmas, np.float32)[:, None], batch, axis=1)  # (steps + 1, B)
+        key = (batch, steps)
+        if key not in self._graphs:
+            self._drop_graphs()  # one (batch, steps) graph at a time: it points at this sigma table
+            self._sigma_table = cuda.malloc(table.nbytes)
+            self._graphs[key] = self._capture(step, batch, steps)
+        cuda.upload(self._sigma_table, table, self.stream)
+        cuda.upload(self._x_buffers[0], noise, self.stream)
+        graph_exec, events = self._graphs[key]
+        cuda(rt.cudaGraphLaunch(graph_exec, self.stream), "cudaGraphLaunch")
+        cancelled = False
+        for i, event in enumerate(events):  # report each step as its event fires
+            while rt.cudaEventQuery(event)[0] == rt.cudaError_t.cudaErrorNotReady:
+                time.sleep(0.0005)
+            if callback is not None and not cancelled and callback(i + 1, steps) is False:
+                cancelled = True
+        cuda(rt.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        if cancelled:
+            raise GenerationCancelled(f"cancelled during the captured {steps}-step loop")
+        self._last_x = None
+        return cuda.download(self._x_buffers[steps % 2], step.shapes["x"], self.stream)
+
+    def _capture(self, step: _Engine, batch: int, steps: int):
+        """Record ``steps`` enqueues (addresses per loop_plan) and an event after each into one CUDA graph."""
+        rt, cuda = self.cuda.rt, self.cuda
+        row = batch * FLOAT_BYTES
+
+        def bind(i: int) -> None:
+            read, write, sigma_row = loop_plan(steps)[i]
+            step.bind(
+                {
+                    "x": self._x_buffers[read],
+                    "x_next": self._x_buffers[write],
+                    "sigma": self._sigma_table + sigma_row * row,
+                    "sigma_next": self._sigma_table + (sigma_row + 1) * row,
+                }
+            )
+
+        # NVIDIA: enqueue once outside capture after shapes change, so deferred set-up is not captured.
+        bind(0)
+        step.enqueue()
+        cuda(rt.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        events = [cuda(rt.cudaEventCreate(), "cudaEventCreate") for _ in range(steps)]
+        mode = rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        cuda(rt.cudaStreamBeginCapture(self.stream, mode), "cudaStreamBeginCapture")
+        try:
+            for i in range(steps):
+                bind(i)
+                step.enqueue()
+                cuda(rt.cudaEventRecord(events[i], self.stream), "cudaEventRecord")
+        finally:
+            graph = cuda(rt.cudaStreamEndCapture(self.stream), "cudaStreamEndCapture")
+        graph_exec = cuda(rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+        cuda(rt.cudaGraphDestroy(graph), "cudaGraphDestroy")
+        return graph_exec, events
+
+    def _drop_graphs(self) -> None:
+        rt = self.cuda.rt
+        for graph_exec, events in self._graphs.values():
+            rt.cudaGraphExecDestroy(graph_exec)
+            for event in events:
+                rt.cudaEventDestroy(event)
+        self._graphs.clear()
+        if self._sigma_table:
+            rt.cudaFree(self._sigma_table)
+            self._sigma_table = 0
+
+    def close(self) -> None:
+        if self.stream is None:
+            return
+        rt = self.cuda.rt
+        self._drop_graphs()
+        for engine in self.engines.values():
+            engine.release()
+        self._x_buffers = []
+        self.engines.clear()
+        rt.cudaStreamDestroy(self.stream)
+        self.stream = None
