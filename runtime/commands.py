@@ -77,11 +77,10 @@ def _generate(args: argparse.Namespace) -> int:
     import json
     import time
 
+    from unidg.cli import UserError
     from unidg.runtime.jobs import write_result
     from unidg.runtime.synthesizer import SynthesisRequest
     from unidg.runtime.udg import INDEX_FILE, UDGWriter
-
-    from unidg.cli import UserError
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or (out / INDEX_FILE).exists() or (out / "metadata.json").exists()):
@@ -141,9 +140,8 @@ def _batch(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------------------- demo
 def _demo(args: argparse.Namespace) -> int:
-    from unidg.runtime.demo import DEFAULT_BUNDLE, DEFAULT_SAMPLES, run_demo
-
     from unidg.cli import UserError
+    from unidg.runtime.demo import DEFAULT_BUNDLE, DEFAULT_SAMPLES, run_demo
 
     bundle = Path(args.bundle) if args.bundle else DEFAULT_BUNDLE
     samples = Path(args.samples) if args.samples else DEFAULT_SAMPLES

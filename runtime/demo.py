@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
 from unidg.runtime.images import InputError
 from unidg.runtime.manifest import atomic_write_bytes
 from unidg.runtime.synthesizer import DefectSynthesizer, SynthesisRequest, SynthesisResult
@@ -172,6 +173,7 @@ def run_demo(
 ) -> tuple[Path, list[SynthesisResult]]:
     """Generate every sample case, write them as a UDG folder + contact sheet into ``out``; returns the sheet path."""
     from tqdm import tqdm
+
     from unidg.runtime.jobs import write_result
     from unidg.runtime.udg import UDGWriter
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
+
 from unidg.runtime.backends.base import Backend, GenerationCancelled, StepConditioning, check_finite
 from unidg.runtime.schedule import flux_sigmas
 

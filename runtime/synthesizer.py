@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from unidg import __version__
 from unidg.runtime import images
 from unidg.runtime.attention_bias import build_key_bias
 from unidg.runtime.backends import Backend, StepConditioning, create_backend
@@ -37,8 +39,6 @@ from unidg.runtime.latents import (
 from unidg.runtime.sampler import MAX_SEED, ProgressCallback, denoise, initial_noise, sampling_sigmas
 from unidg.runtime.settings import UniDGSettings
 from unidg.runtime.udg import check_category
-
-from unidg import __version__
 
 MAX_STEPS = 1000
 NOISE_RECIPE = "numpy.random.default_rng(seed).standard_normal((N, 64), dtype=float32)"

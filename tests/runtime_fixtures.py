@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
+
 from unidg.runtime.manifest import write_manifest
 from unidg.runtime.settings import UniDGSettings
 

@@ -10,6 +10,7 @@ import importlib.util
 import numpy as np
 import pytest
 from runtime_fixtures import make_toy_bundle, rewrite_manifest
+
 from unidg.runtime.backends import BackendError, BackendUnavailable, create_backend
 from unidg.runtime.backends.tensorrt_backend import (
     EngineMismatchError,
@@ -223,6 +224,7 @@ def test_engines_run_and_match_onnxruntime(tmp_path, cuda_graph):
         pytest.skip("tensorrt not installed")
     import tensorrt as trt
     from runtime_fixtures import sample_request_arrays
+
     from unidg.runtime.synthesizer import DefectSynthesizer, SynthesisRequest
 
     folder = make_toy_bundle(tmp_path / "bundle", resolution=64)

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnxruntime as ort
+
 from unidg.runtime.backends.base import Backend, BackendError, BackendUnavailable, StepConditioning, step_feeds
 from unidg.runtime.bundle import GRAPH_INPUTS, GRAPH_NAMES, GRAPH_OUTPUTS, Bundle, expected_shapes, shape_mismatch
 

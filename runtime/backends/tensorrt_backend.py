@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from unidg.runtime.backends.base import (
     Backend,
     BackendError,
