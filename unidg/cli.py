@@ -17,6 +17,8 @@ from unidg import __version__
 COMMAND_MODULES: list[str] = [
     "unidg.train.commands_data",
     "unidg.runtime.commands",
+    "unidg.runtime.commands_surfaces",
+    "unidg.export.commands_bench",
 ]
 
 

@@ -1,0 +1,129 @@
+"""``unidg serve``, ``unidg bench serve`` and ``unidg capi build`` (registered by unidg.cli)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from unidg.runtime.commands import BACKEND_CHOICES, bench_subparsers
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser(
+        "serve",
+        help="HTTP service: POST /v1/synthesize, /healthz, /readyz, /metrics (docs/service.md)",
+        description="Serve a bundle over HTTP. Binds to loopback unless an API key is given (--api-key-env).",
+    )
+    serve.add_argument("--bundle", required=True, help="bundle folder written by `unidg export onnx`")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--workers", type=int, default=1, help="synthesis threads, each with its own model (default 1)")
+    serve.add_argument("--max-queue", type=int, default=8, help="requests waiting for a worker before 503 (default 8)")
+    serve.add_argument("--timeout", type=float, default=120.0, help="seconds per request, queue included (default 120)")
+    serve.add_argument("--max-upload-mb", type=float, default=20.0, help="request body limit in MiB (default 20)")
+    serve.add_argument(
+        "--api-key-env",
+        metavar="VAR",
+        help="environment variable holding the API key; clients send it as X-API-Key (needed off loopback)",
+    )
+    serve.add_argument("--backend", choices=BACKEND_CHOICES, default="onnxruntime", help="runtime backend")
+    serve.add_argument("--providers", help="onnxruntime execution providers, comma-separated (e.g. cuda)")
+    serve.add_argument("--threads", type=int, help="onnxruntime intra-op threads per worker")
+    serve.add_argument("--no-warmup", action="store_true", help="skip the one-step warm-up run before /readyz is 200")
+    serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    serve.set_defaults(handler=run_serve)
+
+    bench = bench_subparsers(subparsers).add_parser(
+        "serve",
+        help="load-test the HTTP service on loopback: latency p50/p95 and server memory",
+        description="Start `unidg serve` on a free loopback port (or use --url), send --requests synthesize requests "
+        "at --concurrency, and report latency percentiles and the server's RSS before and after.",
+    )
+    bench.add_argument("--bundle", help="bundle folder (starts a server); or give --url")
+    bench.add_argument("--url", help="an already running service, e.g. http://127.0.0.1:8080")
+    bench.add_argument("--requests", type=int, default=200)
+    bench.add_argument("--concurrency", type=int, default=8)
+    bench.add_argument("--workers", type=int, default=2, help="server synthesis threads (default 2)")
+    bench.add_argument("--max-queue", type=int, default=16)
+    bench.add_argument("--steps", type=int, default=4, help="denoising steps per request (default 4)")
+    bench.add_argument("--size", type=int, default=96, help="source/reference image side in pixels (default 96)")
+    bench.add_argument("--threads", type=int, default=1, help="onnxruntime threads per server worker (default 1)")
+    bench.add_argument("--json", dest="json_out", help="also write the report as JSON to this file")
+    bench.set_defaults(handler=run_serve_bench)
+
+    capi = subparsers.add_parser("capi", help="C ABI: build libunidg.so + unidg.h (docs/capi.md)")
+    capi_commands = capi.add_subparsers(dest="capi_command", metavar="COMMAND")
+    build = capi_commands.add_parser(
+        "build",
+        help="compile libunidg.so (cffi embedding mode) and copy unidg.h into --out",
+        description="Compile libunidg.so, which embeds this environment's Python and finds unidg in its site-packages.",
+    )
+    build.add_argument("--out", required=True, help="output folder for libunidg.so and unidg.h")
+    build.add_argument("--verbose", action="store_true", help="show the compiler commands")
+    build.set_defaults(handler=run_capi_build)
+    capi.set_defaults(handler=lambda args: capi.print_help() or 2)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from unidg.runtime.serve import ServeConfig, api_key_from_env, serve
+
+    backend_options: dict = {}
+    if args.providers:
+        backend_options["providers"] = [p.strip() for p in args.providers.split(",") if p.strip()]
+    if args.threads:
+        backend_options["threads"] = args.threads
+    config = ServeConfig(
+        bundle=args.bundle,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        max_queue=args.max_queue,
+        timeout_s=args.timeout,
+        max_upload_mb=args.max_upload_mb,
+        api_key=api_key_from_env(args.api_key_env),
+        backend=args.backend,
+        backend_options=backend_options,
+        warmup=not args.no_warmup,
+    )
+    # Fail before binding when the bundle cannot be read (the workers re-check it with sha256 while loading).
+    from unidg.runtime.bundle import load_bundle
+
+    load_bundle(args.bundle, verify=False)
+    serve(config, log_level=args.log_level)
+    return 0
+
+
+def run_serve_bench(args: argparse.Namespace) -> int:
+    from unidg.runtime.serve_bench import BenchOptions, run_bench_command
+
+    if not args.bundle and not args.url:
+        raise ValueError("give --bundle (to start a server) or --url (to use a running one)")
+    report = run_bench_command(
+        BenchOptions(
+            bundle=args.bundle,
+            url=args.url,
+            requests=args.requests,
+            concurrency=args.concurrency,
+            workers=args.workers,
+            max_queue=args.max_queue,
+            steps=args.steps,
+            size=args.size,
+            threads=args.threads,
+        )
+    )
+    print(report.summary())
+    if args.json_out:
+        from unidg.runtime.manifest import atomic_write_text
+
+        atomic_write_text(args.json_out, json.dumps(report.to_dict(), indent=2) + "\n")
+    return 0 if report.failed == 0 else 1
+
+
+def run_capi_build(args: argparse.Namespace) -> int:
+    from unidg.runtime.capi.build import build_library
+
+    built = build_library(args.out, verbose=args.verbose)
+    print(f"built {built.library}")
+    print(f"header {built.header}")
+    print(f"embeds {built.libpython}, started as {built.python} (override with UNIDG_PYTHON; PYTHONPATH is honoured)")
+    return 0

@@ -1,0 +1,319 @@
+"""Load test of the HTTP service: ``unidg bench serve`` (and the service tests) send synthesize requests on loopback.
+
+Only the standard library on the client side (http.client, threads), so the measurement needs nothing beyond the
+runtime. With ``--bundle`` the server is started as a child process on a free loopback port and its resident memory
+(VmRSS, Linux /proc) is read before and after the run; with ``--url`` an already running service is measured.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def rss_mib(pid: int) -> float | None:
+    """Resident set size of a process in MiB (Linux), None where /proc is not available."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        return None
+    return None
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def sample_inputs(size: int = 96, seed: int = 0) -> dict[str, bytes]:
+    """A procedural request (PNG bytes per multipart field): a textured reference with a dark blob as its defect,
+    a smooth source and a target square. Sizes differ from S on purpose so the service resizes."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    base = 150 + 40 * np.sin(xx / 5.0)[..., None] + rng.integers(-12, 12, (size, size, 3))
+    reference = np.clip(base, 0, 255).astype(np.uint8)
+    blob = (yy - size * 0.45) ** 2 / (size * 0.12) ** 2 + (xx - size * 0.55) ** 2 / (size * 0.2) ** 2 <= 1.0
+    reference[blob] = (50, 35, 30)
+    source = np.clip(190 + 20 * np.cos(yy / 9.0)[..., None] + rng.integers(-6, 6, (size, size, 3)), 0, 255)
+    source = source.astype(np.uint8)
+    target = np.zeros((size, size), dtype=bool)
+    target[size // 3 : size // 3 + size // 4, size // 4 : size // 4 + size // 3] = True
+    return {
+        "reference": png_bytes(reference),
+        "reference_mask": png_bytes(np.where(blob, 255, 0).astype(np.uint8)),
+        "source": png_bytes(source),
+        "mask": png_bytes(np.where(target, 255, 0).astype(np.uint8)),
+    }
+
+
+def encode_multipart(files: dict[str, bytes], fields: dict[str, str] | None = None) -> tuple[bytes, str]:
+    """(body, content type) of a multipart/form-data request."""
+    boundary = uuid.uuid4().hex
+    parts: list[bytes] = []
+    for name, value in (fields or {}).items():
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode() + value.encode() + b"\r\n"
+        )
+    for name, data in files.items():
+        header = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{name}.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        )
+        parts.append(header.encode() + data + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+@dataclass
+class Reply:
+    status: int
+    body: bytes
+    headers: dict[str, str]
+    seconds: float
+
+    def json(self) -> dict:
+        return json.loads(self.body)
+
+
+def post(
+    url: str,
+    body: bytes,
+    content_type: str,
+    *,
+    headers: dict[str, str] | None = None,
+    timeout: float = 300.0,
+    path: str = "/v1/synthesize",
+) -> Reply:
+    parsed = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=timeout)
+    started = time.perf_counter()
+    try:
+        connection.request("POST", path, body=body, headers={"Content-Type": content_type, **(headers or {})})
+        response = connection.getresponse()
+        data = response.read()
+        return Reply(response.status, data, dict(response.getheaders()), time.perf_counter() - started)
+    finally:
+        connection.close()
+
+
+def get(url: str, path: str, timeout: float = 10.0, headers: dict[str, str] | None = None) -> Reply:
+    parsed = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=timeout)
+    started = time.perf_counter()
+    try:
+        connection.request("GET", path, headers=headers or {})
+        response = connection.getresponse()
+        data = response.read()
+        return Reply(response.status, data, dict(response.getheaders()), time.perf_counter() - started)
+    finally:
+        connection.close()
+
+
+def wait_ready(url: str, process: subprocess.Popen | None = None, timeout: float = 120.0) -> float:
+    """Poll GET /readyz until 200; returns the seconds waited. Raises if the server exits or never gets ready."""
+    started = time.monotonic()
+    last = "no answer"
+    while time.monotonic() - started < timeout:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server exited with code {process.returncode} before it was ready ({last})")
+        try:
+            reply = get(url, "/readyz", timeout=2.0)
+            if reply.status == 200:
+                return time.monotonic() - started
+            last = f"/readyz {reply.status}: {reply.body[:300]!r}"
+            if reply.status == 503 and b'"error"' in reply.body:
+                raise RuntimeError(f"the server cannot load its bundle: {reply.body.decode(errors='replace')}")
+        except OSError as error:
+            last = str(error)
+        time.sleep(0.1)
+    raise TimeoutError(f"the server was not ready within {timeout:.0f} s ({last})")
+
+
+def start_server(
+    bundle: str | Path,
+    *,
+    port: int | None = None,
+    extra_args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    log_path: str | Path | None = None,
+) -> tuple[subprocess.Popen, str]:
+    """``unidg serve`` in a child process on a loopback port; returns (process, base url). Caller terminates it."""
+    port = port or free_loopback_port()
+    command = [sys.executable, "-m", "unidg.cli", "serve", "--bundle", str(bundle), "--port", str(port)]
+    command += ["--host", "127.0.0.1", "--log-level", "warning", *extra_args]
+    output = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
+    process = subprocess.Popen(command, stdout=output, stderr=output, env={**os.environ, **(env or {})})
+    return process, f"http://127.0.0.1:{port}"
+
+
+def stop_server(process: subprocess.Popen, timeout: float = 15.0) -> int:
+    process.terminate()
+    try:
+        return process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait(timeout)
+
+
+@dataclass
+class BenchOptions:
+    bundle: str | None = None
+    url: str | None = None
+    requests: int = 200
+    concurrency: int = 8
+    workers: int = 2
+    max_queue: int = 16
+    steps: int = 4
+    size: int = 96
+    threads: int = 1
+    warmup_requests: int = 4
+
+
+@dataclass
+class BenchReport:
+    requests: int
+    concurrency: int
+    steps: int
+    size: int
+    workers: int | None
+    statuses: dict[str, int]
+    failed: int
+    wall_s: float
+    throughput_rps: float
+    latency_p50_s: float
+    latency_p95_s: float
+    latency_max_s: float
+    rss_before_mib: float | None = None
+    rss_after_mib: float | None = None
+    errors: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        rss = ""
+        if self.rss_before_mib is not None and self.rss_after_mib is not None:
+            rss = (
+                f"; server RSS {self.rss_before_mib:.1f} MiB before -> {self.rss_after_mib:.1f} MiB after "
+                f"({self.rss_after_mib - self.rss_before_mib:+.1f} MiB)"
+            )
+        return (
+            f"{self.requests} requests at concurrency {self.concurrency} ({self.size}x{self.size} px, {self.steps} "
+            f"steps, {self.workers or '?'} workers): statuses {self.statuses}; p50 {self.latency_p50_s * 1000:.1f} ms, "
+            f"p95 {self.latency_p95_s * 1000:.1f} ms, max {self.latency_max_s * 1000:.1f} ms; "
+            f"{self.throughput_rps:.2f} req/s over {self.wall_s:.1f} s{rss}"
+        )
+
+
+def fire(
+    url: str,
+    count: int,
+    concurrency: int,
+    files: dict[str, bytes],
+    params: dict | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 300.0,
+) -> tuple[list[Reply], float]:
+    """``count`` identical POST /v1/synthesize from ``concurrency`` threads: (replies in order, wall seconds)."""
+    body, content_type = encode_multipart(files, {"params": json.dumps(params)} if params else None)
+    replies: list[Reply | None] = [None] * count
+    next_index = 0
+    lock = threading.Lock()
+
+    def worker() -> None:
+        nonlocal next_index
+        while True:
+            with lock:
+                index = next_index
+                next_index += 1
+            if index >= count:
+                return
+            try:
+                replies[index] = post(url, body, content_type, headers=headers, timeout=timeout)
+            except OSError as error:
+                replies[index] = Reply(0, str(error).encode(), {}, 0.0)
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return [r for r in replies if r is not None], time.perf_counter() - started
+
+
+def summarize(replies: list[Reply], wall_s: float, options: BenchOptions) -> BenchReport:
+    latencies = np.array([r.seconds for r in replies if r.status == 200] or [0.0])
+    statuses: dict[str, int] = {}
+    for reply in replies:
+        statuses[str(reply.status)] = statuses.get(str(reply.status), 0) + 1
+    failed = sum(1 for r in replies if r.status != 200)
+    errors = [f"{r.status}: {r.body[:200].decode(errors='replace')}" for r in replies if r.status != 200][:5]
+    return BenchReport(
+        requests=len(replies),
+        concurrency=options.concurrency,
+        steps=options.steps,
+        size=options.size,
+        workers=options.workers if options.bundle else None,
+        statuses=statuses,
+        failed=failed,
+        wall_s=wall_s,
+        throughput_rps=len(replies) / wall_s if wall_s > 0 else 0.0,
+        latency_p50_s=float(np.percentile(latencies, 50)),
+        latency_p95_s=float(np.percentile(latencies, 95)),
+        latency_max_s=float(latencies.max()),
+        errors=errors,
+    )
+
+
+def run_bench_command(options: BenchOptions) -> BenchReport:
+    """Start a server (with --bundle) or use --url, warm it, measure ``options.requests`` requests."""
+    for name in ("requests", "concurrency", "steps", "size"):
+        if getattr(options, name) < 1:
+            raise ValueError(f"--{name} must be >= 1")
+    files = sample_inputs(options.size)
+    params = {"steps": options.steps, "seed": 0}
+    process = None
+    url = options.url
+    if options.bundle:
+        extra = ["--workers", str(options.workers), "--max-queue", str(options.max_queue)]
+        extra += ["--threads", str(options.threads)]
+        process, url = start_server(options.bundle, extra_args=extra)
+    assert url is not None
+    try:
+        wait_ready(url, process, timeout=300.0)
+        # Warm the HTTP path too (first multipart parse, first PNG encode), then measure memory from there.
+        fire(url, options.warmup_requests, min(options.concurrency, options.warmup_requests), files, params)
+        before = rss_mib(process.pid) if process else None
+        replies, wall = fire(url, options.requests, options.concurrency, files, params)
+        after = rss_mib(process.pid) if process else None
+    finally:
+        if process is not None:
+            stop_server(process)
+    report = summarize(replies, wall, options)
+    report.rss_before_mib, report.rss_after_mib = before, after
+    return report

@@ -1,0 +1,399 @@
+/*
+ * A C host program for libunidg (tests/test_capi.py compiles it with the system C compiler and runs it).
+ *
+ *   capi_host BUNDLE_DIR full        end-to-end run + error paths; exit 0 when every check passes
+ *   capi_host BUNDLE_DIR no-python   the library's Python side cannot start: every call must say so, no crash
+ *
+ * Every check prints one line ("ok ..." or "FAIL ..."); the exit status is the number of failed checks (capped).
+ */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "unidg.h"
+
+static int failures = 0;
+
+#define CHECK(cond, ...)                      \
+    do {                                      \
+        if (cond) {                           \
+            printf("ok   ");                  \
+        } else {                              \
+            printf("FAIL ");                  \
+            failures++;                       \
+        }                                     \
+        printf(__VA_ARGS__);                  \
+        printf("\n");                         \
+        fflush(stdout);                       \
+    } while (0)
+
+typedef struct {
+    unidg_image image;
+    uint8_t* storage;
+} owned_image;
+
+/* A buffer with `pad` spare bytes at the end of each row, to exercise stride_bytes. */
+static owned_image make_image(int width, int height, int channels, int pad) {
+    owned_image out;
+    out.image.width = width;
+    out.image.height = height;
+    out.image.channels = channels;
+    out.image.stride_bytes = (int64_t)width * channels + pad;
+    out.storage = (uint8_t*)calloc((size_t)(out.image.stride_bytes * height), 1);
+    out.image.data = out.storage;
+    return out;
+}
+
+static uint8_t* pixel(const unidg_image* image, int x, int y) {
+    int64_t stride = image->stride_bytes ? image->stride_bytes : (int64_t)image->width * image->channels;
+    return image->data + y * stride + (int64_t)x * image->channels;
+}
+
+/* Deterministic test pictures: a textured reference with a dark elliptic defect, a smooth source, a target box. */
+static void fill_inputs(owned_image* ref, owned_image* ref_mask, owned_image* src, owned_image* target) {
+    int x, y, c;
+    for (y = 0; y < ref->image.height; y++) {
+        for (x = 0; x < ref->image.width; x++) {
+            double dy = (y - ref->image.height * 0.45) / (ref->image.height * 0.15);
+            double dx = (x - ref->image.width * 0.55) / (ref->image.width * 0.2);
+            int inside = dx * dx + dy * dy <= 1.0;
+            for (c = 0; c < 3; c++) {
+                pixel(&ref->image, x, y)[c] = inside ? (uint8_t)(40 + 5 * c) : (uint8_t)(140 + (x * 7 + y * 3 + c * 11) % 60);
+            }
+            pixel(&ref_mask->image, x, y)[0] = inside ? 255 : 0;
+        }
+    }
+    for (y = 0; y < src->image.height; y++) {
+        for (x = 0; x < src->image.width; x++) {
+            for (c = 0; c < 3; c++) {
+                pixel(&src->image, x, y)[c] = (uint8_t)(170 + (x + 2 * y + 5 * c) % 50);
+            }
+            int in_box = x >= src->image.width / 3 && x < src->image.width / 3 + 24 && y >= src->image.height / 4 &&
+                         y < src->image.height / 4 + 20;
+            pixel(&target->image, x, y)[0] = in_box ? 200 : 0;
+        }
+    }
+}
+
+typedef struct {
+    int calls;
+    int last_total;
+    int cancel_at;
+} progress_state;
+
+static int count_progress(int step, int total, void* user) {
+    progress_state* state = (progress_state*)user;
+    state->calls++;
+    state->last_total = total;
+    return state->cancel_at > 0 && step >= state->cancel_at;
+}
+
+/* ---- re-entrancy: a second call on a busy handle must be refused with UNIDG_BUSY ---- */
+typedef struct {
+    unidg_synth* synth;
+    const unidg_request* request;
+    unidg_image out;
+    pthread_mutex_t lock;
+    pthread_cond_t changed;
+    int go;
+    int done;
+    int code;
+} busy_probe;
+
+static void* probe_thread(void* arg) {
+    busy_probe* probe = (busy_probe*)arg;
+    pthread_mutex_lock(&probe->lock);
+    while (!probe->go) {
+        pthread_cond_wait(&probe->changed, &probe->lock);
+    }
+    pthread_mutex_unlock(&probe->lock);
+    unidg_status* status = unidg_synth_run(probe->synth, probe->request, &probe->out, NULL);
+    pthread_mutex_lock(&probe->lock);
+    probe->code = unidg_status_code(status);
+    probe->done = 1;
+    pthread_cond_broadcast(&probe->changed);
+    pthread_mutex_unlock(&probe->lock);
+    unidg_status_free(status);
+    return NULL;
+}
+
+static int busy_progress(int step, int total, void* user) {
+    busy_probe* probe = (busy_probe*)user;
+    (void)total;
+    if (step != 1) {
+        return 0;
+    }
+    /* The first call is inside the handle now: let the probe try the same handle and wait for its answer. */
+    struct timespec deadline;
+    clock_gettime(CLOCK_REALTIME, &deadline);
+    deadline.tv_sec += 60;
+    pthread_mutex_lock(&probe->lock);
+    probe->go = 1;
+    pthread_cond_broadcast(&probe->changed);
+    while (!probe->done) {
+        if (pthread_cond_timedwait(&probe->changed, &probe->lock, &deadline) != 0) {
+            break;
+        }
+    }
+    pthread_mutex_unlock(&probe->lock);
+    return 0;
+}
+
+/* ---- distinct handles on distinct threads ---- */
+typedef struct {
+    unidg_synth* synth;
+    const unidg_request* request;
+    owned_image out;
+    int code;
+} parallel_run;
+
+static void* parallel_thread(void* arg) {
+    parallel_run* run = (parallel_run*)arg;
+    unidg_status* status = unidg_synth_run(run->synth, run->request, &run->out.image, NULL);
+    run->code = unidg_status_code(status);
+    if (status != NULL) {
+        printf("     parallel run: %s\n", unidg_status_message(status));
+    }
+    unidg_status_free(status);
+    return NULL;
+}
+
+static int no_python(const char* bundle_dir) {
+    unidg_synth* synth = (unidg_synth*)0x1;
+    unidg_status* status = unidg_synth_create(bundle_dir, NULL, &synth);
+    CHECK(status != NULL, "create without a working Python returns a status");
+    CHECK(unidg_status_code(status) == UNIDG_INTERNAL, "... with code UNIDG_INTERNAL (got %d)", unidg_status_code(status));
+    CHECK(strstr(unidg_status_message(status), "PYTHONPATH") != NULL, "... and a message that says how to fix it: %s",
+          unidg_status_message(status));
+    CHECK(synth == NULL, "... and *out is NULL");
+    unidg_status_free(status);
+    CHECK(strcmp(unidg_version(), "") != 0, "unidg_version works without Python: %s", unidg_version());
+    return failures;
+}
+
+int main(int argc, char** argv) {
+    if (argc != 3) {
+        fprintf(stderr, "usage: %s BUNDLE_DIR full|no-python\n", argv[0]);
+        return 2;
+    }
+    const char* bundle_dir = argv[1];
+    if (strcmp(argv[2], "no-python") == 0) {
+        return no_python(bundle_dir) ? 1 : 0;
+    }
+
+    printf("unidg %s, ABI %d\n", unidg_version(), unidg_abi_version());
+    CHECK(unidg_abi_version() == UNIDG_ABI_VERSION, "ABI version matches the header");
+    CHECK(unidg_status_code(NULL) == UNIDG_OK && strcmp(unidg_status_message(NULL), "") == 0, "NULL status is OK");
+
+    /* Error path: a bundle folder that does not exist. */
+    const char* missing = "/nonexistent/unidg-bundle-for-capi-test";
+    unidg_synth* synth = NULL;
+    unidg_status* status = unidg_synth_create(missing, NULL, &synth);
+    CHECK(status != NULL && synth == NULL, "a missing bundle is refused");
+    CHECK(unidg_status_code(status) == UNIDG_BUNDLE_ERROR, "... with UNIDG_BUNDLE_ERROR (got %d)",
+          unidg_status_code(status));
+    CHECK(strstr(unidg_status_message(status), missing) != NULL, "... and the message names the path: %s",
+          unidg_status_message(status));
+    unidg_status_free(status);
+
+    status = unidg_synth_create(bundle_dir, NULL, NULL);
+    CHECK(unidg_status_code(status) == UNIDG_INVALID_ARGUMENT, "create with out == NULL is refused");
+    unidg_status_free(status);
+
+    unidg_options options;
+    unidg_options_init(&options);
+    options.threads = 1;
+    status = unidg_synth_create(bundle_dir, &options, &synth);
+    CHECK(status == NULL && synth != NULL, "create the bundle handle: %s", unidg_status_message(status));
+    if (status != NULL) {
+        unidg_status_free(status);
+        return 1;
+    }
+    printf("     resolution S = %d\n", unidg_synth_resolution(synth));
+    CHECK(unidg_synth_resolution(synth) > 0, "resolution is known");
+    CHECK(strcmp(unidg_synth_last_metadata(synth), "{}") == 0, "no metadata before the first run");
+
+    /* Inputs: a non-square source with padded rows, so the library must honour stride_bytes. */
+    owned_image ref = make_image(72, 80, 3, 0), ref_mask = make_image(72, 80, 1, 0);
+    owned_image src = make_image(90, 70, 3, 5), target = make_image(90, 70, 1, 3);
+    fill_inputs(&ref, &ref_mask, &src, &target);
+
+    unidg_request request;
+    unidg_request_init(&request);
+    CHECK(request.struct_size == sizeof(unidg_request) && request.guidance < 0 && request.steps == 0,
+          "unidg_request_init sets struct_size and the bundle defaults");
+    request.reference = ref.image;
+    request.reference_mask = ref_mask.image;
+    request.source = src.image;
+    request.target_mask = target.image;
+    request.seed = 1234;
+    request.steps = 3;
+    progress_state progress = {0, 0, 0};
+    request.progress = count_progress;
+    request.progress_user = &progress;
+
+    owned_image out = make_image(90, 70, 3, 7), out_mask = make_image(90, 70, 1, 0);
+    status = unidg_synth_run(synth, &request, &out.image, &out_mask.image);
+    CHECK(status == NULL, "run one request: %s", unidg_status_message(status));
+    unidg_status_free(status);
+    CHECK(progress.calls == 3 && progress.last_total == 3, "progress called once per step (%d calls, total %d)",
+          progress.calls, progress.last_total);
+
+    long outside = 0, outside_equal = 0, inside = 0, inside_changed = 0, target_uncovered = 0;
+    for (int y = 0; y < 70; y++) {
+        for (int x = 0; x < 90; x++) {
+            int masked = pixel(&out_mask.image, x, y)[0];
+            int same = memcmp(pixel(&out.image, x, y), pixel(&src.image, x, y), 3) == 0;
+            if (masked != 0 && masked != 255) {
+                target_uncovered += 1000000; /* the mask must be 0/255 */
+            }
+            if (masked) {
+                inside++;
+                inside_changed += !same;
+            } else {
+                outside++;
+                outside_equal += same;
+            }
+            if (pixel(&target.image, x, y)[0] && !masked) {
+                target_uncovered++;
+            }
+        }
+    }
+    printf("     %ld pixels outside the mask (%ld equal to the source), %ld inside (%ld changed)\n", outside,
+           outside_equal, inside, inside_changed);
+    CHECK(outside > 0 && outside_equal == outside, "every pixel outside the dilated mask equals the source");
+    CHECK(target_uncovered == 0, "the returned mask is 0/255 and covers the whole target mask");
+    CHECK(inside_changed > 0, "the model changed pixels inside the mask");
+    const char* metadata = unidg_synth_last_metadata(synth);
+    CHECK(strstr(metadata, "\"seed\": 1234") != NULL, "metadata JSON carries the seed (%.60s...)", metadata);
+
+    /* Same seed, same inputs: same output (no mask buffer this time). */
+    owned_image again = make_image(90, 70, 3, 0);
+    request.progress = NULL;
+    status = unidg_synth_run(synth, &request, &again.image, NULL);
+    int identical = status == NULL;
+    for (int y = 0; y < 70 && identical; y++) {
+        identical = memcmp(pixel(&again.image, 0, y), pixel(&out.image, 0, y), 90 * 3) == 0;
+    }
+    CHECK(identical, "a second run with the same seed is bit-identical");
+    unidg_status_free(status);
+
+    /* Cancel from the progress callback. */
+    progress_state cancel = {0, 0, 2};
+    request.progress = count_progress;
+    request.progress_user = &cancel;
+    status = unidg_synth_run(synth, &request, &again.image, NULL);
+    CHECK(unidg_status_code(status) == UNIDG_CANCELLED, "a nonzero progress return cancels: code %d, %s",
+          unidg_status_code(status), unidg_status_message(status));
+    CHECK(cancel.calls == 2, "... right after the step that asked (%d calls)", cancel.calls);
+    unidg_status_free(status);
+    request.progress = NULL;
+
+    /* Output buffer smaller than the source. */
+    owned_image small = make_image(89, 70, 3, 0);
+    status = unidg_synth_run(synth, &request, &small.image, NULL);
+    CHECK(unidg_status_code(status) == UNIDG_BUFFER_TOO_SMALL, "a too small output buffer: %s",
+          unidg_status_message(status));
+    unidg_status_free(status);
+
+    /* Unusable inputs: an empty target mask; a reference mask of another size; a request without struct_size. */
+    memset(target.storage, 0, (size_t)(target.image.stride_bytes * 70));
+    status = unidg_synth_run(synth, &request, &again.image, NULL);
+    CHECK(unidg_status_code(status) == UNIDG_INVALID_INPUT && strstr(unidg_status_message(status), "target mask"),
+          "an empty target mask is refused naming it: %s", unidg_status_message(status));
+    unidg_status_free(status);
+    fill_inputs(&ref, &ref_mask, &src, &target);
+    request.reference_mask.width = 71;
+    status = unidg_synth_run(synth, &request, &again.image, NULL);
+    CHECK(unidg_status_code(status) == UNIDG_INVALID_INPUT && strstr(unidg_status_message(status), "reference mask"),
+          "a reference mask of another size is refused: %s", unidg_status_message(status));
+    unidg_status_free(status);
+    request.reference_mask.width = 72;
+    request.reference.channels = 4;
+    status = unidg_synth_run(synth, &request, &again.image, NULL);
+    CHECK(unidg_status_code(status) == UNIDG_INVALID_ARGUMENT, "a 4-channel reference is refused: %s",
+          unidg_status_message(status));
+    unidg_status_free(status);
+    request.reference.channels = 3;
+    request.steps = 100000;
+    status = unidg_synth_run(synth, &request, &again.image, NULL);
+    CHECK(unidg_status_code(status) == UNIDG_INVALID_ARGUMENT && strstr(unidg_status_message(status), "steps"),
+          "steps out of range is refused: %s", unidg_status_message(status));
+    unidg_status_free(status);
+    request.steps = 3;
+    unidg_request bad = request;
+    bad.struct_size = 8;
+    status = unidg_synth_run(synth, &bad, &again.image, NULL);
+    CHECK(unidg_status_code(status) == UNIDG_INVALID_ARGUMENT && strstr(unidg_status_message(status), "struct_size"),
+          "a request without unidg_request_init is refused: %s", unidg_status_message(status));
+    unidg_status_free(status);
+
+    /* A handle is not re-entrant: a concurrent call on it is refused with UNIDG_BUSY. */
+    busy_probe probe;
+    memset(&probe, 0, sizeof(probe));
+    probe.synth = synth;
+    probe.request = &request;
+    probe.out = again.image;
+    probe.code = -1;
+    pthread_mutex_init(&probe.lock, NULL);
+    pthread_cond_init(&probe.changed, NULL);
+    pthread_t prober;
+    pthread_create(&prober, NULL, probe_thread, &probe);
+    unidg_request busy_request = request;
+    busy_request.progress = busy_progress;
+    busy_request.progress_user = &probe;
+    owned_image busy_out = make_image(90, 70, 3, 0);
+    status = unidg_synth_run(synth, &busy_request, &busy_out.image, NULL);
+    pthread_join(prober, NULL);
+    CHECK(status == NULL, "the first call finishes normally: %s", unidg_status_message(status));
+    CHECK(probe.code == UNIDG_BUSY, "the concurrent call on the same handle got UNIDG_BUSY (code %d)", probe.code);
+    unidg_status_free(status);
+
+    /* Distinct handles run concurrently and give the same result as the single-threaded run. */
+    unidg_synth* second = NULL;
+    status = unidg_synth_create(bundle_dir, &options, &second);
+    CHECK(status == NULL, "create a second handle: %s", unidg_status_message(status));
+    unidg_status_free(status);
+    if (second != NULL) {
+        parallel_run runs[2] = {{synth, &request, make_image(90, 70, 3, 0), -1},
+                                {second, &request, make_image(90, 70, 3, 0), -1}};
+        pthread_t threads[2];
+        for (int i = 0; i < 2; i++) {
+            pthread_create(&threads[i], NULL, parallel_thread, &runs[i]);
+        }
+        for (int i = 0; i < 2; i++) {
+            pthread_join(threads[i], NULL);
+        }
+        int same = runs[0].code == UNIDG_OK && runs[1].code == UNIDG_OK;
+        for (int i = 0; i < 2 && same; i++) {
+            for (int y = 0; y < 70 && same; y++) {
+                same = memcmp(pixel(&runs[i].out.image, 0, y), pixel(&out.image, 0, y), 90 * 3) == 0;
+            }
+        }
+        CHECK(same, "two handles on two threads both succeed with the single-threaded result");
+        free(runs[0].out.storage);
+        free(runs[1].out.storage);
+        unidg_synth_destroy(second);
+    }
+
+    unidg_synth_destroy(synth);
+    status = unidg_synth_run(synth, &request, &again.image, NULL);
+    CHECK(unidg_status_code(status) == UNIDG_INVALID_ARGUMENT, "a destroyed handle is refused, not dereferenced: %s",
+          unidg_status_message(status));
+    unidg_status_free(status);
+    unidg_synth_destroy(NULL);
+
+    free(ref.storage);
+    free(ref_mask.storage);
+    free(src.storage);
+    free(target.storage);
+    free(out.storage);
+    free(out_mask.storage);
+    free(again.storage);
+    free(small.storage);
+    free(busy_out.storage);
+    printf("%d check(s) failed\n", failures);
+    return failures > 100 ? 100 : failures;
+}
