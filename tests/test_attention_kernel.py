@@ -15,6 +15,7 @@ import sys
 
 import pytest
 import torch
+
 from unidg.export.plugins.attention_kernel import (
     block_d_for,
     check_attention_inputs,
@@ -193,3 +194,38 @@ def test_cpu_launch_without_interpreter_says_how_to_enable_it() -> None:
     q = torch.zeros(1, 1, 4, 16)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         biased_attention(q, q, q, torch.zeros(1, 4))
+
+
+def test_bench_attention_cli_on_cpu(tmp_path) -> None:
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "unidg.cli",
+            "bench",
+            "attention",
+            "--device",
+            "cpu",
+            "--repeats",
+            "1",
+            "--json",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "proves the benchmark harness only" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["interpreter"] is True and result["shape"] == "tiny"
+    variants = {(row["variant"], row["tokens"]) for row in result["rows"]}
+    names = ("triton_biased", "sdpa_no_bias", "sdpa_float_mask", "sdpa_headdim_fold")
+    assert variants == {(name, tokens) for name in names for tokens in (70, 47)}
+    for row in result["rows"]:
+        assert row["median_ms"] > 0
+        if row["variant"] != "sdpa_no_bias":
+            assert row["max_abs_diff_vs_mask"] <= 5e-2  # bf16 outputs of the same attention

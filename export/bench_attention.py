@@ -1,0 +1,288 @@
+"""Benchmark of the biased attention: the Triton kernel vs torch SDPA (no bias, float mask, head-dim fold).
+
+Real shape: one FLUX step's attention at S = 768 (B = 1, H = 24, D = 128) over N = 5849 tokens (512 text + 729 Redux +
+4608 image) or N = 5338 with the text tokens folded, bf16. Each variant is timed ``repeats`` times after warm-up and
+the median is reported (CUDA events on a GPU). Every variant's output is compared with the float-mask SDPA output.
+
+On CPU the kernel can only run under Triton's interpreter, so the CPU run uses tiny shapes and proves the harness
+only: its timings are not performance figures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Joint sequence [text; Redux; image]; folding keeps one text token (bias log K)."""
+
+    text: int
+    redux: int
+    image: int
+
+    def tokens(self, folded: bool) -> int:
+        return (1 if folded else self.text) + self.redux + self.image
+
+
+REAL_LAYOUT = TokenLayout(text=512, redux=729, image=4608)  # S = 768: 5849 tokens, 5338 folded
+TINY_LAYOUT = TokenLayout(text=24, redux=16, image=30)  # 70 tokens, 47 folded
+REAL_HEADS, REAL_HEAD_DIM = 24, 128
+TINY_HEADS, TINY_HEAD_DIM = 2, 32
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+CPU_NOTE = (
+    "CPU run under Triton's interpreter at tiny shapes: it proves the benchmark harness only; these timings are "
+    "not performance figures. Run `unidg bench attention --device cuda` on a GPU for real numbers."
+)
+
+
+@dataclass
+class BenchRow:
+    variant: str
+    tokens: int
+    median_ms: float
+    min_ms: float
+    tflops: float
+    vs_sdpa_no_bias: float  # median time / median time of SDPA without bias at the same token count
+    max_abs_diff_vs_mask: float  # against the float-mask SDPA output
+    note: str = ""
+
+
+@dataclass
+class BenchResult:
+    device: str
+    device_name: str
+    dtype: str
+    shape: str
+    batch: int
+    heads: int
+    head_dim: int
+    repeats: int
+    interpreter: bool
+    rows: list[BenchRow] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=dict)
+    date: str = ""
+    note: str = ""
+    command: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def attention_flops(batch: int, heads: int, seq_q: int, seq_k: int, head_dim: int) -> float:
+    """Matmul FLOPs of one attention: QK^T and PV, 2 * 2 * B * H * S_q * S_k * D."""
+    return 4.0 * batch * heads * seq_q * seq_k * head_dim
+
+
+def flux_key_bias(layout: TokenLayout, folded: bool, generator: torch.Generator) -> torch.Tensor:
+    """A realistic key bias [1, N]: log K on the folded text key, log 2 on ~10% of the image keys, 0 elsewhere."""
+    bias = torch.zeros(1, layout.tokens(folded))
+    if folded:
+        bias[0, 0] = math.log(layout.text)
+    context = layout.tokens(folded) - layout.image
+    region = torch.rand(layout.image, generator=generator) < 0.1
+    bias[0, context:][region] = math.log(2.0)
+    return bias
+
+
+def _time_cuda(fn: Callable[[], torch.Tensor], repeats: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def _time_cpu(fn: Callable[[], torch.Tensor], repeats: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - started) * 1e3)
+    return times
+
+
+def _sdpa_backends() -> list:
+    from torch.nn.attention import SDPBackend
+
+    return [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+
+
+def _best_sdpa(call: Callable[[], torch.Tensor], timer, repeats: int, warmup: int) -> tuple[list[float], str]:
+    """Time ``call`` under each fused SDPA backend that accepts it; return the fastest backend's times."""
+    from torch.nn.attention import sdpa_kernel
+
+    best: tuple[list[float], str] | None = None
+    for backend in _sdpa_backends():
+        try:
+            with sdpa_kernel(backend):
+                times = timer(call, repeats, warmup)
+        except RuntimeError:
+            continue  # this backend does not support the inputs (e.g. flash with a float mask)
+        if best is None or statistics.median(times) < statistics.median(best[0]):
+            best = (times, backend.name.lower())
+    if best is None:
+        raise RuntimeError("no fused SDPA backend accepted the inputs")
+    return best
+
+
+def run_attention_bench(
+    device: str = "cuda",
+    shape: str = "real",
+    repeats: int = 20,
+    dtype: str = "bf16",
+    interpret: bool = False,
+    warmup: int = 3,
+    seed: int = 0,
+) -> BenchResult:
+    """Time the kernel and the SDPA variants at both token counts; see the module docstring."""
+    from unidg.export.plugins.attention_kernel import INTERPRETER_CONFIG, biased_attention
+    from unidg.train.headdim_fold import fold_key_bias
+
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda, got {device!r}")
+    if shape not in ("real", "tiny"):
+        raise ValueError(f"shape must be real or tiny, got {shape!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    on_gpu = device == "cuda"
+    if on_gpu and not torch.cuda.is_available():
+        raise ValueError("--device cuda needs a CUDA GPU visible to torch; use --device cpu to check the harness")
+    interpreter = interpret or not on_gpu
+    if interpreter and shape == "real":
+        raise ValueError("the interpreter at the real shape would run for hours; use --shape tiny or a CUDA GPU")
+
+    layout = REAL_LAYOUT if shape == "real" else TINY_LAYOUT
+    heads, head_dim = (REAL_HEADS, REAL_HEAD_DIM) if shape == "real" else (TINY_HEADS, TINY_HEAD_DIM)
+    torch_dtype = DTYPES[dtype]
+    timer = _time_cuda if on_gpu else _time_cpu
+    generator = torch.Generator().manual_seed(seed)
+    result = BenchResult(
+        device=device,
+        device_name=torch.cuda.get_device_name() if on_gpu else "cpu",
+        dtype=dtype,
+        shape=shape,
+        batch=1,
+        heads=heads,
+        head_dim=head_dim,
+        repeats=repeats,
+        interpreter=interpreter,
+        versions={"torch": torch.__version__, "triton": _triton_version()},
+        date=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        note=CPU_NOTE if interpreter else "",
+    )
+
+    for folded in (False, True):
+        tokens = layout.tokens(folded)
+        q, k, v = (
+            torch.randn(1, heads, tokens, head_dim, generator=generator).to(device=device, dtype=torch_dtype)
+            for _ in range(3)
+        )
+        bias = flux_key_bias(layout, folded, generator).to(device)
+        mask = bias[:, None, None, :].to(torch_dtype)
+        q_fold, k_fold, v_fold, fold_scale = fold_key_bias(q, k, v, bias)
+        kernel_config = INTERPRETER_CONFIG if interpreter else None
+
+        def kernel(q=q, k=k, v=v, bias=bias, kernel_config=kernel_config):
+            return biased_attention(q, k, v, bias, interpret=interpreter, config=kernel_config)
+
+        def sdpa_plain(q=q, k=k, v=v):
+            return F.scaled_dot_product_attention(q, k, v)
+
+        def sdpa_mask(q=q, k=k, v=v, mask=mask):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+        def sdpa_fold(q=q_fold, k=k_fold, v=v_fold, scale=fold_scale, d=head_dim):
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)[..., :d]
+
+        reference = sdpa_mask().float()
+        timings: dict[str, tuple[list[float], str]] = {}
+        for name, fn in (
+            ("sdpa_no_bias", sdpa_plain),
+            ("sdpa_float_mask", sdpa_mask),
+            ("sdpa_headdim_fold", sdpa_fold),
+        ):
+            timings[name] = _best_sdpa(fn, timer, repeats, warmup) if on_gpu else (timer(fn, repeats, warmup), "cpu")
+        kernel_note = "Triton interpreter" if interpreter else "Triton, autotuned"
+        timings["triton_biased"] = (timer(kernel, repeats, 1 if interpreter else warmup), kernel_note)
+
+        outputs = {
+            "sdpa_no_bias": sdpa_plain,
+            "sdpa_float_mask": sdpa_mask,
+            "sdpa_headdim_fold": sdpa_fold,
+            "triton_biased": kernel,
+        }
+        baseline = statistics.median(timings["sdpa_no_bias"][0])
+        flops = attention_flops(1, heads, tokens, tokens, head_dim)
+        for name in ("triton_biased", "sdpa_no_bias", "sdpa_float_mask", "sdpa_headdim_fold"):
+            times, note = timings[name]
+            median = statistics.median(times)
+            diff = (outputs[name]().float() - reference).abs().max().item()
+            result.rows.append(
+                BenchRow(
+                    variant=name,
+                    tokens=tokens,
+                    median_ms=median,
+                    min_ms=min(times),
+                    tflops=flops / (median * 1e-3) / 1e12,
+                    vs_sdpa_no_bias=median / baseline,
+                    max_abs_diff_vs_mask=diff,
+                    note=note if name != "sdpa_no_bias" else f"{note} (no bias: a speed bound, not the same output)",
+                )
+            )
+    return result
+
+
+def _triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
+def format_table(result: BenchResult) -> str:
+    header = (
+        f"attention benchmark: {result.device_name} ({result.device}), {result.dtype}, B={result.batch} "
+        f"H={result.heads} D={result.head_dim}, median of {result.repeats}, {result.date}, "
+        f"torch {result.versions.get('torch')}, triton {result.versions.get('triton')}"
+    )
+    lines = [header]
+    if result.command:
+        lines.append(f"command: {result.command}")
+    if result.note:
+        lines.append(result.note)
+    columns = (
+        f"{'variant':<20} {'N':>6} {'median ms':>10} {'min ms':>9} {'TFLOP/s':>8} {'x no-bias':>9} "
+        f"{'max|diff|':>10}  note"
+    )
+    lines.append(columns)
+    lines.append("-" * len(columns))
+    for row in result.rows:
+        lines.append(
+            f"{row.variant:<20} {row.tokens:>6} {row.median_ms:>10.3f} {row.min_ms:>9.3f} {row.tflops:>8.2f} "
+            f"{row.vs_sdpa_no_bias:>9.2f} {row.max_abs_diff_vs_mask:>10.2e}  {row.note}"
+        )
+    return "\n".join(lines)
+
+
+def to_json(result: BenchResult) -> str:
+    return json.dumps(result.to_dict(), indent=2)

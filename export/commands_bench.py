@@ -1,0 +1,61 @@
+"""``unidg bench attention`` (registered by unidg.cli).
+
+``unidg bench`` is one parser shared by every benchmark: each module adds its subcommand to it through
+``unidg.runtime.commands.bench_subparsers(subparsers)``, which returns the existing ``bench`` sub-command group or
+creates it, so registration order does not matter. Only argparse at import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from unidg.cli import UserError
+from unidg.runtime.commands import bench_subparsers
+
+
+def _bench_attention(args: argparse.Namespace) -> int:
+    device = args.device
+    interpret = args.interpret or device == "cpu"
+    shape = args.shape or ("tiny" if interpret else "real")
+    if interpret:
+        # Triton reads TRITON_INTERPRET when it is first imported: set it before anything imports triton.
+        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            raise UserError("triton is already imported without TRITON_INTERPRET=1; run the command in a new process")
+        os.environ["TRITON_INTERPRET"] = "1"
+    if args.repeats < 1:
+        raise UserError(f"--repeats must be >= 1, got {args.repeats}")
+
+    from unidg.export.bench_attention import format_table, run_attention_bench, to_json
+    from unidg.runtime.manifest import atomic_write_text
+
+    result = run_attention_bench(
+        device=device, shape=shape, repeats=args.repeats, dtype=args.dtype, interpret=interpret
+    )
+    result.command = "unidg " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "unidg bench attention"
+    print(format_table(result))
+    if args.json:
+        atomic_write_text(args.json, to_json(result) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = bench_subparsers(subparsers).add_parser(
+        "attention",
+        help="biased-attention kernel vs torch SDPA (no bias, float mask, head-dim fold) at the FLUX shapes",
+        description="Times the Triton biased-attention kernel against torch SDPA without bias (best fused backend), "
+        "with the key bias as a float mask, and with the bias folded into an extra head dimension, at B=1, H=24, "
+        "D=128, N=5849 (unfolded) and 5338 (folded text tokens). On CPU it runs tiny shapes under Triton's "
+        "interpreter to check the harness only.",
+    )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda", help="where to run (default cuda)")
+    parser.add_argument("--interpret", action="store_true", help="run the kernel under Triton's interpreter")
+    parser.add_argument(
+        "--shape", choices=("real", "tiny"), default=None, help="real FLUX shapes (default on cuda) or tiny ones"
+    )
+    parser.add_argument("--repeats", type=int, default=20, help="timed runs per variant; the median is reported")
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="Q/K/V dtype")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.set_defaults(handler=_bench_attention)
