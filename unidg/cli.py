@@ -14,11 +14,11 @@ import sys
 from unidg import __version__
 
 # Modules that add subcommands, in the order they appear in ``unidg --help``.
-COMMAND_MODULES: list[str    "unidg.export.commands_bench",
-] = [
+COMMAND_MODULES: list[str] = [
     "unidg.train.commands_data",
     "unidg.runtime.commands",
     "unidg.runtime.commands_surfaces",
+    "unidg.export.commands_bench",
     "unidg.export.commands_bench",
 ]
 
