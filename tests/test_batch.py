@@ -1,0 +1,210 @@
+"""`unidg batch`: jobs file checks, outputs, and resuming after a kill with every job done exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from runtime_fixtures import make_toy_bundle, write_sample_files
+
+from unidg.cli import main
+from unidg.runtime.jobs import JobsError, read_jobs, run_batch
+from unidg.runtime.synthesizer import DefectSynthesizer
+from unidg.runtime.udg import read_index
+
+JOBS = 12
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> Path:
+    return make_toy_bundle(tmp_path_factory.mktemp("bundle") / "toy", resolution=64)
+
+
+@pytest.fixture(scope="module")
+def jobs_file(tmp_path_factory) -> Path:
+    """12 jobs over 3 input sets, relative paths; 400 steps each so a run lasts long enough to be killed midway."""
+    folder = tmp_path_factory.mktemp("jobs")
+    cases = [write_sample_files(folder / "inputs", f"case{i}", seed=i) for i in range(3)]
+    lines = []
+    for i in range(JOBS):
+        case = cases[i % 3]
+        job = {key: str(path.relative_to(folder)) for key, path in case.items()}
+        job.update(seed=100 + i, id=f"job-{i:02d}", steps=400)
+        if i % 2:
+            job["category"] = "scratch"
+        lines.append(json.dumps(job))
+    path = folder / "jobs.jsonl"
+    path.write_text("# a comment line\n" + "\n".join(lines) + "\n\n")
+    return path
+
+
+def _committed(out: Path) -> list[str]:
+    index = out / "index.jsonl"
+    if not index.is_file():
+        return []
+    return [json.loads(line)["id"] for line in index.read_text().splitlines() if line.strip()]
+
+
+def _batch_command(bundle: Path, jobs: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "unidg.cli", "batch", "--bundle", str(bundle), "--jobs", str(jobs), "--out", str(out)]
+
+
+def _check_complete(out: Path) -> None:
+    ids = _committed(out)
+    assert Counter(ids) == Counter({f"job-{i:02d}": 1 for i in range(JOBS)})  # every job exactly once
+    quadruplets = read_index(out)  # the UDG reader checks files, sizes and masks
+    assert len(quadruplets) == JOBS
+    leftovers = [p for p in out.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".") and p.is_file()]
+    assert [p.name for p in leftovers] in ([], [".batch.lock"])
+    for kind in ("normal", "abnormal", "mask", "metadata"):
+        names = sorted(p.stem for p in (out / kind).iterdir())
+        assert names == sorted(ids), kind  # no file of an uncommitted or duplicated job
+    for quadruplet in quadruplets:
+        metadata = json.loads((out / quadruplet.extra["metadata"]).read_text())
+        assert metadata["job"]["id"] == quadruplet.id and metadata["seed"] == metadata["job"]["seed"]
+        normal, abnormal, mask = quadruplet.load_normal(), quadruplet.load_abnormal(), quadruplet.load_mask()
+        assert np.array_equal(normal[~mask], abnormal[~mask])
+
+
+def test_killed_batch_resumes_with_every_job_done_once(tmp_path, toy, jobs_file):
+    out = tmp_path / "out"
+    process = subprocess.Popen(_batch_command(toy, jobs_file, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while len(_committed(out)) < 3:
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the batch never committed 3 jobs"
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    done_before = _committed(out)
+    print(f"killed after {len(done_before)} of {JOBS} jobs")
+    assert 3 <= len(done_before) < JOBS, f"kill came too late to test resuming ({len(done_before)} done)"
+
+    resumed = subprocess.run(_batch_command(toy, jobs_file, out), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{JOBS - len(done_before)} job(s) generated, {len(done_before)} already done" in resumed.stdout
+    _check_complete(out)
+    assert _committed(out)[: len(done_before)] == done_before  # finished jobs were kept, not redone
+
+    # The interrupted-and-resumed output is the output of one clean run, byte for byte (per-seed determinism).
+    clean = tmp_path / "clean"
+    with DefectSynthesizer.from_bundle(toy) as synth:
+        run_batch(synth, jobs_file, clean, progress=False)
+    for job_id in _committed(clean):
+        assert (out / "abnormal" / f"{job_id}.png").read_bytes() == (clean / "abnormal" / f"{job_id}.png").read_bytes()
+
+
+def test_leftovers_of_a_crash_are_cleaned_and_redone(tmp_path, toy, jobs_file):
+    """A crash between writing a job's files and committing its index line, and one in the middle of a write."""
+    out = tmp_path / "out"
+    with DefectSynthesizer.from_bundle(toy) as synth:
+        jobs = read_jobs(jobs_file)
+        partial = jobs_file.parent / "partial.jsonl"
+        partial.write_text("\n".join(json.dumps(_job_line(job, jobs_file.parent)) for job in jobs[:4]) + "\n")
+        run_batch(synth, partial, out, progress=False)
+        # Uncommitted job-05: stale images and metadata from another seed; a temp file cut off mid-write.
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(out / "abnormal" / "job-05.png")
+        (out / "metadata" / "job-05.json").write_text('{"stale": true}')
+        (out / "abnormal" / ".job-06.png.x1y2z3.tmp").write_bytes(b"\x89PNG half")
+        report = run_batch(synth, jobs_file, out, progress=False)
+    assert (report.already_done, report.generated) == (4, JOBS - 4)
+    _check_complete(out)
+    assert json.loads((out / "metadata" / "job-05.json").read_text())["job"]["seed"] == 105
+
+
+def _job_line(job, folder: Path) -> dict:
+    line = {k: str(getattr(job, k).relative_to(folder)) for k in ("reference", "reference_mask", "source", "mask")}
+    line.update(seed=job.seed, id=job.id, steps=job.steps)
+    if job.category:
+        line["category"] = job.category
+    return line
+
+
+def test_resume_with_another_bundle_or_changed_job_is_refused(tmp_path, toy, jobs_file):
+    out = tmp_path / "out"
+    jobs = read_jobs(jobs_file)
+    first = jobs_file.parent / "first.jsonl"  # beside the inputs: its paths are relative to them
+    first.write_text(json.dumps(_job_line(jobs[0], jobs_file.parent)) + "\n")
+    with DefectSynthesizer.from_bundle(toy) as synth:
+        run_batch(synth, first, out, progress=False)
+    before = sorted(str(p) for p in out.rglob("*"))
+
+    other = make_toy_bundle(tmp_path / "other", resolution=64, seed=1)
+    with DefectSynthesizer.from_bundle(other) as synth, pytest.raises(JobsError, match="another bundle"):
+        run_batch(synth, first, out, progress=False)
+
+    changed = dict(_job_line(jobs[0], jobs_file.parent), seed=999)
+    first.write_text(json.dumps(changed) + "\n")
+    with DefectSynthesizer.from_bundle(toy) as synth, pytest.raises(JobsError, match="already done .* other inputs"):
+        run_batch(synth, first, out, progress=False)
+    assert sorted(str(p) for p in out.rglob("*")) == before
+
+
+def _with(**changes):
+    return lambda base: json.dumps({**base, **changes})
+
+
+@pytest.mark.parametrize(
+    "make_text, words",
+    [
+        (lambda base: "{not json", "line 1 is not valid JSON"),
+        (lambda base: '["a list"]', "must be a JSON object"),
+        (lambda base: '{"reference": "a.png"}', "lacks ['reference_mask', 'source', 'mask', 'seed']"),
+        (_with(seed=-1), "'seed' must be a non-negative integer"),
+        (_with(seed=1.5), "'seed' must be a non-negative integer"),
+        (_with(id="a/b"), "'id' must be letters"),
+        (_with(category="glitter"), "unknown defect category 'glitter'"),
+        (_with(colour="red"), "unknown keys ['colour']"),
+        (_with(steps=0), "steps must be an integer"),
+        (_with(guidance=-2), "guidance must be a finite number >= 0"),
+        (_with(source="missing.png"), "source image"),
+        (_with(mask="inputs/case0_ref_mask.png"), "target mask"),
+        (lambda base: _with(id="x")(base) + "\n" + _with(id="x")(base), "repeats id 'x'"),
+        (lambda base: "", "lists no jobs"),
+    ],
+)
+def test_bad_jobs_are_refused_before_anything_is_written(tmp_path, toy, capsys, make_text, words):
+    inputs = write_sample_files(tmp_path / "inputs", "case0")
+    base = {key: f"inputs/{path.name}" for key, path in inputs.items()} | {"seed": 1}
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(make_text(base) + "\n")
+    out = tmp_path / "out"
+    assert main(["batch", "--bundle", str(toy), "--jobs", str(jobs), "--out", str(out), "--quiet"]) == 2
+    error = capsys.readouterr().err
+    assert words in error, error
+    assert not out.exists()
+
+
+def test_out_folder_that_is_not_a_batch_is_refused(tmp_path, toy, jobs_file, capsys):
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "holiday.jpg").write_bytes(b"mine")
+    assert main(["batch", "--bundle", str(toy), "--jobs", str(jobs_file), "--out", str(out), "--quiet"]) == 2
+    assert "not a `unidg batch` output folder" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["holiday.jpg"]
+
+
+def test_batches_of_several_requests(tmp_path, toy, jobs_file):
+    """Jobs run several per model pass; results match one-at-a-time runs closely and keep per-job seeds."""
+    jobs = read_jobs(jobs_file)[:5]
+    short = jobs_file.parent / "short.jsonl"
+    short.write_text("\n".join(json.dumps(_job_line(j, jobs_file.parent) | {"steps": 6}) for j in jobs) + "\n")
+    batched, single = tmp_path / "batched", tmp_path / "single"
+    with DefectSynthesizer.from_bundle(toy, max_batch=4) as synth:
+        run_batch(synth, short, batched, progress=False)
+        run_batch(synth, short, single, batch_size=1, progress=False)
+    sizes = [json.loads((batched / "metadata" / f"{j.id}.json").read_text())["batch_size"] for j in jobs]
+    assert sizes == [4, 4, 4, 4, 1]
+    for job in jobs:
+        a = np.asarray(Image.open(batched / "abnormal" / f"{job.id}.png"), dtype=int)
+        b = np.asarray(Image.open(single / "abnormal" / f"{job.id}.png"), dtype=int)
+        assert np.abs(a - b).max() <= 1
