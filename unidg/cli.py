@@ -19,7 +19,6 @@ COMMAND_MODULES: list[str] = [
     "unidg.runtime.commands",
     "unidg.runtime.commands_surfaces",
     "unidg.export.commands_bench",
-    "unidg.export.commands_bench",
 ]
 
 
