@@ -1,0 +1,123 @@
+"""The torch modules that export lowers to the four graphs of a bundle (Bundle format v1).
+
+``StepModel`` is one denoising step: the transformer's velocity plus the Euler update, so the 28-step loop is 28
+identical launches with no host math in between. Everything the transformer needs besides the bundle inputs lives in
+the graph: the pooled projection (zeros in reference mode), the RoPE tables (computed from ``img_ids``/``txt_ids``
+in float32) and the casts to the internal precision. All graph inputs and outputs are float32.
+
+The other three wrap the VAE encoder (normalized posterior mean), the VAE decoder and SigLIP + Redux.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from diffusers.models.embeddings import get_1d_rotary_pos_embed
+from torch import nn
+
+from unidg.train.model import UniDGModel
+
+STEP_INPUTS = ("x", "cond", "ctx", "key_bias", "sigma", "sigma_next", "guidance", "img_ids", "txt_ids")
+STEP_OUTPUTS = ("x_next",)
+
+
+class Float32RopeEmbed(nn.Module):
+    """FLUX's RoPE table (cos, sin) from position ids, computed in float32.
+
+    diffusers' ``FluxPosEmbed`` computes the frequencies in float64 on CPU/CUDA; float64 has no place in a
+    TensorRT engine, and the positions (< 2S/16 = 96 at S = 768) keep the float32 angle error near 1e-5 rad.
+    """
+
+    def __init__(self, theta: int, axes_dim: list[int] | tuple[int, ...]) -> None:
+        super().__init__()
+        self.theta = theta
+        self.axes_dim = list(axes_dim)
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = ids.float()
+        cos_parts, sin_parts = [], []
+        for axis, dim in enumerate(self.axes_dim):
+            cos, sin = get_1d_rotary_pos_embed(
+                dim, positions[:, axis], theta=self.theta, repeat_interleave_real=True, use_real=True,
+                freqs_dtype=torch.float32,
+            )  # fmt: skip
+            cos_parts.append(cos)
+            sin_parts.append(sin)
+        return torch.cat(cos_parts, dim=-1), torch.cat(sin_parts, dim=-1)
+
+
+@contextlib.contextmanager
+def float32_rope(model: UniDGModel) -> Iterator[None]:
+    """Temporarily compute the transformer's RoPE in float32 (for export); restores diffusers' module after."""
+    transformer = model.transformer
+    original = transformer.pos_embed
+    transformer.pos_embed = Float32RopeEmbed(original.theta, original.axes_dim)
+    try:
+        yield
+    finally:
+        transformer.pos_embed = original
+
+
+class StepModel(nn.Module):
+    """x_next = x + (sigma_next - sigma) * v(x, cond, ctx, key_bias, sigma, guidance, img_ids, txt_ids).
+
+    Inputs are float32 whatever the model's dtype; the transformer runs in its own dtype and the update in float32.
+    """
+
+    def __init__(self, model: UniDGModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cond: torch.Tensor,
+        ctx: torch.Tensor,
+        key_bias: torch.Tensor,
+        sigma: torch.Tensor,
+        sigma_next: torch.Tensor,
+        guidance: torch.Tensor,
+        img_ids: torch.Tensor,
+        txt_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        dtype = self.model.dtype
+        velocity = self.model.velocity(
+            x.to(dtype), cond.to(dtype), ctx.to(dtype), key_bias.float(), sigma, guidance, img_ids, txt_ids
+        )
+        step = (sigma_next - sigma).float()[:, None, None]
+        return x + step * velocity.float()
+
+
+class VaeEncoderModel(nn.Module):
+    """pixels [B, 3, S, 2S] in [-1, 1] -> normalized latents [B, 16, S/8, 2S/8] (posterior mean)."""
+
+    def __init__(self, model: UniDGModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_images(pixels.to(self.model.vae.dtype)).float()
+
+
+class VaeDecoderModel(nn.Module):
+    """normalized latents [B, 16, h, w] -> pixels [B, 3, 8h, 8w] in [-1, 1] (not clamped)."""
+
+    def __init__(self, model: UniDGModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.model.decode_latents(latents.to(self.model.vae.dtype)).float()
+
+
+class ImageEncoderModel(nn.Module):
+    """pixels [B, 3, P, P] in [-1, 1] (already resized to P by the caller) -> Redux tokens [B, R, J]."""
+
+    def __init__(self, model: UniDGModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_reference(pixels).float()
