@@ -12,6 +12,7 @@ from unidg.runtime.backends.base import (
     Backend,
     BackendError,
     BackendUnavailable,
+    GenerationCancelled,
     NonFiniteOutputError,
     StepConditioning,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "Backend",
     "BackendError",
     "BackendUnavailable",
+    "GenerationCancelled",
     "NonFiniteOutputError",
     "StepConditioning",
     "backend_class",
