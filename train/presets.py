@@ -1,0 +1,210 @@
+"""Model presets: the real FLUX.1-Fill + Redux dimensions (``full``) and a tiny model of the same classes (``nano``).
+
+A preset only describes shapes; weights come from a local folder (``unidg.train.loading``) or from random
+initialisation (``UniDGModel.from_preset``). The classes are always diffusers' ``FluxTransformer2DModel``,
+``AutoencoderKL`` and ``ReduxImageEncoder`` and transformers' ``SiglipVisionModel``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from unidg.runtime.settings import UniDGSettings
+
+# Fixed by the Fill layout: 16 latent channels packed 2x2 -> 64 per token; the pixel mask of one token is
+# 2x2 latent pixels x 8x8 pixels -> 256; transformer input = noisy latents 64 + masked latents 64 + mask 256.
+LATENT_CHANNELS = 16
+PACKED_CHANNELS = 4 * LATENT_CHANNELS
+MASK_CHANNELS = 256
+CONDITION_CHANNELS = PACKED_CHANNELS + MASK_CHANNELS
+TRANSFORMER_IN_CHANNELS = PACKED_CHANNELS + CONDITION_CHANNELS
+
+
+@dataclass(frozen=True)
+class TransformerParams:
+    """Keyword arguments of diffusers' ``FluxTransformer2DModel``."""
+
+    num_layers: int
+    num_single_layers: int
+    attention_head_dim: int
+    num_attention_heads: int
+    joint_attention_dim: int
+    pooled_projection_dim: int
+    axes_dims_rope: tuple[int, int, int]
+    in_channels: int = TRANSFORMER_IN_CHANNELS
+    out_channels: int = PACKED_CHANNELS
+    guidance_embeds: bool = True
+    patch_size: int = 1
+
+    def __post_init__(self) -> None:
+        if sum(self.axes_dims_rope) != self.attention_head_dim:
+            raise ValueError(
+                f"axes_dims_rope {self.axes_dims_rope} must sum to attention_head_dim {self.attention_head_dim}"
+            )
+        if any(dim % 2 for dim in self.axes_dims_rope):
+            raise ValueError(f"axes_dims_rope {self.axes_dims_rope} must be even (RoPE rotates pairs)")
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    def config(self) -> dict:
+        config = asdict(self)
+        config["axes_dims_rope"] = list(self.axes_dims_rope)
+        return config
+
+
+@dataclass(frozen=True)
+class VaeParams:
+    """Keyword arguments of diffusers' ``AutoencoderKL`` in the FLUX layout (no quant convs, 8x downsampling)."""
+
+    block_out_channels: tuple[int, ...]
+    layers_per_block: int
+    norm_num_groups: int
+    sample_size: int
+    latent_channels: int = LATENT_CHANNELS
+    scaling_factor: float = 0.3611
+    shift_factor: float = 0.1159
+    use_quant_conv: bool = False
+    use_post_quant_conv: bool = False
+    mid_block_add_attention: bool = True
+    force_upcast: bool = True
+    act_fn: str = "silu"
+    in_channels: int = 3
+    out_channels: int = 3
+
+    def __post_init__(self) -> None:
+        if len(self.block_out_channels) != 4:
+            raise ValueError(f"the Fill layout needs an 8x VAE: 4 blocks (got {self.block_out_channels})")
+
+    def config(self) -> dict:
+        config = asdict(self)
+        blocks = len(self.block_out_channels)
+        config["block_out_channels"] = list(self.block_out_channels)
+        config["down_block_types"] = ["DownEncoderBlock2D"] * blocks
+        config["up_block_types"] = ["UpDecoderBlock2D"] * blocks
+        return config
+
+
+@dataclass(frozen=True)
+class ImageEncoderParams:
+    """Keyword arguments of transformers' ``SiglipVisionConfig`` (the Redux reference encoder)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    patch_size: int
+    image_size: int
+    vision_use_head: bool = True  # so400m ships a pooling head; Redux reads last_hidden_state and never uses it
+    hidden_act: str = "gelu_pytorch_tanh"
+    layer_norm_eps: float = 1e-6
+    num_channels: int = 3
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def config(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ReduxParams:
+    """Keyword arguments of diffusers' ``ReduxImageEncoder``."""
+
+    redux_dim: int
+    txt_in_features: int
+
+    def config(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class UniDGPreset:
+    name: str
+    transformer: TransformerParams
+    vae: VaeParams
+    image_encoder: ImageEncoderParams
+    redux: ReduxParams
+    settings: UniDGSettings = field(default_factory=UniDGSettings)
+
+    def __post_init__(self) -> None:
+        if self.redux.redux_dim != self.image_encoder.hidden_size:
+            raise ValueError(f"{self.name}: redux_dim must equal the image encoder's hidden_size")
+        if self.redux.txt_in_features != self.transformer.joint_attention_dim:
+            raise ValueError(f"{self.name}: Redux txt_in_features must equal the transformer's joint_attention_dim")
+
+    @property
+    def reference_size(self) -> int:
+        """Side of the square the reference is resized to before SigLIP (384 for so400m)."""
+        return self.image_encoder.image_size
+
+    @property
+    def reference_tokens(self) -> int:
+        """R: Redux tokens per reference (729 for so400m at 384 px)."""
+        return self.image_encoder.num_tokens
+
+
+FULL = UniDGPreset(
+    name="full",
+    transformer=TransformerParams(
+        num_layers=19,
+        num_single_layers=38,
+        attention_head_dim=128,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        pooled_projection_dim=768,
+        axes_dims_rope=(16, 56, 56),
+    ),
+    vae=VaeParams(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=1024),
+    image_encoder=ImageEncoderParams(
+        hidden_size=1152,
+        intermediate_size=4304,
+        num_hidden_layers=27,
+        num_attention_heads=16,
+        patch_size=14,
+        image_size=384,
+    ),
+    redux=ReduxParams(redux_dim=1152, txt_in_features=4096),
+    settings=UniDGSettings(),
+)
+
+# Same classes at tiny widths: trains and samples on a laptop CPU (the shipped demo model and the tests).
+NANO = UniDGPreset(
+    name="nano",
+    transformer=TransformerParams(
+        num_layers=2,
+        num_single_layers=4,
+        attention_head_dim=32,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        pooled_projection_dim=32,
+        axes_dims_rope=(8, 12, 12),
+    ),
+    vae=VaeParams(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=32, sample_size=256),
+    image_encoder=ImageEncoderParams(
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        patch_size=8,
+        image_size=64,
+        vision_use_head=False,
+    ),
+    redux=ReduxParams(redux_dim=64, txt_in_features=64),
+    # Trained from scratch without guidance distillation: guidance is a constant input, 1.0 by convention.
+    settings=UniDGSettings(resolution=256, text_tokens=8, steps=28, guidance=1.0),
+)
+
+PRESETS: dict[str, UniDGPreset] = {preset.name: preset for preset in (FULL, NANO)}
+
+
+def get_preset(preset: str | UniDGPreset) -> UniDGPreset:
+    """A preset by name (``"full"``, ``"nano"``), or the preset itself."""
+    if isinstance(preset, UniDGPreset):
+        return preset
+    try:
+        return PRESETS[preset]
+    except KeyError:
+        raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}") from None
