@@ -1,0 +1,127 @@
+"""`unidg generate` and `unidg demo` end to end on a toy bundle: UDG outputs, metadata, contact sheet."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from runtime_fixtures import make_toy_bundle, write_sample_files
+
+from unidg.cli import main
+from unidg.runtime.geometry import dilate_mask
+from unidg.runtime.udg import read_index
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> Path:
+    return make_toy_bundle(tmp_path_factory.mktemp("bundle") / "toy", resolution=64)
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory) -> Path:
+    """A samples folder as the demo reads it: three cases listed in samples.json."""
+    folder = tmp_path_factory.mktemp("samples")
+    cases = []
+    for i, category in enumerate(["scratch", "hole", None]):
+        files = write_sample_files(folder, f"c{i}", seed=i)
+        case = {key: path.name for key, path in files.items()} | {"id": f"case-{i}", "seed": i}
+        if category:
+            case["category"] = category
+        cases.append(case)
+    (folder / "samples.json").write_text(json.dumps({"cases": cases}, indent=1))
+    return folder
+
+
+def test_generate_writes_a_udg_quadruplet_and_metadata(tmp_path, toy, samples, capsys):
+    out = tmp_path / "result"
+    case = json.loads((samples / "samples.json").read_text())["cases"][0]
+    args = ["generate", "--bundle", str(toy), "--out", str(out), "--seed", "11", "--category", "scratch"]
+    for key, flag in (("reference", "--reference"), ("reference_mask", "--reference-mask")):
+        args += [flag, str(samples / case[key])]
+    args += ["--source", str(samples / case["source"]), "--mask", str(samples / case["mask"])]
+    assert main(args) == 0, capsys.readouterr().err
+    (quadruplet,) = read_index(out)
+    source = np.asarray(Image.open(samples / case["source"]).convert("RGB"))
+    target = np.asarray(Image.open(samples / case["mask"])) > 127
+    assert np.array_equal(quadruplet.load_normal(), source)
+    assert np.array_equal(quadruplet.load_mask(), dilate_mask(target, 7, 2))
+    abnormal = quadruplet.load_abnormal()
+    assert np.array_equal(abnormal[~quadruplet.load_mask()], source[~quadruplet.load_mask()])
+    assert quadruplet.category == "scratch" and quadruplet.caption["defect-level"][0]["type"] == "scratch"
+    metadata = json.loads((out / "metadata.json").read_text())
+    assert metadata["seed"] == 11 and metadata["steps"] == 28
+    from unidg.runtime.bundle import load_bundle
+
+    assert metadata["bundle"]["fingerprint"] == load_bundle(toy).fingerprint
+    assert {"load_inputs", "load_bundle", "denoise", "total"} <= set(metadata["timings_s"])
+    assert metadata["inputs"]["source"].endswith(case["source"])
+    assert not [p for p in out.rglob("*.tmp")]
+
+
+def test_generate_from_a_subprocess_shows_a_step_progress_bar(tmp_path, toy, samples):
+    case = json.loads((samples / "samples.json").read_text())["cases"][1]
+    command = [sys.executable, "-m", "unidg.cli", "generate", "--bundle", str(toy), "--out", str(tmp_path / "o")]
+    command += [
+        "--reference",
+        str(samples / case["reference"]),
+        "--reference-mask",
+        str(samples / case["reference_mask"]),
+    ]
+    command += ["--source", str(samples / case["source"]), "--mask", str(samples / case["mask"]), "--steps", "7"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "7/7" in done.stderr  # tqdm's per-step bar
+
+
+def test_demo_writes_outputs_and_a_labelled_contact_sheet(tmp_path, toy, samples, capsys):
+    out = tmp_path / "demo"
+    args = ["demo", "--bundle", str(toy), "--samples", str(samples), "--out", str(out)]
+    assert main(args) == 0, capsys.readouterr().err
+    quadruplets = read_index(out)
+    assert [q.id for q in quadruplets] == ["case-0", "case-1", "case-2"]
+    assert [q.category for q in quadruplets] == ["scratch", "hole", "unknown"]
+    sheet = np.asarray(Image.open(out / "contact_sheet.png").convert("RGB"))
+    assert sheet.shape[1] == 3 * 256 + 4 * 6 and sheet.shape[0] > 3 * 256  # three columns, three rows
+    row = sheet[24 + 20 : 24 + 20 + 256]
+    output_cell = row[:, 6 + 2 * (256 + 6) : 6 + 2 * (256 + 6) + 256]
+    assert output_cell.std() > 5  # a picture, not an empty cell
+    # Running again replaces the previous demo output.
+    first = (out / "abnormal" / "case-0.png").read_bytes()
+    assert main(args) == 0
+    assert (out / "abnormal" / "case-0.png").read_bytes() == first
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_demo_refuses_a_folder_it_did_not_write(tmp_path, toy, samples, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    assert main(["demo", "--bundle", str(toy), "--samples", str(samples), "--out", str(out)]) == 2
+    assert "not written by `unidg demo`" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_demo_with_a_bad_sample_writes_nothing(tmp_path, toy, samples, capsys):
+    broken = tmp_path / "samples"
+    shutil.copytree(samples, broken)
+    (broken / "c2_mask.png").unlink()
+    out = tmp_path / "demo"
+    assert main(["demo", "--bundle", str(toy), "--samples", str(broken), "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert "case-2" in error and "target mask" in error
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_demo_without_shipped_assets_says_what_to_pass(tmp_path, capsys):
+    from unidg.runtime.demo import DEFAULT_BUNDLE
+
+    if DEFAULT_BUNDLE.exists():
+        pytest.skip("the UniDG-nano bundle is shipped in this build")
+    assert main(["demo", "--out", str(tmp_path / "d")]) == 2
+    assert "--bundle" in capsys.readouterr().err
