@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+
 from unidg.export.plugins.aot import (
     DEFAULT_SHARED_BYTES_LIMIT,
     MAX_SHARED_BYTES_BY_ARCH,

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from unidg.export.plugins.attention_kernel import reference_biased_attention
 from unidg.train.headdim_fold import MASKED_KEY_BIAS, fold_key_bias, folded_attention, folded_width
 

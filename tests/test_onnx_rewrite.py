@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
+
 from unidg.export.plugins.attention_kernel import reference_biased_attention
 from unidg.export.plugins.onnx_rewrite import (
     AttentionRewriteError,

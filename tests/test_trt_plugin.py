@@ -11,6 +11,7 @@ import pytest
 import sympy
 import torch
 from onnx import TensorProto, helper
+
 from unidg.export.plugins.attention_kernel import AUTOTUNE_CONFIGS, interpreter_available, reference_biased_attention
 from unidg.export.plugins.trt_plugin import (
     PLUGIN_ID,
