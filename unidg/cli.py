@@ -19,6 +19,7 @@ COMMAND_MODULES: list[str] = [
     "unidg.runtime.commands",
     "unidg.runtime.commands_surfaces",
     "unidg.export.commands_bench",
+    "unidg.export.commands_triton",
 ]
 
 
