@@ -244,3 +244,27 @@ def test_file_rewrite(tmp_path) -> None:
     assert count_plugin_nodes(onnx.load(dst)) == 3
     with pytest.raises(FileNotFoundError):
         rewrite_attention_file(tmp_path / "missing.onnx", dst)
+
+
+def test_file_rewrite_keeps_external_weights_unloaded(tmp_path) -> None:
+    model = flux_like_model()
+    model.graph.initializer.append(numpy_helper.from_array(np.full(QKV, 0.5, np.float32), "offset"))
+    model.graph.node.append(helper.make_node("Add", ["out", "offset"], ["out_offset"]))
+    model.graph.output[0].name = "out_offset"
+    src = tmp_path / "bundle" / "step.onnx"
+    src.parent.mkdir()
+    onnx.save_model(model, src, save_as_external_data=True, location="step.onnx.data", size_threshold=512)
+    feeds = _inputs(seed=9)
+
+    for dst in (tmp_path / "trt" / "step_trt.onnx", src):  # another folder (data copied), then in place
+        report = rewrite_attention_file(src, dst)
+        assert report.plugin_nodes_after == 3
+        assert (dst.parent / "step.onnx.data").is_file()
+        loaded = onnx.load(dst)
+        assert count_plugin_nodes(loaded) == 3 and count_attention_nodes(loaded) == 0
+        offset = next(t for t in loaded.graph.initializer if t.name == "offset")
+        assert np.array_equal(numpy_helper.to_array(offset), np.full(QKV, 0.5, np.float32))
+        # the biases feeding the plugin nodes still evaluate to the key bias
+        biases = _plugin_biases(loaded, feeds)
+        assert np.array_equal(biases["attn_scaled_plugin"], feeds["key_bias"])
+        assert not dst.with_name(dst.name + ".tmp").exists()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -311,9 +312,16 @@ def _same_dims(a, b) -> bool:
     return a is None or b is None or a == b
 
 
-def check_rewritten_model(original: onnx.ModelProto, rewritten: onnx.ModelProto) -> RewriteReport:
-    """Inverse check of the rewrite; raises AttentionRewriteError when the rewritten graph is inconsistent."""
-    onnx.checker.check_model(rewritten)
+def check_rewritten_model(
+    original: onnx.ModelProto, rewritten: onnx.ModelProto, run_checker: bool = True
+) -> RewriteReport:
+    """Inverse check of the rewrite; raises AttentionRewriteError when the rewritten graph is inconsistent.
+
+    ``run_checker=False`` skips onnx.checker, for models whose external data is not beside the working directory
+    (check the saved file with ``onnx.checker.check_model(path)`` instead).
+    """
+    if run_checker:
+        onnx.checker.check_model(rewritten)
     inferred = onnx.shape_inference.infer_shapes(rewritten, check_type=True, strict_mode=True, data_prop=True)
     before, after = count_attention_nodes(original), count_plugin_nodes(inferred)
     left = count_attention_nodes(inferred)
@@ -356,20 +364,43 @@ def check_rewritten_model(original: onnx.ModelProto, rewritten: onnx.ModelProto)
     return RewriteReport(before, after, left, ())
 
 
+def external_data_files(model: onnx.ModelProto) -> list[str]:
+    """Relative paths of the external-data files the model's initializers refer to."""
+    files = []
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = next(entry.value for entry in tensor.external_data if entry.key == "location")
+            if location not in files:
+                files.append(location)
+    return files
+
+
 def rewrite_attention_file(
     src: str | os.PathLike, dst: str | os.PathLike, mask_rows: str = "key_only"
 ) -> RewriteReport:
-    """Load ``src``, rewrite and check it, and write ``dst`` (weights above 2 GB go to ``dst.data`` external data)."""
+    """Rewrite and check the model file ``src`` into ``dst`` (``dst`` may be ``src``).
+
+    Weights are never loaded: initializers kept in external-data files stay there (the rewrite only adds small
+    constants), and the files are copied beside ``dst`` when it is in another folder. That keeps a 24 GB FLUX step
+    graph a few-megabyte protobuf through the rewrite.
+    """
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise FileNotFoundError(f"ONNX model {src} does not exist")
-    original = onnx.load(src)
+    original = onnx.load(str(src), load_external_data=False)
     rewritten, report = rewrite_attention_to_plugin(original, mask_rows=mask_rows)
-    check_rewritten_model(original, rewritten)
+    check_rewritten_model(original, rewritten, run_checker=False)
     dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.parent.resolve() != src.parent.resolve():
+        for name in external_data_files(original):
+            target = dst.parent / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src.parent / name, target)
     tmp = dst.with_name(dst.name + ".tmp")
-    # protobuf cannot serialize a model above 2 GB: move the weights to external data well before that.
-    large = sum(len(init.raw_data) for init in rewritten.graph.initializer) > 2**31 - 2**26
-    onnx.save_model(rewritten, tmp, save_as_external_data=large, location=dst.name + ".data" if large else None)
-    os.replace(tmp, dst)
+    try:
+        onnx.save_model(rewritten, str(tmp))
+        onnx.checker.check_model(str(tmp))  # the path form resolves external data beside the file
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
     return report
