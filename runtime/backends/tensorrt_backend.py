@@ -13,9 +13,11 @@ Manifest ``engines`` table (written beside the ONNX graphs when engines are buil
                 "plans": {"step": {"file": "engines/step.plan", "batch": [1, 4]}, "vae_encoder": {...}, ...}}
 
 Per-plan entries may override any top-level key; ``batch`` is the optimization profile's [min, max] batch (absent:
-the bundle's static batch). The denoising loop keeps x on the GPU (two buffers, ping-pong); with ``cuda_graph=True``
-all steps of one batch are captured once as one CUDA graph and replayed per request, with an event after every step
-so progress is still reported (cancelling takes effect when the graph finishes).
+the bundle's static batch); ``weight_stripped`` plans are refitted from the bundle's ONNX graph when loaded.
+
+The denoising loop keeps x on the GPU (two buffers, ping-pong); with ``cuda_graph=True`` all steps of one batch are
+captured once as one CUDA graph and replayed per request, with an event after every step so progress is still
+reported (cancelling takes effect when the graph finishes).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class EngineSpec:
     hardware_compatibility: str = "none"
     batch: tuple[int, int] | None = None  # optimization profile [min, max]; None: the bundle's static batch
     device_name: str | None = None
+    weight_stripped: bool = False  # the plan carries no weights: refit from the bundle's ONNX graph at load
 
 
 def parse_version(text: str) -> tuple[int, ...]:
@@ -130,6 +133,7 @@ def parse_engines(bundle: Bundle) -> dict[str, EngineSpec]:
             hardware_compatibility=level,
             batch=batch,
             device_name=entry.get("device_name"),
+            weight_stripped=bool(entry.get("weight_stripped", False)),
         )
     return specs
 
@@ -225,6 +229,14 @@ def _import_cudart():
                 f"cuda-python not installed: the tensorrt backend needs `pip install 'unidg[tensorrt]'` ({error})"
             ) from error
     return cudart
+
+
+def _refit_from_onnx(trt, engine, logger, onnx_path: Path) -> None:
+    """Fill a weight-stripped plan with the weights of its ONNX graph (NVIDIA's OnnxParserRefitter recipe)."""
+    refitter = trt.Refitter(engine, logger)
+    parser_refitter = trt.OnnxParserRefitter(refitter, logger)
+    if not parser_refitter.refit_from_file(str(onnx_path)) or not refitter.refit_cuda_engine():
+        raise BackendError(f"TensorRT could not refit the weight-stripped plan from {onnx_path}; rebuild the engines")
 
 
 class _Cuda:
@@ -362,6 +374,8 @@ class TensorRTBackend(Backend):
             engine = runtime.deserialize_cuda_engine(Path(bundle.file_path(spec.file)).read_bytes())
             if engine is None:
                 raise BackendError(f"TensorRT could not deserialize {bundle.file_path(spec.file)} (see its log above)")
+            if spec.weight_stripped:
+                _refit_from_onnx(trt, engine, logger, bundle.graph_path(graph))
             backend.engines[graph] = _Engine(backend, spec, engine)
         return backend
 

@@ -1,0 +1,267 @@
+"""``unidg bench runtime``: end-to-end time per sample.
+
+CPU (default): this runtime (onnxruntime) and the torch reference sampler (``unidg.train.sampler``, a FluxFillPipeline-
+style loop over the same weights) on the same request, interleaved, median of ``--repeats`` runs each, plus the PSNR
+between their outputs (they compute the same thing). ``--gpu``: the torch backend at the full preset with random
+weights in bf16 on CUDA, per-step latency, 28-step end-to-end and peak memory, with and without text-token folding.
+
+torch and unidg.train are imported only inside these functions: the runtime itself never needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from unidg.runtime.bundle import Bundle
+from unidg.runtime.synthesizer import DefectSynthesizer, SynthesisRequest, SynthesisResult
+
+
+@dataclass
+class Timing:
+    name: str
+    seconds: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    def row(self) -> str:
+        return f"{self.name:<34} {self.median:>9.3f} {min(self.seconds):>9.3f} {max(self.seconds):>9.3f}"
+
+
+def bench_request(size: int = 160, seed: int = 0) -> SynthesisRequest:
+    """A deterministic request with textures and a blob defect (timing does not depend on the picture)."""
+    rng = np.random.default_rng(1234)
+    yy, xx = np.mgrid[0:size, 0:size]
+    wood = (128 + 60 * np.sin(xx / 7.0 + 3 * np.sin(yy / 23.0)))[..., None] * np.array([1.0, 0.8, 0.55])
+    reference = np.clip(wood + rng.normal(0, 6, wood.shape), 0, 255).astype(np.uint8)
+    reference_mask = (yy - size * 0.45) ** 2 / 40.0**2 + (xx - size * 0.5) ** 2 / 12.0**2 < 1
+    reference[reference_mask] = (35, 25, 20)
+    tile = 170 + 40 * ((xx // 20 + yy // 20) % 2)[..., None] * np.ones(3)
+    source = np.clip(tile + rng.normal(0, 4, tile.shape), 0, 255).astype(np.uint8)
+    target_mask = np.zeros((size, size), dtype=bool)
+    target_mask[size // 3 : size // 3 + size // 4, size // 2 : size // 2 + size // 5] = True
+    return SynthesisRequest(reference, reference_mask, source, target_mask, seed=seed, name="bench request")
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def _weights_folder(bundle: Bundle, weights: str | None) -> Path:
+    from unidg.cli import UserError
+
+    if weights:
+        return Path(weights)
+    recorded = (bundle.metadata.get("weights") or {}).get("path")
+    candidates = [bundle.path.parent / recorded, bundle.path / recorded] if recorded else []
+    for candidate in candidates:
+        if (candidate / "manifest.json").is_file():
+            return candidate
+    raise UserError(
+        f"the torch reference needs the weights folder bundle {bundle.path} was exported from (manifest: "
+        f"{recorded!r}, not found beside the bundle); pass --weights FOLDER"
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------ CPU
+def bench_cpu(args: argparse.Namespace) -> dict:
+    import torch
+
+    from unidg.cli import UserError
+    from unidg.runtime.demo import DEFAULT_BUNDLE
+    from unidg.train.loading import load_model
+    from unidg.train.sampler import sample_request  # the torch reference (FluxFillPipeline-style loop)
+
+    if args.repeats < 5:
+        raise UserError(f"--repeats must be >= 5 for a median worth reporting (got {args.repeats})")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = args.threads or torch.get_num_threads()
+    bundle_path = Path(args.bundle) if args.bundle else DEFAULT_BUNDLE
+    if not bundle_path.exists():
+        raise UserError(f"bundle {bundle_path} not found; pass --bundle (a bundle from `unidg export onnx`)")
+    synth = DefectSynthesizer.from_bundle(bundle_path, threads=threads)
+    bundle = synth.bundle
+    weights = _weights_folder(bundle, args.weights)
+    model = load_model(weights)
+    if model.settings.resolution != bundle.resolution:
+        model.settings = replace(model.settings, resolution=bundle.resolution)
+    request = synth.check(replace(bench_request(), steps=args.steps))
+
+    def run_runtime() -> SynthesisResult:
+        return synth.generate(request)
+
+    def run_torch():
+        return sample_request(model, request)
+
+    ours, theirs = Timing("runtime (onnxruntime, CPU)"), Timing("torch reference (train.sampler)")
+    first, reference = run_runtime(), run_torch()  # warm-up, and the outputs to compare
+    for _ in range(args.repeats):  # interleaved, so drifts in machine load hit both sides alike
+        for timing, run in ((ours, run_runtime), (theirs, run_torch)):
+            started = time.perf_counter()
+            run()
+            timing.seconds.append(time.perf_counter() - started)
+    reference_image = reference.image if hasattr(reference, "image") else reference
+    result = {
+        "mode": "cpu",
+        "bundle": str(bundle.path),
+        "fingerprint": bundle.fingerprint,
+        "weights": str(weights),
+        "resolution": bundle.resolution,
+        "precision": bundle.precision,
+        "steps": request.steps,
+        "threads": threads,
+        "repeats": args.repeats,
+        "runtime_s": ours.seconds,
+        "torch_s": theirs.seconds,
+        "runtime_median_s": ours.median,
+        "torch_median_s": theirs.median,
+        "speedup": theirs.median / ours.median,
+        "psnr_db": psnr(first.image, reference_image),
+    }
+    header = f"{'end-to-end per sample':<34} {'median s':>9} {'min s':>9} {'max s':>9}"
+    print(
+        f"unidg bench runtime: {bundle.describe()}, {request.steps} steps, {threads} CPU threads, "
+        f"median of {args.repeats}"
+    )
+    print(header)
+    print(ours.row())
+    print(theirs.row())
+    print(
+        f"torch reference / runtime: {result['speedup']:.2f}x   (output PSNR between them: {result['psnr_db']:.1f} dB)"
+    )
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------------ GPU
+def _full_preset_bundle(model, resolution: int, fold: bool) -> Bundle:
+    """The facts a full-preset bundle would record, for running the torch backend on in-memory modules."""
+    settings = replace(model.settings, resolution=resolution, fold_text_tokens=fold)
+    context = (1 if fold else settings.text_tokens) + model.reference_tokens
+    metadata = {
+        "resolution": resolution,
+        "precision": "bf16",
+        "attention": "torch sdpa",
+        "fold_text_tokens": fold,
+        "text_tokens": settings.text_tokens,
+        "reference_tokens": model.reference_tokens,
+        "context_tokens": context,
+        "joint_dim": model.joint_dim,
+        "reference_size": model.reference_size,
+        "batch": "dynamic",
+    }
+    return Bundle(
+        path=Path("<full preset, random weights>"),
+        settings=settings,
+        metadata=metadata,
+        files={},
+        fingerprint="random-weights",
+        graphs={},
+        batch=None,
+    )
+
+
+def _torch_modules(model) -> dict:
+    """The four graphs as callables with the Bundle-format-v1 signatures (float32 in and out)."""
+    import torch
+
+    dtype = model.dtype
+
+    def step(x, cond, ctx, key_bias, sigma, sigma_next, guidance, img_ids, txt_ids):
+        v = model.velocity(x.to(dtype), cond.to(dtype), ctx.to(dtype), key_bias, sigma, guidance, img_ids, txt_ids)
+        return x + (sigma_next - sigma)[:, None, None] * v.float()
+
+    return {
+        "step": step,
+        "vae_encoder": lambda pixels: model.encode_images(pixels.to(dtype)).float(),
+        "vae_decoder": lambda latents: model.decode_latents(latents.to(dtype)).float(),
+        "image_encoder": lambda pixels: model.encode_reference(pixels.to(dtype)).to(torch.float32),
+    }
+
+
+def bench_gpu(args: argparse.Namespace) -> dict:
+    import torch
+
+    from unidg.cli import UserError
+
+    if not torch.cuda.is_available():
+        raise UserError(
+            "`unidg bench runtime --gpu` needs a CUDA GPU: torch.cuda.is_available() is False here "
+            f"(torch {torch.__version__}); run it on a GPU machine, or drop --gpu for the CPU comparison"
+        )
+    from unidg.runtime.backends.torch_backend import TorchBackend
+    from unidg.train.model import UniDGModel
+
+    resolution, steps, repeats = args.resolution, args.steps or 28, args.repeats
+    device = torch.device("cuda")
+    model = UniDGModel.from_preset("full", device=device, dtype=torch.bfloat16, seed=0)
+    rows = []
+    for fold in (True, False):
+        model.settings = replace(model.settings, resolution=resolution, fold_text_tokens=fold)
+        bundle = _full_preset_bundle(model, resolution, fold)
+        backend = TorchBackend.from_modules(bundle, _torch_modules(model), device="cuda")
+        synth = DefectSynthesizer(bundle, backend, max_batch=1)
+        request = synth.check(replace(bench_request(size=resolution), steps=steps))
+        synth.generate(replace(request, steps=2))  # warm-up: kernels, allocator
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        totals, per_step = [], []
+        for _ in range(repeats):
+            marks: list[float] = []
+            started = time.perf_counter()
+            synth.generate(request, progress=lambda step, total, marks=marks: marks.append(time.perf_counter()) or True)
+            torch.cuda.synchronize()
+            totals.append(time.perf_counter() - started)
+            per_step.extend(np.diff(marks).tolist())  # between consecutive step callbacks: one step each
+        rows.append(
+            {
+                "fold_text_tokens": fold,
+                "tokens": bundle.context_tokens + bundle.image_tokens,
+                "end_to_end_median_s": statistics.median(totals),
+                "step_median_ms": 1000 * statistics.median(per_step),
+                "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+            }
+        )
+    result = {
+        "mode": "gpu",
+        "device": torch.cuda.get_device_name(),
+        "preset": "full",
+        "dtype": "bf16",
+        "resolution": resolution,
+        "steps": steps,
+        "repeats": repeats,
+        "torch": torch.__version__,
+        "variants": rows,
+    }
+    print(
+        f"unidg bench runtime --gpu: {result['device']}, full preset (random weights), bf16, S={resolution}, "
+        f"{steps} steps"
+    )
+    print(f"{'text tokens':<14} {'tokens':>7} {'per step ms':>12} {'end-to-end s':>13} {'peak GiB':>9}")
+    for row in rows:
+        label = "folded (1)" if row["fold_text_tokens"] else "all K"
+        print(
+            f"{label:<14} {row['tokens']:>7} {row['step_median_ms']:>12.1f} {row['end_to_end_median_s']:>13.2f} "
+            f"{row['peak_memory_gib']:>9.1f}"
+        )
+    return result
+
+
+def bench_runtime(args: argparse.Namespace) -> int:
+    result = bench_gpu(args) if args.gpu else bench_cpu(args)
+    if args.json:
+        from unidg.runtime.manifest import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
