@@ -26,6 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="VAR",
         help="environment variable holding the API key; clients send it as X-API-Key (needed off loopback)",
     )
+    serve.add_argument("--max-steps", type=int, default=200, help="largest steps a request may ask for (default 200)")
     serve.add_argument("--backend", choices=BACKEND_CHOICES, default="onnxruntime", help="runtime backend")
     serve.add_argument("--providers", help="onnxruntime execution providers, comma-separated (e.g. cuda)")
     serve.add_argument("--threads", type=int, help="onnxruntime intra-op threads per worker")
@@ -80,6 +81,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         timeout_s=args.timeout,
         max_upload_mb=args.max_upload_mb,
+        max_steps=args.max_steps,
         api_key=api_key_from_env(args.api_key_env),
         backend=args.backend,
         backend_options=backend_options,

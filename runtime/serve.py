@@ -67,7 +67,7 @@ FIELD_OF_INPUT = {name: upload for upload, name in UPLOAD_FIELDS.items()}
 PARAM_NAMES = ("seed", "steps", "guidance", "category")
 MAX_SEED = 2**63 - 1
 MAX_CATEGORY_CHARS = 64
-LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
 @dataclass(frozen=True)
@@ -663,9 +663,7 @@ async def parse_multipart(headers: Any, body: bytes, max_part_bytes: int) -> dic
         yield b""
 
     try:
-        form = await MultiPartParser(
-            headers, stream(), max_files=len(UPLOAD_FIELDS), max_fields=8, max_part_size=max_part_bytes
-        ).parse()
+        form = await MultiPartParser(headers, stream(), max_files=8, max_fields=8, max_part_size=max_part_bytes).parse()
     except MultiPartException as error:
         raise ServiceError(400, "bad_multipart", f"the multipart body cannot be parsed: {error.message}") from error
     fields: dict[str, bytes | str] = {}

@@ -92,11 +92,15 @@ def encode_multipart(files: dict[str, bytes], fields: dict[str, str] | None = No
 class Reply:
     status: int
     body: bytes
-    headers: dict[str, str]
+    headers: dict[str, str]  # names in lower case
     seconds: float
 
     def json(self) -> dict:
         return json.loads(self.body)
+
+
+def _headers(response: http.client.HTTPResponse) -> dict[str, str]:
+    return {name.lower(): value for name, value in response.getheaders()}
 
 
 def post(
@@ -115,7 +119,7 @@ def post(
         connection.request("POST", path, body=body, headers={"Content-Type": content_type, **(headers or {})})
         response = connection.getresponse()
         data = response.read()
-        return Reply(response.status, data, dict(response.getheaders()), time.perf_counter() - started)
+        return Reply(response.status, data, _headers(response), time.perf_counter() - started)
     finally:
         connection.close()
 
@@ -128,7 +132,7 @@ def get(url: str, path: str, timeout: float = 10.0, headers: dict[str, str] | No
         connection.request("GET", path, headers=headers or {})
         response = connection.getresponse()
         data = response.read()
-        return Reply(response.status, data, dict(response.getheaders()), time.perf_counter() - started)
+        return Reply(response.status, data, _headers(response), time.perf_counter() - started)
     finally:
         connection.close()
 
