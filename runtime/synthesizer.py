@@ -41,6 +41,7 @@ from unidg.runtime.settings import UniDGSettings
 from unidg.runtime.udg import check_category
 
 MAX_STEPS = 1000
+DEFAULT_MAX_BATCH = 4
 NOISE_RECIPE = "numpy.random.default_rng(seed).standard_normal((N, 64), dtype=float32)"
 
 
@@ -125,8 +126,11 @@ class DefectSynthesizer:
         self.backend = backend
         if max_batch is not None and max_batch < 1:
             raise ValueError(f"max_batch must be >= 1 (got {max_batch})")
-        # A static bundle runs exactly its batch size; a dynamic one up to max_batch (default: 4) at a time.
-        self.batch_size = bundle.batch if bundle.batch is not None else (max_batch or 4)
+        # A static bundle runs exactly its batch; a dynamic one up to max_batch (default 4) within the backend's limit.
+        if bundle.batch is not None:
+            self.batch_size = bundle.batch
+        else:
+            self.batch_size = min(max_batch or DEFAULT_MAX_BATCH, backend.max_batch or DEFAULT_MAX_BATCH * 1024)
 
     @classmethod
     def from_bundle(

@@ -63,8 +63,11 @@ class Backend(ABC):
 
     @property
     def max_batch(self) -> int | None:
-        """The batch every call must have (static bundle), or None when any batch size works."""
-        return self.bundle.batch
+        """The largest batch one call may have (a static bundle: exactly its batch); None: no limit of its own."""
+        if self.bundle.batch is not None:
+            return self.bundle.batch
+        limit = self.bundle.metadata.get("max_batch")  # the export-time bound of a dynamic batch axis
+        return int(limit) if isinstance(limit, int) and limit >= 1 else None
 
     @abstractmethod
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:

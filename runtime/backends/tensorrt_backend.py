@@ -379,6 +379,11 @@ class TensorRTBackend(Backend):
             backend.engines[graph] = _Engine(backend, spec, engine)
         return backend
 
+    @property
+    def max_batch(self) -> int | None:
+        limits = [e.spec.batch[1] if e.spec.batch else self.bundle.batch for e in self.engines.values()]
+        return min(limits) if limits else super().max_batch
+
     # ------------------------------------------------------------------------------------------- one-shot graphs
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
         return self.engines["vae_encoder"].run({"pixels": pixels})
