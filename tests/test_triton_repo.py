@@ -1,0 +1,349 @@
+"""Triton model repository (`unidg export triton`): layout, configs parsed with Triton's own model-config protobuf,
+and the Python-backend model run end to end.
+
+Triton itself is not installed here. Every config.pbtxt is parsed into ``inference.ModelConfig`` from tritonclient
+(Triton's schema). model.py is executed with a minimal stand-in for ``triton_python_backend_utils`` -- the module
+Triton's Python backend injects, which is not on PyPI -- that only carries tensors in and out; the synthesis is the
+runtime's. BLS calls are not executed (they need a running server with TensorRT engines).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from runtime_fixtures import rewrite_manifest, sample_request_arrays
+from surface_fixtures import masked_equal_outside, toy_bundle
+
+from unidg.export.triton_repo import TritonRepoError, TritonRepoOptions, validate_config, write_triton_repo
+from unidg.runtime.bundle import GRAPH_INPUTS, GRAPH_NAMES, GRAPH_OUTPUTS, expected_shapes, load_bundle
+from unidg.runtime.manifest import write_manifest
+
+model_config_pb2 = pytest.importorskip(
+    "tritonclient.grpc.model_config_pb2", reason="tritonclient[grpc] not installed (Triton's model-config schema)"
+)
+from google.protobuf import json_format, text_format  # noqa: E402
+
+PB_UTILS_STAND_IN = textwrap.dedent(
+    '''
+    """Stand-in for Triton's triton_python_backend_utils: tensors in and out, no server behind it."""
+    import numpy as np
+
+    TRITONSERVER_MEMORY_CPU = 0
+
+
+    class TritonError(Exception):
+        INVALID_ARG = 3
+        INTERNAL = 13
+
+        def __init__(self, message, code=None):
+            super().__init__(message)
+            self._message, self._code = message, code
+
+        def message(self):
+            return self._message
+
+        def code(self):
+            return self._code
+
+
+    class Tensor:
+        def __init__(self, name, array):
+            self._name, self._array = name, np.asarray(array)
+
+        def name(self):
+            return self._name
+
+        def as_numpy(self):
+            return self._array
+
+        def is_cpu(self):
+            return True
+
+
+    class InferenceResponse:
+        def __init__(self, output_tensors, error=None):
+            self._outputs, self._error = list(output_tensors), error
+
+        def output_tensors(self):
+            return self._outputs
+
+        def has_error(self):
+            return self._error is not None
+
+        def error(self):
+            return self._error
+
+
+    class PreferredMemory:
+        def __init__(self, kind, device):
+            self.kind, self.device = kind, device
+
+
+    class InferenceRequest:
+        def __init__(self, model_name, requested_output_names, inputs, **options):
+            self.model_name = model_name
+
+        def exec(self):
+            raise RuntimeError(f"BLS call to {self.model_name}: no Triton server in this test")
+
+
+    class Request:
+        """What Triton hands to execute(): named input tensors."""
+
+        def __init__(self, tensors):
+            self.tensors = {t.name(): t for t in tensors}
+
+
+    def get_input_tensor_by_name(request, name):
+        return request.tensors.get(name)
+
+
+    def get_output_tensor_by_name(response, name):
+        return next((t for t in response.output_tensors() if t.name() == name), None)
+    '''
+)
+
+
+def parse_config(path: Path):
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return toy_bundle(tmp_path_factory.mktemp("triton") / "bundle")
+
+
+@pytest.fixture(scope="module")
+def engine_bundle(tmp_path_factory):
+    """A bundle whose manifest lists TensorRT plans. The plan files are placeholders (TensorRT is not installable
+    here): this checks the repository layout and configs only; nothing runs them."""
+    folder = toy_bundle(tmp_path_factory.mktemp("triton-engines") / "bundle")
+    (folder / "engines").mkdir()
+    for name in GRAPH_NAMES:
+        (folder / "engines" / f"{name}.plan").write_bytes(f"placeholder plan for {name}".encode())
+
+    def add_engines(metadata: dict) -> None:
+        metadata["engines"] = {
+            "tensorrt_version": "10.13.0.35",
+            "compute_capability": [9, 0],
+            "plans": {name: {"file": f"engines/{name}.plan", "batch": [1, 4]} for name in GRAPH_NAMES},
+        }
+
+    rewrite_manifest(folder, add_engines)
+    return folder
+
+
+@pytest.fixture()
+def pb_utils(tmp_path, monkeypatch):
+    folder = tmp_path / "stand_in"
+    folder.mkdir()
+    (folder / "triton_python_backend_utils.py").write_text(PB_UTILS_STAND_IN)
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.delitem(sys.modules, "triton_python_backend_utils", raising=False)
+    import triton_python_backend_utils
+
+    return triton_python_backend_utils
+
+
+def load_model(repo: Path, name: str = "unidg", kind: str = "CPU"):
+    spec = importlib.util.spec_from_file_location(f"triton_model_{abs(hash(repo))}", repo / name / "1" / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = json_format.MessageToDict(parse_config(repo / name / "config.pbtxt"), preserving_proto_field_name=True)
+    model = module.TritonPythonModel()
+    model.initialize(
+        {
+            "model_config": json.dumps(config),
+            "model_instance_kind": kind,
+            "model_instance_device_id": "0",
+            "model_repository": str(repo / name),
+            "model_version": "1",
+            "model_name": name,
+        }
+    )
+    return module, model
+
+
+def test_repository_layout_and_python_model_config(bundle, tmp_path):
+    repo = write_triton_repo(
+        bundle, tmp_path / "repo", TritonRepoOptions(instance_kind="gpu", instances=2, gpus=(0, 1))
+    )
+    assert sorted(repo.configs) == ["unidg"] and not repo.engine_models
+    config = parse_config(tmp_path / "repo" / "unidg" / "config.pbtxt")
+    assert config.name == "unidg" and config.backend == "python" and config.max_batch_size == 0
+    inputs = {i.name: i for i in config.input}
+    assert list(inputs) == [
+        "REFERENCE",
+        "REFERENCE_MASK",
+        "SOURCE",
+        "TARGET_MASK",
+        "SEED",
+        "STEPS",
+        "GUIDANCE",
+        "CATEGORY",
+    ]
+    uint8 = model_config_pb2.DataType.Value("TYPE_UINT8")
+    assert inputs["SOURCE"].data_type == uint8 and list(inputs["SOURCE"].dims) == [-1, -1, 3]
+    assert inputs["TARGET_MASK"].data_type == uint8 and list(inputs["TARGET_MASK"].dims) == [-1, -1]
+    assert inputs["SEED"].data_type == model_config_pb2.DataType.Value("TYPE_INT64") and inputs["SEED"].optional
+    assert inputs["STEPS"].data_type == model_config_pb2.DataType.Value("TYPE_INT32") and inputs["STEPS"].optional
+    assert inputs["GUIDANCE"].data_type == model_config_pb2.DataType.Value("TYPE_FP32")
+    assert not inputs["REFERENCE"].optional
+    outputs = {o.name: o for o in config.output}
+    assert outputs["IMAGE"].data_type == uint8 and outputs["MASK"].data_type == uint8 and "METADATA" in outputs
+    (group,) = config.instance_group
+    assert group.kind == model_config_pb2.ModelInstanceGroup.Kind.Value("KIND_GPU") and group.count == 2
+    assert list(group.gpus) == [0, 1]
+    assert config.parameters["bundle_dir"].string_value == "bundle"
+    copied = load_bundle(tmp_path / "repo" / "unidg" / "1" / "bundle", verify=True)
+    assert copied.fingerprint == load_bundle(bundle).fingerprint
+    assert config.parameters["unidg_bundle_fingerprint"].string_value == copied.fingerprint
+
+
+def test_engine_bundle_gets_tensorrt_plan_models_called_through_bls(engine_bundle, tmp_path):
+    repo = write_triton_repo(engine_bundle, tmp_path / "repo", TritonRepoOptions(engine_instances=2))
+    assert repo.engine_models == {name: f"unidg_{name}" for name in GRAPH_NAMES}
+    meta = load_bundle(engine_bundle).metadata
+    shapes = expected_shapes(meta, -1)  # a dynamic-batch bundle: batch axis -1
+    fp32 = model_config_pb2.DataType.Value("TYPE_FP32")
+    for graph, model_name in repo.engine_models.items():
+        config = parse_config(tmp_path / "repo" / model_name / "config.pbtxt")
+        assert config.name == model_name and config.platform == "tensorrt_plan" and config.max_batch_size == 0
+        assert [i.name for i in config.input] == list(GRAPH_INPUTS[graph])
+        assert [o.name for o in config.output] == list(GRAPH_OUTPUTS[graph])
+        for tensor in (*config.input, *config.output):
+            assert tensor.data_type == fp32 and tuple(tensor.dims) == shapes[graph][tensor.name]
+        assert config.instance_group[0].count == 2
+        plan = tmp_path / "repo" / model_name / "1" / "model.plan"
+        assert plan.read_bytes() == (engine_bundle / "engines" / f"{graph}.plan").read_bytes()
+    python = parse_config(tmp_path / "repo" / "unidg" / "config.pbtxt")
+    assert json.loads(python.parameters["engine_models"].string_value) == repo.engine_models
+    # The Python model reads only the manifest: no second copy of the graphs.
+    assert sorted(p.name for p in (tmp_path / "repo" / "unidg" / "1" / "bundle").iterdir()) == ["manifest.json"]
+    # --no-engines: the onnxruntime repository instead.
+    plain = write_triton_repo(engine_bundle, tmp_path / "plain", TritonRepoOptions(use_engines=False))
+    assert sorted(plain.configs) == ["unidg"]
+
+
+def test_python_model_runs_the_synthesizer(bundle, tmp_path, pb_utils):
+    write_triton_repo(bundle, tmp_path / "repo", TritonRepoOptions(instance_kind="cpu"))
+    _, model = load_model(tmp_path / "repo")
+    reference, reference_mask, source, target_mask = sample_request_arrays()
+    tensors = [
+        pb_utils.Tensor("REFERENCE", reference),
+        pb_utils.Tensor("REFERENCE_MASK", reference_mask.astype(np.uint8) * 255),
+        pb_utils.Tensor("SOURCE", source),
+        pb_utils.Tensor("TARGET_MASK", target_mask.astype(np.uint8)),
+        pb_utils.Tensor("SEED", np.array([5], dtype=np.int64)),
+        pb_utils.Tensor("STEPS", np.array([3], dtype=np.int32)),
+        pb_utils.Tensor("CATEGORY", np.array([b"scratch"], dtype=np.object_)),
+    ]
+    bad = [t for t in tensors if t.name() != "TARGET_MASK"] + [
+        pb_utils.Tensor("TARGET_MASK", np.zeros(source.shape[:2], np.uint8))
+    ]
+    missing = [t for t in tensors if t.name() != "REFERENCE"]
+    good, empty_mask, no_reference, again = model.execute(
+        [pb_utils.Request(tensors), pb_utils.Request(bad), pb_utils.Request(missing), pb_utils.Request(tensors)]
+    )
+    assert not good.has_error(), good.error() and good.error().message()
+    outputs = {t.name(): t.as_numpy() for t in good.output_tensors()}
+    image, mask = outputs["IMAGE"], outputs["MASK"] > 0
+    assert image.dtype == np.uint8 and image.shape == source.shape and set(np.unique(outputs["MASK"])) <= {0, 255}
+    assert masked_equal_outside(image, source, mask) and mask[target_mask].all()
+    metadata = json.loads(outputs["METADATA"][0])
+    assert metadata["seed"] == 5 and metadata["steps"] == 3 and metadata["category"] == "scratch"
+    assert empty_mask.has_error() and "target mask" in empty_mask.error().message()
+    assert empty_mask.error().code() == pb_utils.TritonError.INVALID_ARG
+    assert no_reference.has_error() and "REFERENCE is missing" in no_reference.error().message()
+    assert np.array_equal({t.name(): t.as_numpy() for t in again.output_tensors()}["IMAGE"], image)
+    model.finalize()
+
+
+def test_engine_repository_model_uses_bls(engine_bundle, tmp_path, pb_utils):
+    write_triton_repo(engine_bundle, tmp_path / "repo", TritonRepoOptions())
+    module, model = load_model(tmp_path / "repo", kind="GPU")
+    assert isinstance(model.synthesizer.backend, module.TritonBLSBackend)
+    assert model.synthesizer.backend.models["step"] == "unidg_step"
+    reference, reference_mask, source, target_mask = sample_request_arrays()
+    tensors = [
+        pb_utils.Tensor("REFERENCE", reference),
+        pb_utils.Tensor("REFERENCE_MASK", reference_mask.astype(np.uint8)),
+        pb_utils.Tensor("SOURCE", source),
+        pb_utils.Tensor("TARGET_MASK", target_mask.astype(np.uint8)),
+    ]
+    (response,) = model.execute([pb_utils.Request(tensors)])
+    # The first graph call goes out through BLS; with no server behind the stand-in it fails, as one response error.
+    assert response.has_error() and "BLS call to unidg_vae_encoder" in response.error().message()
+
+
+def test_configs_are_refused_when_malformed_and_bad_bundles_are_not_exported(bundle, tmp_path):
+    with pytest.raises(TritonRepoError, match="not a valid Triton model config"):
+        validate_config('name: "x"\nmax_batch_size: "four"\n', "x/config.pbtxt")
+    assert validate_config('name: "x"\nbackend: "python"\n', "x/config.pbtxt").backend == "python"
+    write_triton_repo(bundle, tmp_path / "repo", TritonRepoOptions())
+    with pytest.raises(TritonRepoError, match="exists and is not empty"):
+        write_triton_repo(bundle, tmp_path / "repo", TritonRepoOptions())
+    write_triton_repo(bundle, tmp_path / "repo", TritonRepoOptions(overwrite=True, bundle_reference="/models/b"))
+    config = parse_config(tmp_path / "repo" / "unidg" / "config.pbtxt")
+    assert config.parameters["bundle_dir"].string_value == "/models/b"
+    assert not (tmp_path / "repo" / "unidg" / "1" / "bundle").exists()
+    # A bundle changed after export is refused before anything is written.
+    changed = tmp_path / "changed"
+    toy_bundle(changed)
+    (changed / "step.onnx").write_bytes((changed / "step.onnx").read_bytes() + b"\0")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "unidg.cli",
+            "export",
+            "triton",
+            "--bundle",
+            str(changed),
+            "--out",
+            str(tmp_path / "r2"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "does not match its manifest" in result.stderr
+    assert not (tmp_path / "r2").exists()
+    write_manifest(changed, "bundle", {})  # re-signed but no longer a bundle
+    with pytest.raises(ValueError, match="format"):
+        write_triton_repo(changed, tmp_path / "r3", TritonRepoOptions())
+
+
+def test_cli_writes_a_repository(bundle, tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "unidg.cli",
+            "export",
+            "triton",
+            "--bundle",
+            str(bundle),
+            "--out",
+            str(tmp_path / "repo"),
+            "--kind",
+            "cpu",
+            "--instances",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "tritonserver --model-repository" in result.stdout
+    config = parse_config(tmp_path / "repo" / "unidg" / "config.pbtxt")
+    assert config.instance_group[0].count == 3
+    assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.Kind.Value("KIND_CPU")
