@@ -265,7 +265,7 @@ class UniDGModel(nn.Module):
         img_ids: torch.Tensor,
         txt_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Flow velocity (B, N, 64) of noisy packed latents x (B, N, 64) at noise level sigma in [0, 1].
+        """Flow velocity (B, N, 64), in the transformer's dtype, of packed latents x (B, N, 64) at noise level sigma.
 
         key_bias: (B, N_ctx + N_img) additive per-key attention bias (None: plain attention).
         """
@@ -276,12 +276,13 @@ class UniDGModel(nn.Module):
         if config.guidance_embeds:
             guidance_input = torch.as_tensor(guidance, device=x.device, dtype=torch.float32).reshape(-1).expand(batch)
         if txt_ids is None:
-            txt_ids = torch.zeros(ctx.shape[1], 3, device=x.device, dtype=x.dtype)
-        pooled = x.new_zeros(batch, config.pooled_projection_dim)  # reference mode: no CLIP prompt
+            txt_ids = torch.zeros(ctx.shape[1], 3, device=x.device)
+        dtype = self.dtype  # inputs may be float32 around a bf16/fp16 transformer; the output is in its dtype
+        pooled = torch.zeros(batch, config.pooled_projection_dim, device=x.device, dtype=dtype)  # no CLIP prompt
         attention_kwargs = None if key_bias is None else {"key_bias": key_bias}
         return self.transformer(
-            hidden_states=torch.cat([x, cond.to(x.dtype)], dim=2),
-            encoder_hidden_states=ctx.to(x.dtype),
+            hidden_states=torch.cat([x.to(dtype), cond.to(dtype)], dim=2),
+            encoder_hidden_states=ctx.to(dtype),
             pooled_projections=pooled,
             timestep=sigma,
             img_ids=img_ids,
