@@ -2,7 +2,7 @@
 
     inputs = prepare_diptych(model, diptych)              # cond, ctx, key bias, RoPE ids from an Alg. 1 diptych
     images = sample(model, inputs, seeds=[0])             # (B, S, 2S, 3) uint8 result diptychs
-    result = generate(model, reference, ref_mask, source, target_mask, seed=0)   # source-sized, pasted back
+    result = sample_request(model, SynthesisRequest(reference, ref_mask, source, target_mask, seed=0))
 
 Noise, schedule and step are the runtime's (unidg.runtime.sampler): x starts from
 ``numpy.random.default_rng(seed).standard_normal((N, 64))``, sigmas are ``flux_sigmas(steps, N)``, and each step is
@@ -21,7 +21,7 @@ from unidg.runtime.attention_bias import build_key_bias
 from unidg.runtime.geometry import Diptych, build_diptych, defect_token_mask, paste_back, right_half
 from unidg.runtime.latents import model_to_pixels, pixels_to_model
 from unidg.runtime.sampler import initial_noise, sampling_sigmas
-from unidg.runtime.synthesizer import resize_reference
+from unidg.runtime.synthesizer import SynthesisRequest, SynthesisResult, resize_reference
 from unidg.train.model import UniDGModel, image_ids, unpack_latents
 
 
@@ -159,6 +159,33 @@ def sample(
     return decode(model, x, inputs)
 
 
+def sample_request(model: UniDGModel, request: SynthesisRequest) -> SynthesisResult:
+    """One runtime request through the torch model: Alg. 1 diptych, sampling, paste-back into the source.
+
+    The torch counterpart of ``DefectSynthesizer.generate`` (same diptych, noise, schedule and reference resize);
+    steps/guidance left as None take the model's settings.
+    """
+    settings = model.settings
+    diptych = build_diptych(
+        request.reference,
+        request.reference_mask,
+        request.source,
+        request.target_mask,
+        settings.resolution,
+        beta=settings.beta,
+        threshold=settings.threshold,
+        dilate_kernel=settings.dilate_kernel,
+        dilate_iterations=settings.dilate_iterations,
+    )
+    result = sample(model, prepare_diptych(model, diptych), [request.seed], request.steps, request.guidance)[0]
+    return SynthesisResult(
+        image=paste_back(diptych, right_half(result), request.source),
+        mask=diptych.dilated_mask.copy(),
+        diptych=result,
+        metadata={"sampler": "torch", "seed": request.seed, "name": request.name},
+    )
+
+
 def generate(
     model: UniDGModel,
     reference: np.ndarray,
@@ -169,21 +196,8 @@ def generate(
     steps: int | None = None,
     guidance: float | None = None,
 ) -> np.ndarray:
-    """The whole reference-based synthesis in torch: Alg. 1 diptych, sampling, paste-back into the source.
-
-    Returns the source-sized uint8 image; pixels outside the dilated target mask are the source's, bit for bit.
-    """
-    settings = model.settings
-    diptych = build_diptych(
-        reference,
-        reference_mask,
-        source,
-        target_mask,
-        settings.resolution,
-        beta=settings.beta,
-        threshold=settings.threshold,
-        dilate_kernel=settings.dilate_kernel,
-        dilate_iterations=settings.dilate_iterations,
+    """The source-sized uint8 result; pixels outside the dilated target mask are the source's, bit for bit."""
+    request = SynthesisRequest(
+        reference, reference_mask, source, target_mask, seed=seed, steps=steps, guidance=guidance
     )
-    result = sample(model, prepare_diptych(model, diptych), [seed], steps, guidance)[0]
-    return paste_back(diptych, right_half(result), source)
+    return sample_request(model, request).image
