@@ -8,14 +8,17 @@ manifest's fingerprint) and records shapes, dtypes, opset, the UniDG settings an
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
+from unidg.calib.folders import (
+    OutputFolderError,
+    WeightsError,
+    WeightsInfo,
+    load_weights_model,
+    read_weights,
+    staged_folder,
+)
 from unidg.export.onnx_export import (
     ExportOptions,
     GraphRecord,
@@ -26,10 +29,10 @@ from unidg.export.onnx_export import (
     print_progress,
 )
 from unidg.runtime.bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, BUNDLE_KIND, GRAPH_NAMES, LATENT_CHANNELS
-from unidg.runtime.manifest import Manifest, ManifestError, read_manifest, tool_versions, verify_files, write_manifest
+from unidg.runtime.manifest import Manifest, tool_versions, write_manifest
 from unidg.runtime.settings import UniDGSettings
 
-WEIGHTS_KIND = "weights"
+__all__ = ["WeightsError", "OutputFolderError", "export_bundle", "bundle_metadata", "read_weights", "staged_folder"]
 TOOLS = (
     "unidg",
     "torch",
@@ -43,104 +46,11 @@ TOOLS = (
 )
 
 
-class WeightsError(ManifestError):
-    """A weights folder cannot be exported: no manifest, wrong kind, changed files, missing settings."""
-
-
-class BundleWriteError(ValueError):
-    """The output folder cannot be written as asked."""
-
-
-@dataclass(frozen=True)
-class WeightsInfo:
-    path: Path
-    manifest: Manifest
-    settings: UniDGSettings
-
-    @property
-    def fingerprint(self) -> str:
-        return self.manifest.fingerprint
-
-    def reference(self) -> dict:
-        """The bundle manifest's ``weights`` entry."""
-        return {"path": self.path.name, "fingerprint": self.fingerprint}
-
-
-def read_weights(folder: str | Path, *, verify: bool = True, progress: Progress | None = None) -> WeightsInfo:
-    """Check a merged weights folder (``unidg train merge``): manifest kind="weights", file hashes, settings."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise WeightsError(f"--weights {folder} is not a folder; pass the folder written by `unidg train merge`")
-    try:
-        manifest = read_manifest(folder, kind=WEIGHTS_KIND)
-    except ManifestError as error:
-        raise WeightsError(
-            f"--weights {folder}: {error}. Export needs a merged weights folder with its manifest.json "
-            "(kind 'weights'), as written by `unidg train merge`"
-        ) from error
-    if verify:
-        if progress:
-            progress(f"checking {len(manifest.files)} weight files (sha256)")
-        try:
-            verify_files(folder, manifest)
-        except ManifestError as error:
-            raise WeightsError(f"--weights {folder}: {error}") from error
-    try:
-        settings = UniDGSettings.load(folder)
-    except FileNotFoundError as error:
-        raise WeightsError(f"--weights {folder}: {error}") from error
-    return WeightsInfo(path=folder, manifest=manifest, settings=settings)
-
-
-def load_weights_model(weights: WeightsInfo, settings: UniDGSettings | None = None):
-    """The UniDGModel of a checked weights folder (float32, CPU, eval mode)."""
-    from unidg.train.loading import load_model
-
-    model = load_model(weights.path)
-    if settings is not None:
-        model.settings = settings
-    return model.eval()
-
-
-def check_resolution(resolution: int, name: str = "--resolution") -> int:
-    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 16 or resolution % 16:
-        raise BundleWriteError(
-            f"{name} {resolution!r} is not a positive multiple of 16 (the diptych is cut into 16-pixel tokens); "
-            "use e.g. 256, 512 or 768"
-        )
-    return resolution
-
-
-# ------------------------------------------------------------------------------------------------ staging
-@contextlib.contextmanager
-def staged_folder(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """A temporary folder beside ``out`` that becomes ``out`` when the block succeeds (and vanishes when it fails)."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise BundleWriteError(f"{out} already exists; choose another --out or pass --overwrite")
-    if out.exists() and not out.is_dir():
-        raise BundleWriteError(f"{out} exists and is not a folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        yield staging
-        if out.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, retired / out.name)
-            os.replace(staging, out)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
 # ------------------------------------------------------------------------------------------------ manifest
 def graph_table(records: dict[str, GraphRecord]) -> dict[str, dict]:
     missing = [name for name in GRAPH_NAMES if name not in records]
     if missing:
-        raise BundleWriteError(f"bundle is missing graphs {missing}")
+        raise OutputFolderError(f"bundle is missing graphs {missing}")
     return {name: records[name].manifest_entry() for name in GRAPH_NAMES}
 
 
@@ -237,3 +147,12 @@ def export_bundle(
     if progress:
         progress(f"bundle written to {out}")
     return manifest
+
+
+def check_resolution(resolution: int, name: str = "--resolution") -> int:
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 16 or resolution % 16:
+        raise OutputFolderError(
+            f"{name} {resolution!r} is not a positive multiple of 16 (the diptych is cut into 16-pixel tokens); "
+            "use e.g. 256, 512 or 768"
+        )
+    return resolution

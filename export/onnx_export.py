@@ -327,8 +327,8 @@ def portable_attention(model: UniDGModel, form: str) -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------------------------ exporting
-def _parameter_bytes(module: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
+def parameter_bytes(*modules: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for module in modules for p in module.parameters())
 
 
 def _dims(value: onnx.ValueInfoProto) -> list:
@@ -367,6 +367,7 @@ def export_module(
     dynamic_shapes: dict | None = None,
     opset: int = OPSET,
     external_data: bool | None = None,
+    weight_bytes: int | None = None,
     progress: Progress | None = None,
 ) -> GraphRecord:
     """Export ``module(**inputs)`` to ``path`` with the dynamo exporter; returns the manifest facts of the graph."""
@@ -374,10 +375,11 @@ def export_module(
     path = Path(path)
     name = path.stem
     args = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in inputs.values())
+    weight_bytes = parameter_bytes(module) if weight_bytes is None else weight_bytes
     if external_data is None:
-        external_data = _parameter_bytes(module) > EXTERNAL_DATA_THRESHOLD
+        external_data = weight_bytes > EXTERNAL_DATA_THRESHOLD
     if progress:
-        size_mb = _parameter_bytes(module) / 2**20
+        size_mb = weight_bytes / 2**20
         progress(f"{name}: tracing ({size_mb:.1f} MB of weights, external data: {'yes' if external_data else 'no'})")
     with torch.no_grad(), warnings_quiet():
         program = torch.onnx.export(
@@ -443,12 +445,26 @@ def cast_for_precision(model: UniDGModel, precision: str) -> UniDGModel:
     """Cast in place: transformer and image encoder to the precision; the VAE too, except fp16 for a VAE whose
     config asks for fp32 (``force_upcast``, as the FLUX VAE: it overflows in fp16)."""
     dtype = TORCH_DTYPES[precision]
-    model.transformer.to(dtype)
-    model.image_encoder.to(dtype)
-    model.redux.to(dtype)
+    if dtype == torch.float32:
+        return model
+    parts = [model.transformer, model.image_encoder, model.redux]
     if not (precision == "fp16" and getattr(model.vae.config, "force_upcast", False)):
-        model.vae.to(dtype)
+        parts.append(model.vae)
+    with warnings_quiet():  # diffusers warns about casting after loading; the cast is deliberate here
+        for part in parts:
+            part.to(dtype)
     return model
+
+
+def graph_parameters(name: str, model: UniDGModel) -> list[torch.nn.Module]:
+    """The sub-networks whose weights a graph carries (to size it and decide on external data)."""
+    vae = model.vae
+    return {
+        "step": [model.transformer],
+        "vae_encoder": [vae.encoder] + ([vae.quant_conv] if vae.quant_conv is not None else []),
+        "vae_decoder": [vae.decoder] + ([vae.post_quant_conv] if vae.post_quant_conv is not None else []),
+        "image_encoder": [model.image_encoder, model.redux],
+    }[name]
 
 
 def export_graph(
@@ -480,6 +496,7 @@ def export_graph(
             dynamic_shapes=spec,
             opset=options.opset,
             external_data=external_data,
+            weight_bytes=parameter_bytes(*graph_parameters(name, model)),
             progress=progress,
         )
     if tuple(record.inputs) != GRAPH_INPUTS[name] or tuple(record.outputs) != GRAPH_OUTPUTS[name]:

@@ -1,0 +1,106 @@
+"""Checked input folders and atomic output folders, shared by ``unidg calib`` and ``unidg export``.
+
+A merged weights folder (``unidg train merge``) is a save_model folder plus ``unidg.json`` and ``manifest.json``
+kind="weights"; its manifest fingerprint ties calibration sets and bundles to it. Outputs are written into a temporary
+folder beside the target and renamed into place at the end, so nothing half-written is ever left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from unidg.runtime.manifest import Manifest, ManifestError, read_manifest, verify_files
+from unidg.runtime.settings import UniDGSettings
+
+WEIGHTS_KIND = "weights"
+Progress = Callable[[str], None]
+
+
+class WeightsError(ManifestError):
+    """A weights folder cannot be used: no manifest, wrong kind, changed files, missing settings."""
+
+
+class OutputFolderError(ValueError):
+    """The output folder cannot be written as asked."""
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    path: Path
+    manifest: Manifest
+    settings: UniDGSettings
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest.fingerprint
+
+    def reference(self) -> dict:
+        """The bundle manifest's ``weights`` entry."""
+        return {"path": self.path.name, "fingerprint": self.fingerprint}
+
+
+def read_weights(folder: str | Path, *, verify: bool = True, progress: Progress | None = None) -> WeightsInfo:
+    """Check a merged weights folder (``unidg train merge``): manifest kind="weights", file hashes, settings."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise WeightsError(f"--weights {folder} is not a folder; pass the folder written by `unidg train merge`")
+    try:
+        manifest = read_manifest(folder, kind=WEIGHTS_KIND)
+    except ManifestError as error:
+        raise WeightsError(
+            f"--weights {folder}: {error}. It needs a merged weights folder with its manifest.json "
+            "(kind 'weights'), as written by `unidg train merge`"
+        ) from error
+    if verify:
+        if progress:
+            progress(f"checking {len(manifest.files)} weight files (sha256)")
+        try:
+            verify_files(folder, manifest)
+        except ManifestError as error:
+            raise WeightsError(f"--weights {folder}: {error}") from error
+    try:
+        settings = UniDGSettings.load(folder)
+    except FileNotFoundError as error:
+        raise WeightsError(f"--weights {folder}: {error}") from error
+    return WeightsInfo(path=folder, manifest=manifest, settings=settings)
+
+
+def load_weights_model(weights: WeightsInfo, settings: UniDGSettings | None = None):
+    """The UniDGModel of a checked weights folder (float32, CPU, eval mode)."""
+    from unidg.train.loading import load_model
+
+    return load_model(weights.path, settings=settings or weights.settings).eval()
+
+
+# ------------------------------------------------------------------------------------------------ staging
+@contextlib.contextmanager
+def staged_folder(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary folder beside ``out`` that becomes ``out`` when the block succeeds (and vanishes when it fails)."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise OutputFolderError(f"{out} already exists; choose another --out or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise OutputFolderError(f"{out} exists and is not a folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700; the result is an ordinary folder
+    try:
+        yield staging
+        if out.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, retired / out.name)
+            os.replace(staging, out)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

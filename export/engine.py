@@ -1,0 +1,393 @@
+"""Build TensorRT engines (serialized plans) for a bundle with the TensorRT Python API.
+
+The TensorRT layer is thin and follows NVIDIA's documented API: ``trt.Builder`` -> ``create_network`` (strongly typed
+for graphs that carry their own precision: Q/DQ FP8/INT8 bundles and fp16/bf16 exports) -> ``trt.OnnxParser
+.parse_from_file`` (reads external data beside the graph) -> ``IBuilderConfig`` (optimization profile per graph from
+the manifest's shapes, builder optimization level, timing cache, optional refit / weight-stripped plans, version or
+hardware compatibility) -> ``build_serialized_network``. ``tensorrt`` is imported only when a build runs.
+
+Everything that does not need TensorRT is plain Python: which precision mode a bundle allows, the optimization
+profile (min/opt/max shape of every input) computed from the manifest, plan names, and the manifest ``engines``
+table the runtime's TensorRT backend reads (TensorRT version, GPU compute capability, plan sha256).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from unidg.export.onnx_export import Progress, print_progress
+from unidg.runtime.bundle import GRAPH_INPUTS, GRAPH_NAMES, Bundle, expected_shapes, load_bundle
+from unidg.runtime.manifest import atomic_write_bytes, read_manifest, sha256_file, write_manifest
+
+ENGINE_DIR = "engines"
+PRECISION_FLAGS = ("fp8", "int8", "bf16", "fp16")
+QUANTIZED = ("fp8", "int8")
+HARDWARE_LEVELS = ("none", "same_compute_capability", "ampere_plus")
+DEFAULT_OPTIMIZATION_LEVEL = 3  # TensorRT's default; 5 searches longest
+
+
+class EngineError(ValueError):
+    """The engine build cannot be done as asked; the message names the option and the fix."""
+
+
+class TensorRTUnavailable(ModuleNotFoundError):
+    """``tensorrt`` is not installed (it needs NVIDIA's package index and a CUDA GPU)."""
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    precision: str | None = None  # None: what the bundle carries; "bf16"/"fp16": let TensorRT pick for fp32 bundles
+    dynamic: bool | None = None  # None: as the bundle (static bundle -> static profile)
+    min_batch: int = 1
+    opt_batch: int | None = None  # default: the bundle's batch, or 1 for a dynamic one
+    max_batch: int | None = None  # default: the bundle's batch, or its export-time max_batch
+    min_resolution: int | None = None  # dynamic-sequence bundles only
+    max_resolution: int | None = None
+    optimization_level: int = DEFAULT_OPTIMIZATION_LEVEL
+    timing_cache: Path | None = None
+    refit: bool = False
+    strip_weights: bool = False  # weight-stripped plan: refit from the bundle's ONNX weights at load time
+    version_compatible: bool = False
+    hardware_compatibility: str = "none"
+    workspace_gb: float | None = None
+    graphs: tuple[str, ...] = GRAPH_NAMES
+
+    def __post_init__(self) -> None:
+        if self.precision is not None and self.precision not in PRECISION_FLAGS:
+            raise EngineError(f"precision flag {self.precision!r}: choose one of {list(PRECISION_FLAGS)}")
+        if not 0 <= self.optimization_level <= 5:
+            raise EngineError(f"--optimization-level {self.optimization_level}: TensorRT accepts 0..5 (default 3)")
+        if self.hardware_compatibility not in HARDWARE_LEVELS:
+            raise EngineError(f"--hardware-compatibility {self.hardware_compatibility!r}: one of {HARDWARE_LEVELS}")
+        unknown = [g for g in self.graphs if g not in GRAPH_NAMES]
+        if unknown:
+            raise EngineError(f"unknown graphs {unknown}; a bundle has {list(GRAPH_NAMES)}")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """min/opt/max shape of every input of one graph (one TensorRT optimization profile)."""
+
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
+    batch: tuple[int, int]  # [min, max]
+    resolution: tuple[int, int]  # [min, max]
+
+    @property
+    def static(self) -> bool:
+        return all(lo == opt == hi for lo, opt, hi in self.shapes.values())
+
+
+@dataclass(frozen=True)
+class GraphBuild:
+    """Everything needed to build (or print the trtexec command for) one plan."""
+
+    graph: str
+    onnx: Path
+    plan: str  # relative to the bundle
+    profile: Profile
+    strongly_typed: bool
+    builder_flags: tuple[str, ...]  # names of trt.BuilderFlag members to set
+    uses_plugin: bool
+    options: EngineRequest = field(repr=False, default_factory=EngineRequest)
+
+
+# ------------------------------------------------------------------------------------------------ precision
+def precision_mode(bundle: Bundle, requested: str | None) -> tuple[bool, tuple[str, ...]]:
+    """(strongly typed?, builder precision flags) for a bundle and the requested precision flag.
+
+    Graphs that carry their precision (Q/DQ, fp16/bf16 weights) build strongly typed: TensorRT then follows the
+    graph's types exactly (precision flags are not allowed with strong typing). An fp32 bundle may ask TensorRT
+    to choose bf16/fp16 kernels itself (weakly typed, TensorRT 10 only).
+    """
+    carried = bundle.precision
+    if requested in QUANTIZED and carried != requested:
+        maker = f"`unidg export quantize --format {requested}`"
+        raise EngineError(
+            f"--{requested} needs a bundle with {requested.upper()} Q/DQ nodes (made by {maker}); "
+            f"{bundle.path} is {carried}"
+        )
+    if carried in ("fp8", "int8", "fp16", "bf16"):
+        if requested in ("bf16", "fp16") and requested != carried:
+            raise EngineError(
+                f"--{requested} on a {carried} bundle: its graphs already fix their precision (strongly typed); "
+                f"drop --{requested} or export the bundle with --precision {requested}"
+            )
+        return True, ()
+    if requested in ("bf16", "fp16"):
+        return False, (requested.upper(),)
+    return True, ()
+
+
+# ------------------------------------------------------------------------------------------------ profiles
+def _batch_range(bundle: Bundle, request: EngineRequest, dynamic: bool) -> tuple[int, int, int]:
+    if not dynamic:
+        fixed = bundle.batch if bundle.batch is not None else (request.opt_batch or 1)
+        return fixed, fixed, fixed
+    if bundle.batch is not None:
+        lo = hi = opt = bundle.batch  # a static-batch graph: only the sequence may vary
+        return lo, opt, hi
+    hi = request.max_batch or int(bundle.metadata.get("max_batch", 4))
+    opt = request.opt_batch or 1
+    lo = request.min_batch
+    if not 1 <= lo <= opt <= hi:
+        raise EngineError(f"batch profile {lo}/{opt}/{hi}: need 1 <= min <= opt <= max")
+    limit = bundle.metadata.get("max_batch")
+    if limit is not None and hi > int(limit):
+        raise EngineError(f"--max-batch {hi} exceeds the bundle's exported batch bound {limit}")
+    return lo, opt, hi
+
+
+def _resolution_range(bundle: Bundle, request: EngineRequest, dynamic: bool) -> tuple[int, int, int]:
+    s = bundle.resolution
+    sequence_dynamic = bundle.metadata.get("sequence") == "dynamic"
+    if not dynamic or not sequence_dynamic:
+        if request.min_resolution not in (None, s) or request.max_resolution not in (None, s):
+            raise EngineError(
+                f"bundle {bundle.path.name} is static at S={s}; --min/--max-resolution need a bundle exported with "
+                "--sequence dynamic"
+            )
+        return s, s, s
+    lo = request.min_resolution or s
+    hi = request.max_resolution or s
+    for value, flag in ((lo, "--min-resolution"), (hi, "--max-resolution")):
+        if value < 16 or value % 16:
+            raise EngineError(f"{flag} {value} is not a positive multiple of 16")
+    if not lo <= s <= hi:
+        raise EngineError(f"resolution profile {lo}..{hi} must contain the bundle's resolution {s}")
+    return lo, s, hi
+
+
+def profile_for(bundle: Bundle, graph: str, request: EngineRequest) -> Profile:
+    """The optimization profile of ``graph``: input shapes at (min batch, min S), (opt, S), (max batch, max S)."""
+    dynamic = request.dynamic
+    if dynamic is None:
+        dynamic = bundle.batch is None or bundle.metadata.get("sequence") == "dynamic"
+    if dynamic and bundle.batch is not None and bundle.metadata.get("sequence") != "dynamic":
+        raise EngineError(
+            f"--dynamic: bundle {bundle.path.name} is static (batch {bundle.batch}, S={bundle.resolution}); "
+            "re-export it with --batch dynamic and/or --sequence dynamic"
+        )
+    batches = _batch_range(bundle, request, dynamic)
+    resolutions = _resolution_range(bundle, request, dynamic)
+    corners = []
+    for batch, resolution in zip(batches, resolutions):
+        meta = {**bundle.metadata, "resolution": resolution}
+        corners.append(expected_shapes(meta, batch)[graph])
+    shapes = {name: tuple(tuple(int(d) for d in corner[name]) for corner in corners) for name in GRAPH_INPUTS[graph]}
+    return Profile(shapes=shapes, batch=(batches[0], batches[2]), resolution=(resolutions[0], resolutions[2]))
+
+
+def plan_builds(bundle: Bundle, request: EngineRequest) -> list[GraphBuild]:
+    """What to build for each requested graph (no TensorRT needed)."""
+    strongly_typed, flags = precision_mode(bundle, request.precision)
+    builds = []
+    for graph in request.graphs:
+        graph_flags = list(flags)
+        if request.refit or request.strip_weights:
+            graph_flags.append("REFIT")
+        if request.strip_weights:
+            graph_flags += ["STRIP_PLAN", "REFIT_IDENTICAL"]
+        if request.version_compatible:
+            graph_flags.append("VERSION_COMPATIBLE")
+        uses_plugin = graph == "step" and bundle.metadata.get("attention") == "plugin"
+        builds.append(
+            GraphBuild(
+                graph=graph,
+                onnx=bundle.graph_path(graph),
+                plan=f"{ENGINE_DIR}/{graph}.plan",
+                profile=profile_for(bundle, graph, request),
+                strongly_typed=strongly_typed,
+                builder_flags=tuple(graph_flags),
+                uses_plugin=uses_plugin,
+                options=request,
+            )
+        )
+    return builds
+
+
+def engine_entry(build: GraphBuild, plan_sha256: str, seconds: float) -> dict:
+    """One plan's entry in the manifest ``engines.plans`` table."""
+    return {
+        "file": build.plan,
+        "sha256": plan_sha256,
+        "batch": list(build.profile.batch),
+        "resolution": list(build.profile.resolution),
+        "strongly_typed": build.strongly_typed,
+        "builder_flags": list(build.builder_flags),
+        "optimization_level": build.options.optimization_level,
+        "refittable": "REFIT" in build.builder_flags,
+        "weight_stripped": "STRIP_PLAN" in build.builder_flags,
+        "build_seconds": round(seconds, 1),
+    }
+
+
+def engines_table(
+    plans: dict[str, dict], tensorrt_version: str, compute_capability: tuple[int, int], device_name: str,
+    request: EngineRequest,
+) -> dict:  # fmt: skip
+    """The manifest ``engines`` table (read by unidg.runtime.backends.tensorrt_backend.parse_engines)."""
+    return {
+        "tensorrt_version": tensorrt_version,
+        "compute_capability": list(compute_capability),
+        "device_name": device_name,
+        "version_compatible": request.version_compatible,
+        "hardware_compatibility": request.hardware_compatibility,
+        "plans": plans,
+    }
+
+
+def record_engines(bundle_path: Path, table: dict) -> None:
+    """Write ``table`` into the bundle manifest and re-hash the folder (plans included)."""
+    manifest = read_manifest(bundle_path, kind="bundle")
+    metadata = dict(manifest.metadata)
+    previous = metadata.get("engines") or {}
+    same_target = all(previous.get(k) == table.get(k) for k in ("tensorrt_version", "compute_capability"))
+    # Plans of another TensorRT or GPU are dropped: one table describes one build target.
+    plans = {**previous.get("plans", {}), **table["plans"]} if previous and same_target else table["plans"]
+    kept = {entry["file"] for entry in plans.values()}
+    for entry in previous.get("plans", {}).values():
+        if entry.get("file") not in kept:
+            (Path(bundle_path) / entry["file"]).unlink(missing_ok=True)
+    metadata["engines"] = {**table, "plans": plans}
+    write_manifest(bundle_path, "bundle", metadata)
+
+
+# ------------------------------------------------------------------------------------------------ TensorRT
+def import_tensorrt():
+    try:
+        import tensorrt as trt
+    except ImportError as error:
+        raise TensorRTUnavailable(
+            "tensorrt is not installed: engine builds need NVIDIA TensorRT (>= 10.9) and a CUDA GPU; install "
+            "`unidg[tensorrt]` on the target machine, or print the equivalent commands with `unidg export trtexec`"
+        ) from error
+    return trt
+
+
+def gpu_identity() -> tuple[tuple[int, int], str]:
+    """(compute capability, name) of CUDA device 0: the GPU the plan is built for."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise EngineError("no CUDA GPU visible: TensorRT builds plans for the GPU it runs on")
+    return tuple(torch.cuda.get_device_capability(0)), torch.cuda.get_device_name(0)
+
+
+def _network_flags(trt, strongly_typed: bool) -> int:
+    flags = 0
+    creation = trt.NetworkDefinitionCreationFlag
+    if strongly_typed and hasattr(creation, "STRONGLY_TYPED"):
+        flags |= 1 << int(creation.STRONGLY_TYPED)  # TensorRT 11: always strongly typed, the flag is ignored
+    return flags
+
+
+def _builder_flag(trt, name: str):
+    flag = getattr(trt.BuilderFlag, name, None)
+    if flag is None:
+        raise EngineError(
+            f"this TensorRT ({trt.__version__}) has no BuilderFlag.{name}; "
+            + (
+                "TensorRT 11 builds strongly typed only: export the bundle with --precision bf16/fp16 instead"
+                if name in ("BF16", "FP16")
+                else "use a newer TensorRT"
+            )
+        )
+    return flag
+
+
+def _progress_monitor(trt, progress: Progress):
+    """TensorRT's IProgressMonitor reporting top-level build phases as progress lines."""
+
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+
+        def phase_start(self, phase_name, parent_phase, num_steps) -> None:
+            if parent_phase is None:
+                progress(f"  TensorRT: {phase_name} ({num_steps} steps)")
+
+        def step_complete(self, phase_name, step) -> bool:
+            return True  # False would cancel the build
+
+        def phase_finish(self, phase_name) -> None:
+            pass
+
+    return Monitor()
+
+
+def refit_engine(trt, engine, onnx_path: Path, logger) -> None:
+    """Put the weights of ``onnx_path`` into a refittable or weight-stripped engine (TensorRT's ONNX refitter)."""
+    refitter = trt.Refitter(engine, logger)
+    parser_refitter = trt.OnnxParserRefitter(refitter, logger)
+    if not parser_refitter.refit_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser_refitter.get_error(i)) for i in range(parser_refitter.num_errors))
+        raise EngineError(f"refitting from {onnx_path} failed: {errors}")
+    if not refitter.refit_cuda_engine():
+        raise EngineError(f"TensorRT refused to refit the engine with the weights of {onnx_path}")
+
+
+def build_plan(trt, build: GraphBuild, logger, timing_cache_bytes: bytes | None, progress: Progress | None):
+    """Build one serialized plan; returns (plan bytes, serialized timing cache)."""
+    if build.uses_plugin:
+        from unidg.export.plugins.trt_plugin import register_plugin
+
+        register_plugin()  # the parser finds unidg::biased_attention by op type + namespace
+    builder = trt.Builder(logger)
+    network = builder.create_network(_network_flags(trt, build.strongly_typed))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(build.onnx)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EngineError(f"TensorRT could not parse {build.onnx}: {errors}")
+    config = builder.create_builder_config()
+    config.builder_optimization_level = build.options.optimization_level
+    for name in build.builder_flags:
+        config.set_flag(_builder_flag(trt, name))
+    if build.options.hardware_compatibility != "none":
+        level = build.options.hardware_compatibility.upper()
+        config.hardware_compatibility_level = getattr(trt.HardwareCompatibilityLevel, level)
+    if build.options.workspace_gb:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(build.options.workspace_gb * 2**30))
+    cache = config.create_timing_cache(timing_cache_bytes or b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in build.profile.shapes.items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    if progress is not None and hasattr(trt, "IProgressMonitor"):
+        config.progress_monitor = _progress_monitor(trt, progress)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineError(f"TensorRT failed to build {build.graph} (see the TensorRT log above)")
+    return bytes(serialized), bytes(config.get_timing_cache().serialize())
+
+
+def build_engines(
+    bundle_path: str | Path, request: EngineRequest, *, progress: Progress | None = print_progress
+) -> dict:
+    """``unidg export engine``: build the plans of a bundle, record them in its manifest; returns the engines table."""
+    trt = import_tensorrt()
+    bundle = load_bundle(bundle_path, verify=True)
+    builds = plan_builds(bundle, request)
+    capability, device_name = gpu_identity()
+    logger = trt.Logger(trt.Logger.WARNING)
+    cache_path = request.timing_cache
+    cache_bytes = cache_path.read_bytes() if cache_path and cache_path.is_file() else None
+    plans = {}
+    for build in builds:
+        if progress:
+            kind = "strongly typed" if build.strongly_typed else f"flags {list(build.builder_flags)}"
+            progress(f"building {build.plan} ({kind}, batch {build.profile.batch}, S {build.profile.resolution})")
+        started = time.perf_counter()
+        plan, cache_bytes = build_plan(trt, build, logger, cache_bytes, progress)
+        target = bundle.path / build.plan
+        atomic_write_bytes(target, plan)
+        plans[build.graph] = engine_entry(build, sha256_file(target), time.perf_counter() - started)
+        if cache_path is not None:
+            atomic_write_bytes(cache_path, cache_bytes)
+    table = engines_table(plans, trt.__version__, capability, device_name, request)
+    record_engines(bundle.path, table)
+    if progress:
+        progress(f"recorded {len(plans)} plans in {bundle.path / 'manifest.json'} (TensorRT {trt.__version__})")
+    return table
