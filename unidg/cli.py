@@ -16,6 +16,7 @@ from unidg import __version__
 # Modules that add subcommands, in the order they appear in ``unidg --help``.
 COMMAND_MODULES: list[str] = [
     "unidg.train.commands_data",
+    "unidg.train.commands_train",
     "unidg.runtime.commands",
     "unidg.runtime.commands_surfaces",
     "unidg.export.commands_bench",

@@ -1,0 +1,299 @@
+"""``unidg train base``: a base UniDG model trained from scratch (the stand-in for FLUX.1-Fill + Redux + the FLUX
+VAE, which cannot be downloaded here).
+
+Stage 1, autoencoder: the preset's AutoencoderKL learns to reconstruct random crops of the diptychs it will see
+(reference crops on white, masked sources, abnormal targets), L1 + MSE + a small KL. Its latents are then made
+zero-mean, unit-std per channel *after* the fixed FLUX normalization ``(z - 0.1159) * 0.3611`` (which the runtime
+hard-codes): the affine is folded exactly into the encoder's output convolution and into the decoder's input
+convolution, and the decoder is fine-tuned briefly to absorb the border effect of that fold (zero padding).
+
+Stage 2, Fill-style diptych inpainter: with the autoencoder frozen and its latents cached, the transformer, SigLIP and
+Redux learn jointly, by flow matching, to fill the right half's mask given the reference crop on the left (the
+defect-fill distribution: reference = target's own defect), with defect attention on; the same loop as
+Diversity-SFT (``unidg.train.sft.FlowTrainer``) with all weights trainable.
+
+The result is a weights folder (``unidg.train.loading`` layout: safetensors + configs + unidg.json + manifest.json).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from unidg.runtime.manifest import atomic_write_text
+from unidg.runtime.settings import UniDGSettings
+from unidg.train.config import BaseConfig, LossConfig, OptimConfig, settings_of, to_dict
+from unidg.train.dataset import LatentPairs, build_example, to_model_pixels
+from unidg.train.sft import (
+    FlowTrainer,
+    build_optimizer,
+    pools_of,
+    prepare_pairs,
+    sample_schedule,
+    select_pairs,
+    step_generator,
+    training_guidance,
+)
+
+VAE_STAGE = "vae"
+VAE_FILE = "vae.safetensors"
+INPAINTER_STAGE = "inpainter"
+MODEL_FOLDER = "model"
+
+
+# ============================================================================ stage 1: autoencoder
+def vae_image_pool(pairs, settings: UniDGSettings, reference_size: int) -> np.ndarray:
+    """(M, S, 2S, 3) uint8: D_src, D_res and the normal counterpart of each pair (what the VAE will encode)."""
+    images: dict = {}
+    pool = []
+    for pair in pairs:
+        example = build_example(pair, settings, reference_size, images)
+        pool.extend([example.source, example.result, example.normal])
+    return np.stack(pool)
+
+
+def random_crops(pool: np.ndarray, generator: torch.Generator, batch: int, crop: int) -> torch.Tensor:
+    """``batch`` random crops (with random horizontal flips) of the pool, float NCHW in [-1, 1]."""
+    count, height, width, _ = pool.shape
+    picks = torch.randint(count, (batch,), generator=generator).tolist()
+    ys = torch.randint(height - crop + 1, (batch,), generator=generator).tolist()
+    xs = torch.randint(width - crop + 1, (batch,), generator=generator).tolist()
+    flips = torch.rand(batch, generator=generator).lt(0.5).tolist()
+    crops = []
+    for i, y, x, flip in zip(picks, ys, xs, flips):
+        patch = pool[i, y : y + crop, x : x + crop]
+        crops.append(patch[:, ::-1] if flip else patch)
+    return to_model_pixels(np.stack(crops))
+
+
+def vae_loss(vae, pixels: torch.Tensor, kl_weight: float, sample: bool = True) -> tuple[torch.Tensor, dict]:
+    posterior = vae.encode(pixels).latent_dist
+    latents = posterior.sample() if sample else posterior.mode()
+    reconstruction = vae.decode(latents).sample
+    l1 = (reconstruction - pixels).abs().mean()
+    mse = (reconstruction - pixels).pow(2).mean()
+    kl = posterior.kl().mean() / latents[0].numel()
+    total = l1 + mse + kl_weight * kl
+    parts = {
+        "loss": float(total.detach()),
+        "l1": float(l1.detach()),
+        "mse": float(mse.detach()),
+        "kl": float(kl.detach()),
+    }
+    return total, parts
+
+
+@torch.no_grad()
+def normalize_vae(vae, pool: np.ndarray, batches: int, generator: torch.Generator) -> dict:
+    """Fold a per-channel affine into the VAE so that (z - shift) * scale is zero-mean, unit-std per channel.
+
+    Encoder side exact (output conv: mean channels scaled and shifted, log-variance shifted by 2 log a); decoder
+    side exact up to the zero padding of its 3x3 input conv (fine-tuned afterwards).
+    """
+    shift, scale = vae.config.shift_factor, vae.config.scaling_factor
+    channels = vae.config.latent_channels
+    samples = []
+    for start in range(0, min(len(pool), batches * 8), 8):
+        pixels = to_model_pixels(pool[start : start + 8])
+        samples.append(vae.encode(pixels).latent_dist.mode())
+    latents = torch.cat(samples).transpose(0, 1).reshape(channels, -1).double()
+    mean, std = latents.mean(dim=1), latents.std(dim=1).clamp(min=1e-6)
+    # Want z' = a z + b with (z' - shift) * scale = (z - mean) / std.
+    a = 1.0 / (std * scale)
+    b = shift - mean * a
+    conv_out = vae.quant_conv if vae.quant_conv is not None else vae.encoder.conv_out
+    weight, bias = conv_out.weight.double(), conv_out.bias.double()
+    weight[:channels] *= a[:, None, None, None]
+    bias[:channels] = a * bias[:channels] + b
+    bias[channels:] += 2.0 * torch.log(a)
+    conv_out.weight.copy_(weight.float())
+    conv_out.bias.copy_(bias.float())
+    conv_in = vae.post_quant_conv if vae.post_quant_conv is not None else vae.decoder.conv_in
+    w_in = conv_in.weight.double()  # (C_out, latent, k, k); z = (z' - b) / a
+    conv_in.bias.copy_((conv_in.bias.double() - (w_in * (b / a)[None, :, None, None]).sum(dim=(1, 2, 3))).float())
+    conv_in.weight.copy_((w_in / a[None, :, None, None]).float())
+    return {"raw_mean": mean.tolist(), "raw_std": std.tolist()}
+
+
+def train_vae(model, pool: np.ndarray, config: BaseConfig, run_dir: Path, progress: bool) -> dict:
+    """Stage 1; returns a summary (losses, seconds). Writes run_dir/vae/{vae.safetensors, log.jsonl}."""
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    stage = config.vae
+    vae = model.vae
+    vae.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=stage.lr, weight_decay=0.0)
+    folder = run_dir / VAE_STAGE
+    folder.mkdir(parents=True, exist_ok=True)
+    log_path = folder / "log.jsonl"
+    started = time.time()
+    finetune_steps = max(stage.steps // 8, 1) if stage.steps else 0
+    total_steps = stage.steps + finetune_steps
+    records = []
+    with open(log_path, "w") as log, tqdm(total=total_steps, desc="vae", unit="step", disable=not progress) as bar:
+        for step in range(1, total_steps + 1):
+            if step == stage.steps + 1:
+                vae.eval()
+                stats = normalize_vae(vae, pool, stage.scale_fit_batches, step_generator(config.seed, 20_000_000))
+                # Decoder-only fine-tune: the encoder (and so every cached latent) is final from here on.
+                vae.encoder.requires_grad_(False)
+                optimizer = torch.optim.AdamW(
+                    [p for p in vae.parameters() if p.requires_grad], lr=stage.lr * 0.3, weight_decay=0.0
+                )
+                vae.train()
+            generator = step_generator(config.seed, 10_000_000 + step)
+            pixels = random_crops(pool, generator, stage.batch_size, stage.crop)
+            lr = stage.lr * min(1.0, step / 50) * (0.5 * (1 + math.cos(math.pi * min(step / max(stage.steps, 1), 1))))
+            for group in optimizer.param_groups:
+                group["lr"] = max(lr, stage.lr * 0.05) if step <= stage.steps else stage.lr * 0.3
+            with torch.random.fork_rng():
+                torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
+                total, parts = vae_loss(vae, pixels, stage.kl_weight, sample=step <= stage.steps)
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            optimizer.step()
+            record = {"step": step, **parts, "phase": "autoencoder" if step <= stage.steps else "decoder"}
+            log.write(json.dumps(record) + "\n")
+            records.append(record)
+            bar.set_postfix(loss=f"{parts['loss']:.4f}")
+            bar.update(1)
+    if stage.steps == 0:
+        stats = normalize_vae(vae, pool, stage.scale_fit_batches, step_generator(config.seed, 20_000_000))
+    vae.eval().requires_grad_(False)
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(folder / VAE_FILE))
+    summary = {
+        "seconds": round(time.time() - started, 1),
+        "steps": stage.steps,
+        "decoder_finetune_steps": finetune_steps,
+        "first_loss": _mean([r["loss"] for r in records[:20]]),
+        "last_loss": _mean([r["loss"] for r in records[-20:]]),
+        "normalization": stats,
+    }
+    atomic_write_text(folder / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+# ============================================================================ stage 2: inpainter
+def train_inpainter(model, data: LatentPairs, config: BaseConfig, settings: UniDGSettings, run_dir: Path, resume: bool):
+    stage = config.inpainter
+    model.vae.requires_grad_(False)
+    for module in (model.transformer, model.image_encoder, model.redux):
+        module.requires_grad_(True)
+    if config.train.gradient_checkpointing:
+        model.transformer.enable_gradient_checkpointing()
+    trainable = {}
+    for prefix in ("transformer", "image_encoder", "redux"):
+        for name, parameter in getattr(model, prefix).named_parameters():
+            trainable[f"{prefix}.{name}"] = parameter
+    optim = OptimConfig(name="adamw", lr=stage.lr, weight_decay=stage.weight_decay)
+    optimizer = build_optimizer(list(trainable.values()), optim)
+    schedule = sample_schedule(pools_of(data), stage.mix, stage.steps, stage.batch_size, config.seed)
+    loss = LossConfig(
+        logit_mean=config.loss.logit_mean,
+        logit_std=config.loss.logit_std,
+        normal_reg_weight=0.0,  # a Fill model knows nothing of defects vs normals; Eq. 9 belongs to SFT
+        mask_weight=config.loss.mask_weight,
+    )
+    fingerprint = {"data": data.keys[:3] + [len(data.keys)], "inpainter": to_dict(stage), "seed": config.seed}
+    trainer = FlowTrainer(
+        model,
+        data,
+        trainable,
+        optimizer,
+        schedule,
+        loss,
+        settings,
+        training_guidance(config.train.guidance, settings),
+        config.seed,
+        run_dir / INPAINTER_STAGE,
+        precision=config.train.precision,
+        grad_clip=stage.grad_clip,
+        warmup_steps=stage.warmup_steps,
+        checkpoint_every=config.train.checkpoint_every,
+        keep_checkpoints=config.train.keep_checkpoints,
+        defect_attention=config.train.defect_attention,
+        progress=config.train.progress,
+        fingerprint=json.loads(json.dumps(fingerprint)),
+        description="inpainter",
+    )
+    started = time.time()
+    records = trainer.run(resume=resume)
+    model.requires_grad_(False)
+    return trainer, records, time.time() - started
+
+
+# ============================================================================ unidg train base
+def train_base(config: BaseConfig, resume: bool = True, model=None) -> Path:
+    """Both stages; returns the weights folder OUTPUT/model. Re-running resumes: a finished autoencoder stage is
+    reloaded, the inpainter continues from its latest checkpoint."""
+    from safetensors.torch import load_file
+
+    from unidg.train.loading import save_model
+    from unidg.train.model import UniDGModel
+    from unidg.train.sft import read_log
+
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    settings = settings_of(config)
+    run_dir = Path(config.output)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.json", json.dumps(to_dict(config), indent=2) + "\n")
+    if model is None:
+        model = UniDGModel.from_preset(config.preset, seed=config.seed, settings=settings)
+    model.settings = settings
+    progress = config.train.progress
+
+    pairs = prepare_pairs(config.data.train, config.seed, config.data.limit)
+    vae_file = run_dir / VAE_STAGE / VAE_FILE
+    if resume and vae_file.is_file():
+        model.vae.load_state_dict(load_file(str(vae_file)))
+        vae_summary = json.loads((run_dir / VAE_STAGE / "summary.json").read_text())
+    else:
+        fill_pairs = [pair for pair in pairs if pair.distribution == "defect-fill"]
+        pool = vae_image_pool(fill_pairs or pairs, settings, model.reference_size)
+        vae_summary = train_vae(model, pool, config, run_dir, progress)
+    model.vae.eval().requires_grad_(False)
+
+    inpainter_pairs = select_pairs(pairs, config.inpainter.mix)
+    cache_dir = run_dir / "cache" if config.data.cache else None
+    data = LatentPairs.cached(model, inpainter_pairs, settings, cache_dir, with_normal=False, progress=progress)
+    trainer, _, seconds = train_inpainter(model, data, config, settings, run_dir, resume)
+    log = read_log(run_dir / INPAINTER_STAGE)
+    summary = {
+        "vae": vae_summary,
+        "inpainter": {
+            "steps": trainer.step,
+            "pairs": len(data),
+            "seconds_this_call": round(seconds, 1),
+            "first_loss": _mean([r["loss"] for r in log[:20]]),
+            "last_loss": _mean([r["loss"] for r in log[-20:]]),
+        },
+    }
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    folder = save_model(
+        model,
+        run_dir / MODEL_FOLDER,
+        metadata={"stage": "base", "preset": config.preset, "training": summary, "config": to_dict(config)},
+        overwrite=True,
+    )
+    return folder
+
+
+def reconstruction_error(model, pool: np.ndarray, count: int = 8) -> float:
+    """Mean absolute error (in [-1, 1] units) of encode -> decode on ``count`` full diptychs."""
+    with torch.no_grad():
+        pixels = to_model_pixels(pool[:count])
+        decoded = model.decode_latents(model.encode_images(pixels))
+    return float(F.l1_loss(decoded.clamp(-1, 1), pixels))

@@ -1,0 +1,121 @@
+"""``unidg train base|sft|merge|eval-nano`` (registered by unidg.cli)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="training config (.toml or .json), e.g. configs/nano-sft.toml")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value (TOML syntax), e.g. --set train.steps=20; repeatable",
+    )
+    parser.add_argument("--output", help="run folder (overrides the config's 'output')")
+    parser.add_argument(
+        "--restart", action="store_true", help="ignore checkpoints in the run folder and start from step 0"
+    )
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    overrides = list(args.overrides)
+    if args.output:
+        overrides.append(f"output={json.dumps(args.output)}")
+    return overrides
+
+
+def _base(args: argparse.Namespace) -> int:
+    from unidg.train.base import train_base
+    from unidg.train.config import load_base_config
+
+    config = load_base_config(args.config, _overrides(args))
+    folder = train_base(config, resume=not args.restart)
+    print(f"base weights: {folder}")
+    return 0
+
+
+def _sft(args: argparse.Namespace) -> int:
+    from unidg.train.config import load_sft_config
+    from unidg.train.sft import LORA_FILE, train_sft
+
+    config = load_sft_config(args.config, _overrides(args))
+    train_sft(config, resume=not args.restart)
+    print(f"LoRA: {config.output}/{LORA_FILE} (log: {config.output}/log.jsonl)")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from unidg.train.merge import merge_lora
+
+    settings = {}
+    for text in args.setting:
+        key, _, value = text.partition("=")
+        if not value:
+            raise ValueError(f"--setting {text!r}: expected KEY=VALUE, e.g. --setting steps=28")
+        settings[key] = json.loads(value) if value not in ("true", "false") else value == "true"
+    report = merge_lora(args.base, args.lora, args.out, settings_overrides=settings, overwrite=args.force)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _eval_nano(args: argparse.Namespace) -> int:
+    from unidg.train.eval_nano import evaluate_transfer
+
+    report = evaluate_transfer(
+        args.weights,
+        args.data,
+        count=args.count,
+        seed=args.seed,
+        steps=args.steps,
+        contact_sheet=args.contact_sheet,
+        sheet_rows=args.sheet_rows,
+        out_json=args.json,
+    )
+    print(json.dumps({k: v for k, v in report.items() if k != "samples"}, indent=2))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("train", help="train: base model, Diversity-SFT LoRA, merge, nano evaluation")
+    commands = parser.add_subparsers(dest="train_command", metavar="STAGE")
+    parser.set_defaults(handler=lambda args: parser.print_help() or 2)
+
+    base = commands.add_parser("base", help="train a base model from scratch: autoencoder, then diptych inpainter")
+    _add_config_arguments(base)
+    base.set_defaults(handler=_base)
+
+    sft = commands.add_parser("sft", help="Diversity-SFT: LoRA on a base weights folder (flow matching + Eq. 9)")
+    _add_config_arguments(sft)
+    sft.set_defaults(handler=_sft)
+
+    merge = commands.add_parser("merge", help="fold a LoRA into its base -> merged weights folder (unidg.json)")
+    merge.add_argument("--base", required=True, help="base weights folder (unidg train base output: RUN/model)")
+    merge.add_argument("--lora", required=True, help="SFT run folder holding lora.safetensors + lora.json")
+    merge.add_argument("--out", required=True, help="merged weights folder to write")
+    merge.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="UniDG setting written to unidg.json (alpha, beta, threshold, resolution, text_tokens, steps, guidance)",
+    )
+    merge.add_argument("--force", action="store_true", help="replace --out if it exists")
+    merge.set_defaults(handler=_merge)
+
+    evaluate = commands.add_parser(
+        "eval-nano", help="reference-colour transfer rate of a weights folder on held-out quadruplets"
+    )
+    evaluate.add_argument("--weights", required=True, help="weights folder (e.g. runtime/assets/unidg-nano)")
+    evaluate.add_argument("--data", required=True, help="held-out UDG folder (a seed not used in training)")
+    evaluate.add_argument("--count", type=int, default=60, help="evaluation pairs (default 60)")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the pairs and the sampling noise")
+    evaluate.add_argument("--steps", type=int, default=None, help="sampling steps (default: unidg.json's)")
+    evaluate.add_argument("--contact-sheet", help="write a PNG: reference | source + mask | output, one row a pair")
+    evaluate.add_argument("--sheet-rows", type=int, default=8, help="rows of the contact sheet (default 8)")
+    evaluate.add_argument("--json", help="write the full per-sample report here")
+    evaluate.set_defaults(handler=_eval_nano)

@@ -1,0 +1,147 @@
+"""``unidg train eval-nano``: does a weights folder transfer the reference defect's colour into the target region?
+
+On held-out quadruplets (a synth seed never used in training), pairs are drawn from the three Diversity-SFT
+distributions in equal parts (``train.sampling``); each pair is generated with the torch reference sampler
+(``train.sampler.generate``: Alg. 1 diptych, 28-step flow, paste-back). Inside the target mask (source size, not
+dilated) a sample counts as a transfer when the mean RGB of the output is closer (Euclidean) to the mean RGB of the
+reference defect (reference abnormal image inside the reference mask) than to the mean RGB of the clean source there.
+The transfer rate is the fraction of such samples. A contact sheet shows reference | source + mask | output rows.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from unidg.runtime.manifest import atomic_write_bytes, atomic_write_text
+
+
+def mean_color(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    return image[mask].astype(np.float64).mean(axis=0)
+
+
+def transfer_scores(output: np.ndarray, source: np.ndarray, target_mask: np.ndarray, reference_color: np.ndarray):
+    """(distance of the output's masked mean colour to the reference defect's, to the clean source's)."""
+    out = mean_color(output, target_mask)
+    return float(np.linalg.norm(out - reference_color)), float(np.linalg.norm(out - mean_color(source, target_mask)))
+
+
+def evaluation_pairs(folder: str | Path, count: int, seed: int):
+    """``count`` pairs, equal parts of the three distributions (as available), deterministic for ``seed``."""
+    from unidg.runtime.udg import read_index
+    from unidg.train.sampling import DISTRIBUTIONS, diversity_sft_pairs
+
+    quadruplets = list(read_index(folder))
+    if not quadruplets:
+        raise ValueError(f"{folder} holds no quadruplets; make a held-out set with `unidg data synth`")
+    pairs = diversity_sft_pairs(quadruplets, seed)
+    rng = np.random.default_rng([seed, 0xE7A1])
+    groups = [[p for p in pairs if p.distribution == name] for name in DISTRIBUTIONS]
+    groups = [[group[i] for i in rng.permutation(len(group))] for group in groups if group]
+    chosen = []
+    while len(chosen) < count and any(groups):
+        for group in groups:
+            if group and len(chosen) < count:
+                chosen.append(group.pop())
+    return chosen
+
+
+def _outlined(mask: np.ndarray, image: np.ndarray, color=(255, 0, 255)) -> np.ndarray:
+    """``image`` with the outline of ``mask`` drawn in ``color``."""
+    from scipy import ndimage
+
+    edge = mask & ~ndimage.binary_erosion(mask, iterations=2)
+    out = image.copy()
+    out[edge] = color
+    return out
+
+
+def make_contact_sheet(rows: list[tuple[np.ndarray, ...]], labels: list[str], cell: int = 160) -> Image.Image:
+    """Rows of (reference with its mask outlined, source with the target mask outlined, output), one pair a row."""
+    header = 18
+    sheet = Image.new("RGB", (3 * cell + 4 * 4, len(rows) * (cell + header) + 22), "white")
+    draw = ImageDraw.Draw(sheet)
+    for column, title in enumerate(("reference (defect outlined)", "source + target mask", "UniDG-nano output")):
+        draw.text((4 + column * (cell + 4), 4), title, fill="black")
+    for r, (images, label) in enumerate(zip(rows, labels)):
+        top = 22 + r * (cell + header)
+        draw.text((4, top), label, fill="black")
+        for column, image in enumerate(images):
+            tile = Image.fromarray(image)
+            tile.thumbnail((cell, cell), Image.Resampling.LANCZOS)
+            sheet.paste(tile, (4 + column * (cell + 4), top + header - 4))
+    return sheet
+
+
+def evaluate_transfer(
+    weights: str | Path,
+    data: str | Path,
+    count: int = 60,
+    seed: int = 0,
+    steps: int | None = None,
+    contact_sheet: str | Path | None = None,
+    sheet_rows: int = 8,
+    out_json: str | Path | None = None,
+    model=None,
+) -> dict:
+    """Transfer rate of ``weights`` on ``count`` held-out pairs; optional contact sheet PNG and JSON report."""
+    import torch
+
+    from unidg.train.loading import load_model
+    from unidg.train.sampler import generate
+
+    if count < 1:
+        raise ValueError(f"--count must be >= 1 (got {count})")
+    model = load_model(weights) if model is None else model
+    pairs = evaluation_pairs(data, count, seed)
+    samples, rows, labels = [], [], []
+    started = time.time()
+    for i, pair in enumerate(pairs):
+        reference, reference_mask = pair.reference.load_abnormal(), pair.reference.load_mask()
+        source, target_mask = pair.target.load_normal(), pair.target.load_mask()
+        with torch.no_grad():
+            output = generate(model, reference, reference_mask, source, target_mask, seed=seed + i, steps=steps)
+        reference_color = mean_color(reference, reference_mask)
+        to_reference, to_source = transfer_scores(output, source, target_mask, reference_color)
+        samples.append(
+            {
+                "reference": pair.reference.id,
+                "target": pair.target.id,
+                "distribution": pair.distribution,
+                "category": pair.target.category,
+                "distance_to_reference": to_reference,
+                "distance_to_source": to_source,
+                "transfer": to_reference < to_source,
+            }
+        )
+        if len(rows) < sheet_rows:
+            rows.append((_outlined(reference_mask, reference), _outlined(target_mask, source), output))
+            labels.append(f"{pair.distribution}: {pair.reference.category} -> {pair.target.object_name}")
+    by_distribution = {}
+    for name in sorted({s["distribution"] for s in samples}):
+        group = [s["transfer"] for s in samples if s["distribution"] == name]
+        by_distribution[name] = {"count": len(group), "transfer_rate": float(np.mean(group))}
+    report = {
+        "weights": str(weights),
+        "data": str(data),
+        "count": len(samples),
+        "seed": seed,
+        "steps": steps or model.settings.steps,
+        "transfer_rate": float(np.mean([s["transfer"] for s in samples])),
+        "by_distribution": by_distribution,
+        "seconds": round(time.time() - started, 1),
+        "samples": samples,
+    }
+    if contact_sheet:
+        import io
+
+        buffer = io.BytesIO()
+        make_contact_sheet(rows, labels).save(buffer, format="PNG", optimize=True)
+        atomic_write_bytes(contact_sheet, buffer.getvalue())
+    if out_json:
+        atomic_write_text(out_json, json.dumps(report, indent=2) + "\n")
+    return report
