@@ -258,3 +258,20 @@ def test_bf16_and_gradient_checkpointing_run(tmp_path: Path, udg: Path, latents:
     setup_sft(config, model=_nano(), data=latents).trainer.run()
     log = read_log(tmp_path / "bf16")
     assert len(log) == 2 and all(np.isfinite(r["loss"]) for r in log)
+
+
+def test_eval_nano_counts_a_transfer_by_the_nearest_colour(udg: Path) -> None:
+    from unidg.train.eval_nano import evaluation_pairs, transfer_scores
+
+    source = np.full((8, 8, 3), 100, np.uint8)
+    mask = np.zeros((8, 8), bool)
+    mask[2:6, 2:6] = True
+    red = np.array([200.0, 30.0, 30.0])
+    painted = source.copy()
+    painted[mask] = (180, 40, 40)
+    to_reference, to_source = transfer_scores(painted, source, mask, red)
+    assert to_reference < to_source  # painted towards the reference defect: a transfer
+    to_reference, to_source = transfer_scores(source, source, mask, red)
+    assert to_source == 0.0 and to_reference > 0  # an untouched source never counts
+    pairs = evaluation_pairs(udg, 6, seed=0)
+    assert [p.distribution for p in pairs].count("defect-fill") == 2 and len(pairs) == 6
