@@ -165,6 +165,30 @@ def test_context_and_velocity(nano: UniDGModel) -> None:
         v_guided = nano.velocity(x, cond, folded, bias_folded, 0.5, 4.0, ids, folded_ids)
         v_later = nano.velocity(x, cond, folded, bias_folded, torch.tensor([0.5, 0.2]), 1.0, ids)
     assert v.shape == (2, 8, 64)
+    defect = torch.zeros(2, 8, dtype=torch.bool)
+    defect[0, 2] = defect[1, 5] = True
+    bias = nano.key_bias(defect)
+    assert bias.shape == (2, nano.text_token_count() + nano.reference_tokens + 8) and bias.dtype == torch.float32
+    assert bias[0, 0] == pytest.approx(math.log(k)) and bias[1, -3] == pytest.approx(math.log(nano.settings.alpha))
+    assert bias.count_nonzero() == 4
+    assert not nano.key_bias(defect, fold_text=False, alpha=1.0).any()
     assert (v - v_unfolded).abs().max() <= 1e-5
     assert (v - v_guided).abs().max() > 1e-4  # guidance is an input of the distilled model
     assert torch.equal(v[0], v_later[0]) and (v[1] - v_later[1]).abs().max() > 1e-4
+
+
+def test_velocity_trains_with_gradient_checkpointing_and_the_key_bias() -> None:
+    model = UniDGModel.from_preset("nano", seed=1).train()
+    model.transformer.enable_gradient_checkpointing()
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 8, 64, generator=generator)
+    cond = torch.randn(1, 8, 320, generator=generator)
+    ctx, txt_ids = model.context(torch.randn(1, 4, model.joint_dim, generator=generator))
+    bias = torch.zeros(1, ctx.shape[1] + 8)
+    bias[:, 0] = math.log(model.settings.text_tokens)
+    bias[:, -2:] = math.log(2.0)
+    loss = model.velocity(x, cond, ctx, bias, 0.4, 1.0, image_ids(2, 4), txt_ids).square().mean()
+    loss.backward()
+    grads = [p.grad for p in model.transformer.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert model.transformer.transformer_blocks[0].attn.to_k.weight.grad.abs().sum() > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -132,7 +133,22 @@ def test_generate_end_to_end_at_nano_resolution_keeps_the_source_outside_the_mas
     outside = ~diptych.dilated_mask
     assert np.array_equal(result[outside], source[outside])
     assert not np.array_equal(result[diptych.dilated_mask], source[diptych.dilated_mask])
-    request = SynthesisRequest(reference, reference_mask, source, target_mask, seed=5, steps=2)
-    full = sample_request(nano, request)
-    assert np.array_equal(full.image, result) and np.array_equal(full.mask, diptych.dilated_mask)  # deterministic
-    assert full.diptych.shape == (256, 512, 3)
+
+
+def test_sample_request_is_generate_with_the_runtime_result_fields(nano: UniDGModel) -> None:
+    reference, reference_mask, source, target_mask = _request()
+    settings = nano.settings
+    nano.settings = dataclasses.replace(settings, resolution=S)
+    try:
+        request = SynthesisRequest(reference, reference_mask, source, target_mask, seed=5, steps=2, guidance=2.0)
+        result = sample_request(nano, request)
+        image = generate(nano, reference, reference_mask, source, target_mask, seed=5, steps=2, guidance=2.0)
+        other_guidance = generate(nano, reference, reference_mask, source, target_mask, seed=5, steps=2)
+    finally:
+        nano.settings = settings
+    diptych = build_diptych(reference, reference_mask, source, target_mask, S)
+    assert np.array_equal(result.image, image)  # deterministic
+    assert not np.array_equal(image, other_guidance)
+    assert np.array_equal(result.mask, diptych.dilated_mask)
+    assert result.diptych.shape == (S, 2 * S, 3)
+    assert np.array_equal(result.image[~result.mask], source[~result.mask])

@@ -22,6 +22,7 @@ from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
 from torch import nn
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
+from unidg.runtime.attention_bias import build_key_bias
 from unidg.runtime.settings import UniDGSettings
 from unidg.train.attention import install_key_bias_processor
 from unidg.train.presets import (
@@ -252,6 +253,23 @@ class UniDGModel(nn.Module):
         context = torch.cat([text, reference_tokens], dim=1)
         txt_ids = torch.zeros(context.shape[1], 3, device=context.device, dtype=context.dtype)
         return context, txt_ids
+
+    def key_bias(
+        self, defect_tokens: torch.Tensor, fold_text: bool | None = None, alpha: float | None = None
+    ) -> torch.Tensor:
+        """Key bias (B, N_ctx + N_img) float32 for defect tokens (B, N_img) bool, on their device.
+
+        The runtime's definition (unidg.runtime.attention_bias.build_key_bias) with this model's R, K and alpha.
+        """
+        fold = self.settings.fold_text_tokens if fold_text is None else fold_text
+        bias = build_key_bias(
+            defect_tokens.detach().cpu().bool().numpy(),
+            self.reference_tokens,
+            self.settings.text_tokens,
+            self.settings.alpha if alpha is None else alpha,
+            fold,
+        )
+        return torch.from_numpy(bias).to(defect_tokens.device)
 
     # ---------------------------------------------------------------- transformer
     def velocity(
