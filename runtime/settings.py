@@ -60,8 +60,10 @@ class UniDGSettings:
         return cls(**data)
 
     def save(self, folder: str | Path) -> Path:
+        from unidg.runtime.manifest import atomic_write_text
+
         path = Path(folder) / SETTINGS_FILE
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
         return path
 
     @classmethod
