@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from unidg.runtime.commands import BACKEND_CHOICES, bench_subparsers
 
@@ -29,7 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-steps", type=int, default=200, help="largest steps a request may ask for (default 200)")
     serve.add_argument("--backend", choices=BACKEND_CHOICES, default="onnxruntime", help="runtime backend")
     serve.add_argument("--providers", help="onnxruntime execution providers, comma-separated (e.g. cuda)")
-    serve.add_argument("--threads", type=int, help="onnxruntime intra-op threads per worker")
+    serve.add_argument(
+        "--threads", type=int, help="onnxruntime intra-op threads per worker (default on CPU: cores / workers)"
+    )
     serve.add_argument("--no-warmup", action="store_true", help="skip the one-step warm-up run before /readyz is 200")
     serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     serve.set_defaults(handler=run_serve)
@@ -73,6 +76,9 @@ def run_serve(args: argparse.Namespace) -> int:
         backend_options["providers"] = [p.strip() for p in args.providers.split(",") if p.strip()]
     if args.threads:
         backend_options["threads"] = args.threads
+    elif args.backend == "onnxruntime" and not args.providers:
+        # CPU workers share the cores instead of each starting one thread per core.
+        backend_options["threads"] = max(1, (os.cpu_count() or 1) // max(args.workers, 1))
     config = ServeConfig(
         bundle=args.bundle,
         host=args.host,

@@ -1,18 +1,69 @@
 """Bundles and inputs for the tests of the product surfaces (HTTP service, C ABI, Triton repository).
 
+``nano_bundle``: a real bundle, exported by the export stage from a random-weights UniDG-nano model at S = 64 (about
+45 s on two cores; cached between runs, keyed by the sources it depends on, and shared by the surface tests).
 ``toy_bundle``: the runtime's toy bundle (Bundle format v1, four tiny formula graphs; tests/runtime_fixtures.py) --
-fast, for the mechanics of the surfaces (queue, limits, validation, ABI errors), which do not depend on what the graphs
-compute.
+loads in milliseconds, for the mechanics of the surfaces (queue, timeouts, readiness, repository layout), which do not
+depend on what the graphs compute.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 from runtime_fixtures import make_toy_bundle
 
 SURFACE_RESOLUTION = 64
+_SESSION: dict[str, Path] = {}
+
+
+def _export_source_key() -> str:
+    """A digest of the code and tool versions an exported bundle depends on (the cache key)."""
+    import hashlib
+
+    import onnx
+    import torch
+
+    repo = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256(f"{torch.__version__} {onnx.__version__} {SURFACE_RESOLUTION}".encode())
+    sources = [*sorted((repo / "export").rglob("*.py")), *sorted((repo / "train").rglob("*.py"))]
+    sources += [repo / "runtime" / name for name in ("bundle.py", "manifest.py", "settings.py")]
+    for path in sources:
+        digest.update(path.relative_to(repo).as_posix().encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def nano_bundle(pytestconfig) -> Path:
+    """An exported nano bundle (S = 64, static batch 1, 4 default steps), cached in pytest's cache folder under a
+    digest of the export/train/runtime sources: rebuilt (about 45 s) whenever that code changes."""
+    if "nano" in _SESSION:  # one bundle per test session, even if the sources change meanwhile
+        return _SESSION["nano"]
+    cache = getattr(pytestconfig, "cache", None)  # absent with -p no:cacheprovider
+    folder = cache.mkdir("unidg-surface-nano") if cache is not None else Path(tempfile.mkdtemp(prefix="unidg-nano-"))
+    root = folder / _export_source_key()
+    bundle = root / "bundle"
+    if not (bundle / "manifest.json").is_file():
+        _export_nano(root, bundle)
+        for stale in folder.iterdir():  # bundles of older sources
+            if stale != root:
+                shutil.rmtree(stale, ignore_errors=True)
+    _SESSION["nano"] = bundle
+    return bundle
+
+
+def _export_nano(root: Path, bundle: Path) -> None:
+    from unidg.export.bundle import export_bundle
+    from unidg.train.loading import save_model
+    from unidg.train.model import UniDGModel
+    from unidg.train.presets import get_preset
+
+    settings = dataclasses.replace(get_preset("nano").settings, resolution=SURFACE_RESOLUTION, steps=4)
+    save_model(UniDGModel.from_preset("nano", settings=settings, seed=0), root / "weights", overwrite=True)
+    export_bundle(root / "weights", bundle, resolution=SURFACE_RESOLUTION, batch=1, overwrite=True, progress=None)
 
 
 def toy_bundle(folder: Path) -> Path:

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from surface_fixtures import toy_bundle
+from surface_fixtures import nano_bundle, toy_bundle
 
 from unidg.runtime.capi.build import HEADER, header_cdef
 
@@ -83,9 +83,8 @@ def test_header_declarations_parse_and_export(built):
             assert name in symbols.stdout
 
 
-def test_c_host_runs_the_bundle_end_to_end_and_the_error_paths(built, tmp_path):
-    bundle = toy_bundle(tmp_path / "bundle")
-    result = _run_host(built, bundle, "full")
+def test_c_host_runs_the_nano_bundle_end_to_end_and_the_error_paths(built, pytestconfig):
+    result = _run_host(built, nano_bundle(pytestconfig), "full")
     print(result.stdout)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "0 check(s) failed" in result.stdout
@@ -96,10 +95,11 @@ def test_c_host_runs_the_bundle_end_to_end_and_the_error_paths(built, tmp_path):
 
 
 def test_a_library_whose_python_cannot_start_reports_a_status(built, tmp_path):
+    bundle = toy_bundle(tmp_path / "bundle")
     broken = tmp_path / "broken" / "unidg"
     broken.mkdir(parents=True)
     (broken / "__init__.py").write_text('raise ImportError("this unidg is deliberately broken")\n')
-    result = _run_host(built, tmp_path / "bundle", "no-python", env={"PYTHONPATH": str(broken.parent)})
+    result = _run_host(built, bundle, "no-python", env={"PYTHONPATH": str(broken.parent)})
     assert result.returncode == 0, result.stdout + result.stderr
     assert "FAIL" not in result.stdout and "UNIDG_INTERNAL" in result.stdout
     assert "deliberately broken" in result.stderr  # the interpreter's own reason, on stderr

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from runtime_fixtures import rewrite_manifest, sample_request_arrays
-from surface_fixtures import masked_equal_outside, toy_bundle
+from surface_fixtures import masked_equal_outside, nano_bundle, toy_bundle
 
 from unidg.export.triton_repo import TritonRepoError, TritonRepoOptions, validate_config, write_triton_repo
 from unidg.runtime.bundle import GRAPH_INPUTS, GRAPH_NAMES, GRAPH_OUTPUTS, expected_shapes, load_bundle
@@ -232,8 +232,8 @@ def test_engine_bundle_gets_tensorrt_plan_models_called_through_bls(engine_bundl
     assert sorted(plain.configs) == ["unidg"]
 
 
-def test_python_model_runs_the_synthesizer(bundle, tmp_path, pb_utils):
-    write_triton_repo(bundle, tmp_path / "repo", TritonRepoOptions(instance_kind="cpu"))
+def test_python_model_runs_the_nano_bundle(pytestconfig, tmp_path, pb_utils):
+    write_triton_repo(nano_bundle(pytestconfig), tmp_path / "repo", TritonRepoOptions(instance_kind="cpu"))
     _, model = load_model(tmp_path / "repo")
     reference, reference_mask, source, target_mask = sample_request_arrays()
     tensors = [
