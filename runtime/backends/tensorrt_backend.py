@@ -369,7 +369,7 @@ class TensorRTBackend(Backend):
         if any(spec.version_compatible for spec in specs.values()):
             # Version-compatible plans carry their own lean runtime (host code); the sha256 check vouched for them.
             runtime.engine_host_code_allowed = True
-        backend._runtime = runtime
+        backend._runtime, backend._logger = runtime, logger  # both must outlive the engines
         for graph, spec in specs.items():
             engine = runtime.deserialize_cuda_engine(Path(bundle.file_path(spec.file)).read_bytes())
             if engine is None:
@@ -442,9 +442,10 @@ class TensorRTBackend(Backend):
         if key not in self._graphs:
             self._drop_graphs()  # one (batch, steps) graph at a time: it points at this sigma table
             self._sigma_table = cuda.malloc(table.nbytes)
-            self._graphs[key] = self._capture(step, batch, steps)
         cuda.upload(self._sigma_table, table, self.stream)
         cuda.upload(self._x_buffers[0], noise, self.stream)
+        if key not in self._graphs:  # the warm-up enqueue of the capture reads buffer 0 and writes buffer 1 only
+            self._graphs[key] = self._capture(step, batch, steps)
         graph_exec, events = self._graphs[key]
         cuda(rt.cudaGraphLaunch(graph_exec, self.stream), "cudaGraphLaunch")
         cancelled = False
