@@ -354,7 +354,9 @@ class TensorRTBackend(Backend):
         specs = parse_engines(bundle)
         backend = cls(bundle, trt, cudart, int(device), bool(cuda_graph))
         cuda = backend.cuda
-        count = cuda(cudart.cudaGetDeviceCount(), "cudaGetDeviceCount")
+        error, count = cudart.cudaGetDeviceCount()
+        if error != cudart.cudaError_t.cudaSuccess:  # e.g. cudaErrorInsufficientDriver / cudaErrorNoDevice
+            raise BackendUnavailable(f"no usable CUDA GPU for the tensorrt backend ({error}); use onnxruntime")
         if not 0 <= backend.device < count:
             raise BackendUnavailable(f"CUDA device {device} does not exist ({count} device(s) visible)")
         cuda(cudart.cudaSetDevice(backend.device), "cudaSetDevice")
