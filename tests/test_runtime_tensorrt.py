@@ -238,3 +238,27 @@ def test_engines_run_and_match_onnxruntime(tmp_path, cuda_graph):
     assert steps == list(range(1, 29))
     for got, want in zip(results, expected):
         assert np.abs(got.diptych.astype(int) - want.diptych.astype(int)).max() <= 2
+
+
+def test_every_cuda_runtime_call_exists_in_cuda_python():
+    """The backend's cuda.bindings.runtime names (functions, enums) exist in the installed CUDA Python bindings."""
+    import inspect
+    import re
+
+    from unidg.runtime.backends import tensorrt_backend
+
+    if importlib.util.find_spec("cuda") is None:
+        pytest.skip("cuda-python not installed")
+    from cuda.bindings import runtime
+
+    source = inspect.getsource(tensorrt_backend)
+    names = set(re.findall(r"(?<!\w)(?:rt|cudart)\.(\w+(?:\.\w+)?)", source))
+    assert len(names) > 20
+    missing = []
+    for name in sorted(names):
+        value = runtime
+        for part in name.split("."):
+            value = getattr(value, part, None)
+        if value is None:
+            missing.append(name)
+    assert not missing
