@@ -67,6 +67,7 @@ FIELD_OF_INPUT = {name: upload for upload, name in UPLOAD_FIELDS.items()}
 PARAM_NAMES = ("seed", "steps", "guidance", "category")
 MAX_SEED = 2**63 - 1
 MAX_CATEGORY_CHARS = 64
+DISCONNECT_POLL_S = 0.25  # how often a waiting request checks whether its client is still there
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
@@ -620,6 +621,35 @@ class Metrics:
 # The app
 
 
+class RequestCounter:
+    """Counts requests by path and status (plain ASGI: Starlette's BaseHTTPMiddleware would hide client
+    disconnects from the synthesize endpoint). /v1/synthesize records its own status and latency."""
+
+    KNOWN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] == "/v1/synthesize":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_and_note(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            path = scope["path"] if scope["path"] in self.KNOWN_PATHS else "other"
+            self.metrics.observe_request(path, status, None)
+
+
 async def read_body_limited(request: Any, limit: int) -> bytes:
     """The request body, refusing (413) more than ``limit`` bytes whether or not Content-Length is sent."""
     declared = request.headers.get("content-length")
@@ -685,6 +715,7 @@ def create_app(config: ServeConfig, factory: SynthesizerFactory | None = None) -
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse
     from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     metrics = Metrics()
     pool = SynthesisPool(
@@ -728,14 +759,17 @@ def create_app(config: ServeConfig, factory: SynthesizerFactory | None = None) -
         endpoint.__annotations__ = {**endpoint.__annotations__, "request": Request}
         return endpoint
 
-    @app.middleware("http")
-    async def count_requests(request: Any, call_next: Any) -> Any:
-        response = await call_next(request)
-        path = request.url.path
-        known = path in {"/v1/synthesize", "/healthz", "/readyz", "/metrics"}
-        if path != "/v1/synthesize":  # the synthesize endpoint records its own latency and status
-            metrics.observe_request(path if known else "other", response.status_code, None)
-        return response
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Any, error: Any) -> Any:
+        # 404/405/...: the same JSON shape as every other error of this service.
+        code = str(error.detail).lower().replace(" ", "_")
+        return JSONResponse(
+            {"error": code, "message": f"{request.method} {request.url.path}: {error.detail}"},
+            status_code=error.status_code,
+            headers=getattr(error, "headers", None),
+        )
+
+    app.add_middleware(RequestCounter, metrics=metrics)
 
     @app.get("/healthz")
     async def healthz() -> Any:
@@ -800,12 +834,11 @@ def create_app(config: ServeConfig, factory: SynthesizerFactory | None = None) -
                     "retry later",
                     headers={"Retry-After": str(_retry_after(metrics, config))},
                 ) from error
-            remaining = max(job.deadline - time.monotonic(), 0.0)
-            try:
-                output: SynthesisOutput = await asyncio.wait_for(asyncio.wrap_future(job.future), timeout=remaining)
-            except asyncio.TimeoutError as error:
-                job.cancel.set()
-                raise SynthesisTimeout(f"no result within --timeout {config.timeout_s:g} s") from error
+            output = await wait_for_result(request, job, config.timeout_s)
+            if output is None:
+                metrics.count_error("client_gone")
+                metrics.observe_request("/v1/synthesize", 499, time.monotonic() - started)
+                return JSONResponse({"error": "client_gone"}, status_code=499)
         except ServiceError as error:
             metrics.count_error(error.code)
             metrics.observe_request("/v1/synthesize", error.status, time.monotonic() - started)
@@ -848,6 +881,26 @@ def create_app(config: ServeConfig, factory: SynthesizerFactory | None = None) -
         )
 
     return app
+
+
+async def wait_for_result(request: Any, job: Job, timeout_s: float) -> SynthesisOutput | None:
+    """The job's output; None when the client disconnected first. Either way a job no one waits for is cancelled:
+    dropped from the queue, or stopped at its next step through the progress callback."""
+    waiting = asyncio.wrap_future(job.future)
+    try:
+        while True:
+            remaining = job.deadline - time.monotonic()
+            if remaining <= 0:
+                raise SynthesisTimeout(f"no result within --timeout {timeout_s:g} s")
+            done, _ = await asyncio.wait({waiting}, timeout=min(remaining, DISCONNECT_POLL_S))
+            if done:
+                return waiting.result()
+            if await request.is_disconnected():
+                return None
+    finally:
+        if not waiting.done():
+            job.cancel.set()
+            waiting.cancel()
 
 
 def _text_field(fields: dict[str, bytes | str], name: str) -> str | None:

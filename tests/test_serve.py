@@ -423,3 +423,23 @@ def test_a_bundle_that_cannot_load_is_reported_by_readyz(tmp_path):
         body, content_type = encode_multipart(sample_inputs(64))
         failed = post(url, body, content_type)
         assert failed.status == 503 and "missing-bundle" in failed.json()["message"]
+
+
+def test_a_client_that_disconnects_frees_its_worker(bundle):
+    import socket
+    import urllib.parse
+
+    config = ServeConfig(bundle=str(bundle), workers=1, max_queue=1, timeout_s=30.0, max_steps=1000)
+    app = create_app(config, factory=lambda: SlowedSynthesizer(DefectSynthesizer.from_bundle(bundle), 0.01))
+    body, content_type = encode_multipart(sample_inputs(64), {"params": json.dumps({"steps": 1000})})
+    with serve_in_thread(app) as url:
+        wait_ready(url, timeout=60)
+        parsed = urllib.parse.urlsplit(url)
+        client = socket.create_connection((parsed.hostname, parsed.port))
+        head = f"POST /v1/synthesize HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+        client.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        _wait_for(lambda: _metric(url, "unidg_inflight") == 1)
+        client.close()  # about 10 s of steps left
+        _wait_for(lambda: _metric(url, "unidg_inflight") == 0, timeout=3.0)
+        assert 'unidg_errors_total{kind="client_gone"} 1' in get(url, "/metrics").body.decode()
+        assert get(url, "/nothing-here").json()["error"] == "not_found"
