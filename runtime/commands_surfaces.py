@@ -72,6 +72,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from unidg.runtime.serve import ServeConfig, api_key_from_env, serve
 
     backend_options: dict = {}
+    if args.backend != "onnxruntime" and (args.providers or args.threads):
+        raise ValueError(f"--providers and --threads apply to --backend onnxruntime only (not {args.backend})")
     if args.providers:
         backend_options["providers"] = [p.strip() for p in args.providers.split(",") if p.strip()]
     if args.threads:

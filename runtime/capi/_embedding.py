@@ -176,6 +176,11 @@ def _options(ffi: Any, options: Any) -> dict:
         backend_options["providers"] = providers
     if int(options.threads) > 0:
         backend_options["threads"] = int(options.threads)
+    if backend_options and backend != "onnxruntime":
+        raise AbiError(
+            UNIDG_INVALID_ARGUMENT,
+            f"options.providers and options.threads apply to the onnxruntime backend only (backend is {backend!r})",
+        )
     return {"backend": backend, "verify": bool(options.verify_bundle), "backend_options": backend_options}
 
 
