@@ -125,3 +125,35 @@ def test_demo_without_shipped_assets_says_what_to_pass(tmp_path, capsys):
         pytest.skip("the UniDG-nano bundle is shipped in this build")
     assert main(["demo", "--out", str(tmp_path / "d")]) == 2
     assert "--bundle" in capsys.readouterr().err
+
+
+def test_runtime_modules_import_no_torch_train_or_export():
+    """Layering: the lean runtime (and the CLI registration) loads without torch, onnx or the training code."""
+    modules = [
+        "unidg.cli",
+        "unidg.runtime.bundle",
+        "unidg.runtime.backends.onnxruntime_backend",
+        "unidg.runtime.backends.tensorrt_backend",
+        "unidg.runtime.backends.torch_backend",
+        "unidg.runtime.sampler",
+        "unidg.runtime.synthesizer",
+        "unidg.runtime.jobs",
+        "unidg.runtime.demo",
+        "unidg.runtime.bench",
+        "unidg.runtime.commands",
+    ]
+    code = f"""
+import sys
+heavy = ("torch", "diffusers", "transformers", "onnx", "onnxscript", "tensorrt")
+def loaded(packages):
+    return sorted(m for m in sys.modules if any(m == p or m.startswith(p + ".") for p in packages))
+for name in {modules!r}:
+    __import__(name)
+print(loaded(heavy + ("unidg.train", "unidg.export", "unidg.calib")))
+from unidg.cli import build_parser
+build_parser()  # registers every command module: argparse only
+print(loaded(heavy))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["[]", "[]"]
