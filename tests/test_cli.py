@@ -1,0 +1,70 @@
+"""The console command and the layering rule: the lean runtime never needs torch."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "diffusers", "transformers", "peft", "onnxscript", "modelopt", "triton", "tensorrt")
+
+
+def test_help_lists_every_command_without_heavy_imports() -> None:
+    code = (
+        "import sys\n"
+        "from unidg.cli import build_parser\n"
+        "text = build_parser().format_help()\n"
+        f"heavy = [m for m in {HEAVY!r} if m in sys.modules]\n"
+        "print(repr(heavy)); print(text)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    heavy_line, help_text = out.split("\n", 1)
+    assert heavy_line == "[]", f"building the CLI imported {heavy_line}"
+    for command in ("data", "train", "generate", "batch", "demo", "bench", "serve", "capi", "export", "calib"):
+        assert f"    {command}" in help_text
+
+
+def test_runtime_imports_the_lean_runtime_only() -> None:
+    """No module of unidg.runtime imports torch, train, export or calib at module level."""
+    banned = ("torch", "unidg.train", "unidg.export", "unidg.calib", "diffusers", "transformers")
+    offenders = []
+    for path in sorted((ROOT / "runtime").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in tree.body:  # module level only; imports inside functions are allowed
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            for name in names:
+                if any(name == b or name.startswith(b + ".") for b in banned):
+                    offenders.append(f"{path.relative_to(ROOT)}: {name}")
+    assert not offenders, offenders
+
+
+def test_importing_runtime_modules_loads_no_torch() -> None:
+    modules = sorted(
+        "unidg.runtime." + p.relative_to(ROOT / "runtime").with_suffix("").as_posix().replace("/", ".")
+        for p in (ROOT / "runtime").rglob("*.py")
+        if p.name != "__init__.py" and "capi" not in p.parts and p.name != "_embedding.py"
+    )
+    code = "import importlib, sys\n" + "".join(f"importlib.import_module({m!r})\n" for m in modules)
+    code += "print([m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules])\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", f"importing the runtime loaded {out}"
+
+
+def test_user_error_is_one_line_without_traceback(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "unidg.cli", "generate", "--bundle", str(tmp_path / "missing")]
+        + ["--reference", "r.png", "--reference-mask", "rm.png", "--source", "s.png", "--mask", "m.png"]
+        + ["--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert "error" in result.stderr.lower()
+    assert not (tmp_path / "out").exists()
