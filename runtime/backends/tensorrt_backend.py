@@ -286,8 +286,11 @@ class _Engine:
         trt = self.backend.trt
         names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
         wanted = set(GRAPH_INPUTS[self.spec.graph]) | set(GRAPH_OUTPUTS[self.spec.graph])
-        if names != wanted:
+        # The builder may drop an input the network does not read (e.g. constant ids); everything else must match.
+        required = set(GRAPH_OUTPUTS[self.spec.graph]) | {GRAPH_INPUTS[self.spec.graph][0]}
+        if not names <= wanted or not required <= names:
             raise BackendError(f"engine {self.spec.file} has tensors {sorted(names)}, expected {sorted(wanted)}")
+        self.names = names
         for name in names:
             if self.engine.get_tensor_dtype(name) != trt.DataType.FLOAT:
                 raise BackendError(f"engine {self.spec.file} tensor {name!r} is not float32 (Bundle format v1 I/O)")
@@ -301,13 +304,15 @@ class _Engine:
         self.release()
         self.shapes = binding_shapes(self.backend.bundle, self.spec.graph, batch)
         for name in GRAPH_INPUTS[self.spec.graph]:
-            if not self.context.set_input_shape(name, self.shapes[name]):
+            if name in self.names and not self.context.set_input_shape(name, self.shapes[name]):
                 raise BackendError(f"engine {self.spec.file} rejects input {name} of shape {self.shapes[name]}")
         self.buffers = {name: cuda.malloc(n) for name, n in binding_bytes(self.shapes).items()}
         self.batch = batch
 
     def bind(self, addresses: dict[str, int]) -> None:
         for name in (*GRAPH_INPUTS[self.spec.graph], *GRAPH_OUTPUTS[self.spec.graph]):
+            if name not in self.names:
+                continue
             if not self.context.set_tensor_address(name, addresses.get(name, self.buffers.get(name))):
                 raise BackendError(f"engine {self.spec.file}: cannot bind tensor {name}")
 
