@@ -34,6 +34,10 @@ def _add_backend_options(parser: argparse.ArgumentParser) -> None:
 def backend_options(args: argparse.Namespace) -> dict:
     """The backend keyword options the command line selects (each backend takes its own)."""
     device = args.device
+    if args.threads and args.backend != "onnxruntime":
+        raise ValueError(f"--threads sets onnxruntime's CPU threads; it does not apply to --backend {args.backend}")
+    if args.cuda_graph and args.backend != "tensorrt":
+        raise ValueError(f"--cuda-graph is a tensorrt backend option; it does not apply to --backend {args.backend}")
     if args.backend == "onnxruntime":
         options: dict = {"providers": [device or "cpu"]}
         if args.threads:

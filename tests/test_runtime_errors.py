@@ -195,6 +195,8 @@ CASES = [
     ("unknown-category", _option("--category", "sparkles"), ["category", "sparkles"]),
     ("tensorrt-missing", _option("--backend", "tensorrt"), ["tensorrt"]),
     ("cuda-provider-missing", _option("--device", "cuda"), ["CUDAExecutionProvider", "onnxruntime-gpu"]),
+    ("cuda-graph-on-onnxruntime", _option("--cuda-graph"), ["--cuda-graph", "tensorrt backend option"]),
+    ("threads-on-torch", _option("--backend", "torch", "--threads", "2"), ["--threads", "--backend torch"]),
     ("missing-bundle", lambda t, f, b: (f, t / "no-bundle", []), ["does not exist"]),
     ("missing-manifest", _bundle(lambda b: (b / "manifest.json").unlink()), ["manifest.json"]),
     ("weights-not-bundle", _bundle(_weights_kind), ["'weights'", "'bundle'"]),
