@@ -32,7 +32,7 @@ class EngineError(ValueError):
     """The engine build cannot be done as asked; the message names the option and the fix."""
 
 
-class TensorRTUnavailable(ModuleNotFoundError):
+class TensorRTUnavailable(EngineError):
     """``tensorrt`` is not installed (it needs NVIDIA's package index and a CUDA GPU)."""
 
 

@@ -141,7 +141,7 @@ def _polygraphy_compare(
 ) -> tuple[np.ndarray, bool, str | None]:
     """Run ``path`` with polygraphy's onnxruntime runner and compare with the torch output (saved as JSON)."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-    from polygraphy.comparator import Comparator, CompareFunc, IterationResult, RunResults
+    from polygraphy.comparator import Comparator, IterationResult, RunResults, SimpleCompareFunc
     from polygraphy.json import save_json
     from polygraphy.logger import G_LOGGER
 
@@ -150,7 +150,7 @@ def _polygraphy_compare(
     results = Comparator.run([runner], data_loader=[inputs])
     torch_results = RunResults([("torch", [IterationResult({output: expected}, runner_name="torch")])])
     combined = RunResults(list(results.items()) + list(torch_results.items()))
-    accuracy = Comparator.compare_accuracy(combined, compare_func=CompareFunc.simple(atol=atol, rtol=rtol))
+    accuracy = Comparator.compare_accuracy(combined, compare_func=SimpleCompareFunc(atol=atol, rtol=rtol))
     actual = results["onnxrt"][0][output]
     command = None
     if save is not None:
@@ -180,6 +180,11 @@ def graph_parity(
     bundle = load_bundle(bundle_path)
     check_model_matches(bundle, model)
     facts = bundle_facts(bundle)
+    if batch is not None and bundle.batch is not None and batch != bundle.batch:
+        raise ParityError(
+            f"bundle {bundle.path.name} is static with batch {bundle.batch}; it cannot run batch {batch} "
+            "(export it with --batch dynamic)"
+        )
     batch = batch or bundle.batch or 2
     save = Path(save_dir) if save_dir is not None else None
     results = {}

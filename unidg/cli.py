@@ -21,6 +21,8 @@ COMMAND_MODULES: list[str] = [
     "unidg.runtime.commands_surfaces",
     "unidg.export.commands_bench",
     "unidg.export.commands_triton",
+    "unidg.export.commands",
+    "unidg.calib.commands",
 ]
 
 

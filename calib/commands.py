@@ -1,0 +1,62 @@
+"""``unidg calib build`` (registered by unidg.cli): calibration sets for ``unidg export quantize``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    calib = subparsers.add_parser("calib", help="calibration sets (step inputs along real trajectories)")
+    calib.set_defaults(handler=lambda args: calib.print_help() or 2)
+    commands = calib.add_subparsers(dest="calib_command", metavar="CALIB")
+    build = commands.add_parser(
+        "build",
+        help="capture step-graph inputs of N requests along their 28-step trajectories",
+        description="Make N synthesis requests from a UDG folder (runtime geometry), run them with the torch "
+        "reference sampler of the weights, and store the step inputs at the chosen steps as safetensors shards with "
+        "a manifest tied to the weights fingerprint. Deterministic for a seed.",
+    )
+    build.add_argument("--data", required=True, help="UDG folder (index.jsonl + images), e.g. from `unidg data synth`")
+    build.add_argument("--weights", required=True, help="merged weights folder (unidg train merge)")
+    build.add_argument("--out", required=True, help="calibration folder to write")
+    build.add_argument("--samples", type=int, default=32, help="requests (default 32)")
+    build.add_argument("--steps", type=int, default=28, help="denoising steps per request (default 28)")
+    build.add_argument(
+        "--step-subset",
+        help="steps to capture: '0,7,14,21,27', ranges '0-3', 'every:4' (default: all)",
+    )
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--held-out", type=int, help="samples kept for the accuracy report (default samples/4)")
+    build.add_argument("--resolution", type=int, help="diptych half size S (default: the weights' unidg.json)")
+    build.add_argument("--samples-per-shard", type=int, default=8)
+    build.add_argument("--overwrite", action="store_true")
+    build.set_defaults(handler=run_build)
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from unidg.calib.build import build_calib
+
+    def progress(message: str) -> None:
+        print(f"[unidg calib] {message}", file=sys.stderr, flush=True)
+
+    manifest = build_calib(
+        args.data,
+        args.weights,
+        args.out,
+        samples=args.samples,
+        steps=args.steps,
+        step_subset=args.step_subset,
+        seed=args.seed,
+        held_out=args.held_out,
+        resolution=args.resolution,
+        samples_per_shard=args.samples_per_shard,
+        overwrite=args.overwrite,
+        progress=progress,
+    )
+    meta = manifest.metadata
+    print(
+        f"wrote {args.out}: {meta['samples']} samples x {len(meta['captured_steps'])} steps at S={meta['resolution']}"
+        f", held out {meta['held_out']}, weights {meta['weights']['fingerprint'][:12]}…"
+    )
+    return 0

@@ -1,0 +1,265 @@
+"""``unidg export onnx|quantize|engine|trtexec|parity|slice`` (registered by unidg.cli). Heavy imports live in the
+handlers, so ``unidg --help`` works on the lean runtime install."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from unidg.export.commands_triton import _export_subparsers
+
+
+def _batch(text: str) -> int | str:
+    if text == "dynamic":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--batch {text!r}: give a positive integer or 'dynamic'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--batch {value}: must be >= 1")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    export = _export_subparsers(subparsers)
+
+    onnx = export.add_parser(
+        "onnx",
+        help="bundle of ONNX graphs (step, VAE encoder/decoder, image encoder) from a merged weights folder",
+        description="Export the four graphs of Bundle format v1 with torch's dynamo exporter (opset 23) and write "
+        "manifest.json; the folder appears atomically (docs/export.md).",
+    )
+    onnx.add_argument("--weights", required=True, help="merged weights folder (unidg train merge)")
+    onnx.add_argument("--out", required=True, help="bundle folder to write")
+    onnx.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32")
+    onnx.add_argument("--resolution", type=int, help="diptych half size S (default: the weights' unidg.json)")
+    onnx.add_argument("--batch", type=_batch, default=1, help="static batch size or 'dynamic' (default 1)")
+    onnx.add_argument("--max-batch", type=int, default=16, help="upper bound of a dynamic batch (default 16)")
+    onnx.add_argument(
+        "--sequence",
+        choices=("static", "dynamic"),
+        default="static",
+        help="dynamic: the image-token count (resolution) is a graph axis",
+    )
+    onnx.add_argument("--attention", choices=("portable", "plugin"), default="portable")
+    onnx.add_argument(
+        "--portable-mask",
+        choices=("fold", "expand"),
+        default=None,
+        help="form of the key bias in portable attention (default fold; see docs/export.md)",
+    )
+    onnx.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    onnx.add_argument("--no-verify", action="store_true", help="skip re-hashing the weight files")
+    onnx.set_defaults(handler=run_onnx)
+
+    quantize = export.add_parser(
+        "quantize",
+        help="FP8 / INT8 bundle with NVIDIA ModelOpt, gated by an accuracy report",
+        description="Calibrate the transformer on a calibration set (unidg calib build) with ModelOpt, export the "
+        "Q/DQ step graph, measure velocity cosine and final-image PSNR against the unquantized bundle on the held-out "
+        "samples, and write the bundle only if the gate passes.",
+    )
+    quantize.add_argument("--weights", required=True, help="merged weights folder")
+    quantize.add_argument("--calib", required=True, help="calibration set of these weights (unidg calib build)")
+    quantize.add_argument("--format", choices=("fp8", "int8"), required=True)
+    quantize.add_argument("--out", required=True, help="bundle folder to write")
+    quantize.add_argument(
+        "--reference",
+        help="unquantized bundle of the same weights at the calibration resolution (default: exported on the fly)",
+    )
+    quantize.add_argument("--alpha", type=float, default=0.8, help="SmoothQuant migration strength (int8)")
+    quantize.add_argument("--min-cosine", type=float, default=None, help="gate: mean velocity cosine (0.995)")
+    quantize.add_argument("--min-psnr", type=float, default=None, help="gate: worst final-image PSNR in dB (30)")
+    quantize.add_argument("--calib-limit", type=int, help="use at most this many calibration step inputs")
+    quantize.add_argument("--report-samples", type=int, help="trajectories in the report (default: all held-out)")
+    quantize.add_argument(
+        "--amax-scale",
+        type=float,
+        default=1.0,
+        help="multiply the calibrated ranges (diagnostics; 0 gives an all-zero calibration that the gate rejects)",
+    )
+    quantize.add_argument("--overwrite", action="store_true")
+    quantize.set_defaults(handler=run_quantize)
+
+    engine = export.add_parser(
+        "engine",
+        help="TensorRT plans for a bundle (TensorRT Python API; needs tensorrt and a GPU)",
+        description="Build one serialized plan per graph with optimization profiles from the manifest shapes and "
+        "record them (TensorRT version, compute capability, sha256) in the bundle's manifest.",
+    )
+    _engine_arguments(engine)
+    engine.set_defaults(handler=run_engine)
+
+    trtexec = export.add_parser(
+        "trtexec",
+        help="print the equivalent trtexec build and profiling commands for a bundle",
+    )
+    _engine_arguments(trtexec)
+    trtexec.add_argument("--trtexec", default="trtexec", help="trtexec executable (default: trtexec on PATH)")
+    trtexec.set_defaults(handler=run_trtexec)
+
+    parity = export.add_parser(
+        "parity",
+        help="per-graph and 28-step trajectory parity of a bundle with the torch model (onnxruntime, polygraphy)",
+    )
+    parity.add_argument("--bundle", required=True)
+    parity.add_argument("--weights", required=True, help="the weights folder the bundle was exported from")
+    parity.add_argument("--no-trajectory", action="store_true", help="per-graph figures only")
+    parity.add_argument("--save", help="folder for polygraphy inputs/outputs JSON (re-run with `polygraphy run`)")
+    parity.add_argument("--json", help="write the figures to this JSON file")
+    parity.add_argument("--seed", type=int, default=0)
+    parity.set_defaults(handler=run_parity)
+
+    slice_parser = export.add_parser(
+        "slice",
+        help="export the step graph of a preset with only a few blocks, random weights (size/time/memory checks)",
+    )
+    slice_parser.add_argument("--out", required=True, help="folder for step.onnx (+ step.onnx.data)")
+    slice_parser.add_argument("--preset", default="full")
+    slice_parser.add_argument("--double-blocks", type=int, default=1)
+    slice_parser.add_argument("--single-blocks", type=int, default=1)
+    slice_parser.add_argument("--resolution", type=int, default=768)
+    slice_parser.add_argument("--heads", type=int, help="narrow the transformer to this many heads")
+    slice_parser.set_defaults(handler=run_slice)
+
+
+def _engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bundle", required=True, help="bundle folder")
+    precision = parser.add_mutually_exclusive_group()
+    for flag in ("fp8", "int8", "bf16", "fp16"):
+        precision.add_argument(f"--{flag}", dest="precision", action="store_const", const=flag)
+    shapes = parser.add_mutually_exclusive_group()
+    shapes.add_argument("--static", dest="dynamic", action="store_const", const=False, help="one fixed shape")
+    shapes.add_argument("--dynamic", dest="dynamic", action="store_const", const=True, help="shape ranges")
+    parser.add_argument("--min-batch", type=int, default=1)
+    parser.add_argument("--opt-batch", type=int)
+    parser.add_argument("--max-batch", type=int)
+    parser.add_argument("--min-resolution", type=int)
+    parser.add_argument("--max-resolution", type=int)
+    parser.add_argument("--timing-cache", type=Path, help="timing cache file (read if present, then updated)")
+    parser.add_argument("--optimization-level", type=int, default=3, help="builder optimization level 0..5")
+    parser.add_argument("--refit", action="store_true", help="refittable plans")
+    parser.add_argument("--strip-weights", action="store_true", help="weight-stripped plans (refit from the ONNX)")
+    parser.add_argument("--version-compatible", action="store_true")
+    parser.add_argument(
+        "--hardware-compatibility", choices=("none", "same_compute_capability", "ampere_plus"), default="none"
+    )
+    parser.add_argument("--workspace-gb", type=float)
+    parser.add_argument("--graphs", help="comma-separated subset of step,vae_encoder,vae_decoder,image_encoder")
+
+
+def _engine_request(args: argparse.Namespace):
+    from unidg.export.engine import EngineRequest
+    from unidg.runtime.bundle import GRAPH_NAMES
+
+    graphs = tuple(g.strip() for g in args.graphs.split(",")) if args.graphs else GRAPH_NAMES
+    return EngineRequest(
+        precision=args.precision,
+        dynamic=args.dynamic,
+        min_batch=args.min_batch,
+        opt_batch=args.opt_batch,
+        max_batch=args.max_batch,
+        min_resolution=args.min_resolution,
+        max_resolution=args.max_resolution,
+        optimization_level=args.optimization_level,
+        timing_cache=args.timing_cache,
+        refit=args.refit,
+        strip_weights=args.strip_weights,
+        version_compatible=args.version_compatible,
+        hardware_compatibility=args.hardware_compatibility,
+        workspace_gb=args.workspace_gb,
+        graphs=graphs,
+    )
+
+
+def run_onnx(args: argparse.Namespace) -> int:
+    from unidg.export.bundle import export_bundle
+
+    manifest = export_bundle(
+        args.weights,
+        args.out,
+        precision=args.precision,
+        resolution=args.resolution,
+        batch=args.batch,
+        max_batch=args.max_batch,
+        dynamic_sequence=args.sequence == "dynamic",
+        attention=args.attention,
+        portable_mask=args.portable_mask,
+        overwrite=args.overwrite,
+        verify_weights=not args.no_verify,
+    )
+    meta = manifest.metadata
+    print(
+        f"wrote {args.out}: S={meta['resolution']} {meta['precision']} attention {meta['attention']} "
+        f"({meta['attention_form']}), batch {meta['batch']}, {len(manifest.files)} files"
+    )
+    return 0
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    from unidg.export.quantize import DEFAULT_MIN_COSINE, DEFAULT_MIN_PSNR, quantize_bundle
+
+    report = quantize_bundle(
+        args.weights,
+        args.calib,
+        args.format,
+        args.out,
+        reference=args.reference,
+        alpha=args.alpha,
+        min_cosine=DEFAULT_MIN_COSINE if args.min_cosine is None else args.min_cosine,
+        min_psnr=DEFAULT_MIN_PSNR if args.min_psnr is None else args.min_psnr,
+        calib_limit=args.calib_limit,
+        report_samples=args.report_samples,
+        amax_scale=args.amax_scale,
+        overwrite=args.overwrite,
+    )
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def run_engine(args: argparse.Namespace) -> int:
+    from unidg.export.engine import build_engines
+
+    table = build_engines(args.bundle, _engine_request(args))
+    for graph, entry in table["plans"].items():
+        print(f"{graph}: {entry['file']} sha256 {entry['sha256'][:16]}… batch {entry['batch']}")
+    return 0
+
+
+def run_trtexec(args: argparse.Namespace) -> int:
+    from unidg.export.trtexec import render
+
+    sys.stdout.write(render(args.bundle, _engine_request(args), args.trtexec))
+    return 0
+
+
+def run_parity(args: argparse.Namespace) -> int:
+    from unidg.calib.folders import load_weights_model, read_weights
+    from unidg.export.parity import format_report, graph_parity, report, trajectory_parity
+
+    model = load_weights_model(read_weights(args.weights))
+    graphs = graph_parity(args.bundle, model, seed=args.seed, save_dir=args.save)
+    trajectory = None if args.no_trajectory else trajectory_parity(args.bundle, model, seed=args.seed)
+    data = report(graphs, trajectory)
+    print(format_report(data))
+    if args.json:
+        Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
+    return 0
+
+
+def run_slice(args: argparse.Namespace) -> int:
+    from unidg.export.onnx_export import export_slice
+
+    record = export_slice(
+        args.out,
+        preset=args.preset,
+        double_blocks=args.double_blocks,
+        single_blocks=args.single_blocks,
+        heads=args.heads,
+        resolution=args.resolution,
+    )
+    print(f"wrote {Path(args.out) / record.file} (+ {list(record.data_files)}) in {record.seconds:.1f} s")
+    return 0

@@ -1,0 +1,161 @@
+"""`unidg export onnx`: the bundle of a nano weights folder, its manifest, atomic writing, refusals, variants
+(dynamic batch / sequence, plugin attention) and the full preset's one-block slice with external data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from export_fixtures import RESOLUTION, nano_bundle, nano_weights, single_thread, workspace
+
+from unidg.calib.folders import OutputFolderError, WeightsError
+from unidg.cli import main
+from unidg.export.bundle import export_bundle
+from unidg.export.onnx_export import (
+    ExportError,
+    ExportOptions,
+    ModelFacts,
+    export_graph,
+    export_slice,
+    float32_rope,
+    graph_example_inputs,
+    graph_module,
+)
+from unidg.runtime.bundle import GRAPH_INPUTS, GRAPH_NAMES, BundleError, load_bundle
+from unidg.runtime.manifest import read_manifest, sha256_file
+from unidg.runtime.settings import UniDGSettings
+
+
+def test_bundle_from_nano_weights_has_the_v1_manifest():
+    bundle = load_bundle(nano_bundle())  # the runtime's own checks: format, sha256 of every file, shapes
+    meta = bundle.metadata
+    weights = read_manifest(nano_weights(), kind="weights")
+    assert meta["weights"]["fingerprint"] == weights.fingerprint
+    assert meta["resolution"] == RESOLUTION == meta["settings"]["resolution"]
+    assert meta["precision"] == "fp32" and meta["opset"] == 23 and meta["batch"] == 1
+    assert meta["attention"] == "portable" and meta["attention_form"] == "fold"
+    assert meta["context_tokens"] == 1 + meta["reference_tokens"]  # folded text token + Redux tokens
+    assert {"torch", "onnx", "onnxruntime", "onnxscript"} <= set(meta["tools"])
+    for name in GRAPH_NAMES:
+        graph = meta["graphs"][name]
+        assert list(graph["inputs"]) == list(GRAPH_INPUTS[name])
+        assert all(spec["dtype"] == "float32" for spec in {**graph["inputs"], **graph["outputs"]}.values())
+        assert bundle.files[graph["file"]] == sha256_file(bundle.path / graph["file"])
+    step = meta["graphs"]["step"]
+    n = (RESOLUTION // 16) * (2 * RESOLUTION // 16)
+    assert step["inputs"]["key_bias"]["shape"] == [1, meta["context_tokens"] + n]
+    assert step["op_counts"]["Attention"] == 6  # 2 double + 4 single blocks, fused opset-23 Attention
+    assert "Expand" in step["op_counts"] and not any("DOUBLE" in k for k in step["op_counts"])
+    model = onnx.load(str(bundle.path / "step.onnx"))
+    assert not [n for n in model.graph.node if n.op_type == "Cast" and n.attribute[0].i == onnx.TensorProto.DOUBLE]
+
+
+def test_export_refuses_weights_without_manifest(tmp_path):
+    folder = tmp_path / "weights"
+    shutil.copytree(nano_weights(), folder)
+    (folder / "manifest.json").unlink()
+    with pytest.raises(WeightsError, match="no manifest.json.*unidg train merge"):
+        export_bundle(folder, tmp_path / "out", resolution=RESOLUTION, progress=None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_refuses_changed_weights_and_bad_resolution(tmp_path):
+    folder = tmp_path / "weights"
+    shutil.copytree(nano_weights(), folder)
+    settings = json.loads((folder / "unidg.json").read_text())
+    (folder / "unidg.json").write_text(json.dumps({**settings, "alpha": 3.0}))
+    with pytest.raises(WeightsError, match="unidg.json does not match its manifest"):
+        export_bundle(folder, tmp_path / "out", progress=None)
+    with pytest.raises(OutputFolderError, match="--resolution 72 is not a positive multiple of 16"):
+        export_bundle(nano_weights(), tmp_path / "out", resolution=72, progress=None)
+    with pytest.raises(ExportError, match="--precision"):
+        ExportOptions(resolution=64, precision="fp64")
+
+
+def test_cli_refuses_with_a_clear_message(tmp_path, capsys):
+    assert main(["export", "onnx", "--weights", str(tmp_path), "--out", str(tmp_path / "b")]) == 2
+    assert "has no manifest.json" in capsys.readouterr().err
+    assert main(["export", "onnx", "--weights", str(nano_weights()), "--out", str(nano_bundle())]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):
+    import unidg.export.bundle as bundle_module
+
+    def fail_midway(model, folder, options, progress=None):
+        (Path(folder) / "step.onnx").write_bytes(b"half a graph")
+        raise RuntimeError("exporter crashed")
+
+    monkeypatch.setattr(bundle_module, "export_graphs", fail_midway)
+    with pytest.raises(RuntimeError, match="exporter crashed"):
+        export_bundle(nano_weights(), tmp_path / "out", resolution=RESOLUTION, progress=None)
+    assert list(tmp_path.iterdir()) == []  # neither OUT nor the staging folder
+
+
+def test_static_bundle_refuses_another_resolution():
+    bundle = load_bundle(nano_bundle())
+    other = UniDGSettings.from_dict({**bundle.settings.to_dict(), "resolution": 128})
+    with pytest.raises(BundleError, match="resolution"):
+        load_bundle(nano_bundle(), expected_settings=other)
+    session = ort.InferenceSession(str(bundle.graph_path("step")), providers=["CPUExecutionProvider"])
+    facts = ModelFacts.of(_nano_model(), 128)
+    with pytest.raises(Exception, match="(?i)dimension|shape"):
+        session.run(None, graph_example_inputs("step", facts, 1))
+
+
+def _nano_model():
+    from export_fixtures import load_nano_model
+
+    return load_nano_model()
+
+
+def test_dynamic_batch_and_sequence_step_graph_runs_at_other_shapes(tmp_path):
+    model = _nano_model()
+    options = ExportOptions(resolution=RESOLUTION, batch="dynamic", dynamic_sequence=True, max_batch=4)
+    with single_thread():
+        record = export_graph("step", model, tmp_path, options, progress=None)
+    assert record.inputs["x"]["shape"][0] == "batch" and isinstance(record.inputs["x"]["shape"][1], str)
+    session = ort.InferenceSession(str(tmp_path / "step.onnx"), providers=["CPUExecutionProvider"])
+    for batch, resolution in ((1, 64), (3, 96)):
+        feeds = graph_example_inputs("step", ModelFacts.of(model, resolution), batch, seed=batch)
+        with torch.no_grad(), float32_rope(model):
+            expected = graph_module("step", model)(*[torch.from_numpy(a) for a in feeds.values()]).numpy()
+        actual = session.run(None, feeds)[0]
+        assert actual.shape == expected.shape
+        assert np.abs(actual - expected).max() < 1e-4
+
+
+def test_plugin_attention_replaces_every_attention_node(tmp_path):
+    from unidg.export.plugins.onnx_rewrite import count_attention_nodes, count_plugin_nodes
+
+    model = _nano_model()
+    with single_thread():
+        record = export_graph("step", model, tmp_path, ExportOptions(resolution=RESOLUTION, attention="plugin"))
+    graph = onnx.load(str(tmp_path / "step.onnx"))
+    assert count_attention_nodes(graph) == 0 and count_plugin_nodes(graph) == 6
+    assert "Attention" not in record.op_counts
+    onnx.checker.check_model(str(tmp_path / "step.onnx"))
+
+
+def test_full_preset_slice_exports_with_external_data(tmp_path):
+    # The real FLUX widths except the head count (1 head of 128): the meta-device path, slicing, random weights,
+    # external data and the path-based checker, at test size. The full 1-block slice: docs/export.md.
+    record = export_slice(tmp_path, preset="full", heads=1, resolution=64, external_data=True, progress=None)
+    assert record.data_files == ("step.onnx.data",)
+    assert (tmp_path / "step.onnx.data").stat().st_size > (tmp_path / "step.onnx").stat().st_size
+    onnx.checker.check_model(str(tmp_path / "step.onnx"))
+    assert record.inputs["ctx"]["shape"] == [1, 1 + 729, 4096]  # folded text + 729 SigLIP/Redux tokens, J = 4096
+    model = onnx.load(str(tmp_path / "step.onnx"), load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    session = ort.InferenceSession(str(tmp_path / "step.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_outputs()[0].name == "x_next"
+
+
+def test_workspace_is_private():
+    assert workspace().is_dir()
