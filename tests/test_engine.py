@@ -1,0 +1,179 @@
+"""`unidg export engine` / `unidg export trtexec`: everything around the TensorRT calls (precision modes, optimization
+profiles from the manifest, plan flags, the engines table the runtime reads, trtexec commands). The builds themselves
+need TensorRT and a GPU and are skipped without them."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import shlex
+
+import pytest
+from export_fixtures import RESOLUTION, nano_bundle
+
+from unidg.cli import main
+from unidg.export.engine import (
+    EngineError,
+    EngineRequest,
+    engines_table,
+    plan_builds,
+    precision_mode,
+    profile_for,
+)
+from unidg.export.trtexec import build_command, profile_command, render
+from unidg.runtime.bundle import GRAPH_NAMES, load_bundle
+
+HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+
+
+def _static():
+    return load_bundle(nano_bundle(), verify=False)
+
+
+def _dynamic(sequence: bool = True, precision: str = "fp32"):
+    """The nano bundle's manifest as a dynamic-batch (and dynamic-sequence) bundle would record it."""
+    bundle = _static()
+    meta = {**bundle.metadata, "batch": "dynamic", "max_batch": 8, "precision": precision}
+    meta["sequence"] = "dynamic" if sequence else "static"
+    return dataclasses.replace(bundle, batch=None, metadata=meta)
+
+
+def _tokens(s: int) -> int:
+    return (s // 16) * (2 * s // 16)
+
+
+def test_static_profile_is_the_manifest_shape():
+    bundle = _static()
+    profile = profile_for(bundle, "step", EngineRequest())
+    assert profile.static and profile.batch == (1, 1) and profile.resolution == (RESOLUTION, RESOLUTION)
+    c, n = bundle.context_tokens, _tokens(RESOLUTION)
+    assert profile.shapes["x"] == ((1, n, 64),) * 3
+    assert profile.shapes["key_bias"] == ((1, c + n),) * 3
+    assert profile.shapes["txt_ids"] == ((c, 3),) * 3
+    decoder = profile_for(bundle, "vae_decoder", EngineRequest()).shapes["latents"]
+    assert decoder[0] == (1, 16, RESOLUTION // 8, RESOLUTION // 4)
+
+
+def test_dynamic_profiles_span_batch_and_resolution():
+    bundle = _dynamic()
+    request = EngineRequest(opt_batch=2, max_batch=4, min_resolution=32, max_resolution=128)
+    step = profile_for(bundle, "step", request)
+    c = bundle.context_tokens
+    assert step.batch == (1, 4) and step.resolution == (32, 128)
+    assert step.shapes["x"] == ((1, _tokens(32), 64), (2, _tokens(64), 64), (4, _tokens(128), 64))
+    assert step.shapes["key_bias"][2] == (4, c + _tokens(128))
+    assert step.shapes["img_ids"] == ((_tokens(32), 3), (_tokens(64), 3), (_tokens(128), 3))
+    encoder = profile_for(bundle, "vae_encoder", request).shapes["pixels"]
+    assert encoder == ((1, 3, 32, 64), (2, 3, 64, 128), (4, 3, 128, 256))
+    image = profile_for(bundle, "image_encoder", request).shapes["pixels"]
+    p = bundle.reference_size
+    assert image == ((1, 3, p, p), (2, 3, p, p), (4, 3, p, p))  # the reference size never varies
+    static = profile_for(
+        bundle, "step", dataclasses.replace(request, dynamic=False, min_resolution=None, max_resolution=None)
+    )
+    assert static.static
+
+
+def test_profile_refusals():
+    with pytest.raises(EngineError, match="--dynamic: bundle .* is static"):
+        profile_for(_static(), "step", EngineRequest(dynamic=True))
+    with pytest.raises(EngineError, match="static at S=64"):
+        profile_for(_static(), "step", EngineRequest(max_resolution=128))
+    with pytest.raises(EngineError, match="exceeds the bundle's exported batch bound 8"):
+        profile_for(_dynamic(), "step", EngineRequest(max_batch=16))
+    with pytest.raises(EngineError, match="must contain the bundle's resolution 64"):
+        profile_for(_dynamic(), "step", EngineRequest(min_resolution=96, max_resolution=128))
+    with pytest.raises(EngineError, match="multiple of 16"):
+        profile_for(_dynamic(), "step", EngineRequest(max_resolution=100))
+
+
+def test_precision_modes():
+    assert precision_mode(_static(), None) == (True, ())  # fp32 graph, strongly typed
+    assert precision_mode(_static(), "bf16") == (False, ("BF16",))  # TensorRT picks bf16 kernels
+    for fmt in ("fp8", "int8"):
+        assert precision_mode(_dynamic(precision=fmt), fmt) == (True, ())  # Q/DQ: strongly typed, no flags
+        with pytest.raises(EngineError, match=f"--{fmt} needs a bundle with {fmt.upper()} Q/DQ"):
+            precision_mode(_static(), fmt)
+    with pytest.raises(EngineError, match="already fix their precision"):
+        precision_mode(_dynamic(precision="fp8"), "bf16")
+
+
+def test_plan_flags_and_engines_table_match_the_runtime_reader():
+    from unidg.runtime.backends.tensorrt_backend import parse_engines
+
+    request = EngineRequest(strip_weights=True, version_compatible=True, hardware_compatibility="ampere_plus")
+    bundle = _dynamic()
+    builds = plan_builds(bundle, request)
+    assert [b.graph for b in builds] == list(GRAPH_NAMES)
+    assert set(builds[0].builder_flags) == {"REFIT", "STRIP_PLAN", "REFIT_IDENTICAL", "VERSION_COMPATIBLE"}
+    plans = {b.graph: {"file": b.plan, "sha256": "0" * 64, "batch": list(b.profile.batch)} for b in builds}
+    table = engines_table(plans, "10.13.0.35", (9, 0), "NVIDIA H100", request)
+    listed = dataclasses.replace(bundle, engines=table, files={**bundle.files, **{b.plan: "0" * 64 for b in builds}})
+    specs = parse_engines(listed)
+    assert specs["step"].compute_capability == (9, 0) and specs["step"].batch == (1, 8)
+    assert specs["step"].version_compatible and specs["step"].hardware_compatibility == "ampere_plus"
+
+
+def test_trtexec_commands():
+    bundle = _dynamic()
+    build = plan_builds(bundle, EngineRequest(precision="bf16", max_batch=4, timing_cache="cache.bin"))[0]
+    command = build_command(build, bundle.path)
+    n = _tokens(RESOLUTION)
+    assert command[:2] == ["trtexec", f"--onnx={bundle.path / 'step.onnx'}"]
+    assert "--bf16" in command and "--stronglyTyped" not in command
+    assert f"--saveEngine={bundle.path / 'engines/step.plan'}" in command
+    assert "--timingCacheFile=cache.bin" in command and "--builderOptimizationLevel=3" in command
+    shapes = {arg.split("=")[0]: arg.split("=", 1)[1] for arg in command if "Shapes=" in arg}
+    assert shapes["--optShapes"].startswith(f"x:1x{n}x64,cond:1x{n}x320,")
+    assert f"x:4x{n}x64" in shapes["--maxShapes"]
+    profile = profile_command(build, bundle.path)
+    assert {"--useCudaGraph", "--separateProfileRun", "--dumpProfile"} <= set(profile)
+    assert f"--shapes=x:1x{n}x64" in " ".join(profile)
+    static = plan_builds(_static(), EngineRequest())[0]
+    assert "--stronglyTyped" in build_command(static, _static().path)
+    assert not any("Shapes" in a for a in build_command(static, _static().path))
+    text = render(nano_bundle(), EngineRequest())
+    for line in text.splitlines():
+        if line.startswith("trtexec"):
+            assert shlex.split(line)[0] == "trtexec"
+    assert text.count("--loadEngine=") == 4 and text.count("--saveEngine=") == 4
+
+
+def test_cli_trtexec_and_refusals(capsys):
+    assert main(["export", "trtexec", "--bundle", str(nano_bundle()), "--fp8"]) == 2
+    assert "--fp8 needs a bundle with FP8 Q/DQ" in capsys.readouterr().err
+    assert main(["export", "trtexec", "--bundle", str(nano_bundle())]) == 0
+    assert "--stronglyTyped" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(HAS_TENSORRT, reason="tensorrt is installed: the build test below runs instead")
+def test_engine_command_without_tensorrt_says_so(capsys):
+    assert main(["export", "engine", "--bundle", str(nano_bundle())]) == 2
+    assert "tensorrt is not installed" in capsys.readouterr().err
+
+
+def test_engine_build_with_tensorrt(tmp_path):
+    if not HAS_TENSORRT:
+        pytest.skip("tensorrt not installed")
+    import shutil
+
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU for TensorRT")
+    from unidg.export.engine import build_engines
+    from unidg.export.parity import psnr, synthetic_request
+    from unidg.runtime.synthesizer import DefectSynthesizer, SynthesisRequest
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(nano_bundle(), bundle)
+    table = build_engines(bundle, EngineRequest(timing_cache=tmp_path / "cache.bin"), progress=None)
+    assert set(table["plans"]) == set(GRAPH_NAMES) and (tmp_path / "cache.bin").is_file()
+    loaded = load_bundle(bundle)  # plan sha256 listed and checked
+    assert loaded.engines["compute_capability"] == list(torch.cuda.get_device_capability(0))
+    request = SynthesisRequest(*synthetic_request(80, seed=2), seed=4)
+    with DefectSynthesizer.from_bundle(bundle, backend="tensorrt") as trt_run:
+        trt_image = trt_run.generate(request).diptych
+    with DefectSynthesizer.from_bundle(bundle) as ort_run:
+        ort_image = ort_run.generate(request).diptych
+    assert psnr(trt_image, ort_image) > 35
