@@ -72,18 +72,24 @@ def random_crops(pool: np.ndarray, generator: torch.Generator, batch: int, crop:
     return to_model_pixels(np.stack(crops))
 
 
-def vae_loss(vae, pixels: torch.Tensor, kl_weight: float, sample: bool = True) -> tuple[torch.Tensor, dict]:
+def vae_loss(
+    vae, pixels: torch.Tensor, kl_weight: float, color_weight: float = 0.0, sample: bool = True
+) -> tuple[torch.Tensor, dict]:
+    """L1 + MSE + color_weight * L1 of 4x4-average-pooled colours + kl_weight * KL (per latent element)."""
     posterior = vae.encode(pixels).latent_dist
     latents = posterior.sample() if sample else posterior.mode()
     reconstruction = vae.decode(latents).sample
     l1 = (reconstruction - pixels).abs().mean()
     mse = (reconstruction - pixels).pow(2).mean()
+    # A small autoencoder learns luminance long before chroma; the low-pass term makes colour fidelity come first.
+    color = (F.avg_pool2d(reconstruction, 4) - F.avg_pool2d(pixels, 4)).abs().mean()
     kl = posterior.kl().mean() / latents[0].numel()
-    total = l1 + mse + kl_weight * kl
+    total = l1 + mse + color_weight * color + kl_weight * kl
     parts = {
         "loss": float(total.detach()),
         "l1": float(l1.detach()),
         "mse": float(mse.detach()),
+        "color": float(color.detach()),
         "kl": float(kl.detach()),
     }
     return total, parts
@@ -145,17 +151,17 @@ def train_vae(model, pool: np.ndarray, config: BaseConfig, run_dir: Path, progre
                 # Decoder-only fine-tune: the encoder (and so every cached latent) is final from here on.
                 vae.encoder.requires_grad_(False)
                 optimizer = torch.optim.AdamW(
-                    [p for p in vae.parameters() if p.requires_grad], lr=stage.lr * 0.3, weight_decay=0.0
+                    [p for p in vae.parameters() if p.requires_grad], lr=stage.lr * 0.1, weight_decay=0.0
                 )
                 vae.train()
             generator = step_generator(config.seed, 10_000_000 + step)
             pixels = random_crops(pool, generator, stage.batch_size, stage.crop)
             lr = stage.lr * min(1.0, step / 50) * (0.5 * (1 + math.cos(math.pi * min(step / max(stage.steps, 1), 1))))
             for group in optimizer.param_groups:
-                group["lr"] = max(lr, stage.lr * 0.05) if step <= stage.steps else stage.lr * 0.3
+                group["lr"] = max(lr, stage.lr * 0.05) if step <= stage.steps else stage.lr * 0.1
             with torch.random.fork_rng():
                 torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
-                total, parts = vae_loss(vae, pixels, stage.kl_weight, sample=step <= stage.steps)
+                total, parts = vae_loss(vae, pixels, stage.kl_weight, stage.color_weight, sample=step <= stage.steps)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)

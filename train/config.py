@@ -180,6 +180,7 @@ class VAEStageConfig:
     crop: int = 64  # random square crops (pixels) the autoencoder trains on (it is fully convolutional)
     lr: float = 1e-3
     kl_weight: float = 1e-6
+    color_weight: float = 1.0  # L1 of 4x4-pooled colours (colour fidelity first)
     scale_fit_batches: int = 8  # batches used to make the normalized latents zero-mean, unit-std (folded in)
 
     def validate(self, where: str) -> None:
@@ -188,6 +189,7 @@ class VAEStageConfig:
         _check(self.crop >= 16 and self.crop % 16 == 0, where, "vae.crop", "must be a multiple of 16", self.crop)
         _check(self.lr > 0, where, "vae.lr", "must be > 0", self.lr)
         _check(self.kl_weight >= 0, where, "vae.kl_weight", "must be >= 0", self.kl_weight)
+        _check(self.color_weight >= 0, where, "vae.color_weight", "must be >= 0", self.color_weight)
         _check(self.scale_fit_batches >= 1, where, "vae.scale_fit_batches", "must be >= 1", self.scale_fit_batches)
 
 
