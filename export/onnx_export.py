@@ -450,9 +450,15 @@ def cast_for_precision(model: UniDGModel, precision: str) -> UniDGModel:
     parts = [model.transformer, model.image_encoder, model.redux]
     if not (precision == "fp16" and getattr(model.vae.config, "force_upcast", False)):
         parts.append(model.vae)
-    with warnings_quiet():  # diffusers warns about casting after loading; the cast is deliberate here
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # it warns about casting after loading; the cast is deliberate here
+    try:
         for part in parts:
             part.to(dtype)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     return model
 
 

@@ -29,6 +29,8 @@ from unidg.runtime.bundle import GRAPH_NAMES, GRAPH_OUTPUTS, Bundle, load_bundle
 
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-3
+# polygraphy tolerances per bundle precision (fp16 graphs are compared with the float32 torch model)
+TOLERANCES = {"fp32": (DEFAULT_ATOL, DEFAULT_RTOL), "fp16": (2e-2, 2e-2)}
 
 
 class ParityError(ValueError):
@@ -173,12 +175,20 @@ def graph_parity(
     batch: int | None = None,
     seed: int = 0,
     save_dir: str | Path | None = None,
-    atol: float = DEFAULT_ATOL,
-    rtol: float = DEFAULT_RTOL,
+    atol: float | None = None,
+    rtol: float | None = None,
 ) -> dict[str, GraphParity]:
-    """Per-graph parity of a bundle with ``model`` on example inputs (seeded)."""
+    """Per-graph parity of a bundle with ``model`` on example inputs (seeded); tolerances default per precision."""
     bundle = load_bundle(bundle_path)
     check_model_matches(bundle, model)
+    if bundle.precision == "bf16":
+        raise ParityError(
+            f"bundle {bundle.path.name} is bf16: onnxruntime has no CPU kernels for bf16 graphs; check it where it "
+            "runs (TensorRT: `unidg export engine --bundle ...` on a GPU), or export --precision fp32/fp16 here"
+        )
+    default_atol, default_rtol = TOLERANCES.get(bundle.precision, TOLERANCES["fp32"])
+    atol = default_atol if atol is None else atol
+    rtol = default_rtol if rtol is None else rtol
     facts = bundle_facts(bundle)
     if batch is not None and bundle.batch is not None and batch != bundle.batch:
         raise ParityError(
