@@ -47,9 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     onnx.add_argument("--attention", choices=("portable", "plugin"), default="portable")
     onnx.add_argument(
         "--portable-mask",
-        choices=("fold", "expand"),
+        choices=("expand", "fold"),
         default=None,
-        help="form of the key bias in portable attention (default fold; see docs/export.md)",
+        help="form of the key bias in portable attention (default expand; see docs/export.md)",
     )
     onnx.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     onnx.add_argument("--no-verify", action="store_true", help="skip re-hashing the weight files")

@@ -39,7 +39,7 @@ def test_bundle_from_nano_weights_has_the_v1_manifest():
     assert meta["weights"]["fingerprint"] == weights.fingerprint
     assert meta["resolution"] == RESOLUTION == meta["settings"]["resolution"]
     assert meta["precision"] == "fp32" and meta["opset"] == 23 and meta["batch"] == 1
-    assert meta["attention"] == "portable" and meta["attention_form"] == "fold"
+    assert meta["attention"] == "portable" and meta["attention_form"] == "expand"
     assert meta["context_tokens"] == 1 + meta["reference_tokens"]  # folded text token + Redux tokens
     assert {"torch", "onnx", "onnxruntime", "onnxscript"} <= set(meta["tools"])
     for name in GRAPH_NAMES:
