@@ -73,7 +73,10 @@ def parse_step_subset(text: str | None, steps: int) -> list[int]:
         return list(range(steps))
     chosen: set[int] = set()
     if text.startswith("every:"):
-        stride = int(text.split(":", 1)[1])
+        try:
+            stride = int(text.split(":", 1)[1])
+        except ValueError:
+            raise CalibError(f"--step-subset {text!r}: 'every:K' needs an integer K, e.g. every:4") from None
         if stride < 1:
             raise CalibError(f"--step-subset {text!r}: the stride must be >= 1")
         chosen = set(range(0, steps, stride)) | {steps - 1}
@@ -273,7 +276,7 @@ def build_calib(
             inputs = prepare_diptych(model, diptych)
             noise = get_noise([sample.seed], image_tokens)
             x, captured = noise, []
-            for i in range(steps):
+            for i in range(capture[-1] + 1):  # nothing after the last captured step is needed
                 if i in capture:
                     captured.append(x[0].numpy().copy())
                 x = denoise(model, x, inputs, [float(sigmas[i]), float(sigmas[i + 1])], settings.guidance)

@@ -103,6 +103,8 @@ def test_step_subsets():
         parse_step_subset("28", 28)
     with pytest.raises(CalibError, match="step indices like"):
         parse_step_subset("first", 28)
+    with pytest.raises(CalibError, match="needs an integer K"):
+        parse_step_subset("every:x", 28)
 
 
 def test_cli_refusals(tmp_path, capsys):
