@@ -25,6 +25,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image
+
+from unidg.runtime import images
 from unidg.runtime.manifest import atomic_write_bytes
 
 INDEX_FILE = "index.jsonl"
@@ -213,13 +215,13 @@ class Quadruplet:
         return self.root / getattr(self, which)
 
     def load_normal(self) -> np.ndarray:
-        return _load_image(self.path("normal"), f"quadruplet {self.id} normal")
+        return images.load_image(self.path("normal"), f"quadruplet {self.id} normal")
 
     def load_abnormal(self) -> np.ndarray:
-        return _load_image(self.path("abnormal"), f"quadruplet {self.id} abnormal")
+        return images.load_image(self.path("abnormal"), f"quadruplet {self.id} abnormal")
 
     def load_mask(self) -> np.ndarray:
-        return _load_mask(self.path("mask"), f"quadruplet {self.id} mask")
+        return images.load_mask(self.path("mask"), f"quadruplet {self.id} mask")
 
     def to_json(self) -> dict:
         data = {
@@ -235,24 +237,6 @@ class Quadruplet:
             data["height"], data["width"] = int(self.size[0]), int(self.size[1])
         data.update(self.extra)
         return data
-
-
-def _load_image(path: Path, name: str) -> np.ndarray:
-    try:
-        from unidg.runtime.images import load_image
-    except ImportError:  # images.py not installed in this build: plain PIL decoding
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"), dtype=np.uint8)
-    return load_image(path, name)
-
-
-def _load_mask(path: Path, name: str) -> np.ndarray:
-    try:
-        from unidg.runtime.images import load_mask
-    except ImportError:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("L")) > 127
-    return load_mask(path, name)
 
 
 # ------------------------------------------------------------------------------------------------------------ reading
@@ -289,7 +273,7 @@ def _image_size(path: Path, key: str) -> tuple[int, int]:
 
 def _parse_line(folder: Path, text: str, check_files: bool) -> Quadruplet:
     try:
-        data = json.loads(text)
+        data = json.loads(text.strip())  # no trailing newline: the error column is on this line
     except json.JSONDecodeError as error:
         reason = f"{error.msg} at column {error.colno}"
         raise UDGError(f"is not valid JSON ({reason}); write one JSON object per line") from None
@@ -329,11 +313,9 @@ def _parse_line(folder: Path, text: str, check_files: bool) -> Quadruplet:
         size = actual
         mask_path = folder / paths["mask"]
         try:
-            mask = _load_mask(mask_path, "mask")
-        except ValueError as error:  # runtime.images refuses empty or unreadable masks itself
-            raise UDGError(f'"mask" file {mask_path}: {error}; a quadruplet needs a non-empty 0/255 mask') from None
-        if not mask.any():
-            raise UDGError(f'"mask" file {mask_path} is empty (no pixel > 127); a quadruplet needs a defect region')
+            images.load_mask(mask_path, "mask")  # refuses an empty mask: a quadruplet needs a defect region
+        except images.InputError as error:
+            raise UDGError(f'"mask" file {mask_path} {error.problem}') from None
     extra = {key: value for key, value in data.items() if key not in _KNOWN_KEYS}
     return Quadruplet(
         id=sample_id,
