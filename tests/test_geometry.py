@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 from scipy import ndimage
+
 from unidg.runtime.geometry import (
     SquareTransform,
     adaptive_reference_crop,

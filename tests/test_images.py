@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
 from unidg.runtime.images import (
     InputError,
     load_image,

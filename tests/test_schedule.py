@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from unidg.runtime.schedule import flux_mu, flux_sigmas
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers not installed")
