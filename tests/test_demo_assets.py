@@ -1,0 +1,187 @@
+"""The shipped demo assets: UniDG-nano weights, its ONNX bundle and the sample cases, and `unidg demo` on them.
+
+The bundle must be the export of the committed weights (fingerprint, and numerically: a fresh export in onnxruntime
+gives the same outputs on fixed inputs), the samples must be what their documented command writes, and the demo must
+run end to end with every pixel outside the dilated target mask equal to the source's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import unidg.runtime.demo as demo
+from unidg.cli import main
+from unidg.runtime.bundle import GRAPH_NAMES, load_bundle
+from unidg.runtime.geometry import dilate_mask
+from unidg.runtime.images import load_image, load_mask
+from unidg.runtime.latents import image_ids
+from unidg.runtime.manifest import read_manifest, verify_files
+from unidg.runtime.settings import UniDGSettings
+from unidg.runtime.udg import CATEGORIES, read_index
+
+MAX_SAMPLES_BYTES = 1_000_000
+MAX_BUNDLE_BYTES = 64 * 2**20
+TOLERANCE = 1e-5  # fp32 graphs of the same weights
+
+
+def bundle_folder() -> Path:
+    return demo.DEFAULT_BUNDLE
+
+
+def weights_folder() -> Path:
+    return demo.DEFAULT_BUNDLE.parent / "unidg-nano"
+
+
+def samples_folder() -> Path:
+    return demo.DEFAULT_SAMPLES
+
+
+# ------------------------------------------------------------------------------------------------------- samples
+def test_samples_load_and_stay_small():
+    cases = demo.read_samples(samples_folder())
+    assert len(cases) >= 6
+    for case in cases:
+        reference = load_image(case.reference, "reference")
+        reference_mask = load_mask(case.reference_mask, "reference mask")
+        source = load_image(case.source, "source")
+        target_mask = load_mask(case.mask, "target mask", allow_full=False)
+        assert reference_mask.shape == reference.shape[:2] and target_mask.shape == source.shape[:2], case.id
+        assert case.category in CATEGORIES, case.id
+    entries = json.loads((samples_folder() / demo.SAMPLES_FILE).read_text())
+    assert {entry["transfer"] for entry in entries} == {"intra-object", "cross-object"}
+    shapes = [load_image(case.source).shape for case in cases]
+    assert any(h != w for h, w, _ in shapes), "some sources must be non-square (pad-to-square path)"
+    total = sum(path.stat().st_size for path in samples_folder().iterdir())
+    assert total < MAX_SAMPLES_BYTES, f"samples take {total} bytes"
+
+
+def test_samples_are_what_the_documented_command_writes(tmp_path):
+    from unidg.train.make_demo_samples import make_demo_samples
+
+    make_demo_samples(tmp_path)
+    shipped = samples_folder()
+    assert json.loads((tmp_path / demo.SAMPLES_FILE).read_text()) == json.loads(
+        (shipped / demo.SAMPLES_FILE).read_text()
+    ), "samples.json differs; rebuild with `python -m unidg.train.make_demo_samples`"
+    names = sorted(path.name for path in tmp_path.glob("*.png"))
+    assert names == sorted(path.name for path in shipped.glob("*.png"))
+    rebuild = "rebuild with `python -m unidg.train.make_demo_samples`"
+    for name in names:
+        fresh, committed = (np.asarray(Image.open(folder / name)) for folder in (tmp_path, shipped))
+        assert np.array_equal(fresh, committed), f"{name} differs; {rebuild}"
+
+
+# -------------------------------------------------------------------------------------------------------- bundle
+def test_bundle_passes_the_runtime_checks_and_names_the_committed_weights():
+    bundle = load_bundle(bundle_folder())  # manifest, sha256 of every file, facts vs settings, graph shapes
+    weights = read_manifest(weights_folder(), kind="weights")
+    verify_files(weights_folder(), weights)
+    assert bundle.metadata["weights"] == {"path": "unidg-nano", "fingerprint": weights.fingerprint}
+    settings = UniDGSettings.load(weights_folder())
+    assert bundle.resolution == settings.resolution
+    assert bundle.metadata["settings"] == settings.to_dict()
+    assert bundle.precision == "fp32" and bundle.metadata["attention"] == "portable"
+    size = sum(path.stat().st_size for path in bundle_folder().iterdir())
+    assert size < MAX_BUNDLE_BYTES, f"the shipped bundle takes {size / 2**20:.1f} MiB"
+
+
+@pytest.fixture(scope="module")
+def fresh_bundle(tmp_path_factory) -> Path:
+    """The committed weights exported again, with the options recorded in the committed bundle's manifest."""
+    from unidg.export.bundle import export_bundle
+
+    meta = load_bundle(bundle_folder()).metadata
+    out = tmp_path_factory.mktemp("export") / "bundle"
+    export_bundle(
+        weights_folder(),
+        out,
+        precision=meta["precision"],
+        resolution=meta["resolution"],
+        batch=meta["batch"],
+        max_batch=meta.get("max_batch", 16),
+        dynamic_sequence=meta["sequence"] == "dynamic",
+        attention=meta["attention"],
+        portable_mask=meta["attention_form"],
+        progress=None,
+    )
+    return out
+
+
+def _graph_inputs(name: str, bundle) -> dict[str, np.ndarray]:
+    """Fixed inputs of graph ``name`` in its manifest shapes: noise, ids and a key bias as the runtime builds them."""
+    rng = np.random.default_rng(2026)
+    specs = bundle.metadata["graphs"][name]["inputs"]
+    feeds = {}
+    for input_name, spec in specs.items():
+        shape = [1 if not isinstance(d, int) else d for d in spec["shape"]]
+        feeds[input_name] = rng.uniform(-1, 1, shape).astype(np.float32)
+    if name == "step":
+        s = bundle.resolution
+        batch, context = feeds["key_bias"].shape[0], bundle.context_tokens
+        feeds["img_ids"] = image_ids(s // 16, 2 * s // 16).astype(np.float32)
+        feeds["txt_ids"] = np.zeros_like(feeds["txt_ids"])
+        key_bias = np.zeros(feeds["key_bias"].shape, dtype=np.float32)
+        key_bias[:, 0] = np.log(bundle.text_tokens)
+        key_bias[:, context + rng.choice(bundle.image_tokens, 20, replace=False)] = np.log(2.0)
+        feeds["key_bias"] = key_bias
+        feeds["sigma"] = np.full(batch, 0.7, np.float32)
+        feeds["sigma_next"] = np.full(batch, 0.65, np.float32)
+        feeds["guidance"] = np.full(batch, bundle.metadata["settings"]["guidance"], np.float32)
+    return feeds
+
+
+def test_committed_bundle_matches_a_fresh_export_of_the_committed_weights(fresh_bundle):
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    committed, fresh = load_bundle(bundle_folder()), load_bundle(fresh_bundle)
+    assert fresh.metadata["weights"] == committed.metadata["weights"]
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    for name in GRAPH_NAMES:
+        paths = [b.graph_path(name) for b in (committed, fresh)]
+        weights = [
+            {t.name: numpy_helper.to_array(t) for t in onnx.load(str(p), load_external_data=True).graph.initializer}
+            for p in paths
+        ]
+        assert weights[0], f"{name}: no initializers found"
+        assert weights[0].keys() == weights[1].keys(), f"{name}: the graphs hold different initializers"
+        for key, value in weights[0].items():
+            assert np.array_equal(value, weights[1][key]), f"{name}: initializer {key} differs"
+        feeds = _graph_inputs(name, committed)
+        sessions = [ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for p in paths]
+        outputs = [session.run(None, feeds) for session in sessions]
+        for got, want in zip(outputs[0], outputs[1], strict=True):
+            assert np.isfinite(got).all(), f"{name}: non-finite output"
+            difference = float(np.max(np.abs(got - want)))
+            assert difference <= TOLERANCE, f"{name}: max abs difference {difference:.2e} > {TOLERANCE}"
+
+
+# ---------------------------------------------------------------------------------------------------------- demo
+def test_demo_runs_on_the_shipped_bundle(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "2"]) == 0, capsys.readouterr().err
+    cases = demo.read_samples(samples_folder())
+    quadruplets = read_index(out)
+    assert [q.id for q in quadruplets] == [case.id for case in cases]
+    settings = load_bundle(bundle_folder()).metadata["settings"]
+    for case, quadruplet in zip(cases, quadruplets, strict=True):
+        source = load_image(case.source)
+        dilated = dilate_mask(load_mask(case.mask), settings["dilate_kernel"], settings["dilate_iterations"])
+        output = quadruplet.load_abnormal()
+        assert np.array_equal(quadruplet.load_normal(), source), case.id
+        assert np.array_equal(quadruplet.load_mask(), dilated), case.id
+        assert output.shape == source.shape, case.id
+        assert np.array_equal(output[~dilated], source[~dilated]), f"{case.id}: pixels outside the mask changed"
+        assert (output[dilated] != source[dilated]).any(), f"{case.id}: nothing was generated in the mask"
+        metadata = json.loads((out / "metadata" / f"{case.id}.json").read_text())
+        assert metadata["steps"] == 2 and metadata["seed"] == case.seed
+    sheet = Image.open(out / demo.CONTACT_SHEET)
+    assert sheet.format == "PNG"
+    assert sheet.size == (3 * 256 + 4 * 6, 24 + len(cases) * (256 + 20 + 6) + 6)
