@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 from unidg.runtime.images import InputError
 from unidg.runtime.manifest import atomic_write_bytes
 from unidg.runtime.synthesizer import DefectSynthesizer, SynthesisRequest, SynthesisResult
+from unidg.runtime.udg import SAMPLE_ID_PATTERN
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_BUNDLE = ASSETS / "unidg-nano-bundle"
@@ -33,7 +33,6 @@ DEFAULT_SAMPLES = ASSETS / "samples"
 SAMPLES_FILE = "samples.json"
 DEMO_MARKER = "demo.json"
 CONTACT_SHEET = "contact_sheet.png"
-_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 class DemoError(ValueError):
@@ -88,7 +87,7 @@ def read_samples(folder: str | Path) -> list[SampleCase]:
         if missing:
             raise DemoError(f"{where} lacks path(s) {missing}")
         case_id = str(entry.get("id", f"sample-{number:03d}"))
-        if not _ID_PATTERN.match(case_id):
+        if not SAMPLE_ID_PATTERN.match(case_id):
             raise DemoError(f"{where}: id {case_id!r} must be letters, digits, '.', '_', '-'")
         seed = entry.get("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from pathlib import Path
 from unidg.runtime.images import InputError
 from unidg.runtime.manifest import atomic_write_text
 from unidg.runtime.synthesizer import DefectSynthesizer, SynthesisRequest, SynthesisResult
-from unidg.runtime.udg import INDEX_FILE, UDGWriter, caption_stub, check_category
+from unidg.runtime.udg import INDEX_FILE, SAMPLE_ID_PATTERN, UDGWriter, caption_stub, check_category
 
 BATCH_STATE_FILE = "batch.json"
 LOCK_FILE = ".batch.lock"
@@ -41,7 +40,6 @@ DEFAULT_CATEGORY = "unknown"  # UDG needs one of the 28 categories; "unknown" is
 DEFAULT_OBJECT = "object"
 REQUIRED_KEYS = ("reference", "reference_mask", "source", "mask", "seed")
 OPTIONAL_KEYS = ("id", "category", "steps", "guidance", "object_name")
-_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 class JobsError(ValueError):
@@ -121,7 +119,7 @@ def _parse_job(folder: Path, number: int, text: str) -> Job:
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise JobsError(f"line {number}: 'seed' must be a non-negative integer (got {seed!r})")
     job_id = data.get("id", f"line-{number:06d}")
-    if not isinstance(job_id, str) or not _ID_PATTERN.match(job_id):
+    if not isinstance(job_id, str) or not SAMPLE_ID_PATTERN.match(job_id):
         raise JobsError(f"line {number}: 'id' must be letters, digits, '.', '_', '-' (got {job_id!r})")
     category = data.get("category")
     if category is not None:

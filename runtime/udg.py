@@ -90,7 +90,8 @@ CONFIDENCE_KEY = "Confidence"
 
 _REQUIRED_KEYS = ("id", "normal", "abnormal", "mask", "object_name", "category", "caption")
 _KNOWN_KEYS = frozenset(_REQUIRED_KEYS) | {"height", "width"}
-_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# Sample ids name files: letters, digits, ".", "_" and "-", starting with a letter or digit.
+SAMPLE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 class UDGError(ValueError):
@@ -283,7 +284,7 @@ def _parse_line(folder: Path, text: str, check_files: bool) -> Quadruplet:
     if missing:
         raise UDGError(f"is missing required keys {', '.join(missing)} (needed: {', '.join(_REQUIRED_KEYS)})")
     sample_id = data["id"]
-    if not isinstance(sample_id, str) or not _ID_PATTERN.match(sample_id):
+    if not isinstance(sample_id, str) or not SAMPLE_ID_PATTERN.match(sample_id):
         raise UDGError(f'"id" must be a string of letters, digits, ".", "_", "-" (got {sample_id!r})')
     if not isinstance(data["object_name"], str) or not data["object_name"].strip():
         raise UDGError(f'"object_name" must be a non-empty string (got {data["object_name"]!r})')
@@ -452,7 +453,7 @@ class UDGWriter:
     ) -> Quadruplet:
         sample_id = self.next_id() if sample_id is None else sample_id
         name = f"quadruplet {sample_id!r}"
-        if not _ID_PATTERN.match(sample_id):
+        if not SAMPLE_ID_PATTERN.match(sample_id):
             raise UDGError(f'{name}: ids are letters, digits, ".", "_", "-" (no slashes or spaces)')
         if sample_id in self._ids:
             raise UDGError(f"{name} already exists in {self.index_path}; pick another id")
