@@ -3,6 +3,7 @@ read_index and `unidg data validate`, deterministic, covering all 28 categories'
 
 from __future__ import annotations
 
+import colorsys
 import json
 import subprocess
 import sys
@@ -23,7 +24,16 @@ from unidg.train.shape_masks import (
     random_shape_mask,
     shape_mask,
 )
-from unidg.train.synth import DATASET_FILE, DEFECTS, SURFACES, check_tables, defect_category, plan, synthesize
+from unidg.train.synth import (
+    DATASET_FILE,
+    DEFECTS,
+    SURFACES,
+    check_tables,
+    defect_category,
+    look_color,
+    plan,
+    synthesize,
+)
 
 COUNT, SIZE = 30, 64
 
@@ -136,14 +146,53 @@ def test_captions_follow_fig7_and_describe_the_defects(udg):
         assert q.caption["Confidence"] == 1.0
 
 
-def test_defect_colours_vary_within_one_object_and_defect(udg):
-    groups: dict[tuple[str, str], list[np.ndarray]] = {}
+def test_a_lot_is_one_product_flipped(udg):
+    lots: dict[int, list] = {}
     for q in read_index(udg):
-        groups.setdefault((q.object_name, q.extra["defect_type"]), []).append(
-            q.load_abnormal()[q.load_mask()].mean(axis=0)
-        )
-    spreads = [np.ptp(np.stack(colors), axis=0).max() for colors in groups.values() if len(colors) > 1]
-    assert spreads and np.median(spreads) > 5.0
+        lots.setdefault(q.extra["lot"], []).append(q)
+    compared = 0
+    for members in lots.values():
+        assert len({(q.object_name, q.extra["defect_type"]) for q in members}) == 1
+        first = members[0].load_normal()
+        for q in members[1:]:
+            if q.size != members[0].size:
+                continue
+            normal = q.load_normal()
+            variants = [first, first[::-1], first[:, ::-1], first[::-1, ::-1]]
+            assert any(np.array_equal(normal, v) for v in variants), q.id
+            compared += 1
+    assert compared >= 5
+
+
+def test_a_family_shares_a_look_across_its_two_objects(udg):
+    families: dict[int, list] = {}
+    for q in read_index(udg):
+        families.setdefault(q.extra["family"], []).append(q)
+    colors = {}
+    for family, members in families.items():
+        assert len({q.category for q in members}) == 1
+        colors[family] = [q.load_abnormal()[q.load_mask()].mean(axis=0) for q in members]
+    assert sum(len({q.object_name for q in members}) == 2 for members in families.values()) >= 4
+    within = [np.linalg.norm(a - b) for c in colors.values() for i, a in enumerate(c) for b in c[i + 1 :]]
+    pairs = [(c, d) for f, c in colors.items() for g, d in colors.items() if f < g]
+    across = [np.linalg.norm(a - b) for c, d in pairs for a in c for b in d]
+    assert np.median(within) < 0.6 * np.median(across)
+
+
+def test_look_color_is_stable_within_a_look_and_inside_the_defect_ranges():
+    rust = DEFECTS["rust"]
+    look = np.array([0.3, 0.6, 0.5])
+    rng = np.random.default_rng(0)
+    same = np.stack([look_color(rust, look, rng) for _ in range(20)])
+    other = np.stack([look_color(rust, np.array([0.9, 0.1, 0.9]), rng) for _ in range(20)])
+    assert same.std(axis=0).max() < 0.06
+    assert np.linalg.norm(same.mean(axis=0) - other.mean(axis=0)) > 0.2
+    for rgb in np.concatenate([same, other]):
+        h, s_, v = colorsys.rgb_to_hsv(*rgb)
+        assert rust.saturation[0] - 1e-6 <= s_ <= rust.saturation[1] + 1e-6
+        assert rust.value[0] - 1e-6 <= v <= rust.value[1] + 1e-6
+        centre = sum(rust.hue) / 2
+        assert abs((h - centre + 0.5) % 1.0 - 0.5) <= (rust.hue[1] - rust.hue[0]) / 2 + 0.06  # hue is circular
 
 
 def test_holds_all_three_distributions(udg):

@@ -2,15 +2,18 @@
 shape-prior masks, template captions in the Fig. 7 schema.
 
 No defect dataset is reachable offline, so the demo model and the tests learn from this generator. It is built so
-that reference-based transfer has something to learn: every defect has a visual identity (colour, texture, shading)
-drawn fresh per sample, so a reference's look carries information the model must copy; every object has several
-defect types and every defect type appears on several objects, so both intra-object and cross-object pairs exist.
+that reference-based transfer has something to learn and the Diversity-SFT pairs agree with it. Samples come in
+lots: 2-3 samples of one (object, defect) on one product (the same normal image, flipped at random), like photos from
+one production line. Each round of a category puts it on two objects, and those two lots form a defect family with
+one look (a colour placed in each defect's own colour ranges, jittered per sample), so intra-object and cross-object
+pairs exist from the first few samples on and Alg. 2's colour score finds references that look like the target.
+Families differ in look, so a reference still carries information the model must copy: the colour of a defect kind
+is not fixed, it has to be read from the reference.
 
 Normal images: scikit-image's bundled photos (brick, grass, gravel, text, coins, camera, astronaut, coffee, rocket),
 cropped, flipped and recoloured, plus procedural surfaces (fabric weave, brushed metal, wood rings, paint, tiles,
 leather, fruit skin, a bottle cap on a background). The abnormal image equals the normal one outside the mask, pixel
-for pixel. Samples come in small groups of one (object, defect) so small datasets already hold intra-object pairs,
-and each category is drawn on two objects in turn so they hold cross-object pairs.
+for pixel.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from unidg.runtime.udg import CATEGORIES, INDEX_FILE, UDGWriter, mask_location, 
 from unidg.train.shape_masks import keep_largest_regions, perlin_noise, shape_mask
 
 DATASET_FILE = "dataset.json"
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: product lots and defect families
 MIN_VISIBLE_DIFFERENCE = 6.0  # mean |abnormal - normal| inside the mask, in 8-bit levels
 
 Rgb = np.ndarray  # float (3,) in [0, 1]
@@ -702,11 +705,31 @@ def _draw_mask(defect: Defect, surface_foreground, shape, rng) -> tuple[np.ndarr
     return shape_mask(kind, size, shape, rng, surface_foreground), kind
 
 
-def _render(defect: Defect, normal: np.ndarray, mask: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
-    """Render until visible (a few colours are tried): the uint8 abnormal image, equal to ``normal`` off the mask."""
+def look_color(defect: Defect, look: np.ndarray, rng: np.random.Generator) -> Rgb:
+    """The colour of a defect family's ``look`` (3 numbers in [0, 1]) placed inside ``defect``'s HSV ranges, with a
+    small per-sample jitter: samples of one family differ a little, as real defects of one kind do."""
+
+    def place(bounds: tuple[float, float], u: float, spread: float) -> float:
+        low, high = bounds
+        return float(np.clip(low + (high - low) * u + rng.normal(0.0, spread), low, high))
+
+    hue = (defect.hue[0] + (defect.hue[1] - defect.hue[0]) * look[0] + rng.normal(0.0, 0.015)) % 1.0
+    saturation = place(defect.saturation, look[1], 0.04)
+    value = place(defect.value, look[2], 0.04)
+    return np.array(colorsys.hsv_to_rgb(hue, saturation, value), dtype=np.float32)
+
+
+def _render(
+    defect: Defect, normal: np.ndarray, mask: np.ndarray, rng, look: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Render until visible (a few colours are tried): the uint8 abnormal image, equal to ``normal`` off the mask.
+    ``look``: the defect family's look (``look_color``); None draws a fresh colour from the defect's ranges."""
     base = normal.astype(np.float32) / 255.0
     for _ in range(4):
-        color = _hsv(rng, defect.hue, defect.saturation, defect.value)
+        if look is None:
+            color = _hsv(rng, defect.hue, defect.saturation, defect.value)
+        else:
+            color = look_color(defect, look, rng)
         rendered = defect.render(base, mask, rng, color)
         rendered = np.round(np.clip(rendered, 0.0, 1.0) * 255.0).astype(np.uint8)
         abnormal = np.where(mask[..., None], rendered, normal)
@@ -775,9 +798,29 @@ def make_caption(surface: Surface, normal: np.ndarray, entries: list[dict]) -> d
     }
 
 
-def make_sample(surface: Surface, defect_name: str, shape: tuple[int, int], rng: np.random.Generator) -> Sample:
-    """One quadruplet of ``defect_name`` (a key of DEFECTS, or "combined") on ``surface``."""
-    image, foreground = surface.make(rng, shape)
+def make_sample(
+    surface: Surface,
+    defect_name: str,
+    shape: tuple[int, int],
+    rng: np.random.Generator,
+    product_rng: np.random.Generator | None = None,
+    look: np.ndarray | None = None,
+) -> Sample:
+    """One quadruplet of ``defect_name`` (a key of DEFECTS, or "combined") on ``surface``.
+
+    ``product_rng``: makes the normal image (a product lot: equal generators give the same product, which this
+    sample then flips at random); None uses ``rng``. ``look``: the defect family's look (``look_color``)."""
+    if product_rng is None:
+        image, foreground = surface.make(rng, shape)
+    else:
+        image, foreground = surface.make(product_rng, shape)
+        flips = rng.random(2) < 0.5
+        for axis, flip in enumerate(flips):
+            if flip:
+                image = np.flip(image, axis)
+                foreground = None if foreground is None else np.flip(foreground, axis)
+        image = np.ascontiguousarray(image)
+        foreground = None if foreground is None else np.ascontiguousarray(foreground)
     normal = np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
     if defect_name == COMBINED:
         local = [name for name in surface.defects if name != COMBINED and "foreground" not in DEFECTS[name].kinds]
@@ -792,7 +835,7 @@ def make_sample(surface: Surface, defect_name: str, shape: tuple[int, int], rng:
             if not part_mask.any():
                 continue
         before = abnormal
-        abnormal, _ = _render(defect, abnormal, part_mask, rng)
+        abnormal, _ = _render(defect, abnormal, part_mask, rng, look)
         entries.append(_defect_entry(defect, kind, part_mask, before, abnormal, surface))
         mask |= part_mask
     # A combined sample whose second region vanished (swallowed by the first) is a plain sample of its first defect.
@@ -815,21 +858,35 @@ def sample_shapes(size: int) -> tuple[tuple[int, int], ...]:
     return (size, size), (size, long_side), (long_side, size)
 
 
-def plan(count: int, seed: int) -> list[tuple[str, str]]:
-    """(object_name, defect) for each sample: categories in shuffled rounds; each category on two objects in turn
-    with 2-3 samples each, so intra-object and cross-object pairs exist from the first few samples on."""
+@dataclass(frozen=True)
+class PlannedSample:
+    """One sample of the plan: what it shows, and the lot and defect family it belongs to."""
+
+    object_name: str
+    defect_name: str
+    lot: int  # samples of one lot are one product (the same normal image, flipped at random)
+    family: int  # lots of one family share a defect look (colour), across objects
+
+
+def plan(count: int, seed: int) -> list[PlannedSample]:
+    """The samples to make, in order: categories in shuffled rounds; in each round a category goes on two objects
+    (two lots of 2-3 samples) that share one defect look, so small datasets already hold intra-object and
+    cross-object pairs whose defects look alike, as one defect kind on one production line does."""
     rng = np.random.default_rng([seed, 0])
     by_category: dict[str, list[tuple[str, str]]] = {}
     for surface in SURFACES:
         for defect_name in surface.defects:
             by_category.setdefault(defect_category(defect_name), []).append((surface.name, defect_name))
     categories = sorted(by_category)
-    jobs: list[tuple[str, str]] = []
+    jobs: list[PlannedSample] = []
+    lot = family = 0
     while len(jobs) < count:
         for c in rng.permutation(len(categories)):
             combos = by_category[categories[c]]
             for i in rng.choice(len(combos), size=min(2, len(combos)), replace=False):
-                jobs.extend([combos[i]] * int(rng.integers(2, 4)))
+                jobs.extend([PlannedSample(*combos[i], lot=lot, family=family)] * int(rng.integers(2, 4)))
+                lot += 1
+            family += 1
             if len(jobs) >= count:
                 break
     return jobs[:count]
@@ -868,10 +925,12 @@ def synthesize(
     shapes = sample_shapes(size)
     summary: dict = {"categories": {}, "objects": {}, "object_categories": {}, "defect_types": {}, "image_sizes": {}}
     with UDGWriter(out, compress_level=1) as writer:  # PNG level 1: ~10 % larger files, faster writes
-        for i, (object_name, defect_name) in enumerate(tqdm(plan(count, seed), desc="synth", disable=not progress)):
+        for i, job in enumerate(tqdm(plan(count, seed), desc="synth", disable=not progress)):
             rng = np.random.default_rng([seed, i + 1])
             shape = shapes[0] if rng.random() >= non_square_fraction else shapes[1 + int(rng.integers(2))]
-            sample = make_sample(surfaces[object_name], defect_name, shape, rng)
+            product_rng = np.random.default_rng([seed, 1, job.lot])
+            look = np.random.default_rng([seed, 2, job.family]).random(3)
+            sample = make_sample(surfaces[job.object_name], job.defect_name, shape, rng, product_rng, look)
             writer.add(
                 sample.normal,
                 sample.abnormal,
@@ -880,7 +939,7 @@ def synthesize(
                 sample.object_name,
                 sample.category,
                 sample_id=f"{i:06d}",
-                extra={"defect_type": sample.defect_type},
+                extra={"defect_type": sample.defect_type, "lot": job.lot, "family": job.family},
             )
             for key, value in (
                 ("categories", sample.category),
