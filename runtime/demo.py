@@ -121,18 +121,23 @@ def _fit(image: np.ndarray, cell: int) -> Image.Image:
     return canvas
 
 
-def mask_overlay(image: np.ndarray, mask: np.ndarray, color=(255, 0, 0), opacity: float = 0.45) -> np.ndarray:
-    """``image`` with ``mask`` tinted in ``color``."""
-    tinted = image.astype(np.float32)
-    tinted[mask] = (1 - opacity) * tinted[mask] + opacity * np.asarray(color, dtype=np.float32)
-    return np.rint(tinted).astype(np.uint8)
+def mask_outline(image: np.ndarray, mask: np.ndarray, color=(255, 0, 255), width: int = 2) -> np.ndarray:
+    """``image`` with the outline of ``mask`` drawn in ``color`` (the inside stays visible: it is the defect)."""
+    inner = mask.copy()
+    for _ in range(width):  # 4-neighbour erosion; outside the image counts as outside the mask
+        padded = np.pad(inner, 1)
+        inner = inner & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    edge = mask & ~inner
+    outlined = image.copy()
+    outlined[edge] = color
+    return outlined
 
 
 def contact_sheet(rows: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], cell: int = 256) -> Image.Image:
-    """One row per (label, reference, source with overlay, output); a header names the columns."""
+    """One row per (label, reference, source with its outline, output); a header names the columns."""
     font = ImageFont.load_default()
     header, label_height, gap = 24, 20, 6
-    columns = ("reference (mask tinted)", "source + target mask", "output")
+    columns = ("reference (defect outlined)", "source + target outlined", "output")
     width = len(columns) * cell + (len(columns) + 1) * gap
     height = header + len(rows) * (cell + label_height + gap) + gap
     sheet = Image.new("RGB", (width, height), (255, 255, 255))
@@ -204,8 +209,8 @@ def run_demo(
                 rows.append(
                     (
                         label,
-                        mask_overlay(request.reference, request.reference_mask, (0, 160, 255)),
-                        mask_overlay(request.source, request.target_mask),
+                        mask_outline(request.reference, request.reference_mask, (0, 160, 255)),
+                        mask_outline(request.source, request.target_mask),
                         result.image,
                     )
                 )

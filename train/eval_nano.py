@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from unidg.runtime.demo import mask_outline
 from unidg.runtime.manifest import atomic_write_bytes, atomic_write_text
 
 
@@ -48,16 +49,6 @@ def evaluation_pairs(folder: str | Path, count: int, seed: int):
             if group and len(chosen) < count:
                 chosen.append(group.pop())
     return chosen
-
-
-def _outlined(mask: np.ndarray, image: np.ndarray, color=(255, 0, 255)) -> np.ndarray:
-    """``image`` with the outline of ``mask`` drawn in ``color``."""
-    from scipy import ndimage
-
-    edge = mask & ~ndimage.binary_erosion(mask, iterations=2)
-    out = image.copy()
-    out[edge] = color
-    return out
 
 
 def make_contact_sheet(rows: list[tuple[np.ndarray, ...]], labels: list[str], cell: int = 160) -> Image.Image:
@@ -119,7 +110,7 @@ def evaluate_transfer(
             }
         )
         if len(rows) < sheet_rows:
-            rows.append((_outlined(reference_mask, reference), _outlined(target_mask, source), output))
+            rows.append((mask_outline(reference, reference_mask), mask_outline(source, target_mask), output))
             labels.append(f"{pair.distribution}: {pair.reference.category} -> {pair.target.object_name}")
     by_distribution = {}
     for name in sorted({s["distribution"] for s in samples}):
