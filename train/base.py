@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,34 +49,71 @@ MODEL_FOLDER = "model"
 
 
 # ============================================================================ stage 1: autoencoder
-def vae_image_pool(pairs, settings: UniDGSettings, reference_size: int) -> np.ndarray:
-    """(M, S, 2S, 3) uint8: D_src, D_res and the normal counterpart of each pair (what the VAE will encode)."""
+@dataclass
+class VaePool:
+    """What the autoencoder trains on: images (M, S, 2S, 3) uint8 (D_src, D_res and the normal counterpart of each
+    pair) and, per image, its defect pixels (M, S, 2S) bool: where D_res differs from its normal counterpart."""
+
+    images: np.ndarray
+    defects: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def vae_image_pool(pairs, settings: UniDGSettings, reference_size: int) -> VaePool:
     images: dict = {}
-    pool = []
+    pool, defects = [], []
     for pair in pairs:
         example = build_example(pair, settings, reference_size, images)
+        defect = np.any(example.result != example.normal, axis=-1)
         pool.extend([example.source, example.result, example.normal])
-    return np.stack(pool)
+        defects.extend([defect] * 3)
+    return VaePool(np.stack(pool), np.stack(defects))
 
 
-def random_crops(pool: np.ndarray, generator: torch.Generator, batch: int, crop: int) -> torch.Tensor:
-    """``batch`` random crops (with random horizontal flips) of the pool, float NCHW in [-1, 1]."""
-    count, height, width, _ = pool.shape
+def random_crops(
+    pool: VaePool, generator: torch.Generator, batch: int, crop: int, defect_fraction: float = 0.0
+) -> torch.Tensor:
+    """``batch`` random crops (with random horizontal flips) of the pool, float NCHW in [-1, 1]. A
+    ``defect_fraction`` of them is centred on a random defect pixel (clamped to the image): defects are a few per
+    cent of the pixels, yet they are what the model is for."""
+    count, height, width, _ = pool.images.shape
     picks = torch.randint(count, (batch,), generator=generator).tolist()
     ys = torch.randint(height - crop + 1, (batch,), generator=generator).tolist()
     xs = torch.randint(width - crop + 1, (batch,), generator=generator).tolist()
     flips = torch.rand(batch, generator=generator).lt(0.5).tolist()
+    centred = torch.rand(batch, generator=generator).lt(defect_fraction).tolist()
+    choices = torch.rand(batch, generator=generator).tolist()
     crops = []
-    for i, y, x, flip in zip(picks, ys, xs, flips):
-        patch = pool[i, y : y + crop, x : x + crop]
+    for i, y, x, flip, centre, choice in zip(picks, ys, xs, flips, centred, choices):
+        defect_y, defect_x = np.nonzero(pool.defects[i])
+        if centre and defect_y.size:
+            k = int(choice * defect_y.size)
+            y = int(np.clip(defect_y[k] - crop // 2, 0, height - crop))
+            x = int(np.clip(defect_x[k] - crop // 2, 0, width - crop))
+        patch = pool.images[i, y : y + crop, x : x + crop]
         crops.append(patch[:, ::-1] if flip else patch)
     return to_model_pixels(np.stack(crops))
 
 
+def latent_moments(latents: torch.Tensor, shift: float, scale: float) -> torch.Tensor:
+    """Mean over channels of mean^2 + log(std)^2 of the normalized latents ``(z - shift) * scale`` (0 when every
+    channel is zero-mean, unit-std over the batch)."""
+    normalized = ((latents - shift) * scale).transpose(0, 1).flatten(1)
+    return (normalized.mean(dim=1).pow(2) + normalized.std(dim=1).clamp(min=1e-4).log().pow(2)).mean()
+
+
 def vae_loss(
-    vae, pixels: torch.Tensor, kl_weight: float, color_weight: float = 0.0, sample: bool = True
+    vae,
+    pixels: torch.Tensor,
+    kl_weight: float,
+    color_weight: float = 0.0,
+    sample: bool = True,
+    moment_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict]:
-    """L1 + MSE + color_weight * L1 of 4x4-average-pooled colours + kl_weight * KL (per latent element)."""
+    """L1 + MSE + color_weight * L1 of 4x4-average-pooled colours + kl_weight * KL (per latent element)
+    + moment_weight * ``latent_moments`` of the posterior means."""
     posterior = vae.encode(pixels).latent_dist
     latents = posterior.sample() if sample else posterior.mode()
     reconstruction = vae.decode(latents).sample
@@ -83,16 +121,126 @@ def vae_loss(
     mse = (reconstruction - pixels).pow(2).mean()
     # A small autoencoder learns luminance long before chroma; the low-pass term makes colour fidelity come first.
     color = (F.avg_pool2d(reconstruction, 4) - F.avg_pool2d(pixels, 4)).abs().mean()
+    # The crop's mean colour: GroupNorm normalizes it away inside the networks, so it is learned last unless asked.
+    color = color + (reconstruction.mean(dim=(2, 3)) - pixels.mean(dim=(2, 3))).abs().mean()
     kl = posterior.kl().mean() / latents[0].numel()
-    total = l1 + mse + color_weight * color + kl_weight * kl
+    # The runtime's fixed FLUX normalization must give unit latents; learning that keeps the final fold (whose
+    # zero padding the decoder has to re-learn) close to the identity.
+    moments = latent_moments(posterior.mode(), vae.config.shift_factor, vae.config.scaling_factor)
+    total = l1 + mse + color_weight * color + kl_weight * kl + moment_weight * moments
     parts = {
         "loss": float(total.detach()),
         "l1": float(l1.detach()),
         "mse": float(mse.detach()),
         "color": float(color.detach()),
         "kl": float(kl.detach()),
+        "moments": float(moments.detach()),
     }
     return total, parts
+
+
+COLOR_CHANNELS = 3
+CARRIER = 3  # the channel that holds a large constant next to the three colour channels
+CARRIER_VALUE = 30.0
+SILU_OFFSET = 3.0  # colour values sit around +3 before each SiLU, where it is nearly linear
+
+
+def _pass_through(conv: torch.nn.Conv2d, channels: int, taps: list[tuple[int, int]], weight: float) -> None:
+    """Output channels 0..channels-1 of ``conv`` read only their own input channel, at ``taps`` with ``weight``."""
+    conv.weight[:channels].zero_()
+    for c in range(channels):
+        for y, x in taps:
+            conv.weight[c, c, y, x] = weight
+    if conv.bias is not None:
+        conv.bias[:channels].zero_()
+
+
+def _silence_branch(block, channels: int) -> None:
+    """A residual block adds nothing to channels 0..channels-1 (its skip path passes them on unchanged)."""
+    if hasattr(block, "conv2"):  # ResnetBlock2D
+        block.conv2.weight[:channels].zero_()
+        block.conv2.bias[:channels].zero_()
+        if block.conv_shortcut is not None:
+            _pass_through(block.conv_shortcut, channels, [(0, 0)], 1.0)
+    else:  # Attention: out = to_out(attention) + residual
+        block.to_out[0].weight[:channels].zero_()
+        block.to_out[0].bias[:channels].zero_()
+
+
+def _linear_group_norm(norm: torch.nn.GroupNorm) -> None:
+    """Undo ``norm``'s normalization for the colour channels, given the carrier dominates their group, and shift
+    them to +SILU_OFFSET for the SiLU that follows."""
+    group = norm.num_channels // norm.num_groups
+    mean = CARRIER_VALUE / group
+    std = CARRIER_VALUE * math.sqrt(group - 1) / group
+    norm.weight[:COLOR_CHANNELS] = std
+    norm.bias[:COLOR_CHANNELS] = mean + SILU_OFFSET
+
+
+@torch.no_grad()
+def start_with_color_path(vae) -> None:
+    """Initialise the autoencoder with a colour path: latents 0-2 start as the 8x8-average RGB of the image and the
+    decoder starts by painting them back (nearest-upsampled), so colour is right from step 1 and training adds
+    the detail.
+
+    Why: every GroupNorm in the FLUX autoencoder normalizes each image's features per group, which removes an
+    image's absolute colour; a small autoencoder trained from scratch then learns luminance and paints every image
+    in the data's average tint. The path keeps colour in channels 0-2 of the residual stream, next to a large
+    constant carrier channel that dominates their GroupNorm group, so those norms act linearly on them.
+    """
+    groups = vae.encoder.conv_norm_out.num_groups
+    for norm in (vae.encoder.conv_norm_out, vae.decoder.conv_norm_out):
+        if norm.num_channels // groups < 4:
+            raise ValueError(
+                f"the colour path needs >= 4 channels per GroupNorm group (got {norm.num_channels} / {groups})"
+            )
+    stream = COLOR_CHANNELS + 1
+    centre = [(1, 1)]
+    encoder, decoder = vae.encoder, vae.decoder
+    # Encoder: RGB in, 2x2 averages at each downsampling, read out as latent means 0-2.
+    _pass_through(encoder.conv_in, COLOR_CHANNELS, centre, 1.0)
+    encoder.conv_in.weight[CARRIER].zero_()
+    encoder.conv_in.bias[CARRIER] = CARRIER_VALUE
+    for block in encoder.down_blocks:
+        for resnet in block.resnets:
+            _silence_branch(resnet, stream)
+        for downsampler in block.downsamplers or []:
+            _pass_through(downsampler.conv, stream, [(0, 0), (0, 1), (1, 0), (1, 1)], 0.25)
+    for module in list(encoder.mid_block.resnets) + list(encoder.mid_block.attentions):
+        _silence_branch(module, stream)
+    _linear_group_norm(encoder.conv_norm_out)
+    silu_offset = SILU_OFFSET * torch.sigmoid(torch.tensor(SILU_OFFSET)).item()
+    conv_out = vae.quant_conv if vae.quant_conv is not None else encoder.conv_out
+    _pass_through(conv_out, COLOR_CHANNELS, centre, 1.0)
+    conv_out.bias[:COLOR_CHANNELS] = -silu_offset
+    # Decoder: latents 0-2 copied into the stream, nearest-upsampled, painted as RGB.
+    _pass_through(decoder.conv_in, COLOR_CHANNELS, centre, 1.0)
+    decoder.conv_in.weight[CARRIER].zero_()
+    decoder.conv_in.bias[CARRIER] = CARRIER_VALUE
+    for module in list(decoder.mid_block.resnets) + list(decoder.mid_block.attentions):
+        _silence_branch(module, stream)
+    for block in decoder.up_blocks:
+        for resnet in block.resnets:
+            _silence_branch(resnet, stream)
+        for upsampler in block.upsamplers or []:
+            _pass_through(upsampler.conv, stream, centre, 1.0)
+    _linear_group_norm(decoder.conv_norm_out)
+    _pass_through(decoder.conv_out, COLOR_CHANNELS, centre, 1.0)
+    decoder.conv_out.bias[:COLOR_CHANNELS] = -silu_offset
+
+
+@torch.no_grad()
+def start_posterior_narrow(vae, log_variance: float) -> None:
+    """Start every latent's posterior log-variance at ``log_variance`` (the encoder's output bias).
+
+    From the default 0 the sampled latents carry unit noise, which buries every signal weaker than luminance: the
+    autoencoder then learns a sepia image long before any chroma. A narrow start lets colour through from step 1;
+    the KL term still widens the posterior where it can.
+    """
+    conv_out = vae.quant_conv if vae.quant_conv is not None else vae.encoder.conv_out
+    channels = vae.config.latent_channels
+    conv_out.weight[channels:].mul_(0.1)
+    conv_out.bias[channels:].fill_(log_variance)
 
 
 @torch.no_grad()
@@ -127,27 +275,36 @@ def normalize_vae(vae, pool: np.ndarray, batches: int, generator: torch.Generato
     return {"raw_mean": mean.tolist(), "raw_std": std.tolist()}
 
 
-def train_vae(model, pool: np.ndarray, config: BaseConfig, run_dir: Path, progress: bool) -> dict:
+def train_vae(model, pool: VaePool, config: BaseConfig, run_dir: Path, progress: bool) -> dict:
     """Stage 1; returns a summary (losses, seconds). Writes run_dir/vae/{vae.safetensors, log.jsonl}."""
     from safetensors.torch import save_file
     from tqdm import tqdm
 
     stage = config.vae
     vae = model.vae
+    if stage.color_path:
+        start_with_color_path(vae)
+    if stage.initial_log_variance is not None:
+        start_posterior_narrow(vae, stage.initial_log_variance)
     vae.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=stage.lr, weight_decay=0.0)
     folder = run_dir / VAE_STAGE
     folder.mkdir(parents=True, exist_ok=True)
     log_path = folder / "log.jsonl"
     started = time.time()
-    finetune_steps = max(stage.steps // 8, 1) if stage.steps else 0
+    if stage.decoder_finetune_steps >= 0:
+        finetune_steps = stage.decoder_finetune_steps if stage.steps else 0
+    else:
+        finetune_steps = max(stage.steps // 8, 1) if stage.steps else 0
     total_steps = stage.steps + finetune_steps
     records = []
     with open(log_path, "w") as log, tqdm(total=total_steps, desc="vae", unit="step", disable=not progress) as bar:
         for step in range(1, total_steps + 1):
             if step == stage.steps + 1:
                 vae.eval()
-                stats = normalize_vae(vae, pool, stage.scale_fit_batches, step_generator(config.seed, 20_000_000))
+                stats = normalize_vae(
+                    vae, pool.images, stage.scale_fit_batches, step_generator(config.seed, 20_000_000)
+                )
                 # Decoder-only fine-tune: the encoder (and so every cached latent) is final from here on.
                 vae.encoder.requires_grad_(False)
                 optimizer = torch.optim.AdamW(
@@ -155,13 +312,20 @@ def train_vae(model, pool: np.ndarray, config: BaseConfig, run_dir: Path, progre
                 )
                 vae.train()
             generator = step_generator(config.seed, 10_000_000 + step)
-            pixels = random_crops(pool, generator, stage.batch_size, stage.crop)
+            pixels = random_crops(pool, generator, stage.batch_size, stage.crop, stage.defect_crop_fraction)
             lr = stage.lr * min(1.0, step / 50) * (0.5 * (1 + math.cos(math.pi * min(step / max(stage.steps, 1), 1))))
             for group in optimizer.param_groups:
                 group["lr"] = max(lr, stage.lr * 0.05) if step <= stage.steps else stage.lr * 0.1
             with torch.random.fork_rng():
                 torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
-                total, parts = vae_loss(vae, pixels, stage.kl_weight, stage.color_weight, sample=step <= stage.steps)
+                total, parts = vae_loss(
+                    vae,
+                    pixels,
+                    stage.kl_weight,
+                    stage.color_weight,
+                    sample=step <= stage.steps,
+                    moment_weight=stage.moment_weight if step <= stage.steps else 0.0,
+                )
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -171,8 +335,8 @@ def train_vae(model, pool: np.ndarray, config: BaseConfig, run_dir: Path, progre
             records.append(record)
             bar.set_postfix(loss=f"{parts['loss']:.4f}")
             bar.update(1)
-    if stage.steps == 0:
-        stats = normalize_vae(vae, pool, stage.scale_fit_batches, step_generator(config.seed, 20_000_000))
+    if finetune_steps == 0:
+        stats = normalize_vae(vae, pool.images, stage.scale_fit_batches, step_generator(config.seed, 20_000_000))
     vae.eval().requires_grad_(False)
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(folder / VAE_FILE))
     summary = {

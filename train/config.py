@@ -181,6 +181,11 @@ class VAEStageConfig:
     lr: float = 1e-3
     kl_weight: float = 1e-6
     color_weight: float = 1.0  # L1 of 4x4-pooled colours (colour fidelity first)
+    color_path: bool = False  # start with colour carried through (base.start_with_color_path)
+    initial_log_variance: float | None = None  # the posterior's starting log-variance (None: the encoder's init)
+    defect_crop_fraction: float = 0.0  # share of crops centred on a defect pixel
+    moment_weight: float = 0.0  # pulls the normalized latents towards zero mean, unit std per channel while training
+    decoder_finetune_steps: int = -1  # after the normalization fold; -1: steps // 8
     scale_fit_batches: int = 8  # batches used to make the normalized latents zero-mean, unit-std (folded in)
 
     def validate(self, where: str) -> None:
@@ -190,6 +195,21 @@ class VAEStageConfig:
         _check(self.lr > 0, where, "vae.lr", "must be > 0", self.lr)
         _check(self.kl_weight >= 0, where, "vae.kl_weight", "must be >= 0", self.kl_weight)
         _check(self.color_weight >= 0, where, "vae.color_weight", "must be >= 0", self.color_weight)
+        _check(
+            0 <= self.defect_crop_fraction <= 1,
+            where,
+            "vae.defect_crop_fraction",
+            "must be in [0, 1]",
+            self.defect_crop_fraction,
+        )
+        _check(self.moment_weight >= 0, where, "vae.moment_weight", "must be >= 0", self.moment_weight)
+        _check(
+            self.decoder_finetune_steps >= -1,
+            where,
+            "vae.decoder_finetune_steps",
+            "must be >= 0 (or -1 for steps // 8)",
+            self.decoder_finetune_steps,
+        )
         _check(self.scale_fit_batches >= 1, where, "vae.scale_fit_batches", "must be >= 1", self.scale_fit_batches)
 
 

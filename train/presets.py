@@ -182,7 +182,8 @@ NANO = UniDGPreset(
         pooled_projection_dim=32,
         axes_dims_rope=(8, 12, 12),
     ),
-    vae=VaeParams(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=32, sample_size=256),
+    # 8 groups: 4 channels per group at width 32, as in the FLUX autoencoder (128 wide, 32 groups).
+    vae=VaeParams(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=8, sample_size=256),
     image_encoder=ImageEncoderParams(
         hidden_size=64,
         intermediate_size=256,
