@@ -68,3 +68,28 @@ def test_user_error_is_one_line_without_traceback(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
     assert "error" in result.stderr.lower()
     assert not (tmp_path / "out").exists()
+
+
+FLOOD = """
+import argparse, sys
+from unidg import cli
+
+def build():
+    parser = argparse.ArgumentParser(prog="unidg")
+    flood = parser.add_subparsers(dest="command").add_parser("flood")
+    flood.set_defaults(handler=lambda args: [print("line", i) for i in range(200_000)] and 0)
+    return parser
+
+cli.build_parser = build
+sys.exit(cli.main(["flood"]))
+"""
+
+
+def test_a_closed_pipe_ends_quietly() -> None:
+    # `unidg data validate DIR | head`: the reader leaves early; no traceback, the usual SIGPIPE status.
+    process = subprocess.Popen([sys.executable, "-c", FLOOD], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout.readline() == b"line 0\n"
+    process.stdout.close()
+    stderr = process.stderr.read()
+    assert process.wait(timeout=60) == 141
+    assert b"Traceback" not in stderr and b"BrokenPipe" not in stderr
