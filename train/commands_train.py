@@ -75,6 +75,7 @@ def _eval_nano(args: argparse.Namespace) -> int:
         contact_sheet=args.contact_sheet,
         sheet_rows=args.sheet_rows,
         out_json=args.json,
+        ceilings=args.ceilings,
     )
     print(json.dumps({k: v for k, v in report.items() if k != "samples"}, indent=2))
     return 0
@@ -118,4 +119,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--contact-sheet", help="write a PNG: reference | source + mask | output, one row a pair")
     evaluate.add_argument("--sheet-rows", type=int, default=8, help="rows of the contact sheet (default 8)")
     evaluate.add_argument("--json", help="write the full per-sample report here")
+    evaluate.add_argument(
+        "--ceilings",
+        action="store_true",
+        help="also score the ground-truth target and its autoencoder round trip by the same criterion",
+    )
     evaluate.set_defaults(handler=_eval_nano)

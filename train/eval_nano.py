@@ -6,6 +6,11 @@ distributions in equal parts (``train.sampling``); each pair is generated with t
 dilated) a sample counts as a transfer when the mean RGB of the output is closer (Euclidean) to the mean RGB of the
 reference defect (reference abnormal image inside the reference mask) than to the mean RGB of the clean source there.
 The transfer rate is the fraction of such samples. A contact sheet shows reference | source + mask | output rows.
+
+Two ceilings put the rate in context (``ceilings=True``): the same criterion applied to the ground-truth target
+(the target's own abnormal image; for intra-/cross-object pairs its defect is not the reference's, so even the truth
+does not always "transfer"), and to the ground truth after the model's autoencoder round trip at S (encode the
+result diptych, decode, paste back): what a generator that reproduced the training target exactly could score.
 """
 
 from __future__ import annotations
@@ -29,6 +34,38 @@ def transfer_scores(output: np.ndarray, source: np.ndarray, target_mask: np.ndar
     """(distance of the output's masked mean colour to the reference defect's, to the clean source's)."""
     out = mean_color(output, target_mask)
     return float(np.linalg.norm(out - reference_color)), float(np.linalg.norm(out - mean_color(source, target_mask)))
+
+
+def _closer_to_reference(image: np.ndarray, source: np.ndarray, target_mask: np.ndarray, reference_color) -> bool:
+    to_reference, to_source = transfer_scores(image, source, target_mask, reference_color)
+    return to_reference < to_source
+
+
+def autoencoder_round_trip(model, pair, truth: np.ndarray) -> np.ndarray:
+    """The ground-truth target as the model's autoencoder can return it: the Alg. 1 result diptych at S, encoded,
+    decoded, pasted back into the source (source-sized uint8)."""
+    import torch
+
+    from unidg.runtime.geometry import build_diptych, paste_back, result_diptych, right_half
+    from unidg.runtime.latents import model_to_pixels, pixels_to_model
+
+    settings = model.settings
+    diptych = build_diptych(
+        pair.reference.load_abnormal(),
+        pair.reference.load_mask(),
+        pair.target.load_normal(),
+        pair.target.load_mask(),
+        settings.resolution,
+        beta=settings.beta,
+        threshold=settings.threshold,
+        dilate_kernel=settings.dilate_kernel,
+        dilate_iterations=settings.dilate_iterations,
+    )
+    result = result_diptych(diptych, truth)
+    with torch.no_grad():
+        pixels = torch.from_numpy(pixels_to_model(result[None])).to(model.device)
+        decoded = model_to_pixels(model.decode_latents(model.encode_images(pixels)).float().cpu().numpy())[0]
+    return paste_back(diptych, right_half(decoded), pair.target.load_normal())
 
 
 def evaluation_pairs(folder: str | Path, count: int, seed: int):
@@ -78,8 +115,10 @@ def evaluate_transfer(
     sheet_rows: int = 8,
     out_json: str | Path | None = None,
     model=None,
+    ceilings: bool = False,
 ) -> dict:
-    """Transfer rate of ``weights`` on ``count`` held-out pairs; optional contact sheet PNG and JSON report."""
+    """Transfer rate of ``weights`` on ``count`` held-out pairs; optional contact sheet PNG and JSON report, and
+    optionally the ground-truth and autoencoder-round-trip ceilings (module docstring)."""
     import torch
 
     from unidg.train.loading import load_model
@@ -98,24 +137,31 @@ def evaluate_transfer(
             output = generate(model, reference, reference_mask, source, target_mask, seed=seed + i, steps=steps)
         reference_color = mean_color(reference, reference_mask)
         to_reference, to_source = transfer_scores(output, source, target_mask, reference_color)
-        samples.append(
-            {
-                "reference": pair.reference.id,
-                "target": pair.target.id,
-                "distribution": pair.distribution,
-                "category": pair.target.category,
-                "distance_to_reference": to_reference,
-                "distance_to_source": to_source,
-                "transfer": to_reference < to_source,
-            }
-        )
+        sample = {
+            "reference": pair.reference.id,
+            "target": pair.target.id,
+            "distribution": pair.distribution,
+            "category": pair.target.category,
+            "distance_to_reference": to_reference,
+            "distance_to_source": to_source,
+            "transfer": to_reference < to_source,
+        }
+        if ceilings:
+            truth = pair.target.load_abnormal()
+            sample["truth_transfer"] = _closer_to_reference(truth, source, target_mask, reference_color)
+            round_trip = autoencoder_round_trip(model, pair, truth)
+            sample["round_trip_transfer"] = _closer_to_reference(round_trip, source, target_mask, reference_color)
+        samples.append(sample)
         if len(rows) < sheet_rows:
             rows.append((mask_outline(reference, reference_mask), mask_outline(source, target_mask), output))
             labels.append(f"{pair.distribution}: {pair.reference.category} -> {pair.target.object_name}")
+    rates = ("transfer", "truth_transfer", "round_trip_transfer") if ceilings else ("transfer",)
     by_distribution = {}
     for name in sorted({s["distribution"] for s in samples}):
-        group = [s["transfer"] for s in samples if s["distribution"] == name]
-        by_distribution[name] = {"count": len(group), "transfer_rate": float(np.mean(group))}
+        group = [s for s in samples if s["distribution"] == name]
+        by_distribution[name] = {"count": len(group)}
+        for rate in rates:
+            by_distribution[name][f"{rate}_rate"] = float(np.mean([s[rate] for s in group]))
     report = {
         "weights": str(weights),
         "data": str(data),
@@ -123,6 +169,7 @@ def evaluate_transfer(
         "seed": seed,
         "steps": steps or model.settings.steps,
         "transfer_rate": float(np.mean([s["transfer"] for s in samples])),
+        **{f"{rate}_rate": float(np.mean([s[rate] for s in samples])) for rate in rates[1:]},
         "by_distribution": by_distribution,
         "seconds": round(time.time() - started, 1),
         "samples": samples,
