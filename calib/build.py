@@ -231,7 +231,6 @@ def build_calib(
     """``unidg calib build``: capture step inputs of ``samples`` requests along their ``steps``-step trajectories."""
     from safetensors.numpy import save_file
 
-    from unidg.runtime.geometry import build_diptych
     from unidg.runtime.sampler import sampling_sigmas
     from unidg.runtime.udg import read_index
     from unidg.train.sampler import denoise, get_noise, prepare_diptych
@@ -262,16 +261,8 @@ def build_calib(
         for sample in plan:
             reference = quadruplets[sample.reference_id]
             source = quadruplets[sample.source_id]
-            diptych = build_diptych(
-                reference.load_abnormal(),
-                reference.load_mask(),
-                source.load_normal(),
-                source.load_mask(),
-                size,
-                beta=settings.beta,
-                threshold=settings.threshold,
-                dilate_kernel=settings.dilate_kernel,
-                dilate_iterations=settings.dilate_iterations,
+            diptych = settings.diptych(
+                reference.load_abnormal(), reference.load_mask(), source.load_normal(), source.load_mask(), size
             )
             inputs = prepare_diptych(model, diptych)
             noise = get_noise([sample.seed], image_tokens)

@@ -276,24 +276,14 @@ def trajectory_parity(
 def _trajectory(bundle: Bundle, model, settings, seed: int, steps: int, request) -> TrajectoryParity:
     from unidg.runtime.backends.base import StepConditioning
     from unidg.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
-    from unidg.runtime.geometry import build_diptych, paste_back, right_half
+    from unidg.runtime.geometry import paste_back, right_half
     from unidg.runtime.sampler import sampling_sigmas
     from unidg.runtime.synthesizer import DefectSynthesizer, SynthesisRequest
     from unidg.train.model import pack_latents
     from unidg.train.sampler import decode, denoise, get_noise, prepare_diptych
 
     reference, reference_mask, source, target_mask = request or synthetic_request(seed=seed)
-    diptych = build_diptych(
-        reference,
-        reference_mask,
-        source,
-        target_mask,
-        settings.resolution,
-        beta=settings.beta,
-        threshold=settings.threshold,
-        dilate_kernel=settings.dilate_kernel,
-        dilate_iterations=settings.dilate_iterations,
-    )
+    diptych = settings.diptych(reference, reference_mask, source, target_mask)
     inputs = prepare_diptych(model, diptych)
     sigmas = sampling_sigmas(steps, inputs.image_tokens)
     noise = get_noise([seed], inputs.image_tokens)

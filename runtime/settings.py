@@ -6,6 +6,12 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .geometry import Diptych
 
 SETTINGS_FILE = "unidg.json"
 
@@ -47,6 +53,29 @@ class UniDGSettings:
     def image_tokens(self) -> int:
         """Image tokens of one S x 2S diptych (2x2-packed latents of an 8x VAE)."""
         return (self.resolution // 16) * (2 * self.resolution // 16)
+
+    def diptych(
+        self,
+        reference: np.ndarray,
+        reference_mask: np.ndarray,
+        source: np.ndarray,
+        target_mask: np.ndarray,
+        size: int | None = None,
+    ) -> Diptych:
+        """The Alg. 1 diptych of a request with these settings' beta, T and dilation, at ``size`` (default S)."""
+        from .geometry import build_diptych
+
+        return build_diptych(
+            reference,
+            reference_mask,
+            source,
+            target_mask,
+            self.resolution if size is None else size,
+            beta=self.beta,
+            threshold=self.threshold,
+            dilate_kernel=self.dilate_kernel,
+            dilate_iterations=self.dilate_iterations,
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)

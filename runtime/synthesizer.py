@@ -27,7 +27,7 @@ from unidg.runtime.attention_bias import build_key_bias
 from unidg.runtime.backends import Backend, StepConditioning, create_backend
 from unidg.runtime.backends.base import check_finite
 from unidg.runtime.bundle import Bundle, load_bundle
-from unidg.runtime.geometry import Diptych, build_diptych, defect_token_mask, paste_back, right_half
+from unidg.runtime.geometry import Diptych, defect_token_mask, paste_back, right_half
 from unidg.runtime.latents import (
     fill_condition,
     image_ids,
@@ -213,20 +213,7 @@ class DefectSynthesizer:
         timings: dict[str, float] = {}
         started = time.perf_counter()
 
-        diptychs = [
-            build_diptych(
-                r.reference,
-                r.reference_mask,
-                r.source,
-                r.target_mask,
-                size,
-                beta=settings.beta,
-                threshold=settings.threshold,
-                dilate_kernel=settings.dilate_kernel,
-                dilate_iterations=settings.dilate_iterations,
-            )
-            for r in requests
-        ]
+        diptychs = [settings.diptych(r.reference, r.reference_mask, r.source, r.target_mask, size) for r in requests]
         count = len(requests)
         padded = count if bundle.batch is None else bundle.batch  # a static graph needs exactly its batch
         order = list(range(count)) + [count - 1] * (padded - count)

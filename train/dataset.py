@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from unidg.runtime.geometry import build_diptych, defect_token_mask, result_diptych
+from unidg.runtime.geometry import defect_token_mask, result_diptych
 from unidg.runtime.settings import UniDGSettings
 from unidg.runtime.synthesizer import resize_reference
 from unidg.train.sampling import DISTRIBUTIONS, TrainingPair
@@ -71,16 +71,11 @@ def build_example(
         return images[key]
 
     size = settings.resolution
-    diptych = build_diptych(
+    diptych = settings.diptych(
         load(pair.reference, "abnormal"),
         load(pair.reference, "mask"),
         load(pair.target, "normal"),
         load(pair.target, "mask"),
-        size,
-        beta=settings.beta,
-        threshold=settings.threshold,
-        dilate_kernel=settings.dilate_kernel,
-        dilate_iterations=settings.dilate_iterations,
     )
     result = result_diptych(diptych, load(pair.target, "abnormal"))
     defect_tokens = defect_token_mask(diptych)

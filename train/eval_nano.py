@@ -46,20 +46,11 @@ def autoencoder_round_trip(model, pair, truth: np.ndarray) -> np.ndarray:
     decoded, pasted back into the source (source-sized uint8)."""
     import torch
 
-    from unidg.runtime.geometry import build_diptych, paste_back, result_diptych, right_half
+    from unidg.runtime.geometry import paste_back, result_diptych, right_half
     from unidg.runtime.latents import model_to_pixels, pixels_to_model
 
-    settings = model.settings
-    diptych = build_diptych(
-        pair.reference.load_abnormal(),
-        pair.reference.load_mask(),
-        pair.target.load_normal(),
-        pair.target.load_mask(),
-        settings.resolution,
-        beta=settings.beta,
-        threshold=settings.threshold,
-        dilate_kernel=settings.dilate_kernel,
-        dilate_iterations=settings.dilate_iterations,
+    diptych = model.settings.diptych(
+        pair.reference.load_abnormal(), pair.reference.load_mask(), pair.target.load_normal(), pair.target.load_mask()
     )
     result = result_diptych(diptych, truth)
     with torch.no_grad():

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from unidg.runtime.attention_bias import build_key_bias
-from unidg.runtime.geometry import Diptych, build_diptych, defect_token_mask, paste_back, right_half
+from unidg.runtime.geometry import Diptych, defect_token_mask, paste_back, right_half
 from unidg.runtime.latents import model_to_pixels, pixels_to_model
 from unidg.runtime.sampler import initial_noise, sampling_sigmas
 from unidg.runtime.synthesizer import SynthesisRequest, SynthesisResult, resize_reference
@@ -165,18 +165,7 @@ def sample_request(model: UniDGModel, request: SynthesisRequest) -> SynthesisRes
     The torch counterpart of ``DefectSynthesizer.generate`` (same diptych, noise, schedule and reference resize);
     steps/guidance left as None take the model's settings.
     """
-    settings = model.settings
-    diptych = build_diptych(
-        request.reference,
-        request.reference_mask,
-        request.source,
-        request.target_mask,
-        settings.resolution,
-        beta=settings.beta,
-        threshold=settings.threshold,
-        dilate_kernel=settings.dilate_kernel,
-        dilate_iterations=settings.dilate_iterations,
-    )
+    diptych = model.settings.diptych(request.reference, request.reference_mask, request.source, request.target_mask)
     result = sample(model, prepare_diptych(model, diptych), [request.seed], request.steps, request.guidance)[0]
     return SynthesisResult(
         image=paste_back(diptych, right_half(result), request.source),
