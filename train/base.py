@@ -2,7 +2,9 @@
 VAE, which cannot be downloaded here).
 
 Stage 1, autoencoder: the preset's AutoencoderKL learns to reconstruct random crops of the diptychs it will see
-(reference crops on white, masked sources, abnormal targets), L1 + MSE + a small KL. Its latents are then made
+(reference crops on white, masked sources, abnormal targets; optionally centred on defects), L1 + MSE + colour terms
++ a small KL, optionally from a colour-path start (``start_with_color_path``: GroupNorm otherwise erases each
+image's colour from a small autoencoder) and with a latent-moment term. Its latents are then made
 zero-mean, unit-std per channel *after* the fixed FLUX normalization ``(z - 0.1159) * 0.3611`` (which the runtime
 hard-codes): the affine is folded exactly into the encoder's output convolution and into the decoder's input
 convolution, and the decoder is fine-tuned briefly to absorb the border effect of that fold (zero padding).
@@ -62,6 +64,7 @@ class VaePool:
 
 
 def vae_image_pool(pairs, settings: UniDGSettings, reference_size: int) -> VaePool:
+    """D_src, D_res and the normal counterpart of each pair (what the autoencoder will encode), with defect pixels."""
     images: dict = {}
     pool, defects = [], []
     for pair in pairs:
@@ -87,9 +90,9 @@ def random_crops(
     choices = torch.rand(batch, generator=generator).tolist()
     crops = []
     for i, y, x, flip, centre, choice in zip(picks, ys, xs, flips, centred, choices):
-        defect_y, defect_x = np.nonzero(pool.defects[i])
-        if centre and defect_y.size:
-            k = int(choice * defect_y.size)
+        defect_y, defect_x = np.nonzero(pool.defects[i]) if centre else ((), ())
+        if len(defect_y):
+            k = int(choice * len(defect_y))
             y = int(np.clip(defect_y[k] - crop // 2, 0, height - crop))
             x = int(np.clip(defect_x[k] - crop // 2, 0, width - crop))
         patch = pool.images[i, y : y + crop, x : x + crop]
@@ -292,10 +295,8 @@ def train_vae(model, pool: VaePool, config: BaseConfig, run_dir: Path, progress:
     folder.mkdir(parents=True, exist_ok=True)
     log_path = folder / "log.jsonl"
     started = time.time()
-    if stage.decoder_finetune_steps >= 0:
-        finetune_steps = stage.decoder_finetune_steps if stage.steps else 0
-    else:
-        finetune_steps = max(stage.steps // 8, 1) if stage.steps else 0
+    finetune_steps = stage.decoder_finetune_steps if stage.decoder_finetune_steps >= 0 else max(stage.steps // 8, 1)
+    finetune_steps = finetune_steps if stage.steps else 0
     total_steps = stage.steps + finetune_steps
     records = []
     with open(log_path, "w") as log, tqdm(total=total_steps, desc="vae", unit="step", disable=not progress) as bar:
