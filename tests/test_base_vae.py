@@ -58,10 +58,12 @@ def test_defect_centred_crops_contain_a_defect_pixel() -> None:
     defects[2, 30, 64] = True
     images[defects] = 255
     pool = VaePool(images, defects)
-    crops = random_crops(pool, step_generator(0, 1), 16, 32, defect_fraction=1.0)
-    assert crops.shape == (16, 3, 32, 32)
+    crops, crop_defects = random_crops(pool, step_generator(0, 1), 16, 32, defect_fraction=1.0)
+    assert crops.shape == (16, 3, 32, 32) and crop_defects.shape == (16, 1, 32, 32)
     assert bool((crops == 1.0).all(dim=1).flatten(1).any(dim=1).all())
-    plain = random_crops(pool, step_generator(0, 1), 16, 32, defect_fraction=0.0)
+    # The defect crops follow the image crops, flips included.
+    assert torch.equal(crop_defects, (crops == 1.0).all(dim=1, keepdim=True))
+    plain, _ = random_crops(pool, step_generator(0, 1), 16, 32, defect_fraction=0.0)
     assert plain.shape == (16, 3, 32, 32)
 
 
@@ -77,12 +79,28 @@ def test_latent_moments_vanish_for_normalized_latents_only() -> None:
 def test_vae_loss_parts_and_gradients(vae) -> None:
     pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
     total, parts = vae_loss(vae, pixels, kl_weight=1e-6, color_weight=2.0, sample=False, moment_weight=0.1)
-    assert set(parts) == {"loss", "l1", "mse", "color", "kl", "moments"}
+    assert set(parts) == {"loss", "l1", "mse", "color", "kl", "moments", "defect"}
     expected = parts["l1"] + parts["mse"] + 2.0 * parts["color"] + 1e-6 * parts["kl"] + 0.1 * parts["moments"]
     assert parts["loss"] == pytest.approx(expected, rel=1e-5)
+    assert parts["defect"] == 0.0
     total.backward()
     assert vae.decoder.conv_out.weight.grad is not None
     vae.zero_grad(set_to_none=True)
+
+
+def test_defect_term_is_the_l1_over_defect_pixels_only(vae) -> None:
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    defects = torch.zeros(2, 1, 32, 32, dtype=torch.bool)
+    defects[0, 0, 4:9, 10:20] = True
+    with torch.no_grad():
+        reconstruction = vae.decode(vae.encode(pixels).latent_dist.mode()).sample
+        _, parts = vae_loss(vae, pixels, kl_weight=0.0, sample=False, defects=defects, defect_weight=3.0)
+        _, plain = vae_loss(vae, pixels, kl_weight=0.0, sample=False)
+    inside = (reconstruction - pixels).abs().permute(0, 2, 3, 1)[defects[:, 0]].mean()
+    assert parts["defect"] == pytest.approx(float(inside), rel=1e-5)
+    assert parts["loss"] == pytest.approx(plain["loss"] + 3.0 * parts["defect"], rel=1e-5)
+    _, none = vae_loss(vae, pixels, kl_weight=0.0, sample=False, defects=torch.zeros_like(defects), defect_weight=3.0)
+    assert none["defect"] == 0.0 and none["loss"] == pytest.approx(plain["loss"], rel=1e-6)
 
 
 def test_a_short_stage_learns_and_folds_to_normalized_latents(tmp_path) -> None:

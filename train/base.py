@@ -77,10 +77,10 @@ def vae_image_pool(pairs, settings: UniDGSettings, reference_size: int) -> VaePo
 
 def random_crops(
     pool: VaePool, generator: torch.Generator, batch: int, crop: int, defect_fraction: float = 0.0
-) -> torch.Tensor:
-    """``batch`` random crops (with random horizontal flips) of the pool, float NCHW in [-1, 1]. A
-    ``defect_fraction`` of them is centred on a random defect pixel (clamped to the image): defects are a few per
-    cent of the pixels, yet they are what the model is for."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch`` random crops (with random horizontal flips) of the pool, float NCHW in [-1, 1], and their defect
+    pixels (N, 1, crop, crop) bool. A ``defect_fraction`` of them is centred on a random defect pixel (clamped to the
+    image): defects are a few per cent of the pixels, yet they are what the model is for."""
     count, height, width, _ = pool.images.shape
     picks = torch.randint(count, (batch,), generator=generator).tolist()
     ys = torch.randint(height - crop + 1, (batch,), generator=generator).tolist()
@@ -88,7 +88,7 @@ def random_crops(
     flips = torch.rand(batch, generator=generator).lt(0.5).tolist()
     centred = torch.rand(batch, generator=generator).lt(defect_fraction).tolist()
     choices = torch.rand(batch, generator=generator).tolist()
-    crops = []
+    crops, defects = [], []
     for i, y, x, flip, centre, choice in zip(picks, ys, xs, flips, centred, choices):
         defect_y, defect_x = np.nonzero(pool.defects[i]) if centre else ((), ())
         if len(defect_y):
@@ -96,8 +96,10 @@ def random_crops(
             y = int(np.clip(defect_y[k] - crop // 2, 0, height - crop))
             x = int(np.clip(defect_x[k] - crop // 2, 0, width - crop))
         patch = pool.images[i, y : y + crop, x : x + crop]
+        defect = pool.defects[i, y : y + crop, x : x + crop]
         crops.append(patch[:, ::-1] if flip else patch)
-    return to_model_pixels(np.stack(crops))
+        defects.append(defect[:, ::-1] if flip else defect)
+    return to_model_pixels(np.stack(crops)), torch.from_numpy(np.stack(defects)[:, None].copy())
 
 
 def latent_moments(latents: torch.Tensor, shift: float, scale: float) -> torch.Tensor:
@@ -114,9 +116,12 @@ def vae_loss(
     color_weight: float = 0.0,
     sample: bool = True,
     moment_weight: float = 0.0,
+    defects: torch.Tensor | None = None,
+    defect_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict]:
     """L1 + MSE + color_weight * L1 of 4x4-average-pooled colours + kl_weight * KL (per latent element)
-    + moment_weight * ``latent_moments`` of the posterior means."""
+    + moment_weight * ``latent_moments`` of the posterior means + defect_weight * L1 over the ``defects`` pixels
+    (N, 1, H, W) bool."""
     posterior = vae.encode(pixels).latent_dist
     latents = posterior.sample() if sample else posterior.mode()
     reconstruction = vae.decode(latents).sample
@@ -131,6 +136,12 @@ def vae_loss(
     # zero padding the decoder has to re-learn) close to the identity.
     moments = latent_moments(posterior.mode(), vae.config.shift_factor, vae.config.scaling_factor)
     total = l1 + mse + color_weight * color + kl_weight * kl + moment_weight * moments
+    defect = torch.zeros(())
+    if defects is not None and defect_weight > 0 and bool(defects.any()):
+        # Thin defects are a sliver of each crop: the plain L1 lets them blur into the background at no cost.
+        weight = defects.to(pixels.dtype)
+        defect = ((reconstruction - pixels).abs() * weight).sum() / (weight.sum() * pixels.shape[1])
+        total = total + defect_weight * defect
     parts = {
         "loss": float(total.detach()),
         "l1": float(l1.detach()),
@@ -138,6 +149,7 @@ def vae_loss(
         "color": float(color.detach()),
         "kl": float(kl.detach()),
         "moments": float(moments.detach()),
+        "defect": float(defect.detach()),
     }
     return total, parts
 
@@ -313,7 +325,7 @@ def train_vae(model, pool: VaePool, config: BaseConfig, run_dir: Path, progress:
                 )
                 vae.train()
             generator = step_generator(config.seed, 10_000_000 + step)
-            pixels = random_crops(pool, generator, stage.batch_size, stage.crop, stage.defect_crop_fraction)
+            pixels, defects = random_crops(pool, generator, stage.batch_size, stage.crop, stage.defect_crop_fraction)
             lr = stage.lr * min(1.0, step / 50) * (0.5 * (1 + math.cos(math.pi * min(step / max(stage.steps, 1), 1))))
             for group in optimizer.param_groups:
                 group["lr"] = max(lr, stage.lr * 0.05) if step <= stage.steps else stage.lr * 0.1
@@ -326,6 +338,8 @@ def train_vae(model, pool: VaePool, config: BaseConfig, run_dir: Path, progress:
                     stage.color_weight,
                     sample=step <= stage.steps,
                     moment_weight=stage.moment_weight if step <= stage.steps else 0.0,
+                    defects=defects,
+                    defect_weight=stage.defect_weight,
                 )
             optimizer.zero_grad(set_to_none=True)
             total.backward()

@@ -184,6 +184,7 @@ class VAEStageConfig:
     color_path: bool = False  # start with colour carried through (base.start_with_color_path)
     initial_log_variance: float | None = None  # the posterior's starting log-variance (None: the encoder's init)
     defect_crop_fraction: float = 0.0  # share of crops centred on a defect pixel
+    defect_weight: float = 0.0  # extra L1 averaged over defect pixels only
     moment_weight: float = 0.0  # pulls the normalized latents towards zero mean, unit std per channel while training
     decoder_finetune_steps: int = -1  # after the normalization fold; -1: steps // 8
     scale_fit_batches: int = 8  # batches used to make the normalized latents zero-mean, unit-std (folded in)
@@ -202,6 +203,7 @@ class VAEStageConfig:
             "must be in [0, 1]",
             self.defect_crop_fraction,
         )
+        _check(self.defect_weight >= 0, where, "vae.defect_weight", "must be >= 0", self.defect_weight)
         _check(self.moment_weight >= 0, where, "vae.moment_weight", "must be >= 0", self.moment_weight)
         _check(
             self.decoder_finetune_steps >= -1,
