@@ -244,6 +244,31 @@ def test_resume_continues_the_same_loss_curve(tmp_path: Path, udg: Path, latents
         torch.testing.assert_close(resumed.trainable[name], parameter, atol=1e-6, rtol=0)
 
 
+def test_a_finished_run_resumed_with_more_steps_continues_as_a_longer_run(
+    tmp_path: Path, udg: Path, latents: LatentPairs
+) -> None:
+    optim = OptimConfig(name="adamw", lr=3e-3)
+    setup_sft(_config(udg, tmp_path / "long", steps=6, optim=optim), model=_nano(), data=latents).trainer.run()
+    expected = [r["loss"] for r in read_log(tmp_path / "long")]
+    short = _config(udg, tmp_path / "extended", steps=3, checkpoint_every=1, optim=optim)
+    setup_sft(short, model=_nano(), data=latents).trainer.run()
+    extended = _config(udg, tmp_path / "extended", steps=6, checkpoint_every=1, optim=optim)
+    setup_sft(extended, model=_nano(), data=latents).trainer.run(resume=True)
+    log = read_log(tmp_path / "extended")
+    assert [r["step"] for r in log] == list(range(1, 7))
+    np.testing.assert_allclose([r["loss"] for r in log], expected, rtol=0, atol=1e-6)
+    # Going back is refused: the checkpoint is past the shorter run's end.
+    with pytest.raises(ValueError, match="past this run's 2 steps"):
+        shorter = _config(udg, tmp_path / "extended", steps=2, checkpoint_every=1, optim=optim)
+        setup_sft(shorter, model=_nano(), data=latents).trainer.run(resume=True)
+
+
+def test_schedule_prefix_does_not_depend_on_the_step_count() -> None:
+    pools = [np.arange(5), np.arange(5, 12), np.arange(12, 15)]
+    long = sample_schedule(pools, [1.0, 1.0, 1.0], 40, 4, seed=3)
+    np.testing.assert_array_equal(sample_schedule(pools, [1.0, 1.0, 1.0], 9, 4, seed=3), long[:9])
+
+
 def test_resume_refuses_another_run(tmp_path: Path, udg: Path, latents: LatentPairs) -> None:
     config = _config(udg, tmp_path / "r", steps=2, checkpoint_every=1)
     setup_sft(config, model=_nano(), data=latents).trainer.run()

@@ -423,6 +423,11 @@ class FlowTrainer:
                 f"checkpoint {folder} was made by a different run (seed, data or settings differ); "
                 "resume with the same config, or start a new output folder"
             )
+        if state["step"] > self.steps:
+            raise ValueError(
+                f"checkpoint {folder} is at step {state['step']}, past this run's {self.steps} steps; "
+                "raise the steps to continue it, or start a new output folder"
+            )
         weights = load_file(str(folder / TRAINABLE_FILE))
         if set(weights) != set(self.trainable):
             raise ValueError(f"checkpoint {folder} holds other trainable weights than this run; use the same config")
@@ -581,11 +586,13 @@ def setup_sft(config: SFTConfig, model=None, data: LatentPairs | None = None) ->
     schedule = sample_schedule(
         pools_of(data), config.train.mix, config.train.steps, config.train.batch_size, config.seed
     )
+    # Not the step count: the schedule's prefix and the lr (constant after warm-up) do not depend on it, so a finished
+    # run resumed with more steps continues exactly as a longer run from scratch would.
     fingerprint = {
         "data": data.keys[:3] + [len(data.keys)],
         "config": {k: v for k, v in to_dict(config).items() if k not in ("train",)},
         "batch_size": config.train.batch_size,
-        "steps": config.train.steps,
+        "mix": list(config.train.mix),
     }
     trainer = FlowTrainer(
         model,
