@@ -391,8 +391,7 @@ def train_inpainter(model, data: LatentPairs, config: BaseConfig, settings: UniD
         normal_reg_weight=0.0,  # a Fill model knows nothing of defects vs normals; Eq. 9 belongs to SFT
         mask_weight=config.loss.mask_weight,
     )
-    # Not the step count: the schedule's prefix and the constant lr after warm-up do not depend on it, so a finished
-    # run resumed with more steps continues exactly as a longer run from scratch would.
+    # Without the step count, so a finished run can be extended (as in ``unidg.train.sft.setup_sft``).
     inpainter = {k: v for k, v in to_dict(stage).items() if k != "steps"}
     fingerprint = {"data": data.keys[:3] + [len(data.keys)], "inpainter": inpainter, "seed": config.seed}
     trainer = FlowTrainer(
