@@ -15,6 +15,8 @@ from unidg.runtime.backends import BackendError, BackendUnavailable, create_back
 from unidg.runtime.backends.tensorrt_backend import (
     EngineMismatchError,
     EngineSpec,
+    TensorRTBackend,
+    _Cuda,
     binding_bytes,
     binding_shapes,
     check_batch,
@@ -22,6 +24,9 @@ from unidg.runtime.backends.tensorrt_backend import (
     loop_plan,
     parse_compute_capability,
     parse_engines,
+    sigma_addresses,
+    sigma_table,
+    tensorrt_version_problem,
 )
 from unidg.runtime.bundle import load_bundle
 
@@ -173,6 +178,105 @@ def test_loop_plan_ping_pongs_and_walks_the_sigma_table():
     for (read, write, _), (next_read, _, _) in zip(plan, plan[1:]):
         assert write == next_read and read != write  # each step reads what the previous one wrote
     assert plan[-1][1] == 5 % 2  # where the result ends up
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 7, 64, 65])
+def test_captured_loop_binds_256_byte_aligned_sigma_rows(batch):
+    """setTensorAddress needs 256-byte aligned addresses: every sigma / sigma_next row must start on one."""
+    steps, base = 28, 0x7F0000000000  # cudaMalloc memory is 256-byte aligned
+    addresses = sigma_addresses(base, steps, batch)
+    assert len(addresses) == steps
+    for i, (sigma, sigma_next) in enumerate(addresses):
+        assert sigma % 256 == 0 and sigma_next % 256 == 0
+        assert sigma_next == addresses[i + 1][0] if i + 1 < steps else True  # step i's next is step i+1's sigma
+    sigmas = np.linspace(1.0, 0.0, steps + 1, dtype=np.float32)
+    table = sigma_table(sigmas, batch)
+    assert table.nbytes >= (addresses[-1][1] - base) + batch * 4  # the last row read lies inside the table
+    for i, (sigma, _) in enumerate(addresses):  # the row at each address holds sigma_i for every sample
+        row = table.reshape(-1)[(sigma - base) // 4 :][:batch]
+        assert np.array_equal(row, np.full(batch, sigmas[i], np.float32))
+
+
+class _RecordingCudaRuntime:
+    """Stands in for cuda.bindings.runtime to count the host-side calls of one step (no GPU result is involved)."""
+
+    class cudaError_t:  # noqa: N801 (the binding's own name)
+        cudaSuccess = 0
+
+    class cudaMemcpyKind:  # noqa: N801
+        cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost = 1, 2
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def cudaMemcpyAsync(self, *args):  # noqa: N802
+        self.calls.append("cudaMemcpyAsync")
+        return (0,)
+
+    def cudaStreamSynchronize(self, stream):  # noqa: N802
+        self.calls.append("cudaStreamSynchronize")
+        return (0,)
+
+
+class _StepEngine:
+    def __init__(self, batch: int, shape: tuple[int, ...]) -> None:
+        self.batch, self.shapes = batch, {"x": shape, "x_next": shape}
+        self.buffers = {"x": 256, "x_next": 512, "sigma": 768, "sigma_next": 1024}
+        self.bound: list[dict] = []
+
+    def bind(self, addresses: dict) -> None:
+        self.bound.append(addresses)
+
+    def enqueue(self) -> None:
+        pass
+
+
+def test_step_synchronises_once(engine_bundle):
+    """Uploads of x and the sigmas are queued; the download of x_next is the step's only stream sync."""
+    runtime = _RecordingCudaRuntime()
+    backend = TensorRTBackend(engine_bundle, trt=None, cudart=runtime, device=0, cuda_graph=False)
+    assert isinstance(backend.cuda, _Cuda)
+    step = _StepEngine(1, (1, 8, 64))
+    backend.engines["step"] = step
+    backend._x_buffers = [step.buffers["x"], step.buffers["x_next"]]
+    conditioning = object()
+    backend._conditioning = conditioning  # conditioning already resident on the device
+    x = np.zeros((1, 8, 64), np.float32)
+    for i in range(3):
+        runtime.calls.clear()
+        x = backend.step(x, conditioning, 1.0 - i / 3, 1.0 - (i + 1) / 3)
+        assert runtime.calls.count("cudaStreamSynchronize") == 1, runtime.calls
+        assert runtime.calls[-1] == "cudaStreamSynchronize"  # after the download that ends the step
+        # the first step uploads x, sigma and sigma_next; later steps keep x on the device (ping-pong)
+        assert runtime.calls.count("cudaMemcpyAsync") == (4 if i == 0 else 3)
+    assert [b["x"] for b in step.bound] == [256, 512, 256]
+
+
+@pytest.mark.parametrize("version, ok", [("10.9.0.34", False), ("10.14.1.48", False), ("10.15.1.29", True),
+                                         ("11.1.0.5", True)])  # fmt: skip
+def test_tensorrt_version_gate(version, ok):
+    problem = tensorrt_version_problem(version)
+    assert (problem is None) == ok
+    if not ok:
+        assert version in problem and ">= 10.15" in problem and "RMSNormalization" in problem
+
+
+def test_plugin_plans_need_the_build_sm():
+    plugin = _spec(plugin=True, hardware_compatibility="same_compute_capability", tensorrt_version="10.15.1.29")
+    check_engine_compatibility(plugin, "10.15.1.29", (9, 0))
+    with pytest.raises(EngineMismatchError, match="PTX for that SM only"):
+        check_engine_compatibility(plugin, "10.15.1.29", (10, 0))
+    # the same plan without the plugin, hardware-compatible for Ampere+, runs on a later GPU
+    check_engine_compatibility(_spec(hardware_compatibility="ampere_plus"), "10.13.0.35", (10, 0))
+
+
+def test_hardware_compatible_plugin_plan_is_refused(engine_bundle, tmp_path):
+    import dataclasses
+
+    table = {**engine_bundle.engines, "hardware_compatibility": "ampere_plus"}
+    table["plans"] = {**table["plans"], "step": {**table["plans"]["step"], "plugin": True}}
+    with pytest.raises(BackendError, match="attention plugin cannot be hardware-compatible"):
+        parse_engines(dataclasses.replace(engine_bundle, engines=table))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")

@@ -43,6 +43,11 @@ HARDWARE_LEVELS = ("none", "same_compute_capability", "ampere_plus")
 # Cross-major runs NVIDIA supports for version-compatible plans (builder major -> runtime major).
 CROSS_MAJOR = {(8, 9), (8, 10), (10, 11)}
 FLOAT_BYTES = 4
+# Every bundle graph is opset 23: TensorRT's ONNX parser imports `Attention` from 10.14 and `RMSNormalization` from
+# 10.15 (TensorRT CHANGELOG), so older releases fail at parse.
+MIN_TENSORRT_VERSION = (10, 15)
+# IExecutionContext::setTensorAddress requires addresses aligned to 256 bytes (NvInferRuntime.h).
+TENSOR_ADDRESS_ALIGNMENT = 256
 
 
 class EngineMismatchError(BackendError):
@@ -60,6 +65,7 @@ class EngineSpec:
     batch: tuple[int, int] | None = None  # optimization profile [min, max]; None: the bundle's static batch
     device_name: str | None = None
     weight_stripped: bool = False  # the plan carries no weights: refit from the bundle's ONNX graph at load
+    plugin: bool = False  # embeds the AOT attention kernel, whose PTX targets the build GPU's exact SM
 
 
 def parse_version(text: str) -> tuple[int, ...]:
@@ -134,8 +140,25 @@ def parse_engines(bundle: Bundle) -> dict[str, EngineSpec]:
             batch=batch,
             device_name=entry.get("device_name"),
             weight_stripped=bool(entry.get("weight_stripped", False)),
+            plugin=bool(entry.get("plugin", False)),
         )
+        if specs[name].plugin and level == "ampere_plus":
+            raise BackendError(
+                f"{where}: a plan with the attention plugin cannot be hardware-compatible (its kernel is PTX for "
+                "the build GPU's SM only); rebuild it without --hardware-compatibility ampere_plus"
+            )
     return specs
+
+
+def tensorrt_version_problem(version: str) -> str | None:
+    """Why TensorRT ``version`` cannot build or run bundle graphs, or None when it can."""
+    if parse_version(version)[:2] >= MIN_TENSORRT_VERSION:
+        return None
+    needed = ".".join(str(part) for part in MIN_TENSORRT_VERSION)
+    return (
+        f"TensorRT {version} is installed, but bundle graphs (ONNX opset 23: Attention, RMSNormalization) need "
+        f"TensorRT >= {needed}; install a newer `tensorrt` (`pip install 'unidg[tensorrt]'`)"
+    )
 
 
 def check_engine_compatibility(
@@ -161,6 +184,12 @@ def check_engine_compatibility(
                 f"{runtime_version}; plans only run on the TensorRT version that built them; {rebuild}"
             )
     major_minor = tuple(device_capability)
+    if spec.plugin and major_minor != spec.compute_capability:
+        raise EngineMismatchError(
+            f"engine {spec.file} embeds the attention plugin's kernel compiled for sm_{spec.compute_capability[0]}"
+            f"{spec.compute_capability[1]} (PTX for that SM only), but {device_name} is "
+            f"sm_{major_minor[0]}{major_minor[1]}; {rebuild}"
+        )
     if spec.hardware_compatibility == "ampere_plus":
         if major_minor < (8, 0):
             raise EngineMismatchError(
@@ -198,6 +227,28 @@ def binding_bytes(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
     return {name: int(np.prod(shape, dtype=np.int64)) * FLOAT_BYTES for name, shape in shapes.items()}
 
 
+def sigma_row_stride(batch: int) -> int:
+    """Bytes between rows of the device sigma table: one row (``batch`` floats) rounded up to 256 bytes, so every
+    row address handed to ``set_tensor_address`` is aligned as TensorRT requires."""
+    row = batch * FLOAT_BYTES
+    return -(-row // TENSOR_ADDRESS_ALIGNMENT) * TENSOR_ADDRESS_ALIGNMENT
+
+
+def sigma_table(sigmas: np.ndarray, batch: int) -> np.ndarray:
+    """The host image of the device sigma table: row i holds sigma_i for every sample, zero-padded to the stride."""
+    sigmas = np.asarray(sigmas, np.float32)
+    table = np.zeros((len(sigmas), sigma_row_stride(batch) // FLOAT_BYTES), np.float32)
+    table[:, :batch] = sigmas[:, None]
+    return table
+
+
+def sigma_addresses(table_address: int, steps: int, batch: int) -> list[tuple[int, int]]:
+    """(sigma, sigma_next) device addresses of each step in a sigma table at ``table_address`` (cudaMalloc
+    returns 256-byte aligned memory)."""
+    stride = sigma_row_stride(batch)
+    return [(table_address + i * stride, table_address + (i + 1) * stride) for i in range(steps)]
+
+
 def loop_plan(steps: int) -> list[tuple[int, int, int]]:
     """For each step i: (x buffer read, x buffer written, sigma row); x ping-pongs between buffers 0 and 1, and the
     step reads sigma row i and sigma_next row i + 1 of the (steps + 1, B) sigma table. The result is in buffer
@@ -215,6 +266,9 @@ def _import_tensorrt():
             "bindings (`pip install 'unidg[tensorrt]'` on a machine with an NVIDIA GPU and driver); on other "
             f"machines use --backend onnxruntime ({error})"
         ) from error
+    problem = tensorrt_version_problem(tensorrt.__version__)
+    if problem:
+        raise BackendUnavailable(problem)
     return tensorrt
 
 
@@ -255,11 +309,16 @@ class _Cuda:
     def malloc(self, nbytes: int) -> int:
         return int(self(self.rt.cudaMalloc(max(nbytes, 1)), "cudaMalloc"))
 
-    def upload(self, device: int, array: np.ndarray, stream) -> None:
+    def upload(self, device: int, array: np.ndarray, stream, keep: list | None = None) -> None:
+        """Copy ``array`` to ``device``; with ``keep`` the copy stays queued and the host array is appended to
+        ``keep``, which the caller holds until its next stream synchronisation. Without it, wait here."""
         array = np.ascontiguousarray(array, dtype=np.float32)
         kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
         self(self.rt.cudaMemcpyAsync(device, array.ctypes.data, array.nbytes, kind, stream), "cudaMemcpyAsync H2D")
-        self(self.rt.cudaStreamSynchronize(stream), "cudaStreamSynchronize")  # the host array may go away
+        if keep is None:
+            self(self.rt.cudaStreamSynchronize(stream), "cudaStreamSynchronize")  # the host array may go away
+        else:
+            keep.append(array)
 
     def download(self, device: int, shape: tuple[int, ...], stream) -> np.ndarray:
         host = np.empty(shape, dtype=np.float32)
@@ -420,16 +479,18 @@ class TensorRTBackend(Backend):
     def step(self, x: np.ndarray, conditioning: StepConditioning, sigma: float, sigma_next: float) -> np.ndarray:
         batch = x.shape[0]
         step = self._load_conditioning(conditioning, batch)
+        queued: list[np.ndarray] = []  # host sources of the queued copies: alive until the download's sync
         if x is not self._last_x:  # x came from the host, not from our previous step
             self._x_index = 0
-            self.cuda.upload(self._x_buffers[0], x, self.stream)
+            self.cuda.upload(self._x_buffers[0], x, self.stream, keep=queued)
         source, target = self._x_buffers[self._x_index], self._x_buffers[1 - self._x_index]
-        self.cuda.upload(step.buffers["sigma"], np.full(batch, sigma, np.float32), self.stream)
-        self.cuda.upload(step.buffers["sigma_next"], np.full(batch, sigma_next, np.float32), self.stream)
+        self.cuda.upload(step.buffers["sigma"], np.full(batch, sigma, np.float32), self.stream, keep=queued)
+        self.cuda.upload(step.buffers["sigma_next"], np.full(batch, sigma_next, np.float32), self.stream, keep=queued)
         step.bind({"x": source, "x_next": target})
         step.enqueue()
         self._x_index = 1 - self._x_index
-        self._last_x = self.cuda.download(target, step.shapes["x_next"], self.stream)
+        self._last_x = self.cuda.download(target, step.shapes["x_next"], self.stream)  # the step's one sync
+        del queued
         return self._last_x
 
     def denoise_all(
@@ -444,7 +505,7 @@ class TensorRTBackend(Backend):
         rt, cuda = self.cuda.rt, self.cuda
         batch, steps = noise.shape[0], len(sigmas) - 1
         step = self._load_conditioning(conditioning, batch)
-        table = np.repeat(np.asarray(sigmas, np.float32)[:, None], batch, axis=1)  # (steps + 1, B)
+        table = sigma_table(sigmas, batch)  # (steps + 1, stride): rows 256-byte aligned
         key = (batch, steps)
         if key not in self._graphs:
             self._drop_graphs()  # one (batch, steps) graph at a time: it points at this sigma table
@@ -470,16 +531,17 @@ class TensorRTBackend(Backend):
     def _capture(self, step: _Engine, batch: int, steps: int):
         """Record ``steps`` enqueues (addresses per loop_plan) and an event after each into one CUDA graph."""
         rt, cuda = self.cuda.rt, self.cuda
-        row = batch * FLOAT_BYTES
+        addresses = sigma_addresses(self._sigma_table, steps, batch)
 
         def bind(i: int) -> None:
             read, write, sigma_row = loop_plan(steps)[i]
+            sigma, sigma_next = addresses[sigma_row]
             step.bind(
                 {
                     "x": self._x_buffers[read],
                     "x_next": self._x_buffers[write],
-                    "sigma": self._sigma_table + sigma_row * row,
-                    "sigma_next": self._sigma_table + (sigma_row + 1) * row,
+                    "sigma": sigma,
+                    "sigma_next": sigma_next,
                 }
             )
 
