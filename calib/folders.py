@@ -8,15 +8,14 @@ folder beside the target and renamed into place at the end, so nothing half-writ
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from unidg.runtime.manifest import Manifest, ManifestError, read_manifest, verify_files
 from unidg.runtime.settings import UniDGSettings
+from unidg.runtime.staging import OutputFolderError
+from unidg.runtime.staging import staged_folder as runtime_staged_folder
 
 WEIGHTS_KIND = "weights"
 Progress = Callable[[str], None]
@@ -24,10 +23,6 @@ Progress = Callable[[str], None]
 
 class WeightsError(ManifestError):
     """A weights folder cannot be used: no manifest, wrong kind, changed files, missing settings."""
-
-
-class OutputFolderError(ValueError):
-    """The output folder cannot be written as asked."""
 
 
 @dataclass(frozen=True)
@@ -85,22 +80,5 @@ def staged_folder(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]
     out = Path(out)
     if out.exists() and not overwrite:
         raise OutputFolderError(f"{out} already exists; choose another --out or pass --overwrite")
-    if out.exists() and not out.is_dir():
-        raise OutputFolderError(f"{out} exists and is not a folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700; the result is an ordinary folder
-    try:
+    with runtime_staged_folder(out, replace=True) as staging:
         yield staging
-        if out.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, retired / out.name)
-            os.replace(staging, out)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise

@@ -16,15 +16,14 @@ when ``tritonclient`` is installed they are parsed with Triton's own protobuf sc
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from unidg.runtime.bundle import GRAPH_INPUTS, GRAPH_OUTPUTS, Bundle, expected_shapes, load_bundle
 from unidg.runtime.manifest import MANIFEST_FILE
 from unidg.runtime.settings import SETTINGS_FILE
+from unidg.runtime.staging import staged_folder
 
 MODEL_TEMPLATE = Path(__file__).with_name("triton_model.py")
 INSTANCE_KINDS = {"gpu": "KIND_GPU", "cpu": "KIND_CPU"}
@@ -181,9 +180,7 @@ def write_triton_repo(bundle_path: str | Path, out: str | Path, options: TritonR
     if engines and options.bundle_reference is not None:
         raise TritonRepoError("a bundle with engines is copied into the repository; drop --reference-bundle")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_folder(out, replace=options.overwrite) as staging:
         repo = TritonRepo(path=out, model_name=options.model_name)
         version_dir = staging / options.model_name / "1"
         version_dir.mkdir(parents=True)
@@ -212,12 +209,6 @@ def write_triton_repo(bundle_path: str | Path, out: str | Path, options: TritonR
         text = python_model_config(options.model_name, options, parameters)
         validate_config(text, f"{options.model_name}/config.pbtxt")
         (staging / options.model_name / "config.pbtxt").write_text(text)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     repo.configs = {p.parent.name: p for p in sorted(out.glob("*/config.pbtxt"))}
     return repo
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from unidg.runtime.images import InputError
 from unidg.runtime.manifest import atomic_write_bytes
+from unidg.runtime.staging import staged_folder
 from unidg.runtime.synthesizer import DefectSynthesizer, SynthesisRequest, SynthesisResult
 from unidg.runtime.udg import SAMPLE_ID_PATTERN
 
@@ -153,20 +152,6 @@ def contact_sheet(rows: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], ce
 
 
 # --------------------------------------------------------------------------------------------------------------- run
-def _replace_folder(new: Path, out: Path) -> None:
-    """Swap the finished ``new`` folder into ``out``; an existing ``out`` is replaced only if a demo made it."""
-    if out.exists():
-        if not (out / DEMO_MARKER).is_file():
-            raise DemoError(f"--out {out} exists and was not written by `unidg demo`; pick another folder")
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        new.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        new.rename(out)
-
-
 def run_demo(
     synth: DefectSynthesizer,
     samples: str | Path,
@@ -186,9 +171,7 @@ def run_demo(
         raise DemoError(f"--out {out} exists and was not written by `unidg demo`; pick another folder")
     cases = read_samples(samples)
     requests = [synth.check(case.request(steps)) for case in cases]  # all inputs checked before anything runs
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_folder(out, replace=True) as staging:  # only a folder a demo wrote is replaced (checked above)
         results = []
         rows = []
         with UDGWriter(staging) as writer:
@@ -220,8 +203,4 @@ def run_demo(
         atomic_write_bytes(staging / CONTACT_SHEET, buffer.getvalue())
         marker = {"bundle": str(synth.bundle.path), "fingerprint": synth.bundle.fingerprint, "cases": len(cases)}
         atomic_write_bytes(staging / DEMO_MARKER, (json.dumps(marker, indent=2) + "\n").encode())
-        _replace_folder(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out / CONTACT_SHEET, results

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -82,6 +84,9 @@ def test_diffusers_layout_round_trip(nano: UniDGModel, tmp_path: Path) -> None:
     assert manifest.metadata["parameters"] == nano.parameter_count()
     assert "unidg.json" in manifest.files
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging leftovers
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask  # not mkdtemp's 0700
 
     loaded = load_model(folder)
     assert loaded.settings == settings

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -176,6 +178,10 @@ def test_repository_layout_and_python_model_config(bundle, tmp_path):
         bundle, tmp_path / "repo", TritonRepoOptions(instance_kind="gpu", instances=2, gpus=(0, 1))
     )
     assert sorted(repo.configs) == ["unidg"] and not repo.engine_models
+    umask = os.umask(0)
+    os.umask(umask)
+    # Readable by a Triton server running as another user: the umask's permissions, not mkdtemp's 0700.
+    assert stat.S_IMODE((tmp_path / "repo").stat().st_mode) == 0o777 & ~umask
     config = parse_config(tmp_path / "repo" / "unidg" / "config.pbtxt")
     assert config.name == "unidg" and config.backend == "python" and config.max_batch_size == 0
     inputs = {i.name: i for i in config.input}

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -37,6 +35,7 @@ from transformers import SiglipVisionModel
 
 from unidg.runtime.manifest import tool_versions, write_manifest
 from unidg.runtime.settings import SETTINGS_FILE, UniDGSettings
+from unidg.runtime.staging import staged_folder
 from unidg.train.model import COMPONENTS, UniDGModel
 from unidg.train.presets import UniDGPreset, get_preset
 
@@ -65,9 +64,7 @@ def save_model(model: UniDGModel, folder: str | Path, *, metadata: dict | None =
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise WeightsError(f"{folder} already exists; choose a new folder or pass overwrite=True")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with staged_folder(folder, replace=True, flag="weights folder") as staging:
         model.transformer.save_pretrained(staging / "transformer", safe_serialization=True)
         model.vae.save_pretrained(staging / "vae", safe_serialization=True)
         model.image_encoder.save_pretrained(staging / "image_encoder", safe_serialization=True)
@@ -81,17 +78,6 @@ def save_model(model: UniDGModel, folder: str | Path, *, metadata: dict | None =
             **(metadata or {}),
         }
         write_manifest(staging, WEIGHTS_KIND, info)
-        if folder.exists():
-            retired = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(retired, ignore_errors=True)
-            os.replace(folder, retired)
-            os.replace(staging, folder)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return folder
 
 
