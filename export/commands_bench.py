@@ -1,4 +1,4 @@
-"""``unidg bench attention`` (registered by unidg.cli).
+"""``unidg bench attention`` and ``unidg bench runtime`` (registered by unidg.cli).
 
 ``unidg bench`` is one parser shared by every benchmark: each module adds its subcommand to it through
 ``unidg.runtime.commands.bench_subparsers(subparsers)``, which returns the existing ``bench`` sub-command group or
@@ -41,7 +41,36 @@ def _bench_attention(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_runtime(args: argparse.Namespace) -> int:
+    from unidg.export.bench_runtime import bench_runtime
+
+    return bench_runtime(args)
+
+
+def _register_bench_runtime(subparsers: argparse._SubParsersAction) -> None:
+    parser = bench_subparsers(subparsers).add_parser(
+        "runtime",
+        help="end-to-end time per sample: this runtime vs the torch reference sampler (CPU), or the torch backend "
+        "at the full preset on a GPU (--gpu)",
+    )
+    parser.add_argument("--bundle", default=None, help="bundle to time (default: the shipped UniDG-nano bundle)")
+    parser.add_argument(
+        "--weights",
+        default=None,
+        help="weights folder the bundle was exported from, for the torch reference (default: the manifest's "
+        "weights path next to the bundle)",
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per side (median reported; >= 5)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the bundle's, 28)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for both sides (default: torch's)")
+    parser.add_argument("--gpu", action="store_true", help="torch backend, full preset, random weights, on CUDA")
+    parser.add_argument("--resolution", type=int, default=768, help="--gpu: diptych half size S (default 768)")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    parser.set_defaults(handler=_bench_runtime)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
+    _register_bench_runtime(subparsers)
     parser = bench_subparsers(subparsers).add_parser(
         "attention",
         help="biased-attention kernel vs torch SDPA (no bias, float mask, head-dim fold) at the FLUX shapes",

@@ -1,4 +1,4 @@
-"""``unidg generate``, ``unidg batch``, ``unidg demo`` and ``unidg bench runtime`` (registered by unidg.cli).
+"""``unidg generate``, ``unidg batch`` and ``unidg demo`` (registered by unidg.cli); ``unidg bench`` group.
 
 Only argparse at import time: numpy, onnxruntime and (for the torch paths) torch load inside the handlers.
 """
@@ -165,12 +165,6 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------------- bench
-def _bench_runtime(args: argparse.Namespace) -> int:
-    from unidg.runtime.bench import bench_runtime
-
-    return bench_runtime(args)
-
-
 def bench_subparsers(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
     """The sub-commands of ``unidg bench``: those of an existing ``bench`` parser, or of a new one."""
     existing = subparsers.choices.get("bench")
@@ -182,28 +176,6 @@ def bench_subparsers(subparsers: argparse._SubParsersAction) -> argparse._SubPar
         if isinstance(action, argparse._SubParsersAction):
             return action
     return existing.add_subparsers(dest="bench_command", metavar="BENCH")
-
-
-def _register_bench(subparsers: argparse._SubParsersAction) -> None:
-    parser = bench_subparsers(subparsers).add_parser(
-        "runtime",
-        help="end-to-end time per sample: this runtime vs the torch reference sampler (CPU), or the torch backend "
-        "at the full preset on a GPU (--gpu)",
-    )
-    parser.add_argument("--bundle", default=None, help="bundle to time (default: the shipped UniDG-nano bundle)")
-    parser.add_argument(
-        "--weights",
-        default=None,
-        help="weights folder the bundle was exported from, for the torch reference (default: the manifest's "
-        "weights path next to the bundle)",
-    )
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per side (median reported; >= 5)")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the bundle's, 28)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for both sides (default: torch's)")
-    parser.add_argument("--gpu", action="store_true", help="torch backend, full preset, random weights, on CUDA")
-    parser.add_argument("--resolution", type=int, default=768, help="--gpu: diptych half size S (default 768)")
-    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    parser.set_defaults(handler=_bench_runtime)
 
 
 # ------------------------------------------------------------------------------------------------------------ register
@@ -251,5 +223,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--steps", type=int, default=None, help="denoising steps (default: the bundle's)")
     _add_backend_options(demo)
     demo.set_defaults(handler=_demo)
-
-    _register_bench(subparsers)

@@ -139,7 +139,6 @@ def test_runtime_modules_import_no_torch_train_or_export():
         "unidg.runtime.synthesizer",
         "unidg.runtime.jobs",
         "unidg.runtime.demo",
-        "unidg.runtime.bench",
         "unidg.runtime.commands",
     ]
     code = f"""

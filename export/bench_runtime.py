@@ -5,7 +5,8 @@ style loop over the same weights) on the same request, interleaved, median of ``
 between their outputs (they compute the same thing). ``--gpu``: the torch backend at the full preset with random
 weights in bf16 on CUDA, per-step latency, 28-step end-to-end and peak memory, with and without text-token folding.
 
-torch and unidg.train are imported only inside these functions: the runtime itself never needs them.
+It lives beside the exporter, not in the runtime: the lean runtime never holds torch-comparison code. torch and
+unidg.train are imported inside the functions so that ``unidg --help`` stays light.
 """
 
 from __future__ import annotations
