@@ -34,6 +34,8 @@ def _add_backend_options(parser: argparse.ArgumentParser) -> None:
 def backend_options(args: argparse.Namespace) -> dict:
     """The backend keyword options the command line selects (each backend takes its own)."""
     device = args.device
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads {args.threads}: give a thread count >= 1, or leave it out to use all cores")
     if args.threads and args.backend != "onnxruntime":
         raise ValueError(f"--threads sets onnxruntime's CPU threads; it does not apply to --backend {args.backend}")
     if args.cuda_graph and args.backend != "tensorrt":
@@ -77,38 +79,58 @@ def step_progress_bar(total: int, description: str):
 
 
 # ------------------------------------------------------------------------------------------------------------ generate
+def _check_generate_options(args: argparse.Namespace) -> None:
+    """Everything about the command line that can be refused without reading a file or loading the model."""
+    from unidg.runtime.staging import check_output_folder
+    from unidg.runtime.udg import SAMPLE_ID_PATTERN, check_category
+
+    if not SAMPLE_ID_PATTERN.match(args.id):
+        raise ValueError(
+            f"--id {args.id!r}: a sample id is letters, digits, '.', '_' and '-', starting with a letter or digit "
+            "(it names the output files)"
+        )
+    if not args.object_name.strip():
+        raise ValueError("--object-name must not be empty (it goes into the caption stub); e.g. --object-name bottle")
+    if args.category is not None:
+        check_category(args.category)
+    backend_options(args)
+    check_output_folder(args.out)  # new or empty, in a writable folder
+
+
 def _generate(args: argparse.Namespace) -> int:
     import json
     import time
 
-    from unidg.cli import UserError
     from unidg.runtime.jobs import write_result
+    from unidg.runtime.staging import staged_folder
     from unidg.runtime.synthesizer import SynthesisRequest
-    from unidg.runtime.udg import INDEX_FILE, UDGWriter
+    from unidg.runtime.udg import UDGWriter
 
+    _check_generate_options(args)
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or (out / INDEX_FILE).exists() or (out / "metadata.json").exists()):
-        raise UserError(f"--out {out} already holds a result; pick a new folder (or use `unidg batch` for many)")
-    started = time.perf_counter()
-    request = SynthesisRequest.from_files(
-        args.reference,
-        args.reference_mask,
-        args.source,
-        args.mask,
-        seed=args.seed,
-        steps=args.steps,
-        guidance=args.guidance,
-        category=args.category,
-        name="request",
-    )
-    loaded_inputs = time.perf_counter()
-    synth = _load_synthesizer(args)
-    with synth:
-        request = synth.check(request)  # every input and option is checked before anything is written
-        loaded_bundle = time.perf_counter()
-        bar, advance = step_progress_bar(request.steps, "generate")
-        with bar:
-            result = synth.generate(request, progress=advance)
+    # The output folder is made first, under a hidden name: an unwritable place fails before any work, and a failure
+    # at any later point leaves nothing behind.
+    with staged_folder(out) as staging:
+        started = time.perf_counter()
+        request = SynthesisRequest.from_files(
+            args.reference,
+            args.reference_mask,
+            args.source,
+            args.mask,
+            seed=args.seed,
+            steps=args.steps,
+            guidance=args.guidance,
+            category=args.category,
+            name="request",
+        )
+        loaded_inputs = time.perf_counter()
+        synth = _load_synthesizer(args)
+        with synth:
+            request = synth.check(request)  # every input and option is checked before the model runs
+            loaded_bundle = time.perf_counter()
+            bar, advance = step_progress_bar(request.steps, "generate")
+            with bar:
+                result = synth.generate(request, progress=advance)
         metadata = dict(result.metadata)
         metadata["timings_s"] = {
             **metadata["timings_s"],
@@ -121,8 +143,8 @@ def _generate(args: argparse.Namespace) -> int:
             "source": str(args.source),
             "mask": str(args.mask),
         }
-        with UDGWriter(out) as writer:
-            write_result(writer, out, args.id, request, result, metadata, "metadata.json", args.object_name)
+        with UDGWriter(staging) as writer:
+            write_result(writer, staging, args.id, request, result, metadata, "metadata.json", args.object_name)
     print(f"wrote {out} (abnormal/{args.id}.png, mask/{args.id}.png, metadata.json)")
     print(json.dumps({"seed": request.seed, "steps": request.steps, "seconds": metadata["timings_s"]["total"]}))
     return 0

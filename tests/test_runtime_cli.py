@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -62,6 +64,69 @@ def test_generate_writes_a_udg_quadruplet_and_metadata(tmp_path, toy, samples, c
     assert {"load_inputs", "load_bundle", "denoise", "total"} <= set(metadata["timings_s"])
     assert metadata["inputs"]["source"].endswith(case["source"])
     assert not [p for p in out.rglob("*.tmp")]
+
+
+def generate_args(toy: Path, samples: Path, out: Path, *extra: str) -> list[str]:
+    case = json.loads((samples / "samples.json").read_text())["cases"][0]
+    args = ["generate", "--bundle", str(toy), "--out", str(out), "--steps", "2", *extra]
+    for key, flag in (("reference", "--reference"), ("reference_mask", "--reference-mask")):
+        args += [flag, str(samples / case[key])]
+    return args + ["--source", str(samples / case["source"]), "--mask", str(samples / case["mask"])]
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        (["--id", "a/b"], "--id 'a/b'"),
+        (["--id", " "], "--id ' '"),
+        (["--object-name", "  "], "--object-name"),
+        (["--threads", "-2"], "--threads -2"),
+        (["--category", "smudge"], "unknown defect category 'smudge'"),
+    ],
+)
+def test_generate_refuses_bad_options_before_reading_anything(tmp_path, samples, capsys, extra, named):
+    # A missing bundle and missing images would fail later: the option is refused first, and nothing is written.
+    out = tmp_path / "new" / "result"
+    args = ["generate", "--bundle", str(tmp_path / "no-bundle"), "--out", str(out), *extra]
+    args += ["--reference", "r.png", "--reference-mask", "rm.png", "--source", "s.png", "--mask", "m.png"]
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert named in error and "no-bundle" not in error and "r.png" not in error
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_generate_refuses_an_output_folder_holding_other_files(tmp_path, toy, samples, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    assert main(generate_args(toy, samples, out)) == 2
+    assert "already holds files" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+def test_generate_refuses_a_file_as_parent_before_running(tmp_path, toy, samples, capsys):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    assert main(generate_args(toy, samples, blocker / "out")) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+
+
+def test_generate_into_an_empty_folder_and_a_failed_run_leaves_nothing(tmp_path, toy, samples, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(generate_args(toy, samples, empty, "--id", "one")) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in empty.iterdir()) == ["abnormal", "index.jsonl", "mask", "metadata.json", "normal"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(empty.stat().st_mode) == 0o777 & ~umask
+    assert main(generate_args(toy, samples, empty)) == 2  # a second run does not mix into the first result
+    assert "already holds files" in capsys.readouterr().err
+    out = tmp_path / "deep" / "er" / "result"
+    assert main(generate_args(toy, samples, out, "--guidance", "-1")) == 2  # refused after the bundle is loaded
+    assert "guidance" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # no result, staging or parent folders left
 
 
 def test_generate_from_a_subprocess_shows_a_step_progress_bar(tmp_path, toy, samples):
