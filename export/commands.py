@@ -99,6 +99,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     _engine_arguments(trtexec)
     trtexec.add_argument("--trtexec", default="trtexec", help="trtexec executable (default: trtexec on PATH)")
+    trtexec.add_argument(
+        "--tensorrt-major", type=int, choices=(10, 11), default=11, help="trtexec dialect of the commands (default 11)"
+    )
     trtexec.set_defaults(handler=run_trtexec)
 
     parity = export.add_parser(
@@ -149,6 +152,11 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--workspace-gb", type=float)
     parser.add_argument("--graphs", help="comma-separated subset of step,vae_encoder,vae_decoder,image_encoder")
+    parser.add_argument(
+        "--plugin-large-shared-memory",
+        action="store_true",
+        help="also offer attention-plugin tactics above 48 KiB of shared memory (default: only those within it)",
+    )
 
 
 def _engine_request(args: argparse.Namespace):
@@ -172,6 +180,8 @@ def _engine_request(args: argparse.Namespace):
         hardware_compatibility=args.hardware_compatibility,
         workspace_gb=args.workspace_gb,
         graphs=graphs,
+        plugin_large_shared_memory=args.plugin_large_shared_memory,
+        **({"trtexec_major": args.tensorrt_major} if hasattr(args, "tensorrt_major") else {}),
     )
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from unidg.export.onnx_export import Progress, print_progress
+from unidg.runtime.backends.tensorrt_backend import MIN_TENSORRT_VERSION, tensorrt_version_problem
 from unidg.runtime.bundle import GRAPH_INPUTS, GRAPH_NAMES, Bundle, expected_shapes, load_bundle
 from unidg.runtime.manifest import atomic_write_bytes, read_manifest, sha256_file, write_manifest
 
@@ -26,6 +27,10 @@ PRECISION_FLAGS = ("fp8", "int8", "bf16", "fp16")
 QUANTIZED = ("fp8", "int8")
 HARDWARE_LEVELS = ("none", "same_compute_capability", "ampere_plus")
 DEFAULT_OPTIMIZATION_LEVEL = 3  # TensorRT's default; 5 searches longest
+TRTEXEC_MAJORS = (10, 11)  # trtexec dialects the printed commands can target
+# Neither tensorrt.plugin nor Torch-TensorRT documents raising a kernel's dynamic shared-memory limit for AOT plugin
+# kernels, so by default only tactics within the 48 KiB every launch gets are offered.
+PLUGIN_DEFAULT_MAX_SHARED_BYTES = 49152
 
 
 class EngineError(ValueError):
@@ -53,6 +58,8 @@ class EngineRequest:
     hardware_compatibility: str = "none"
     workspace_gb: float | None = None
     graphs: tuple[str, ...] = GRAPH_NAMES
+    plugin_large_shared_memory: bool = False  # also offer plugin tactics above 48 KiB of dynamic shared memory
+    trtexec_major: int = TRTEXEC_MAJORS[-1]  # dialect of the printed trtexec commands
 
     def __post_init__(self) -> None:
         if self.precision is not None and self.precision not in PRECISION_FLAGS:
@@ -61,6 +68,8 @@ class EngineRequest:
             raise EngineError(f"--optimization-level {self.optimization_level}: TensorRT accepts 0..5 (default 3)")
         if self.hardware_compatibility not in HARDWARE_LEVELS:
             raise EngineError(f"--hardware-compatibility {self.hardware_compatibility!r}: one of {HARDWARE_LEVELS}")
+        if self.trtexec_major not in TRTEXEC_MAJORS:
+            raise EngineError(f"--tensorrt-major {self.trtexec_major}: the trtexec commands target {TRTEXEC_MAJORS}")
         unknown = [g for g in self.graphs if g not in GRAPH_NAMES]
         if unknown:
             raise EngineError(f"unknown graphs {unknown}; a bundle has {list(GRAPH_NAMES)}")
@@ -90,6 +99,7 @@ class GraphBuild:
     strongly_typed: bool
     builder_flags: tuple[str, ...]  # names of trt.BuilderFlag members to set
     uses_plugin: bool
+    plugin_max_shared_bytes: int | None = None  # plugin tactics offered up to this much shared memory (None: all)
     options: EngineRequest = field(repr=False, default_factory=EngineRequest)
 
 
@@ -179,19 +189,46 @@ def profile_for(bundle: Bundle, graph: str, request: EngineRequest) -> Profile:
     return Profile(shapes=shapes, batch=(batches[0], batches[2]), resolution=(resolutions[0], resolutions[2]))
 
 
+def refit_flags(refit: bool, strip_weights: bool) -> list[str]:
+    """Builder flags for refittable / weight-stripped plans, as trtexec sets them for --refit / --stripWeights.
+
+    A stripped plan is refit with the very weights it was built from, so it is built REFIT_IDENTICAL (TensorRT may
+    then optimise as for fixed weights; NVIDIA's refit docs warn that plain REFIT can drop a GEMM bias). Only an
+    explicit --refit asks for weights that may change (trtexec: --stripWeights with --refit uses REFIT).
+    """
+    flags = ["REFIT"] if refit else []
+    if strip_weights:
+        flags += ["STRIP_PLAN"] if refit else ["STRIP_PLAN", "REFIT_IDENTICAL"]
+    return flags
+
+
+def _check_hardware_compatibility(bundle: Bundle, request: EngineRequest, uses_plugin: bool) -> None:
+    if request.hardware_compatibility != "ampere_plus":
+        return
+    if uses_plugin:
+        raise EngineError(
+            "--hardware-compatibility ampere_plus with the attention plugin: the plugin embeds PTX compiled for the "
+            "build GPU's SM (sm_90a PTX cannot be JIT-compiled for sm_80/89/100); build with native attention "
+            "(--attention native) or drop --hardware-compatibility"
+        )
+    if bundle.precision == "fp8":
+        raise EngineError(
+            "--hardware-compatibility ampere_plus on an FP8 bundle: FP8 kernels need sm_89 or later, which an "
+            "Ampere-compatible plan cannot use; drop --hardware-compatibility or use an int8/bf16 bundle"
+        )
+
+
 def plan_builds(bundle: Bundle, request: EngineRequest) -> list[GraphBuild]:
     """What to build for each requested graph (no TensorRT needed)."""
     strongly_typed, flags = precision_mode(bundle, request.precision)
     builds = []
     for graph in request.graphs:
-        graph_flags = list(flags)
-        if request.refit or request.strip_weights:
-            graph_flags.append("REFIT")
-        if request.strip_weights:
-            graph_flags += ["STRIP_PLAN", "REFIT_IDENTICAL"]
+        graph_flags = list(flags) + refit_flags(request.refit, request.strip_weights)
         if request.version_compatible:
             graph_flags.append("VERSION_COMPATIBLE")
         uses_plugin = graph == "step" and bundle.metadata.get("attention") == "plugin"
+        _check_hardware_compatibility(bundle, request, uses_plugin)
+        max_shared = None if request.plugin_large_shared_memory else PLUGIN_DEFAULT_MAX_SHARED_BYTES
         builds.append(
             GraphBuild(
                 graph=graph,
@@ -201,6 +238,7 @@ def plan_builds(bundle: Bundle, request: EngineRequest) -> list[GraphBuild]:
                 strongly_typed=strongly_typed,
                 builder_flags=tuple(graph_flags),
                 uses_plugin=uses_plugin,
+                plugin_max_shared_bytes=max_shared if uses_plugin else None,
                 options=request,
             )
         )
@@ -219,6 +257,7 @@ def engine_entry(build: GraphBuild, plan_sha256: str, seconds: float) -> dict:
         "optimization_level": build.options.optimization_level,
         "refittable": "REFIT" in build.builder_flags,
         "weight_stripped": "STRIP_PLAN" in build.builder_flags,
+        "plugin": build.uses_plugin,
         "build_seconds": round(seconds, 1),
     }
 
@@ -259,10 +298,14 @@ def import_tensorrt():
     try:
         import tensorrt as trt
     except ImportError as error:
+        needed = ".".join(str(part) for part in MIN_TENSORRT_VERSION)
         raise TensorRTUnavailable(
-            "tensorrt is not installed: engine builds need NVIDIA TensorRT (>= 10.9) and a CUDA GPU; install "
+            f"tensorrt is not installed: engine builds need NVIDIA TensorRT (>= {needed}) and a CUDA GPU; install "
             "`unidg[tensorrt]` on the target machine, or print the equivalent commands with `unidg export trtexec`"
         ) from error
+    problem = tensorrt_version_problem(trt.__version__)
+    if problem:
+        raise EngineError(problem)
     return trt
 
 
@@ -333,7 +376,7 @@ def build_plan(trt, build: GraphBuild, logger, timing_cache_bytes: bytes | None,
     if build.uses_plugin:
         from unidg.export.plugins.trt_plugin import register_plugin
 
-        register_plugin()  # the parser finds unidg::biased_attention by op type + namespace
+        register_plugin(max_shared_bytes=build.plugin_max_shared_bytes)  # found by op type + namespace
     builder = trt.Builder(logger)
     network = builder.create_network(_network_flags(trt, build.strongly_typed))
     parser = trt.OnnxParser(network, logger)

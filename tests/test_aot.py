@@ -92,3 +92,35 @@ def test_signature_and_refusals() -> None:
         compile_biased_attention("bf16", head_dim=16, scale=-1.0, arch=80)
     with pytest.raises(AotCompileError, match="entry"):
         parse_ptx_entry("// no entry here")
+
+
+def test_old_triton_is_refused() -> None:
+    from unidg.export.plugins.aot import check_triton_version
+
+    for old in ("3.3.1", "3.4.0", "2.3.0"):
+        with pytest.raises(AotCompileError, match=f"Triton {old} is installed.*>= 3.5"):
+            check_triton_version(old)
+    check_triton_version("3.5.0")
+    check_triton_version("3.9.0+git1234")
+
+
+def test_metadata_without_launch_fields_is_refused() -> None:
+    """Metadata of a Triton that does not report scratch sizes / launch flags cannot pass the launch check."""
+    from types import SimpleNamespace
+
+    from unidg.export.plugins.aot import _check_launch_metadata
+
+    complete = {
+        "global_scratch_size": 0,
+        "profile_scratch_size": 0,
+        "num_ctas": 1,
+        "launch_cooperative_grid": False,
+        "launch_pdl": False,
+    }
+    _check_launch_metadata(SimpleNamespace(**complete), "kernel")
+    for missing in complete:
+        partial = {k: v for k, v in complete.items() if k != missing}
+        with pytest.raises(AotCompileError, match=f"lacks \\['{missing}'\\]"):
+            _check_launch_metadata(SimpleNamespace(**partial), "kernel")
+    with pytest.raises(AotCompileError, match="global scratch of 64 bytes"):
+        _check_launch_metadata(SimpleNamespace(**{**complete, "global_scratch_size": 64}), "kernel")

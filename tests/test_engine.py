@@ -20,7 +20,7 @@ from unidg.export.engine import (
     precision_mode,
     profile_for,
 )
-from unidg.export.trtexec import build_command, profile_command, render
+from unidg.export.trtexec import build_command, builder_flags_of, profile_command, render
 from unidg.runtime.bundle import GRAPH_NAMES, load_bundle
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
@@ -105,7 +105,7 @@ def test_plan_flags_and_engines_table_match_the_runtime_reader():
     bundle = _dynamic()
     builds = plan_builds(bundle, request)
     assert [b.graph for b in builds] == list(GRAPH_NAMES)
-    assert set(builds[0].builder_flags) == {"REFIT", "STRIP_PLAN", "REFIT_IDENTICAL", "VERSION_COMPATIBLE"}
+    assert set(builds[0].builder_flags) == {"STRIP_PLAN", "REFIT_IDENTICAL", "VERSION_COMPATIBLE"}
     plans = {b.graph: {"file": b.plan, "sha256": "0" * 64, "batch": list(b.profile.batch)} for b in builds}
     table = engines_table(plans, "10.13.0.35", (9, 0), "NVIDIA H100", request)
     listed = dataclasses.replace(bundle, engines=table, files={**bundle.files, **{b.plan: "0" * 64 for b in builds}})
@@ -116,7 +116,8 @@ def test_plan_flags_and_engines_table_match_the_runtime_reader():
 
 def test_trtexec_commands():
     bundle = _dynamic()
-    build = plan_builds(bundle, EngineRequest(precision="bf16", max_batch=4, timing_cache="cache.bin"))[0]
+    request = EngineRequest(precision="bf16", max_batch=4, timing_cache="cache.bin", trtexec_major=10)
+    build = plan_builds(bundle, request)[0]
     command = build_command(build, bundle.path)
     n = _tokens(RESOLUTION)
     assert command[:2] == ["trtexec", f"--onnx={bundle.path / 'step.onnx'}"]
@@ -129,7 +130,7 @@ def test_trtexec_commands():
     profile = profile_command(build, bundle.path)
     assert {"--useCudaGraph", "--separateProfileRun", "--dumpProfile"} <= set(profile)
     assert f"--shapes=x:1x{n}x64" in " ".join(profile)
-    static = plan_builds(_static(), EngineRequest())[0]
+    static = plan_builds(_static(), EngineRequest(trtexec_major=10))[0]
     assert "--stronglyTyped" in build_command(static, _static().path)
     assert not any("Shapes" in a for a in build_command(static, _static().path))
     text = render(nano_bundle(), EngineRequest())
@@ -139,11 +140,100 @@ def test_trtexec_commands():
     assert text.count("--loadEngine=") == 4 and text.count("--saveEngine=") == 4
 
 
+def test_profiling_verbosity_is_a_build_option():
+    """--profilingVerbosity decides what layer information the plan keeps: it belongs on the build command."""
+    bundle = _static()
+    for major in (10, 11):
+        build = plan_builds(bundle, EngineRequest(trtexec_major=major))[0]
+        assert "--profilingVerbosity=detailed" in build_command(build, bundle.path)
+        assert not any(arg.startswith("--profilingVerbosity") for arg in profile_command(build, bundle.path))
+
+
+def test_trtexec_dialect_of_tensorrt_11():
+    """TensorRT 11 builds strongly typed only: no --stronglyTyped, no precision flags, no no-op profiling options."""
+    bundle = _static()
+    build = plan_builds(bundle, EngineRequest())[0]  # default: the newest trtexec
+    assert build.options.trtexec_major == 11
+    command, profile = build_command(build, bundle.path), profile_command(build, bundle.path)
+    removed = {"--stronglyTyped", "--bf16", "--fp16", "--useCudaGraph", "--separateProfileRun", "--noDataTransfers"}
+    assert not removed & (set(command) | set(profile))
+    assert {"--dumpProfile", f"--exportProfile={bundle.path / 'engines/step.plan'}.profile.json"} <= set(profile)
+    weak = plan_builds(bundle, EngineRequest(precision="bf16"))[0]
+    with pytest.raises(EngineError, match="TensorRT 11 builds strongly typed only.*--tensorrt-major 10"):
+        build_command(weak, bundle.path)
+    with pytest.raises(EngineError, match="--tensorrt-major 9"):
+        EngineRequest(trtexec_major=9)
+
+
+@pytest.mark.parametrize("refit, strip", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("major", [10, 11])
+def test_refit_and_strip_flags_agree_between_python_and_trtexec(refit, strip, major):
+    """The flags `unidg export engine` sets equal those trtexec sets for the printed command; a stripped plan is
+    refit-identical (STRIP_PLAN + REFIT_IDENTICAL, no REFIT) unless --refit asks for changeable weights."""
+    bundle = _static()
+    request = EngineRequest(refit=refit, strip_weights=strip, version_compatible=True, trtexec_major=major)
+    for build in plan_builds(bundle, request):
+        assert builder_flags_of(build_command(build, bundle.path)) == set(build.builder_flags)
+    flags = set(plan_builds(bundle, request)[0].builder_flags) - {"VERSION_COMPATIBLE"}
+    expected = {(False, False): set(), (True, False): {"REFIT"}, (False, True): {"STRIP_PLAN", "REFIT_IDENTICAL"}}
+    expected[(True, True)] = {"REFIT", "STRIP_PLAN"}
+    assert flags == expected[(refit, strip)]
+
+
+def _plugin_bundle(precision: str = "fp32"):
+    bundle = _static()
+    return dataclasses.replace(bundle, metadata={**bundle.metadata, "attention": "plugin", "precision": precision})
+
+
+def test_plugin_tactics_limited_to_48_kib_unless_asked():
+    step = plan_builds(_plugin_bundle(), EngineRequest(graphs=("step",)))[0]
+    assert step.uses_plugin and step.plugin_max_shared_bytes == 48 * 1024
+    lifted = plan_builds(_plugin_bundle(), EngineRequest(graphs=("step",), plugin_large_shared_memory=True))[0]
+    assert lifted.plugin_max_shared_bytes is None
+    assert plan_builds(_static(), EngineRequest(graphs=("step",)))[0].plugin_max_shared_bytes is None  # no plugin
+
+
+def test_cli_plugin_shared_memory_option(capsys, tmp_path):
+    import shutil
+
+    from runtime_fixtures import rewrite_manifest
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(nano_bundle(), bundle)
+    rewrite_manifest(bundle, lambda meta: meta.update(attention="plugin"))
+    assert main(["export", "trtexec", "--bundle", str(bundle)]) == 0
+    text = capsys.readouterr().out
+    assert "limited to 48 KiB" in text and f"unidg export engine --bundle {bundle} --graphs step`" in text
+    assert main(["export", "trtexec", "--bundle", str(bundle), "--plugin-large-shared-memory"]) == 0
+    assert "--graphs step --plugin-large-shared-memory`" in capsys.readouterr().out
+
+
+def test_hardware_compatible_plans_refused_for_plugin_and_fp8():
+    ampere = EngineRequest(hardware_compatibility="ampere_plus")
+    with pytest.raises(EngineError, match="ampere_plus with the attention plugin"):
+        plan_builds(_plugin_bundle(), ampere)
+    with pytest.raises(EngineError, match="FP8 kernels need sm_89"):
+        plan_builds(_dynamic(precision="fp8"), ampere)
+    # same compute capability keeps the plugin's SM; a plain fp32 bundle may be Ampere-compatible
+    plan_builds(_plugin_bundle(), EngineRequest(hardware_compatibility="same_compute_capability"))
+    plan_builds(_static(), ampere)
+
+
+def test_plan_entries_say_which_plans_embed_the_plugin():
+    from unidg.export.engine import engine_entry
+
+    builds = plan_builds(_plugin_bundle(), EngineRequest())
+    entries = {b.graph: engine_entry(b, "0" * 64, 1.0) for b in builds}
+    assert entries["step"]["plugin"] is True and entries["vae_decoder"]["plugin"] is False
+
+
 def test_cli_trtexec_and_refusals(capsys):
     assert main(["export", "trtexec", "--bundle", str(nano_bundle()), "--fp8"]) == 2
     assert "--fp8 needs a bundle with FP8 Q/DQ" in capsys.readouterr().err
-    assert main(["export", "trtexec", "--bundle", str(nano_bundle())]) == 0
+    assert main(["export", "trtexec", "--bundle", str(nano_bundle()), "--tensorrt-major", "10"]) == 0
     assert "--stronglyTyped" in capsys.readouterr().out
+    assert main(["export", "trtexec", "--bundle", str(nano_bundle())]) == 0
+    assert "--stronglyTyped" not in capsys.readouterr().out
 
 
 @pytest.mark.skipif(HAS_TENSORRT, reason="tensorrt is installed: the build test below runs instead")

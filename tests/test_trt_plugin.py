@@ -124,11 +124,25 @@ def test_shared_memory_limit_filters_tactics() -> None:
     small = tactics_within_shared_limit("bf16", 128, scale, None, 49152, arch=90)
     assert small and set(small) < set(all_tactics)
     assert len(AUTOTUNE_CONFIGS) in small
+    # TensorRT's default tactic 0 must not fall back to a config above the limit
+    default = config_for_tactic(0, None, 49152, "bf16", 128, scale, arch=90)
+    assert default == tactic_configs()[small[0]] and default != AUTOTUNE_CONFIGS[0]
+
+
+def test_plugin_tactics_default_to_48_kib() -> None:
+    """Without an explicit opt-in only tactics within the 48 KiB every launch gets are offered."""
+    import inspect
+
+    from unidg.export.engine import PLUGIN_DEFAULT_MAX_SHARED_BYTES
+    from unidg.export.plugins.trt_plugin import DEFAULT_MAX_SHARED_BYTES
+
+    assert DEFAULT_MAX_SHARED_BYTES == PLUGIN_DEFAULT_MAX_SHARED_BYTES == 48 * 1024
+    assert inspect.signature(register_plugin).parameters["max_shared_bytes"].default == DEFAULT_MAX_SHARED_BYTES
 
 
 @pytest.mark.skipif(_tensorrt_installed(), reason="tensorrt is installed")
 def test_register_without_tensorrt_says_what_to_install() -> None:
-    with pytest.raises(ImportError, match="TensorRT >= 10.9"):
+    with pytest.raises(ImportError, match="TensorRT >= 10.15"):
         register_plugin()
 
 

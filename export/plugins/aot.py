@@ -43,6 +43,9 @@ DTYPE_NAMES: tuple[str, ...] = ("bf16", "fp16", "fp32")
 # Opt-in dynamic shared memory per block (bytes): a compiled config must fit the target.
 MAX_SHARED_BYTES_BY_ARCH: dict[int, int] = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 DEFAULT_SHARED_BYTES_LIMIT = 49152  # without the opt-in attribute
+# The compiled-kernel metadata this module checks (global/profile scratch sizes, launch flags) exists from Triton 3.5.
+MIN_TRITON_VERSION = (3, 5)
+LAUNCH_METADATA = ("global_scratch_size", "profile_scratch_size", "num_ctas", "launch_cooperative_grid", "launch_pdl")
 
 
 class AotCompileError(RuntimeError):
@@ -137,18 +140,35 @@ def _ptx_directive(ptx: str, directive: str) -> str:
     return match.group(1)
 
 
+def check_triton_version(version: str) -> None:
+    """Refuse a Triton older than the AOT path needs (its kernel metadata lacks the launch fields checked here)."""
+    parts = tuple(int("".join(ch for ch in piece if ch.isdigit()) or 0) for piece in str(version).split(".")[:2])
+    if parts < MIN_TRITON_VERSION:
+        needed = ".".join(str(part) for part in MIN_TRITON_VERSION)
+        raise AotCompileError(
+            f"Triton {version} is installed; ahead-of-time compilation of the attention plugin needs Triton >= "
+            f"{needed} (its compiled metadata reports scratch sizes and launch flags); `pip install -U triton`"
+        )
+
+
 def _check_launch_metadata(metadata, name: str) -> None:
     """Refuse kernels that need launch features the TensorRT AOT path (inputs, int32 args, outputs) cannot give."""
+    absent = [field for field in LAUNCH_METADATA if not hasattr(metadata, field)]
+    if absent:
+        raise AotCompileError(
+            f"kernel {name}: the compiled metadata lacks {absent}, so its launch needs cannot be checked; "
+            f"use Triton >= {'.'.join(str(part) for part in MIN_TRITON_VERSION)}"
+        )
     problems = []
-    if getattr(metadata, "global_scratch_size", 0):
+    if metadata.global_scratch_size:
         problems.append(f"global scratch of {metadata.global_scratch_size} bytes")
-    if getattr(metadata, "profile_scratch_size", 0):
+    if metadata.profile_scratch_size:
         problems.append(f"profile scratch of {metadata.profile_scratch_size} bytes")
-    if getattr(metadata, "num_ctas", 1) != 1:
+    if metadata.num_ctas != 1:
         problems.append(f"num_ctas={metadata.num_ctas}")
-    if getattr(metadata, "launch_cooperative_grid", False):
+    if metadata.launch_cooperative_grid:
         problems.append("a cooperative launch")
-    if getattr(metadata, "launch_pdl", False):
+    if metadata.launch_pdl:
         problems.append("programmatic dependent launch")
     if getattr(metadata, "tensordesc_meta", None):
         problems.append("host-side tensor descriptors")
@@ -175,6 +195,7 @@ def compile_biased_attention(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    check_triton_version(triton.__version__)
     if interpreter_available():
         raise AotCompileError("ahead-of-time compilation needs a process started without TRITON_INTERPRET=1")
     if pointer_alignment not in (1, 16):

@@ -1,6 +1,7 @@
 """TensorRT plugin ``unidg::biased_attention``: the Triton kernel as an ahead-of-time quickly deployable plugin.
 
-Built only with NVIDIA's documented ``tensorrt.plugin`` API (TensorRT >= 10.9):
+Built only with NVIDIA's documented ``tensorrt.plugin`` API (``aot_impl`` exists from TensorRT 10.9; the bundle graphs
+around the node need the ONNX parser of TensorRT >= 10.15):
 
 - ``@trtp.register``: inputs ``q, k, v`` ``[B, H, S, D]`` (bf16/fp16/fp32) and ``key_bias`` ``[B, S_k]`` fp32, one
   float attribute ``scale`` (0 means 1/sqrt(D)); the output is described as ``q.like()``.
@@ -35,6 +36,10 @@ PLUGIN_VERSION = "1"
 TRT_TO_TRITON_DTYPE = {"BF16": "bf16", "HALF": "fp16", "FLOAT": "fp32"}
 # The same types as AutoTuneCombination spells them.
 AUTOTUNE_TYPE_NAMES = {"bf16": "BF16", "fp16": "FP16", "fp32": "FP32"}
+
+# Dynamic shared memory every kernel launch gets without raising CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+# which neither tensorrt.plugin nor Torch-TensorRT documents doing for AOT kernels.
+DEFAULT_MAX_SHARED_BYTES = 49152
 
 _registered_options: dict | None = None
 
@@ -81,10 +86,26 @@ def tactic_configs(configs=None) -> dict:
     return table
 
 
-def config_for_tactic(tactic: int, configs=None):
+def config_for_tactic(
+    tactic: int,
+    configs=None,
+    max_shared_bytes: int | None = None,
+    dtype: str = "",
+    head_dim: int = 0,
+    scale: float = 0.0,
+    arch: int | None = None,
+):
+    """The kernel config of a tactic; tactic 0 (TensorRT's default) is the first config allowed by
+    ``max_shared_bytes`` (checking it compiles the configs for ``dtype``/``head_dim``/``scale`` on sm_``arch``,
+    None: the build GPU)."""
     table = tactic_configs(configs)
     if tactic == 0:
-        return table[1]
+        if max_shared_bytes is None:
+            return table[1]
+        allowed = tactics_within_shared_limit(dtype, head_dim, scale, configs, max_shared_bytes, arch)
+        if not allowed:
+            raise ValueError(f"{PLUGIN_ID}: no kernel configuration fits {max_shared_bytes} bytes of shared memory")
+        return table[allowed[0]]
     try:
         return table[int(tactic)]
     except KeyError:
@@ -139,12 +160,14 @@ def tactics_within_shared_limit(
     ]
 
 
-def register_plugin(configs=None, max_shared_bytes: int | None = None, ptx_version: int | None = 80) -> str:
+def register_plugin(
+    configs=None, max_shared_bytes: int | None = DEFAULT_MAX_SHARED_BYTES, ptx_version: int | None = 80
+) -> str:
     """Register ``unidg::biased_attention`` with TensorRT's plugin registry (idempotent) and return its id.
 
     ``configs``: kernel configurations offered as tactics (default: ``AUTOTUNE_CONFIGS``). ``max_shared_bytes``:
-    only offer tactics needing at most this much dynamic shared memory (e.g. 49152 for a runtime that does not raise
-    the per-kernel shared-memory limit). ``ptx_version``: PTX ISA stamped into the embedded PTX (80 = ISA 8.0).
+    only offer tactics needing at most this much dynamic shared memory (default 48 KiB, what a launch gets without
+    the opt-in attribute; None offers every config). ``ptx_version``: PTX ISA stamped into the embedded PTX.
     """
     global _registered_options
     options = {"configs": tuple(tactic_configs(configs).values()), "max_shared_bytes": max_shared_bytes}
@@ -158,9 +181,12 @@ def register_plugin(configs=None, max_shared_bytes: int | None = None, ptx_versi
         import tensorrt as trt
         import tensorrt.plugin as trtp
     except ImportError as error:
-        raise ImportError(f"{PLUGIN_ID} needs TensorRT >= 10.9 (`pip install 'unidg[tensorrt]'`): {error}") from error
-    if not hasattr(trtp, "aot_impl"):
-        raise ImportError(f"{PLUGIN_ID} needs tensorrt.plugin.aot_impl (TensorRT >= 10.9); found {trt.__version__}")
+        raise ImportError(f"{PLUGIN_ID} needs TensorRT >= 10.15 (`pip install 'unidg[tensorrt]'`): {error}") from error
+    from unidg.runtime.backends.tensorrt_backend import tensorrt_version_problem
+
+    problem = tensorrt_version_problem(trt.__version__)
+    if problem or not hasattr(trtp, "aot_impl"):
+        raise ImportError(problem or f"{PLUGIN_ID} needs tensorrt.plugin.aot_impl; found TensorRT {trt.__version__}")
 
     configs = options["configs"]
 
@@ -207,7 +233,7 @@ def register_plugin(configs=None, max_shared_bytes: int | None = None, ptx_versi
     ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymExprs]:
         dtype = triton_dtype_for(q.dtype.name)
         head_dim = static_head_dim(tuple(q.shape))
-        config = config_for_tactic(tactic, configs)
+        config = config_for_tactic(tactic, configs, max_shared_bytes, dtype, head_dim, resolve_scale(scale, head_dim))
         compiled = compile_for_plugin(dtype, head_dim, resolve_scale(scale, head_dim), config, None, ptx_version)
         plan = plan_launch(compiled, q.shape_expr, k.shape_expr, cdiv=trtp.cdiv)
 
