@@ -4,6 +4,7 @@ ONNX bundle and samples a station needs but not the torch weights the bundle was
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -13,6 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # Source folder of each top-level subpackage (pyproject's [tool.setuptools.package-dir]).
+BUILD_IGNORES = (".git", ".venv", ".whl", "build", "dist", "out", "*.egg-info", "__pycache__", ".*_cache")
 FOLDERS = {
     "unidg": "unidg",
     "unidg.train": "train",
@@ -35,8 +37,11 @@ def source_packages() -> list[str]:
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    # Built from a copy: setuptools reuses an existing build/ folder, whose stale files would end up in the wheel.
+    source = out / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*BUILD_IGNORES))
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(source)],
         capture_output=True,
         text=True,
         timeout=300,
