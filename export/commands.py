@@ -153,6 +153,12 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workspace-gb", type=float)
     parser.add_argument("--graphs", help="comma-separated subset of step,vae_encoder,vae_decoder,image_encoder")
     parser.add_argument(
+        "--attention",
+        choices=("native", "plugin"),
+        help="step attention for TensorRT: native Attention with a key-only mask (default) or the biased-attention "
+        "plugin (default for bundles exported with --attention plugin)",
+    )
+    parser.add_argument(
         "--plugin-large-shared-memory",
         action="store_true",
         help="also offer attention-plugin tactics above 48 KiB of shared memory (default: only those within it)",
@@ -181,6 +187,7 @@ def _engine_request(args: argparse.Namespace):
         workspace_gb=args.workspace_gb,
         graphs=graphs,
         plugin_large_shared_memory=args.plugin_large_shared_memory,
+        attention=args.attention,
         **({"trtexec_major": args.tensorrt_major} if hasattr(args, "tensorrt_major") else {}),
     )
 

@@ -31,6 +31,9 @@ TRTEXEC_MAJORS = (10, 11)  # trtexec dialects the printed commands can target
 # Neither tensorrt.plugin nor Torch-TensorRT documents raising a kernel's dynamic shared-memory limit for AOT plugin
 # kernels, so by default only tactics within the 48 KiB every launch gets are offered.
 PLUGIN_DEFAULT_MAX_SHARED_BYTES = 49152
+# How the step graph's attention reaches TensorRT: "native" = opset-23 Attention with a key-only [B, 1, 1, S] mask
+# (TensorRT's attention layer broadcasts it), "plugin" = the unidg::biased_attention node.
+ATTENTION_BUILDS = ("native", "plugin")
 
 
 class EngineError(ValueError):
@@ -60,6 +63,7 @@ class EngineRequest:
     graphs: tuple[str, ...] = GRAPH_NAMES
     plugin_large_shared_memory: bool = False  # also offer plugin tactics above 48 KiB of dynamic shared memory
     trtexec_major: int = TRTEXEC_MAJORS[-1]  # dialect of the printed trtexec commands
+    attention: str | None = None  # None: "native", or "plugin" for a bundle exported with the plugin node
 
     def __post_init__(self) -> None:
         if self.precision is not None and self.precision not in PRECISION_FLAGS:
@@ -68,6 +72,8 @@ class EngineRequest:
             raise EngineError(f"--optimization-level {self.optimization_level}: TensorRT accepts 0..5 (default 3)")
         if self.hardware_compatibility not in HARDWARE_LEVELS:
             raise EngineError(f"--hardware-compatibility {self.hardware_compatibility!r}: one of {HARDWARE_LEVELS}")
+        if self.attention is not None and self.attention not in ATTENTION_BUILDS:
+            raise EngineError(f"--attention {self.attention!r}: choose one of {list(ATTENTION_BUILDS)}")
         if self.trtexec_major not in TRTEXEC_MAJORS:
             raise EngineError(f"--tensorrt-major {self.trtexec_major}: the trtexec commands target {TRTEXEC_MAJORS}")
         unknown = [g for g in self.graphs if g not in GRAPH_NAMES]
@@ -101,6 +107,18 @@ class GraphBuild:
     uses_plugin: bool
     plugin_max_shared_bytes: int | None = None  # plugin tactics offered up to this much shared memory (None: all)
     options: EngineRequest = field(repr=False, default_factory=EngineRequest)
+    attention: str | None = None  # step graph only: "native" or "plugin"
+    derive: tuple[Path, str] | None = None  # (bundle graph, rewrite form) that ``onnx`` is written from
+
+    def prepare_graph(self) -> None:
+        """Write the TensorRT form of the step graph beside the bundle's own (graph only: the weights stay in the
+        bundle graph's external data, which both files name)."""
+        if self.derive is None:
+            return
+        from unidg.export.plugins.onnx_rewrite import rewrite_attention_file
+
+        source, form = self.derive
+        rewrite_attention_file(source, self.onnx, form=form)
 
 
 # ------------------------------------------------------------------------------------------------ precision
@@ -218,6 +236,29 @@ def _check_hardware_compatibility(bundle: Bundle, request: EngineRequest, uses_p
         )
 
 
+def step_attention(bundle: Bundle, requested: str | None) -> tuple[str, Path, str | None]:
+    """(attention built, step graph TensorRT parses, rewrite form that makes it from the bundle's step graph or None).
+
+    The bundle keeps the form onnxruntime runs (Attention with the mask expanded to [B, 1, S, S]); a TensorRT build
+    derives its own: native Attention fed the key-only [B, 1, 1, S] mask (~S times smaller, and TensorRT >= 10.14
+    broadcasts it), or the plugin node.
+    """
+    source = bundle.graph_path("step")
+    if bundle.metadata.get("attention") == "plugin":
+        if requested == "native":
+            raise EngineError(
+                f"--attention native: {bundle.path.name} was exported with the plugin node; re-export it with "
+                "--attention portable (the default) to build native attention"
+            )
+        return "plugin", source, None
+    attention = requested or "native"
+    if attention == "plugin":
+        return attention, source.with_name(f"{source.stem}.plugin.onnx"), "plugin"
+    if bundle.metadata.get("attention_form") == "fold":  # no mask at all: the graph is already TensorRT's form
+        return attention, source, None
+    return attention, source.with_name(f"{source.stem}.native.onnx"), "key_mask"
+
+
 def plan_builds(bundle: Bundle, request: EngineRequest) -> list[GraphBuild]:
     """What to build for each requested graph (no TensorRT needed)."""
     strongly_typed, flags = precision_mode(bundle, request.precision)
@@ -226,13 +267,16 @@ def plan_builds(bundle: Bundle, request: EngineRequest) -> list[GraphBuild]:
         graph_flags = list(flags) + refit_flags(request.refit, request.strip_weights)
         if request.version_compatible:
             graph_flags.append("VERSION_COMPATIBLE")
-        uses_plugin = graph == "step" and bundle.metadata.get("attention") == "plugin"
+        attention, onnx_path, rewrite = (None, bundle.graph_path(graph), None)
+        if graph == "step":
+            attention, onnx_path, rewrite = step_attention(bundle, request.attention)
+        uses_plugin = attention == "plugin"
         _check_hardware_compatibility(bundle, request, uses_plugin)
         max_shared = None if request.plugin_large_shared_memory else PLUGIN_DEFAULT_MAX_SHARED_BYTES
         builds.append(
             GraphBuild(
                 graph=graph,
-                onnx=bundle.graph_path(graph),
+                onnx=onnx_path,
                 plan=f"{ENGINE_DIR}/{graph}.plan",
                 profile=profile_for(bundle, graph, request),
                 strongly_typed=strongly_typed,
@@ -240,6 +284,8 @@ def plan_builds(bundle: Bundle, request: EngineRequest) -> list[GraphBuild]:
                 uses_plugin=uses_plugin,
                 plugin_max_shared_bytes=max_shared if uses_plugin else None,
                 options=request,
+                attention=attention,
+                derive=(bundle.graph_path(graph), rewrite) if rewrite else None,
             )
         )
     return builds
@@ -258,6 +304,8 @@ def engine_entry(build: GraphBuild, plan_sha256: str, seconds: float) -> dict:
         "refittable": "REFIT" in build.builder_flags,
         "weight_stripped": "STRIP_PLAN" in build.builder_flags,
         "plugin": build.uses_plugin,
+        "onnx": build.onnx.name,  # the graph the plan was parsed from (and a stripped plan is refit from)
+        **({"attention": build.attention} if build.attention else {}),
         "build_seconds": round(seconds, 1),
     }
 
@@ -423,6 +471,7 @@ def build_engines(
             kind = "strongly typed" if build.strongly_typed else f"flags {list(build.builder_flags)}"
             progress(f"building {build.plan} ({kind}, batch {build.profile.batch}, S {build.profile.resolution})")
         started = time.perf_counter()
+        build.prepare_graph()
         plan, cache_bytes = build_plan(trt, build, logger, cache_bytes, progress)
         target = bundle.path / build.plan
         atomic_write_bytes(target, plan)

@@ -121,10 +121,18 @@ def commands_for(bundle: Bundle, request: EngineRequest, trtexec: str = "trtexec
 
 
 def render(bundle_path: str | Path, request: EngineRequest, trtexec: str = "trtexec") -> str:
-    """The shell script text printed by ``unidg export trtexec``."""
+    """The shell script text printed by ``unidg export trtexec``; writes the TensorRT form of the step graph into
+    the bundle (graph only) when the build needs one."""
     bundle = load_bundle(bundle_path, verify=False)
     lines = [f"# trtexec commands for {bundle.describe()} (TensorRT {request.trtexec_major} trtexec)"]
     builds = plan_builds(bundle, request)
+    for build in builds:
+        if build.derive is not None:
+            build.prepare_graph()
+            lines.append(
+                f"# wrote {build.onnx.name}: the step graph with {build.attention} attention for TensorRT (graph only; "
+                f"the weights stay where {build.derive[0].name} keeps them)"
+            )
     if any(build.uses_plugin for build in builds):
         engine = f"unidg export engine --bundle {shlex.quote(str(bundle.path))} --graphs step"
         if request.plugin_large_shared_memory:

@@ -30,6 +30,15 @@ def _static():
     return load_bundle(nano_bundle(), verify=False)
 
 
+@pytest.fixture()
+def bundle_copy(tmp_path):
+    """A copy of the nano bundle: printing trtexec commands writes the TensorRT step graph into the bundle."""
+    import shutil
+
+    shutil.copytree(nano_bundle(), tmp_path / "bundle")
+    return tmp_path / "bundle"
+
+
 def _dynamic(sequence: bool = True, precision: str = "fp32"):
     """The nano bundle's manifest as a dynamic-batch (and dynamic-sequence) bundle would record it."""
     bundle = _static()
@@ -114,13 +123,13 @@ def test_plan_flags_and_engines_table_match_the_runtime_reader():
     assert specs["step"].version_compatible and specs["step"].hardware_compatibility == "ampere_plus"
 
 
-def test_trtexec_commands():
+def test_trtexec_commands(bundle_copy):
     bundle = _dynamic()
     request = EngineRequest(precision="bf16", max_batch=4, timing_cache="cache.bin", trtexec_major=10)
     build = plan_builds(bundle, request)[0]
     command = build_command(build, bundle.path)
     n = _tokens(RESOLUTION)
-    assert command[:2] == ["trtexec", f"--onnx={bundle.path / 'step.onnx'}"]
+    assert command[:2] == ["trtexec", f"--onnx={bundle.path / 'step.native.onnx'}"]
     assert "--bf16" in command and "--stronglyTyped" not in command
     assert f"--saveEngine={bundle.path / 'engines/step.plan'}" in command
     assert "--timingCacheFile=cache.bin" in command and "--builderOptimizationLevel=3" in command
@@ -133,7 +142,8 @@ def test_trtexec_commands():
     static = plan_builds(_static(), EngineRequest(trtexec_major=10))[0]
     assert "--stronglyTyped" in build_command(static, _static().path)
     assert not any("Shapes" in a for a in build_command(static, _static().path))
-    text = render(nano_bundle(), EngineRequest())
+    text = render(bundle_copy, EngineRequest())
+    assert "# wrote step.native.onnx" in text and (bundle_copy / "step.native.onnx").is_file()
     for line in text.splitlines():
         if line.startswith("trtexec"):
             assert shlex.split(line)[0] == "trtexec"
@@ -227,13 +237,57 @@ def test_plan_entries_say_which_plans_embed_the_plugin():
     assert entries["step"]["plugin"] is True and entries["vae_decoder"]["plugin"] is False
 
 
-def test_cli_trtexec_and_refusals(capsys):
-    assert main(["export", "trtexec", "--bundle", str(nano_bundle()), "--fp8"]) == 2
+def test_cli_trtexec_and_refusals(capsys, bundle_copy):
+    assert main(["export", "trtexec", "--bundle", str(bundle_copy), "--fp8"]) == 2
     assert "--fp8 needs a bundle with FP8 Q/DQ" in capsys.readouterr().err
-    assert main(["export", "trtexec", "--bundle", str(nano_bundle()), "--tensorrt-major", "10"]) == 0
+    assert main(["export", "trtexec", "--bundle", str(bundle_copy), "--tensorrt-major", "10"]) == 0
     assert "--stronglyTyped" in capsys.readouterr().out
-    assert main(["export", "trtexec", "--bundle", str(nano_bundle())]) == 0
+    assert main(["export", "trtexec", "--bundle", str(bundle_copy)]) == 0
     assert "--stronglyTyped" not in capsys.readouterr().out
+
+
+def test_native_attention_is_the_default_with_a_key_only_mask(bundle_copy):
+    """TensorRT builds parse a step graph whose Attention nodes take the [B, 1, 1, S] key mask; the bundle's own
+    step.onnx (what onnxruntime runs) keeps the [B, 1, S, S] broadcast and stays byte-for-byte as exported."""
+    import onnx
+
+    from unidg.export.plugins.onnx_rewrite import attention_mask_shapes
+    from unidg.runtime.manifest import sha256_file
+
+    bundle = load_bundle(bundle_copy, verify=False)
+    before = sha256_file(bundle_copy / "step.onnx")
+    step = plan_builds(bundle, EngineRequest(graphs=("step",)))[0]
+    assert step.attention == "native" and not step.uses_plugin and step.onnx.name == "step.native.onnx"
+    step.prepare_graph()
+    sequence = bundle.context_tokens + _tokens(RESOLUTION)
+    native = attention_mask_shapes(onnx.load(str(step.onnx), load_external_data=False))
+    assert native and all(shape == [1, 1, 1, sequence] for shape in native)
+    expanded = attention_mask_shapes(onnx.load(str(bundle_copy / "step.onnx"), load_external_data=False))
+    assert all(shape == [1, 1, sequence, sequence] for shape in expanded)
+    assert sha256_file(bundle_copy / "step.onnx") == before
+    assert f"--onnx={step.onnx}" in build_command(step, bundle.path)
+
+
+def test_plugin_attention_is_a_build_option(bundle_copy):
+    from unidg.export.engine import engine_entry
+
+    bundle = load_bundle(bundle_copy, verify=False)
+    step = plan_builds(bundle, EngineRequest(graphs=("step",), attention="plugin"))[0]
+    assert step.uses_plugin and step.onnx.name == "step.plugin.onnx" and step.derive[1] == "plugin"
+    assert step.plugin_max_shared_bytes == 48 * 1024
+    step.prepare_graph()
+    import onnx
+
+    from unidg.export.plugins.onnx_rewrite import count_attention_nodes, count_plugin_nodes
+
+    model = onnx.load(str(step.onnx), load_external_data=False)
+    assert count_attention_nodes(model) == 0 and count_plugin_nodes(model) > 0
+    entry = engine_entry(step, "0" * 64, 1.0)
+    assert entry["attention"] == "plugin" and entry["onnx"] == "step.plugin.onnx" and entry["plugin"]
+    with pytest.raises(EngineError, match="--attention native: .* was exported with the plugin node"):
+        plan_builds(_plugin_bundle(), EngineRequest(attention="native"))
+    with pytest.raises(EngineError, match="--attention 'flash'"):
+        EngineRequest(attention="flash")
 
 
 @pytest.mark.skipif(HAS_TENSORRT, reason="tensorrt is installed: the build test below runs instead")

@@ -15,11 +15,13 @@ from onnx import TensorProto, helper, numpy_helper
 from unidg.export.plugins.attention_kernel import reference_biased_attention
 from unidg.export.plugins.onnx_rewrite import (
     AttentionRewriteError,
+    attention_mask_shapes,
     check_rewritten_model,
     count_attention_nodes,
     count_plugin_nodes,
     is_key_only_shape,
     rewrite_attention_file,
+    rewrite_attention_to_key_mask,
     rewrite_attention_to_plugin,
 )
 from unidg.export.plugins.trt_plugin import PLUGIN_NAME, PLUGIN_NAMESPACE
@@ -268,3 +270,49 @@ def test_file_rewrite_keeps_external_weights_unloaded(tmp_path) -> None:
         biases = _plugin_biases(loaded, feeds)
         assert np.array_equal(biases["attn_scaled_plugin"], feeds["key_bias"])
         assert not dst.with_name(dst.name + ".tmp").exists()
+
+
+def test_key_mask_rewrite_feeds_the_key_only_mask_and_keeps_the_numbers(tmp_path) -> None:
+    """Attention fed [B, 1, 1, S] (TensorRT's broadcast form) computes what onnxruntime computes with the
+    [B, 1, S, S] broadcast; ONNX's reference evaluator runs it, onnxruntime's CPU kernel refuses it."""
+    from onnx.reference import ReferenceEvaluator
+
+    model = flux_like_model()
+    keyed, report = rewrite_attention_to_key_mask(model)
+    assert report.attention_nodes == 3 and report.rewired == 2 and report.masks == ("mask_keys",)
+    assert attention_mask_shapes(model) == [[B, 1, S, S], [B, 1, S, S], None]
+    shapes = attention_mask_shapes(keyed)  # node order may change (topological sort)
+    assert [shape for shape in shapes if shape] == [[B, 1, 1, S]] * 2 and shapes.count(None) == 1
+    assert not [n for n in keyed.graph.node if n.op_type == "Expand"]  # the broadcast is gone
+    onnx.checker.check_model(keyed)
+    feeds = _inputs(seed=3)
+    (want,) = _run(model, feeds)
+    (got,) = ReferenceEvaluator(keyed).run(None, feeds)
+    np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
+    with pytest.raises(Exception, match="inconsistent q_sequence_length"):
+        _run(keyed, feeds)
+    src, dst = tmp_path / "step.onnx", tmp_path / "step.native.onnx"
+    onnx.save(model, src)
+    assert rewrite_attention_file(src, dst, form="key_mask").rewired == 2
+    assert [shape for shape in attention_mask_shapes(onnx.load(dst)) if shape] == [[B, 1, 1, S]] * 2
+
+
+def test_key_mask_rewrite_keeps_the_mask_dtype_and_refuses_untraceable_masks() -> None:
+    nodes = [
+        helper.make_node("Unsqueeze", ["key_bias", "axes12"], ["mask_keys"]),
+        helper.make_node("Cast", ["mask_keys"], ["mask_half"], to=TensorProto.FLOAT16),
+        helper.make_node("Expand", ["mask_half", "full_shape"], ["mask_full"]),
+        helper.make_node("Attention", ["q", "k", "v", "mask_full"], ["out"], name="attn"),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array([1, 2], dtype=np.int64), "axes12"),
+        numpy_helper.from_array(np.array([B, 1, S, S], dtype=np.int64), "full_shape"),
+    ]
+    half = TensorProto.FLOAT16
+    inputs = [_value(n, QKV, half) for n in ("q", "k", "v")] + [_value("key_bias", [B, S])]
+    keyed, _ = rewrite_attention_to_key_mask(_model(nodes, inputs, [_value("out", QKV, half)], inits))
+    attention = next(n for n in keyed.graph.node if n.op_type == "Attention")
+    producer = next(n for n in keyed.graph.node if attention.input[3] in n.output)
+    assert producer.op_type == "Cast" and producer.attribute[0].i == TensorProto.FLOAT16
+    with pytest.raises(AttentionRewriteError, match="not an Expand of a \\[B, 1, 1, S_k\\] tensor"):
+        rewrite_attention_to_key_mask(mask_input_model([B, 1, S, S]))

@@ -366,3 +366,15 @@ def test_every_cuda_runtime_call_exists_in_cuda_python():
         if value is None:
             missing.append(name)
     assert not missing
+
+
+def test_plan_graph_must_be_listed(engine_bundle):
+    """A plan records the graph it was parsed from (refit source of a stripped plan); it must be hash-checked."""
+    import dataclasses
+
+    table = {**engine_bundle.engines}
+    table["plans"] = {**table["plans"], "step": {**table["plans"]["step"], "onnx": "step.native.onnx"}}
+    with pytest.raises(BackendError, match="its graph step.native.onnx is not listed"):
+        parse_engines(dataclasses.replace(engine_bundle, engines=table))
+    listed = dataclasses.replace(engine_bundle, engines=table, files={**engine_bundle.files, "step.native.onnx": "0"})
+    assert parse_engines(listed)["step"].onnx == "step.native.onnx"

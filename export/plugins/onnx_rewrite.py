@@ -293,6 +293,65 @@ def rewrite_attention_to_plugin(
     return out_model, report
 
 
+@dataclass(frozen=True)
+class KeyMaskReport:
+    attention_nodes: int
+    rewired: int  # Attention nodes whose expanded mask was replaced by its key-only source
+    masks: tuple[str, ...]  # the key-only tensors now feeding the nodes
+
+
+def rewrite_attention_to_key_mask(model: onnx.ModelProto) -> tuple[onnx.ModelProto, KeyMaskReport]:
+    """Feed every top-level ``Attention`` node the key-only ``[B, 1, 1, S_k]`` source of its mask instead of the
+    ``[B, 1, S_q, S_k]`` broadcast the exporter writes for onnxruntime (which refuses key-only masks).
+
+    TensorRT's attention layer (the ONNX parser's ``Attention`` importer, 10.14+) broadcasts mask dimensions of size
+    1, so the per-sample mask shrinks from B·S_q·S_k to B·S_k elements. The node, Q/K/V and every initializer stay as
+    they are; a ``Cast`` on the way is kept so the mask keeps the node's dtype. The input model is not modified.
+    """
+    before = count_attention_nodes(model)
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    graph = gs.import_onnx(inferred)
+    tracer = _Rewriter(graph, "key_only")
+    replacements: dict[str, gs.Tensor] = {}  # one key-only mask per expanded mask (the blocks share one)
+    rewired = 0
+    for node in [n for n in graph.nodes if _is_attention(n)]:
+        if len(node.inputs) < 4 or not node.inputs[3].name:
+            continue
+        mask = node.inputs[3]
+        if is_key_only_shape(mask.shape) and len(mask.shape) == 4:
+            continue
+        if mask.name not in replacements:
+            traced = tracer.trace_key_only(mask)
+            if traced is None or len(traced[0].shape) != 4:
+                raise AttentionRewriteError(
+                    f"Attention node {node.name!r}: mask {mask.name!r} of shape {mask.shape} is not an Expand of a "
+                    "[B, 1, 1, S_k] tensor, so no key-only form can be derived"
+                )
+            source = traced[0]
+            if mask.dtype is not None and source.dtype is not None and np.dtype(source.dtype) != np.dtype(mask.dtype):
+                to = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(mask.dtype))
+                source = tracer.op("Cast", f"{mask.name}_key_only", [source], {"to": to}, mask.dtype, source.shape)
+            replacements[mask.name] = source
+        node.inputs[3] = replacements[mask.name]
+        rewired += 1
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    out_model = gs.export_onnx(graph)
+    out_model.ir_version = model.ir_version
+    if count_attention_nodes(out_model) != before:
+        raise AttentionRewriteError("the key-only rewrite changed the number of Attention nodes")
+    return out_model, KeyMaskReport(before, rewired, tuple(sorted(t.name for t in replacements.values())))
+
+
+def attention_mask_shapes(model: onnx.ModelProto) -> list[list | None]:
+    """Inferred shape of the mask input of every top-level ``Attention`` node (None: no mask)."""
+    shapes = _value_shapes(onnx.shape_inference.infer_shapes(model, data_prop=True))
+    return [
+        shapes.get(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+        for node in model.graph.node
+        if node.op_type == ATTENTION_OP and node.domain in ONNX_DOMAINS
+    ]
+
+
 def _value_shapes(model: onnx.ModelProto) -> dict[str, list | None]:
     shapes: dict[str, list | None] = {}
     graph = model.graph
@@ -375,21 +434,30 @@ def external_data_files(model: onnx.ModelProto) -> list[str]:
     return files
 
 
+ATTENTION_REWRITES = ("plugin", "key_mask")
+
+
 def rewrite_attention_file(
-    src: str | os.PathLike, dst: str | os.PathLike, mask_rows: str = "key_only"
-) -> RewriteReport:
-    """Rewrite and check the model file ``src`` into ``dst`` (``dst`` may be ``src``).
+    src: str | os.PathLike, dst: str | os.PathLike, mask_rows: str = "key_only", form: str = "plugin"
+) -> RewriteReport | KeyMaskReport:
+    """Rewrite and check the model file ``src`` into ``dst`` (``dst`` may be ``src``): Attention nodes become the
+    plugin node (``form="plugin"``) or take the key-only mask (``form="key_mask"``).
 
     Weights are never loaded: initializers kept in external-data files stay there (the rewrite only adds small
     constants), and the files are copied beside ``dst`` when it is in another folder. That keeps a 24 GB FLUX step
     graph a few-megabyte protobuf through the rewrite.
     """
     src, dst = Path(src), Path(dst)
+    if form not in ATTENTION_REWRITES:
+        raise ValueError(f"form must be one of {ATTENTION_REWRITES}, got {form!r}")
     if not src.is_file():
         raise FileNotFoundError(f"ONNX model {src} does not exist")
     original = onnx.load(str(src), load_external_data=False)
-    rewritten, report = rewrite_attention_to_plugin(original, mask_rows=mask_rows)
-    check_rewritten_model(original, rewritten, run_checker=False)
+    if form == "plugin":
+        rewritten, report = rewrite_attention_to_plugin(original, mask_rows=mask_rows)
+        check_rewritten_model(original, rewritten, run_checker=False)
+    else:
+        rewritten, report = rewrite_attention_to_key_mask(original)
     dst.parent.mkdir(parents=True, exist_ok=True)
     if dst.parent.resolve() != src.parent.resolve():
         for name in external_data_files(original):

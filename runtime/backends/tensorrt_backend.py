@@ -66,6 +66,7 @@ class EngineSpec:
     device_name: str | None = None
     weight_stripped: bool = False  # the plan carries no weights: refit from the bundle's ONNX graph at load
     plugin: bool = False  # embeds the AOT attention kernel, whose PTX targets the build GPU's exact SM
+    onnx: str | None = None  # the graph the plan was parsed from (a stripped plan is refit from it); None: the bundle's
 
 
 def parse_version(text: str) -> tuple[int, ...]:
@@ -120,6 +121,8 @@ def parse_engines(bundle: Bundle) -> dict[str, EngineSpec]:
             raise BackendError(f"{where}: {error}") from None
         if file not in bundle.files:
             raise BackendError(f"{where}: plan {file} is not listed in the manifest's files (sha256 unchecked)")
+        if entry.get("onnx") is not None and entry["onnx"] not in bundle.files:
+            raise BackendError(f"{where}: its graph {entry['onnx']} is not listed in the manifest's files")
         level = str(entry.get("hardware_compatibility", "none")).lower()
         if level not in HARDWARE_LEVELS:
             raise BackendError(f"{where}: hardware_compatibility {level!r} is not one of {list(HARDWARE_LEVELS)}")
@@ -141,6 +144,7 @@ def parse_engines(bundle: Bundle) -> dict[str, EngineSpec]:
             device_name=entry.get("device_name"),
             weight_stripped=bool(entry.get("weight_stripped", False)),
             plugin=bool(entry.get("plugin", False)),
+            onnx=entry.get("onnx"),
         )
         if specs[name].plugin and level == "ampere_plus":
             raise BackendError(
@@ -441,7 +445,8 @@ class TensorRTBackend(Backend):
             if engine is None:
                 raise BackendError(f"TensorRT could not deserialize {bundle.file_path(spec.file)} (see its log above)")
             if spec.weight_stripped:
-                _refit_from_onnx(trt, engine, logger, bundle.graph_path(graph))
+                source = bundle.file_path(spec.onnx) if spec.onnx else bundle.graph_path(graph)
+                _refit_from_onnx(trt, engine, logger, Path(source))
             backend.engines[graph] = _Engine(backend, spec, engine)
         return backend
 
