@@ -20,9 +20,9 @@ from unidg.train.base import (
     vae_loss,
 )
 from unidg.train.config import BaseConfig, VAEStageConfig
+from unidg.train.flow import step_generator
 from unidg.train.model import UniDGModel
 from unidg.train.presets import NANO
-from unidg.train.sft import step_generator
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ from unidg.runtime.manifest import read_manifest, verify_files
 from unidg.runtime.settings import UniDGSettings
 from unidg.train.config import LoraConfig
 from unidg.train.loading import load_model, save_model
+from unidg.train.lora import add_lora, load_lora_state_dict, save_lora
 from unidg.train.merge import merge_lora, probe_inputs, probe_velocity
 from unidg.train.model import UniDGModel
-from unidg.train.sft import add_lora, load_lora_state_dict, save_lora
 
 SETTINGS = UniDGSettings(resolution=64, text_tokens=8, guidance=1.0, steps=4)
 

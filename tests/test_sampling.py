@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from unidg.runtime.udg import Quadruplet, UDGWriter, caption_stub, read_index
-from unidg.train.sampling import (
+from unidg.train.pairs import (
     DISTRIBUTIONS,
     DefectStats,
     TrainingPair,

@@ -11,23 +11,18 @@ import torch
 
 from unidg.train.config import DataConfig, LoopConfig, LoraConfig, LossConfig, OptimConfig, SFTConfig
 from unidg.train.dataset import LatentPairs, build_example, target_token_mask
+from unidg.train.flow import flow_matching_loss, normal_regularization, step_generator, step_inputs
+from unidg.train.lora import lora_module_names
 from unidg.train.model import UniDGModel
-from unidg.train.sampling import DISTRIBUTIONS
-from unidg.train.sft import (
+from unidg.train.pairs import DISTRIBUTIONS
+from unidg.train.sft import prepare_pairs, setup_sft, train_sft
+from unidg.train.trainer import (
     CHECKPOINTS,
     OPTIMIZER_JSON,
     OPTIMIZER_TENSORS,
     distribution_sequence,
-    flow_matching_loss,
-    lora_module_names,
-    normal_regularization,
-    prepare_pairs,
     read_log,
     sample_schedule,
-    setup_sft,
-    step_generator,
-    step_inputs,
-    train_sft,
 )
 
 SETTINGS = {"resolution": 64, "text_tokens": 8, "guidance": 1.0}

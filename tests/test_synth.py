@@ -14,7 +14,7 @@ import pytest
 
 from unidg.cli import main
 from unidg.runtime.udg import CATEGORIES, INDEX_FILE, caption_problems, read_index
-from unidg.train.sampling import count_pairs, diversity_sft_pairs
+from unidg.train.pairs import count_pairs, diversity_sft_pairs
 from unidg.train.shape_masks import (
     LOCAL_KINDS,
     MASK_KINDS,

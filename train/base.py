@@ -12,7 +12,7 @@ convolution, and the decoder is fine-tuned briefly to absorb the border effect o
 Stage 2, Fill-style diptych inpainter: with the autoencoder frozen and its latents cached, the transformer, SigLIP and
 Redux learn jointly, by flow matching, to fill the right half's mask given the reference crop on the left (the
 defect-fill distribution: reference = target's own defect), with defect attention on; the same loop as
-Diversity-SFT (``unidg.train.sft.FlowTrainer``) with all weights trainable.
+Diversity-SFT (``unidg.train.trainer.FlowTrainer``) with all weights trainable.
 
 The result is a weights folder (``unidg.train.loading`` layout: safetensors + configs + unidg.json + manifest.json).
 """
@@ -33,16 +33,9 @@ from unidg.runtime.manifest import atomic_write_text
 from unidg.runtime.settings import UniDGSettings
 from unidg.train.config import BaseConfig, LossConfig, OptimConfig, settings_of, to_dict
 from unidg.train.dataset import LatentPairs, build_example, to_model_pixels
-from unidg.train.sft import (
-    FlowTrainer,
-    build_optimizer,
-    pools_of,
-    prepare_pairs,
-    sample_schedule,
-    select_pairs,
-    step_generator,
-    training_guidance,
-)
+from unidg.train.flow import step_generator
+from unidg.train.sft import pools_of, prepare_pairs, select_pairs, training_guidance
+from unidg.train.trainer import FlowTrainer, Placement, barrier, build_optimizer, distributed, sample_schedule
 
 VAE_STAGE = "vae"
 VAE_FILE = "vae.safetensors"
@@ -269,8 +262,8 @@ def normalize_vae(vae, pool: np.ndarray, batches: int, generator: torch.Generato
     channels = vae.config.latent_channels
     samples = []
     for start in range(0, min(len(pool), batches * 8), 8):
-        pixels = to_model_pixels(pool[start : start + 8])
-        samples.append(vae.encode(pixels).latent_dist.mode())
+        pixels = to_model_pixels(pool[start : start + 8]).to(vae.device)
+        samples.append(vae.encode(pixels).latent_dist.mode().cpu())
     latents = torch.cat(samples).transpose(0, 1).reshape(channels, -1).double()
     mean, std = latents.mean(dim=1), latents.std(dim=1).clamp(min=1e-6)
     # Want z' = a z + b with (z' - shift) * scale = (z - mean) / std.
@@ -290,13 +283,16 @@ def normalize_vae(vae, pool: np.ndarray, batches: int, generator: torch.Generato
     return {"raw_mean": mean.tolist(), "raw_std": std.tolist()}
 
 
-def train_vae(model, pool: VaePool, config: BaseConfig, run_dir: Path, progress: bool) -> dict:
-    """Stage 1; returns a summary (losses, seconds). Writes run_dir/vae/{vae.safetensors, log.jsonl}."""
+def train_vae(
+    model, pool: VaePool, config: BaseConfig, run_dir: Path, progress: bool, device: torch.device | None = None
+) -> dict:
+    """Stage 1 on ``device``; returns a summary (losses, seconds). Writes run_dir/vae/{vae.safetensors, log.jsonl}
+    (from every process: each trains the same autoencoder from the same seed, so they write the same bytes)."""
     from safetensors.torch import save_file
     from tqdm import tqdm
 
     stage = config.vae
-    vae = model.vae
+    vae = model.vae.to(device or torch.device("cpu"))
     if stage.color_path:
         start_with_color_path(vae)
     if stage.initial_log_variance is not None:
@@ -326,6 +322,7 @@ def train_vae(model, pool: VaePool, config: BaseConfig, run_dir: Path, progress:
                 vae.train()
             generator = step_generator(config.seed, 10_000_000 + step)
             pixels, defects = random_crops(pool, generator, stage.batch_size, stage.crop, stage.defect_crop_fraction)
+            pixels, defects = pixels.to(vae.device), defects.to(vae.device)
             lr = stage.lr * min(1.0, step / 50) * (0.5 * (1 + math.cos(math.pi * min(step / max(stage.steps, 1), 1))))
             for group in optimizer.param_groups:
                 group["lr"] = max(lr, stage.lr * 0.05) if step <= stage.steps else stage.lr * 0.1
@@ -353,7 +350,7 @@ def train_vae(model, pool: VaePool, config: BaseConfig, run_dir: Path, progress:
     if finetune_steps == 0:
         stats = normalize_vae(vae, pool.images, stage.scale_fit_batches, step_generator(config.seed, 20_000_000))
     vae.eval().requires_grad_(False)
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(folder / VAE_FILE))
+    save_file({k: v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}, str(folder / VAE_FILE))
     summary = {
         "seconds": round(time.time() - started, 1),
         "steps": stage.steps,
@@ -371,7 +368,15 @@ def _mean(values: list[float]) -> float | None:
 
 
 # ============================================================================ stage 2: inpainter
-def train_inpainter(model, data: LatentPairs, config: BaseConfig, settings: UniDGSettings, run_dir: Path, resume: bool):
+def train_inpainter(
+    model,
+    data: LatentPairs,
+    config: BaseConfig,
+    settings: UniDGSettings,
+    run_dir: Path,
+    resume: bool,
+    placement: Placement | None = None,
+):
     stage = config.inpainter
     model.vae.requires_grad_(False)
     for module in (model.transformer, model.image_encoder, model.redux):
@@ -414,6 +419,8 @@ def train_inpainter(model, data: LatentPairs, config: BaseConfig, settings: UniD
         progress=config.train.progress,
         fingerprint=json.loads(json.dumps(fingerprint)),
         description="inpainter",
+        placement=placement,
+        micro_batch=config.train.micro_batch,
     )
     started = time.time()
     records = trainer.run(resume=resume)
@@ -424,19 +431,26 @@ def train_inpainter(model, data: LatentPairs, config: BaseConfig, settings: UniD
 # ============================================================================ unidg train base
 def train_base(config: BaseConfig, resume: bool = True, model=None) -> Path:
     """Both stages; returns the weights folder OUTPUT/model. Re-running resumes: a finished autoencoder stage is
-    reloaded, the inpainter continues from its latest checkpoint."""
+    reloaded, the inpainter continues from its latest checkpoint. Under ``torchrun`` the inpainter is trained data
+    parallel and rank 0 writes the weights folder."""
+    with distributed(config.train.device) as placement:
+        return _train_base(config, resume, model, placement)
+
+
+def _train_base(config: BaseConfig, resume: bool, model, placement: Placement) -> Path:
     from safetensors.torch import load_file
 
     from unidg.train.loading import save_model
     from unidg.train.model import UniDGModel
-    from unidg.train.sft import read_log
+    from unidg.train.trainer import read_log
 
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     settings = settings_of(config)
     run_dir = Path(config.output)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.json", json.dumps(to_dict(config), indent=2) + "\n")
+    if placement.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.json", json.dumps(to_dict(config), indent=2) + "\n")
     if model is None:
         model = UniDGModel.from_preset(config.preset, seed=config.seed, settings=settings)
     model.settings = settings
@@ -444,19 +458,31 @@ def train_base(config: BaseConfig, resume: bool = True, model=None) -> Path:
 
     pairs = prepare_pairs(config.data.train, config.seed, config.data.limit)
     vae_file = run_dir / VAE_STAGE / VAE_FILE
-    if resume and vae_file.is_file():
-        model.vae.load_state_dict(load_file(str(vae_file)))
-        vae_summary = json.loads((run_dir / VAE_STAGE / "summary.json").read_text())
-    else:
+    trained_here = placement.is_main and not (resume and vae_file.is_file())
+    if trained_here:  # rank 0 trains the autoencoder; the other processes wait for its file
         fill_pairs = [pair for pair in pairs if pair.distribution == "defect-fill"]
         pool = vae_image_pool(fill_pairs or pairs, settings, model.reference_size)
-        vae_summary = train_vae(model, pool, config, run_dir, progress)
-    model.vae.eval().requires_grad_(False)
+        vae_summary = train_vae(model, pool, config, run_dir, progress, placement.device)
+    barrier(placement)
+    if not trained_here:
+        model.vae.load_state_dict(load_file(str(vae_file)))
+        vae_summary = json.loads((run_dir / VAE_STAGE / "summary.json").read_text())
+    model.vae.to(placement.device).eval().requires_grad_(False)
 
     inpainter_pairs = select_pairs(pairs, config.inpainter.mix)
     cache_dir = run_dir / "cache" if config.data.cache else None
-    data = LatentPairs.cached(model, inpainter_pairs, settings, cache_dir, with_normal=False, progress=progress)
-    trainer, _, seconds = train_inpainter(model, data, config, settings, run_dir, resume)
+    data = LatentPairs.cached(
+        model,
+        inpainter_pairs,
+        settings,
+        cache_dir,
+        with_normal=False,
+        progress=progress and placement.is_main,
+        write=placement.is_main,
+    )
+    trainer, _, seconds = train_inpainter(model, data, config, settings, run_dir, resume, placement)
+    if not placement.is_main:
+        return run_dir / MODEL_FOLDER
     log = read_log(run_dir / INPAINTER_STAGE)
     summary = {
         "vae": vae_summary,
@@ -470,7 +496,7 @@ def train_base(config: BaseConfig, resume: bool = True, model=None) -> Path:
     }
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     folder = save_model(
-        model,
+        model.to("cpu"),
         run_dir / MODEL_FOLDER,
         metadata={"stage": "base", "preset": config.preset, "training": summary, "config": to_dict(config)},
         overwrite=True,

@@ -18,6 +18,10 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--output", help="run folder (overrides the config's 'output')")
     parser.add_argument(
+        "--device",
+        help="cpu, cuda (under torchrun: each process's cuda:LOCAL_RANK) or cuda:N (overrides train.device)",
+    )
+    parser.add_argument(
         "--restart", action="store_true", help="ignore checkpoints in the run folder and start from step 0"
     )
 
@@ -26,6 +30,8 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     overrides = list(args.overrides)
     if args.output:
         overrides.append(f"output={json.dumps(args.output)}")
+    if getattr(args, "device", None):
+        overrides.append(f"train.device={json.dumps(args.device)}")
     return overrides
 
 
@@ -41,7 +47,8 @@ def _base(args: argparse.Namespace) -> int:
 
 def _sft(args: argparse.Namespace) -> int:
     from unidg.train.config import load_sft_config
-    from unidg.train.sft import LORA_FILE, train_sft
+    from unidg.train.lora import LORA_FILE
+    from unidg.train.sft import train_sft
 
     config = load_sft_config(args.config, _overrides(args))
     train_sft(config, resume=not args.restart)

@@ -10,6 +10,7 @@ message naming the file, the key and the accepted values. Relative paths are tak
 from __future__ import annotations
 
 import json
+import re
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
@@ -42,7 +43,7 @@ FLUX_LORA_TARGETS: tuple[str, ...] = (
     "proj_out",
 )
 
-DISTRIBUTIONS: tuple[str, ...] = ("defect-fill", "intra-object", "cross-object")  # train.sampling order
+DISTRIBUTIONS: tuple[str, ...] = ("defect-fill", "intra-object", "cross-object")  # train.pairs order
 
 
 @dataclass
@@ -50,12 +51,15 @@ class DataConfig:
     train: str = ""  # UDG folder (``unidg data synth``) with the training quadruplets
     heldout: str = ""  # optional UDG folder used by evaluation (never for training)
     limit: int = 0  # use only the first N quadruplets (0: all)
-    cache: bool = True  # cache VAE latents of every training pair in the output folder
+    cache: bool = True  # cache VAE latents of every training pair in the output folder (in memory while training)
+    latent_cache: str = ""  # sharded on-disk latent cache (`unidg train cache`), streamed while training; "": off
+    shard_size: int = 256  # pairs per shard of the on-disk latent cache
 
     def validate(self, where: str) -> None:
         if not self.train:
             raise ConfigError(f"{where}: [data] train is required (a UDG folder made by `unidg data synth`)")
         _check(self.limit >= 0, where, "data.limit", "must be >= 0", self.limit)
+        _check(self.shard_size >= 1, where, "data.shard_size", "must be >= 1", self.shard_size)
 
 
 @dataclass
@@ -122,8 +126,10 @@ class LossConfig:
 @dataclass
 class LoopConfig:
     steps: int = 1000
-    batch_size: int = 4
-    precision: str = "fp32"  # "fp32" or "bf16" (autocast)
+    batch_size: int = 4  # the global batch, over all processes and accumulation steps
+    micro_batch: int = 0  # pairs per forward pass in each process (0: the process's whole share, no accumulation)
+    device: str = "cpu"  # "cpu", "cuda" (under torchrun: cuda:LOCAL_RANK) or "cuda:N"
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast; on CUDA the frozen weights are stored in bf16)
     gradient_checkpointing: bool = False
     checkpoint_every: int = 250  # steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 2  # most recent checkpoints kept (the final one always)
@@ -136,6 +142,14 @@ class LoopConfig:
     def validate(self, where: str) -> None:
         _check(self.steps >= 1, where, "train.steps", "must be >= 1", self.steps)
         _check(self.batch_size >= 1, where, "train.batch_size", "must be >= 1", self.batch_size)
+        _check(self.micro_batch >= 0, where, "train.micro_batch", "must be >= 0 (0: no accumulation)", self.micro_batch)
+        _check(
+            re.match(r"^(cpu|cuda|cuda:\d+)$", self.device) is not None,
+            where,
+            "train.device",
+            "must be 'cpu', 'cuda' or 'cuda:N'",
+            self.device,
+        )
         _check(self.precision in ("fp32", "bf16"), where, "train.precision", "must be 'fp32' or 'bf16'", self.precision)
         _check(self.checkpoint_every >= 0, where, "train.checkpoint_every", "must be >= 0", self.checkpoint_every)
         _check(self.keep_checkpoints >= 1, where, "train.keep_checkpoints", "must be >= 1", self.keep_checkpoints)

@@ -8,8 +8,9 @@ sees exactly what inference builds):
 - ``D_res`` = [reference crop | abnormal target] -> the clean latents x0 the flow is trained to produce,
 - the normal counterpart [reference crop | clean source] -> z_normal of the normal regularization (Eq. 9),
 - the reference crop resized to the image encoder's input with Pillow bicubic (as the runtime does),
-- the defect-token mask (reference defect + target region: where the key bias puts log alpha) and the target tokens
-  (right half only: where Eq. 9 is averaged).
+- the defect-token mask (reference defect + target region: where the key bias puts log alpha), the target tokens
+  (right half only: where the velocity MSE weighs more) and the region of Eq. 9: the latent pixels where D_res
+  differs from its normal counterpart (``normal_region``, see ``unidg.train.flow``).
 
 The VAE is frozen in every stage that reads these examples, so its latents are computed once and kept in a
 safetensors cache keyed by a fingerprint of the VAE weights, the pairs and the geometry settings.
@@ -29,9 +30,10 @@ import torch
 from unidg.runtime.geometry import defect_token_mask, result_diptych
 from unidg.runtime.settings import UniDGSettings
 from unidg.runtime.synthesizer import resize_reference
-from unidg.train.sampling import DISTRIBUTIONS, TrainingPair
+from unidg.train.pairs import DISTRIBUTIONS, TrainingPair
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the Eq. 9 region (latent pixels where the defect is)
+LATENT_FACTOR = 8  # image pixels per latent pixel, each way
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class PairExample:
     defect_tokens: np.ndarray  # (N,) bool: reference defect (left) + target region (right)
     target_tokens: np.ndarray  # (N,) bool: target region only
     distribution: str
+    target_pixels: np.ndarray  # (S, 2S) bool: the undilated target mask in the right half
 
 
 def target_token_mask(defect_tokens: np.ndarray, size: int) -> np.ndarray:
@@ -53,6 +56,20 @@ def target_token_mask(defect_tokens: np.ndarray, size: int) -> np.ndarray:
     grid = defect_tokens.reshape(size // 16, 2 * size // 16).copy()
     grid[:, : size // 16] = False
     return grid.reshape(-1)
+
+
+def latent_region(pixels: np.ndarray, factor: int = LATENT_FACTOR) -> np.ndarray:
+    """(S, 2S) bool pixels -> (N, 4) bool latent pixels in token order: a latent pixel is set when any pixel of its
+    ``factor`` x ``factor`` block is; the 4 latent pixels of a token in its packing order dy * 2 + dx."""
+    height, width = pixels.shape
+    grid = pixels.reshape(height // factor, factor, width // factor, factor).any(axis=(1, 3))
+    h, w = grid.shape
+    return grid.reshape(h // 2, 2, w // 2, 2).transpose(0, 2, 1, 3).reshape(-1, 4)
+
+
+def defect_pixels(example: PairExample) -> np.ndarray:
+    """(S, 2S) bool: where the training target D_res differs from its normal counterpart (the defect itself)."""
+    return np.any(example.result != example.normal, axis=-1)
 
 
 def build_example(
@@ -88,6 +105,9 @@ def build_example(
         defect_tokens=defect_tokens,
         target_tokens=target_token_mask(defect_tokens, size),
         distribution=pair.distribution,
+        target_pixels=np.concatenate(
+            [np.zeros((size, size), bool), diptych.transform.forward_mask(load(pair.target, "mask"))], axis=1
+        ),
     )
 
 
@@ -112,14 +132,25 @@ class LatentPairs:
     """Cached training tensors of a list of pairs (index i = pair i). All tensors are CPU float32/bool/uint8.
 
     x0 (M, N, 64) clean latents of D_res; cond (M, N, 320) Fill condition of D_src/D_mask; normal (M, N, 64) latents
-    of the normal counterpart (absent without normal regularization); reference (M, 3, P, P) uint8;
-    defect_tokens / target_tokens (M, N) bool; distribution (M,) index into ``sampling.DISTRIBUTIONS``.
+    of the normal counterpart and normal_region (M, N, 4) bool, the Eq. 9 region (both absent without normal
+    regularization); reference (M, 3, P, P) uint8; defect_tokens / target_tokens (M, N) bool; distribution (M,)
+    index into ``pairs.DISTRIBUTIONS``.
     """
 
-    FIELDS = ("x0", "cond", "normal", "reference", "defect_tokens", "target_tokens", "distribution")
+    FIELDS = (
+        "x0",
+        "cond",
+        "normal",
+        "normal_region",
+        "reference",
+        "defect_tokens",
+        "target_tokens",
+        "distribution",
+    )
+    OPTIONAL = ("normal", "normal_region")
 
     def __init__(self, tensors: dict[str, torch.Tensor], keys: list[str], resolution: int) -> None:
-        missing = [name for name in self.FIELDS if name not in tensors and name != "normal"]
+        missing = [name for name in self.FIELDS if name not in tensors and name not in self.OPTIONAL]
         if missing:
             raise ValueError(f"latent cache lacks {missing}; delete it and train again to rebuild it")
         self.tensors = tensors
@@ -192,6 +223,8 @@ class LatentPairs:
             if with_normal:
                 normal = to_model_pixels(np.stack([e.normal for e in examples]))
                 parts["normal"].append(pack_latents(model.encode_images(normal)).float().cpu())
+                region = np.stack([latent_region(defect_pixels(e), model.vae_scale_factor) for e in examples])
+                parts["normal_region"].append(torch.from_numpy(region))
             parts["reference"].append(torch.from_numpy(np.stack([e.reference for e in examples])).permute(0, 3, 1, 2))
             parts["defect_tokens"].append(torch.from_numpy(np.stack([e.defect_tokens for e in examples])))
             parts["target_tokens"].append(torch.from_numpy(np.stack([e.target_tokens for e in examples])))
@@ -239,8 +272,9 @@ class LatentPairs:
         cache_dir: str | Path | None,
         with_normal: bool = True,
         progress: bool = False,
+        write: bool = True,
     ) -> LatentPairs:
-        """Load the latent cache for these pairs from ``cache_dir`` or build (and store) it."""
+        """Load the latent cache for these pairs from ``cache_dir`` or build (and, with ``write``, store) it."""
         fingerprint = cls.fingerprint(model, pairs, settings, with_normal)
         path = None if cache_dir is None else Path(cache_dir) / f"latents-{fingerprint[:16]}.safetensors"
         if path is not None:
@@ -248,6 +282,6 @@ class LatentPairs:
             if found is not None:
                 return found
         data = cls.build(model, pairs, settings, with_normal=with_normal, progress=progress)
-        if path is not None:
+        if path is not None and write:
             data.save(path, fingerprint)
         return data

@@ -1,7 +1,7 @@
 """``unidg train eval-nano``: does a weights folder transfer the reference defect's colour into the target region?
 
 On held-out quadruplets (a synth seed never used in training), pairs are drawn from the three Diversity-SFT
-distributions in equal parts (``train.sampling``); each pair is generated with the torch reference sampler
+distributions in equal parts (``train.pairs``); each pair is generated with the torch reference sampler
 (``train.sampler.generate``: Alg. 1 diptych, 28-step flow, paste-back). Inside the target mask (source size, not
 dilated) a sample counts as a transfer when the mean RGB of the output is closer (Euclidean) to the mean RGB of the
 reference defect (reference abnormal image inside the reference mask) than to the mean RGB of the clean source there.
@@ -62,7 +62,7 @@ def autoencoder_round_trip(model, pair, truth: np.ndarray) -> np.ndarray:
 def evaluation_pairs(folder: str | Path, count: int, seed: int):
     """``count`` pairs, equal parts of the three distributions (as available), deterministic for ``seed``."""
     from unidg.runtime.udg import read_index
-    from unidg.train.sampling import DISTRIBUTIONS, diversity_sft_pairs
+    from unidg.train.pairs import DISTRIBUTIONS, diversity_sft_pairs
 
     quadruplets = list(read_index(folder))
     if not quadruplets:

@@ -16,7 +16,7 @@ import torch
 
 from unidg.runtime.settings import UniDGSettings
 from unidg.train.config import LoraConfig
-from unidg.train.sft import LORA_CONFIG_FILE, LORA_FILE, add_lora, load_lora_state_dict
+from unidg.train.lora import LORA_CONFIG_FILE, LORA_FILE, add_lora, load_lora_state_dict
 
 MERGE_TOLERANCE = 1e-4
 

@@ -1,0 +1,168 @@
+"""Data-parallel training on torch.distributed (gloo on the CPU): two processes give the same loss curve and LoRA
+weights as one process with the same global batch, a checkpoint from two processes resumes in one, gradient
+accumulation equals one big batch, and bad devices / world sizes are refused clearly."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from unidg.train.config import DataConfig, LoopConfig, LoraConfig, LossConfig, OptimConfig, SFTConfig, from_dict
+from unidg.train.config import to_dict as config_to_dict
+from unidg.train.dataset import LatentPairs
+from unidg.train.model import UniDGModel
+from unidg.train.sft import setup_sft, train_sft
+from unidg.train.trainer import CHECKPOINTS, TRAINABLE_FILE, DeviceError, Placement, read_log, resolve_device
+
+SETTINGS = {"resolution": 64, "text_tokens": 8, "guidance": 1.0}
+CACHE_KEY = "distributed-test"
+TOLERANCE = 1e-5
+
+
+def _config(udg: Path, output: Path, **loop) -> SFTConfig:
+    return SFTConfig(
+        base="in-memory",
+        output=str(output),
+        seed=0,
+        data=DataConfig(train=str(udg)),
+        lora=LoraConfig(rank=4, alpha=4.0),
+        optim=OptimConfig(name="adamw", lr=3e-3),
+        loss=LossConfig(normal_reg_weight=0.5, mask_weight=2.0),
+        train=LoopConfig(**{"batch_size": 4, "progress": False, "checkpoint_every": 1, "keep_checkpoints": 8, **loop}),
+        settings=dict(SETTINGS),
+    )
+
+
+def _nano() -> UniDGModel:
+    return UniDGModel.from_preset("nano", seed=0)
+
+
+def _worker(rank: int, world: int, port: int, data_path: str, config_json: str) -> None:
+    """One torchrun-like process: the environment torchrun would set, then the real ``train_sft``."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
+    torch.set_num_threads(1)
+    config = from_dict(SFTConfig, json.loads(config_json), "test config")
+    data = LatentPairs.load(data_path, CACHE_KEY)
+    train_sft(config, resume=True, model=_nano(), data=data)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / CHECKPOINTS / f"step-{step:06d}" / TRAINABLE_FILE))
+
+
+def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert set(a) == set(b)
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def udg(tmp_path_factory) -> Path:
+    from unidg.train.synth import synthesize
+
+    folder = tmp_path_factory.mktemp("udg") / "train"
+    synthesize(folder, 12, seed=3, size=64, progress=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def latents(udg: Path, tmp_path_factory) -> tuple[LatentPairs, Path]:
+    from unidg.train.config import settings_of
+    from unidg.train.sft import prepare_pairs
+
+    pairs = prepare_pairs(udg, seed=0)
+    data = LatentPairs.build(_nano(), pairs, settings_of(_config(udg, Path("unused"))), with_normal=True)
+    path = tmp_path_factory.mktemp("latents") / "latents.safetensors"
+    data.save(path, CACHE_KEY)
+    return data, path
+
+
+def test_two_processes_match_one_and_resume_in_one(tmp_path: Path, udg: Path, latents) -> None:
+    import torch.multiprocessing as mp
+
+    data, data_path = latents
+    one = tmp_path / "one"
+    train_sft(_config(udg, one, steps=4), resume=False, model=_nano(), data=data)
+    expected = [r["loss"] for r in read_log(one)]
+
+    two = tmp_path / "two"
+    config_json = json.dumps(config_to_dict(_config(udg, two, steps=2)))
+    mp.spawn(_worker, args=(2, _free_port(), str(data_path), config_json), nprocs=2, join=True)
+    log = read_log(two)
+    assert [r["step"] for r in log] == [1, 2]  # rank 0 alone writes the log
+    np.testing.assert_allclose([r["loss"] for r in log], expected[:2], rtol=0, atol=TOLERANCE)
+    assert _max_difference(_weights(two, 2), _weights(one, 2)) <= TOLERANCE
+    assert json.loads((two / CHECKPOINTS / "step-000002" / "state.json").read_text())["world_size"] == 2
+    assert json.loads((two / "lora.json").read_text())["world_size"] == 2
+
+    # The 2-process checkpoint continues in 1 process on the same curve, to the same weights.
+    train_sft(_config(udg, two, steps=4), resume=True, model=_nano(), data=data)
+    log = read_log(two)
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    np.testing.assert_allclose([r["loss"] for r in log], expected, rtol=0, atol=TOLERANCE)
+    assert _max_difference(_weights(two, 4), _weights(one, 4)) <= TOLERANCE
+
+
+def test_gradient_accumulation_equals_one_batch(tmp_path: Path, udg: Path, latents) -> None:
+    data, _ = latents
+    whole = setup_sft(_config(udg, tmp_path / "whole", steps=2), model=_nano(), data=data).trainer
+    whole.run()
+    accumulated = setup_sft(_config(udg, tmp_path / "acc", steps=2, micro_batch=1), model=_nano(), data=data).trainer
+    assert accumulated.accumulation == 4
+    accumulated.run()
+    np.testing.assert_allclose(
+        [r["loss"] for r in read_log(tmp_path / "acc")],
+        [r["loss"] for r in read_log(tmp_path / "whole")],
+        rtol=0,
+        atol=TOLERANCE,
+    )
+    assert _max_difference(_weights(tmp_path / "acc", 2), _weights(tmp_path / "whole", 2)) <= TOLERANCE
+
+
+def test_a_world_size_that_does_not_divide_the_global_batch_is_refused(tmp_path: Path, udg: Path, latents) -> None:
+    data, _ = latents
+    three = Placement(torch.device("cpu"), rank=0, world_size=3)
+    with pytest.raises(ValueError, match=r"train.batch_size 4 \(the global batch\) does not split over 3 processes"):
+        setup_sft(_config(udg, tmp_path / "r", steps=1), model=_nano(), data=data, placement=three)
+    with pytest.raises(ValueError, match="train.micro_batch 3 does not divide"):
+        setup_sft(_config(udg, tmp_path / "r", steps=1, micro_batch=3), model=_nano(), data=data)
+    assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the refusal needs a machine without")
+def test_cuda_without_cuda_is_refused(tmp_path: Path, udg: Path, capsys) -> None:
+    with pytest.raises(DeviceError, match="--device cuda: no CUDA device is available.*--device cpu"):
+        resolve_device("cuda")
+    with pytest.raises(DeviceError, match="use cpu, cuda or cuda:N"):
+        resolve_device("gpu")
+    from unidg.cli import main
+
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps(config_to_dict(replace(_config(udg, tmp_path / "run"), base=str(tmp_path)))))
+    assert main(["train", "sft", "--config", str(config), "--device", "cuda"]) == 2
+    assert "no CUDA device is available" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
