@@ -9,10 +9,14 @@ Softmax statistics and both matmul accumulators are float32.
 ``-inf`` in ``key_bias`` removes a key (padding). A query row whose keys are *all* ``-inf`` has an empty softmax; this
 kernel defines its output as **zeros** (never NaN). ``reference_biased_attention`` implements the same definition.
 
-The same ``@triton.jit`` function serves three callers:
+The same ``@triton.jit`` function serves four callers:
 - GPU: ``biased_attention(q, k, v, key_bias)`` on CUDA tensors (``triton.autotune`` over ``AUTOTUNE_CONFIGS``);
 - CPU: the same call on CPU tensors runs Triton's interpreter with ``INTERPRETER_CONFIG`` (correctness only);
-- ahead-of-time: ``unidg.export.plugins.aot`` compiles it to PTX for the TensorRT plugin.
+- ahead-of-time: ``unidg.export.plugins.aot`` compiles it to PTX for the TensorRT plugin;
+- the torch backend (``--fused-attention``) calls it as the custom op ``unidg::biased_attention``.
+
+It lives in the runtime because the torch backend runs it; the exporter imports it from here (the runtime never
+imports the exporter).
 
 Its runtime arguments are ordered (input pointers, int32 scalars, output pointer) because that is the order in which a
 TensorRT ahead-of-time plugin passes them (inputs, ``extra_args``, outputs).
