@@ -9,7 +9,7 @@ Inputs (no Triton batching: max_batch_size 0, one image set per request):
     TARGET_MASK UINT8 [h, w] (nonzero = where the defect goes); optional SEED INT64 [1] (default: drawn at random
     and reported), STEPS INT32 [1], GUIDANCE FP32 [1] (default: the bundle's), CATEGORY BYTES [1].
 Outputs: IMAGE UINT8 [h, w, 3] (equal to SOURCE outside MASK), MASK UINT8 [h, w] (0/255, the dilated target mask),
-    METADATA BYTES [1] (JSON: seed, steps, timings, bundle fingerprint...).
+    METADATA BYTES [1] (JSON: seed, steps, timings, bundle fingerprint, the Triton instance that served it...).
 
 Graphs run either in this process (onnxruntime, from the bundle copied next to this file), or, for a bundle with
 TensorRT engines, as ``tensorrt_plan`` models of the same repository called through BLS (``engine_models``
@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from unidg.runtime import images
 from unidg.runtime.backends import create_backend
 from unidg.runtime.backends.base import Backend, StepConditioning, step_feeds
 from unidg.runtime.bundle import GRAPH_OUTPUTS, Bundle, load_bundle
@@ -35,6 +36,13 @@ from unidg.runtime.synthesizer import DefectSynthesizer, RequestError, Synthesis
 
 IMAGE_INPUTS = ("REFERENCE", "SOURCE")
 MASK_INPUTS = ("REFERENCE_MASK", "TARGET_MASK")
+# The runtime names inputs in words; Triton clients know the tensor names.
+TENSOR_OF_INPUT = {
+    images.REFERENCE_IMAGE: "REFERENCE",
+    images.REFERENCE_MASK: "REFERENCE_MASK",
+    images.SOURCE_IMAGE: "SOURCE",
+    images.TARGET_MASK: "TARGET_MASK",
+}
 
 
 class TritonBLSBackend(Backend):
@@ -92,6 +100,30 @@ def _error(message: str, invalid: bool) -> object:
     return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
 
 
+def check_tensor_transport() -> None:
+    """Refuse to serve where the Python-backend stub copies tensors wrongly (checked once, at model load).
+
+    Stubs built with pybind11 < 2.12 -- Triton 24.10 (server 2.51) and older, e.g. the one in nvidia-pytriton 0.7.0 --
+    read numpy's dtype record at its NumPy 1 layout. Under NumPy 2 the item size they read is 0, so every tensor
+    the stub copies repeats its first element (masks all zero, images one colour), outputs arrive empty and a BYTES
+    input aborts the stub. A uint8 tensor sent through the stub's own copy path shows it before any request does.
+    """
+    probe = np.arange(1, 9, dtype=np.uint8)
+    copied = pb_utils.Tensor.from_dlpack("probe", pb_utils.Tensor("probe", probe).to_dlpack()).as_numpy()
+    if not np.array_equal(np.asarray(copied).reshape(-1), probe):
+        raise RuntimeError(
+            f"this Triton Python-backend stub corrupts tensors under numpy {np.__version__} (a tensor [1..8] came "
+            f"back as {np.asarray(copied).reshape(-1).tolist()}): stubs of Triton 24.10 (server 2.51) and older, "
+            "such as nvidia-pytriton 0.7.0's, need numpy<2 in the model's Python environment; or use Triton 24.11 "
+            "(server 2.52) or newer. See docs/triton.md."
+        )
+
+
+def _input_error_message(error: InputError) -> str:
+    tensor = TENSOR_OF_INPUT.get(error.name)
+    return str(error) if tensor is None else f"input {tensor} ({error.name}): {error.problem}"
+
+
 def _optional_scalar(request: object, name: str) -> object | None:
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     if tensor is None:
@@ -117,6 +149,7 @@ class TritonPythonModel:
     """Triton's Python-backend entry points: initialize, execute, finalize."""
 
     def initialize(self, args: dict) -> None:
+        check_tensor_transport()
         config = json.loads(args["model_config"])
         params = {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
         bundle_dir = Path(params.get("bundle_dir", "bundle"))
@@ -146,6 +179,7 @@ class TritonPythonModel:
             backend = create_backend(params.get("backend", "onnxruntime"), bundle, **options)
         self.synthesizer = DefectSynthesizer(bundle, backend)
         self.model_name = args.get("model_name", "unidg")
+        self.instance_name = args.get("model_instance_name", self.model_name)
 
     def _synthesis_request(self, request: object) -> SynthesisRequest:
         arrays = {}
@@ -177,14 +211,19 @@ class TritonPythonModel:
         for request in requests:
             try:
                 result = self.synthesizer.generate(self._synthesis_request(request), progress=_progress_of(request))
-                metadata = json.dumps(jsonable(result.metadata)).encode("utf-8")
+                metadata = json.dumps(jsonable({**result.metadata, "triton_instance": self.instance_name}))
+                metadata = metadata.encode("utf-8")
                 outputs = [
                     pb_utils.Tensor("IMAGE", np.ascontiguousarray(result.image, dtype=np.uint8)),
                     pb_utils.Tensor("MASK", np.where(result.mask, 255, 0).astype(np.uint8)),
                     pb_utils.Tensor("METADATA", np.array([metadata], dtype=np.object_)),
                 ]
                 responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
-            except (InputError, RequestError, ValueError) as error:
+            except InputError as error:
+                responses.append(
+                    pb_utils.InferenceResponse(output_tensors=[], error=_error(_input_error_message(error), True))
+                )
+            except (RequestError, ValueError) as error:
                 responses.append(pb_utils.InferenceResponse(output_tensors=[], error=_error(str(error), True)))
             except GenerationCancelled as error:
                 responses.append(

@@ -68,6 +68,13 @@ PB_UTILS_STAND_IN = textwrap.dedent(
         def is_cpu(self):
             return True
 
+        def to_dlpack(self):
+            return self._array
+
+        @classmethod
+        def from_dlpack(cls, name, tensor):
+            return cls(name, np.from_dlpack(tensor))
+
 
     class InferenceResponse:
         def __init__(self, output_tensors, error=None):
@@ -267,7 +274,9 @@ def test_python_model_runs_the_nano_bundle(pytestconfig, tmp_path, pb_utils):
     assert metadata["seed"] == 5 and metadata["steps"] == 3 and metadata["category"] == "scratch"
     assert empty_mask.has_error() and "target mask" in empty_mask.error().message()
     assert empty_mask.error().code() == pb_utils.TritonError.INVALID_ARG
+    assert "input TARGET_MASK (target mask)" in empty_mask.error().message()
     assert no_reference.has_error() and "REFERENCE is missing" in no_reference.error().message()
+    assert metadata["triton_instance"] == "unidg"
     assert np.array_equal({t.name(): t.as_numpy() for t in again.output_tensors()}["IMAGE"], image)
     model.finalize()
 
