@@ -21,11 +21,20 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .images import REFERENCE_IMAGE, REFERENCE_MASK, InputError, validate_image, validate_mask, validate_request
+from .images import (
+    REFERENCE_IMAGE,
+    REFERENCE_MASK,
+    TARGET_MASK,
+    InputError,
+    validate_image,
+    validate_mask,
+    validate_request,
+)
 
 WHITE = 255
 IMAGE_RESAMPLE = Image.Resampling.LANCZOS
 TOKEN_PATCH = 16  # pixels per image-token side: 8x VAE, then 2x2 packing
+_STRIP_PIXELS = 1 << 22  # rows of the padded square resized per Pillow call
 
 Box = tuple[int, int, int, int]  # (y1, y2, x1, x2), end-exclusive; may reach beyond the image
 
@@ -131,6 +140,20 @@ def dilate_mask(mask: np.ndarray, kernel: int = 7, iterations: int = 2) -> np.nd
     return np.ascontiguousarray(out)
 
 
+def dilated_target_mask(target_mask: np.ndarray, kernel: int = 7, iterations: int = 2) -> np.ndarray:
+    """The dilated target mask (the pixels a result may change); refuses one that leaves no source pixel."""
+    dilated = dilate_mask(target_mask, kernel, iterations)
+    if dilated.all():
+        reach = iterations * (kernel // 2)
+        raise InputError(
+            TARGET_MASK,
+            f"covers the whole image once dilated ({kernel}x{kernel}, {iterations} iterations: {reach} px around "
+            "every marked pixel), so nothing of the source would be kept; mark a smaller region, leaving part of the "
+            f"image more than {reach} px away from it",
+        )
+    return dilated
+
+
 @dataclass(frozen=True)
 class SquareTransform:
     """Crop ``box`` out of an (height x width) image (fill beyond its border), centre it on a square of side
@@ -177,15 +200,55 @@ class SquareTransform:
         )
 
     def _square(self, array: np.ndarray, fill: int | bool) -> np.ndarray:
-        if array.shape[:2] != (self.height, self.width):
-            raise ValueError(f"expected a {self.height}x{self.width} array, got {array.shape[0]}x{array.shape[1]}")
+        self._check_shape(array)
         return pad_to_square(crop_with_fill(array, self.box, fill), fill)
 
+    def _check_shape(self, array: np.ndarray) -> None:
+        if array.shape[:2] != (self.height, self.width):
+            raise ValueError(f"expected a {self.height}x{self.width} array, got {array.shape[0]}x{array.shape[1]}")
+
+    def _content(self) -> tuple[Box, int, int]:
+        """The part of the image inside the box (y1, y2, x1, x2), and the row and column where its top-left corner
+        lands in the side x side square. Everything else in the square is fill."""
+        y1, _, x1, _ = self.box
+        inside = (max(y1, 0), min(self.box[1], self.height), max(x1, 0), min(self.box[3], self.width))
+        return inside, self.pad_top + inside[0] - y1, self.pad_left + inside[2] - x1
+
     def forward_image(self, image: np.ndarray, fill: int = WHITE) -> np.ndarray:
-        return resize_image(self._square(image, fill), self.size, self.size)
+        """``resize_image(square, size, size)`` of the padded square, computed without building the square.
+
+        Pillow resamples horizontally, then vertically: rows are resized one strip at a time (a fill row once), and
+        the side x size result is resized vertically, so memory grows with side x size, not side x side.
+        """
+        if self.side == self.size:  # no resampling: the square is only size x size
+            return resize_image(self._square(image, fill), self.size, self.size)
+        self._check_shape(image)
+        (iy1, iy2, ix1, ix2), top, left = self._content()
+        fill_row = resize_image(np.full((1, self.side, 3), fill, np.uint8), 1, self.size)
+        rows = np.empty((self.side, self.size, 3), np.uint8)
+        rows[:] = fill_row
+        step = max(1, _STRIP_PIXELS // self.side)
+        for start in range(iy1, iy2, step):
+            stop = min(start + step, iy2)
+            strip = np.full((stop - start, self.side, 3), fill, np.uint8)
+            strip[:, left : left + ix2 - ix1] = image[start:stop, ix1:ix2]
+            rows[top + start - iy1 : top + stop - iy1] = resize_image(strip, stop - start, self.size)
+        return resize_image(rows, self.size, self.size)
 
     def forward_mask(self, mask: np.ndarray) -> np.ndarray:
-        return resize_mask(self._square(mask, False), self.size, self.size)
+        """``resize_mask(square, size, size)`` of the padded square, from the windows' overlap with the image part."""
+        self._check_shape(mask)
+        (iy1, iy2, ix1, ix2), top, left = self._content()
+        out = np.asarray(mask[iy1:iy2, ix1:ix2], dtype=bool)
+        # Shrink the longer axis first: the intermediate then stays small.
+        axes = ((0, top), (1, left)) if out.shape[0] >= out.shape[1] else ((1, left), (0, top))
+        for axis, offset in axes:
+            n = out.shape[axis]
+            index = np.arange(self.size, dtype=np.int64)
+            start = (index * self.side) // self.size
+            end = -((-(index + 1) * self.side) // self.size)  # ceil((i + 1) * side / size)
+            out = _window_any(out, axis, np.clip(start - offset, 0, n), np.clip(end - offset, 0, n))
+        return np.ascontiguousarray(out, dtype=bool)
 
     def inverse_image(self, square: np.ndarray) -> np.ndarray:
         """The size x size image back at the box's own size (box height x box width): pad cut off, resized back."""
@@ -272,7 +335,7 @@ def build_diptych(
     if size < TOKEN_PATCH or size % TOKEN_PATCH:
         raise ValueError(f"diptych size S must be a positive multiple of {TOKEN_PATCH}, got {size}")
     crop = adaptive_reference_crop(reference, reference_mask, size, beta, threshold)
-    dilated = dilate_mask(target_mask, dilate_kernel, dilate_iterations)
+    dilated = dilated_target_mask(target_mask, dilate_kernel, dilate_iterations)
     transform = SquareTransform.whole(source.shape[0], source.shape[1], size)
     masked_source = np.where(dilated[..., None], np.uint8(masked_value), source)
     target_square = transform.forward_mask(dilated)

@@ -88,11 +88,18 @@ def read_manifest(folder: str | Path, kind: str | None = None) -> Manifest:
         raise ManifestError(f"{path} is not valid JSON ({error}); re-create the folder") from error
     if not isinstance(data, dict) or "kind" not in data or "files" not in data:
         raise ManifestError(f"{path} is not a unidg manifest (missing 'kind' or 'files')")
-    if data.get("version", 0) > MANIFEST_VERSION:
-        raise ManifestError(f"{path} has manifest version {data['version']}; this unidg reads <= {MANIFEST_VERSION}")
+    version = data.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MANIFEST_VERSION:
+        found = "has no 'version'" if "version" not in data else f"has manifest version {version!r}"
+        raise ManifestError(
+            f"{path} {found}; this unidg reads manifest versions 1..{MANIFEST_VERSION}: re-create the folder "
+            "with the matching `unidg` command"
+        )
+    if not isinstance(data["files"], dict):
+        raise ManifestError(f"{path}: 'files' must be a table of file name -> sha256; re-create the folder")
     if kind is not None and data["kind"] != kind:
         raise ManifestError(f"{folder} is a '{data['kind']}' folder, but a '{kind}' folder is needed here")
-    return Manifest(kind=data["kind"], metadata=data.get("metadata", {}), files=data["files"], version=data["version"])
+    return Manifest(kind=data["kind"], metadata=data.get("metadata", {}), files=data["files"], version=version)
 
 
 def verify_files(folder: str | Path, manifest: Manifest) -> None:

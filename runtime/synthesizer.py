@@ -27,7 +27,7 @@ from unidg.runtime.attention_bias import build_key_bias
 from unidg.runtime.backends import Backend, StepConditioning, create_backend
 from unidg.runtime.backends.base import check_finite
 from unidg.runtime.bundle import Bundle, load_bundle
-from unidg.runtime.geometry import Diptych, defect_token_mask, paste_back, right_half
+from unidg.runtime.geometry import Diptych, defect_token_mask, dilated_target_mask, paste_back, right_half
 from unidg.runtime.latents import (
     fill_condition,
     image_ids,
@@ -168,6 +168,7 @@ class DefectSynthesizer:
     def check(self, request: SynthesisRequest) -> SynthesisRequest:
         """Validate a request completely without running the model; returns it with defaults filled in."""
         images.validate_request(request.reference, request.reference_mask, request.source, request.target_mask)
+        dilated_target_mask(request.target_mask, self.settings.dilate_kernel, self.settings.dilate_iterations)
         return check_request_options(request, self.settings)
 
     # ---------------------------------------------------------------------------------------------- generating

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import tracemalloc
 
 import numpy as np
 import pytest
 from scipy import ndimage
 
+from unidg.runtime import geometry
 from unidg.runtime.geometry import (
     SquareTransform,
     adaptive_reference_crop,
@@ -20,6 +22,7 @@ from unidg.runtime.geometry import (
     mask_bbox,
     pad_to_square,
     paste_back,
+    resize_image,
     resize_mask,
     result_diptych,
     right_half,
@@ -323,3 +326,67 @@ def test_bad_geometry_requests():
         build_diptych(reference, reference_mask, source, np.ones((48, 64), bool), size=32)
     with pytest.raises(InputError, match="reference mask"):
         build_diptych(reference, np.zeros((90, 120), bool), source, target, size=32)
+
+
+def test_a_target_mask_that_covers_the_image_once_dilated_is_refused():
+    reference, reference_mask, source, _ = request(48, 64, (10, 20, 10, 20))
+    # 7x7 twice reaches 6 px: a mask 6 px from every border leaves no source pixel; 7 px leaves a one-pixel rim.
+    with pytest.raises(InputError, match=r"target mask: covers the whole image once dilated .*6 px"):
+        build_diptych(reference, reference_mask, source, box_mask(48, 64, (6, 42, 6, 58)), size=32)
+    kept = build_diptych(reference, reference_mask, source, box_mask(48, 64, (7, 41, 7, 57)), size=32)
+    assert (~kept.dilated_mask).sum() == 2 * 64 + 2 * 46
+
+
+def square_definition(transform: SquareTransform, image: np.ndarray, mask: np.ndarray, fill: int):
+    """forward_image / forward_mask as defined: crop (fill), pad to a square (fill), resize."""
+    square_image = pad_to_square(crop_with_fill(image, transform.box, fill), fill)
+    square_mask = pad_to_square(crop_with_fill(mask, transform.box, False), False)
+    return (
+        resize_image(square_image, transform.size, transform.size),
+        resize_mask(square_mask, transform.size, transform.size),
+    )
+
+
+def test_square_transforms_equal_their_definition_bit_for_bit(monkeypatch):
+    """The forward transforms never build the padded square; they must still give exactly its resize."""
+    monkeypatch.setattr(geometry, "_STRIP_PIXELS", 4999)  # several row strips per image
+    rng = np.random.default_rng(5)
+    cases = [
+        ((40, 1200), (0, 40, 0, 1200), 64),  # long and thin, both orientations
+        ((1200, 40), (0, 1200, 0, 40), 48),
+        ((7, 900), (-30, 60, -5, 950), 32),  # a crop box reaching beyond every border
+        ((50, 50), (0, 50, 0, 50), 50),  # side == size: no resampling
+        ((30, 20), (0, 30, 0, 20), 64),  # upscaling
+    ]
+    for _ in range(25):
+        height, width = (int(v) for v in rng.integers(1, 200, 2))
+        y1, x1 = int(rng.integers(-height // 2, height)), int(rng.integers(-width // 2, width))
+        box = (y1, int(rng.integers(y1 + 1, 2 * height)), x1, int(rng.integers(x1 + 1, 2 * width)))
+        if box[1] > 0 and box[3] > 0:
+            cases.append(((height, width), box, int(rng.choice([16, 48, 96]))))
+    for (height, width), box, size in cases:
+        transform = SquareTransform(height, width, box, size)
+        image = noise((height, width, 3), seed=height * width)
+        mask = rng.random((height, width)) < 0.02
+        for fill in (255, 0):
+            expected_image, expected_mask = square_definition(transform, image, mask, fill)
+            assert np.array_equal(transform.forward_image(image, fill), expected_image), (height, width, box, size)
+            assert np.array_equal(transform.forward_mask(mask), expected_mask), (height, width, box, size)
+
+
+def test_a_long_thin_source_does_not_build_its_padded_square():
+    height, width, size = 8, 6000, 64
+    source = smooth(height, width)
+    target = box_mask(height, width, (2, 5, 3000, 3040))
+    reference, reference_mask, _, _ = request(48, 64, (10, 20, 10, 20))
+    tracemalloc.start()
+    try:
+        diptych = build_diptych(reference, reference_mask, source, target, size=size)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # The 6000 x 6000 square would take 36 MB as a bool mask alone (288 MB for its int64 prefix sums).
+    assert peak < width * width // 8, f"peak {peak / 2**20:.1f} MiB"
+    assert diptych.target_mask_square.any() and diptych.image.shape == (size, 2 * size, 3)
+    square = pad_to_square(source, 255)
+    assert np.array_equal(diptych.source_square, resize_image(square, size, size))

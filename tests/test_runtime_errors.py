@@ -94,6 +94,18 @@ def _blank_mask(key: str, value: int):
     return build
 
 
+def _full_once_dilated(tmp: Path, files: dict) -> Path:
+    mask = np.zeros(_mask_of(files, "mask").shape, dtype=np.uint8)
+    mask[6:-6, 6:-6] = 255  # the 7x7 dilation, twice, reaches the border: no source pixel would be kept
+    return _png(tmp / "nearly-full.png", mask)
+
+
+def _drop_manifest_version(bundle: Path) -> None:
+    data = json.loads((bundle / "manifest.json").read_text())
+    del data["version"]
+    (bundle / "manifest.json").write_text(json.dumps(data))
+
+
 def _rgba_with_transparency(key: str):
     def build(tmp: Path, files: dict) -> Path:
         rgb = np.asarray(Image.open(files[key]).convert("RGB"))
@@ -184,6 +196,7 @@ CASES = [
     ("empty-reference-mask", _replace("reference_mask", _blank_mask("reference_mask", 0)), ["reference mask", "empty"]),
     ("empty-target-mask", _replace("mask", _blank_mask("mask", 0)), ["target mask", "empty"]),
     ("full-target-mask", _replace("mask", _blank_mask("mask", 255)), ["target mask", "whole image"]),
+    ("full-target-mask-once-dilated", _replace("mask", _full_once_dilated), ["target mask", "once dilated"]),
     ("reference-mask-size", _replace("reference_mask", _resized_mask("reference_mask")), ["reference mask", "match"]),
     ("target-mask-size", _replace("mask", _resized_mask("mask")), ["target mask", "match"]),
     ("zero-steps", _option("--steps", "0"), ["steps"]),
@@ -197,8 +210,11 @@ CASES = [
     ("cuda-provider-missing", _option("--device", "cuda"), ["CUDAExecutionProvider", "onnxruntime-gpu"]),
     ("cuda-graph-on-onnxruntime", _option("--cuda-graph"), ["--cuda-graph", "tensorrt backend option"]),
     ("threads-on-torch", _option("--backend", "torch", "--threads", "2"), ["--threads", "--backend torch"]),
+    ("negative-threads", _option("--threads", "-2"), ["--threads -2", ">= 1"]),
+    ("zero-threads", _option("--threads", "0"), ["--threads 0", ">= 1"]),
     ("missing-bundle", lambda t, f, b: (f, t / "no-bundle", []), ["does not exist"]),
     ("missing-manifest", _bundle(lambda b: (b / "manifest.json").unlink()), ["manifest.json"]),
+    ("manifest-without-version", _bundle(_drop_manifest_version), ["manifest.json has no 'version'"]),
     ("weights-not-bundle", _bundle(_weights_kind), ["'weights'", "'bundle'"]),
     ("tampered-hash", _bundle(_tamper), ["vae_decoder.onnx", "sha256"]),
     ("missing-graph", _bundle(lambda b: (b / "image_encoder.onnx").unlink()), ["image_encoder.onnx", "missing"]),
@@ -236,7 +252,7 @@ def test_out_folder_with_a_result_is_refused(tmp_path, toy, samples, capsys):
     assert main(_args(toy, samples, out)) == 0
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
     assert main(_args(toy, samples, out, "--seed", "9")) == 2
-    assert "already holds a result" in capsys.readouterr().err
+    assert "already holds files" in capsys.readouterr().err
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
 
 
