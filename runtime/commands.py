@@ -22,7 +22,16 @@ def _add_backend_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime CPU threads (default: all cores)")
     parser.add_argument(
-        "--cuda-graph", action="store_true", help="tensorrt: capture the denoising loop as one CUDA graph"
+        "--cuda-graph", action="store_true", help="tensorrt, torch: capture the denoising loop as one CUDA graph"
+    )
+    parser.add_argument("--compile", action="store_true", help="torch: torch.compile the step program")
+    parser.add_argument(
+        "--fp8", action="store_true", help="torch: FP8 (E4M3) matmuls in the step program (torch._scaled_mm on CUDA)"
+    )
+    parser.add_argument(
+        "--fused-attention",
+        action="store_true",
+        help="torch: the Triton biased-attention kernel instead of SDPA with a float mask (CPU: TRITON_INTERPRET=1)",
     )
     parser.add_argument(
         "--no-verify",
@@ -38,8 +47,12 @@ def backend_options(args: argparse.Namespace) -> dict:
         raise ValueError(f"--threads {args.threads}: give a thread count >= 1, or leave it out to use all cores")
     if args.threads and args.backend != "onnxruntime":
         raise ValueError(f"--threads sets onnxruntime's CPU threads; it does not apply to --backend {args.backend}")
-    if args.cuda_graph and args.backend != "tensorrt":
-        raise ValueError(f"--cuda-graph is a tensorrt backend option; it does not apply to --backend {args.backend}")
+    if args.cuda_graph and args.backend not in ("tensorrt", "torch"):
+        raise ValueError(f"--cuda-graph is a tensorrt and torch option; it does not apply to --backend {args.backend}")
+    torch_only = [flag for flag in ("compile", "fp8", "fused_attention") if getattr(args, flag, False)]
+    if torch_only and args.backend != "torch":
+        flags = ", ".join("--" + flag.replace("_", "-") for flag in torch_only)
+        raise ValueError(f"{flags}: torch backend options; add --backend torch or leave them out")
     if args.backend == "onnxruntime":
         options: dict = {"providers": [device or "cpu"]}
         if args.threads:
@@ -53,7 +66,9 @@ def backend_options(args: argparse.Namespace) -> dict:
                 raise ValueError(f"--device {device!r}: the tensorrt backend takes a CUDA device index (0, 1, ...)")
             options["device"] = int(index)
         return options
-    return {"device": device or "cpu"}
+    return {"device": device or "cpu", "cuda_graph": bool(args.cuda_graph)} | {
+        flag: bool(getattr(args, flag, False)) for flag in ("compile", "fp8", "fused_attention")
+    }
 
 
 def _load_synthesizer(args: argparse.Namespace, **extra: object):
