@@ -167,16 +167,24 @@ def _generate(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------------------------- batch
 def _batch(args: argparse.Namespace) -> int:
-    from unidg.runtime.jobs import run_batch
+    from unidg.runtime.jobs import FAILED_FILE, run_batch
 
     synth = _load_synthesizer(args, max_batch=args.batch_size)
     with synth:
-        report = run_batch(synth, args.jobs, args.out, batch_size=args.batch_size, progress=not args.quiet)
+        report = run_batch(
+            synth,
+            args.jobs,
+            args.out,
+            batch_size=args.batch_size,
+            progress=not args.quiet,
+            keep_going=args.keep_going,
+        )
+    failed = f", {len(report.failed)} failed (see {report.folder / FAILED_FILE})" if report.failed else ""
     print(
-        f"{report.folder}: {report.generated} job(s) generated, {report.already_done} already done, "
+        f"{report.folder}: {report.generated} job(s) generated, {report.already_done} already done{failed}, "
         f"{report.total} in all ({report.seconds:.1f} s)"
     )
-    return 0
+    return 1 if report.failed else 0
 
 
 # ---------------------------------------------------------------------------------------------------------------- demo
@@ -250,6 +258,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     batch.add_argument("--out", required=True, help="output UDG folder (created, or resumed)")
     batch.add_argument("--batch-size", type=int, default=None, help="requests per model pass (default: bundle's)")
     batch.add_argument("--quiet", action="store_true", help="no progress bar")
+    batch.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="a job that fails (bad inputs, or an error while generating) is recorded in failed.jsonl in --out and "
+        "the others go on; the command then exits with status 1 (default: stop at the first failure)",
+    )
     _add_backend_options(batch)
     batch.set_defaults(handler=_batch)
 

@@ -13,8 +13,13 @@ target mask), ``metadata/<id>.json`` and ``index.jsonl``. The index is the journ
 is in ``index.jsonl``, and that line is appended (one write) only after the job's images and metadata are in place
 (each written to a temporary name and renamed). A run killed at any point leaves at most temporary files and files of
 an uncommitted job; the next run with the same arguments removes the former, rewrites the latter and skips every
-committed job, so each job ends up done exactly once. ``batch.json`` records the bundle and jobs file so a resume with
-another bundle, or with a done job's inputs changed, is refused instead of mixing outputs.
+committed job, so each job ends up done exactly once. A last index line cut short (power loss, full disk) is dropped on
+resume and its job redone. ``batch.json`` records the bundle and jobs file so a resume with another bundle, or with a
+done job's inputs changed, is refused instead of mixing outputs.
+
+By default the first failing job stops the run (nothing is written when a job's inputs are bad). With ``keep_going``
+(``unidg batch --keep-going``) a job that fails, in its checks or while generating, is recorded in ``failed.jsonl``
+(id, line, error) and the others go on; ``failed.jsonl`` lists the latest run's failures; a resume retries them.
 """
 
 from __future__ import annotations
@@ -22,9 +27,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from unidg.runtime.images import InputError
@@ -33,6 +39,7 @@ from unidg.runtime.synthesizer import DefectSynthesizer, SynthesisRequest, Synth
 from unidg.runtime.udg import INDEX_FILE, SAMPLE_ID_PATTERN, UDGWriter, caption_stub, check_category
 
 BATCH_STATE_FILE = "batch.json"
+FAILED_FILE = "failed.jsonl"
 LOCK_FILE = ".batch.lock"
 METADATA_DIR = "metadata"
 OUTPUT_DIRS = ("normal", "abnormal", "mask", METADATA_DIR)
@@ -177,6 +184,35 @@ def committed_ids(folder: Path) -> set[str]:
     return ids
 
 
+def _is_index_entry(text: bytes) -> bool:
+    try:
+        entry = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(entry, dict) and isinstance(entry.get("id"), str)
+
+
+def repair_torn_index(folder: Path) -> bytes | None:
+    """Drop the last line of ``folder/index.jsonl`` when it is not a whole entry (a write cut short by power loss or a
+    full disk); its job is then not done and runs again. Returns the dropped bytes, or None when nothing was torn.
+    Only the last line can be torn: the writer appends one line per write. A bad line before it is left for the
+    index reader to report."""
+    index = folder / INDEX_FILE
+    if not index.is_file():
+        return None
+    data = index.read_bytes()
+    body = data[:-1] if data.endswith(b"\n") else data
+    start = body.rfind(b"\n") + 1
+    last = body[start:]
+    if not last.strip(b" \t\r") or _is_index_entry(last):  # nothing after the last whole line, or a whole entry
+        return None
+    with open(index, "r+b") as handle:
+        handle.truncate(start)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return data[start:]
+
+
 def remove_temporaries(folder: Path) -> int:
     """Delete temporary files (``.name.XXXX.tmp``) a killed run left behind; returns how many."""
     removed = 0
@@ -239,6 +275,11 @@ class BatchReport:
     already_done: int
     generated: int
     seconds: float
+    failed: list[dict] = field(default_factory=list)  # with keep_going: {"id", "line", "error"} per failed job
+
+
+def _failure(job: Job, error: Exception) -> dict:
+    return {"id": job.id, "line": job.line, "error": f"{type(error).__name__}: {error}"}
 
 
 def _jobs_sha256(path: Path) -> str:
@@ -295,11 +336,13 @@ def run_batch(
     *,
     batch_size: int | None = None,
     progress: bool = True,
+    keep_going: bool = False,
     on_job_done: Callable[[Job, SynthesisResult], None] | None = None,
 ) -> BatchReport:
     """Run every job of ``jobs_path`` not yet done in ``out_dir``; see the module docstring for the guarantees.
 
-    All jobs are read and checked (files, sizes, masks, options) before anything is written.
+    All jobs are read and checked (files, sizes, masks, options) before anything is written. ``keep_going``: a job
+    that fails is recorded in ``failed.jsonl`` and skipped instead of stopping the run.
     """
     from tqdm import tqdm
 
@@ -309,8 +352,17 @@ def run_batch(
     done = committed_ids(folder) if folder.is_dir() else set()
     state = _check_folder(folder, synth, jobs, done)
     pending = [job for job in jobs if job.id not in done]
+    failed: list[dict] = []
+    runnable = []
     for job in pending:  # decode and check everything first: a bad job must not stop the run halfway
-        synth.check(job.request())
+        try:
+            synth.check(job.request())
+        except ValueError as error:
+            if not keep_going:
+                raise
+            failed.append(_failure(job, error))
+            continue
+        runnable.append(job)
     size = batch_size or synth.batch_size
     if size < 1:
         raise JobsError(f"--batch-size must be >= 1 (got {size})")
@@ -318,6 +370,7 @@ def run_batch(
     folder.mkdir(parents=True, exist_ok=True)
     with folder_lock(folder):
         remove_temporaries(folder)
+        repair_torn_index(folder)
         if state is None:
             state = {
                 "format": "unidg-batch",
@@ -328,13 +381,12 @@ def run_batch(
                 "backend": synth.backend.name,
             }
             atomic_write_text(folder / BATCH_STATE_FILE, json.dumps(state, indent=2) + "\n")
+        record_failures(folder, failed)
         bar = tqdm(total=len(jobs), initial=len(jobs) - len(pending), unit="job", disable=not progress, desc="batch")
         with UDGWriter(folder) as writer, bar:
-            for start in range(0, len(pending), size):
-                chunk = pending[start : start + size]
-                requests = [job.request() for job in chunk]
-                results = synth.generate_batch(requests)
-                for job, request, result in zip(chunk, requests, results):
+            for start in range(0, len(runnable), size):
+                chunk = runnable[start : start + size]
+                for job, request, result in _generate_chunk(synth, chunk, keep_going, failed):
                     metadata = {**result.metadata, "job": job.spec()}
                     write_result(
                         writer,
@@ -349,10 +401,37 @@ def run_batch(
                     bar.update(1)
                     if on_job_done is not None:
                         on_job_done(job, result)
+                record_failures(folder, failed)
     return BatchReport(
         folder=folder,
         total=len(jobs),
         already_done=len(jobs) - len(pending),
-        generated=len(pending),
+        generated=len(pending) - len(failed),
         seconds=time.perf_counter() - started,
+        failed=failed,
     )
+
+
+def _generate_chunk(
+    synth: DefectSynthesizer, chunk: list[Job], keep_going: bool, failed: list[dict]
+) -> list[tuple[Job, SynthesisRequest, SynthesisResult]]:
+    """Results of one model pass; with ``keep_going``, a failed pass is rerun one job at a time to find the culprit."""
+    requests = [job.request() for job in chunk]
+    try:
+        return list(zip(chunk, requests, synth.generate_batch(requests)))
+    except Exception as error:
+        if not keep_going:
+            raise
+        if len(chunk) == 1:
+            failed.append(_failure(chunk[0], error))
+            return []
+    return [item for job in chunk for item in _generate_chunk(synth, [job], keep_going, failed)]
+
+
+def record_failures(folder: Path, failed: list[dict]) -> None:
+    """Write this run's failures to ``failed.jsonl`` (replacing an earlier run's); none: the file is removed."""
+    path = folder / FAILED_FILE
+    if failed:
+        atomic_write_text(path, "".join(json.dumps(entry) + "\n" for entry in failed))
+    else:
+        path.unlink(missing_ok=True)

@@ -17,7 +17,7 @@ from PIL import Image
 from runtime_fixtures import make_toy_bundle, write_sample_files
 
 from unidg.cli import main
-from unidg.runtime.jobs import JobsError, read_jobs, run_batch
+from unidg.runtime.jobs import JobsError, read_jobs, repair_torn_index, run_batch
 from unidg.runtime.synthesizer import DefectSynthesizer
 from unidg.runtime.udg import read_index
 
@@ -208,3 +208,90 @@ def test_batches_of_several_requests(tmp_path, toy, jobs_file):
         a = np.asarray(Image.open(batched / "abnormal" / f"{job.id}.png"), dtype=int)
         b = np.asarray(Image.open(single / "abnormal" / f"{job.id}.png"), dtype=int)
         assert np.abs(a - b).max() <= 1
+
+
+def _short_jobs(jobs_file: Path, name: str, count: int = 5, **changes) -> Path:
+    """The first ``count`` jobs at 3 steps: quick runs."""
+    path = jobs_file.parent / name
+    jobs = read_jobs(jobs_file)[:count]
+    lines = [_job_line(job, jobs_file.parent) | {"steps": 3} | changes.get(job.id, {}) for job in jobs]
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("tail", "dropped"),
+    [
+        (b'{"id": "job-09", "normal": "normal/jo', True),  # cut off mid-line
+        (b"\x00" * 37, True),  # a zero-filled block after power loss
+        (b'{"id": "job-09"}\x00\x00\n', True),
+        (b'{"id": "job-09", "normal": "normal/job-09.png"}', False),  # whole, only the newline missing
+        (b"", False),
+    ],
+)
+def test_repair_torn_index_drops_only_a_broken_last_line(tmp_path, tail, dropped):
+    whole = b'{"id": "job-00"}\n{"id": "job-01"}\n'
+    (tmp_path / "index.jsonl").write_bytes(whole + tail)
+    assert (repair_torn_index(tmp_path) == tail) is dropped
+    assert (tmp_path / "index.jsonl").read_bytes() == (whole if dropped else whole + tail)
+
+
+def test_a_torn_last_index_line_is_dropped_on_resume_and_its_job_redone(tmp_path, toy, jobs_file):
+    short = _short_jobs(jobs_file, "torn.jsonl")
+    partial = _short_jobs(jobs_file, "torn-partial.jsonl", count=3)
+    out, clean = tmp_path / "out", tmp_path / "clean"
+    with DefectSynthesizer.from_bundle(toy) as synth:
+        run_batch(synth, short, clean, progress=False)
+        run_batch(synth, partial, out, progress=False)
+        # Power loss while committing job-03: its files are there, its index line is cut short.
+        line = (clean / "index.jsonl").read_text().splitlines()[3]
+        for kind in ("normal", "abnormal", "mask"):
+            (out / kind / "job-03.png").write_bytes((clean / kind / "job-03.png").read_bytes())
+        with open(out / "index.jsonl", "a") as handle:
+            handle.write(line[: len(line) // 2])
+        report = run_batch(synth, short, out, progress=False)
+    assert (report.already_done, report.generated) == (3, 2)
+    assert _committed(out) == [f"job-{i:02d}" for i in range(5)]  # every job once, job-03 redone
+    assert len(read_index(out)) == 5
+    for job_id in _committed(clean):
+        assert (out / "abnormal" / f"{job_id}.png").read_bytes() == (clean / "abnormal" / f"{job_id}.png").read_bytes()
+
+
+def test_keep_going_records_a_failing_job_and_runs_the_rest(tmp_path, toy, jobs_file, capsys):
+    jobs = _short_jobs(jobs_file, "keep.jsonl", count=4, **{"job-02": {"source": "inputs/missing.png"}})
+    out = tmp_path / "out"
+    command = ["batch", "--bundle", str(toy), "--jobs", str(jobs), "--out", str(out), "--quiet"]
+    assert main(command) == 2  # default: a bad job stops the run before anything is written
+    assert "job 'job-02'" in capsys.readouterr().err and not out.exists()
+
+    assert main([*command, "--keep-going"]) == 1
+    assert "1 failed" in capsys.readouterr().out
+    assert _committed(out) == ["job-00", "job-01", "job-03"]
+    (failure,) = [json.loads(line) for line in (out / "failed.jsonl").read_text().splitlines()]
+    assert failure["id"] == "job-02" and failure["line"] == 3 and "missing.png" in failure["error"]
+
+    fixed = jobs.read_text().replace("inputs/missing.png", json.loads(jobs.read_text().splitlines()[0])["source"])
+    jobs.write_text(fixed)
+    assert main([*command, "--keep-going"]) == 0  # the resume retries the failed job only
+    assert "1 job(s) generated, 3 already done" in capsys.readouterr().out
+    assert sorted(_committed(out)) == [f"job-{i:02d}" for i in range(4)] and not (out / "failed.jsonl").exists()
+
+
+def test_keep_going_isolates_a_job_that_fails_while_generating(tmp_path, toy, jobs_file, monkeypatch):
+    jobs = _short_jobs(jobs_file, "generate-fails.jsonl", count=5)
+    with DefectSynthesizer.from_bundle(toy, max_batch=4) as synth:
+        generate_batch = synth.generate_batch
+
+        def failing_for_seed_102(requests, progress=None):
+            if any(request.seed == 102 for request in requests):
+                raise RuntimeError("backend failed on this request")
+            return generate_batch(requests, progress)
+
+        monkeypatch.setattr(synth, "generate_batch", failing_for_seed_102)
+        with pytest.raises(RuntimeError, match="backend failed"):
+            run_batch(synth, jobs, tmp_path / "stop", progress=False)
+        assert _committed(tmp_path / "stop") == []  # the first pass held job-02: nothing committed
+        report = run_batch(synth, jobs, tmp_path / "go", progress=False, keep_going=True)
+    assert report.generated == 4 and [f["id"] for f in report.failed] == ["job-02"]
+    assert "RuntimeError: backend failed" in report.failed[0]["error"]
+    assert sorted(_committed(tmp_path / "go")) == ["job-00", "job-01", "job-03", "job-04"]
