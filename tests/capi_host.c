@@ -6,6 +6,7 @@
  *
  * Every check prints one line ("ok ..." or "FAIL ..."); the exit status is the number of failed checks (capped).
  */
+#include <math.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -202,6 +203,13 @@ int main(int argc, char** argv) {
     CHECK(unidg_status_code(status) == UNIDG_INVALID_ARGUMENT, "create with out == NULL is refused");
     unidg_status_free(status);
 
+    /* A bundle_dir that is not UTF-8 is refused naming the argument. */
+    status = unidg_synth_create("/tmp/bundle-\xff\xfe", NULL, &synth);
+    CHECK(unidg_status_code(status) == UNIDG_INVALID_ARGUMENT && strstr(unidg_status_message(status), "bundle_dir") &&
+              strstr(unidg_status_message(status), "UTF-8") && synth == NULL,
+          "a non-UTF-8 bundle_dir is refused naming it: %s", unidg_status_message(status));
+    unidg_status_free(status);
+
     unidg_options options;
     unidg_options_init(&options);
     options.threads = 1;
@@ -322,7 +330,27 @@ int main(int argc, char** argv) {
     CHECK(unidg_status_code(status) == UNIDG_INVALID_ARGUMENT && strstr(unidg_status_message(status), "steps"),
           "steps out of range is refused: %s", unidg_status_message(status));
     unidg_status_free(status);
+    request.steps = -5;
+    status = unidg_synth_run(synth, &request, &again.image, NULL);
+    CHECK(unidg_status_code(status) == UNIDG_INVALID_ARGUMENT && strstr(unidg_status_message(status), "request.steps"),
+          "negative steps are refused, not run with the default: %s", unidg_status_message(status));
+    unidg_status_free(status);
     request.steps = 3;
+    request.guidance = NAN;
+    status = unidg_synth_run(synth, &request, &again.image, NULL);
+    CHECK(unidg_status_code(status) == UNIDG_INVALID_ARGUMENT &&
+              strstr(unidg_status_message(status), "request.guidance"),
+          "a NaN guidance is refused, not run with the default: %s", unidg_status_message(status));
+    unidg_status_free(status);
+    request.guidance = -1.0f;
+    request.category = "scr\xe4tch";
+    status = unidg_synth_run(synth, &request, &again.image, NULL);
+    CHECK(unidg_status_code(status) == UNIDG_INVALID_ARGUMENT &&
+              strstr(unidg_status_message(status), "request.category") &&
+              strstr(unidg_status_message(status), "UTF-8"),
+          "a non-UTF-8 category is refused naming it: %s", unidg_status_message(status));
+    unidg_status_free(status);
+    request.category = NULL;
     unidg_request bad = request;
     bad.struct_size = 8;
     status = unidg_synth_run(synth, &bad, &again.image, NULL);

@@ -2,8 +2,8 @@
 
 The host checks an end-to-end run (every pixel outside the returned mask equals the source, same seed -> same bytes),
 cancelling from the progress callback, the error statuses (missing bundle named in the message, small output buffer,
-bad inputs, re-entrant call -> UNIDG_BUSY, destroyed handle), two handles on two threads, and a library whose Python
-side cannot start. It exits with the number of failed checks.
+bad inputs, negative steps, NaN guidance, non-UTF-8 strings, re-entrant call -> UNIDG_BUSY, destroyed handle), two
+handles on two threads, and a library whose Python side cannot start. It exits with the number of failed checks.
 """
 
 from __future__ import annotations
@@ -92,6 +92,11 @@ def test_c_host_runs_the_nano_bundle_end_to_end_and_the_error_paths(built, pytes
     assert "ok   every pixel outside the dilated mask equals the source" in result.stdout
     assert "ok   a nonzero progress return cancels" in result.stdout
     assert "message names the path: bundle /nonexistent/unidg-bundle-for-capi-test" in result.stdout
+    # Out-of-range values are refused instead of silently running with the bundle's defaults.
+    assert "ok   negative steps are refused, not run with the default: request.steps is -5" in result.stdout
+    assert "ok   a NaN guidance is refused, not run with the default: request.guidance is nan" in result.stdout
+    assert "ok   a non-UTF-8 bundle_dir is refused naming it: bundle_dir is not valid UTF-8" in result.stdout
+    assert "ok   a non-UTF-8 category is refused naming it: request.category is not valid UTF-8" in result.stdout
 
 
 def test_a_library_whose_python_cannot_start_reports_a_status(built, tmp_path):

@@ -12,6 +12,7 @@ the output is written into the caller's buffer only after the whole run succeede
 from __future__ import annotations
 
 import json
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -160,6 +161,18 @@ def _lookup(ffi: Any, pointer: Any) -> Handle:
     return handle
 
 
+def c_string(ffi: Any, pointer: Any, name: str) -> str:
+    """A caller's NUL-terminated UTF-8 string, refused with a message naming the argument when it is not UTF-8."""
+    raw = ffi.string(pointer)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise AbiError(
+            UNIDG_INVALID_ARGUMENT,
+            f"{name} is not valid UTF-8 (byte 0x{raw[error.start]:02x} at offset {error.start}); pass UTF-8 text",
+        ) from None
+
+
 def _options(ffi: Any, options: Any) -> dict:
     if options == ffi.NULL:
         return {"backend": "onnxruntime", "verify": True, "backend_options": {}}
@@ -169,10 +182,11 @@ def _options(ffi: Any, options: Any) -> dict:
             UNIDG_INVALID_ARGUMENT,
             f"options.struct_size is {int(options.struct_size)}, expected >= {expected}: call unidg_options_init()",
         )
-    backend = ffi.string(options.backend).decode() if options.backend != ffi.NULL else "onnxruntime"
+    backend = c_string(ffi, options.backend, "options.backend") if options.backend != ffi.NULL else "onnxruntime"
     backend_options: dict = {}
     if options.providers != ffi.NULL:
-        providers = [p.strip() for p in ffi.string(options.providers).decode().split(",") if p.strip()]
+        text = c_string(ffi, options.providers, "options.providers")
+        providers = [p.strip() for p in text.split(",") if p.strip()]
         backend_options["providers"] = providers
     if int(options.threads) > 0:
         backend_options["threads"] = int(options.threads)
@@ -195,15 +209,26 @@ def _request(ffi: Any, request: Any) -> tuple[SynthesisRequest, Any, Any]:
     reference_mask = read_image(ffi, request.reference_mask, "request.reference_mask (" + REFERENCE_MASK + ")", 1)
     source = read_image(ffi, request.source, "request.source (" + SOURCE_IMAGE + ")", 3)
     target_mask = read_image(ffi, request.target_mask, "request.target_mask (" + TARGET_MASK + ")", 1)
-    category = ffi.string(request.category).decode() if request.category != ffi.NULL else None
+    category = c_string(ffi, request.category, "request.category") if request.category != ffi.NULL else None
+    steps, guidance = int(request.steps), float(request.guidance)
+    if steps < 0:
+        raise AbiError(
+            UNIDG_INVALID_ARGUMENT,
+            f"request.steps is {steps}; use 0 for the bundle's default or a positive step count",
+        )
+    if not math.isfinite(guidance):
+        raise AbiError(
+            UNIDG_INVALID_ARGUMENT,
+            f"request.guidance is {guidance}; use a finite scale >= 0, or a negative value for the bundle's default",
+        )
     synthesis = SynthesisRequest(
         reference=reference,
         reference_mask=reference_mask[..., 0] != 0,
         source=source,
         target_mask=target_mask[..., 0] != 0,
         seed=int(request.seed),
-        steps=int(request.steps) if int(request.steps) > 0 else None,
-        guidance=float(request.guidance) if float(request.guidance) >= 0 else None,
+        steps=steps if steps > 0 else None,
+        guidance=guidance if guidance >= 0 else None,
         category=category or None,
         name="unidg_synth_run",
     )
@@ -219,7 +244,7 @@ def install(ffi: Any, lib: Any) -> None:
     @ffi.def_extern()
     def _unidg_py_create(bundle_dir: Any, options: Any, out: Any) -> Any:
         try:
-            path = ffi.string(bundle_dir).decode("utf-8")
+            path = c_string(ffi, bundle_dir, "bundle_dir")
             chosen = _options(ffi, options)
             synthesizer = DefectSynthesizer.from_bundle(
                 path, backend=chosen["backend"], verify=chosen["verify"], **chosen["backend_options"]

@@ -11,6 +11,8 @@
  *   - Create/destroy pairs: unidg_synth_create / unidg_synth_destroy.
  *   - Images are caller-owned buffers (unidg_image): the library never keeps or frees them. Inputs are copied
  *     before the call returns; the output is written into the caller's buffer.
+ *   - Strings (bundle_dir, category, backend, providers) are NUL-terminated UTF-8; other bytes are refused with
+ *     UNIDG_INVALID_ARGUMENT and a message naming the argument.
  *   - Structs that may grow carry `struct_size`: set it with the matching *_init() function, which also writes
  *     the defaults. A library accepts any struct_size >= the size of the first version of the struct.
  *
@@ -89,9 +91,9 @@ typedef struct unidg_request {
     unidg_image source;          /* RGB, 3 channels: the image the defect is painted into */
     unidg_image target_mask;     /* 1 channel, size of source: nonzero marks where the defect goes */
     int64_t seed;                /* 0 .. 2^63-1; default 0. Same seed + inputs + bundle -> same output */
-    int32_t steps;               /* denoising steps; 0 = the bundle's default (28 for UniDG) */
-    float guidance;              /* guidance scale; negative = the bundle's default (30 for UniDG) */
-    const char* category;        /* optional defect category (one of the 28 UDG categories) or NULL */
+    int32_t steps;               /* denoising steps; 0 = the bundle's default (28 for UniDG); < 0 is refused */
+    float guidance;              /* guidance scale; negative = the bundle's default (30 for UniDG); NaN/inf refused */
+    const char* category;        /* optional defect category (one of the 28 UDG categories, UTF-8) or NULL */
     unidg_progress_fn progress;  /* optional, may be NULL */
     void* progress_user;         /* passed to progress as is */
 } unidg_request;
