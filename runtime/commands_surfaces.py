@@ -52,6 +52,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bench.add_argument("--steps", type=int, default=4, help="denoising steps per request (default 4)")
     bench.add_argument("--size", type=int, default=96, help="source/reference image side in pixels (default 96)")
     bench.add_argument("--threads", type=int, default=1, help="onnxruntime threads per server worker (default 1)")
+    bench.add_argument(
+        "--scenario",
+        choices=("valid", "oversized", "overload", "idle"),
+        default="valid",
+        help="valid requests; simultaneous uploads declaring huge images; a full queue; idle connections",
+    )
+    bench.add_argument("--declared-size", type=int, default=4096, help="oversized: side of each declared image")
+    bench.add_argument("--idle-connections", type=int, default=300, help="idle: sockets held open (default 300)")
+    bench.add_argument("--hold", type=float, default=10.0, help="idle: seconds they are held (default 10)")
+    bench.add_argument("--server-pythonpath", help="PYTHONPATH of the started server only (measure another checkout)")
     bench.add_argument("--json", dest="json_out", help="also write the report as JSON to this file")
     bench.set_defaults(handler=run_serve_bench)
 
@@ -119,6 +129,11 @@ def run_serve_bench(args: argparse.Namespace) -> int:
             steps=args.steps,
             size=args.size,
             threads=args.threads,
+            scenario=args.scenario,
+            declared_size=args.declared_size,
+            idle_connections=args.idle_connections,
+            hold_s=args.hold,
+            server_pythonpath=args.server_pythonpath,
         )
     )
     print(report.summary())
@@ -126,6 +141,8 @@ def run_serve_bench(args: argparse.Namespace) -> int:
         from unidg.runtime.manifest import atomic_write_text
 
         atomic_write_text(args.json_out, json.dumps(report.to_dict(), indent=2) + "\n")
+    if args.scenario in ("oversized", "overload"):  # refusals are the point there; a dead server is not
+        return 0 if report.server_alive is not False else 1
     return 0 if report.failed == 0 else 1
 
 

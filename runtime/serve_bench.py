@@ -1,12 +1,22 @@
 """Load test of the HTTP service: ``unidg bench serve`` (and the service tests) send synthesize requests on loopback.
 
-Only the standard library on the client side (http.client, threads), so the measurement needs nothing beyond the
-runtime. With ``--bundle`` the server is started as a child process on a free loopback port and its resident memory
-(VmRSS, Linux /proc) is read before and after the run; with ``--url`` an already running service is measured.
+Only the standard library on the client side (http.client, sockets, threads), so the measurement needs nothing beyond
+the runtime. With ``--bundle`` the server is started as a child process on a free loopback port and its resident memory
+(VmRSS, Linux /proc) is sampled during the run; with ``--url`` an already running service is measured.
+
+Scenarios (``--scenario``):
+
+- ``valid``: ``--requests`` valid requests at ``--concurrency``: latency p50/p95, throughput, RSS before/after/peak.
+- ``oversized``: ``--concurrency`` simultaneous small uploads that each declare four ``--declared-size``² images
+  (a few hundred KiB compressed): peak RSS, statuses and how fast the refused ones are answered.
+- ``overload``: ``--requests`` valid requests at ``--concurrency`` against a small queue: latency of the 503s.
+- ``idle``: ``--idle-connections`` sockets that connect and send nothing (or half a request head) for ``--hold``
+  seconds while valid requests are sent: whether the service keeps answering, and how many idle sockets it closed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import json
@@ -14,6 +24,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -43,10 +54,21 @@ def rss_mib(pid: int) -> float | None:
     return None
 
 
-def png_bytes(array: np.ndarray) -> bytes:
+def png_bytes(array: np.ndarray, compress_level: int = 6) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
+    Image.fromarray(array).save(buffer, format="PNG", compress_level=compress_level)
     return buffer.getvalue()
+
+
+def oversized_inputs(side: int = 4096) -> dict[str, bytes]:
+    """A request whose four PNGs each declare ``side``² pixels but compress to little (flat areas): the upload is
+    small, the decoded pictures are not (4096: 2 × 48 MiB RGB + 2 × 16 MiB masks)."""
+    image = np.full((side, side, 3), 200, dtype=np.uint8)
+    image[side // 4 : side // 2, side // 4 : side // 2] = (60, 40, 30)
+    mask = np.zeros((side, side), dtype=np.uint8)
+    mask[side // 4 : side // 2, side // 4 : side // 2] = 255
+    image_png, mask_png = png_bytes(image, 9), png_bytes(mask, 9)
+    return {"reference": image_png, "reference_mask": mask_png, "source": image_png, "mask": mask_png}
 
 
 def sample_inputs(size: int = 96, seed: int = 0) -> dict[str, bytes]:
@@ -183,6 +205,9 @@ def stop_server(process: subprocess.Popen, timeout: float = 15.0) -> int:
         return process.wait(timeout)
 
 
+SCENARIOS = ("valid", "oversized", "overload", "idle")
+
+
 @dataclass
 class BenchOptions:
     bundle: str | None = None
@@ -195,6 +220,11 @@ class BenchOptions:
     size: int = 96
     threads: int = 1
     warmup_requests: int = 4
+    scenario: str = "valid"
+    declared_size: int = 4096  # oversized: side of each declared image
+    idle_connections: int = 300  # idle: sockets held open
+    hold_s: float = 10.0  # idle: how long they are held
+    server_pythonpath: str | None = None  # PYTHONPATH of the started server only (to measure another checkout)
 
 
 @dataclass
@@ -214,9 +244,38 @@ class BenchReport:
     rss_before_mib: float | None = None
     rss_after_mib: float | None = None
     errors: list[str] = field(default_factory=list)
+    scenario: str = "valid"
+    rss_peak_mib: float | None = None  # sampled every 10 ms during the run
+    request_bytes: int | None = None
+    refused_p50_ms: float | None = None  # 503 answers: client-side seconds from sending to the full reply
+    refused_p95_ms: float | None = None
+    refused_max_ms: float | None = None
+    idle_connections: int | None = None
+    idle_closed_by_server: int | None = None  # of the idle sockets, those the server had closed at the end
+    server_alive: bool | None = None
+    server_log_bytes: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def extra_summary(self) -> str:
+        parts = []
+        if self.request_bytes is not None:
+            parts.append(f"request body {self.request_bytes / 1024:.0f} KiB")
+        if self.rss_peak_mib is not None:
+            parts.append(f"server peak RSS {self.rss_peak_mib:.0f} MiB")
+        if self.refused_p50_ms is not None:
+            parts.append(
+                f"503 latency p50 {self.refused_p50_ms:.1f} ms, p95 {self.refused_p95_ms:.1f} ms, "
+                f"max {self.refused_max_ms:.1f} ms"
+            )
+        if self.idle_connections is not None:
+            parts.append(f"{self.idle_closed_by_server}/{self.idle_connections} idle sockets closed by the server")
+        if self.server_alive is not None:
+            parts.append("server alive" if self.server_alive else "server DEAD")
+        if self.server_log_bytes is not None:
+            parts.append(f"server log {self.server_log_bytes} bytes")
+        return "; ".join(parts)
 
     def summary(self) -> str:
         rss = ""
@@ -230,6 +289,7 @@ class BenchReport:
             f"steps, {self.workers or '?'} workers): statuses {self.statuses}; p50 {self.latency_p50_s * 1000:.1f} ms, "
             f"p95 {self.latency_p95_s * 1000:.1f} ms, max {self.latency_max_s * 1000:.1f} ms; "
             f"{self.throughput_rps:.2f} req/s over {self.wall_s:.1f} s{rss}"
+            + (f"\n[{self.scenario}] {self.extra_summary()}" if self.extra_summary() else "")
         )
 
 
@@ -294,30 +354,131 @@ def summarize(replies: list[Reply], wall_s: float, options: BenchOptions) -> Ben
     )
 
 
+class RssSampler:
+    """Samples a process's VmRSS every ``interval`` seconds in a thread; ``peak`` is the largest value seen."""
+
+    def __init__(self, pid: int, interval: float = 0.01) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.peak: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            value = rss_mib(self.pid)
+            if value is not None and (self.peak is None or value > self.peak):
+                self.peak = value
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def open_idle_connections(url: str, count: int) -> list[socket.socket]:
+    """``count`` sockets to the service: every other one sends half a request head and stops, the rest send nothing."""
+    parsed = urllib.parse.urlsplit(url)
+    sockets = []
+    for index in range(count):
+        sock = socket.create_connection((parsed.hostname, parsed.port), timeout=5.0)
+        if index % 2:
+            sock.sendall(f"POST /v1/synthesize HTTP/1.1\r\nHost: {parsed.hostname}:{parsed.port}\r\n".encode())
+        sockets.append(sock)
+    return sockets
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    """True when the other end has closed (or reset) the connection; reads nothing of a live idle one."""
+    sock.setblocking(False)
+    try:
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def _ms_percentiles(seconds: list[float]) -> tuple[float | None, float | None, float | None]:
+    if not seconds:
+        return None, None, None
+    values = np.array(seconds) * 1000.0
+    return float(np.percentile(values, 50)), float(np.percentile(values, 95)), float(values.max())
+
+
 def run_bench_command(options: BenchOptions) -> BenchReport:
-    """Start a server (with --bundle) or use --url, warm it, measure ``options.requests`` requests."""
+    """Start a server (with --bundle) or use --url, warm it, then run ``options.scenario``."""
     for name in ("requests", "concurrency", "steps", "size"):
         if getattr(options, name) < 1:
             raise ValueError(f"--{name} must be >= 1")
+    if options.scenario not in SCENARIOS:
+        raise ValueError(f"--scenario must be one of {list(SCENARIOS)} (got {options.scenario!r})")
+    if options.scenario == "idle" and not 1 <= options.idle_connections <= 2000:
+        raise ValueError("--idle-connections must be in [1, 2000]")
     files = sample_inputs(options.size)
     params = {"steps": options.steps, "seed": 0}
     process = None
     url = options.url
+    log_path = None
     if options.bundle:
         extra = ["--workers", str(options.workers), "--max-queue", str(options.max_queue)]
         extra += ["--threads", str(options.threads)]
-        process, url = start_server(options.bundle, extra_args=extra)
+        env = {"PYTHONPATH": options.server_pythonpath} if options.server_pythonpath else None
+        log_path = Path(tempfile.mkdtemp(prefix="unidg-bench-serve-")) / "server.log"
+        process, url = start_server(options.bundle, extra_args=extra, env=env, log_path=log_path)
     assert url is not None
+    extra_fields: dict = {"scenario": options.scenario}
     try:
         wait_ready(url, process, timeout=300.0)
         # Warm the HTTP path too (first multipart parse, first PNG encode), then measure memory from there.
         fire(url, options.warmup_requests, min(options.concurrency, options.warmup_requests), files, params)
         before = rss_mib(process.pid) if process else None
-        replies, wall = fire(url, options.requests, options.concurrency, files, params)
+        sampler = RssSampler(process.pid) if process else contextlib.nullcontext()
+        with sampler:
+            if options.scenario == "oversized":
+                big = oversized_inputs(options.declared_size)
+                extra_fields["request_bytes"] = len(encode_multipart(big, {"params": json.dumps(params)})[0])
+                replies, wall = fire(url, options.concurrency, options.concurrency, big, params)
+            elif options.scenario == "idle":
+                idle = open_idle_connections(url, options.idle_connections)
+                try:
+                    replies, wall = [], 0.0
+                    deadline = time.monotonic() + options.hold_s
+                    while time.monotonic() < deadline and len(replies) < options.requests:
+                        more, seconds = fire(url, 1, 1, files, params, timeout=30.0)
+                        replies += more
+                        wall += seconds
+                        time.sleep(0.1)
+                    time.sleep(max(deadline - time.monotonic(), 0.0))
+                    extra_fields["idle_connections"] = len(idle)
+                    extra_fields["idle_closed_by_server"] = sum(closed_by_peer(sock) for sock in idle)
+                finally:
+                    for sock in idle:
+                        sock.close()
+                replies += fire(url, 1, 1, files, params, timeout=30.0)[0]  # and still serving afterwards
+            else:
+                replies, wall = fire(url, options.requests, options.concurrency, files, params)
         after = rss_mib(process.pid) if process else None
+        if process is not None:
+            extra_fields["server_alive"] = process.poll() is None
     finally:
         if process is not None:
             stop_server(process)
     report = summarize(replies, wall, options)
     report.rss_before_mib, report.rss_after_mib = before, after
+    for name, value in extra_fields.items():
+        setattr(report, name, value)
+    if isinstance(sampler, RssSampler):
+        report.rss_peak_mib = sampler.peak
+    refused = [r.seconds for r in replies if r.status == 503]
+    report.refused_p50_ms, report.refused_p95_ms, report.refused_max_ms = _ms_percentiles(refused)
+    if log_path is not None and log_path.exists():
+        report.server_log_bytes = log_path.stat().st_size
     return report
