@@ -7,6 +7,7 @@ naming the input ("reference mask", ...), the file when there is one, and what t
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -214,3 +215,50 @@ def load_request(
         paths = {REFERENCE_MASK: reference_mask, TARGET_MASK: target_mask}
         raise InputError(error.name, error.problem, paths.get(error.name)) from error
     return arrays
+
+
+# Uploads (the HTTP service): only these formats are decoded; other Pillow plugins (EPS runs Ghostscript, TIFF/WebP/BMP/
+# GIF bring their own decoders) are never reached.
+UPLOAD_FORMATS = ("PNG", "JPEG")
+
+
+class ImageTooLarge(InputError):
+    """An image declares more pixels than the caller accepts (found from its header, before decoding)."""
+
+
+def open_upload(data: bytes, name: str, *, max_pixels: int) -> Image.Image:
+    """Open uploaded bytes as a PNG or JPEG without decoding them: Pillow reads only the header (PNG IHDR, JPEG SOF),
+    so the declared size is checked against ``max_pixels`` before any pixel memory is allocated."""
+    if not data:
+        raise InputError(name, "is an empty file; send a PNG or JPEG image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)
+    except UnidentifiedImageError as error:
+        raise InputError(name, "is not a PNG or JPEG image; only PNG and JPEG are accepted") from error
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageTooLarge(name, f"is too large to decode safely ({error}); downscale it first") from error
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise InputError(name, f"is not a readable PNG or JPEG image ({error})") from error
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageTooLarge(
+            name,
+            f"is {width}x{height} = {width * height} pixels; at most {max_pixels} are accepted; downscale it first",
+        )
+    if width < 1 or height < 1:
+        raise InputError(name, "has no pixels")
+    return image
+
+
+def decode_upload(data: bytes, name: str, *, max_pixels: int, as_mask: bool) -> np.ndarray:
+    """Uploaded PNG/JPEG bytes as a uint8 RGB image or a bool mask, following the rules of docs/inputs.md; the size is
+    checked from the header first (``open_upload``)."""
+    image = open_upload(data, name, max_pixels=max_pixels)
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise InputError(name, f"is not a readable PNG or JPEG image ({error})") from error
+    image = ImageOps.exif_transpose(image)
+    return mask_from_pil(image, name) if as_mask else image_from_pil(image, name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -154,6 +155,12 @@ def _multipart_with_duplicate(files: dict[str, bytes]) -> tuple[bytes, str]:
     return extra + body, content_type
 
 
+def _encoded(array: np.ndarray, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
 def _malformed_cases() -> list[tuple[str, dict]]:
     files = sample_inputs(64, seed=1)
     arrays = _inputs_arrays(files)
@@ -189,6 +196,8 @@ def _malformed_cases() -> list[tuple[str, dict]]:
         ("full target mask", {**form(mask=full_mask), "status": 422, "field": "mask"}),
         ("empty reference mask", {**form(reference_mask=empty_mask), "status": 422, "field": "reference_mask"}),
         ("translucent reference", {**form(reference=png_bytes(rgba)), "status": 422, "field": "reference"}),
+        ("BMP source", {**form(source=_encoded(arrays["source"], "BMP")), "status": 422, "field": "source"}),
+        ("TIFF mask", {**form(mask=_encoded(arrays["mask"], "TIFF")), "status": 422, "field": "mask"}),
         ("5000x5000 mask", {**form(mask=giant_mask.getvalue()), "status": 413, "field": "mask"}),
         ("reference as text field", {"body": text_field_body, "content_type": text_field_type, "status": 422}),
         ("duplicate source", {"body": duplicate_body, "content_type": duplicate_type, "status": 422}),
@@ -326,11 +335,15 @@ class SlowedSynthesizer:
 
 
 @contextlib.contextmanager
-def serve_in_thread(app):
+def serve_in_thread(app, config: ServeConfig | None = None):
+    """The app under the service's own uvicorn settings (timeouts, connection limits) on a free loopback port."""
     import uvicorn
 
+    from unidg.runtime.serve.server import uvicorn_config
+
     port = free_loopback_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    config = dataclasses.replace(config or app.state.config, host="127.0.0.1", port=port)
+    server = uvicorn.Server(uvicorn_config(app, config, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -436,7 +449,7 @@ def test_a_client_that_disconnects_frees_its_worker(bundle):
         wait_ready(url, timeout=60)
         parsed = urllib.parse.urlsplit(url)
         client = socket.create_connection((parsed.hostname, parsed.port))
-        head = f"POST /v1/synthesize HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+        head = f"POST /v1/synthesize HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
         client.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
         _wait_for(lambda: _metric(url, "unidg_inflight") == 1)
         client.close()  # about 10 s of steps left

@@ -1,0 +1,106 @@
+"""What ``unidg serve`` takes (``ServeConfig``) and the address rules: who may reach a service without a key."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+
+API_KEY_HEADER = "X-API-Key"
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything ``unidg serve`` takes. ``workers`` are synthesis threads (each holds one synthesizer).
+
+    Memory: at most ``workers + max_queue`` requests are admitted at once, and a request is admitted (or refused with
+    503) before its body is read. A queued request holds its upload (at most ``max_upload_mb``); decoded pictures (at
+    most 4 × ``max_image_pixels``) exist only while a request is checked or synthesized, and at most ``workers``
+    requests are checked at a time.
+    """
+
+    bundle: str
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    max_queue: int = 8  # requests waiting for a worker (running ones not counted)
+    timeout_s: float = 120.0  # per request, queue wait included
+    max_upload_mb: float = 20.0  # whole request body
+    max_image_pixels: int = 4096 * 4096  # per uploaded image, checked from its header before decoding
+    max_steps: int = 200
+    api_key: str | None = field(default=None, repr=False)  # a secret: never in logs or tracebacks
+    backend: str = "onnxruntime"
+    backend_options: dict = field(default_factory=dict)
+    warmup: bool = True
+    header_timeout_s: float = 10.0  # a connection must send a complete request head within this (and between requests)
+    body_timeout_s: float = 60.0  # the whole body must arrive within this once the head is in
+    keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
+    max_connections: int = 256  # open connections; beyond it the longest-idle one is closed (or the new one)
+    max_header_bytes: int = 16 * 1024  # request line + headers
+
+    def __post_init__(self) -> None:
+        for name in ("workers", "max_steps", "max_image_pixels", "max_connections", "max_header_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+        if self.max_queue < 0:
+            raise ValueError(f"--max-queue must be >= 0 (got {self.max_queue})")
+        if not self.timeout_s > 0:
+            raise ValueError(f"--timeout must be > 0 seconds (got {self.timeout_s})")
+        for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 seconds (got {getattr(self, name)})")
+        if not self.max_upload_mb > 0:
+            raise ValueError(f"--max-upload-mb must be > 0 (got {self.max_upload_mb})")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("the API key is empty; set the environment variable to a non-empty secret")
+        check_bind_address(self.host, self.api_key)
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def checks_host_header(self) -> bool:
+        """A keyless service (loopback only) answers only requests addressed to a loopback name: a web page on another
+        site that rebinds its DNS name to 127.0.0.1 sends its own name as Host and is refused."""
+        return self.api_key is None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind_address(host: str, api_key: str | None) -> None:
+    """Refuse to listen beyond this machine without an API key: the service runs a GPU-heavy model for anyone."""
+    if not is_loopback(host) and not api_key:
+        raise ValueError(
+            f"refusing to bind to {host}: only loopback (127.0.0.1, ::1, localhost) is allowed without an API key; "
+            "put a secret in an environment variable and pass --api-key-env VAR (clients send it as X-API-Key)"
+        )
+
+
+def host_header_is_loopback(value: str | None) -> bool:
+    """True for a Host header naming this machine (``localhost``, ``127.0.0.1``, ``[::1]``, each with any port)."""
+    if not value:
+        return False
+    host = value.strip().lower()
+    if host.startswith("["):  # [::1]:8080
+        host = host[1 : host.find("]")] if "]" in host else host
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    return host in LOOPBACK_NAMES or (host != "localhost" and is_loopback(host))
+
+
+def api_key_from_env(variable: str | None) -> str | None:
+    if variable is None:
+        return None
+    value = os.environ.get(variable)
+    if not value:
+        raise ValueError(f"--api-key-env {variable}: the environment variable {variable} is unset or empty")
+    return value

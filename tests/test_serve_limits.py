@@ -1,0 +1,306 @@
+"""HTTP service limits: admission before the body, bounded decodes, PNG/JPEG only, slow and idle connections,
+client-caused errors answered 4xx, and nothing of the server's file system or secrets in answers.
+
+Servers run as uvicorn in a thread on 127.0.0.1 with the service's own settings (unidg.runtime.serve.server), around
+the real synthesizer of the toy bundle. Load figures (peak RSS with oversized uploads, 503 latency, idle connections,
+p50/p95) are measured by `unidg bench serve --scenario ...` (docs/service.md), not here.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import socket
+import threading
+import time
+import urllib.parse
+
+import numpy as np
+import pytest
+from PIL import Image
+from surface_fixtures import toy_bundle
+from test_serve import SlowedSynthesizer, _metric, _wait_for, serve_in_thread
+
+from unidg.runtime import images
+from unidg.runtime.serve import ServeConfig, ServiceError, create_app, parse_params
+from unidg.runtime.serve import protocol as serve_protocol
+from unidg.runtime.serve_bench import encode_multipart, get, post, sample_inputs, wait_ready
+from unidg.runtime.synthesizer import DefectSynthesizer
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return toy_bundle(tmp_path_factory.mktemp("serve-limits") / "bundle")
+
+
+@pytest.fixture(scope="module")
+def service(bundle):
+    """A keyless loopback service with short read timeouts and few connections, so the limits show quickly."""
+    config = ServeConfig(
+        bundle=str(bundle),
+        workers=1,
+        max_queue=2,
+        header_timeout_s=0.5,
+        body_timeout_s=0.5,
+        max_connections=16,
+        timeout_s=30.0,
+    )
+    with serve_in_thread(create_app(config)) as url:
+        wait_ready(url, timeout=60)
+        yield url, config
+
+
+def _address(url: str) -> tuple[str, int]:
+    parsed = urllib.parse.urlsplit(url)
+    return parsed.hostname, parsed.port
+
+
+def _raw(url: str, data: bytes, timeout: float = 5.0) -> socket.socket:
+    sock = socket.create_connection(_address(url), timeout=timeout)
+    sock.sendall(data)
+    return sock
+
+
+def _read_reply(sock: socket.socket) -> tuple[int, dict]:
+    """(status, JSON body) of one HTTP reply read off a raw socket (the server closes or sends Content-Length)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed without a reply: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), None
+    )
+    while length is not None and len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return int(head.split(b" ")[1]), json.loads(body)
+
+
+def _closed_by_server(sock: socket.socket) -> bool:
+    sock.setblocking(False)
+    try:
+        return sock.recv(65536) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def _png(array: np.ndarray, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------------- admission and bounded decodes
+def test_a_full_service_answers_503_before_reading_the_body(bundle):
+    gate = threading.Event()
+    config = ServeConfig(bundle=str(bundle), workers=1, max_queue=0, timeout_s=30.0)
+    app = create_app(config, factory=lambda: SlowedSynthesizer(DefectSynthesizer.from_bundle(bundle), 0.0, gate))
+    body, content_type = encode_multipart(sample_inputs(64))
+    gate.set()  # let the warm-up through, then hold the next synthesis
+    with serve_in_thread(app) as url:
+        wait_ready(url, timeout=60)
+        gate.clear()
+        holder = threading.Thread(target=post, args=(url, body, content_type), daemon=True)
+        holder.start()
+        _wait_for(lambda: _metric(url, "unidg_inflight") == 1)
+        # Announce a 10 MB body and send none of it: the answer must not wait for it.
+        host, port = _address(url)
+        head = f"POST /v1/synthesize HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {content_type}\r\n"
+        sock = _raw(url, f"{head}Content-Length: 10000000\r\n\r\n".encode())
+        status, reply = _read_reply(sock)
+        sock.close()
+        assert status == 503 and reply["error"] == "queue_full", reply
+        gate.set()
+        holder.join(30)
+
+
+def test_concurrent_decodes_are_bounded_by_the_workers(bundle, monkeypatch):
+    active, seen, lock = [0], [0], threading.Lock()
+    real = serve_protocol.decode_upload
+
+    def counting(*args, **kwargs):
+        with lock:
+            active[0] += 1
+            seen[0] = max(seen[0], active[0])
+        try:
+            time.sleep(0.02)
+            return real(*args, **kwargs)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(serve_protocol, "decode_upload", counting)
+    config = ServeConfig(bundle=str(bundle), workers=1, max_queue=8, timeout_s=60.0)
+    body, content_type = encode_multipart(sample_inputs(64), {"params": json.dumps({"steps": 1})})
+    with serve_in_thread(create_app(config)) as url:
+        wait_ready(url, timeout=60)
+        replies = []
+        threads = [
+            threading.Thread(target=lambda: replies.append(post(url, body, content_type)), daemon=True)
+            for _ in range(6)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    assert [r.status for r in replies] == [200] * 6
+    # One request checked before the queue plus one decoded by the worker; unbounded, six would decode at once.
+    assert 1 <= seen[0] <= 2 * config.workers, seen[0]
+
+
+def test_declared_size_is_refused_from_the_header_before_decoding():
+    big = _png(np.zeros((3000, 3000), dtype=np.uint8))
+    header_only = big[:200]  # IHDR and no pixel data: decoding would fail, the size check does not need it
+    with pytest.raises(images.ImageTooLarge, match="3000x3000 = 9000000 pixels"):
+        images.decode_upload(header_only, "source image", max_pixels=1000 * 1000, as_mask=False)
+    jpeg = _png(np.zeros((40, 30, 3), dtype=np.uint8), "JPEG")
+    with pytest.raises(images.ImageTooLarge):
+        images.open_upload(jpeg, "source image", max_pixels=1000)  # JPEG SOF read at open
+    assert images.decode_upload(jpeg, "source image", max_pixels=10_000, as_mask=False).shape == (40, 30, 3)
+
+
+# ------------------------------------------------------------------------------------------------ PNG and JPEG only
+@pytest.mark.parametrize("fmt", ["BMP", "GIF", "TIFF", "WEBP", "PPM"])
+def test_uploads_other_than_png_and_jpeg_are_refused(fmt):
+    data = _png(np.full((16, 16, 3), 90, dtype=np.uint8), fmt)
+    assert Image.open(io.BytesIO(data)).format == fmt  # Pillow itself would read it
+    with pytest.raises(images.InputError, match="only PNG and JPEG are accepted"):
+        images.decode_upload(data, "reference image", max_pixels=10_000, as_mask=False)
+
+
+def test_an_eps_upload_never_reaches_ghostscript(service):
+    url, _ = service
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nshowpage\n%%EOF\n"
+    body, content_type = encode_multipart({**sample_inputs(64), "reference": eps})
+    reply = post(url, body, content_type)
+    assert reply.status == 422 and reply.json()["field"] == "reference", reply.body
+    assert "only PNG and JPEG" in reply.json()["message"]
+
+
+# ---------------------------------------------------------------------------------------- slow and idle connections
+def test_idle_connections_are_closed_and_the_service_keeps_answering(service):
+    url, config = service
+    host, port = _address(url)
+    idle = []
+    for index in range(3 * config.max_connections):
+        sock = socket.create_connection((host, port), timeout=5.0)
+        if index % 2:
+            sock.sendall(f"POST /v1/synthesize HTTP/1.1\r\nHost: {host}:{port}\r\n".encode())  # half a head
+        idle.append(sock)
+    try:
+        # Beyond max_connections the longest-idle ones make room at once; real requests still get through.
+        assert get(url, "/healthz").status == 200
+        body, content_type = encode_multipart(sample_inputs(64), {"params": json.dumps({"steps": 1})})
+        assert post(url, body, content_type).status == 200
+        time.sleep(0.2)
+        assert sum(_closed_by_server(sock) for sock in idle) >= len(idle) - config.max_connections
+        # The rest are closed by the head timeout.
+        time.sleep(config.header_timeout_s + 0.5)
+        assert all(_closed_by_server(sock) for sock in idle)
+    finally:
+        for sock in idle:
+            sock.close()
+    assert get(url, "/healthz").status == 200
+
+
+def test_a_body_that_does_not_arrive_is_answered_408(service):
+    url, _ = service
+    host, port = _address(url)
+    content_type = encode_multipart(sample_inputs(64))[1]
+    head = f"POST /v1/synthesize HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {content_type}\r\n"
+    sock = _raw(url, f"{head}Content-Length: 5000\r\n\r\n".encode() + b"x" * 100)
+    status, reply = _read_reply(sock)
+    sock.close()
+    assert status == 408 and reply["error"] == "request_timeout", reply
+
+
+# --------------------------------------------------------------------------------------- client-caused errors → 4xx
+def test_params_with_huge_integers_or_deep_nesting_are_400():
+    for text in ('{"seed": ' + "9" * 5000 + "}", "[" * 20_000 + "]" * 20_000, '{"seed": ' + "[" * 20_000 + "]"):
+        with pytest.raises(ServiceError) as caught:
+            parse_params(text, max_steps=50)
+        assert caught.value.status == 400 and caught.value.field == "params"
+    with pytest.raises(ServiceError) as caught:
+        parse_params('{"seed": ' + "9" * 4000 + "}", max_steps=50)  # under the digit limit: a range error
+    assert caught.value.status == 422 and "4000 digits" in caught.value.message
+
+
+def test_huge_params_over_http_are_4xx(service):
+    url, _ = service
+    for text in ('{"seed": ' + "9" * 5000 + "}", "[" * 20_000 + "]" * 20_000):
+        body, content_type = encode_multipart(sample_inputs(64), {"params": text})
+        reply = post(url, body, content_type)
+        assert reply.status == 400 and reply.json()["field"] == "params", reply.body[:300]
+
+
+def test_a_client_that_disconnects_during_the_upload_is_client_gone(service):
+    url, _ = service
+    host, port = _address(url)
+    counted = 'unidg_errors_total{kind="client_gone"}'
+    before = 0.0 if math.isnan(_metric(url, counted)) else _metric(url, counted)
+    content_type = encode_multipart(sample_inputs(64))[1]
+    head = f"POST /v1/synthesize HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {content_type}\r\n"
+    sock = _raw(url, f"{head}Content-Length: 100000\r\n\r\n".encode() + b"x" * 1000)
+    time.sleep(0.1)
+    sock.close()
+    _wait_for(lambda: _metric(url, counted) == before + 1)
+    assert 'kind="internal"' not in get(url, "/metrics").body.decode()
+
+
+# ------------------------------------------------------------------------------ paths, Host, request ids, secrets
+def test_answers_carry_no_server_paths(service, bundle):
+    url, _ = service
+    ready = get(url, "/readyz")
+    assert ready.status == 200 and str(bundle) not in ready.body.decode() and ready.json()["bundle_fingerprint"]
+    body, content_type = encode_multipart(sample_inputs(64), {"params": json.dumps({"steps": 1, "seed": 2})})
+    reply = post(url, body, content_type)
+    assert reply.status == 200, reply.body[:300]
+    assert "path" not in reply.json()["metadata"]["bundle"] and reply.json()["metadata"]["bundle"]["fingerprint"]
+    assert str(bundle.parent) not in reply.body.decode()
+
+
+def test_a_keyless_service_answers_only_loopback_host_names(service):
+    url, _ = service
+    host, port = _address(url)
+    for name in ("evil.example", "evil.example:80", "192.168.1.10", ""):
+        reply = get(url, "/readyz", headers={"Host": name})
+        assert reply.status == 400 and reply.json()["error"] == "invalid_host", (name, reply.body)
+    for name in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost", "[::1]:8080"):
+        assert get(url, "/healthz", headers={"Host": name}).status == 200, name
+    keyed = ServeConfig(bundle="b", api_key="k")
+    assert not keyed.checks_host_header  # with a key, proxies may use any name
+
+
+def test_request_ids_are_bounded(service):
+    url, _ = service
+    body, content_type = encode_multipart(sample_inputs(64), {"params": json.dumps({"steps": 1})})
+    for bad in ("x" * 129, "two words", "tab\there"):
+        reply = post(url, body, content_type, headers={"X-Request-ID": bad})
+        assert reply.status == 400 and reply.json()["field"] == "X-Request-ID", reply.body[:200]
+        assert bad not in reply.body.decode()
+    good = post(url, body, content_type, headers={"X-Request-ID": "line-4/job:17"})
+    assert good.status == 200 and good.headers["x-request-id"] == "line-4/job:17"
+
+
+def test_the_config_repr_hides_the_api_key():
+    config = ServeConfig(bundle="b", host="0.0.0.0", api_key="station-secret-31")
+    assert "station-secret-31" not in repr(config) and "station-secret-31" not in str(config)
+
+
+def test_a_non_integer_content_length_gets_the_json_error_shape(service):
+    url, _ = service
+    host, port = _address(url)
+    for length in ("abc", "1e3", "-5"):
+        sock = _raw(
+            url, f"POST /v1/synthesize HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: {length}\r\n\r\n".encode()
+        )
+        status, reply = _read_reply(sock)
+        sock.close()
+        assert status == 400 and reply["error"] == "bad_request" and reply["message"], (length, reply)
