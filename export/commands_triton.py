@@ -46,6 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--execution-env", help="EXECUTION_ENV_PATH for the Python backend (conda-pack archive)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.set_defaults(handler=run_export_triton)
+    register_bench(subparsers)
 
 
 def run_export_triton(args: argparse.Namespace) -> int:
@@ -72,4 +73,114 @@ def run_export_triton(args: argparse.Namespace) -> int:
     if repo.engine_models:
         print(f"TensorRT models called through BLS: {repo.engine_models}")
     print(f"run: tritonserver --model-repository {repo.path.resolve()}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------- bench
+def register_bench(subparsers: argparse._SubParsersAction) -> None:
+    from unidg.runtime.commands import bench_subparsers
+
+    parser = bench_subparsers(subparsers).add_parser(
+        "triton",
+        help="latency of a running Triton server (gRPC) against the runtime in-process, side by side",
+        description="Sends one demo sample to the unidg model of a running Triton server over gRPC and runs the "
+        "same request in-process with the same bundle, alternately, and reports the median (p50) of each; checks "
+        "that both images are byte-identical. Start the server as docs/triton.md says.",
+    )
+    parser.add_argument("--url", required=True, help="the server's gRPC address, host:port (e.g. 127.0.0.1:8001)")
+    parser.add_argument("--model-name", default="unidg", help="name of the Python-backend model (default unidg)")
+    parser.add_argument("--bundle", default=None, help="the bundle the server serves (default: the shipped one)")
+    parser.add_argument("--samples", default=None, help="samples folder (default: the shipped demo samples)")
+    parser.add_argument("--sample", default=None, help="id of the sample to send (default: the first)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the bundle's)")
+    parser.add_argument("--requests", type=int, default=20, help="timed requests per side (default 20)")
+    parser.set_defaults(handler=run_bench_triton)
+
+
+def bench_triton(
+    url: str,
+    model_name: str = "unidg",
+    bundle: str | None = None,
+    samples: str | None = None,
+    sample: str | None = None,
+    steps: int | None = None,
+    requests: int = 20,
+) -> dict:
+    """Median latencies (s) of ``requests`` Triton gRPC calls and as many in-process runs, alternated."""
+    import statistics
+    import time
+
+    import numpy as np
+    from PIL import Image
+
+    try:
+        import tritonclient.grpc as grpcclient
+    except ModuleNotFoundError as error:
+        raise ValueError("unidg bench triton needs tritonclient[grpc]: pip install 'tritonclient[grpc]'") from error
+    from unidg.runtime.backends import create_backend
+    from unidg.runtime.bundle import load_bundle
+    from unidg.runtime.demo import DEFAULT_BUNDLE, DEFAULT_SAMPLES, read_samples
+    from unidg.runtime.synthesizer import DefectSynthesizer
+
+    if requests < 1:
+        raise ValueError(f"--requests must be >= 1 (got {requests})")
+    cases = read_samples(samples or DEFAULT_SAMPLES)
+    case = next((c for c in cases if sample in (None, c.id)), None)
+    if case is None:
+        raise ValueError(f"--sample {sample!r} is not one of {[c.id for c in cases]}")
+    loaded = load_bundle(bundle or DEFAULT_BUNDLE)
+    request = case.request(steps=steps)
+
+    def pixels(path: object, mode: str) -> np.ndarray:
+        with Image.open(path) as image:
+            return np.ascontiguousarray(np.asarray(image.convert(mode)), dtype=np.uint8)
+
+    client = grpcclient.InferenceServerClient(url)
+    tensors = {
+        "REFERENCE": pixels(case.reference, "RGB"),
+        "REFERENCE_MASK": pixels(case.reference_mask, "L"),
+        "SOURCE": pixels(case.source, "RGB"),
+        "TARGET_MASK": pixels(case.mask, "L"),
+    }
+    inputs = []
+    for name, array in tensors.items():
+        inputs.append(grpcclient.InferInput(name, list(array.shape), "UINT8"))
+        inputs[-1].set_data_from_numpy(array)
+    options = [("SEED", "INT64", np.array([case.seed], np.int64))]
+    if steps is not None:
+        options.append(("STEPS", "INT32", np.array([steps], np.int32)))
+    for name, datatype, value in options:
+        inputs.append(grpcclient.InferInput(name, [1], datatype))
+        inputs[-1].set_data_from_numpy(value)
+    triton, local = [], []
+    with DefectSynthesizer(loaded, create_backend("onnxruntime", loaded)) as synth:
+        client.infer(model_name, inputs)  # warm-up, both sides
+        synth.generate(request)
+        for _ in range(requests):  # alternated, so both see the same load on the machine
+            started = time.perf_counter()
+            image = client.infer(model_name, inputs).as_numpy("IMAGE")
+            triton.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            result = synth.generate(request)
+            local.append(time.perf_counter() - started)
+            if not np.array_equal(image, result.image):
+                raise RuntimeError(f"the server's image for {case.id!r} differs from the runtime's")
+    return {
+        "server_version": client.get_server_metadata().version,
+        "sample": case.id,
+        "steps": request.steps if request.steps is not None else loaded.settings.steps,
+        "requests": requests,
+        "triton_grpc_p50_s": round(statistics.median(triton), 4),
+        "in_process_p50_s": round(statistics.median(local), 4),
+        "triton_grpc_range_s": [round(min(triton), 4), round(max(triton), 4)],
+        "in_process_range_s": [round(min(local), 4), round(max(local), 4)],
+        "ratio_p50": round(statistics.median(triton) / statistics.median(local), 3),
+    }
+
+
+def run_bench_triton(args: argparse.Namespace) -> int:
+    import json
+
+    result = bench_triton(args.url, args.model_name, args.bundle, args.samples, args.sample, args.steps, args.requests)
+    print(json.dumps(result, indent=2))
     return 0

@@ -1,8 +1,9 @@
 """Triton Inference Server Python-backend model for UniDG defect synthesis (``unidg/1/model.py``).
 
-Written into a model repository by ``unidg export triton``; runs inside Triton's Python backend, which must have the
-lean ``unidg`` runtime installed (``pip install unidg`` or ``unidg[gpu]``; docs/triton.md). It wraps the runtime's
-``DefectSynthesizer``; the sampler is not re-implemented here.
+Written into a model repository by ``unidg export triton``; runs inside Triton's Python backend, whose Python
+environment must have the lean ``unidg`` runtime installed (``pip install unidg`` or ``unidg[gpu]``) and, under
+Triton 24.10 (server 2.51) and older, numpy < 2 (``check_tensor_transport``; docs/triton.md says how the stub picks
+its environment). It wraps the runtime's ``DefectSynthesizer``; the sampler is not re-implemented here.
 
 Inputs (no Triton batching: max_batch_size 0, one image set per request):
     REFERENCE UINT8 [H, W, 3], REFERENCE_MASK UINT8 [H, W] (nonzero = defect), SOURCE UINT8 [h, w, 3],

@@ -41,6 +41,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from unidg.export.commands_triton import bench_triton
 from unidg.export.triton_repo import TritonRepoOptions, write_triton_repo
 from unidg.runtime.demo import DEFAULT_BUNDLE, DEFAULT_SAMPLES, read_samples
 
@@ -409,6 +410,12 @@ def test_two_instances_serve_concurrent_requests(server):
     instances = {metadata["triton_instance"] for _, _, metadata in results}
     assert instances == {f"unidg_0_{n}" for n in range(INSTANCES)}, instances
     assert all(np.array_equal(image, results[0][0]) for image, _, _ in results)
+
+
+def test_bench_triton_reports_both_medians(server):
+    result = bench_triton(f"127.0.0.1:{server.grpc_port}", steps=2, requests=1)
+    assert result["server_version"] == server.metadata()["version"] and result["steps"] == 2
+    assert result["triton_grpc_p50_s"] > 0 and result["in_process_p50_s"] > 0 and result["ratio_p50"] > 0
 
 
 def test_numpy2_model_environment_is_refused_at_load(triton, repository, tmp_path):
