@@ -95,6 +95,15 @@ def test_generate_refuses_bad_options_before_reading_anything(tmp_path, samples,
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="no /proc: no folder where mkdir fails even for root")
+def test_generate_refuses_an_unwritable_out_before_reading_anything(tmp_path, capsys):
+    args = ["generate", "--bundle", str(tmp_path / "no-bundle"), "--out", "/proc/unidg-out/result"]
+    args += ["--reference", "r.png", "--reference-mask", "rm.png", "--source", "s.png", "--mask", "m.png"]
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert "--out /proc/unidg-out/result: cannot create it" in error and "r.png" not in error
+
+
 def test_generate_refuses_an_output_folder_holding_other_files(tmp_path, toy, samples, capsys):
     out = tmp_path / "mine"
     out.mkdir()

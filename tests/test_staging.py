@@ -90,3 +90,12 @@ def test_an_unwritable_parent_is_refused(tmp_path):
             check_output_folder(locked / "out")
     finally:
         locked.chmod(0o755)
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="no /proc: no folder where mkdir fails even for root")
+def test_a_place_where_no_folder_can_be_made_is_refused_before_the_block_runs():
+    ran = []
+    with pytest.raises(OutputFolderError, match=r"--out /proc/unidg-out/result: cannot create it"):
+        with staged_folder("/proc/unidg-out/result"):
+            ran.append(True)
+    assert ran == []
