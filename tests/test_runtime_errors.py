@@ -208,7 +208,7 @@ CASES = [
     ("unknown-category", _option("--category", "sparkles"), ["category", "sparkles"]),
     ("tensorrt-missing", _option("--backend", "tensorrt"), ["tensorrt"]),
     ("cuda-provider-missing", _option("--device", "cuda"), ["CUDAExecutionProvider", "onnxruntime-gpu"]),
-    ("cuda-graph-on-onnxruntime", _option("--cuda-graph"), ["--cuda-graph", "tensorrt backend option"]),
+    ("cuda-graph-on-onnxruntime", _option("--cuda-graph"), ["--cuda-graph", "does not apply to --backend onnxruntime"]),
     ("threads-on-torch", _option("--backend", "torch", "--threads", "2"), ["--threads", "--backend torch"]),
     ("negative-threads", _option("--threads", "-2"), ["--threads -2", ">= 1"]),
     ("zero-threads", _option("--threads", "0"), ["--threads 0", ">= 1"]),
