@@ -3,6 +3,7 @@ object, same category, one pass), determinism per seed and the 1:1:1 mixture."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 
@@ -20,6 +21,7 @@ from unidg.train.pairs import (
     count_components,
     count_pairs,
     cross_pairs,
+    defect_type,
     diversity_sft_pairs,
     mix_pairs,
     reference_quality,
@@ -258,3 +260,27 @@ def test_statistics_from_a_udg_folder(tmp_path):
     pairs = diversity_sft_pairs(quadruplets, seed=0)
     assert count_pairs(pairs) == {"defect-fill": 4, "intra-object": 2, "cross-object": 2}
     assert pair_ids(pairs) == pair_ids(diversity_sft_pairs(quadruplets, seed=0, stats=stats))
+
+
+def test_intra_object_pairs_share_the_caption_defect_type_not_just_the_category():
+    """(b) is "same object, same defect type": two defect types mapped onto one category never pair up."""
+
+    def typed(sample_id: str, defect: str | None) -> Quadruplet:
+        q = quad(sample_id, "plate", "scratch")
+        caption = dict(q.caption)
+        entries = [dict(entry) for entry in caption["defect-level"]]
+        if defect is None:
+            entries = [{k: v for k, v in entry.items() if k != "type"} for entry in entries]
+        else:
+            entries[0]["type"] = defect
+        caption["defect-level"] = entries
+        return dataclasses.replace(q, caption=caption)
+
+    quadruplets = [typed(f"h{i}", "Hairline Scratch") for i in range(3)] + [typed(f"g{i}", "gouge") for i in range(3)]
+    quadruplets += [typed(f"n{i}", None) for i in range(2)]  # no type in the caption: grouped by the category
+    assert defect_type(quadruplets[0]) == "hairline scratch" and defect_type(quadruplets[-1]) == "scratch"
+    stats = {q.id: DefectStats(300, 40000, 1, (0.5, 0.5, 0.5)) for q in quadruplets}
+    for seed in range(10):
+        pairs = cross_pairs(quadruplets, stats, np.random.default_rng(seed), same_object=True)
+        assert len(pairs) >= 5
+        assert all(p.reference.id[0] == p.target.id[0] for p in pairs)  # h with h, g with g, n with n

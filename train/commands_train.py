@@ -1,4 +1,4 @@
-"""``unidg train base|sft|merge|eval-nano`` (registered by unidg.cli)."""
+"""``unidg train base|sft|cache|plan|merge|eval-nano|eq9`` (registered by unidg.cli)."""
 
 from __future__ import annotations
 
@@ -56,6 +56,37 @@ def _sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cache(args: argparse.Namespace) -> int:
+    from unidg.train.config import load_sft_config
+    from unidg.train.latent_cache import cache_for_config
+
+    config = load_sft_config(args.config, _overrides(args))
+    manifest = cache_for_config(config, progress=True)
+    size = sum(entry["bytes"] for entry in manifest["shards"].values())
+    print(
+        f"latent cache: {config.data.latent_cache} ({manifest['pairs']} pairs, {len(manifest['shards'])} shards, "
+        f"{size / 1e9:.2f} GB)"
+    )
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from unidg.train.config import load_sft_config
+    from unidg.train.plan import format_plan, memory_plan, plan_json
+
+    config = load_sft_config(args.config, _overrides(args))
+    plan = memory_plan(config, args.gpus, args.preset)
+    print(plan_json(plan) if args.json else format_plan(plan))
+    return 0
+
+
+def _eq9(args: argparse.Namespace) -> int:
+    from unidg.train.eq9_region import measure
+
+    print(json.dumps(measure(args.weights, args.data, args.count, args.seed, args.tau), indent=2))
+    return 0
+
+
 def _merge(args: argparse.Namespace) -> int:
     from unidg.train.merge import merge_lora
 
@@ -100,6 +131,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sft = commands.add_parser("sft", help="Diversity-SFT: LoRA on a base weights folder (flow matching + Eq. 9)")
     _add_config_arguments(sft)
     sft.set_defaults(handler=_sft)
+
+    cache = commands.add_parser(
+        "cache", help="precompute an SFT config's latents into the sharded cache of data.latent_cache (resumable)"
+    )
+    _add_config_arguments(cache)
+    cache.set_defaults(handler=_cache)
+
+    plan = commands.add_parser("plan", help="parameter counts and per-GPU memory of an SFT config (meta device)")
+    _add_config_arguments(plan)
+    plan.add_argument("--gpus", type=int, default=1, help="data-parallel GPUs (processes)")
+    plan.add_argument("--preset", default="full", choices=("full", "nano"), help="model shapes to plan for")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(handler=_plan)
+
+    eq9 = commands.add_parser(
+        "eq9", help="Eq. 9 hinge at the ground truth and at a copy of the normal image, per candidate region"
+    )
+    eq9.add_argument("--weights", required=True, help="weights folder whose autoencoder encodes the pairs")
+    eq9.add_argument("--data", required=True, help="UDG folder")
+    eq9.add_argument("--count", type=int, default=100, help="pairs, the three distributions mixed 1:1:1")
+    eq9.add_argument("--seed", type=int, default=0, help="seed of the pairs")
+    eq9.add_argument("--tau", type=float, default=0.5, help="the margin of Eq. 9")
+    eq9.set_defaults(handler=_eq9)
 
     merge = commands.add_parser("merge", help="fold a LoRA into its base -> merged weights folder (unidg.json)")
     merge.add_argument("--base", required=True, help="base weights folder (unidg train base output: RUN/model)")

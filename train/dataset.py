@@ -9,8 +9,8 @@ sees exactly what inference builds):
 - the normal counterpart [reference crop | clean source] -> z_normal of the normal regularization (Eq. 9),
 - the reference crop resized to the image encoder's input with Pillow bicubic (as the runtime does),
 - the defect-token mask (reference defect + target region: where the key bias puts log alpha), the target tokens
-  (right half only: where the velocity MSE weighs more) and the region of Eq. 9: the latent pixels where D_res
-  differs from its normal counterpart (``normal_region``, see ``unidg.train.flow``).
+  (right half only: where the velocity MSE weighs more) and the region of Eq. 9: the latent pixels of the
+  undilated target mask where D_res differs from its normal counterpart (``normal_region``, see ``unidg.train.flow``).
 
 The VAE is frozen in every stage that reads these examples, so its latents are computed once and kept in a
 safetensors cache keyed by a fingerprint of the VAE weights, the pairs and the geometry settings.
@@ -70,6 +70,13 @@ def latent_region(pixels: np.ndarray, factor: int = LATENT_FACTOR) -> np.ndarray
 def defect_pixels(example: PairExample) -> np.ndarray:
     """(S, 2S) bool: where the training target D_res differs from its normal counterpart (the defect itself)."""
     return np.any(example.result != example.normal, axis=-1)
+
+
+def normal_region_pixels(example: PairExample) -> np.ndarray:
+    """(S, 2S) bool, the Eq. 9 region in pixels: the undilated target mask where D_res differs from its normal
+    counterpart. The mask keeps out differences elsewhere (a re-generated normal image is rarely bit-identical off
+    the defect); the difference keeps out the normal pixels of a loose mask."""
+    return defect_pixels(example) & example.target_pixels
 
 
 def build_example(
@@ -223,7 +230,7 @@ class LatentPairs:
             if with_normal:
                 normal = to_model_pixels(np.stack([e.normal for e in examples]))
                 parts["normal"].append(pack_latents(model.encode_images(normal)).float().cpu())
-                region = np.stack([latent_region(defect_pixels(e), model.vae_scale_factor) for e in examples])
+                region = np.stack([latent_region(normal_region_pixels(e), model.vae_scale_factor) for e in examples])
                 parts["normal_region"].append(torch.from_numpy(region))
             parts["reference"].append(torch.from_numpy(np.stack([e.reference for e in examples])).permute(0, 3, 1, 2))
             parts["defect_tokens"].append(torch.from_numpy(np.stack([e.defect_tokens for e in examples])))

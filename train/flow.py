@@ -8,8 +8,8 @@ The predicted clean latents are z0_hat = x_t - t * v_hat. t is logit-normal (mu 
 Loss = MSE(v_hat, noise - x0) over all image tokens (target-mask tokens optionally weighted up)
      + w * mean_b ReLU(mean_{i in R_b} cos(z0_hat_i, z_normal_i) - tau)      (Eq. 9, tau = 0.5)
 
-R_b, the region of Eq. 9, is the set of *latent pixels* (8 x 8 image pixels, 16 channels each) where the ground
-truth differs from its normal counterpart: that is where the defect is. Over the dilated target mask at token
+R_b, the region of Eq. 9, is the set of *latent pixels* (8 x 8 image pixels, 16 channels each) of the undilated
+target mask where the ground truth differs from its normal counterpart: that is where the defect is. Over the dilated target mask at token
 granularity (16 x 16 pixels, 64 channels) most pixels equal the normal image, so the ground truth itself scored
 near the hinge of a plain copy of the normal image (measured with ``unidg train eq9``; see docs/training.md).
 

@@ -2,7 +2,9 @@
 
 Three distributions, mixed 1:1:1:
   (a) "defect-fill":  reference = target = one quadruplet's abnormal image; source = its normal image.
-  (b) "intra-object": target from one quadruplet; reference from another with the same object_name and category.
+  (b) "intra-object": target from one quadruplet; reference from another with the same object_name and the same
+      defect type: the caption's ``defect-level[0].type`` (the original defect name; real UDG maps 269 of them onto
+      28 categories), or the category where the caption names none.
   (c) "cross-object": target from one quadruplet; reference from another with the same category, different object_name.
 For (b) and (c) the reference is drawn uniformly from the top 3 candidates by the Alg. 2 quality score. The index is
 traversed once: within each distribution a quadruplet is a target at most once and a reference at most once.
@@ -158,6 +160,16 @@ class TrainingPair:
         return self.target
 
 
+def defect_type(quadruplet: Quadruplet) -> str:
+    """The defect type of (b): the caption's first ``defect-level`` type, lower-cased; the category without one."""
+    entries = quadruplet.caption.get("defect-level") if isinstance(quadruplet.caption, dict) else None
+    for entry in entries or []:
+        name = entry.get("type") if isinstance(entry, dict) else None
+        if isinstance(name, str) and name.strip():
+            return name.strip().lower()
+    return quadruplet.category
+
+
 def defect_fill_pairs(quadruplets: Sequence[Quadruplet]) -> list[TrainingPair]:
     """Distribution (a): every quadruplet is its own reference (the adaptive crop keeps the two halves different)."""
     return [TrainingPair(q, q, "defect-fill") for q in quadruplets]
@@ -171,12 +183,14 @@ def cross_pairs(
     top_k: int = TOP_K,
     sigma: float = COLOR_SIGMA,
 ) -> list[TrainingPair]:
-    """Distributions (b) (``same_object``) and (c): one pass over the targets in random order; each target takes a
-    reference from the top ``top_k`` unused candidates by Alg. 2 score; a quadruplet is a reference at most once."""
+    """Distributions (b) (``same_object``: grouped by ``defect_type``) and (c) (grouped by category): one pass over
+    the targets in random order; each target takes a reference from the top ``top_k`` unused candidates by Alg. 2
+    score; a quadruplet is a reference at most once."""
     distribution = "intra-object" if same_object else "cross-object"
+    group_of = defect_type if same_object else (lambda q: q.category)
     groups: dict[str, list[Quadruplet]] = defaultdict(list)
     for quadruplet in sorted(quadruplets, key=lambda q: q.id):
-        groups[quadruplet.category].append(quadruplet)
+        groups[group_of(quadruplet)].append(quadruplet)
     pairs = []
     for category in sorted(groups):
         members = groups[category]

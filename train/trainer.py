@@ -332,7 +332,9 @@ class FlowTrainer:
             from torch.nn.parallel import DistributedDataParallel
 
             # device_ids=None: inputs are already on this process's device (and CPU modules need None).
-            objective = DistributedDataParallel(objective, device_ids=None, broadcast_buffers=False)
+            objective = DistributedDataParallel(
+                objective, device_ids=None, broadcast_buffers=False, gradient_as_bucket_view=True
+            )
         self.objective = objective
         self.step = 0
 

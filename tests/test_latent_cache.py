@@ -1,0 +1,237 @@
+"""The sharded latent cache (`unidg train cache`): what it stores equals the in-memory latents, SFT trains from it,
+streaming keeps memory flat, a cache from other weights / data / settings is refused naming what differs, and a
+truncated shard is detected and rebuilt."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from unidg.train.config import DataConfig, LoopConfig, LoraConfig, LossConfig, OptimConfig, SFTConfig, settings_of
+from unidg.train.latent_cache import (
+    FORMAT,
+    MANIFEST,
+    VERSION,
+    LatentCacheError,
+    StreamedLatents,
+    cache_for_config,
+    open_cache,
+    read_manifest,
+    rss_bytes,
+    shard_name,
+    write_shard,
+)
+from unidg.train.model import UniDGModel
+
+SETTINGS = {"resolution": 64, "text_tokens": 8, "guidance": 1.0}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def udg(tmp_path_factory) -> Path:
+    from unidg.train.synth import synthesize
+
+    folder = tmp_path_factory.mktemp("udg") / "train"
+    synthesize(folder, 8, seed=3, size=64, progress=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    from unidg.runtime.settings import UniDGSettings
+    from unidg.train.loading import save_model
+
+    model = UniDGModel.from_preset("nano", seed=0, settings=UniDGSettings(**SETTINGS))
+    return save_model(model, tmp_path_factory.mktemp("weights") / "base")
+
+
+def _config(udg: Path, base: Path, tmp: Path, **settings) -> SFTConfig:
+    return SFTConfig(
+        base=str(base),
+        output=str(tmp / "run"),
+        data=DataConfig(train=str(udg), latent_cache=str(tmp / "cache"), shard_size=5),
+        lora=LoraConfig(rank=4, alpha=4.0),
+        optim=OptimConfig(name="adamw", lr=3e-3),
+        loss=LossConfig(normal_reg_weight=0.5),
+        train=LoopConfig(steps=2, batch_size=4, progress=False, checkpoint_every=0),
+        settings={**SETTINGS, **settings},
+    )
+
+
+@pytest.fixture(scope="module")
+def built(udg: Path, base: Path, tmp_path_factory) -> SFTConfig:
+    config = _config(udg, base, tmp_path_factory.mktemp("built"))
+    cache_for_config(config, progress=False)
+    return config
+
+
+def _model(base: Path, config: SFTConfig):
+    from unidg.train.loading import load_model
+
+    model = load_model(base)
+    model.settings = settings_of(config)
+    return model
+
+
+def _pairs(config: SFTConfig):
+    from unidg.train.sft import prepare_pairs, select_pairs
+
+    return select_pairs(prepare_pairs(config.data.train, config.seed), config.train.mix)
+
+
+def test_cache_matches_the_in_memory_latents_and_trains(built: SFTConfig, base: Path) -> None:
+    from unidg.train.dataset import LatentPairs
+
+    manifest = read_manifest(Path(built.data.latent_cache))
+    pairs = _pairs(built)
+    assert manifest["complete"] and manifest["pairs"] == len(pairs) > 5
+    assert len(manifest["shards"]) == -(-len(pairs) // 5)
+    model = _model(base, built)
+    streamed = open_cache(built, model, pairs, model.settings)
+    memory = LatentPairs.build(model, pairs, model.settings, with_normal=True)
+    indices = [len(pairs) - 1, 0, 6]  # across shards, out of order
+    got, want = streamed.batch(indices), memory.batch(indices)
+    bf16 = {"atol": 0.05, "rtol": 0.02}  # the cache stores latents in bf16
+    torch.testing.assert_close(got["x0"], want["x0"], **bf16)
+    torch.testing.assert_close(got["normal"], want["normal"], **bf16)
+    torch.testing.assert_close(got["cond"][..., :64], want["cond"][..., :64], **bf16)
+    assert torch.equal(got["cond"][..., 64:], want["cond"][..., 64:])  # mask channels rebuilt exactly
+    for name in ("normal_region", "defect_tokens", "target_tokens", "distribution"):
+        assert torch.equal(got[name], want[name]), name
+    with torch.no_grad():
+        tokens = model.encode_reference(want["reference"])
+    torch.testing.assert_close(got["reference_tokens"], tokens, **bf16)
+    assert streamed.keys == memory.keys
+    np.testing.assert_array_equal(streamed.indices_of("intra-object"), memory.indices_of("intra-object"))
+
+    from unidg.train.sft import setup_sft
+    from unidg.train.trainer import read_log
+
+    run = setup_sft(built, model=_model(base, built))
+    assert isinstance(run.trainer.data, StreamedLatents)
+    run.trainer.run()
+    log = read_log(built.output)
+    assert len(log) == 2 and all(np.isfinite(r["loss"]) and r["normal_reg"] >= 0 for r in log)
+
+
+def test_other_settings_data_or_weights_are_refused_by_name(built: SFTConfig, base: Path, udg: Path, tmp_path) -> None:
+    model = _model(base, built)
+    pairs = _pairs(built)
+    other = dataclasses.replace(built, settings={**SETTINGS, "beta": 0.5})
+    with pytest.raises(LatentCacheError, match=r"other settings \(beta 0.6 -> 0.5\).*unidg train cache"):
+        open_cache(other, model, pairs, settings_of(other))
+    # The cache command refuses too, and what is there stays.
+    cache = Path(built.data.latent_cache)
+    before = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    with pytest.raises(LatentCacheError, match="other settings"):
+        cache_for_config(other, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == before
+
+    image = pairs[0].target.path("abnormal")
+    stat = image.stat()
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # the file was rewritten
+    try:
+        with pytest.raises(LatentCacheError, match="other data"):
+            open_cache(built, model, _pairs(built), model.settings)
+    finally:
+        os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+    from safetensors.torch import load_file, save_file
+
+    changed = tmp_path / "weights"
+    import shutil
+
+    shutil.copytree(base, changed)
+    vae_file = next((changed / "vae").glob("*.safetensors"))
+    tensors = load_file(str(vae_file))
+    first = sorted(tensors)[0]
+    tensors[first] = tensors[first] + 1e-3
+    save_file(tensors, str(vae_file))
+    moved = dataclasses.replace(built, base=str(changed))
+    with pytest.raises(LatentCacheError, match=r"other weights \(the VAE, SigLIP or Redux weights changed\)"):
+        open_cache(moved, model, pairs, model.settings)
+
+
+def test_a_truncated_shard_is_named_and_rebuilt(built: SFTConfig, base: Path, tmp_path) -> None:
+    import shutil
+
+    folder = tmp_path / "cache"
+    shutil.copytree(built.data.latent_cache, folder)
+    config = dataclasses.replace(built, data=dataclasses.replace(built.data, latent_cache=str(folder)))
+    shard = folder / shard_name(1)
+    intact = shard.read_bytes()
+    shard.write_bytes(intact[: len(intact) // 2])
+    data = StreamedLatents(folder)
+    data.batch([0])  # shard 0 is fine
+    with pytest.raises(LatentCacheError, match=rf"{shard_name(1)} is truncated.*run `unidg train cache --config C`"):
+        data.batch([5])
+    untouched = (folder / shard_name(0)).stat().st_mtime_ns
+    cache_for_config(config, progress=False)  # resumes: only the damaged shard is rewritten
+    assert (folder / shard_name(0)).stat().st_mtime_ns == untouched
+    assert shard.read_bytes() == intact
+    StreamedLatents(folder).batch([5])
+
+
+def test_streaming_a_cache_larger_than_the_budget_keeps_memory_flat(tmp_path: Path) -> None:
+    """A fabricated cache 4x a 24 MiB budget (S = 256: 512 tokens a pair), read batch by batch in full."""
+    import json
+
+    budget = 24 * 2**20
+    pairs, shard_size, tokens, size, batch = 480, 60, 512, 256, 4
+    generator = torch.Generator().manual_seed(0)
+    shards = {}
+    for index in range(pairs // shard_size):
+        latents = {
+            name: torch.randn(shard_size, tokens, 64, generator=generator).to(torch.bfloat16)
+            for name in ("x0", "masked", "normal")
+        }
+        tensors = {
+            **latents,
+            "mask": torch.randint(0, 255, (shard_size, size, 2 * size // 8), dtype=torch.uint8, generator=generator),
+            "reference_tokens": torch.randn(shard_size, 64, 64, generator=generator).to(torch.bfloat16),
+            "normal_region": torch.ones(shard_size, tokens, 4, dtype=torch.uint8),
+            "defect_tokens": torch.ones(shard_size, tokens, dtype=torch.uint8),
+            "target_tokens": torch.ones(shard_size, tokens, dtype=torch.uint8),
+            "distribution": torch.zeros(shard_size, dtype=torch.int64),
+        }
+        shards[shard_name(index)] = write_shard(tmp_path, index, tensors)
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "key": {"weights": "w", "data": "d", "settings": {"normal": True}},
+        "resolution": size,
+        "shard_size": shard_size,
+        "pairs": pairs,
+        "keys": [f"defect-fill:{i}->{i}" for i in range(pairs)],
+        "distribution": ["defect-fill"] * pairs,
+        "shards": shards,
+        "complete": True,
+    }
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    total = sum(entry["bytes"] for entry in shards.values())
+    assert total > 4 * budget
+    data = StreamedLatents(tmp_path)
+    order = np.random.default_rng(0).permutation(pairs)
+    data.batch(order[:batch])  # warm-up: allocator and imports
+    start = rss_bytes()
+    peak = start
+    for first in range(0, pairs, batch):
+        tensors = data.batch(order[first : first + batch])
+        assert tensors["cond"].shape == (batch, tokens, 320)
+        peak = max(peak, rss_bytes())
+    end = rss_bytes()
+    mib = 2**20
+    print(f"cache {total / mib:.0f} MiB; RSS start {start / mib:.0f} MiB, peak {peak / mib:.0f}, end {end / mib:.0f}")
+    assert peak - start < budget, f"RSS grew by {(peak - start) / 2**20:.0f} MiB streaming {total / 2**20:.0f} MiB"

@@ -1,0 +1,412 @@
+"""``unidg train cache``: the training tensors of every Diversity-SFT pair precomputed once into sharded safetensors
+files, streamed while training with bounded memory.
+
+At 768 px one pair's fp32 tensors are ~8 MB, so the paper's ~900K pairs cannot live in RAM. The cache folder holds
+``shard-NNNNN.safetensors`` (``data.shard_size`` pairs each) and ``manifest.json``. Per pair:
+
+  x0, masked, normal    (N, 64) bf16   latents of D_res, of the masked D_src (the Fill condition's first 64
+                                        channels) and of the normal counterpart (Eq. 9)
+  mask                  (S, 2S/8) uint8 the D_mask pixels, bit-packed; the condition's 256 mask channels are rebuilt
+                                        from it on the fly (``unidg.train.model.pack_mask``)
+  reference_tokens      (R, D) bf16    Redux tokens of the reference crop (SigLIP and Redux stay frozen in SFT)
+  normal_region         (N, 4) uint8   the Eq. 9 region in latent pixels; defect_tokens, target_tokens (N,) uint8
+  distribution          ()     int64
+
+The manifest is keyed by a hash of the frozen encoders' weights (VAE, SigLIP, Redux), a hash of the data (the UDG
+index, the size and modification time of every image it names, and the pair list) and the settings that shape the
+tensors; a cache whose key differs is refused with a message naming what differs. Shards are written under a
+temporary name and renamed, and the manifest lists each finished shard with its size, so an interrupted
+``unidg train cache`` resumes where it stopped and a truncated shard is detected before it is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from unidg.runtime.manifest import atomic_write_text
+from unidg.runtime.settings import UniDGSettings
+
+FORMAT = "unidg-latent-cache"
+VERSION = 1
+MANIFEST = "manifest.json"
+PACKED_FIELDS = ("x0", "masked", "normal")
+
+
+class LatentCacheError(ValueError):
+    """A latent cache is missing, stale (other weights, data or settings) or damaged."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------- the key
+SKIPPED_WEIGHT_FILES = ("manifest.json", "unidg.json")  # settings are keyed on their own
+
+
+def weights_digest(base: str | Path) -> str:
+    """Hash of the files the cache is computed from: every file of the base weights folder except the transformer's
+    (VAE, SigLIP, Redux and their configs), whatever dtype they are loaded in."""
+    base = Path(base)
+    if not base.is_dir():
+        raise LatentCacheError(f"base {base} is not a weights folder; the latent cache is keyed by its files")
+    digest = hashlib.sha256()
+    for path in sorted(p for p in base.rglob("*") if p.is_file()):
+        relative = path.relative_to(base).as_posix()
+        if relative.startswith("transformer/") or relative in SKIPPED_WEIGHT_FILES:
+            continue
+        digest.update(relative.encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def data_digest(pairs) -> str:
+    """Hash of the pair list and of every file it reads: the UDG index's bytes, each image's size and mtime."""
+    from unidg.runtime.udg import INDEX_FILE
+    from unidg.train.dataset import pair_key
+
+    digest = hashlib.sha256()
+    roots = sorted({str(q.root) for pair in pairs for q in (pair.reference, pair.target)})
+    for root in roots:
+        digest.update((Path(root) / INDEX_FILE).read_bytes())
+    seen = set()
+    for pair in pairs:
+        digest.update(pair_key(pair).encode())
+        for quadruplet in (pair.reference, pair.target):
+            for which in ("normal", "abnormal", "mask"):
+                path = quadruplet.path(which)
+                if path in seen:
+                    continue
+                seen.add(path)
+                stat = path.stat()
+                digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def cache_settings(model, settings: UniDGSettings, with_normal: bool) -> dict:
+    return {
+        "resolution": settings.resolution,
+        "beta": settings.beta,
+        "threshold": settings.threshold,
+        "dilate": [settings.dilate_kernel, settings.dilate_iterations],
+        "reference_size": model.reference_size,
+        "reference_tokens": model.reference_tokens,
+        "normal": with_normal,
+        "eq9_region": "mask-and-defect-latent",
+    }
+
+
+def cache_key(base: str | Path, model, pairs, settings: UniDGSettings, with_normal: bool) -> dict:
+    return {
+        "weights": weights_digest(base),
+        "data": data_digest(pairs),
+        "settings": cache_settings(model, settings, with_normal),
+    }
+
+
+def key_differences(found: dict, wanted: dict) -> list[str]:
+    """What differs between a cache's key and this run's, in words."""
+    problems = []
+    if found.get("weights") != wanted["weights"]:
+        problems.append("other weights (the VAE, SigLIP or Redux weights changed)")
+    if found.get("data") != wanted["data"]:
+        problems.append("other data (the UDG index, an image file or the pair list changed)")
+    old, new = found.get("settings", {}), wanted["settings"]
+    changed = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if changed:
+        problems.append("other settings (" + ", ".join(changed) + ")")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------- shards
+def read_manifest(folder: Path) -> dict | None:
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    document = json.loads(path.read_text())
+    if document.get("format") != FORMAT or document.get("version") != VERSION:
+        raise LatentCacheError(
+            f"{path} is not a version-{VERSION} {FORMAT} manifest; rebuild it with `unidg train cache` into an empty "
+            "folder"
+        )
+    return document
+
+
+def write_shard(folder: Path, index: int, tensors: dict[str, torch.Tensor]) -> dict:
+    """Write one shard (temporary name, then rename); returns its manifest entry."""
+    from safetensors.torch import save_file
+
+    name = shard_name(index)
+    tmp = folder / f".{name}.tmp"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    tmp.replace(folder / name)
+    return {"pairs": int(next(iter(tensors.values())).shape[0]), "bytes": (folder / name).stat().st_size}
+
+
+@torch.no_grad()
+def shard_tensors(model, pairs, settings: UniDGSettings, with_normal: bool, batch_size: int = 8) -> dict:
+    """The cached tensors of ``pairs`` (one shard), computed on the model's device."""
+    from unidg.train.dataset import build_example, latent_region, normal_region_pixels, to_model_pixels
+    from unidg.train.model import pack_latents
+    from unidg.train.pairs import DISTRIBUTIONS
+
+    parts: dict[str, list[torch.Tensor]] = defaultdict(list)
+    images: dict = {}
+    device = model.device
+    for start in range(0, len(pairs), batch_size):
+        examples = [build_example(p, settings, model.reference_size, images) for p in pairs[start : start + batch_size]]
+
+        masks = np.stack([e.mask for e in examples])
+        source = to_model_pixels(np.stack([e.source for e in examples])).to(device)
+        masked = source * (1 - torch.from_numpy(masks).to(device, source.dtype)[:, None])
+        parts["masked"].append(pack_latents(model.encode_images(masked)).to(torch.bfloat16).cpu())
+        parts["mask"].append(torch.from_numpy(np.packbits(masks, axis=-1)))
+        parts["x0"].append(_latents(model, np.stack([e.result for e in examples])))
+        if with_normal:
+            parts["normal"].append(_latents(model, np.stack([e.normal for e in examples])))
+            region = [latent_region(normal_region_pixels(e), model.vae_scale_factor) for e in examples]
+            parts["normal_region"].append(torch.from_numpy(np.stack(region).astype(np.uint8)))
+        reference = torch.from_numpy(np.stack([e.reference for e in examples])).permute(0, 3, 1, 2)
+        tokens = model.encode_reference(reference.float().to(device) / 127.5 - 1.0)
+        parts["reference_tokens"].append(tokens.to(torch.bfloat16).cpu())
+        parts["defect_tokens"].append(torch.from_numpy(np.stack([e.defect_tokens for e in examples]).astype(np.uint8)))
+        parts["target_tokens"].append(torch.from_numpy(np.stack([e.target_tokens for e in examples]).astype(np.uint8)))
+        parts["distribution"].append(torch.tensor([DISTRIBUTIONS.index(e.distribution) for e in examples]))
+    return {name: torch.cat(chunks) for name, chunks in parts.items()}
+
+
+def _latents(model, images: np.ndarray) -> torch.Tensor:
+    from unidg.train.dataset import to_model_pixels
+    from unidg.train.model import pack_latents
+
+    pixels = to_model_pixels(images).to(model.device)
+    return pack_latents(model.encode_images(pixels)).to(torch.bfloat16).cpu()
+
+
+def build_cache(
+    folder: str | Path,
+    model,
+    pairs,
+    settings: UniDGSettings,
+    with_normal: bool,
+    shard_size: int = 256,
+    progress: bool = True,
+    key: dict | None = None,
+    base: str | Path | None = None,
+) -> dict:
+    """Write (or finish) the cache of ``pairs`` in ``folder``; returns the manifest. A folder holding a cache with
+    another key is refused; finished shards of the same key are kept."""
+    from tqdm import tqdm
+
+    from unidg.train.dataset import pair_key
+
+    folder = Path(folder)
+    if not pairs:
+        raise LatentCacheError("no training pairs: the UDG folder yielded none for the selected distributions")
+    if key is None:
+        if base is None:
+            raise ValueError("build_cache needs the base weights folder (base=...) or a precomputed key")
+        key = cache_key(base, model, pairs, settings, with_normal)
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(folder)
+    if manifest is not None:
+        differences = key_differences(manifest["key"], key)
+        if differences or manifest.get("shard_size") != shard_size:
+            why = "; ".join(differences) or f"shard_size {manifest.get('shard_size')} -> {shard_size}"
+            raise LatentCacheError(
+                f"latent cache {folder} was made from {why}; point data.latent_cache at a new folder or delete "
+                f"{folder} to rebuild it"
+            )
+    else:
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "key": key,
+            "resolution": settings.resolution,
+            "shard_size": shard_size,
+            "pairs": len(pairs),
+            "keys": [pair_key(pair) for pair in pairs],
+            "distribution": [pair.distribution for pair in pairs],
+            "shards": {},
+            "complete": False,
+        }
+    shards = -(-len(pairs) // shard_size)
+    done = {name: entry for name, entry in manifest["shards"].items() if _shard_intact(folder, name, entry)}
+    manifest["shards"] = done
+    bar = tqdm(
+        total=len(pairs),
+        initial=sum(entry["pairs"] for entry in done.values()),
+        desc="caching latents",
+        unit="pair",
+        disable=not progress,
+    )
+    for index in range(shards):
+        if shard_name(index) in done:
+            continue
+        chunk = pairs[index * shard_size : (index + 1) * shard_size]
+        manifest["shards"][shard_name(index)] = write_shard(
+            folder, index, shard_tensors(model, chunk, settings, with_normal)
+        )
+        atomic_write_text(folder / MANIFEST, json.dumps(manifest) + "\n")
+        bar.update(len(chunk))
+    bar.close()
+    manifest["complete"] = True
+    atomic_write_text(folder / MANIFEST, json.dumps(manifest) + "\n")
+    return manifest
+
+
+def _shard_intact(folder: Path, name: str, entry: dict) -> bool:
+    path = folder / name
+    return path.is_file() and path.stat().st_size == entry["bytes"]
+
+
+# ---------------------------------------------------------------------------------------------- streaming
+class StreamedLatents:
+    """A finished cache read a batch at a time: only the rows of the requested pairs are read (shards are opened
+    for the batch and closed after it), so memory stays bounded whatever the cache's size. Same interface as
+    ``unidg.train.dataset.LatentPairs``; batches carry Redux tokens instead of reference pixels."""
+
+    def __init__(self, folder: str | Path, manifest: dict | None = None) -> None:
+        self.folder = Path(folder)
+        manifest = manifest or read_manifest(self.folder)
+        if manifest is None:
+            raise LatentCacheError(f"{self.folder} holds no latent cache; make it with `unidg train cache --config C`")
+        if not manifest.get("complete"):
+            raise LatentCacheError(
+                f"latent cache {self.folder} is unfinished ({len(manifest['shards'])} shards written); run "
+                "`unidg train cache --config C` again to finish it"
+            )
+        self.manifest = manifest
+        self.keys = list(manifest["keys"])
+        self.resolution = int(manifest["resolution"])
+        self.shard_size = int(manifest["shard_size"])
+        from unidg.train.pairs import DISTRIBUTIONS
+
+        self.distribution = np.array([DISTRIBUTIONS.index(name) for name in manifest["distribution"]], np.int64)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def has_normal(self) -> bool:
+        return bool(self.manifest["key"]["settings"]["normal"])
+
+    def indices_of(self, distribution: str) -> np.ndarray:
+        from unidg.train.pairs import DISTRIBUTIONS
+
+        return np.flatnonzero(self.distribution == DISTRIBUTIONS.index(distribution))
+
+    def _open(self, index: int):
+        from safetensors import safe_open
+
+        name = shard_name(index)
+        path = self.folder / name
+        entry = self.manifest["shards"].get(name)
+        size = path.stat().st_size if path.is_file() else 0
+        if entry is None or size != entry["bytes"]:
+            expected = "missing from the manifest" if entry is None else f"{entry['bytes']} bytes expected"
+            raise LatentCacheError(
+                f"latent cache shard {path} is truncated or missing ({size} bytes on disk, {expected}); run "
+                "`unidg train cache --config C` again to rewrite it"
+            )
+        try:
+            return safe_open(str(path), framework="pt")
+        except Exception as error:  # safetensors raises its own error type for a damaged header
+            raise LatentCacheError(
+                f"latent cache shard {path} cannot be read ({error}); delete it and run `unidg train cache` again"
+            ) from error
+
+    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        from unidg.train.model import pack_mask
+
+        indices = [int(i) for i in indices]
+        by_shard: dict[int, list[int]] = defaultdict(list)
+        for position, index in enumerate(indices):
+            by_shard[index // self.shard_size].append(position)
+        rows: dict[str, list] = defaultdict(lambda: [None] * len(indices))
+        for shard, positions in by_shard.items():
+            with self._open(shard) as handle:
+                for name in handle.keys():
+                    view = handle.get_slice(name)
+                    for position in positions:
+                        row = indices[position] - shard * self.shard_size
+                        rows[name][position] = view[row : row + 1]
+        tensors = {name: torch.cat(parts) for name, parts in rows.items()}
+        mask = torch.from_numpy(np.unpackbits(tensors.pop("mask").numpy(), axis=-1).astype(np.float32))
+        out = {
+            "x0": tensors["x0"].float(),
+            "cond": torch.cat([tensors.pop("masked").float(), pack_mask(mask)], dim=-1),
+            "reference_tokens": tensors["reference_tokens"].float(),
+            "defect_tokens": tensors["defect_tokens"].bool(),
+            "target_tokens": tensors["target_tokens"].bool(),
+            "distribution": tensors["distribution"],
+        }
+        if "normal" in tensors:
+            out["normal"] = tensors["normal"].float()
+            out["normal_region"] = tensors["normal_region"].bool()
+        return out
+
+
+def open_cache(config, model, pairs, settings: UniDGSettings) -> StreamedLatents:
+    """The cache of an SFT config, refused unless it was made from this model, these pairs and these settings."""
+    folder = Path(config.data.latent_cache)
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise LatentCacheError(
+            f"data.latent_cache {folder} holds no latent cache; make it first with `unidg train cache --config C`"
+        )
+    wanted = cache_key(config.base, model, pairs, settings, config.loss.normal_reg_weight > 0)
+    differences = key_differences(manifest["key"], wanted)
+    if differences:
+        raise LatentCacheError(
+            f"latent cache {folder} was made from {'; '.join(differences)}; rebuild it with "
+            "`unidg train cache --config C` into a new data.latent_cache folder (or delete this one)"
+        )
+    return StreamedLatents(folder, manifest)
+
+
+def cache_for_config(config, progress: bool = True) -> dict:
+    """``unidg train cache``: build (or finish) the latent cache of an SFT config."""
+    from unidg.train.config import settings_of
+    from unidg.train.loading import load_model
+    from unidg.train.sft import prepare_pairs, select_pairs
+    from unidg.train.trainer import resolve_device
+
+    if not config.data.latent_cache:
+        raise LatentCacheError("set data.latent_cache (a folder) in the config to build a latent cache")
+    device = resolve_device(config.train.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    settings = settings_of(config)
+    model = load_model(config.base, dtype=dtype, device=device)
+    model.settings = settings
+    pairs = select_pairs(prepare_pairs(config.data.train, config.seed, config.data.limit), config.train.mix)
+    with_normal = config.loss.normal_reg_weight > 0
+    return build_cache(
+        config.data.latent_cache,
+        model,
+        pairs,
+        settings,
+        with_normal,
+        config.data.shard_size,
+        progress=progress,
+        base=config.base,
+    )
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process."""
+    import psutil
+
+    return psutil.Process(os.getpid()).memory_info().rss
