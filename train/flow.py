@@ -9,9 +9,10 @@ Loss = MSE(v_hat, noise - x0) over all image tokens (target-mask tokens optional
      + w * mean_b ReLU(mean_{i in R_b} cos(z0_hat_i, z_normal_i) - tau)      (Eq. 9, tau = 0.5)
 
 R_b, the region of Eq. 9, is the set of *latent pixels* (8 x 8 image pixels, 16 channels each) of the undilated
-target mask where the ground truth differs from its normal counterpart: that is where the defect is. Over the dilated target mask at token
-granularity (16 x 16 pixels, 64 channels) most pixels equal the normal image, so the ground truth itself scored
-near the hinge of a plain copy of the normal image (measured with ``unidg train eq9``; see docs/training.md).
+target mask where the ground truth differs from its normal counterpart: that is where the defect is. Over the
+dilated target mask at token granularity (16 x 16 pixels, 64 channels) most pixels equal the normal image, so the
+ground truth itself scored near the hinge of a plain copy of the normal image (measured with ``unidg train eq9``;
+see docs/training.md).
 
 The loss of a global batch is assembled from sums over micro-batches (``LossTerms``), so splitting a batch over
 processes and accumulation steps computes the same loss and gradients as one batch in one process.

@@ -17,7 +17,6 @@ The activation figures are an estimate (kernels' workspaces and the allocator's 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 GIB = 1024**3
 VALUES_PER_TOKEN_IN_A_BLOCK = 16  # q, k, v, attention out, 2 norms, 4x MLP up + activation, ... (per width unit)
