@@ -156,3 +156,245 @@ def test_cuda_device_without_gpu_is_refused(torch_bundle):
         pytest.skip("a CUDA GPU is present")
     with pytest.raises(BackendUnavailable, match="no CUDA GPU"):
         create_backend("torch", load_bundle(torch_bundle), device="cuda")
+
+
+# ----------------------------------------------------------------------------------- speed options (--compile ...)
+class AttentionBlock(nn.Module):
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj_out = nn.Linear(width, 3 * width), nn.Linear(width, width)
+
+    def forward(self, h, key_bias):
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in self.qkv(h).chunk(3, dim=-1))
+        mask = key_bias[:, None, None, :].to(q.dtype)
+        out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return h + self.proj_out(out.transpose(1, 2).flatten(2))
+
+
+class AttentionStep(nn.Module):
+    """A step program shaped like the real one: embedders, per-sample modulation, biased attention blocks, proj_out."""
+
+    WIDTH, HEADS = 64, 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        width = self.WIDTH
+        self.x_embedder, self.context_embedder = nn.Linear(64 + 320, width), nn.Linear(JOINT_DIM, width)
+        self.modulation = nn.Linear(16, width)  # one row per sample, like AdaLN
+        self.blocks = nn.ModuleList(AttentionBlock(width, self.HEADS) for _ in range(2))
+        self.proj_out = nn.Linear(width, 64)
+
+    def forward(self, x, cond, ctx, key_bias, sigma, sigma_next, guidance, img_ids, txt_ids):
+        shift = self.modulation(torch.cat([sigma[:, None], guidance[:, None]], dim=1).repeat(1, 8))
+        h = torch.cat([self.context_embedder(ctx), self.x_embedder(torch.cat([x, cond], dim=-1))], dim=1)
+        h = h + shift[:, None, :] + 0.01 * torch.cat([txt_ids, img_ids], dim=0).sum(-1)[None, :, None]
+        for block in self.blocks:
+            h = block(h, key_bias)
+        v = self.proj_out(h[:, ctx.shape[1] :])
+        return x + (sigma_next - sigma)[:, None, None] * v
+
+
+@pytest.fixture(scope="module")
+def attention_bundle(tmp_path_factory, torch_bundle):
+    """The torch bundle with a step program that has linear layers and biased SDPA (what the options rewrite)."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("attention") / "bundle"
+    shutil.copytree(torch_bundle, folder)
+    meta = load_bundle(folder)
+    b, n, c = 2, meta.image_tokens, meta.context_tokens
+    z = torch.zeros
+    example = (z(b, n, 64), z(b, n, 320), z(b, c, JOINT_DIM), z(b, c + n), z(b), z(b), z(b), z(n, 3), z(c, 3))
+    _export(AttentionStep(), example, folder / "torch" / "step.pt2")
+    rewrite_manifest(folder, lambda meta: None)
+    return folder
+
+
+def _step_inputs(bundle, batch: int = 2, seed: int = 0) -> tuple:
+    gen = torch.Generator().manual_seed(seed)
+    n, c = bundle.image_tokens, bundle.context_tokens
+    key_bias = torch.zeros(batch, c + n)
+    key_bias[:, 0] = np.log(4.0)
+    key_bias[:, c + 3 : c + 9] = np.log(2.0)
+    return (
+        torch.randn(batch, n, 64, generator=gen),
+        torch.randn(batch, n, 320, generator=gen),
+        torch.randn(batch, c, JOINT_DIM, generator=gen),
+        key_bias,
+        torch.full((batch,), 0.8),
+        torch.full((batch,), 0.7),
+        torch.ones(batch),
+        torch.randn(n, 3, generator=gen),
+        torch.zeros(c, 3),
+    )
+
+
+def _velocity(program, inputs) -> torch.Tensor:
+    with torch.inference_mode():
+        out = program(*inputs)
+    out = out[0] if isinstance(out, tuple | list) else out
+    return (out - inputs[0]) / (inputs[5] - inputs[4])[:, None, None]
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want.float()).norm() / want.float().norm())
+
+
+def test_fp8_linear_matches_fp32_within_e4m3_rounding():
+    from unidg.runtime.backends.torch_backend import fp8_linear, fp8_quantize
+
+    gen = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(96, 128, generator=gen), torch.randn(96, generator=gen)
+    weight_fp8, scale = fp8_quantize(weight)
+    assert weight_fp8.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32
+    for rows in (40, 3):  # padded scaled-matmul path (40 is not a multiple of 16) and the weight-only path
+        x = torch.randn(rows, 128, generator=gen)
+        want = nn.functional.linear(x, weight, bias)
+        got = fp8_linear(x, weight_fp8, scale, bias)
+        assert got.shape == want.shape
+        error = _relative_error(got, want)
+        # E4M3 keeps 3 mantissa bits (relative rounding <= 1/16 per value); over a 128-long dot product the errors
+        # average out: stated bound 5 % (relative Frobenius error), and it must not be exact (it did quantize).
+        assert 1e-4 < error < 0.05, (rows, error)
+
+
+def test_fp8_rewrite_quantizes_the_blocks_and_keeps_embedders_and_proj_out(attention_bundle):
+    from unidg.runtime.backends.torch_backend import fp8_keeps_precision, quantize_graph_linears
+
+    assert fp8_keeps_precision("proj_out.weight") and fp8_keeps_precision("transformer.proj_out.weight")
+    assert not fp8_keeps_precision("single_transformer_blocks.3.proj_out.weight")
+    assert fp8_keeps_precision("time_text_embed.timestep_embedder.linear_1.weight")
+    bundle = load_bundle(attention_bundle)
+    program = torch.export.load(str(attention_bundle / "torch" / "step.pt2")).module()
+    inputs = _step_inputs(bundle)
+    want = _velocity(program, inputs)
+    replaced = quantize_graph_linears(program)
+    assert sorted(replaced) == [
+        "blocks.0.proj_out.weight",
+        "blocks.0.qkv.weight",
+        "blocks.1.proj_out.weight",
+        "blocks.1.qkv.weight",
+        "modulation.weight",
+    ]
+    names = dict(program.named_parameters()) | dict(program.named_buffers())
+    assert "blocks.0.qkv.weight" not in names and "proj_out.weight" in names  # high-precision copies dropped
+    assert names["fp8_blocks_0_qkv_weight_weight"].dtype == torch.float8_e4m3fn
+    error = _relative_error(_velocity(program, inputs), want)
+    assert 1e-4 < error < 0.08, error  # stated bound for the FP8 step: 8 % relative error of the velocity
+
+
+def test_compiled_step_equals_eager(attention_bundle):
+    bundle = load_bundle(attention_bundle)
+    eager = create_backend("torch", bundle)
+    compiled = create_backend("torch", bundle, compile=True)
+    assert compiled.optimizations == {"compiled": True}
+    inputs = _step_inputs(bundle)
+    # torch.compile (inductor, CPU) reorders float32 reductions: stated tolerance 1e-5 absolute on the velocity
+    torch.testing.assert_close(
+        _velocity(compiled.programs["step"], inputs), _velocity(eager.programs["step"], inputs), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_cuda_graph_loop_on_cpu_equals_the_step_loop_and_is_deterministic(attention_bundle):
+    requests = [SynthesisRequest(*sample_request_arrays(seed=i), seed=5 + i, steps=4) for i in range(2)]
+    with DefectSynthesizer.from_bundle(attention_bundle, backend="torch") as synth:
+        expected = synth.generate_batch(requests)
+    with DefectSynthesizer.from_bundle(attention_bundle, backend="torch", cuda_graph=True, fp8=True) as synth:
+        loop = synth.backend._loop
+        seen = []
+        first = synth.generate_batch(requests, progress=lambda step, total: seen.append((step, total)))
+        again = synth.generate_batch(requests)
+        other = synth.generate(requests[0])  # batch 1: a new input shape, new static buffers
+        assert not loop.captured  # CPU: the wrapper runs the loop on its static buffers, no capture
+    assert seen == [(i, 4) for i in range(1, 5)]
+    for a, b in zip(first, again):
+        assert np.array_equal(a.image, b.image)  # same seed, same bytes
+    assert np.array_equal(other.image, first[0].image)
+    with DefectSynthesizer.from_bundle(attention_bundle, backend="torch", cuda_graph=True) as synth:
+        plain_loop = synth.generate_batch(requests)
+    for a, b in zip(plain_loop, expected):
+        assert np.abs(a.diptych.astype(int) - b.diptych.astype(int)).max() <= 1  # the captured-loop path, exact math
+    for a, b in zip(first, expected):  # FP8 moves the picture a little, not a lot
+        assert np.abs(a.diptych.astype(float) - b.diptych.astype(float)).mean() < 8.0
+
+
+def test_graph_runner_copies_new_inputs_into_its_static_buffers():
+    from unidg.runtime.backends.torch_backend import GraphRunner
+
+    runner = GraphRunner(lambda a, b: a * 2 + b, torch.device("cpu"))
+    assert torch.equal(runner(torch.ones(3), torch.zeros(3)), torch.full((3,), 2.0))
+    assert torch.equal(runner(torch.full((3,), 5.0), torch.ones(3)), torch.full((3,), 11.0))
+    assert torch.equal(runner(torch.ones(2), torch.ones(2)), torch.full((2,), 3.0))
+
+
+FUSED_SCRIPT = r"""
+import sys, torch
+from unidg.runtime.backends import create_backend
+from unidg.runtime.bundle import load_bundle
+sys.path.insert(0, sys.argv[2])
+from test_runtime_torch_backend import _step_inputs, _velocity
+
+bundle = load_bundle(sys.argv[1])
+plain = create_backend("torch", bundle)
+fused = create_backend("torch", bundle, fused_attention=True)
+assert fused.optimizations == {"fused_attention_calls": 2}, fused.optimizations
+inputs = _step_inputs(bundle)
+want, got = _velocity(plain.programs["step"], inputs), _velocity(fused.programs["step"], inputs)
+print("max_abs", float((got - want).abs().max()))
+torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+compiled = create_backend("torch", bundle, fused_attention=True, fp8=True, compile=True)
+got = _velocity(compiled.programs["step"], inputs)
+print("fp8_compiled_rel", float((got - want).norm() / want.norm()))
+assert float((got - want).norm() / want.norm()) < 0.08
+"""
+
+
+def test_fused_attention_runs_the_triton_kernel_in_the_step(attention_bundle, tmp_path):
+    """Triton's interpreter needs TRITON_INTERPRET=1 before triton's first import: a fresh process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", FUSED_SCRIPT, str(attention_bundle), str(Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert "max_abs" in result.stdout and "fp8_compiled_rel" in result.stdout
+
+
+def test_fused_attention_without_the_interpreter_is_refused_on_cpu(attention_bundle):
+    pytest.importorskip("triton")
+    from unidg.runtime.attention_kernel import interpreter_available
+
+    if interpreter_available():
+        pytest.skip("this process imported triton with TRITON_INTERPRET=1")
+    with pytest.raises(BackendUnavailable, match="TRITON_INTERPRET=1"):
+        create_backend("torch", load_bundle(attention_bundle), fused_attention=True)
+
+
+def test_speed_options_belong_to_the_torch_backend():
+    import argparse
+
+    from unidg.runtime.commands import _add_backend_options, backend_options
+
+    parser = argparse.ArgumentParser()
+    _add_backend_options(parser)
+    args = parser.parse_args(["--backend", "torch", "--device", "cuda", "--compile", "--fp8", "--cuda-graph"])
+    assert backend_options(args) == {
+        "device": "cuda",
+        "cuda_graph": True,
+        "compile": True,
+        "fp8": True,
+        "fused_attention": False,
+    }
+    with pytest.raises(ValueError, match="--fp8, --fused-attention: torch backend options"):
+        backend_options(parser.parse_args(["--fp8", "--fused-attention"]))

@@ -13,12 +13,13 @@ Speed options (``TorchOptions``; ``unidg generate|batch|serve --backend torch --
 --cuda-graph``), applied to the step program, which takes 28 of the ~30 launches of a sample:
 
 - ``fp8``: every ``aten.linear`` of the step graph except the embedders, ``norm_out`` and the final ``proj_out`` (kept
-  in high precision, as NVIDIA's FLUX FP8 recipe does) becomes ``fp8_linear``: E4M3 weights with one scale per tensor,
-  activations quantized per tensor on the fly, ``torch._scaled_mm`` on CUDA. Why ``torch._scaled_mm`` and not torchao's
-  float8: torchao is another dependency (and a CUDA wheel matched to torch) on machines that only carry pure-Python
-  wheels, and its inference API changes between releases; the per-tensor recipe is ~40 lines over one torch op that
-  torch.compile lowers directly. On CPU the same quantization runs and the matmul is emulated in float32 (same FP8
-  values and scales), so tests check the numerics without FP8 hardware.
+  in high precision, as NVIDIA's FLUX FP8 recipe does) becomes ``fp8_linear``: E4M3 weights with one scale per output
+  channel, activations quantized per token on the fly, ``torch._scaled_mm`` with row-wise scales on CUDA. Why
+  ``torch._scaled_mm`` and not torchao's float8: torchao's float8 inference computes with the same op underneath,
+  but torchao is one more package, released in lockstep with particular torch versions (with compiled extensions),
+  to carry to GPU machines that have torch only; the row-wise recipe here is ~40 lines that torch.compile lowers
+  directly, and the same code runs on the CPU, where the matmul is emulated in float32 (same FP8 values and
+  scales), so the tests check its numerics without FP8 hardware.
 - ``fused_attention``: every ``scaled_dot_product_attention`` with a per-key float mask ``[B, 1, 1, N]`` becomes the
   project's Triton biased-attention kernel (``unidg.runtime.attention_kernel``) as the custom op
   ``unidg::biased_attention``, opaque to torch.compile. On CPU it runs under Triton's interpreter (TRITON_INTERPRET=1).
@@ -125,31 +126,39 @@ def fp8_keeps_precision(name: str) -> bool:
 
 
 def fp8_quantize(tensor):
-    """Per-tensor E4M3 quantization: (float8_e4m3fn tensor, float32 scale) with tensor ~= q * scale."""
+    """Row-wise E4M3 quantization of a 2-D tensor: (float8_e4m3fn tensor, float32 scales [rows, 1]) with
+    tensor ~= q * scale, one scale per row (per output channel of a weight, per token of an activation)."""
     torch = _import_torch()
-    amax = tensor.detach().abs().amax().float().clamp(min=1e-12)
+    amax = tensor.detach().abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
     scale = amax / FP8_MAX
     quantized = (tensor.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return quantized, scale
 
 
 def fp8_linear(x, weight_fp8, weight_scale, bias=None):
-    """``F.linear`` with an E4M3 weight (``fp8_quantize``): activations quantized per tensor, one scaled matmul.
+    """``F.linear`` with an E4M3 weight (``fp8_quantize``): activations quantized per token, one scaled matmul.
 
-    CUDA: ``torch._scaled_mm`` (FP8 tensor cores). CPU: the same FP8 values and scales, the matmul emulated in float32.
-    Fewer rows than ``FP8_ALIGN`` (AdaLN modulation runs on one row per sample) keep 16-bit activations and
-    dequantize the weight instead: those matmuls are bound by reading the weight, which FP8 halves either way.
+    Per-token (not per-tensor) activation scales keep each sample's result independent of its batch mates. CUDA:
+    ``torch._scaled_mm`` with row-wise scales (FP8 tensor cores, bf16 output). CPU: the same FP8 values and scales,
+    the matmul emulated in float32. Rows are zero-padded to a multiple of ``FP8_ALIGN``. Fewer rows than
+    ``FP8_ALIGN`` (AdaLN modulation: one row per sample) keep 16-bit activations and dequantize the weight instead:
+    those matmuls are bound by reading the weight, which FP8 halves either way.
     """
     torch = _import_torch()
     rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] % FP8_ALIGN:
-        out = torch.nn.functional.linear(rows, weight_fp8.to(x.dtype) * weight_scale.to(x.dtype))
+    count = rows.shape[0]
+    if count < FP8_ALIGN:
+        out = torch.nn.functional.linear(rows, (weight_fp8.float() * weight_scale).to(x.dtype))
     else:
-        x_fp8, x_scale = fp8_quantize(rows)
+        padded = rows if not count % FP8_ALIGN else torch.nn.functional.pad(rows, (0, 0, 0, -count % FP8_ALIGN))
+        x_fp8, x_scale = fp8_quantize(padded)
         if rows.device.type == "cuda":
-            out = torch._scaled_mm(x_fp8, weight_fp8.t(), scale_a=x_scale, scale_b=weight_scale, out_dtype=x.dtype)
+            out = torch._scaled_mm(
+                x_fp8, weight_fp8.t(), scale_a=x_scale, scale_b=weight_scale.t(), out_dtype=torch.bfloat16
+            ).to(x.dtype)
         else:
-            out = ((x_fp8.float() @ weight_fp8.float().t()) * (x_scale * weight_scale)).to(x.dtype)
+            out = ((x_fp8.float() @ weight_fp8.float().t()) * (x_scale * weight_scale.t())).to(x.dtype)
+        out = out[:count]
     if bias is not None:
         out = out + bias.to(out.dtype)
     return out.reshape(*x.shape[:-1], out.shape[-1])
@@ -261,10 +270,13 @@ def biased_attention_op():
     if namespace is not None and hasattr(namespace, "biased_attention"):
         return torch.ops.unidg.biased_attention.default
 
-    @torch.library.custom_op(FUSED_ATTENTION_OP, mutates_args=())
-    def biased_attention(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor, scale: float
-    ) -> torch.Tensor:
+    # The schema is spelled out: this module's annotations are strings (postponed evaluation).
+    @torch.library.custom_op(
+        FUSED_ATTENTION_OP,
+        mutates_args=(),
+        schema="(Tensor q, Tensor k, Tensor v, Tensor key_bias, float scale) -> Tensor",
+    )
+    def biased_attention(q, k, v, key_bias, scale):
         from unidg.runtime.attention_kernel import biased_attention as kernel
 
         return kernel(q, k, v, key_bias, scale)
