@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,13 +36,19 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
+def _is_main_process() -> bool:
+    """Rank 0 of a torchrun launch (or a plain run): the one process that reports."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _base(args: argparse.Namespace) -> int:
     from unidg.train.base import train_base
     from unidg.train.config import load_base_config
 
     config = load_base_config(args.config, _overrides(args))
     folder = train_base(config, resume=not args.restart)
-    print(f"base weights: {folder}")
+    if _is_main_process():
+        print(f"base weights: {folder}")
     return 0
 
 
@@ -52,7 +59,8 @@ def _sft(args: argparse.Namespace) -> int:
 
     config = load_sft_config(args.config, _overrides(args))
     train_sft(config, resume=not args.restart)
-    print(f"LoRA: {config.output}/{LORA_FILE} (log: {config.output}/log.jsonl)")
+    if _is_main_process():
+        print(f"LoRA: {config.output}/{LORA_FILE} (log: {config.output}/log.jsonl)")
     return 0
 
 

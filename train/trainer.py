@@ -332,9 +332,7 @@ class FlowTrainer:
             from torch.nn.parallel import DistributedDataParallel
 
             # device_ids=None: inputs are already on this process's device (and CPU modules need None).
-            objective = DistributedDataParallel(
-                objective, device_ids=None, broadcast_buffers=False, gradient_as_bucket_view=True
-            )
+            objective = DistributedDataParallel(objective, device_ids=None, gradient_as_bucket_view=True)
         self.objective = objective
         self.step = 0
 
