@@ -1,4 +1,4 @@
-"""``unidg bench attention`` and ``unidg bench runtime`` (registered by unidg.cli).
+"""``unidg bench attention``, ``unidg bench runtime`` and ``unidg bench gpu`` (registered by unidg.cli).
 
 ``unidg bench`` is one parser shared by every benchmark: each module adds its subcommand to it through
 ``unidg.runtime.commands.bench_subparsers(subparsers)``, which returns the existing ``bench`` sub-command group or
@@ -69,8 +69,41 @@ def _register_bench_runtime(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_bench_runtime)
 
 
+def _bench_gpu(args: argparse.Namespace) -> int:
+    from unidg.export.bench_gpu import bench_gpu
+
+    return bench_gpu(args)
+
+
+def _register_bench_gpu(subparsers: argparse._SubParsersAction) -> None:
+    parser = bench_subparsers(subparsers).add_parser(
+        "gpu",
+        help="the full-scale step on one CUDA GPU: eager -> compile -> fused biased attention -> FP8 -> CUDA graph, "
+        "VAE, image encoder, end to end, attention alone, against the FLOP floor",
+        description="Builds the full FLUX.1-Fill + Redux model with random weights on the GPU in bf16 and times it at "
+        "S = 768 (5849 tokens, 5338 folded). Writes bench_gpu.json and bench_gpu.md into --out. --dry-run runs every "
+        "path on the CPU at the nano preset's tiny size (FP8 emulated, the Triton kernel interpreted, no graph "
+        "capture): a check of the harness, not figures. See docs/performance.md for carrying it to a bare GPU machine.",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="CPU, nano preset, tiny size: check every path")
+    parser.add_argument("--resolution", type=int, default=None, help="diptych half size S (default 768; dry run 64)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="denoising steps of the captured loop (default 28; dry run 2)"
+    )
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls per row; the median is reported")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
+    parser.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend of the compiled rows (default inductor; the CPU test uses eager to stay fast)",
+    )
+    parser.add_argument("--out", default="out/bench-gpu", help="folder for bench_gpu.json and bench_gpu.md")
+    parser.set_defaults(handler=_bench_gpu)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     _register_bench_runtime(subparsers)
+    _register_bench_gpu(subparsers)
     parser = bench_subparsers(subparsers).add_parser(
         "attention",
         help="biased-attention kernel vs torch SDPA (no bias, float mask, head-dim fold) at the FLUX shapes",
