@@ -9,7 +9,9 @@
    (QK^T, softmax, PV stay in the graph's float precision).
 2. Export: ModelOpt's quantizers export Q/DQ through the TorchScript ONNX exporter (their symbolic functions exist
    only there), at opset 20; ``aten::rms_norm``, which that exporter lacks, gets a symbolic for the export's duration.
-   Attention is the exporter's MatMul/Softmax form (the key bias broadcasts in the Add).
+   For FP8, attention stays one fused opset-23 ``Attention`` node (a symbolic for ``aten::scaled_dot_product_attention``
+   with the key bias expanded to [B, 1, S_q, S_k], the form onnxruntime runs) and the graph's opset becomes 23; INT8
+   keeps the exporter's MatMul/Softmax form at opset 20 (see ``FUSED_ATTENTION_FORMATS``).
 3. Q/DQ for onnxruntime and TensorRT: FP8 weights are stored as FP8 (ModelOpt ``FP8QuantExporter.compress_weights``)
    and every ``trt``-domain FP8 Q/DQ is moved to the default ONNX domain (QuantizeLinear/DequantizeLinear with an
    E4M3 zero point, opset >= 19); onnxruntime runs it with its ``QDQPropagationTransformer`` disabled. INT8 weights
@@ -54,6 +56,11 @@ from unidg.runtime.manifest import read_manifest, tool_versions
 
 FORMATS = ("fp8", "int8")
 QDQ_OPSET = 20  # the TorchScript exporter's newest opset; >= 19 has FP8 QuantizeLinear
+FUSED_ATTENTION_OPSET = 23  # the fused Attention node's opset; the Q/DQ graph is raised to it after export
+# INT8 stays at opset 20 with decomposed attention: at opset >= 21 onnxruntime's CPU graph optimiser rewrites the INT8
+# Q/DQ Gemm inputs into a QuantizeLinear whose output_dtype (INT8) contradicts its zero point (UINT8) and the session
+# fails to load (onnxruntime 1.31, measured), so the runtime could not run an INT8 bundle on CPU.
+FUSED_ATTENTION_FORMATS = ("fp8",)
 SMOOTHQUANT_ALPHA = 0.8
 DEFAULT_MIN_COSINE = 0.995
 DEFAULT_MIN_PSNR = 30.0
@@ -191,15 +198,101 @@ def rms_norm_symbolic(opset: int) -> Iterator[None]:
         torch.onnx.unregister_custom_op_symbolic("aten::rms_norm", opset)
 
 
-def export_qdq_step(model, path: Path, example: dict[str, np.ndarray], dynamic_batch: bool) -> None:
-    """TorchScript export of the quantized step model (ModelOpt's Q/DQ symbolics) at opset 20."""
+def _fused_attention_symbolic(
+    g, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+):
+    """aten::scaled_dot_product_attention as one opset-23 ``Attention`` node (the TorchScript exporter would write
+    MatMul -> Add -> Softmax -> MatMul, which a strongly typed TensorRT build runs unfused, materialising the score
+    tensor). The mask is expanded to [B, 1, S_q, S_k]: onnxruntime's kernel refuses a key-only mask, and a TensorRT
+    build traces the Expand back to the key-only form (``onnx_rewrite.rewrite_attention_to_key_mask``)."""
+    from torch.onnx import symbolic_helper
+
+    flags = {
+        "dropout_p": symbolic_helper._maybe_get_const(dropout_p, "f"),
+        "is_causal": symbolic_helper._maybe_get_const(is_causal, "b"),
+        "enable_gqa": symbolic_helper._maybe_get_const(enable_gqa, "b"),
+    }
+    if any(not isinstance(value, bool | int | float) or value for value in flags.values()):
+        raise QuantizationError(f"scaled_dot_product_attention with {flags}: only plain (non-causal) attention exports")
+    attributes = {}
+    if not symbolic_helper._is_none(scale):
+        attributes["scale_f"] = float(symbolic_helper._maybe_get_const(scale, "f"))
+    inputs = [query, key, value]
+    if not symbolic_helper._is_none(attn_mask):
+
+        def dims(tensor, indices: list[int]):
+            positions = g.op("Constant", value_t=torch.tensor(indices, dtype=torch.int64))
+            return g.op("Gather", g.op("Shape", tensor), positions, axis_i=0)
+
+        target = g.op("Concat", dims(attn_mask, [0, 1]), dims(query, [2]), dims(key, [2]), axis_i=0)
+        inputs.append(g.op("Expand", attn_mask, target))
+    out = g.op("Attention", *inputs, **attributes)
+    out.setType(query.type())
+    return out
+
+
+@contextlib.contextmanager
+def fused_attention_symbolic(opset: int) -> Iterator[None]:
+    torch.onnx.register_custom_op_symbolic("aten::scaled_dot_product_attention", _fused_attention_symbolic, opset)
+    try:
+        yield
+    finally:
+        torch.onnx.unregister_custom_op_symbolic("aten::scaled_dot_product_attention", opset)
+
+
+@contextlib.contextmanager
+def plain_attention_for_export(transformer) -> Iterator[None]:
+    """Let the attention modules call torch's own SDPA during the export, so the fused symbolic applies.
+
+    ModelOpt's diffusers plugin swaps ``F.scaled_dot_product_attention`` inside every quantized FluxAttention for
+    its FP8SDPA function, whose ONNX symbolic writes MatMul/Softmax/MatMul even when the attention quantizers are
+    off. They always are here (``quant_config`` enables Linear quantizers only; checked below), so dropping that swap
+    for the export changes no value, only the graph form.
+    """
+    enabled = [
+        name
+        for name, module in transformer.named_modules()
+        for part in ("q_bmm_quantizer", "k_bmm_quantizer", "v_bmm_quantizer", "softmax_quantizer")
+        if getattr(getattr(module, part, None), "is_enabled", False)
+    ]
+    if enabled:
+        raise QuantizationError(
+            f"attention quantizers are enabled in {sorted(set(enabled))}; attention must stay 16-bit"
+        )
+    try:
+        from modelopt.torch.quantization.plugins.diffusion import diffusers as plugin
+    except ImportError:  # no diffusers plugin: SDPA is not swapped
+        yield
+        return
+    saved = plugin._QuantAttention._functionals_to_replace
+    plugin._QuantAttention._functionals_to_replace = [
+        entry for entry in saved if entry[1] != "scaled_dot_product_attention"
+    ]
+    try:
+        yield
+    finally:
+        plugin._QuantAttention._functionals_to_replace = saved
+
+
+def export_qdq_step(
+    model, path: Path, example: dict[str, np.ndarray], dynamic_batch: bool, fused_attention: bool = True
+) -> None:
+    """TorchScript export of the quantized step model (ModelOpt's Q/DQ symbolics) at opset 20; with
+    ``fused_attention`` every attention is one ``Attention`` node (the graph is raised to opset 23 afterwards)."""
     step = StepModel(model).eval()
     args = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in example.values())
     axes = None
     if dynamic_batch:
         axes = {name: {0: "batch"} for name in ("x", "cond", "ctx", "key_bias", "sigma", "sigma_next", "guidance")}
         axes["x_next"] = {0: "batch"}
-    with torch.no_grad(), float32_rope(model), rms_norm_symbolic(QDQ_OPSET), warnings_quiet():
+    with (
+        torch.no_grad(),
+        float32_rope(model),
+        rms_norm_symbolic(QDQ_OPSET),
+        fused_attention_symbolic(QDQ_OPSET) if fused_attention else contextlib.nullcontext(),
+        plain_attention_for_export(model.transformer) if fused_attention else contextlib.nullcontext(),
+        warnings_quiet(),
+    ):
         torch.onnx.export(
             step,
             args,
@@ -248,8 +341,12 @@ def _move_fp8_qdq_to_default_domain(model: onnx.ModelProto) -> int:
 
 
 def finish_qdq_graph(path: Path, fmt: str, progress: Progress | None) -> dict:
-    """Store quantized weights in their 8-bit type and make the Q/DQ standard ONNX; returns node counts."""
+    """Store quantized weights in their 8-bit type, make the Q/DQ standard ONNX and raise the opset to the fused
+    Attention node's; returns node counts."""
     model = onnx.load(str(path))
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and any(node.op_type == "Attention" for node in model.graph.node):
+            opset.version = max(opset.version, FUSED_ATTENTION_OPSET)
     with warnings_quiet(), _quiet_modelopt():
         if fmt == "fp8":
             from modelopt.onnx.export import FP8QuantExporter
@@ -282,6 +379,45 @@ def finish_qdq_graph(path: Path, fmt: str, progress: Progress | None) -> dict:
             f"DequantizeLinear ({moved} moved from the trt domain)"
         )
     return dict(sorted(counts.items()))
+
+
+def precision_census(model: onnx.ModelProto) -> dict:
+    """Where a step graph keeps float32: initializers by type; MatMul/Gemm that take a dequantized (FP8/INT8) operand
+    and those that run in float32 without one; attention as fused nodes (opset-23 ``Attention`` or the plugin node)
+    or decomposed (its ``Softmax``). A strongly typed TensorRT build runs every float32 tensor in float32, so these
+    counts say how much of the graph FP8/INT8 actually covers."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {
+        value.name: value.type.tensor_type.elem_type
+        for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]
+    }
+    producer = {output: node for node in inferred.graph.node for output in node.output}
+
+    def dequantized(name: str) -> bool:
+        node = producer.get(name)
+        if node is not None and node.op_type == "Transpose":
+            node = producer.get(node.input[0])
+        return node is not None and node.op_type == "DequantizeLinear"
+
+    initializers: dict[str, int] = {}
+    for tensor in inferred.graph.initializer:
+        name = onnx.TensorProto.DataType.Name(tensor.data_type)
+        initializers[name] = initializers.get(name, 0) + 1
+    matmuls = [node for node in inferred.graph.node if node.op_type in ("MatMul", "Gemm")]
+    quantized = [node for node in matmuls if any(dequantized(i) for i in node.input)]
+    float32 = [
+        node for node in matmuls if node not in quantized and types.get(node.output[0]) == onnx.TensorProto.FLOAT
+    ]
+    ops = [node.op_type for node in inferred.graph.node]
+    return {
+        "initializers": dict(sorted(initializers.items())),
+        "fp32_initializers": initializers.get("FLOAT", 0),
+        "matmul_gemm": len(matmuls),
+        "quantized_matmul_gemm": len(quantized),
+        "fp32_matmul_gemm": len(float32),
+        "fused_attention": ops.count("Attention") + ops.count("biased_attention"),
+        "softmax": ops.count("Softmax"),
+    }
 
 
 @contextlib.contextmanager
@@ -485,7 +621,8 @@ def quantize_bundle(
         example = {k: (np.repeat(v, batch, 0) if k not in ("img_ids", "txt_ids") else v) for k, v in example.items()}
         if progress:
             progress(f"exporting the {fmt} Q/DQ step graph (TorchScript exporter, opset {QDQ_OPSET})")
-        export_qdq_step(model, step_path, example, dynamic_batch=reference_bundle.batch is None)
+        fused = fmt in FUSED_ATTENTION_FORMATS
+        export_qdq_step(model, step_path, example, dynamic_batch=reference_bundle.batch is None, fused_attention=fused)
         op_counts = finish_qdq_graph(step_path, fmt, progress)
 
         if progress:
@@ -527,8 +664,8 @@ def quantize_bundle(
                     "settings": settings.to_dict(),
                     "precision": fmt,
                     "attention": "portable",
-                    "attention_form": "decomposed",
-                    "opset": QDQ_OPSET,
+                    "attention_form": "expand" if fused else "decomposed",
+                    "opset": max(o.version for o in step_model.opset_import if o.domain in ("", "ai.onnx")),
                     "graphs": {name: records[name] for name in GRAPH_NAMES},
                     "engines": {},
                     "quantization": {
@@ -536,7 +673,7 @@ def quantize_bundle(
                         "format": fmt,
                         "algorithm": "max" if fmt == "fp8" else {"method": "smoothquant", "alpha": alpha},
                         "high_precision_modules": list(HIGH_PRECISION_MODULES),
-                        "attention": "not quantized",
+                        "attention": "not quantized" + (" (fused Attention node)" if fused else ""),
                         "calib": {
                             "path": calib_set.path.name,
                             "fingerprint": calib_set.manifest.fingerprint,

@@ -96,7 +96,39 @@ def test_embedders_norm_out_proj_out_and_attention_stay_high_precision(quantized
     linears = {n: q for n, q in matmuls.items() if "/to_q/" in n or "/ff/net.2/" in n or "/proj_mlp/" in n}
     assert linears and all(linears.values()), linears
     attention = {n: q for n, q in matmuls.items() if n.endswith(("/attn/MatMul", "/attn/MatMul_1"))}
-    assert attention and not any(attention.values()), attention
+    assert not any(attention.values()), attention
+    assert bool(attention) == (fmt == "int8")  # FP8 attention is one fused node (below); INT8 keeps the MatMuls
+
+
+@pytest.mark.parametrize("fmt", ["fp8"])
+def test_attention_stays_one_fused_16bit_node(quantized, fmt):
+    """Each attention is one opset-23 Attention node on unquantized Q/K/V with the mask expanded for onnxruntime;
+    the engine build's key-only rewrite applies to it as to a portable bundle."""
+    from unidg.export.plugins.onnx_rewrite import attention_mask_shapes, rewrite_attention_to_key_mask
+
+    folder, _ = quantized[fmt]
+    model = onnx.load(str(folder / "step.onnx"))
+    producer = {output: node.op_type for node in model.graph.node for output in node.output}
+    attention = [n for n in model.graph.node if n.op_type == "Attention"]
+    blocks = load_bundle(folder).metadata
+    assert len(attention) == 6 and not [n for n in model.graph.node if n.op_type == "Softmax"]  # nano: 2 + 4 blocks
+    assert not any(producer.get(i) == "DequantizeLinear" for n in attention for i in n.input[:3])
+    assert blocks["attention_form"] == "expand" and blocks["opset"] == 23
+    sequence = blocks["context_tokens"] + (RESOLUTION // 16) * (2 * RESOLUTION // 16)
+    expanded = attention_mask_shapes(model)  # [B, 1, S_q, S_k]; S_q may be symbolic after the exporter's reshapes
+    assert len(expanded) == 6 and all(s[:2] == [1, 1] and s[2] != 1 and s[3] == sequence for s in expanded), expanded
+    keyed, report = rewrite_attention_to_key_mask(model)
+    assert report.rewired == 6 and attention_mask_shapes(keyed) == [[1, 1, 1, sequence]] * 6
+
+
+def test_fp8_step_graph_census(quantized):
+    """What stays float32 in the FP8 step graph: only the high-precision modules' MatMul/Gemm; no Softmax."""
+    from unidg.export.quantize import precision_census
+
+    census = precision_census(onnx.load(str(quantized["fp8"][0] / "step.onnx")))
+    assert census["fused_attention"] == 6 and census["softmax"] == 0
+    assert census["quantized_matmul_gemm"] == 52 and census["fp32_matmul_gemm"] == 10
+    assert census["initializers"]["FLOAT8E4M3FN"] > 0
 
 
 def test_int8_uses_smoothquant():
