@@ -127,6 +127,32 @@ def _eval_nano(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reward_bench(args: argparse.Namespace) -> int:
+    from unidg.train.judge import JudgeError
+    from unidg.train.reward_bench import run_reward_bench
+    from unidg.train.rewards import RewardError
+
+    try:
+        report = run_reward_bench(args.reward, args.bench, args.json)
+    except (RewardError, JudgeError) as error:
+        raise ValueError(str(error)) from error
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def eval_subparsers(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """The sub-commands of ``unidg eval``: those of an existing ``eval`` parser, or of a new one."""
+    existing = subparsers.choices.get("eval")
+    if existing is None:
+        parser = subparsers.add_parser("eval", help="evaluation: generated data, rewards")
+        parser.set_defaults(handler=lambda args: parser.print_help() or 2)
+        return parser.add_subparsers(dest="eval_command", metavar="EVAL")
+    for action in existing._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    return existing.add_subparsers(dest="eval_command", metavar="EVAL")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("train", help="train: base model, Diversity-SFT LoRA, merge, nano evaluation")
     commands = parser.add_subparsers(dest="train_command", metavar="STAGE")
@@ -194,3 +220,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="also score the ground-truth target and its autoencoder round trip by the same criterion",
     )
     evaluate.set_defaults(handler=_eval_nano)
+
+    bench = eval_subparsers(subparsers).add_parser(
+        "reward-bench",
+        help="agreement of a reward with human rubric scores (|delta| <= 0.3 counts, per dimension)",
+        description="Scores every pair of a bench folder (BENCH/bench.jsonl; format in unidg.train.reward_bench) "
+        "with the reward of --reward and prints the accuracy per rubric dimension.",
+    )
+    bench.add_argument("--reward", required=True, help="reward config (.toml with [judge] / [color] tables)")
+    bench.add_argument("--bench", required=True, help="bench folder holding bench.jsonl and its images")
+    bench.add_argument("--json", help="also write the per-pair predictions here")
+    bench.set_defaults(handler=_reward_bench)

@@ -1,0 +1,171 @@
+"""Rewards of Consistency-RFT behind one interface: a batch of generated targets and their inputs -> a score per
+sample and per-term details, combined by configurable weights (paper Alg. 3: r = w_gen r_gen + w_det r_det).
+
+A reward config (TOML, or the ``[reward]`` table of an RFT config) has one table per term; a term with weight 0 is
+off. Terms:
+
+- ``[judge]``: Defect-Und, a multimodal judge behind an OpenAI-compatible chat-completions API
+  (``unidg.train.judge``); score = mean of its four Fig. 12 rubric scores / 5, in [0, 1].
+- ``[color]``: reference colour adherence, the criterion of ``unidg train eval-nano`` made continuous: with d_ref
+  the distance of the generated region's mean RGB to the reference defect's mean RGB and d_src its distance to the
+  unedited target's, score = d_src / (d_ref + d_src) in [0, 1] (1: the reference colour, 0: the source unchanged).
+
+A reward is never silently zero: a term that cannot score a sample (server down, empty mask, NaN) raises
+``RewardError`` naming the term and the sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from unidg.train.config import ConfigError, from_dict, read_config_file
+from unidg.train.judge import JudgeConfig
+
+
+class RewardError(RuntimeError):
+    """A reward could not score a sample; the message names the term, the sample and what to fix."""
+
+
+@dataclass
+class RewardInputs:
+    """A batch of B generated targets with what they were generated from, all in the diptych's S x S halves."""
+
+    reference: np.ndarray  # (B, S, S, 3) uint8 reference crop (the diptych's left half)
+    reference_mask: np.ndarray  # (B, S, S) bool the defect in the reference crop
+    generated: np.ndarray  # (B, S, S, 3) uint8 the generated target (the result diptych's right half)
+    target_mask: np.ndarray  # (B, S, S) bool where the defect was to be painted
+    source: np.ndarray | None = None  # (B, S, S, 3) uint8 the unedited target (None where unknown)
+    categories: list[str] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        batch = len(self.generated)
+        for name in ("reference", "reference_mask", "target_mask") + (("source",) if self.source is not None else ()):
+            if len(getattr(self, name)) != batch:
+                raise ValueError(f"reward inputs: {name} has {len(getattr(self, name))} rows, generated has {batch}")
+        if not self.ids:
+            self.ids = [str(i) for i in range(batch)]
+
+    @property
+    def batch(self) -> int:
+        return len(self.generated)
+
+
+@dataclass
+class RewardOutput:
+    scores: np.ndarray  # (B,) float64
+    details: dict[str, np.ndarray] = field(default_factory=dict)  # per-term / per-dimension (B,) arrays
+
+
+class Reward(Protocol):
+    name: str
+
+    def score(self, inputs: RewardInputs) -> RewardOutput: ...
+
+
+def checked(name: str, output: RewardOutput, inputs: RewardInputs) -> RewardOutput:
+    scores = np.asarray(output.scores, dtype=np.float64)
+    if scores.shape != (inputs.batch,):
+        raise RewardError(f"reward {name!r} returned {scores.shape} scores for a batch of {inputs.batch}")
+    bad = np.flatnonzero(~np.isfinite(scores))
+    if bad.size:
+        raise RewardError(f"reward {name!r} gave a non-finite score for sample {inputs.ids[bad[0]]!r}")
+    return RewardOutput(scores, output.details)
+
+
+# ============================================================================ colour adherence
+@dataclass
+class ColorConfig:
+    weight: float = 0.0
+
+
+class ColorAdherenceReward:
+    name = "color"
+
+    def score(self, inputs: RewardInputs) -> RewardOutput:
+        if inputs.source is None:
+            raise RewardError("reward 'color' needs the unedited target (source) of every sample")
+        scores, to_reference, to_source = [], [], []
+        for b in range(inputs.batch):
+            ref_mask, target_mask = inputs.reference_mask[b], inputs.target_mask[b]
+            if not ref_mask.any() or not target_mask.any():
+                which = "reference" if not ref_mask.any() else "target"
+                raise RewardError(f"reward 'color': sample {inputs.ids[b]!r} has an empty {which} mask")
+            reference = inputs.reference[b][ref_mask].astype(np.float64).mean(axis=0)
+            generated = inputs.generated[b][target_mask].astype(np.float64).mean(axis=0)
+            source = inputs.source[b][target_mask].astype(np.float64).mean(axis=0)
+            d_ref, d_src = float(np.linalg.norm(generated - reference)), float(np.linalg.norm(generated - source))
+            scores.append(0.5 if d_ref + d_src == 0 else d_src / (d_ref + d_src))
+            to_reference.append(d_ref)
+            to_source.append(d_src)
+        return RewardOutput(
+            np.array(scores), {"color/to_reference": np.array(to_reference), "color/to_source": np.array(to_source)}
+        )
+
+
+# ============================================================================ combination
+@dataclass
+class RewardConfig:
+    """One table per term; weight 0 turns a term off (paper: w_gen = w_det = 0.5)."""
+
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    color: ColorConfig = field(default_factory=ColorConfig)
+
+    def validate(self, where: str) -> None:
+        terms = {"judge": self.judge.weight, "color": self.color.weight}
+        for name, weight in terms.items():
+            if weight < 0:
+                raise ConfigError(f"{where}: {name}.weight must be >= 0 (got {weight})")
+        if not any(weight > 0 for weight in terms.values()):
+            raise ConfigError(f"{where}: no reward term has a weight > 0; give [judge] or [color] a weight")
+        if self.judge.weight > 0:
+            self.judge.validate(where)
+
+
+class WeightedReward:
+    """r = sum_k w_k r_k over the configured terms; details hold each term's score and its own details."""
+
+    name = "weighted"
+
+    def __init__(self, terms: list[tuple[float, Reward]]) -> None:
+        if not terms:
+            raise ValueError("a weighted reward needs at least one term")
+        self.terms = terms
+
+    def score(self, inputs: RewardInputs) -> RewardOutput:
+        total = np.zeros(inputs.batch)
+        details: dict[str, np.ndarray] = {}
+        for weight, reward in self.terms:
+            output = checked(reward.name, reward.score(inputs), inputs)
+            total += weight * output.scores
+            details[reward.name] = output.scores
+            details.update(output.details)
+        return RewardOutput(total, details)
+
+    def close(self) -> None:
+        for _, reward in self.terms:
+            close = getattr(reward, "close", None)
+            if close is not None:
+                close()
+
+
+def build_reward(config: RewardConfig) -> WeightedReward:
+    terms: list[tuple[float, Reward]] = []
+    if config.judge.weight > 0:
+        from unidg.train.judge import DefectUndJudge
+
+        terms.append((config.judge.weight, DefectUndJudge(config.judge)))
+    if config.color.weight > 0:
+        terms.append((config.color.weight, ColorAdherenceReward()))
+    return WeightedReward(terms)
+
+
+def load_reward_config(path: str | Path) -> RewardConfig:
+    """A reward config file (TOML/JSON with ``[judge]`` / ``[color]`` tables), validated."""
+    config = from_dict(RewardConfig, read_config_file(path), str(path))
+    config.validate(str(path))
+    return config
