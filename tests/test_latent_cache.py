@@ -99,7 +99,7 @@ def test_cache_matches_the_in_memory_latents_and_trains(built: SFTConfig, base: 
     assert manifest["complete"] and manifest["pairs"] == len(pairs) > 5
     assert len(manifest["shards"]) == -(-len(pairs) // 5)
     model = _model(base, built)
-    streamed = open_cache(built, model, pairs, model.settings)
+    streamed = open_cache(built, model, model.settings)
     memory = LatentPairs.build(model, pairs, model.settings, with_normal=True)
     indices = [len(pairs) - 1, 0, 6]  # across shards, out of order
     got, want = streamed.batch(indices), memory.batch(indices)
@@ -131,7 +131,7 @@ def test_other_settings_data_or_weights_are_refused_by_name(built: SFTConfig, ba
     pairs = _pairs(built)
     other = dataclasses.replace(built, settings={**SETTINGS, "beta": 0.5})
     with pytest.raises(LatentCacheError, match=r"other settings \(beta 0.6 -> 0.5\).*unidg train cache"):
-        open_cache(other, model, pairs, settings_of(other))
+        open_cache(other, model, settings_of(other))
     # The cache command refuses too, and what is there stays.
     cache = Path(built.data.latent_cache)
     before = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
@@ -139,12 +139,14 @@ def test_other_settings_data_or_weights_are_refused_by_name(built: SFTConfig, ba
         cache_for_config(other, progress=False)
     assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == before
 
+    with pytest.raises(LatentCacheError, match=r"other data \(.*seed, limit or mix"):
+        open_cache(dataclasses.replace(built, seed=1), model, model.settings)
     image = pairs[0].target.path("abnormal")
     stat = image.stat()
     os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # the file was rewritten
     try:
         with pytest.raises(LatentCacheError, match="other data"):
-            open_cache(built, model, _pairs(built), model.settings)
+            open_cache(built, model, model.settings)
     finally:
         os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
@@ -161,7 +163,7 @@ def test_other_settings_data_or_weights_are_refused_by_name(built: SFTConfig, ba
     save_file(tensors, str(vae_file))
     moved = dataclasses.replace(built, base=str(changed))
     with pytest.raises(LatentCacheError, match=r"other weights \(the VAE, SigLIP or Redux weights changed\)"):
-        open_cache(moved, model, pairs, model.settings)
+        open_cache(moved, model, model.settings)
 
 
 def test_a_truncated_shard_is_named_and_rebuilt(built: SFTConfig, base: Path, tmp_path) -> None:

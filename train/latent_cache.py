@@ -70,26 +70,27 @@ def weights_digest(base: str | Path) -> str:
     return digest.hexdigest()
 
 
-def data_digest(pairs) -> str:
-    """Hash of the pair list and of every file it reads: the UDG index's bytes, each image's size and mtime."""
-    from unidg.runtime.udg import INDEX_FILE
-    from unidg.train.dataset import pair_key
+def data_digest(config) -> str:
+    """Hash of what the pair list is drawn from: the UDG index's bytes, the size and modification time of every image
+    it names (no image is decoded), and the seed, limit and mix that select the pairs. Checking a cache therefore
+    never recomputes the pairs (whose Alg. 2 statistics read every image)."""
+    from unidg.runtime.udg import INDEX_FILE, read_index
 
-    digest = hashlib.sha256()
-    roots = sorted({str(q.root) for pair in pairs for q in (pair.reference, pair.target)})
-    for root in roots:
-        digest.update((Path(root) / INDEX_FILE).read_bytes())
-    seen = set()
-    for pair in pairs:
-        digest.update(pair_key(pair).encode())
-        for quadruplet in (pair.reference, pair.target):
-            for which in ("normal", "abnormal", "mask"):
-                path = quadruplet.path(which)
-                if path in seen:
-                    continue
-                seen.add(path)
+    folder = Path(config.data.train)
+    digest = hashlib.sha256((folder / INDEX_FILE).read_bytes())
+    quadruplets = read_index(folder, check_files=False)
+    if config.data.limit:
+        quadruplets = quadruplets[: config.data.limit]
+    for quadruplet in quadruplets:
+        for which in ("normal", "abnormal", "mask"):
+            path = quadruplet.path(which)
+            try:
                 stat = path.stat()
-                digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+            except FileNotFoundError:
+                raise LatentCacheError(f"{path}, named by {folder / INDEX_FILE}, does not exist") from None
+            digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    selection = {"seed": config.seed, "limit": config.data.limit, "mix": list(config.train.mix)}
+    digest.update(json.dumps(selection, sort_keys=True).encode())
     return digest.hexdigest()
 
 
@@ -106,11 +107,12 @@ def cache_settings(model, settings: UniDGSettings, with_normal: bool) -> dict:
     }
 
 
-def cache_key(base: str | Path, model, pairs, settings: UniDGSettings, with_normal: bool) -> dict:
+def cache_key(config, model, settings: UniDGSettings) -> dict:
+    """The key of an SFT config's cache: weights, data and settings."""
     return {
-        "weights": weights_digest(base),
-        "data": data_digest(pairs),
-        "settings": cache_settings(model, settings, with_normal),
+        "weights": weights_digest(config.base),
+        "data": data_digest(config),
+        "settings": cache_settings(model, settings, config.loss.normal_reg_weight > 0),
     }
 
 
@@ -120,7 +122,7 @@ def key_differences(found: dict, wanted: dict) -> list[str]:
     if found.get("weights") != wanted["weights"]:
         problems.append("other weights (the VAE, SigLIP or Redux weights changed)")
     if found.get("data") != wanted["data"]:
-        problems.append("other data (the UDG index, an image file or the pair list changed)")
+        problems.append("other data (the UDG index, an image file, or the seed, limit or mix of the pairs changed)")
     old, new = found.get("settings", {}), wanted["settings"]
     changed = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if changed:
@@ -202,7 +204,6 @@ def build_cache(
     shard_size: int = 256,
     progress: bool = True,
     key: dict | None = None,
-    base: str | Path | None = None,
 ) -> dict:
     """Write (or finish) the cache of ``pairs`` in ``folder``; returns the manifest. A folder holding a cache with
     another key is refused; finished shards of the same key are kept."""
@@ -214,19 +215,11 @@ def build_cache(
     if not pairs:
         raise LatentCacheError("no training pairs: the UDG folder yielded none for the selected distributions")
     if key is None:
-        if base is None:
-            raise ValueError("build_cache needs the base weights folder (base=...) or a precomputed key")
-        key = cache_key(base, model, pairs, settings, with_normal)
+        raise ValueError("build_cache needs the cache key (cache_key(config, model, settings))")
     folder.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(folder)
     if manifest is not None:
-        differences = key_differences(manifest["key"], key)
-        if differences or manifest.get("shard_size") != shard_size:
-            why = "; ".join(differences) or f"shard_size {manifest.get('shard_size')} -> {shard_size}"
-            raise LatentCacheError(
-                f"latent cache {folder} was made from {why}; point data.latent_cache at a new folder or delete "
-                f"{folder} to rebuild it"
-            )
+        _refuse_other_key(folder, manifest, key, shard_size)
     else:
         manifest = {
             "format": FORMAT,
@@ -263,6 +256,16 @@ def build_cache(
     manifest["complete"] = True
     atomic_write_text(folder / MANIFEST, json.dumps(manifest) + "\n")
     return manifest
+
+
+def _refuse_other_key(folder: Path, manifest: dict, key: dict, shard_size: int) -> None:
+    differences = key_differences(manifest["key"], key)
+    if differences or manifest.get("shard_size") != shard_size:
+        why = "; ".join(differences) or f"shard_size {manifest.get('shard_size')} -> {shard_size}"
+        raise LatentCacheError(
+            f"latent cache {folder} was made from {why}; point data.latent_cache at a new folder or delete "
+            f"{folder} to rebuild it"
+        )
 
 
 def _shard_intact(folder: Path, name: str, entry: dict) -> bool:
@@ -357,15 +360,15 @@ class StreamedLatents:
         return out
 
 
-def open_cache(config, model, pairs, settings: UniDGSettings) -> StreamedLatents:
-    """The cache of an SFT config, refused unless it was made from this model, these pairs and these settings."""
+def open_cache(config, model, settings: UniDGSettings) -> StreamedLatents:
+    """The cache of an SFT config, refused unless it was made from these weights, data and settings."""
     folder = Path(config.data.latent_cache)
     manifest = read_manifest(folder)
     if manifest is None:
         raise LatentCacheError(
             f"data.latent_cache {folder} holds no latent cache; make it first with `unidg train cache --config C`"
         )
-    wanted = cache_key(config.base, model, pairs, settings, config.loss.normal_reg_weight > 0)
+    wanted = cache_key(config, model, settings)
     differences = key_differences(manifest["key"], wanted)
     if differences:
         raise LatentCacheError(
@@ -391,6 +394,10 @@ def cache_for_config(config, progress: bool = True) -> dict:
     settings = settings_of(config)
     model = load_model(config.base, dtype=dtype, device=device)
     model.settings = settings
+    key = cache_key(config, model, settings)
+    manifest = read_manifest(Path(config.data.latent_cache))
+    if manifest is not None:  # refuse a stale cache before drawing the pairs (which reads every image)
+        _refuse_other_key(Path(config.data.latent_cache), manifest, key, config.data.shard_size)
     pairs = select_pairs(prepare_pairs(config.data.train, config.seed, config.data.limit), config.train.mix)
     with_normal = config.loss.normal_reg_weight > 0
     return build_cache(
@@ -401,7 +408,7 @@ def cache_for_config(config, progress: bool = True) -> dict:
         with_normal,
         config.data.shard_size,
         progress=progress,
-        base=config.base,
+        key=key,
     )
 
 

@@ -66,11 +66,11 @@ def load_training_data(config: SFTConfig, model, settings: UniDGSettings, placem
     in-memory latents of the run folder."""
     from unidg.train.dataset import LatentPairs
 
-    pairs = select_pairs(prepare_pairs(config.data.train, config.seed, config.data.limit), config.train.mix)
     if config.data.latent_cache:
         from unidg.train.latent_cache import open_cache
 
-        return open_cache(config, model, pairs, settings)
+        return open_cache(config, model, settings)  # the pair list is the cache's: no image is read
+    pairs = select_pairs(prepare_pairs(config.data.train, config.seed, config.data.limit), config.train.mix)
     cache_dir = Path(config.output) / "cache" if config.data.cache else None
     return LatentPairs.cached(
         model,
