@@ -111,7 +111,10 @@ def test_two_processes_match_one_and_resume_in_one(tmp_path: Path, udg: Path, la
 
     two = tmp_path / "two"
     config_json = json.dumps(config_to_dict(_config(udg, two, steps=2)))
-    mp.spawn(_worker, args=(2, _free_port(), str(data_path), config_json), nprocs=2, join=True)
+    # fork: the workers inherit the imported modules (spawn would re-import torch and diffusers in each).
+    mp.start_processes(
+        _worker, args=(2, _free_port(), str(data_path), config_json), nprocs=2, join=True, start_method="fork"
+    )
     log = read_log(two)
     assert [r["step"] for r in log] == [1, 2]  # rank 0 alone writes the log
     np.testing.assert_allclose([r["loss"] for r in log], expected[:2], rtol=0, atol=TOLERANCE)
