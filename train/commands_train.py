@@ -127,6 +127,19 @@ def _eval_nano(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rft(args: argparse.Namespace) -> int:
+    from unidg.train.rft import load_rft_config, train_rft
+
+    config = load_rft_config(args.config, _overrides(args))
+    train_rft(config, resume=not args.restart)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"LoRA (EMA): {config.output}/lora.safetensors (log: {config.output}/log.jsonl); fold it into the SFT "
+            f"weights with `unidg train merge --base {config.base} --lora {config.output} --out OUT`"
+        )
+    return 0
+
+
 def _reward_bench(args: argparse.Namespace) -> int:
     from unidg.train.judge import JudgeError
     from unidg.train.reward_bench import run_reward_bench
@@ -165,6 +178,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sft = commands.add_parser("sft", help="Diversity-SFT: LoRA on a base weights folder (flow matching + Eq. 9)")
     _add_config_arguments(sft)
     sft.set_defaults(handler=_sft)
+
+    rft = commands.add_parser(
+        "rft", help="Consistency-RFT: Flow-GRPO with a new LoRA on merged SFT weights, rewards from [reward]"
+    )
+    _add_config_arguments(rft)
+    rft.set_defaults(handler=_rft)
 
     cache = commands.add_parser(
         "cache", help="precompute an SFT config's latents into the sharded cache of data.latent_cache (resumable)"

@@ -1,0 +1,167 @@
+"""``unidg train rft`` on the shipped UniDG-nano weights at a tiny resolution: the reference policy is the merged
+SFT model, a step trains the new LoRA, resume equals an uninterrupted run, merge exports a loadable folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from unidg.cli import main
+from unidg.train.config import ConfigError, DataConfig, LoraConfig, OptimConfig
+from unidg.train.loading import load_model
+from unidg.train.merge import merge_lora, probe_inputs, probe_velocity
+from unidg.train.rewards import ColorConfig, RewardConfig
+from unidg.train.rft import (
+    GRPOConfig,
+    RFTConfig,
+    RFTLoopConfig,
+    RFTRun,
+    RolloutConfig,
+    adapters_disabled,
+    load_rft_config,
+    train_rft,
+)
+
+NANO = Path(__file__).resolve().parents[1] / "runtime" / "assets" / "unidg-nano"
+SETTINGS = {"resolution": 32}  # 2 x 4 image tokens
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def udg(tmp_path_factory) -> Path:
+    from unidg.train.synth import synthesize
+
+    folder = tmp_path_factory.mktemp("udg") / "train"
+    synthesize(folder, 8, seed=3, size=64, progress=False)
+    return folder
+
+
+def _config(udg: Path, output: Path, steps: int = 3, **grpo) -> RFTConfig:
+    return RFTConfig(
+        base=str(NANO),
+        output=str(output),
+        seed=1,
+        data=DataConfig(train=str(udg)),
+        lora=LoraConfig(rank=4, alpha=8.0),
+        optim=OptimConfig(name="adamw", lr=3e-3, weight_decay=0.0),
+        rollout=RolloutConfig(group_size=2, steps=[1, 2], cfg_scales=[1.0, 2.0], guidance=-1.0),
+        grpo=GRPOConfig(clip_range=0.2, beta=0.01, inner_epochs=2, **grpo),
+        reward=RewardConfig(color=ColorConfig(weight=1.0)),
+        train=RFTLoopConfig(steps=steps, batch_size=1, checkpoint_every=1, progress=False),
+        settings=dict(SETTINGS),
+    )
+
+
+def test_a_step_trains_the_lora_and_disabling_it_gives_the_sft_model(udg, tmp_path) -> None:
+    run = RFTRun(_config(udg, tmp_path / "run", steps=1))
+    record = run.run(resume=False)[0]
+    assert set(record) >= {"reward_mean", "reward_std", "policy_loss", "kl", "clip_fraction", "reward/color"}
+    assert record["transitions"] >= 2 and record["grad_norm"] > 0 and record["kl"] >= 0
+    lora_b = [p for name, p in run.trainable.items() if "lora_B" in name]
+    assert any(float(p.detach().abs().max()) > 0 for p in lora_b)  # lora_B starts at zero: the step moved it
+    base = load_model(NANO)
+    base.settings = run.settings
+    probe = probe_inputs(base)
+    expected = probe_velocity(base.eval(), probe, 1.0)
+    with adapters_disabled(run.model.transformer):
+        assert torch.allclose(probe_velocity(run.model, probe, 1.0), expected, atol=1e-6)
+    assert not torch.allclose(probe_velocity(run.model, probe, 1.0), expected, atol=1e-6)
+
+
+def test_resume_equals_an_uninterrupted_run(udg, tmp_path) -> None:
+    whole = RFTRun(_config(udg, tmp_path / "whole"))
+    records = whole.run(resume=False)
+    first = RFTRun(_config(udg, tmp_path / "split"))
+    first.run(resume=False, stop_after=2)
+    second = RFTRun(_config(udg, tmp_path / "split"))  # a fresh process: weights, EMA, optimizer from the checkpoint
+    resumed = second.run(resume=True)
+    assert second.step == 3 and [r["step"] for r in resumed] == [3]
+    for key in ("reward_mean", "policy_loss", "kl", "grad_norm"):
+        assert resumed[0][key] == pytest.approx(records[2][key], abs=1e-6)
+    for name, parameter in whole.trainable.items():
+        assert torch.allclose(second.trainable[name], parameter, atol=1e-6, rtol=0)
+        assert torch.allclose(second.ema[name], whole.ema[name], atol=1e-6, rtol=0)
+    log = [json.loads(line) for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]
+
+
+def test_rft_command_then_merge_gives_a_loadable_weights_folder(udg, tmp_path, capsys) -> None:
+    config = tmp_path / "rft.toml"
+    config.write_text(
+        f"""base = "{NANO}"
+output = "{tmp_path / "run"}"
+seed = 2
+[data]
+train = "{udg}"
+[settings]
+resolution = 32
+[lora]
+rank = 4
+alpha = 8.0
+[optim]
+name = "adamw"
+lr = 3e-3
+[rollout]
+group_size = 2
+steps = [1]
+guidance = -1.0
+[grpo]
+ema_decay = 0.5
+[reward.color]
+weight = 1.0
+[train]
+steps = 2
+progress = false
+"""
+    )
+    assert main(["train", "rft", "--config", str(config)]) == 0
+    assert "unidg train merge" in capsys.readouterr().out
+    info = json.loads((tmp_path / "run" / "lora.json").read_text())
+    assert info["stage"] == "consistency-rft" and info["weights"] == "ema" and info["rank"] == 4
+    report = merge_lora(NANO, tmp_path / "run", tmp_path / "merged")
+    assert report["merge"]["max_abs_diff_vs_unmerged"] <= 1e-4 and report["merge"]["max_abs_lora_effect"] > 0
+    merged = load_model(tmp_path / "merged")
+    assert merged.settings.resolution == 32
+    probe = probe_inputs(merged)
+    base = load_model(NANO)
+    base.settings = merged.settings
+    assert not torch.allclose(probe_velocity(merged, probe, 1.0), probe_velocity(base, probe, 1.0), atol=1e-7)
+
+
+def test_bad_configs_fail_at_start(udg, tmp_path) -> None:
+    path = tmp_path / "rft.toml"
+    body = f'base = "{NANO}"\noutput = "{tmp_path / "o"}"\n[data]\ntrain = "{udg}"\n'
+    path.write_text(body + '[reward.judge]\nweight = 0.5\nurl = "http://127.0.0.1:9/v1"\n')
+    with pytest.raises(ConfigError, match="judge.model"):
+        load_rft_config(path)
+    path.write_text(body + "[reward.color]\nweight = 1.0\n[rollout]\ngroup_size = 1\n")
+    with pytest.raises(ConfigError, match="rollout.group_size"):
+        load_rft_config(path)
+    path.write_text(body + "[reward.color]\nweight = 1.0\n[train]\neval_every = 2\n")
+    with pytest.raises(ConfigError, match="data.heldout"):
+        load_rft_config(path)
+    config = _config(udg, tmp_path / "o")
+    config.base = str(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="merged SFT weights"):
+        train_rft(config)
+
+
+@pytest.mark.parametrize("name", ["nano-rft.toml", "full-rft.toml"])
+def test_shipped_rft_configs_are_valid(name: str) -> None:
+    config = load_rft_config(Path(__file__).resolve().parents[1] / "configs" / name)
+    # The paper's settings (App. D.2): new LoRA r = 64, alpha = 128, G = 8, T = 8, AdamW 1e-4, beta = 0.001.
+    assert (config.lora.rank, config.lora.scale_alpha, config.rollout.group_size) == (64, 128.0, 8)
+    assert config.rollout.steps == [8] and config.optim.name == "adamw" and config.optim.lr == 1e-4
+    assert config.grpo.beta == 0.001 and config.grpo.adv_eps == 1e-5
+    if name.startswith("full"):
+        assert config.rollout.guidance == 3.5 and config.reward.judge.weight == 0.5
