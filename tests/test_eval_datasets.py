@@ -104,23 +104,25 @@ def test_visa_wrong_csv_and_mismatched_mask_are_refused(tmp_path: Path) -> None:
         read_visa(tmp_path / "c", csv_file)
 
 
-def test_udg_folder_is_split_by_lot_with_no_product_in_both(tmp_path: Path) -> None:
+def test_udg_folder_is_split_by_defect_type_and_lot(tmp_path: Path) -> None:
     from unidg.runtime.udg import read_index
     from unidg.train.synth import synthesize
 
-    synthesize(tmp_path / "udg", count=24, seed=5, size=32, progress=False)
+    synthesize(tmp_path / "udg", count=60, seed=5, size=32, progress=False)
+    quadruplets = {q.path("abnormal"): q for q in read_index(tmp_path / "udg")}
     splits = read_udg(tmp_path / "udg")
-    assert splits and all(s.test and s.train_defects and s.train_good for s in splits)
+    assert splits
     for split in splits:
-        train_images = {p.name for p in split.train_good} | {s.image.name for s in split.train_defects}
-        assert not train_images & {s.image.name for s in split.test}
-        assert all(s.mask is not None for s in split.test if s.is_defect)
+        train_files = {p.name for p in split.train_good} | {s.image.name for s in split.train_defects}
+        assert not train_files & {s.image.name for s in split.test}
+        train_types = {s.defect for s in split.train_defects}
+        test_defects = [s for s in split.test if s.is_defect]
+        assert test_defects and all(s.defect in train_types for s in test_defects)
+        assert all(s.mask is not None for s in test_defects)
+        # A defect type with several lots keeps each lot on one side.
+        for defect in {s.defect for s in test_defects}:
+            test_lots = {quadruplets[s.image].extra["lot"] for s in test_defects if s.defect == defect}
+            train_lots = {quadruplets[s.image].extra["lot"] for s in split.train_defects if s.defect == defect}
+            assert len(test_lots | train_lots) == 1 or not test_lots & train_lots
     with pytest.raises(DatasetLayoutError, match="no quadruplet of nothing"):
         read_udg(tmp_path / "udg", objects=["nothing"])
-    lots: dict[str, set] = {}
-    for q in read_index(tmp_path / "udg"):
-        lots.setdefault(q.object_name, set()).add(q.extra["lot"])
-    single = sorted(name for name, found in lots.items() if len(found) == 1)
-    assert single and not {s.object_name for s in splits} & set(single)
-    with pytest.raises(DatasetLayoutError, match="one lot only"):
-        read_udg(tmp_path / "udg", objects=single[:1])

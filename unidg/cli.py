@@ -18,6 +18,7 @@ from unidg import __version__
 COMMAND_MODULES: list[str] = [
     "unidg.train.commands_data",
     "unidg.train.commands_train",
+    "unidg.train.evaluation.commands",
     "unidg.runtime.commands",
     "unidg.runtime.commands_surfaces",
     "unidg.export.commands_bench",

@@ -205,42 +205,40 @@ def read_visa(root: str | Path, split_csv: str | Path, objects: list[str] | None
 
 
 # ------------------------------------------------------------------------------------------------- UDG folders
-def read_udg(folder: str | Path, objects: list[str] | None = None, test_fraction: float = 0.5) -> list[InspectionSplit]:
-    """Per-object splits of a UDG folder: lots in sorted order, every lot whose rank falls in the test share
-    (``test_fraction``, evenly spread) goes to the test set with its normal and abnormal images. Objects of a single
-    lot are left out (refused when named in ``objects``)."""
+def read_udg(folder: str | Path, objects: list[str] | None = None) -> list[InspectionSplit]:
+    """Per-object splits of a UDG folder, stratified by defect type so test defect types were seen in training.
+
+    Within one object and defect type: with two or more lots (``unidg data synth``'s ``lot`` key; else the id),
+    lots alternate between training and test (no product in both); with one lot, its quadruplets alternate (the
+    product, the same normal image flipped, is then in both; the defect instances differ). A type seen once goes to
+    training only. A test quadruplet gives a good image (its normal) and a defect image (abnormal + mask).
+    """
     from unidg.runtime.udg import read_index
 
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1) (got {test_fraction})")
     quadruplets = read_index(folder)
     if not quadruplets:
         raise DatasetLayoutError(f"{folder} holds no quadruplets; make one with `unidg data synth`")
-    by_object: dict[str, list] = {}
+    groups: dict[str, dict[str, list]] = {}
     for q in quadruplets:
         if objects is None or q.object_name in objects:
-            by_object.setdefault(q.object_name, []).append(q)
+            groups.setdefault(q.object_name, {}).setdefault(str(q.extra.get("defect_type", q.category)), []).append(q)
     if objects:
-        absent = sorted(set(objects) - set(by_object))
+        absent = sorted(set(objects) - set(groups))
         if absent:
             raise DatasetLayoutError(f"{folder} has no quadruplet of {', '.join(absent)}")
     splits = []
-    for name in sorted(by_object):
-        group = by_object[name]
-        lots = sorted({str(q.extra.get("lot", q.id)) for q in group})
-        test_lots = {lot for i, lot in enumerate(lots) if int((i + 1) * test_fraction) > int(i * test_fraction)}
-        if len(lots) < 2:
-            if objects:
-                raise DatasetLayoutError(f"{folder}: object {name} has one lot only; a split needs two (add samples)")
-            continue  # an object seen in one lot only cannot be tested on a product it was not trained on
+    for name in sorted(groups):
         split = InspectionSplit(name)
-        for q in group:
-            defect = str(q.extra.get("defect_type", q.category))
-            defect_sample = InspectionSample(q.path("abnormal"), q.path("mask"), defect, name)
-            if str(q.extra.get("lot", q.id)) in test_lots:
-                split.test += [InspectionSample(q.path("normal"), None, GOOD, name), defect_sample]
-            else:
-                split.train_good.append(q.path("normal"))
-                split.train_defects.append(defect_sample)
-        splits.append(split)
+        for defect, group in sorted(groups[name].items()):
+            lots = sorted({str(q.extra.get("lot", q.id)) for q in group})
+            for index, q in enumerate(group):
+                rank = lots.index(str(q.extra.get("lot", q.id))) if len(lots) > 1 else index
+                defect_sample = InspectionSample(q.path("abnormal"), q.path("mask"), defect, name)
+                if rank % 2:
+                    split.test += [InspectionSample(q.path("normal"), None, GOOD, name), defect_sample]
+                else:
+                    split.train_good.append(q.path("normal"))
+                    split.train_defects.append(defect_sample)
+        if split.test:
+            splits.append(split)
     return splits

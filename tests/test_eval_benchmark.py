@@ -1,0 +1,83 @@
+"""``unidg eval run``: rule-based defects, retrieval filter, config errors, and the tiny config end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from unidg.cli import main
+from unidg.train.config import ConfigError
+from unidg.train.evaluation.config import load_eval_config
+from unidg.train.evaluation.rule_defects import cut_paste, perlin_anomaly
+from unidg.train.evaluation.training_sets import LabelledSet, retrieval_filter
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _image(seed: int = 0) -> np.ndarray:
+    return (np.random.default_rng(seed).random((40, 48, 3)) * 255).astype(np.uint8)
+
+
+def test_rule_defects_change_only_their_mask_and_are_deterministic() -> None:
+    image, texture = _image(0), _image(1)[:10, :13]
+    for make in (lambda rng: cut_paste(image, rng), lambda rng: perlin_anomaly(image, texture, rng)):
+        out, mask = make(np.random.default_rng(4))
+        again, again_mask = make(np.random.default_rng(4))
+        assert mask.any() and not mask.all() and out.dtype == np.uint8
+        np.testing.assert_array_equal(out[~mask], image[~mask])
+        assert (out[mask] != image[mask]).any()
+        np.testing.assert_array_equal(out, again)
+        np.testing.assert_array_equal(mask, again_mask)
+
+
+def test_retrieval_filter_keeps_the_images_closest_to_their_type_references() -> None:
+    mask = np.zeros((2, 8, 8), bool)
+    mask[:, 2:6, 2:6] = True
+    red, blue = np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8, 3), np.uint8)
+    red[..., 0], blue[..., 2] = 200, 200
+    references = LabelledSet(np.stack([red, blue]), mask, ["stain", "rust"])
+    # Generated: a red stain (matches), a blue stain (wrong colour for its type), a blue rust (matches).
+    generated = LabelledSet(np.stack([red, blue, blue]), np.concatenate([mask, mask[:1]]), ["stain", "stain", "rust"])
+    kept = retrieval_filter(generated, references, keep_fraction=2 / 3)
+    assert kept.defects == ["stain", "rust"]
+    np.testing.assert_array_equal(kept.images[0], red)
+
+
+def test_config_errors_name_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('output = "o"\nsets = ["rule", "gan"]\n[data]\npath = "d"\n')
+    with pytest.raises(ConfigError, match="sets must be among rule, generated, two_stage, real"):
+        load_eval_config(config)
+    config.write_text('output = "o"\n[data]\npath = "d"\n[generation]\nkeep_fraction = 0.0\n')
+    with pytest.raises(ConfigError, match=r"generation.keep_fraction must be in \(0, 1\]"):
+        load_eval_config(config)
+    assert main(["eval", "run", "--config", str(tmp_path / "absent.toml")]) == 2
+
+
+def test_tiny_config_runs_end_to_end_and_resumes_from_cache(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(ROOT)  # the config's bundle path is relative to the repository root
+    out = tmp_path / "eval"
+    args = ["eval", "run", "--config", "configs/eval-tiny.toml", "--output", str(out), "--quiet"]
+    args += ["--set", f'data.path="{tmp_path / "data"}"']
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["table"]) == ["rule", "generated", "two_stage", "real"]
+    for name, row in report["table"].items():
+        for metric in ("auroc_i", "ap_i", "auroc_p", "ap_p", "pro"):
+            assert 0.0 <= row[metric]["mean"] <= 1.0, (name, metric)
+    assert report["table"]["rule"]["miou"] is None  # rule-based defects carry no defect type
+    assert report["table"]["generated"]["miou"] is not None
+    assert {r["object"] for r in report["runs"]} == {*report["objects"], "*"}
+    markdown = (out / "report.md").read_text()
+    assert "(ii) UniDG-generated" in markdown and "Generated (ii) minus rule-based (i)" in markdown
+    assert (out / "samples.png").stat().st_size > 0
+    models = sorted((out / "cache" / "models").iterdir())
+    stamps = [p.stat().st_mtime_ns for p in models]
+    assert models and list((out / "cache" / "generated").iterdir())
+    # A rerun finds every detector and score in the cache: nothing is retrained, the table is the same.
+    assert main(args) == 0
+    assert [p.stat().st_mtime_ns for p in sorted((out / "cache" / "models").iterdir())] == stamps
+    assert json.loads((out / "report.json").read_text())["table"] == report["table"]

@@ -1,0 +1,371 @@
+"""``unidg eval run``: the training sets (i)-(iv) side by side, detectors trained on each, scored on real test images.
+
+Per seed and object: a binary U-Net (AUROC-I/P, AP-I/P, PRO) and a ResNet-34 defect-type classifier (accuracy) per
+training set; per seed: one multi-class U-Net over every object's defect types (mIoU, BG/FG mIoU, and the merged
+binary metrics of Table 2). Metrics are averaged over objects, then given as mean +- std over seeds.
+
+Resumable: every trained detector is stored under ``OUTPUT/cache/models/<key>.safetensors`` and its scores under
+``OUTPUT/cache/results/<key>.json``, the key hashing the config (output folder and seed list aside), seed, object,
+training set and model; generated images are cached per object and seed. A rerun skips what is there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from unidg.runtime.manifest import atomic_write_bytes, atomic_write_text
+from unidg.train.config import to_dict
+from unidg.train.evaluation.config import EvalConfig
+from unidg.train.evaluation.datasets import InspectionSplit, read_mvtec, read_udg, read_visa
+from unidg.train.evaluation.training_sets import (
+    LabelledSet,
+    generated_set,
+    load_good,
+    load_samples,
+    references,
+    retrieval_filter,
+    rule_set,
+)
+
+SET_TITLES = {
+    "rule": "(i) rule-based (cut-paste + Perlin)",
+    "generated": "(ii) UniDG-generated",
+    "two_stage": "(iii) two-stage (i) -> filtered (ii)",
+    "real": "(iv) real defects",
+}
+BINARY_METRICS = ("auroc_i", "ap_i", "auroc_p", "ap_p", "pro")
+TABLE_METRICS = (*BINARY_METRICS, "accuracy", "miou", "bg_miou", "fg_miou")
+METRIC_TITLES = {
+    "auroc_i": "AUROC-I",
+    "ap_i": "AP-I",
+    "auroc_p": "AUROC-P",
+    "ap_p": "AP-P",
+    "pro": "PRO",
+    "accuracy": "Acc",
+    "miou": "mIoU",
+    "bg_miou": "BG-mIoU",
+    "fg_miou": "FG-mIoU",
+}
+
+
+def load_splits(config: EvalConfig, progress: bool = True) -> list[InspectionSplit]:
+    data = config.data
+    objects = data.objects or None
+    if data.kind == "udg":
+        folder = Path(data.path)
+        if not (folder / "index.jsonl").exists():
+            if not data.synth_count:
+                raise ValueError(
+                    f"{folder} holds no UDG index; make it with `unidg data synth` or set data.synth_count"
+                )
+            from unidg.train.synth import synthesize
+
+            synthesize(folder, data.synth_count, data.synth_seed, data.synth_size, progress=progress)
+        splits = read_udg(folder, objects)
+    elif data.kind == "mvtec":
+        splits = read_mvtec(data.path, objects, reference_shots=data.reference_shots)
+    else:
+        splits = read_visa(data.path, data.split_csv, objects)
+    splits = [s for s in splits if s.train_defects and any(t.is_defect for t in s.test)]
+    if data.max_objects:
+        splits = splits[: data.max_objects]
+    if not splits:
+        raise ValueError(f"{data.path}: no object has both real defect references and defective test images")
+    return splits
+
+
+def config_hash(config: EvalConfig) -> str:
+    data = to_dict(config)
+    data.pop("output")
+    data.pop("seeds")
+    data.pop("sets")
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Cache:
+    def __init__(self, folder: Path, config_key: str) -> None:
+        self.folder, self.config_key = folder, config_key
+
+    def key(self, *parts: object) -> str:
+        return hashlib.sha256(json.dumps([self.config_key, *map(str, parts)]).encode()).hexdigest()[:20]
+
+    def result(self, key: str) -> dict | None:
+        path = self.folder / "results" / f"{key}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def store_result(self, key: str, result: dict) -> None:
+        atomic_write_text(self.folder / "results" / f"{key}.json", json.dumps(result) + "\n")
+
+    def model(self, key: str, model):
+        from safetensors.torch import load_file
+
+        path = self.folder / "models" / f"{key}.safetensors"
+        if not path.is_file():
+            return None
+        model.load_state_dict(load_file(path))
+        return model.eval()
+
+    def store_model(self, key: str, model) -> None:
+        from safetensors.torch import save
+
+        state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+        atomic_write_bytes(self.folder / "models" / f"{key}.safetensors", save(state))
+
+
+def _cached_model(cache: Cache, key: str, build, train):
+    """The model stored under ``key``, or ``train()``'s, stored."""
+    model = cache.model(key, build())
+    if model is None:
+        model = train()
+        cache.store_model(key, model)
+    return model
+
+
+def run_benchmark(config: EvalConfig, progress: bool = True) -> dict:
+    """Train and score every detector of ``config``; write report.json, report.md and plots to ``config.output``."""
+    import torch
+    from tqdm import tqdm
+
+    from unidg.train.detectors import ResNet34, UNet
+    from unidg.train.evaluation import detector_training as dt
+
+    started = time.time()
+    out = Path(config.output)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = config.detectors
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    cache = Cache(out / "cache", config_hash(config))
+    splits = load_splits(config, progress)
+    size, sets = cfg.size, config.sets
+    needs_generation = bool({"generated", "two_stage"} & set(sets))
+    synthesizer = None
+    if needs_generation:
+        from unidg.runtime.synthesizer import DefectSynthesizer
+
+        synthesizer = DefectSynthesizer.from_bundle(config.generation.bundle, config.generation.backend)
+    goods = {s.object_name: load_good(s.train_good, size) for s in splits}
+    refs = {s.object_name: load_samples(references(s, config.data.reference_shots), size) for s in splits}
+    tests = {s.object_name: load_samples(s.test, size) for s in splits}
+    textures = [g.images[0] for g in goods.values()]
+    total = len(config.seeds) * (len(splits) + 1) * len(sets)
+    bar = tqdm(total=total, desc="eval", disable=not progress)
+    generation_bar = tqdm(
+        total=len(config.seeds) * len(splits) * config.generation.per_object if needs_generation else 0,
+        desc="generate",
+        disable=not (progress and needs_generation),
+    )
+    runs: list[dict] = []
+    samples_for_grid: list[tuple[np.ndarray, np.ndarray, str]] = []
+    for seed in config.seeds:
+        per_set_data: dict[str, dict[str, LabelledSet]] = {
+            name: {} for name in ("rule", "generated", "filtered", "real")
+        }
+        for split in splits:
+            name = split.object_name
+            good, test = goods[name], tests[name]
+            data = per_set_data
+            if {"rule", "two_stage"} & set(sets):
+                data["rule"][name] = rule_set(good, textures, cfg.rule_per_object, seed)
+            if needs_generation:
+                generated = generated_set(
+                    synthesizer,
+                    split,
+                    config.data.reference_shots,
+                    config.generation.per_object,
+                    config.generation.steps,
+                    seed,
+                    size,
+                    cache=out / "cache" / "generated",
+                    progress=generation_bar.update,
+                )
+                if generation_bar.n < generation_bar.total:
+                    generation_bar.update(0)
+                data["generated"][name] = generated
+                data["filtered"][name] = retrieval_filter(generated, refs[name], config.generation.keep_fraction)
+                if seed == config.seeds[0]:
+                    samples_for_grid += [
+                        (generated.images[i], generated.masks[i], f"{name}: {generated.defects[i]}")
+                        for i in range(min(4, len(generated)))
+                    ]
+            if "real" in sets:
+                data["real"][name] = load_samples(split.train_defects, size)
+            classes = sorted({d for d in refs[name].defects})
+            for set_name in sets:
+                key = cache.key(seed, name, set_name, "object")
+                result = cache.result(key)
+                if result is None:
+                    result = _object_run(
+                        cache, seed, name, set_name, data, good, test, classes, cfg, dt, UNet, ResNet34
+                    )
+                    cache.store_result(key, result)
+                runs.append({"seed": seed, "object": name, "set": set_name, **result})
+                bar.update(1)
+        all_classes = ["background"] + sorted(
+            {f"{s.object_name}/{d}" for s in splits for d in refs[s.object_name].defects}
+        )
+        test_all = LabelledSet.concat(*(_qualified(tests[s.object_name], s.object_name) for s in splits))
+        for set_name in sets:
+            key = cache.key(seed, "*", set_name, "multiclass")
+            result = cache.result(key)
+            if result is None:
+                result = _multiclass_run(
+                    cache, key, seed, set_name, per_set_data, splits, test_all, all_classes, cfg, dt, UNet
+                )
+                cache.store_result(key, result)
+            runs.append({"seed": seed, "object": "*", "set": set_name, **result})
+            bar.update(1)
+    bar.close()
+    generation_bar.close()
+    if synthesizer is not None:
+        synthesizer.close()
+    report = summarize(config, runs, splits, time.time() - started)
+    from unidg.train.evaluation.report import write_report
+
+    write_report(out, report, runs, samples_for_grid)
+    return report
+
+
+def _qualified(data: LabelledSet, object_name: str) -> LabelledSet:
+    return LabelledSet(
+        data.images, data.masks, [d if d in ("good", "") else f"{object_name}/{d}" for d in data.defects]
+    )
+
+
+def _object_run(cache, seed, name, set_name, data, good, test, classes, cfg, dt, UNet, ResNet34) -> dict:
+    """Binary U-Net and classifier of one object trained on one set."""
+    unet_key = cache.key(seed, name, set_name, "unet")
+    result: dict = {}
+    if set_name == "two_stage":
+        rule_unet = _cached_model(
+            cache,
+            cache.key(seed, name, "rule", "unet"),
+            lambda: UNet(1, cfg.unet_width, cfg.unet_depth),
+            lambda: dt.train_binary_unet(LabelledSet.concat(data["rule"][name], good), cfg, seed, cfg.seg_epochs),
+        )
+        train = LabelledSet.concat(data["filtered"][name], good)
+        unet = _cached_model(
+            cache,
+            unet_key,
+            lambda: UNet(1, cfg.unet_width, cfg.unet_depth),
+            lambda: dt.train_binary_unet(train, cfg, seed, cfg.finetune_epochs, model=rule_unet),
+        )
+    else:
+        train = LabelledSet.concat(data[set_name][name], good)
+        unet = _cached_model(
+            cache,
+            unet_key,
+            lambda: UNet(1, cfg.unet_width, cfg.unet_depth),
+            lambda: dt.train_binary_unet(train, cfg, seed, cfg.seg_epochs),
+        )
+    result.update(dt.evaluate_binary(unet, test))
+    result["train_images"] = len(train)
+    # The classifier needs defect types: rule-based defects have none.
+    if set_name == "rule" or len(classes) < 2:
+        result.update(accuracy=None, classified=0)
+        return result
+    typed = data["filtered" if set_name == "two_stage" else set_name][name]
+    typed = typed.subset([i for i, d in enumerate(typed.defects) if d in classes])
+    if set_name == "two_stage":
+        stage_one = LabelledSet.concat(data["rule"][name], good)
+        stage_one = LabelledSet(
+            stage_one.images, stage_one.masks, ["anomaly" if d == "" else d for d in stage_one.defects]
+        )
+        pretrained = _cached_model(
+            cache,
+            cache.key(seed, name, "rule", "classifier-pretrain"),
+            lambda: ResNet34(2, cfg.resnet_width),
+            lambda: dt.train_classifier(stage_one, ["good", "anomaly"], cfg, seed, cfg.cls_epochs),
+        )
+        classifier = _cached_model(
+            cache,
+            cache.key(seed, name, set_name, "classifier"),
+            lambda: ResNet34(len(classes), cfg.resnet_width),
+            lambda: dt.train_classifier(typed, classes, cfg, seed, cfg.finetune_epochs, model=pretrained),
+        )
+    else:
+        classifier = _cached_model(
+            cache,
+            cache.key(seed, name, set_name, "classifier"),
+            lambda: ResNet34(len(classes), cfg.resnet_width),
+            lambda: dt.train_classifier(typed, classes, cfg, seed, cfg.cls_epochs),
+        )
+    result.update(dt.evaluate_classifier(classifier, test, classes))
+    return result
+
+
+def _multiclass_run(cache, key, seed, set_name, data, splits, test_all, classes, cfg, dt, UNet) -> dict:
+    if set_name == "rule":
+        return {"miou": None, "bg_miou": None, "fg_miou": None}
+    names = [s.object_name for s in splits]
+    source = "filtered" if set_name == "two_stage" else set_name
+    train = LabelledSet.concat(*(_qualified(data[source][n], n) for n in names))
+    train = train.subset([i for i, d in enumerate(train.defects) if d in classes])
+    model = None
+    if set_name == "two_stage":
+        stage_one = LabelledSet.concat(*(data["rule"][n] for n in names))
+        stage_one = LabelledSet(stage_one.images, stage_one.masks, ["anomaly"] * len(stage_one))
+        model = _cached_model(
+            cache,
+            cache.key(seed, "*", "rule", "multiclass-pretrain"),
+            lambda: UNet(2, cfg.unet_width, cfg.unet_depth),
+            lambda: dt.train_multiclass_unet(stage_one, ["background", "anomaly"], cfg, seed, cfg.seg_epochs),
+        )
+    epochs = cfg.finetune_epochs if model is not None else cfg.seg_epochs
+    unet = _cached_model(
+        cache,
+        cache.key(seed, "*", set_name, "multiclass-unet"),
+        lambda: UNet(len(classes), cfg.unet_width, cfg.unet_depth),
+        lambda: dt.train_multiclass_unet(train, classes, cfg, seed, epochs, model=model),
+    )
+    return dt.evaluate_multiclass(unet, test_all, classes)
+
+
+def _mean_std(values: list[float]) -> dict | None:
+    values = [v for v in values if v is not None and np.isfinite(v)]
+    if not values:
+        return None
+    return {
+        "mean": float(np.mean(values)),
+        "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
+
+
+def summarize(config: EvalConfig, runs: list[dict], splits: list[InspectionSplit], seconds: float) -> dict:
+    """Per set and metric: the object mean per seed, then mean +- std over seeds."""
+    table: dict[str, dict] = {}
+    for set_name in config.sets:
+        row = {}
+        for metric in TABLE_METRICS:
+            per_seed = []
+            for seed in config.seeds:
+                object_level = metric in BINARY_METRICS or metric == "accuracy"
+                values = [
+                    r.get(metric)
+                    for r in runs
+                    if r["set"] == set_name and r["seed"] == seed and (r["object"] != "*") == object_level
+                ]
+                values = [v for v in values if v is not None]
+                per_seed.append(float(np.mean(values)) if values else None)
+            row[metric] = _mean_std(per_seed)
+        table[set_name] = row
+    verdicts = {}
+    if "rule" in table and "generated" in table:
+        for metric in BINARY_METRICS:
+            a, b = table["generated"][metric], table["rule"][metric]
+            if a and b:
+                verdicts[metric] = a["mean"] - b["mean"]
+    return {
+        "config": to_dict(config),
+        "objects": [s.object_name for s in splits],
+        "test_images": {s.object_name: len(s.test) for s in splits},
+        "table": table,
+        "generated_minus_rule": verdicts,
+        "seconds": round(seconds, 1),
+    }

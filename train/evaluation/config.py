@@ -1,0 +1,100 @@
+"""``unidg eval run --config FILE``: the benchmark's configuration (TOML or JSON, as the training configs).
+
+Unknown keys, wrong types and out-of-range values are refused naming the file and the key (``unidg.train.config``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from unidg.train.config import ConfigError, load_config
+
+TRAINING_SETS: tuple[str, ...] = ("rule", "generated", "two_stage", "real")
+DATA_KINDS: tuple[str, ...] = ("udg", "mvtec", "visa")
+
+
+def _check(ok: bool, where: str, key: str, rule: str, value: object) -> None:
+    if not ok:
+        raise ConfigError(f"{where}: {key} {rule} (got {value!r})")
+
+
+@dataclass
+class EvalDataConfig:
+    kind: str = "udg"  # udg (a UDG folder, split by lot) | mvtec | visa
+    path: str = ""  # dataset root (udg: the folder; made by `unidg data synth` when synth_count > 0 and absent)
+    split_csv: str = ""  # visa: the split CSV
+    synth_count: int = 0  # udg: quadruplets to synthesize into ``path`` when it holds no index
+    synth_seed: int = 9001  # a seed used for nothing else (held-out objects)
+    synth_size: int = 96
+    objects: list[str] = field(default_factory=list)  # default: every object
+    max_objects: int = 0  # keep the first N objects (0: all)
+    reference_shots: int = 4  # real defect references per defect type given to generation and retrieval
+
+    def validate(self, where: str) -> None:
+        _check(self.kind in DATA_KINDS, where, "data.kind", f"must be one of {', '.join(DATA_KINDS)}", self.kind)
+        _check(bool(self.path), where, "data.path", "is required (the dataset root)", self.path)
+        _check(self.kind != "visa" or bool(self.split_csv), where, "data.split_csv", "is required for visa", "")
+        _check(self.reference_shots >= 1, where, "data.reference_shots", "must be >= 1", self.reference_shots)
+        _check(self.max_objects >= 0 and self.synth_count >= 0, where, "data.max_objects/synth_count", ">= 0", 0)
+
+
+@dataclass
+class GenerationConfig:
+    bundle: str = "runtime/assets/unidg-nano-bundle"  # a UniDG bundle (unidg export)
+    backend: str = "onnxruntime"
+    per_object: int = 32  # generated training images per object and seed
+    steps: int = 0  # 0: the bundle's own step count
+    keep_fraction: float = 0.5  # two-stage: share of generated images kept by retrieval similarity
+
+    def validate(self, where: str) -> None:
+        _check(self.per_object >= 1, where, "generation.per_object", "must be >= 1", self.per_object)
+        _check(self.steps >= 0, where, "generation.steps", "must be >= 0", self.steps)
+        _check(0 < self.keep_fraction <= 1, where, "generation.keep_fraction", "must be in (0, 1]", self.keep_fraction)
+
+
+@dataclass
+class DetectorConfig:
+    size: int = 64  # detector input side (images resized; a multiple of 8)
+    rule_per_object: int = 64  # rule-based defect images per object and seed
+    seg_epochs: int = 12
+    cls_epochs: int = 12
+    finetune_epochs: int = 8  # two-stage: epochs on the filtered generated set after pre-training on rule defects
+    batch: int = 16
+    lr: float = 1e-3
+    unet_width: int = 16
+    unet_depth: int = 3
+    resnet_width: int = 64  # 64 is ResNet-34 proper; less is a narrower ResNet-34 for quick runs
+    threads: int = 0  # torch threads (0: torch's default)
+
+    def validate(self, where: str) -> None:
+        _check(
+            self.size >= 16 and self.size % 8 == 0, where, "detectors.size", "must be a multiple of 8 >= 16", self.size
+        )
+        for name in ("rule_per_object", "seg_epochs", "cls_epochs", "finetune_epochs", "batch", "unet_width"):
+            _check(getattr(self, name) >= 1, where, f"detectors.{name}", "must be >= 1", getattr(self, name))
+        _check(self.resnet_width >= 1, where, "detectors.resnet_width", "must be >= 1", self.resnet_width)
+        _check(self.lr > 0, where, "detectors.lr", "must be > 0", self.lr)
+
+
+@dataclass
+class EvalConfig:
+    output: str = ""  # report folder (report.md, report.json, plots, cache/)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    sets: list[str] = field(default_factory=lambda: list(TRAINING_SETS))
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    detectors: DetectorConfig = field(default_factory=DetectorConfig)
+
+    def validate(self, where: str) -> None:
+        _check(bool(self.output), where, "output", "is required (the report folder)", self.output)
+        _check(bool(self.seeds), where, "seeds", "must list at least one seed", self.seeds)
+        unknown = [s for s in self.sets if s not in TRAINING_SETS]
+        _check(bool(self.sets) and not unknown, where, "sets", f"must be among {', '.join(TRAINING_SETS)}", self.sets)
+        self.data.validate(where)
+        self.generation.validate(where)
+        self.detectors.validate(where)
+
+
+def load_eval_config(path: str | Path, overrides: list[str] | None = None) -> EvalConfig:
+    return load_config(path, EvalConfig, overrides)

@@ -1,0 +1,160 @@
+"""Training and scoring the downstream detectors (``unidg.train.detectors``) on a ``LabelledSet``.
+
+Binary U-Net: BCE + soft Dice on the defect mask; the image score is the maximum of the 4x4-averaged defect
+probability (one bright pixel does not flag an image). Classifier and multi-class U-Net: cross-entropy. Inputs are
+scaled to [-1, 1]; each batch is flipped at random (horizontally and vertically, masks alike). Adam, fixed epochs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from unidg.train.detectors import ResNet34, UNet
+from unidg.train.evaluation import metrics
+from unidg.train.evaluation.training_sets import LabelledSet
+
+
+def as_input(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def fit(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    loss_fn,
+    epochs: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    spatial_target: bool,
+) -> nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _epoch in range(epochs):
+        order = torch.randperm(inputs.shape[0], generator=generator)
+        for start in range(0, len(order), batch):
+            index = order[start : start + batch]
+            if index.numel() < 2 and len(order) > 1:
+                continue  # BatchNorm needs two samples
+            x, y = inputs[index], targets[index]
+            flips = torch.rand(2, generator=generator) < 0.5
+            for dim, flip in ((3, flips[0]), (2, flips[1])):
+                if flip:
+                    x = x.flip(dim)
+                    y = y.flip(dim - 1) if spatial_target else y
+            optimizer.zero_grad()
+            loss_fn(model(x), y).backward()
+            optimizer.step()
+    return model.eval()
+
+
+def binary_segmentation_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    logits = logits[:, 0]
+    bce = F.binary_cross_entropy_with_logits(logits, masks)
+    probability = torch.sigmoid(logits)
+    dice = 1 - (2 * (probability * masks).sum() + 1) / (probability.sum() + masks.sum() + 1)
+    return bce + dice
+
+
+def train_binary_unet(data: LabelledSet, cfg, seed: int, epochs: int, model: UNet | None = None) -> UNet:
+    model = model or UNet(1, cfg.unet_width, cfg.unet_depth)
+    targets = torch.from_numpy(data.masks.astype(np.float32))
+    return fit(model, as_input(data.images), targets, binary_segmentation_loss, epochs, cfg.batch, cfg.lr, seed, True)
+
+
+@torch.no_grad()
+def predict_probability(model: UNet, images: np.ndarray, batch: int = 32) -> np.ndarray:
+    out = [torch.sigmoid(model(as_input(images[i : i + batch]))[:, 0]) for i in range(0, len(images), batch)]
+    return torch.cat(out).numpy()
+
+
+def image_scores(probability: np.ndarray) -> np.ndarray:
+    pooled = F.avg_pool2d(torch.from_numpy(probability)[:, None], 4, stride=1)
+    return pooled.flatten(1).max(dim=1).values.numpy()
+
+
+def evaluate_binary(model: UNet, test: LabelledSet) -> dict:
+    """AUROC-I/P, AP-I/P, PRO on ``test`` (needs good and defective images)."""
+    return binary_metrics(predict_probability(model, test.images), test)
+
+
+def binary_metrics(probability: np.ndarray, test: LabelledSet) -> dict:
+    labels = np.array([d != "good" for d in test.defects])
+    scores = image_scores(probability)
+    return {
+        "auroc_i": metrics.roc_auc(labels, scores),
+        "ap_i": metrics.average_precision(labels, scores),
+        "auroc_p": metrics.roc_auc(test.masks, probability),
+        "ap_p": metrics.average_precision(test.masks, probability),
+        "pro": metrics.pro_auc(test.masks, probability),
+        "curve": {"labels": labels.astype(int).tolist(), "scores": [round(float(s), 6) for s in scores]},
+    }
+
+
+def train_classifier(
+    data: LabelledSet, classes: list[str], cfg, seed: int, epochs: int, model: ResNet34 | None = None
+) -> ResNet34:
+    """A ResNet-34 over ``classes`` (a fresh ``fc`` when ``model`` was trained for other classes)."""
+    if model is None:
+        model = ResNet34(len(classes), cfg.resnet_width)
+    elif model.fc.out_features != len(classes):
+        model.fc = nn.Linear(model.fc.in_features, len(classes))
+    targets = torch.tensor([classes.index(d) for d in data.defects])
+    return fit(model, as_input(data.images), targets, F.cross_entropy, epochs, cfg.batch, cfg.lr, seed, False)
+
+
+@torch.no_grad()
+def evaluate_classifier(model: ResNet34, test: LabelledSet, classes: list[str]) -> dict:
+    keep = [i for i, d in enumerate(test.defects) if d in classes and d != "good"]
+    if not keep:
+        return {"accuracy": None, "classified": 0}
+    subset = test.subset(keep)
+    predicted = model(as_input(subset.images)).argmax(dim=1).numpy()
+    target = np.array([classes.index(d) for d in subset.defects])
+    return {"accuracy": metrics.accuracy(predicted, target), "classified": len(keep)}
+
+
+def label_maps(data: LabelledSet, classes: list[str]) -> np.ndarray:
+    """Per-pixel class index (0 background); pixels of a defect type outside ``classes`` are -1 (ignored)."""
+    maps = np.zeros(data.masks.shape, dtype=np.int64)
+    for n, defect in enumerate(data.defects):
+        if defect != "good":
+            maps[n][data.masks[n]] = classes.index(defect) if defect in classes else -1
+    return maps
+
+
+def train_multiclass_unet(
+    data: LabelledSet, classes: list[str], cfg, seed: int, epochs: int, model: UNet | None = None
+) -> UNet:
+    """``classes[0]`` is the background; a fresh output layer when ``model`` was trained for other classes."""
+    if model is None:
+        model = UNet(len(classes), cfg.unet_width, cfg.unet_depth)
+    elif model.outc.out_channels != len(classes):
+        model.outc = nn.Conv2d(model.outc.in_channels, len(classes), 1)
+    targets = torch.from_numpy(label_maps(data, classes))
+
+    def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, target, ignore_index=-1)
+
+    return fit(model, as_input(data.images), targets, loss, epochs, cfg.batch, cfg.lr, seed, True)
+
+
+@torch.no_grad()
+def evaluate_multiclass(model: UNet, test: LabelledSet, classes: list[str]) -> dict:
+    target = label_maps(test, classes)
+    logits = torch.cat([model(as_input(test.images[i : i + 32])) for i in range(0, len(test), 32)])
+    predicted = logits.argmax(dim=1).numpy()
+    valid = target >= 0
+    result = metrics.segmentation_iou(metrics.confusion_matrix(predicted[valid], target[valid], len(classes)))
+    result.pop("iou")
+    # Table 2's binary metrics: every defect class merged into one foreground.
+    foreground = 1.0 - torch.softmax(logits, dim=1)[:, 0].numpy()
+    merged = binary_metrics(foreground, test)
+    merged.pop("curve")
+    return {**result, **{f"merged_{key}": value for key, value in merged.items()}}
