@@ -80,6 +80,8 @@ def test_int_is_accepted_for_float_and_overrides_apply(tmp_path: Path) -> None:
         ("[settings]\nalpha = -2\n", "[settings] alpha must be > 0"),
         ("[settings]\nalfa = 2\n", "[settings] unknown UniDG settings ['alfa']"),
         ("[train]\nbatch_size = true\n", "train.batch_size must be an integer (got True)"),
+        ("[train]\ndevice = 'gpu'\n", "train.device must be 'cpu', 'cuda' or 'cuda:N' (got 'gpu')"),
+        ("[train]\nmicro_batch = -1\n", "train.micro_batch must be >= 0"),
     ],
 )
 def test_bad_values_are_refused_with_the_key_named(tmp_path: Path, extra: str, message: str) -> None:
@@ -123,3 +125,17 @@ def test_shipped_configs_are_valid(name: str) -> None:
     loader = load_base_config if name.endswith("base.toml") else load_sft_config
     config = loader(path)
     assert settings_of(config).resolution in (128, 256)
+
+
+def test_device_option_overrides_the_config(tmp_path: Path) -> None:
+    from unidg.train.commands_train import _overrides
+
+    class Args:
+        overrides: list[str] = []
+        output = None
+        device = "cuda:1"
+
+    config = load_sft_config(_write(tmp_path, MINIMAL_SFT), overrides=_overrides(Args()))
+    assert config.train.device == "cuda:1"
+    with pytest.raises(ConfigError, match="data.shard_size must be >= 1"):
+        load_sft_config(_write(tmp_path, MINIMAL_SFT), overrides=["data.shard_size=0"])
