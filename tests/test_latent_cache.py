@@ -237,3 +237,39 @@ def test_streaming_a_cache_larger_than_the_budget_keeps_memory_flat(tmp_path: Pa
     mib = 2**20
     print(f"cache {total / mib:.0f} MiB; RSS start {start / mib:.0f} MiB, peak {peak / mib:.0f}, end {end / mib:.0f}")
     assert peak - start < budget, f"RSS grew by {(peak - start) / 2**20:.0f} MiB streaming {total / 2**20:.0f} MiB"
+
+
+def _cache_worker(rank: int, world: int, port: int, config_json: str) -> None:
+    """One torchrun-like caching process."""
+    import json
+
+    from unidg.train.config import from_dict
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
+    torch.set_num_threads(1)
+    cache_for_config(from_dict(SFTConfig, json.loads(config_json), "test config"), progress=False)
+
+
+def test_two_processes_write_the_same_cache_as_one(built: SFTConfig, tmp_path: Path) -> None:
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from unidg.train.config import to_dict
+
+    folder = tmp_path / "cache2"
+    config = dataclasses.replace(built, data=dataclasses.replace(built.data, latent_cache=str(folder)))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(
+        _cache_worker, args=(2, port, json.dumps(to_dict(config))), nprocs=2, join=True, start_method="fork"
+    )
+    one, two = read_manifest(Path(built.data.latent_cache)), read_manifest(folder)
+    assert two["complete"] and two["shards"] == one["shards"] and two["keys"] == one["keys"]
+    for name in one["shards"]:
+        assert (folder / name).read_bytes() == (Path(built.data.latent_cache) / name).read_bytes(), name
+    assert not list(folder.glob(".progress-*"))  # merged into the manifest

@@ -37,6 +37,7 @@ from unidg.runtime.settings import UniDGSettings
 FORMAT = "unidg-latent-cache"
 VERSION = 1
 MANIFEST = "manifest.json"
+PROGRESS_PREFIX = ".progress-rank-"  # one per caching process: the shards it finished (merged into the manifest)
 PACKED_FIELDS = ("x0", "masked", "normal")
 
 
@@ -204,19 +205,25 @@ def build_cache(
     shard_size: int = 256,
     progress: bool = True,
     key: dict | None = None,
+    placement=None,
 ) -> dict:
     """Write (or finish) the cache of ``pairs`` in ``folder``; returns the manifest. A folder holding a cache with
-    another key is refused; finished shards of the same key are kept."""
+    another key is refused; finished shards of the same key are kept.
+
+    Under torchrun each process writes the shards whose index is its rank modulo the world size and records them in
+    its own progress file; rank 0 merges those into the manifest at the end (and on a later resume, at any world
+    size)."""
     from tqdm import tqdm
 
     from unidg.train.dataset import pair_key
+    from unidg.train.trainer import barrier, current_placement
 
+    placement = placement or current_placement()
     folder = Path(folder)
     if not pairs:
         raise LatentCacheError("no training pairs: the UDG folder yielded none for the selected distributions")
     if key is None:
         raise ValueError("build_cache needs the cache key (cache_key(config, model, settings))")
-    folder.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(folder)
     if manifest is not None:
         _refuse_other_key(folder, manifest, key, shard_size)
@@ -233,29 +240,48 @@ def build_cache(
             "shards": {},
             "complete": False,
         }
-    shards = -(-len(pairs) // shard_size)
-    done = {name: entry for name, entry in manifest["shards"].items() if _shard_intact(folder, name, entry)}
-    manifest["shards"] = done
+    if placement.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        manifest["shards"] = _finished_shards(folder, manifest)
+        atomic_write_text(folder / MANIFEST, json.dumps(manifest) + "\n")
+    barrier(placement)
+    manifest = read_manifest(folder)
+    done = manifest["shards"]
+    mine = [i for i in range(-(-len(pairs) // shard_size)) if i % placement.world_size == placement.rank]
+    todo = [i for i in mine if shard_name(i) not in done]
+    written: dict[str, dict] = {}
+    progress_file = folder / f"{PROGRESS_PREFIX}{placement.rank}.json"
     bar = tqdm(
         total=len(pairs),
         initial=sum(entry["pairs"] for entry in done.values()),
         desc="caching latents",
         unit="pair",
-        disable=not progress,
+        disable=not (progress and placement.is_main),
     )
-    for index in range(shards):
-        if shard_name(index) in done:
-            continue
+    for index in todo:
         chunk = pairs[index * shard_size : (index + 1) * shard_size]
-        manifest["shards"][shard_name(index)] = write_shard(
-            folder, index, shard_tensors(model, chunk, settings, with_normal)
-        )
-        atomic_write_text(folder / MANIFEST, json.dumps(manifest) + "\n")
-        bar.update(len(chunk))
+        written[shard_name(index)] = write_shard(folder, index, shard_tensors(model, chunk, settings, with_normal))
+        atomic_write_text(progress_file, json.dumps(written) + "\n")
+        bar.update(len(chunk) * placement.world_size)  # the others advance alike
     bar.close()
-    manifest["complete"] = True
-    atomic_write_text(folder / MANIFEST, json.dumps(manifest) + "\n")
-    return manifest
+    barrier(placement)
+    if placement.is_main:
+        manifest["shards"] = _finished_shards(folder, manifest)
+        expected = {shard_name(i) for i in range(-(-len(pairs) // shard_size))}
+        manifest["complete"] = expected <= set(manifest["shards"])
+        atomic_write_text(folder / MANIFEST, json.dumps(manifest) + "\n")
+        for leftover in folder.glob(f"{PROGRESS_PREFIX}*.json"):
+            leftover.unlink()
+    barrier(placement)
+    return read_manifest(folder)
+
+
+def _finished_shards(folder: Path, manifest: dict) -> dict:
+    """The manifest's shards plus those recorded in the processes' progress files, kept where the file is intact."""
+    entries = dict(manifest["shards"])
+    for path in sorted(folder.glob(f"{PROGRESS_PREFIX}*.json")):
+        entries.update(json.loads(path.read_text()))
+    return {name: entry for name, entry in sorted(entries.items()) if _shard_intact(folder, name, entry)}
 
 
 def _refuse_other_key(folder: Path, manifest: dict, key: dict, shard_size: int) -> None:
@@ -379,15 +405,22 @@ def open_cache(config, model, settings: UniDGSettings) -> StreamedLatents:
 
 
 def cache_for_config(config, progress: bool = True) -> dict:
-    """``unidg train cache``: build (or finish) the latent cache of an SFT config."""
-    from unidg.train.config import settings_of
-    from unidg.train.loading import load_model
-    from unidg.train.sft import prepare_pairs, select_pairs
-    from unidg.train.trainer import resolve_device
+    """``unidg train cache``: build (or finish) the latent cache of an SFT config (under torchrun: the shards
+    split over the processes)."""
+    from unidg.train.trainer import distributed
 
     if not config.data.latent_cache:
         raise LatentCacheError("set data.latent_cache (a folder) in the config to build a latent cache")
-    device = resolve_device(config.train.device)
+    with distributed(config.train.device) as placement:
+        return _cache_for_config(config, placement, progress)
+
+
+def _cache_for_config(config, placement, progress: bool) -> dict:
+    from unidg.train.config import settings_of
+    from unidg.train.loading import load_model
+    from unidg.train.sft import prepare_pairs, select_pairs
+
+    device = placement.device
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
@@ -409,6 +442,7 @@ def cache_for_config(config, progress: bool = True) -> dict:
         config.data.shard_size,
         progress=progress,
         key=key,
+        placement=placement,
     )
 
 
