@@ -1,4 +1,4 @@
-"""``unidg eval run`` (registered by unidg.cli; heavy imports inside the handler)."""
+"""``unidg eval run|transfer|diversity`` (registered by unidg.cli; heavy imports inside the handler)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,28 @@ def _run(args: argparse.Namespace) -> int:
     config = load_eval_config(args.config, overrides)
     report = run_benchmark(config, progress=not args.quiet)
     print(f"report: {config.output}/report.md ({report['seconds']:.0f} s)")
+    return 0
+
+
+def _transfer(args: argparse.Namespace) -> int:
+    from unidg.runtime.manifest import atomic_write_text
+    from unidg.train.eval_nano import evaluate_transfer
+    from unidg.train.evaluation.generation_metrics import defect_types_of, revised_transfer
+
+    report = evaluate_transfer(args.weights, args.data, count=args.count, seed=args.seed, ceilings=True)
+    figure = revised_transfer(report["samples"], defect_types_of(args.data), min_pairs=args.min_pairs)
+    figure.update(weights=str(args.weights), data=str(args.data), count=report["count"], seconds=report["seconds"])
+    text = json.dumps(figure, indent=2)
+    if args.out_json:
+        atomic_write_text(args.out_json, text + "\n")
+    print(text)
+    return 0
+
+
+def _diversity(args: argparse.Namespace) -> int:
+    from unidg.train.evaluation.generation_metrics import diversity
+
+    print(json.dumps(diversity(args.bundle, args.data, args.inputs, args.samples, args.seed, args.steps), indent=2))
     return 0
 
 
@@ -41,3 +63,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--output", help="report folder (overrides the config's 'output')")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(handler=_run)
+
+    transfer = commands.add_parser(
+        "transfer",
+        help="revised reference-colour transfer: colour-carrying defect types, relative to the round-trip ceiling",
+    )
+    transfer.add_argument("--weights", required=True, help="merged weights folder, e.g. runtime/assets/unidg-nano")
+    transfer.add_argument("--data", required=True, help="held-out UDG folder (a synth seed never used in training)")
+    transfer.add_argument("--count", type=int, default=270, help="pairs to generate (default 270: >= 200 kept)")
+    transfer.add_argument("--min-pairs", type=int, default=200, help="colour-carrying pairs required (default 200)")
+    transfer.add_argument("--seed", type=int, default=0)
+    transfer.add_argument("--out-json", help="also write the figure here")
+    transfer.set_defaults(handler=_transfer)
+
+    spread = commands.add_parser("diversity", help="IL / IL-a with the 1 - SSIM substitute for LPIPS (docs/eval.md)")
+    spread.add_argument("--bundle", default="runtime/assets/unidg-nano-bundle", help="UniDG bundle folder")
+    spread.add_argument("--data", required=True, help="held-out UDG folder")
+    spread.add_argument("--inputs", type=int, default=32, help="inputs (pairs) to generate for (default 32)")
+    spread.add_argument("--samples", type=int, default=4, help="seeds per input (default 4)")
+    spread.add_argument("--seed", type=int, default=0)
+    spread.add_argument("--steps", type=int, default=0, help="denoising steps (0: the bundle's)")
+    spread.set_defaults(handler=_diversity)

@@ -1,0 +1,72 @@
+"""Revised transfer figure (hand-computed) and diversity IL with the 1 - SSIM substitute."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from unidg.train.evaluation.generation_metrics import (
+    colour_carrying,
+    intra_cluster_distance,
+    revised_transfer,
+    ssim_distance,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _samples(outcomes: list[tuple[str, bool, bool, bool]]) -> tuple[list[dict], dict[str, str]]:
+    samples, types = [], {}
+    for index, (defect, transfer, truth, round_trip) in enumerate(outcomes):
+        samples.append(
+            {"reference": f"r{index}", "transfer": transfer, "truth_transfer": truth, "round_trip_transfer": round_trip}
+        )
+        types[f"r{index}"] = defect
+    return samples, types
+
+
+def test_revised_transfer_keeps_colour_carrying_pairs_and_divides_by_the_round_trip_ceiling() -> None:
+    # 4 stains: model passes 2, round trip passes 4 -> 0.5; 2 dents (shading) and 1 combined are left out.
+    outcomes = [("stain", True, True, True), ("stain", True, True, True), ("rust", False, True, True)]
+    outcomes += [("rust", False, False, True), ("dent", True, False, False), ("blur", False, False, False)]
+    outcomes += [("combined", True, True, True)]
+    samples, types = _samples(outcomes)
+    figure = revised_transfer(samples, types, min_pairs=4)
+    assert figure["pairs"] == 4 and figure["excluded_pairs"] == 3
+    assert figure["transfer_rate"] == pytest.approx(0.5) and figure["round_trip_ceiling"] == pytest.approx(1.0)
+    assert figure["truth_rate"] == pytest.approx(0.75)
+    assert figure["relative_transfer"] == pytest.approx(0.5)
+    assert figure["transfer_rate_se"] == pytest.approx(math.sqrt(0.25 / 4))
+    assert figure["relative_transfer_se"] == pytest.approx(0.5 * math.sqrt((0.25 / 0.5) ** 2))
+    with pytest.raises(ValueError, match=r"4 colour-carrying pairs of 7; .* needs >= 200: raise --count to about 350"):
+        revised_transfer(samples, types)
+    assert not colour_carrying("warp") and colour_carrying("scratch")
+
+
+def test_intra_cluster_distance_is_zero_for_identical_samples_and_crops_to_the_region() -> None:
+    rng = np.random.default_rng(0)
+    image = (rng.random((32, 32, 3)) * 255).astype(np.uint8)
+    other = image.copy()
+    other[20:28, 20:28] = 255 - other[20:28, 20:28]
+    assert intra_cluster_distance([[image, image, image]]) == pytest.approx(0.0, abs=1e-9)
+    region = np.zeros((32, 32), bool)
+    region[20:28, 20:28] = True
+    whole = intra_cluster_distance([[image, other]])
+    inside = intra_cluster_distance([[image, other]], [region])
+    assert 0 < whole < inside  # the change fills the region's box but only 1/16 of the image
+    assert ssim_distance(image, other) == pytest.approx(whole)
+    with pytest.raises(ValueError, match=">= 2 samples"):
+        intra_cluster_distance([[image]])
+
+
+def test_diversity_of_the_shipped_bundle_on_two_inputs(tmp_path: Path) -> None:
+    from unidg.train.evaluation.generation_metrics import diversity
+    from unidg.train.synth import synthesize
+
+    synthesize(tmp_path / "held", count=8, seed=5, size=48, progress=False)
+    report = diversity(ROOT / "runtime/assets/unidg-nano-bundle", tmp_path / "held", inputs=2, samples=2, steps=2)
+    assert report["inputs"] == 2 and 0 < report["il_ssim"] <= report["il_a_ssim"] < 2
+    assert "LPIPS substitute" in report["distance"]
