@@ -641,7 +641,10 @@ class RFTRun:
         moments = _all_reduce_sum(moments.double(), self.placement)
         mean = float(moments[0] / moments[2])
         std = math.sqrt(max(float(moments[1] / moments[2]) - mean**2, 0.0))
-        return {"reward_mean": mean, "reward_std": std, **stats, **rollouts.details}
+        keys = sorted(rollouts.details)  # every process has the same terms and as many rollouts
+        values = _all_reduce_sum(torch.tensor([rollouts.details[k] for k in keys], dtype=torch.float64), self.placement)
+        details = {k: float(v) / self.placement.world_size for k, v in zip(keys, values)}
+        return {"reward_mean": mean, "reward_std": std, **stats, **details}
 
     def run(self, resume: bool = True, stop_after: int | None = None) -> list[dict]:
         from tqdm import tqdm
