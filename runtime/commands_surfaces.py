@@ -62,6 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bench.add_argument("--idle-connections", type=int, default=300, help="idle: sockets held open (default 300)")
     bench.add_argument("--hold", type=float, default=10.0, help="idle: seconds they are held (default 10)")
     bench.add_argument("--server-pythonpath", help="PYTHONPATH of the started server only (measure another checkout)")
+    bench.add_argument("--server-nofile", type=int, help="file-descriptor limit of the started server (ulimit -n)")
     bench.add_argument("--json", dest="json_out", help="also write the report as JSON to this file")
     bench.set_defaults(handler=run_serve_bench)
 
@@ -134,6 +135,7 @@ def run_serve_bench(args: argparse.Namespace) -> int:
             idle_connections=args.idle_connections,
             hold_s=args.hold,
             server_pythonpath=args.server_pythonpath,
+            server_nofile=args.server_nofile,
         )
     )
     print(report.summary())

@@ -9,7 +9,8 @@ Scenarios (``--scenario``):
 - ``valid``: ``--requests`` valid requests at ``--concurrency``: latency p50/p95, throughput, RSS before/after/peak.
 - ``oversized``: ``--concurrency`` simultaneous small uploads that each declare four ``--declared-size``² images
   (a few hundred KiB compressed): peak RSS, statuses and how fast the refused ones are answered.
-- ``overload``: ``--requests`` valid requests at ``--concurrency`` against a small queue: latency of the 503s.
+- ``overload``: ``--concurrency`` clients keep the service full while a probe sends ``--requests`` valid requests one
+  after another: latency of the probe's 503s.
 - ``idle``: ``--idle-connections`` sockets that connect and send nothing (or half a request head) for ``--hold``
   seconds while valid requests are sent: whether the service keeps answering, and how many idle sockets it closed.
 """
@@ -17,6 +18,7 @@ Scenarios (``--scenario``):
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import io
 import json
@@ -186,14 +188,25 @@ def start_server(
     extra_args: Sequence[str] = (),
     env: dict[str, str] | None = None,
     log_path: str | Path | None = None,
+    nofile: int | None = None,
 ) -> tuple[subprocess.Popen, str]:
-    """``unidg serve`` in a child process on a loopback port; returns (process, base url). Caller terminates it."""
+    """``unidg serve`` in a child process on a loopback port; returns (process, base url). Caller terminates it.
+    ``nofile`` sets the child's file-descriptor limit (soft and hard), as a small ``ulimit -n`` would."""
     port = port or free_loopback_port()
     command = [sys.executable, "-m", "unidg.cli", "serve", "--bundle", str(bundle), "--port", str(port)]
     command += ["--host", "127.0.0.1", "--log-level", "warning", *extra_args]
     output = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
-    process = subprocess.Popen(command, stdout=output, stderr=output, env={**os.environ, **(env or {})})
+    limit = None if nofile is None else functools.partial(_limit_file_descriptors, nofile)
+    process = subprocess.Popen(
+        command, stdout=output, stderr=output, env={**os.environ, **(env or {})}, preexec_fn=limit
+    )
     return process, f"http://127.0.0.1:{port}"
+
+
+def _limit_file_descriptors(count: int) -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (count, count))
 
 
 def stop_server(process: subprocess.Popen, timeout: float = 15.0) -> int:
@@ -225,6 +238,7 @@ class BenchOptions:
     idle_connections: int = 300  # idle: sockets held open
     hold_s: float = 10.0  # idle: how long they are held
     server_pythonpath: str | None = None  # PYTHONPATH of the started server only (to measure another checkout)
+    server_nofile: int | None = None  # file-descriptor limit of the started server (`ulimit -n`)
 
 
 @dataclass
@@ -406,6 +420,43 @@ def closed_by_peer(sock: socket.socket) -> bool:
         return True
 
 
+def probe_a_full_service(
+    url: str, options: BenchOptions, files: dict[str, bytes], params: dict
+) -> tuple[list[Reply], float]:
+    """``--concurrency`` client threads keep the service full (each sends its next request as soon as it has an answer)
+    while one probe sends ``--requests`` requests one after another, 20 ms apart: the probe's replies (mostly 503)."""
+    stop = threading.Event()
+    body, content_type = encode_multipart(files, {"params": json.dumps(params)})
+
+    def keep_full() -> None:
+        while not stop.is_set():
+            try:
+                reply = post(url, body, content_type, timeout=300.0)
+            except OSError:
+                reply = None
+            if reply is None or reply.status == 503:
+                stop.wait(0.005)
+
+    load = [threading.Thread(target=keep_full, daemon=True) for _ in range(options.concurrency)]
+    for thread in load:
+        thread.start()
+    time.sleep(1.0)  # the queue fills
+    probes: list[Reply] = []
+    started = time.perf_counter()
+    try:
+        for _ in range(options.requests):
+            try:
+                probes.append(post(url, body, content_type, timeout=300.0))
+            except OSError as error:
+                probes.append(Reply(0, str(error).encode(), {}, 0.0))
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        for thread in load:
+            thread.join(300.0)
+    return probes, time.perf_counter() - started
+
+
 def _ms_percentiles(seconds: list[float]) -> tuple[float | None, float | None, float | None]:
     if not seconds:
         return None, None, None
@@ -432,7 +483,9 @@ def run_bench_command(options: BenchOptions) -> BenchReport:
         extra += ["--threads", str(options.threads)]
         env = {"PYTHONPATH": options.server_pythonpath} if options.server_pythonpath else None
         log_path = Path(tempfile.mkdtemp(prefix="unidg-bench-serve-")) / "server.log"
-        process, url = start_server(options.bundle, extra_args=extra, env=env, log_path=log_path)
+        process, url = start_server(
+            options.bundle, extra_args=extra, env=env, log_path=log_path, nofile=options.server_nofile
+        )
     assert url is not None
     extra_fields: dict = {"scenario": options.scenario}
     try:
@@ -463,6 +516,8 @@ def run_bench_command(options: BenchOptions) -> BenchReport:
                     for sock in idle:
                         sock.close()
                 replies += fire(url, 1, 1, files, params, timeout=30.0)[0]  # and still serving afterwards
+            elif options.scenario == "overload":
+                replies, wall = probe_a_full_service(url, options, files, params)
             else:
                 replies, wall = fire(url, options.requests, options.concurrency, files, params)
         after = rss_mib(process.pid) if process else None

@@ -25,7 +25,15 @@ from test_serve import SlowedSynthesizer, _metric, _wait_for, serve_in_thread
 from unidg.runtime import images
 from unidg.runtime.serve import ServeConfig, ServiceError, create_app, parse_params
 from unidg.runtime.serve import protocol as serve_protocol
-from unidg.runtime.serve_bench import encode_multipart, get, post, sample_inputs, wait_ready
+from unidg.runtime.serve_bench import (
+    encode_multipart,
+    get,
+    post,
+    sample_inputs,
+    start_server,
+    stop_server,
+    wait_ready,
+)
 from unidg.runtime.synthesizer import DefectSynthesizer
 
 
@@ -210,6 +218,27 @@ def test_idle_connections_are_closed_and_the_service_keeps_answering(service):
     assert get(url, "/healthz").status == 200
 
 
+def test_idle_connections_beyond_the_file_limit_do_not_take_the_command_down(bundle, tmp_path):
+    # `unidg serve` under `ulimit -n 256`: 300 idle connections would exhaust the descriptors (accept() failing in a
+    # loop, real clients never accepted) unless the service keeps fewer connections than its limit allows.
+    log = tmp_path / "server.log"
+    process, url = start_server(bundle, extra_args=["--no-warmup", "--threads", "1"], log_path=log, nofile=256)
+    idle = []
+    try:
+        wait_ready(url, process, timeout=120)
+        host, port = _address(url)
+        idle = [socket.create_connection((host, port), timeout=5.0) for _ in range(300)]
+        assert get(url, "/healthz", timeout=10.0).status == 200
+        body, content_type = encode_multipart(sample_inputs(64), {"params": json.dumps({"steps": 1})})
+        assert post(url, body, content_type, timeout=60.0).status == 200
+        assert process.poll() is None
+    finally:
+        for sock in idle:
+            sock.close()
+        stop_server(process)
+    assert log.stat().st_size < 20_000, log.read_text()[-2000:]
+
+
 def test_a_body_that_does_not_arrive_is_answered_408(service):
     url, _ = service
     host, port = _address(url)
@@ -304,3 +333,17 @@ def test_a_non_integer_content_length_gets_the_json_error_shape(service):
         status, reply = _read_reply(sock)
         sock.close()
         assert status == 400 and reply["error"] == "bad_request" and reply["message"], (length, reply)
+
+
+def test_only_the_app_and_server_modules_import_the_web_stack():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import unidg.runtime.serve, unidg.runtime.serve.config, unidg.runtime.serve.protocol\n"
+        "import unidg.runtime.serve.pool, unidg.runtime.serve.metrics\n"
+        "print(sorted(m for m in ('fastapi', 'starlette', 'uvicorn') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", f"the lean part of the service loaded {out}"

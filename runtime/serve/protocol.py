@@ -127,8 +127,14 @@ def parse_params(text: str | None, max_steps: int) -> SynthesisParams:
         raw = json.loads(text)
     except json.JSONDecodeError as error:
         raise ServiceError(400, "invalid_params", f"params is not valid JSON ({error})", "params") from error
-    except (ValueError, RecursionError) as error:  # e.g. an integer beyond Python's digit limit
-        raise ServiceError(400, "invalid_params", f"params cannot be read ({error})", "params") from error
+    except ValueError as error:  # an integer beyond Python's digit limit (4300)
+        raise ServiceError(
+            400, "invalid_params", "params holds a number too long to read; seeds are at most 19 digits", "params"
+        ) from error
+    except RecursionError as error:
+        raise ServiceError(
+            400, "invalid_params", "params is nested too deeply; send a flat JSON object", "params"
+        ) from error
     if not isinstance(raw, dict):
         raise ServiceError(400, "invalid_params", "params must be a JSON object", "params")
     unknown = sorted(set(raw) - set(PARAM_NAMES))

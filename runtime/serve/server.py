@@ -9,6 +9,7 @@ longest-idle connection (no request in progress) is closed to make room — or t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -80,7 +81,40 @@ def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[asyn
     return GuardedH11Protocol
 
 
+FILE_DESCRIPTOR_RESERVE = 64  # model files, logs, the listening socket, thread-pool pipes
+# Pending connections the kernel queues, and how many asyncio accepts in one go before any of them is seen by the
+# protocol (and before the connections it evicts are closed): the cap leaves room for one such burst.
+ACCEPT_BACKLOG = 64
+
+
+def connection_cap(requested: int) -> int:
+    """The open connections this process can afford: ``requested``, or fewer when the file-descriptor limit is lower
+    (after raising the soft limit toward the hard one). Past the limit accept() fails and asyncio logs every attempt."""
+    try:
+        import resource
+    except ImportError:  # not Unix
+        return requested
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    reserve = FILE_DESCRIPTOR_RESERVE + ACCEPT_BACKLOG
+    wanted = requested + reserve
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    if soft == resource.RLIM_INFINITY:
+        return requested
+    return max(1, min(requested, soft - reserve))
+
+
 def uvicorn_config(app: Any, config: ServeConfig, log_level: str = "info") -> uvicorn.Config:
+    max_connections = connection_cap(config.max_connections)
+    if max_connections < config.max_connections:
+        logging.getLogger("unidg.serve").warning(
+            "the file-descriptor limit allows %d connections, not %d; raise it with `ulimit -n`",
+            max_connections,
+            config.max_connections,
+        )
     return uvicorn.Config(
         app,
         host=config.host,
@@ -88,11 +122,12 @@ def uvicorn_config(app: Any, config: ServeConfig, log_level: str = "info") -> uv
         log_level=log_level,
         workers=1,
         access_log=False,
-        http=guarded_protocol(config.header_timeout_s, config.max_connections),
+        http=guarded_protocol(config.header_timeout_s, max_connections),
         timeout_keep_alive=int(max(1, round(config.keep_alive_s))),
         h11_max_incomplete_event_size=config.max_header_bytes,
         # A backstop for requests in flight; connections are limited by the protocol (closing idle ones first).
-        limit_concurrency=config.max_connections + 1,
+        limit_concurrency=max_connections + 1,
+        backlog=ACCEPT_BACKLOG,
         timeout_graceful_shutdown=10,
     )
 
