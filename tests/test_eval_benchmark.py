@@ -81,3 +81,39 @@ def test_tiny_config_runs_end_to_end_and_resumes_from_cache(tmp_path: Path, monk
     assert main(args) == 0
     assert [p.stat().st_mtime_ns for p in sorted((out / "cache" / "models").iterdir())] == stamps
     assert json.loads((out / "report.json").read_text())["table"] == report["table"]
+
+
+def _report_fixture() -> tuple[dict, list[dict]]:
+    row = {"auroc_i": {"mean": 0.8, "std": 0.1, "n": 2}, "accuracy": None}
+    report = {
+        "config": {"data": {"kind": "udg", "path": "d"}, "seeds": [0], "detectors": {"size": 32}},
+        "objects": ["fabric"],
+        "table": {"rule": dict(row), "generated": {"auroc_i": {"mean": 0.9, "std": 0.05, "n": 2}}},
+        "generated_minus_rule": {"auroc_i": 0.1},
+        "seconds": 12.0,
+    }
+    runs = [
+        {"seed": 0, "object": "fabric", "set": name, "curve": {"labels": [0, 1, 0, 1], "scores": [0.1, 0.9, 0.4, 0.3]}}
+        for name in ("rule", "generated")
+    ]
+    return report, runs
+
+
+def test_report_markdown_table_and_verdict() -> None:
+    from unidg.train.evaluation.report import markdown
+
+    report, _ = _report_fixture()
+    text = markdown({**report, "plots_skipped": "matplotlib is not installed (pip install matplotlib)"})
+    assert "| (i) rule-based (cut-paste + Perlin) | 80.0 ± 10.0 | n/a |" in text
+    assert "AUROC-I +10.0" in text and "ahead on 1 of 1" in text
+    assert "Plots not drawn: matplotlib is not installed" in text
+
+
+def test_plots_are_drawn_with_matplotlib(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib", reason="matplotlib not installed (the train extra lists it)")
+    from unidg.train.evaluation.report import plots
+
+    report, runs = _report_fixture()
+    assert plots(tmp_path, report, runs) == ["metrics.png", "curves.png"]
+    assert (tmp_path / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "curves.png").stat().st_size > 1000

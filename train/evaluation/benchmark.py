@@ -184,8 +184,6 @@ def run_benchmark(config: EvalConfig, progress: bool = True) -> dict:
                     cache=out / "cache" / "generated",
                     progress=generation_bar.update,
                 )
-                if generation_bar.n < generation_bar.total:
-                    generation_bar.update(0)
                 data["generated"][name] = generated
                 data["filtered"][name] = retrieval_filter(generated, refs[name], config.generation.keep_fraction)
                 if seed == config.seeds[0]:
