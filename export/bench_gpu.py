@@ -132,6 +132,7 @@ class GpuBenchResult:
     attention: dict | None = None
     note: str = ""
     command: str = ""
+    complete: bool = False  # False while rows are still being measured (partial reports)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -236,8 +237,13 @@ def _floor_fraction(result: GpuBenchResult, row: Row, fp8: bool) -> float | None
     return floor_s / (row.median_ms * 1e-3)
 
 
-def _attempt(rows: list[Row], row: Row, measure: Callable[[Row], None]) -> Row:
-    """Run one row's measurement; a failure is recorded in the row (and printed) instead of ending the bench."""
+def _attempt(rows: list[Row], row: Row, measure: Callable[[Row], None] | None) -> Row:
+    """Run one row's measurement; a failure is recorded in the row (and printed) instead of ending the bench.
+    ``measure=None``: the row is skipped (its note says why)."""
+    if measure is None:
+        rows.append(row)
+        print(f"  {row.name}: skipped ({row.note})", flush=True)
+        return row
     try:
         measure(row)
     except Exception as error:  # any torch/Triton failure of one path must not cost the other rows
@@ -248,6 +254,18 @@ def _attempt(rows: list[Row], row: Row, measure: Callable[[Row], None]) -> Row:
     return row
 
 
+def _reporting(rows: list[Row], report: Callable[[], None] | None) -> Callable[..., Row]:
+    """``_attempt`` that hands the partial result on after every row (so a run cut short still leaves its table)."""
+
+    def attempt(row: Row, measure: Callable[[Row], None] | None) -> Row:
+        done = _attempt(rows, row, measure)
+        if report is not None:
+            report()
+        return done
+
+    return attempt
+
+
 def run_gpu_bench(
     dry_run: bool = False,
     resolution: int | None = None,
@@ -256,9 +274,14 @@ def run_gpu_bench(
     seed: int = 0,
     compile_backend: str = "inductor",
     attention_repeats: int = 20,
+    compile: bool = True,
+    on_row: Callable[[GpuBenchResult], None] | None = None,
 ) -> GpuBenchResult:
     """Every row of the module docstring; on the CPU (``dry_run``) at a tiny size (``dry_run_preset``), in float32
-    (CPU bf16 matmuls are slow emulations), ``DRY_RUN_STEPS`` steps and one warm-up call per row."""
+    (CPU bf16 matmuls are slow emulations), ``DRY_RUN_STEPS`` steps and one warm-up call per row.
+
+    ``compile=False`` skips the compiled row and runs the later rows uncompiled; ``on_row(result)`` is called after
+    every row with the result so far."""
     import torch
 
     cuda = not dry_run
@@ -328,6 +351,7 @@ def run_gpu_bench(
     step = modules["step"]
     rows = result.rows
     warmup = 1 if dry_run else 2
+    attempt = _reporting(rows, None if on_row is None else lambda: on_row(result))
 
     def reset_peak() -> None:
         if cuda:
@@ -349,22 +373,25 @@ def run_gpu_bench(
         return measure
 
     compiled_note = f"torch.compile(backend={compile_backend!r}) of each of the {blocks} blocks"
-    _attempt(rows, Row("eager, SDPA, unfolded", note="text tokens not folded"), measure_step(unfolded))
-    _attempt(rows, Row("eager, SDPA"), measure_step(folded))
+    attempt(Row("eager, SDPA, unfolded", note="text tokens not folded"), measure_step(unfolded))
+    attempt(Row("eager, SDPA"), measure_step(folded))
 
     def compiled(row: Row) -> None:
         torch._dynamo.reset()
         compile_blocks(torch, model.transformer, compile_backend)
         measure_step(folded)(row)
 
-    _attempt(rows, Row("+ torch.compile", note=compiled_note), compiled)
+    if compile:
+        attempt(Row("+ torch.compile", note=compiled_note), compiled)
+    else:
+        attempt(Row("+ torch.compile", note="--no-compile: later rows are not compiled"), None)
 
     def fused(row: Row) -> None:
         torch._dynamo.reset()
         row.note = f"Triton biased attention in {use_fused_attention(model.transformer)} blocks"
         measure_step(folded)(row)
 
-    _attempt(rows, Row("+ fused biased attention"), fused)
+    attempt(Row("+ fused biased attention"), fused)
     fp8_state: dict = {}
 
     def fp8(row: Row) -> None:
@@ -374,7 +401,7 @@ def run_gpu_bench(
         row.note = f"{fp8_state['linears']} linears in E4M3, row-wise scales{emulated}"
         measure_step(folded, fp8=True)(row)
 
-    _attempt(rows, Row("+ FP8 matmuls"), fp8)
+    attempt(Row("+ FP8 matmuls"), fp8)
     fp8_ok = "linears" in fp8_state
 
     def graph(row: Row) -> None:
@@ -397,7 +424,7 @@ def run_gpu_bench(
         loop = f"{steps}-step loop {statistics.median(times):.1f} ms"
         row.note = f"per step = {loop} / {steps}; " + ("one CUDA graph" if runner.captured else "CPU: not captured")
 
-    _attempt(rows, Row(f"+ {steps}-step loop as a CUDA graph"), graph)
+    attempt(Row(f"+ {steps}-step loop as a CUDA graph"), graph)
 
     # ------------------------------------------------------------------ VAE, image encoder, end to end
     pixels = torch.rand(1, 3, resolution, 2 * resolution, device=device) * 2 - 1
@@ -413,9 +440,9 @@ def run_gpu_bench(
 
         return measure
 
-    _attempt(rows, Row(f"VAE encode {resolution}x{2 * resolution}"), component("vae_encoder", pixels))
-    _attempt(rows, Row(f"VAE decode {resolution}x{2 * resolution}"), component("vae_decoder", latents))
-    _attempt(rows, Row("image encoder (SigLIP + Redux)"), component("image_encoder", reference))
+    attempt(Row(f"VAE encode {resolution}x{2 * resolution}"), component("vae_encoder", pixels))
+    attempt(Row(f"VAE decode {resolution}x{2 * resolution}"), component("vae_decoder", latents))
+    attempt(Row("image encoder (SigLIP + Redux)"), component("image_encoder", reference))
 
     def end_to_end(row: Row) -> None:
         bundle = _full_preset_bundle(model, resolution, True)
@@ -438,7 +465,7 @@ def run_gpu_bench(
             f"{steps} steps, captured loop; wall clock incl. host work"
         )
 
-    _attempt(rows, Row("end to end per sample"), end_to_end)
+    attempt(Row("end to end per sample"), end_to_end)
 
     # ------------------------------------------------------------------ attention alone
     try:
@@ -455,6 +482,7 @@ def run_gpu_bench(
     except Exception as error:
         result.attention = {"error": f"{type(error).__name__}: {error}".splitlines()[0][:300]}
         traceback.print_exc(file=sys.stderr)
+    result.complete = True
     return result
 
 
@@ -479,7 +507,9 @@ def format_markdown(result: GpuBenchResult) -> str:
     """The markdown table docs/performance.md records."""
     versions = ", ".join(f"{k} {v}" for k, v in result.versions.items())
     lines = [
-        f"### {result.device_name}, {result.date}" + (" (dry run, not figures)" if result.dry_run else ""),
+        f"### {result.device_name}, {result.date}"
+        + (" (dry run, not figures)" if result.dry_run else "")
+        + ("" if result.complete else " (incomplete: the run stopped before its last row)"),
         "",
         f"Command: `{result.command}`. {result.preset} preset (random weights), {result.dtype}, "
         f"S = {result.resolution} "
@@ -544,6 +574,12 @@ def bench_gpu(args: argparse.Namespace) -> int:
         if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
             raise UserError("triton is already imported without TRITON_INTERPRET=1; run the command in a new process")
         os.environ["TRITON_INTERPRET"] = "1"
+    command = "unidg " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "unidg bench gpu"
+
+    def report(partial: GpuBenchResult) -> None:  # after every row: a run cut short still leaves its table
+        partial.command = command
+        write_report(partial, Path(args.out))
+
     try:
         result = run_gpu_bench(
             dry_run=args.dry_run,
@@ -552,10 +588,12 @@ def bench_gpu(args: argparse.Namespace) -> int:
             repeats=args.repeats,
             seed=args.seed,
             compile_backend=args.compile_backend,
+            compile=not args.no_compile,
+            on_row=report,
         )
     except ValueError as error:
         raise UserError(str(error)) from error
-    result.command = "unidg " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "unidg bench gpu"
+    result.command = command
     json_path, markdown_path = write_report(result, Path(args.out))
     print(format_markdown(result))
     print(f"wrote {json_path} and {markdown_path}")

@@ -97,7 +97,12 @@ def _register_bench_gpu(subparsers: argparse._SubParsersAction) -> None:
         default="inductor",
         help="torch.compile backend of the compiled rows (default inductor; the CPU test uses eager to stay fast)",
     )
-    parser.add_argument("--out", default="out/bench-gpu", help="folder for bench_gpu.json and bench_gpu.md")
+    parser.add_argument(
+        "--no-compile", action="store_true", help="skip torch.compile (a fallback where compilation fails or is slow)"
+    )
+    parser.add_argument(
+        "--out", default="out/bench-gpu", help="folder for bench_gpu.json and bench_gpu.md (rewritten after every row)"
+    )
     parser.set_defaults(handler=_bench_gpu)
 
 

@@ -61,6 +61,28 @@ def replace_rows(result: GpuBenchResult, rows: list[Row]) -> GpuBenchResult:
     return result
 
 
+def test_a_failed_row_is_recorded_and_the_partial_report_says_so():
+    from unidg.export.bench_gpu import _reporting
+
+    result = GpuBenchResult("cuda", "NVIDIA H100", "d", False, "full", 768, 28, 1)
+    reports = []
+    attempt = _reporting(result.rows, lambda: reports.append(format_markdown(result)))
+
+    def broken(row: Row) -> None:
+        raise RuntimeError("no kernel image is available\nsecond line")
+
+    def works(row: Row) -> None:
+        row.median_ms = 5.0
+
+    attempt(Row("broken"), broken)
+    attempt(Row("skipped", note="--no-compile"), None)
+    attempt(Row("works"), works)
+    assert [row.error for row in result.rows] == ["RuntimeError: no kernel image is available", "", ""]
+    assert result.rows[2].median_ms == 5.0 and result.rows[1].median_ms is None
+    assert len(reports) == 3 and all("incomplete" in report for report in reports)
+    assert "| broken | — | — |" in reports[-1] and "FAILED: RuntimeError" in reports[-1]
+
+
 def test_without_a_gpu_the_bench_says_how_to_dry_run():
     from unidg.export.bench_gpu import run_gpu_bench
 
@@ -84,6 +106,7 @@ def test_dry_run_measures_every_path(tmp_path):
     report = json.loads((out / "bench_gpu.json").read_text())
     markdown = (out / "bench_gpu.md").read_text()
     assert report["dry_run"] and report["device"] == "cpu" and "not performance figures" in report["note"]
+    assert report["complete"] and "incomplete" not in markdown
     names = [row["name"] for row in report["rows"]]
     assert names == [
         "eager, SDPA, unfolded",
