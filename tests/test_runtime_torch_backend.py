@@ -260,6 +260,22 @@ def test_fp8_linear_matches_fp32_within_e4m3_rounding():
         assert 1e-4 < error < 0.05, (rows, error)
 
 
+def test_the_cuda_scaled_mm_call_agrees_with_the_cpu_emulation():
+    """The exact torch._scaled_mm call of the CUDA path, run by torch's CPU kernel, against the float32 emulation."""
+    from unidg.runtime.backends.torch_backend import fp8_quantize, scaled_mm_rowwise
+
+    gen = torch.Generator().manual_seed(1)
+    x_fp8, x_scale = fp8_quantize(torch.randn(48, 64, generator=gen).bfloat16())
+    w_fp8, w_scale = fp8_quantize(torch.randn(32, 64, generator=gen).bfloat16())
+    try:
+        got = scaled_mm_rowwise(x_fp8, x_scale, w_fp8, w_scale)
+    except (RuntimeError, NotImplementedError) as error:
+        pytest.skip(f"this torch build has no CPU torch._scaled_mm ({error})")
+    emulated = (x_fp8.float() @ w_fp8.float().t()) * (x_scale * w_scale.t())
+    assert got.shape == (48, 32) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), emulated, rtol=8e-3, atol=1e-2)  # bf16 output rounding
+
+
 def test_fp8_rewrite_quantizes_the_blocks_and_keeps_embedders_and_proj_out(attention_bundle):
     from unidg.runtime.backends.torch_backend import fp8_keeps_precision, quantize_graph_linears
 

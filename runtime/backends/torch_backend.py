@@ -135,6 +135,15 @@ def fp8_quantize(tensor):
     return quantized, scale
 
 
+def scaled_mm_rowwise(x_fp8, x_scale, weight_fp8, weight_scale):
+    """x @ weight.T on FP8 tensor cores: ``torch._scaled_mm`` with row-wise scales ([M, 1] and [1, N]), bf16 out.
+
+    torch's CPU build takes the same call, which the tests use to check these arguments against the emulation.
+    """
+    torch = _import_torch()
+    return torch._scaled_mm(x_fp8, weight_fp8.t(), scale_a=x_scale, scale_b=weight_scale.t(), out_dtype=torch.bfloat16)
+
+
 def fp8_linear(x, weight_fp8, weight_scale, bias=None):
     """``F.linear`` with an E4M3 weight (``fp8_quantize``): activations quantized per token, one scaled matmul.
 
@@ -153,9 +162,7 @@ def fp8_linear(x, weight_fp8, weight_scale, bias=None):
         padded = rows if not count % FP8_ALIGN else torch.nn.functional.pad(rows, (0, 0, 0, -count % FP8_ALIGN))
         x_fp8, x_scale = fp8_quantize(padded)
         if rows.device.type == "cuda":
-            out = torch._scaled_mm(
-                x_fp8, weight_fp8.t(), scale_a=x_scale, scale_b=weight_scale.t(), out_dtype=torch.bfloat16
-            ).to(x.dtype)
+            out = scaled_mm_rowwise(x_fp8, x_scale, weight_fp8, weight_scale).to(x.dtype)
         else:
             out = ((x_fp8.float() @ weight_fp8.float().t()) * (x_scale * weight_scale.t())).to(x.dtype)
         out = out[:count]
