@@ -140,6 +140,25 @@ def _rft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reward_recog(args: argparse.Namespace) -> int:
+    from unidg.train.reward_recog import RecogTrainConfig, train_reward_recog
+
+    config = RecogTrainConfig(
+        size=args.size,
+        epochs=args.epochs,
+        batch=args.batch,
+        lr=args.lr,
+        resnet_width=args.resnet_width,
+        unet_width=args.unet_width,
+        seed=args.seed,
+    )
+    document = train_reward_recog(
+        args.data, args.out, config, args.heldout, args.pretrained_classifier, args.limit, replace=args.force
+    )
+    print(json.dumps({k: v for k, v in document.items() if k != "classes"}, indent=2))
+    return 0
+
+
 def _reward_bench(args: argparse.Namespace) -> int:
     from unidg.train.judge import JudgeError
     from unidg.train.reward_bench import run_reward_bench
@@ -184,6 +203,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_config_arguments(rft)
     rft.set_defaults(handler=_rft)
+
+    recog = commands.add_parser(
+        "reward-recog", help="Defect-Recog reward: ResNet-34 classifier + U-Net segmenter trained on a UDG folder"
+    )
+    recog.add_argument("--data", required=True, help="UDG folder to train on")
+    recog.add_argument("--out", required=True, help="reward folder to write (recog.json + two safetensors)")
+    recog.add_argument("--heldout", help="UDG folder to report category accuracy, AUROC-P, AP-P and PRO on")
+    recog.add_argument("--size", type=int, default=64, help="input side of both networks (default 64)")
+    recog.add_argument("--epochs", type=int, default=5, help="epochs (paper: 5)")
+    recog.add_argument("--batch", type=int, default=32, help="batch size (paper: 128)")
+    recog.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    recog.add_argument("--resnet-width", type=int, default=64, help="ResNet-34 stem width (64: torchvision's)")
+    recog.add_argument("--unet-width", type=int, default=16, help="U-Net base width")
+    recog.add_argument("--seed", type=int, default=0)
+    recog.add_argument("--limit", type=int, default=0, help="use the first N quadruplets (0: all)")
+    recog.add_argument(
+        "--pretrained-classifier", help="local torchvision resnet34 state dict (.safetensors) for the backbone"
+    )
+    recog.add_argument("--force", action="store_true", help="replace --out if it exists")
+    recog.set_defaults(handler=_reward_recog)
 
     cache = commands.add_parser(
         "cache", help="precompute an SFT config's latents into the sharded cache of data.latent_cache (resumable)"

@@ -6,6 +6,8 @@ off. Terms:
 
 - ``[judge]``: Defect-Und, a multimodal judge behind an OpenAI-compatible chat-completions API
   (``unidg.train.judge``); score = mean of its four Fig. 12 rubric scores / 5, in [0, 1].
+- ``[recog]``: Defect-Recog, a classifier + segmenter folder of ``unidg train reward-recog``
+  (``unidg.train.reward_recog``): mean of the category match and the normalised pixel AUROC / AP / PRO.
 - ``[color]``: reference colour adherence, the criterion of ``unidg train eval-nano`` made continuous: with d_ref
   the distance of the generated region's mean RGB to the reference defect's mean RGB and d_src its distance to the
   unedited target's, score = d_src / (d_ref + d_src) in [0, 1] (1: the reference colour, 0: the source unchanged).
@@ -109,21 +111,39 @@ class ColorAdherenceReward:
 
 # ============================================================================ combination
 @dataclass
+class RecogConfig:
+    weight: float = 0.0  # Defect-Recog (paper w_det = 0.5)
+    checkpoint: str = ""  # folder written by `unidg train reward-recog`
+
+    def validate(self, where: str) -> None:
+        from unidg.train.reward_recog import RECOG_JSON
+
+        if not (Path(self.checkpoint) / RECOG_JSON).is_file():
+            raise ConfigError(
+                f"{where}: recog.checkpoint {self.checkpoint!r} is not a Defect-Recog folder (no {RECOG_JSON}); "
+                "train one with `unidg train reward-recog --data UDG_FOLDER --out FOLDER`"
+            )
+
+
+@dataclass
 class RewardConfig:
     """One table per term; weight 0 turns a term off (paper: w_gen = w_det = 0.5)."""
 
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    recog: RecogConfig = field(default_factory=RecogConfig)
     color: ColorConfig = field(default_factory=ColorConfig)
 
     def validate(self, where: str) -> None:
-        terms = {"judge": self.judge.weight, "color": self.color.weight}
+        terms = {"judge": self.judge.weight, "recog": self.recog.weight, "color": self.color.weight}
         for name, weight in terms.items():
             if weight < 0:
                 raise ConfigError(f"{where}: {name}.weight must be >= 0 (got {weight})")
         if not any(weight > 0 for weight in terms.values()):
-            raise ConfigError(f"{where}: no reward term has a weight > 0; give [judge] or [color] a weight")
+            raise ConfigError(f"{where}: no reward term has a weight > 0; give [judge], [recog] or [color] a weight")
         if self.judge.weight > 0:
             self.judge.validate(where)
+        if self.recog.weight > 0:
+            self.recog.validate(where)
 
 
 class WeightedReward:
@@ -159,6 +179,10 @@ def build_reward(config: RewardConfig) -> WeightedReward:
         from unidg.train.judge import DefectUndJudge
 
         terms.append((config.judge.weight, DefectUndJudge(config.judge)))
+    if config.recog.weight > 0:
+        from unidg.train.reward_recog import DefectRecogReward
+
+        terms.append((config.recog.weight, DefectRecogReward(config.recog.checkpoint)))
     if config.color.weight > 0:
         terms.append((config.color.weight, ColorAdherenceReward()))
     return WeightedReward(terms)
