@@ -157,8 +157,14 @@ def test_bad_configs_fail_at_start(udg, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("name", ["nano-rft.toml", "full-rft.toml"])
-def test_shipped_rft_configs_are_valid(name: str) -> None:
-    config = load_rft_config(Path(__file__).resolve().parents[1] / "configs" / name)
+def test_shipped_rft_configs_are_valid(name: str, tmp_path: Path) -> None:
+    path = Path(__file__).resolve().parents[1] / "configs" / name
+    with pytest.raises(ConfigError, match="recog.checkpoint"):  # trained by `unidg train reward-recog` first
+        load_rft_config(path)
+    (tmp_path / "recog").mkdir()
+    (tmp_path / "recog" / "recog.json").write_text("{}")  # where a trained reward folder would be
+    config = load_rft_config(path, [f'reward.recog.checkpoint="{tmp_path / "recog"}"'])
+    assert config.reward.recog.weight == 0.5
     # The paper's settings (App. D.2): new LoRA r = 64, alpha = 128, G = 8, T = 8, AdamW 1e-4, beta = 0.001.
     assert (config.lora.rank, config.lora.scale_alpha, config.rollout.group_size) == (64, 128.0, 8)
     assert config.rollout.steps == [8] and config.optim.name == "adamw" and config.optim.lr == 1e-4
