@@ -90,7 +90,7 @@ class Metrics:
                 "# HELP unidg_synthesis_duration_seconds Worker time per completed synthesis.",
                 "# TYPE unidg_synthesis_duration_seconds histogram",
                 *self.synthesis.render("unidg_synthesis_duration_seconds"),
-                "# HELP unidg_queue_depth Requests waiting for a worker.",
+                "# HELP unidg_queue_depth Admitted requests not running yet (being received, checked, or queued).",
                 "# TYPE unidg_queue_depth gauge",
                 f"unidg_queue_depth {self.queue_depth}",
                 "# HELP unidg_queue_capacity Maximum waiting requests before 503.",
