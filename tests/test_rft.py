@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_judge import server  # noqa: F401  (the local judge server fixture)
 
 from unidg.cli import main
 from unidg.train.config import ConfigError, DataConfig, LoraConfig, OptimConfig
@@ -171,3 +172,27 @@ def test_shipped_rft_configs_are_valid(name: str, tmp_path: Path) -> None:
     assert config.grpo.beta == 0.001 and config.grpo.adv_eps == 1e-5
     if name.startswith("full"):
         assert config.rollout.guidance == 3.5 and config.reward.judge.weight == 0.5
+
+
+def test_a_judge_that_goes_down_stops_the_run_clearly_and_it_resumes(udg, tmp_path, server) -> None:  # noqa: F811
+    from test_judge import FakeJudge
+
+    from unidg.train.judge import JudgeConfig, JudgeError
+
+    def config(output: Path) -> RFTConfig:
+        judge = JudgeConfig(weight=1.0, url=server, model="m", retries=1, backoff_s=0.01, timeout_s=5.0)
+        rft = _config(udg, output, steps=2)
+        rft.reward = RewardConfig(judge=judge)
+        rft.rollout.steps, rft.rollout.cfg_scales = [1], [1.0]
+        return rft
+
+    whole = train_rft(config(tmp_path / "whole"), resume=False)
+    requests = len(FakeJudge.seen)
+    assert requests == 4  # 2 steps x G = 2 samples, one request each
+    FakeJudge.script = ["ok", "ok"] + ["500"] * 4  # step 1 scores; in step 2 both samples fail every attempt
+    with pytest.raises(JudgeError, match="after 2 attempts: HTTP 500"):
+        train_rft(config(tmp_path / "split"), resume=False)
+    resumed = train_rft(config(tmp_path / "split"), resume=True)  # the server is back: step 2 from the checkpoint
+    assert resumed.step == 2
+    for name, parameter in whole.trainable.items():
+        assert torch.allclose(resumed.trainable[name], parameter, atol=1e-6, rtol=0)
