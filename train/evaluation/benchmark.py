@@ -84,6 +84,7 @@ def config_hash(config: EvalConfig) -> str:
     data.pop("output")
     data.pop("seeds")
     data.pop("sets")
+    data["detectors"].pop("threads")  # how many threads train a detector does not change what it learns
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -148,7 +149,8 @@ def run_benchmark(config: EvalConfig, progress: bool = True) -> dict:
     if needs_generation:
         from unidg.runtime.synthesizer import DefectSynthesizer
 
-        synthesizer = DefectSynthesizer.from_bundle(config.generation.bundle, config.generation.backend)
+        options = {"threads": cfg.threads} if cfg.threads and config.generation.backend == "onnxruntime" else {}
+        synthesizer = DefectSynthesizer.from_bundle(config.generation.bundle, config.generation.backend, **options)
     goods = {s.object_name: load_good(s.train_good, size) for s in splits}
     refs = {s.object_name: load_samples(references(s, config.data.reference_shots), size) for s in splits}
     tests = {s.object_name: load_samples(s.test, size) for s in splits}

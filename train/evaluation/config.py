@@ -65,7 +65,7 @@ class DetectorConfig:
     unet_width: int = 16
     unet_depth: int = 3
     resnet_width: int = 64  # 64 is ResNet-34 proper; less is a narrower ResNet-34 for quick runs
-    threads: int = 0  # torch threads (0: torch's default)
+    threads: int = 0  # torch (and onnxruntime) threads; 0: their defaults. 1 is fastest on a busy machine
 
     def validate(self, where: str) -> None:
         _check(
