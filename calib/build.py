@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from unidg.calib.folders import Progress, load_weights_model, read_weights, staged_folder
+from unidg.runtime.errors import UniDGError
 from unidg.runtime.manifest import Manifest, ManifestError, read_manifest, tool_versions, verify_files, write_manifest
 from unidg.runtime.settings import UniDGSettings
 
@@ -38,7 +39,7 @@ CALIB_FORMAT_VERSION = 1
 SAMPLE_TENSORS = ("cond", "ctx", "key_bias", "guidance", "noise")
 
 
-class CalibError(ValueError):
+class CalibError(UniDGError):
     """A calibration set cannot be built or used as asked; the message names the input and the fix."""
 
 

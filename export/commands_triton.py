@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from unidg.runtime.errors import OptionError
+
 
 def _export_subparsers(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
     """The sub-commands of ``unidg export``: those of an existing ``export`` parser, or of a new one."""
@@ -55,7 +57,7 @@ def run_export_triton(args: argparse.Namespace) -> int:
     try:
         gpus = tuple(int(g) for g in args.gpus.split(",") if g.strip())
     except ValueError as error:
-        raise ValueError(f"--gpus must be comma-separated integers (got {args.gpus!r})") from error
+        raise OptionError(f"--gpus must be comma-separated integers (got {args.gpus!r})") from error
     options = TritonRepoOptions(
         model_name=args.model_name,
         instance_kind=args.kind,
@@ -116,18 +118,18 @@ def bench_triton(
     try:
         import tritonclient.grpc as grpcclient
     except ModuleNotFoundError as error:
-        raise ValueError("unidg bench triton needs tritonclient[grpc]: pip install 'tritonclient[grpc]'") from error
+        raise OptionError("unidg bench triton needs tritonclient[grpc]: pip install 'tritonclient[grpc]'") from error
     from unidg.runtime.backends import create_backend
     from unidg.runtime.bundle import load_bundle
     from unidg.runtime.demo import DEFAULT_BUNDLE, DEFAULT_SAMPLES, read_samples
     from unidg.runtime.synthesizer import DefectSynthesizer
 
     if requests < 1:
-        raise ValueError(f"--requests must be >= 1 (got {requests})")
+        raise OptionError(f"--requests must be >= 1 (got {requests})")
     cases = read_samples(samples or DEFAULT_SAMPLES)
     case = next((c for c in cases if sample in (None, c.id)), None)
     if case is None:
-        raise ValueError(f"--sample {sample!r} is not one of {[c.id for c in cases]}")
+        raise OptionError(f"--sample {sample!r} is not one of {[c.id for c in cases]}")
     loaded = load_bundle(bundle or DEFAULT_BUNDLE)
     request = case.request(steps=steps)
 

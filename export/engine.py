@@ -20,6 +20,7 @@ from pathlib import Path
 from unidg.export.onnx_export import Progress, print_progress
 from unidg.runtime.backends.tensorrt_backend import MIN_TENSORRT_VERSION, tensorrt_version_problem
 from unidg.runtime.bundle import GRAPH_INPUTS, GRAPH_NAMES, Bundle, expected_shapes, load_bundle
+from unidg.runtime.errors import UniDGError
 from unidg.runtime.manifest import atomic_write_bytes, read_manifest, sha256_file, write_manifest
 
 ENGINE_DIR = "engines"
@@ -36,7 +37,7 @@ PLUGIN_DEFAULT_MAX_SHARED_BYTES = 49152
 ATTENTION_BUILDS = ("native", "plugin")
 
 
-class EngineError(ValueError):
+class EngineError(UniDGError):
     """The engine build cannot be done as asked; the message names the option and the fix."""
 
 

@@ -40,6 +40,7 @@ from unidg.export.step_model import (
     float32_rope,
 )
 from unidg.runtime.bundle import COND_CHANNELS, GRAPH_INPUTS, GRAPH_NAMES, GRAPH_OUTPUTS, LATENT_CHANNELS
+from unidg.runtime.errors import UniDGError
 from unidg.train.attention import KeyBiasAttnProcessor, flux_attention_modules
 from unidg.train.model import UniDGModel
 
@@ -61,7 +62,7 @@ def print_progress(message: str) -> None:
     print(f"[unidg export] {message}", file=sys.stderr, flush=True)
 
 
-class ExportError(ValueError):
+class ExportError(UniDGError):
     """The model cannot be exported as asked; the message names the option and the fix."""
 
 

@@ -26,6 +26,7 @@ import torch
 
 from unidg.export.onnx_export import ModelFacts, graph_example_inputs, graph_module
 from unidg.runtime.bundle import GRAPH_NAMES, GRAPH_OUTPUTS, Bundle, load_bundle
+from unidg.runtime.errors import UniDGError
 
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-3
@@ -33,7 +34,7 @@ DEFAULT_RTOL = 1e-3
 TOLERANCES = {"fp32": (DEFAULT_ATOL, DEFAULT_RTOL), "fp16": (2e-2, 2e-2)}
 
 
-class ParityError(ValueError):
+class ParityError(UniDGError):
     """Parity cannot be measured as asked (bundle and model disagree, inputs of the wrong shape)."""
 
 

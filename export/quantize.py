@@ -52,6 +52,7 @@ from unidg.export.onnx_export import (
 from unidg.export.parity import compare, cosine, onnx_session, psnr
 from unidg.export.step_model import STEP_INPUTS, STEP_OUTPUTS, StepModel, float32_rope
 from unidg.runtime.bundle import GRAPH_NAMES, Bundle, load_bundle
+from unidg.runtime.errors import UniDGError
 from unidg.runtime.manifest import read_manifest, tool_versions
 
 FORMATS = ("fp8", "int8")
@@ -73,7 +74,7 @@ INT8_PER_CHANNEL = {"num_bits": 8, "axis": 0}
 SMALLEST_AMAX = 1e-12
 
 
-class QuantizationError(ValueError):
+class QuantizationError(UniDGError):
     """Quantization cannot be done as asked (inputs, calibration set, reference bundle)."""
 
 

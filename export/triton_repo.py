@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from unidg.runtime.bundle import GRAPH_INPUTS, GRAPH_OUTPUTS, Bundle, expected_shapes, load_bundle
+from unidg.runtime.errors import UniDGError
 from unidg.runtime.manifest import MANIFEST_FILE
 from unidg.runtime.settings import SETTINGS_FILE
 from unidg.runtime.staging import staged_folder
@@ -46,7 +47,7 @@ PYTHON_OUTPUTS = (
 )
 
 
-class TritonRepoError(ValueError):
+class TritonRepoError(UniDGError):
     """The repository cannot be written as asked."""
 
 

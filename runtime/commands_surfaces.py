@@ -7,6 +7,7 @@ import json
 import os
 
 from unidg.runtime.commands import BACKEND_CHOICES, bench_subparsers
+from unidg.runtime.errors import OptionError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -84,7 +85,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     backend_options: dict = {}
     if args.backend != "onnxruntime" and (args.providers or args.threads):
-        raise ValueError(f"--providers and --threads apply to --backend onnxruntime only (not {args.backend})")
+        raise OptionError(f"--providers and --threads apply to --backend onnxruntime only (not {args.backend})")
     if args.providers:
         backend_options["providers"] = [p.strip() for p in args.providers.split(",") if p.strip()]
     if args.threads:
@@ -118,7 +119,7 @@ def run_serve_bench(args: argparse.Namespace) -> int:
     from unidg.runtime.serve_bench import BenchOptions, run_bench_command
 
     if not args.bundle and not args.url:
-        raise ValueError("give --bundle (to start a server) or --url (to use a running one)")
+        raise OptionError("give --bundle (to start a server) or --url (to use a running one)")
     report = run_bench_command(
         BenchOptions(
             bundle=args.bundle,

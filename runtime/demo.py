@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from unidg.runtime.errors import UniDGError
 from unidg.runtime.images import InputError
 from unidg.runtime.manifest import atomic_write_bytes
 from unidg.runtime.staging import staged_folder
@@ -34,7 +35,7 @@ DEMO_MARKER = "demo.json"
 CONTACT_SHEET = "contact_sheet.png"
 
 
-class DemoError(ValueError):
+class DemoError(UniDGError):
     """The samples folder or the demo output folder cannot be used."""
 
 

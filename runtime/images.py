@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from unidg.runtime.errors import UniDGError
+
 REFERENCE_IMAGE = "reference image"
 REFERENCE_MASK = "reference mask"
 SOURCE_IMAGE = "source image"
@@ -24,7 +26,7 @@ _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 
 
-class InputError(ValueError):
+class InputError(UniDGError):
     """A request input is missing, unreadable or unusable. ``name`` is the input, ``path`` its file (if any)."""
 
     def __init__(self, name: str, problem: str, path: str | Path | None = None) -> None:

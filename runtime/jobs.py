@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from unidg.runtime.errors import UniDGError
 from unidg.runtime.images import InputError
 from unidg.runtime.manifest import atomic_write_text
 from unidg.runtime.synthesizer import DefectSynthesizer, SynthesisRequest, SynthesisResult
@@ -49,7 +50,7 @@ REQUIRED_KEYS = ("reference", "reference_mask", "source", "mask", "seed")
 OPTIONAL_KEYS = ("id", "category", "steps", "guidance", "object_name")
 
 
-class JobsError(ValueError):
+class JobsError(UniDGError):
     """The jobs file, one of its jobs, or the output folder cannot be used; the message names the line or folder."""
 
 

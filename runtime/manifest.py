@@ -15,12 +15,18 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+from unidg.runtime.errors import UniDGError
+
 MANIFEST_FILE = "manifest.json"
 MANIFEST_VERSION = 1
 
 
-class ManifestError(ValueError):
+class ManifestError(UniDGError):
     """A folder's manifest is missing, malformed, of the wrong kind, or does not match the files."""
+
+
+class WeightsError(ManifestError):
+    """A weights folder or file cannot be used: no manifest, wrong kind, changed, incomplete or of the wrong shape."""
 
 
 def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:

@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from unidg.runtime.errors import UniDGError
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -33,17 +35,17 @@ class UniDGSettings:
 
     def __post_init__(self) -> None:
         if self.alpha <= 0:
-            raise ValueError(f"alpha must be > 0 (got {self.alpha})")
+            raise UniDGError(f"alpha must be > 0 (got {self.alpha})")
         if not 0 < self.beta <= 1:
-            raise ValueError(f"beta must be in (0, 1] (got {self.beta})")
+            raise UniDGError(f"beta must be in (0, 1] (got {self.beta})")
         if not 0 < self.threshold <= 1:
-            raise ValueError(f"threshold must be in (0, 1] (got {self.threshold})")
+            raise UniDGError(f"threshold must be in (0, 1] (got {self.threshold})")
         if self.resolution <= 0 or self.resolution % 16:
-            raise ValueError(f"resolution must be a positive multiple of 16 (got {self.resolution})")
+            raise UniDGError(f"resolution must be a positive multiple of 16 (got {self.resolution})")
         if self.text_tokens < 1:
-            raise ValueError(f"text_tokens must be >= 1 (got {self.text_tokens})")
+            raise UniDGError(f"text_tokens must be >= 1 (got {self.text_tokens})")
         if self.steps < 1:
-            raise ValueError(f"steps must be >= 1 (got {self.steps})")
+            raise UniDGError(f"steps must be >= 1 (got {self.steps})")
 
     @property
     def log_alpha(self) -> float:
@@ -85,7 +87,7 @@ class UniDGSettings:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown UniDG settings {unknown}; known: {sorted(known)}")
+            raise UniDGError(f"unknown UniDG settings {unknown}; known: {sorted(known)}")
         return cls(**data)
 
     def save(self, folder: str | Path) -> Path:
@@ -103,4 +105,4 @@ class UniDGSettings:
         try:
             return cls.from_dict(json.loads(path.read_text()))
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON ({error}); re-create it with `unidg train merge`") from error
+            raise UniDGError(f"{path} is not valid JSON ({error}); re-create it with `unidg train merge`") from error

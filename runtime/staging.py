@@ -15,8 +15,10 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from unidg.runtime.errors import UniDGError
 
-class OutputFolderError(ValueError):
+
+class OutputFolderError(UniDGError):
     """An output folder cannot be written where or as asked; the message names the folder and the fix."""
 
 

@@ -27,6 +27,7 @@ from unidg.runtime.attention_bias import build_key_bias
 from unidg.runtime.backends import Backend, StepConditioning, create_backend
 from unidg.runtime.backends.base import check_finite
 from unidg.runtime.bundle import Bundle, load_bundle
+from unidg.runtime.errors import UniDGError
 from unidg.runtime.geometry import Diptych, defect_token_mask, dilated_target_mask, paste_back, right_half
 from unidg.runtime.latents import (
     fill_condition,
@@ -45,8 +46,12 @@ DEFAULT_MAX_BATCH = 4
 NOISE_RECIPE = "numpy.random.default_rng(seed).standard_normal((N, 64), dtype=float32)"
 
 
-class RequestError(ValueError):
-    """A request option (seed, steps, guidance, category) is unusable; the message names it."""
+class RequestError(UniDGError):
+    """A request option (seed, steps, guidance, category) is unusable; ``option`` names it, the message says why."""
+
+    def __init__(self, message: str, option: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option
 
 
 @dataclass(frozen=True, eq=False)
@@ -90,24 +95,29 @@ def check_request_options(request: SynthesisRequest, settings: UniDGSettings) ->
     name = request.name
     seed = request.seed
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= int(seed) <= MAX_SEED:
-        raise RequestError(f"{name}: seed must be an integer in [0, 2^63 - 1] (got {seed!r})")
+        raise RequestError(f"{name}: seed must be an integer in [0, 2^63 - 1] (got {seed!r})", "seed")
     steps = settings.steps if request.steps is None else request.steps
     if isinstance(steps, bool) or not isinstance(steps, int | np.integer) or not 1 <= int(steps) <= MAX_STEPS:
         raise RequestError(
             f"{name}: steps must be an integer in [1, {MAX_STEPS}] (got {steps!r}); the model was trained for "
-            f"{settings.steps}"
+            f"{settings.steps}",
+            "steps",
         )
     guidance = settings.guidance if request.guidance is None else request.guidance
     if isinstance(guidance, bool) or not isinstance(guidance, int | float | np.floating | np.integer):
-        raise RequestError(f"{name}: guidance must be a number (got {guidance!r})")
+        raise RequestError(f"{name}: guidance must be a number (got {guidance!r})", "guidance")
     if not math.isfinite(float(guidance)) or float(guidance) < 0:
         raise RequestError(
             f"{name}: guidance must be a finite number >= 0 (got {guidance!r}); this model's default is "
-            f"{settings.guidance}"
+            f"{settings.guidance}",
+            "guidance",
         )
     category = request.category
     if category is not None:
-        check_category(category)
+        try:
+            check_category(category)
+        except UniDGError as error:
+            raise RequestError(f"{name}: {error}", "category") from error
     return replace(request, seed=int(seed), steps=int(steps), guidance=float(guidance))
 
 

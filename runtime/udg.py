@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from unidg.runtime import images
+from unidg.runtime.errors import UniDGError
 from unidg.runtime.manifest import atomic_write_bytes
 
 INDEX_FILE = "index.jsonl"
@@ -94,7 +95,7 @@ _KNOWN_KEYS = frozenset(_REQUIRED_KEYS) | {"height", "width"}
 SAMPLE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-class UDGError(ValueError):
+class UDGError(UniDGError):
     """A UDG folder, index line, quadruplet or caption is malformed; the message names the input and the fix."""
 
 

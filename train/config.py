@@ -17,10 +17,11 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Union
 
+from unidg.runtime.errors import UniDGError
 from unidg.runtime.settings import UniDGSettings
 
 
-class ConfigError(ValueError):
+class ConfigError(UniDGError):
     """A training config file is missing, malformed or has an invalid value."""
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from unidg.runtime.errors import UniDGError
 from unidg.runtime.manifest import atomic_write_text
 from unidg.runtime.settings import UniDGSettings
 
@@ -41,7 +42,7 @@ PROGRESS_PREFIX = ".progress-rank-"  # one per caching process: the shards it fi
 PACKED_FIELDS = ("x0", "masked", "normal")
 
 
-class LatentCacheError(ValueError):
+class LatentCacheError(UniDGError):
     """A latent cache is missing, stale (other weights, data or settings) or damaged."""
 
 

@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import SiglipVisionModel
 
-from unidg.runtime.manifest import tool_versions, write_manifest
+from unidg.runtime.manifest import WeightsError, tool_versions, write_manifest
 from unidg.runtime.settings import SETTINGS_FILE, UniDGSettings
 from unidg.runtime.staging import staged_folder
 from unidg.train.model import COMPONENTS, UniDGModel
@@ -49,10 +49,6 @@ REDUX_FOLDERS = ("redux", "image_embedder")  # ours, FLUX.1-Redux-dev's diffuser
 BFL_PREFIX = "model.diffusion_model."
 # diffusers' converter splits single-block linear1 at FLUX's width; other widths (nano) are split here.
 _CONVERTER_INNER_DIM = 3072
-
-
-class WeightsError(ValueError):
-    """A weights folder or file is missing, incomplete or of the wrong shape."""
 
 
 # ---------------------------------------------------------------------------------------------- diffusers layout

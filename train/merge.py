@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from unidg.runtime.errors import UniDGError
 from unidg.runtime.settings import UniDGSettings
 from unidg.train.config import LoraConfig
 from unidg.train.lora import LORA_CONFIG_FILE, LORA_FILE, add_lora, load_lora_state_dict
@@ -42,7 +43,7 @@ def merged_state_dict(
         key = f"{module}.weight"
         a, b = lora[f"{module}.lora_A.weight"].double(), lora[f"{module}.lora_B.weight"].double()
         if key not in merged:
-            raise ValueError(f"LoRA adapts {module}, which the base transformer does not have (wrong base?)")
+            raise UniDGError(f"LoRA adapts {module}, which the base transformer does not have (wrong base?)")
         weight = merged[key]
         merged[key] = (weight.double() + scale * (b @ a)).to(weight.dtype)
     return merged
@@ -99,7 +100,7 @@ def merge_lora(
 
     out = Path(out)
     if out.exists() and not overwrite:
-        raise ValueError(f"{out} already exists; choose a new folder or pass --force to replace it")
+        raise UniDGError(f"{out} already exists; choose a new folder or pass --force to replace it")
     tensors, info = read_lora(lora_folder)
     model = load_model(base)
     settings = {**model.settings.to_dict(), **info.get("settings", {}), **(settings_overrides or {})}
@@ -114,7 +115,7 @@ def merge_lora(
     lora = LoraConfig(rank=int(info["rank"]), alpha=float(info["alpha"]), targets=list(info["targets"]))
     modules = add_lora(model.transformer, lora)
     if sorted(modules) != sorted(info["modules"]):
-        raise ValueError(f"{lora_folder}: the LoRA's modules do not match this base's layers (wrong base?)")
+        raise UniDGError(f"{lora_folder}: the LoRA's modules do not match this base's layers (wrong base?)")
     load_lora_state_dict(model.transformer, tensors)
     probe = probe_inputs(model)
     reference = probe_velocity(model.eval(), probe, guidance)
@@ -126,7 +127,7 @@ def merge_lora(
     max_abs_diff = float((merged_velocity - reference).abs().max())
     lora_effect = float((reference - probe_velocity(load_model(base).eval(), probe, guidance)).abs().max())
     if not max_abs_diff <= tolerance:
-        raise ValueError(f"merged model differs from the LoRA model by {max_abs_diff:.3g} > {tolerance}; not written")
+        raise UniDGError(f"merged model differs from the LoRA model by {max_abs_diff:.3g} > {tolerance}; not written")
 
     from unidg.runtime.manifest import read_manifest
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from unidg.runtime.errors import UniDGError
 from unidg.runtime.udg import Quadruplet
 from unidg.train.shape_masks import count_regions
 
@@ -42,7 +43,7 @@ TOP_K = 3
 def area_score(defect_pixels: int, total_pixels: int) -> float:
     """Alg. 2 area-ratio score of a reference mask with ``defect_pixels`` of ``total_pixels``."""
     if total_pixels <= 0:
-        raise ValueError(f"total_pixels must be > 0 (got {total_pixels})")
+        raise UniDGError(f"total_pixels must be > 0 (got {total_pixels})")
     p, n = int(defect_pixels), int(total_pixels)
     # r in [a%, b%]  <=>  100 * p >= a * n  and  100 * p <= b * n (scaled by 10 for the 0.1 % and 0.5 % ends).
     if 200 * p >= n and 100 * p <= n:  # [0.5 %, 1 %]
@@ -71,9 +72,9 @@ def mean_defect_color(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Per-channel mean of ``image`` (uint8 RGB) inside ``mask``, scaled to [0, 1]: float64 (3,)."""
     mask = np.asarray(mask, dtype=bool)
     if image.shape[:2] != mask.shape:
-        raise ValueError(f"image {image.shape[:2]} and mask {mask.shape} must have the same size")
+        raise UniDGError(f"image {image.shape[:2]} and mask {mask.shape} must have the same size")
     if not mask.any():
-        raise ValueError("mask is empty: a defect colour needs at least one masked pixel")
+        raise UniDGError("mask is empty: a defect colour needs at least one masked pixel")
     return image[mask].astype(np.float64).mean(axis=0) / 255.0
 
 
@@ -199,7 +200,7 @@ def cross_pairs(
         try:
             member_stats = [stats[q.id] for q in members]
         except KeyError as error:
-            raise ValueError(f"no defect statistics for quadruplet {error.args[0]}; pass compute_stats(...)") from None
+            raise UniDGError(f"no defect statistics for quadruplet {error.args[0]}; pass compute_stats(...)") from None
         # The reference-only part of Q is fixed per candidate; only the colour term depends on the target.
         static = np.array(
             [
@@ -235,10 +236,10 @@ def diversity_sft_pairs(
     ``stats`` (from ``compute_stats``) avoids re-reading images when pairs are drawn more than once.
     """
     if not quadruplets:
-        raise ValueError("no quadruplets: pass a non-empty UDG index (read_index(folder))")
+        raise UniDGError("no quadruplets: pass a non-empty UDG index (read_index(folder))")
     ids = [q.id for q in quadruplets]
     if len(set(ids)) != len(ids):
-        raise ValueError("quadruplet ids repeat; each quadruplet must appear once (check the UDG index)")
+        raise UniDGError("quadruplet ids repeat; each quadruplet must appear once (check the UDG index)")
     if stats is None:
         stats = compute_stats(quadruplets)
     intra = cross_pairs(quadruplets, stats, np.random.default_rng([seed, 1]), same_object=True)
@@ -264,16 +265,16 @@ def mix_pairs(
     groups = {name: [p for p in pairs if p.distribution == name] for name in DISTRIBUTIONS}
     empty = [name for name, group in groups.items() if not group]
     if empty and not allow_missing:
-        raise ValueError(
+        raise UniDGError(
             f"no {' / '.join(empty)} pairs: intra-object needs two quadruplets of one object and category, "
             "cross-object needs one category on two objects; add such data or pass allow_missing=True"
         )
     groups = {name: group for name, group in groups.items() if group}
     if not groups:
-        raise ValueError("no training pairs to mix")
+        raise UniDGError("no training pairs to mix")
     count = min(len(group) for group in groups.values()) if per_distribution is None else per_distribution
     if count < 1:
-        raise ValueError(f"per_distribution must be >= 1 (got {count})")
+        raise UniDGError(f"per_distribution must be >= 1 (got {count})")
     streams = {}
     for name, group in groups.items():
         drawn: list[TrainingPair] = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from unidg.runtime.errors import UniDGError
 from unidg.runtime.settings import UniDGSettings
 
 # Fixed by the Fill layout: 16 latent channels packed 2x2 -> 64 per token; the pixel mask of one token is
@@ -38,11 +39,11 @@ class TransformerParams:
 
     def __post_init__(self) -> None:
         if sum(self.axes_dims_rope) != self.attention_head_dim:
-            raise ValueError(
+            raise UniDGError(
                 f"axes_dims_rope {self.axes_dims_rope} must sum to attention_head_dim {self.attention_head_dim}"
             )
         if any(dim % 2 for dim in self.axes_dims_rope):
-            raise ValueError(f"axes_dims_rope {self.axes_dims_rope} must be even (RoPE rotates pairs)")
+            raise UniDGError(f"axes_dims_rope {self.axes_dims_rope} must be even (RoPE rotates pairs)")
 
     @property
     def inner_dim(self) -> int:
@@ -75,7 +76,7 @@ class VaeParams:
 
     def __post_init__(self) -> None:
         if len(self.block_out_channels) != 4:
-            raise ValueError(f"the Fill layout needs an 8x VAE: 4 blocks (got {self.block_out_channels})")
+            raise UniDGError(f"the Fill layout needs an 8x VAE: 4 blocks (got {self.block_out_channels})")
 
     def config(self) -> dict:
         config = asdict(self)
@@ -131,9 +132,9 @@ class UniDGPreset:
 
     def __post_init__(self) -> None:
         if self.redux.redux_dim != self.image_encoder.hidden_size:
-            raise ValueError(f"{self.name}: redux_dim must equal the image encoder's hidden_size")
+            raise UniDGError(f"{self.name}: redux_dim must equal the image encoder's hidden_size")
         if self.redux.txt_in_features != self.transformer.joint_attention_dim:
-            raise ValueError(f"{self.name}: Redux txt_in_features must equal the transformer's joint_attention_dim")
+            raise UniDGError(f"{self.name}: Redux txt_in_features must equal the transformer's joint_attention_dim")
 
     @property
     def reference_size(self) -> int:
@@ -208,4 +209,4 @@ def get_preset(preset: str | UniDGPreset) -> UniDGPreset:
     try:
         return PRESETS[preset]
     except KeyError:
-        raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}") from None
+        raise UniDGError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}") from None

@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from unidg.runtime.errors import UniDGError
 from unidg.runtime.manifest import atomic_write_text
 from unidg.runtime.udg import CATEGORIES, INDEX_FILE, UDGWriter, mask_location, mask_size_word
 from unidg.train.shape_masks import keep_largest_regions, perlin_noise, shape_mask
@@ -908,15 +909,15 @@ def synthesize(
     from tqdm import tqdm
 
     if count < 1:
-        raise ValueError(f"count must be >= 1 (got {count})")
+        raise UniDGError(f"count must be >= 1 (got {count})")
     if size < 32:
-        raise ValueError(f"size must be >= 32 pixels (got {size})")
+        raise UniDGError(f"size must be >= 32 pixels (got {size})")
     if not 0.0 <= non_square_fraction <= 1.0:
-        raise ValueError(f"the non-square fraction must be in [0, 1] (got {non_square_fraction})")
+        raise UniDGError(f"the non-square fraction must be in [0, 1] (got {non_square_fraction})")
     out = Path(out)
     if (out / INDEX_FILE).exists():
         if not overwrite:
-            raise ValueError(f"{out} already holds a UDG index; choose a new folder or pass --force to replace it")
+            raise UniDGError(f"{out} already holds a UDG index; choose a new folder or pass --force to replace it")
         for name in (INDEX_FILE, DATASET_FILE):
             (out / name).unlink(missing_ok=True)
         for name in ("normal", "abnormal", "mask"):

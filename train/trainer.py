@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from unidg.runtime.errors import UniDGError
 from unidg.runtime.manifest import atomic_write_text
 from unidg.runtime.settings import UniDGSettings
 from unidg.train.config import LossConfig, OptimConfig
@@ -53,7 +54,7 @@ DEVICE_PATTERN = re.compile(r"^(cpu|cuda|cuda:\d+)$")
 
 
 # ============================================================================ device and processes
-class DeviceError(ValueError):
+class DeviceError(UniDGError):
     """The requested training device does not exist on this machine."""
 
 
@@ -180,7 +181,7 @@ def sample_schedule(
     a fresh permutation per pass (every pair once per pass). Empty pools are dropped (their weight goes to the rest)."""
     weights = [w if len(pool) else 0.0 for w, pool in zip(weights, pools)]
     if sum(weights) <= 0:
-        raise ValueError("no training pairs for the distributions with a non-zero mix weight")
+        raise UniDGError("no training pairs for the distributions with a non-zero mix weight")
     choices = distribution_sequence(weights, steps * batch_size)
     out = np.empty(steps * batch_size, dtype=np.int64)
     for d, pool in enumerate(pools):
@@ -312,14 +313,14 @@ class FlowTrainer:
         self.global_batch = int(schedule.shape[1])
         world = self.placement.world_size
         if self.global_batch % world:
-            raise ValueError(
+            raise UniDGError(
                 f"train.batch_size {self.global_batch} (the global batch) does not split over {world} processes; "
                 f"use a multiple of {world}, or launch a world size that divides it"
             )
         self.local_batch = self.global_batch // world
         self.micro_batch = micro_batch or self.local_batch
         if self.local_batch % self.micro_batch:
-            raise ValueError(
+            raise UniDGError(
                 f"train.micro_batch {self.micro_batch} does not divide the {self.local_batch} pairs each of the "
                 f"{world} process(es) gets of train.batch_size {self.global_batch}; pick a divisor of "
                 f"{self.local_batch} (0: all of them)"
@@ -385,18 +386,18 @@ class FlowTrainer:
         folder = Path(folder)
         state = json.loads((folder / STATE_FILE).read_text())
         if state.get("seed") != self.seed or state.get("fingerprint") != self.fingerprint:
-            raise ValueError(
+            raise UniDGError(
                 f"checkpoint {folder} was made by a different run (seed, data or settings differ); "
                 "resume with the same config, or start a new output folder"
             )
         if state["step"] > self.steps:
-            raise ValueError(
+            raise UniDGError(
                 f"checkpoint {folder} is at step {state['step']}, past this run's {self.steps} steps; "
                 "raise the steps to continue it, or start a new output folder"
             )
         weights = load_file(str(folder / TRAINABLE_FILE))
         if set(weights) != set(self.trainable):
-            raise ValueError(f"checkpoint {folder} holds other trainable weights than this run; use the same config")
+            raise UniDGError(f"checkpoint {folder} holds other trainable weights than this run; use the same config")
         with torch.no_grad():
             for name, parameter in self.trainable.items():
                 parameter.copy_(weights[name])

@@ -33,6 +33,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from unidg.export.plugins.trt_plugin import PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from unidg.runtime.errors import UniDGError
 
 ATTENTION_OP = "Attention"
 ONNX_DOMAINS = ("", "ai.onnx")
@@ -40,7 +41,7 @@ MASK_ROW_POLICIES = ("key_only", "first_row")
 _PASS_THROUGH_OPS = ("Expand", "Cast", "Identity")
 
 
-class AttentionRewriteError(ValueError):
+class AttentionRewriteError(UniDGError):
     """An Attention node (or the model) cannot be rewritten exactly into the plugin node."""
 
 

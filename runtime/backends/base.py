@@ -14,13 +14,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from unidg.runtime.bundle import Bundle
+from unidg.runtime.errors import UniDGError
 
 
-class BackendUnavailable(ValueError):
+class BackendUnavailable(UniDGError):
     """The backend cannot run here: its package, device or execution provider is missing."""
 
 
-class BackendError(ValueError):
+class BackendError(UniDGError):
     """A backend cannot use this bundle (graph shapes, engine versions, device capability)."""
 
 
@@ -28,7 +29,7 @@ class GenerationCancelled(Exception):
     """The progress callback returned False: the loop stopped early and nothing was produced."""
 
 
-class NonFiniteOutputError(ValueError):
+class NonFiniteOutputError(UniDGError):
     """A graph produced NaN or Inf: the bundle's weights are corrupt, or the precision overflowed."""
 
 

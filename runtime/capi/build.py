@@ -25,6 +25,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from unidg.runtime.errors import UniDGError
+
 HEADER = Path(__file__).with_name("unidg.h")
 MODULE_NAME = "_unidg_capi"
 LIBRARY_NAME = "libunidg.so"
@@ -259,7 +261,7 @@ def build_library(out: str | Path, *, verbose: bool = False) -> BuiltLibrary:
     header_text = HEADER.read_text()
     libdir = sysconfig.get_config_var("LIBDIR") or ""
     if not sysconfig.get_config_var("Py_ENABLE_SHARED"):
-        raise ValueError(
+        raise UniDGError(
             f"this Python ({sysconfig.get_config_var('prefix')}) was built without a shared libpython, which an "
             "embedding library needs; build libunidg from a Python configured with --enable-shared (e.g. the "
             "distribution's python3 or pyenv with PYTHON_CONFIGURE_OPTS=--enable-shared)"

@@ -6,6 +6,8 @@ import ipaddress
 import os
 from dataclasses import dataclass, field
 
+from unidg.runtime.errors import OptionError
+
 API_KEY_HEADER = "X-API-Key"
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
@@ -42,18 +44,18 @@ class ServeConfig:
     def __post_init__(self) -> None:
         for name in ("workers", "max_steps", "max_image_pixels", "max_connections", "max_header_bytes"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+                raise OptionError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
         if self.max_queue < 0:
-            raise ValueError(f"--max-queue must be >= 0 (got {self.max_queue})")
+            raise OptionError(f"--max-queue must be >= 0 (got {self.max_queue})")
         if not self.timeout_s > 0:
-            raise ValueError(f"--timeout must be > 0 seconds (got {self.timeout_s})")
+            raise OptionError(f"--timeout must be > 0 seconds (got {self.timeout_s})")
         for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0 seconds (got {getattr(self, name)})")
+                raise OptionError(f"{name} must be > 0 seconds (got {getattr(self, name)})")
         if not self.max_upload_mb > 0:
-            raise ValueError(f"--max-upload-mb must be > 0 (got {self.max_upload_mb})")
+            raise OptionError(f"--max-upload-mb must be > 0 (got {self.max_upload_mb})")
         if self.api_key is not None and not self.api_key:
-            raise ValueError("the API key is empty; set the environment variable to a non-empty secret")
+            raise OptionError("the API key is empty; set the environment variable to a non-empty secret")
         check_bind_address(self.host, self.api_key)
 
     @property
@@ -79,7 +81,7 @@ def is_loopback(host: str) -> bool:
 def check_bind_address(host: str, api_key: str | None) -> None:
     """Refuse to listen beyond this machine without an API key: the service runs a GPU-heavy model for anyone."""
     if not is_loopback(host) and not api_key:
-        raise ValueError(
+        raise OptionError(
             f"refusing to bind to {host}: only loopback (127.0.0.1, ::1, localhost) is allowed without an API key; "
             "put a secret in an environment variable and pass --api-key-env VAR (clients send it as X-API-Key)"
         )
@@ -102,5 +104,5 @@ def api_key_from_env(variable: str | None) -> str | None:
         return None
     value = os.environ.get(variable)
     if not value:
-        raise ValueError(f"--api-key-env {variable}: the environment variable {variable} is unset or empty")
+        raise OptionError(f"--api-key-env {variable}: the environment variable {variable} is unset or empty")
     return value

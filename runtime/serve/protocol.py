@@ -263,9 +263,8 @@ def check_options(request: SynthesisRequest, settings: UniDGSettings) -> Synthes
     """The runtime's own checks of seed/steps/guidance/category, before the request takes a queue place."""
     try:
         return check_request_options(request, settings)
-    except (RequestError, ValueError) as error:
-        named = [name for name in PARAM_NAMES if f" {name} " in f" {error} "]
-        field_name = f"params.{named[0]}" if named else "params"
+    except RequestError as error:
+        field_name = f"params.{error.option}" if error.option else "params"
         raise ServiceError(422, "invalid_params", str(error), field_name) from error
 
 

@@ -24,13 +24,14 @@ import numpy as np
 from PIL import Image
 
 from unidg.runtime import images
+from unidg.runtime.errors import UniDGError
 
 GOOD = "good"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".JPG", ".PNG")
 VISA_COLUMNS = ("object", "split", "label", "image", "mask")
 
 
-class DatasetLayoutError(ValueError):
+class DatasetLayoutError(UniDGError):
     """A dataset folder or split file is not in the expected layout; the message names it and the fix."""
 
 
