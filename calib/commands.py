@@ -20,8 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--data", required=True, help="UDG folder (index.jsonl + images), e.g. from `unidg data synth`")
     build.add_argument("--weights", required=True, help="merged weights folder (unidg train merge)")
     build.add_argument("--out", required=True, help="calibration folder to write")
-    build.add_argument("--samples", type=int, default=32, help="requests (default 32)")
-    build.add_argument("--steps", type=int, default=28, help="denoising steps per request (default 28)")
+    build.add_argument("--samples", type=int, default=32, help="requests")
+    build.add_argument("--steps", type=int, default=28, help="denoising steps per request")
     build.add_argument(
         "--step-subset",
         help="steps to capture: '0,7,14,21,27', ranges '0-3', 'every:4' (default: all)",

@@ -567,12 +567,12 @@ def write_report(result: GpuBenchResult, out: Path) -> tuple[Path, Path]:
 
 
 def bench_gpu(args: argparse.Namespace) -> int:
-    from unidg.cli import UserError
+    from unidg.runtime.errors import OptionError
 
     if args.dry_run:
         # Triton reads TRITON_INTERPRET when it is first imported: the fused kernel runs on the CPU only that way.
         if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-            raise UserError("triton is already imported without TRITON_INTERPRET=1; run the command in a new process")
+            raise OptionError("triton is already imported without TRITON_INTERPRET=1; run the command in a new process")
         os.environ["TRITON_INTERPRET"] = "1"
     command = "unidg " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "unidg bench gpu"
 
@@ -592,7 +592,7 @@ def bench_gpu(args: argparse.Namespace) -> int:
             on_row=report,
         )
     except ValueError as error:
-        raise UserError(str(error)) from error
+        raise OptionError(str(error)) from error
     result.command = command
     json_path, markdown_path = write_report(result, Path(args.out))
     print(format_markdown(result))

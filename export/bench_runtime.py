@@ -59,7 +59,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _weights_folder(bundle: Bundle, weights: str | None) -> Path:
-    from unidg.cli import UserError
+    from unidg.runtime.errors import OptionError
 
     if weights:
         return Path(weights)
@@ -68,7 +68,7 @@ def _weights_folder(bundle: Bundle, weights: str | None) -> Path:
     for candidate in candidates:
         if (candidate / "manifest.json").is_file():
             return candidate
-    raise UserError(
+    raise OptionError(
         f"the torch reference needs the weights folder bundle {bundle.path} was exported from (manifest: "
         f"{recorded!r}, not found beside the bundle); pass --weights FOLDER"
     )
@@ -78,19 +78,19 @@ def _weights_folder(bundle: Bundle, weights: str | None) -> Path:
 def bench_cpu(args: argparse.Namespace) -> dict:
     import torch
 
-    from unidg.cli import UserError
     from unidg.runtime.demo import DEFAULT_BUNDLE
+    from unidg.runtime.errors import OptionError
     from unidg.train.loading import load_model
     from unidg.train.sampler import sample_request  # the torch reference (FluxFillPipeline-style loop)
 
     if args.repeats < 5:
-        raise UserError(f"--repeats must be >= 5 for a median worth reporting (got {args.repeats})")
+        raise OptionError(f"--repeats must be >= 5 for a median worth reporting (got {args.repeats})")
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = args.threads or torch.get_num_threads()
     bundle_path = Path(args.bundle) if args.bundle else DEFAULT_BUNDLE
     if not bundle_path.exists():
-        raise UserError(f"bundle {bundle_path} not found; pass --bundle (a bundle from `unidg export onnx`)")
+        raise OptionError(f"bundle {bundle_path} not found; pass --bundle (a bundle from `unidg export onnx`)")
     synth = DefectSynthesizer.from_bundle(bundle_path, threads=threads)
     bundle = synth.bundle
     weights = _weights_folder(bundle, args.weights)
@@ -193,10 +193,10 @@ def _torch_modules(model) -> dict:
 def bench_gpu(args: argparse.Namespace) -> dict:
     import torch
 
-    from unidg.cli import UserError
+    from unidg.runtime.errors import OptionError
 
     if not torch.cuda.is_available():
-        raise UserError(
+        raise OptionError(
             "`unidg bench runtime --gpu` needs a CUDA GPU: torch.cuda.is_available() is False here "
             f"(torch {torch.__version__}); run it on a GPU machine, or drop --gpu for the CPU comparison"
         )

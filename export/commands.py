@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from unidg.export.commands_triton import _export_subparsers
+from unidg.export.commands_triton import export_subparsers
 
 
 def _batch(text: str) -> int | str:
@@ -24,7 +24,7 @@ def _batch(text: str) -> int | str:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    export = _export_subparsers(subparsers)
+    export = export_subparsers(subparsers)
 
     onnx = export.add_parser(
         "onnx",
@@ -36,8 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     onnx.add_argument("--out", required=True, help="bundle folder to write")
     onnx.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32")
     onnx.add_argument("--resolution", type=int, help="diptych half size S (default: the weights' unidg.json)")
-    onnx.add_argument("--batch", type=_batch, default=1, help="static batch size or 'dynamic' (default 1)")
-    onnx.add_argument("--max-batch", type=int, default=16, help="upper bound of a dynamic batch (default 16)")
+    onnx.add_argument("--batch", type=_batch, default=1, help="static batch size or 'dynamic'")
+    onnx.add_argument("--max-batch", type=int, default=16, help="upper bound of a dynamic batch")
     onnx.add_argument(
         "--sequence",
         choices=("static", "dynamic"),
@@ -100,7 +100,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _engine_arguments(trtexec)
     trtexec.add_argument("--trtexec", default="trtexec", help="trtexec executable (default: trtexec on PATH)")
     trtexec.add_argument(
-        "--tensorrt-major", type=int, choices=(10, 11), default=11, help="trtexec dialect of the commands (default 11)"
+        "--tensorrt-major", type=int, choices=(10, 11), default=11, help="trtexec dialect of the commands"
     )
     trtexec.set_defaults(handler=run_trtexec)
 

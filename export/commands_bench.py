@@ -1,8 +1,8 @@
 """``unidg bench attention``, ``unidg bench runtime`` and ``unidg bench gpu`` (registered by unidg.cli).
 
 ``unidg bench`` is one parser shared by every benchmark: each module adds its subcommand to it through
-``unidg.runtime.commands.bench_subparsers(subparsers)``, which returns the existing ``bench`` sub-command group or
-creates it, so registration order does not matter. Only argparse at import time.
+``unidg.runtime.commands.bench_subparsers(subparsers)``, which returns the ``bench`` sub-command group (created on
+first use), so registration order does not matter. Only argparse at import time.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import argparse
 import os
 import sys
 
-from unidg.cli import UserError
+from unidg.runtime.cli_options import add_bundle_option
 from unidg.runtime.commands import bench_subparsers
+from unidg.runtime.errors import OptionError
 
 
 def _bench_attention(args: argparse.Namespace) -> int:
@@ -22,10 +23,10 @@ def _bench_attention(args: argparse.Namespace) -> int:
     if interpret:
         # Triton reads TRITON_INTERPRET when it is first imported: set it before anything imports triton.
         if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-            raise UserError("triton is already imported without TRITON_INTERPRET=1; run the command in a new process")
+            raise OptionError("triton is already imported without TRITON_INTERPRET=1; run the command in a new process")
         os.environ["TRITON_INTERPRET"] = "1"
     if args.repeats < 1:
-        raise UserError(f"--repeats must be >= 1, got {args.repeats}")
+        raise OptionError(f"--repeats must be >= 1, got {args.repeats}")
 
     from unidg.export.bench_attention import format_table, run_attention_bench, to_json
     from unidg.runtime.manifest import atomic_write_text
@@ -53,7 +54,7 @@ def _register_bench_runtime(subparsers: argparse._SubParsersAction) -> None:
         help="end-to-end time per sample: this runtime vs the torch reference sampler (CPU), or the torch backend "
         "at the full preset on a GPU (--gpu)",
     )
-    parser.add_argument("--bundle", default=None, help="bundle to time (default: the shipped UniDG-nano bundle)")
+    add_bundle_option(parser, required=False, help="bundle to time (default: the shipped UniDG-nano bundle)")
     parser.add_argument(
         "--weights",
         default=None,
@@ -64,7 +65,7 @@ def _register_bench_runtime(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the bundle's, 28)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for both sides (default: torch's)")
     parser.add_argument("--gpu", action="store_true", help="torch backend, full preset, random weights, on CUDA")
-    parser.add_argument("--resolution", type=int, default=768, help="--gpu: diptych half size S (default 768)")
+    parser.add_argument("--resolution", type=int, default=768, help="--gpu: diptych half size S")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     parser.set_defaults(handler=_bench_runtime)
 
@@ -117,7 +118,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "D=128, N=5849 (unfolded) and 5338 (folded text tokens). On CPU it runs tiny shapes under Triton's "
         "interpreter to check the harness only.",
     )
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda", help="where to run (default cuda)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda", help="where to run")
     parser.add_argument("--interpret", action="store_true", help="run the kernel under Triton's interpreter")
     parser.add_argument(
         "--shape", choices=("real", "tiny"), default=None, help="real FLUX shapes (default on cuda) or tiny ones"

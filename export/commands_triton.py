@@ -4,37 +4,28 @@ from __future__ import annotations
 
 import argparse
 
+from unidg.runtime.cli_options import add_bundle_option, command_group
 from unidg.runtime.errors import OptionError
 
 
-def _export_subparsers(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
-    """The sub-commands of ``unidg export``: those of an existing ``export`` parser, or of a new one."""
-    existing = subparsers.choices.get("export")
-    if existing is None:
-        parser = subparsers.add_parser("export", help="export weights to bundles, engines and serving repositories")
-        parser.set_defaults(handler=lambda args: parser.print_help() or 2)
-        return parser.add_subparsers(dest="export_command", metavar="EXPORT")
-    for action in existing._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action
-    return existing.add_subparsers(dest="export_command", metavar="EXPORT")
+def export_subparsers(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """The sub-commands of ``unidg export`` (this module and unidg.export.commands add to it)."""
+    return command_group(subparsers, "export", "export weights to bundles, engines and serving repositories")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = _export_subparsers(subparsers).add_parser(
+    parser = export_subparsers(subparsers).add_parser(
         "triton",
         help="Triton Inference Server model repository for a bundle (docs/triton.md)",
         description="Write a model repository: a Python-backend model wrapping DefectSynthesizer, the bundle, and "
         "for a bundle with TensorRT engines one tensorrt_plan model per graph, called through BLS.",
     )
-    parser.add_argument("--bundle", required=True, help="bundle folder written by `unidg export onnx`")
+    add_bundle_option(parser)
     parser.add_argument(
         "--out", required=True, help="model repository folder to write (tritonserver --model-repository)"
     )
     parser.add_argument("--model-name", default="unidg", help="name of the Python-backend model (default unidg)")
-    parser.add_argument(
-        "--kind", choices=("gpu", "cpu"), default="gpu", help="instance kind of the model (default gpu)"
-    )
+    parser.add_argument("--kind", choices=("gpu", "cpu"), default="gpu", help="instance kind of the model")
     parser.add_argument("--instances", type=int, default=1, help="model instances per GPU (or in all, on CPU)")
     parser.add_argument("--gpus", default="", help="comma-separated GPU ids for the instance groups (default: all)")
     parser.add_argument("--engine-instances", type=int, default=1, help="instances of each TensorRT model per GPU")
@@ -91,11 +82,11 @@ def register_bench(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--url", required=True, help="the server's gRPC address, host:port (e.g. 127.0.0.1:8001)")
     parser.add_argument("--model-name", default="unidg", help="name of the Python-backend model (default unidg)")
-    parser.add_argument("--bundle", default=None, help="the bundle the server serves (default: the shipped one)")
+    add_bundle_option(parser, required=False, help="the bundle the server serves (default: the shipped one)")
     parser.add_argument("--samples", default=None, help="samples folder (default: the shipped demo samples)")
     parser.add_argument("--sample", default=None, help="id of the sample to send (default: the first)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the bundle's)")
-    parser.add_argument("--requests", type=int, default=20, help="timed requests per side (default 20)")
+    parser.add_argument("--requests", type=int, default=20, help="timed requests per side")
     parser.set_defaults(handler=run_bench_triton)
 
 

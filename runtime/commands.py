@@ -8,67 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-BACKEND_CHOICES = ("onnxruntime", "tensorrt", "torch")
-
-
-# ------------------------------------------------------------------------------------------------------ shared options
-def _add_backend_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", choices=BACKEND_CHOICES, default="onnxruntime", help="runtime backend")
-    parser.add_argument(
-        "--device",
-        default=None,
-        help="onnxruntime: cpu (default), cuda or tensorrt execution provider (needs onnxruntime-gpu); "
-        "tensorrt: CUDA device index (default 0); torch: cpu (default), cuda or cuda:N",
-    )
-    parser.add_argument("--threads", type=int, default=None, help="onnxruntime CPU threads (default: all cores)")
-    parser.add_argument(
-        "--cuda-graph", action="store_true", help="tensorrt, torch: capture the denoising loop as one CUDA graph"
-    )
-    parser.add_argument("--compile", action="store_true", help="torch: torch.compile the step program")
-    parser.add_argument(
-        "--fp8", action="store_true", help="torch: FP8 (E4M3) matmuls in the step program (torch._scaled_mm on CUDA)"
-    )
-    parser.add_argument(
-        "--fused-attention",
-        action="store_true",
-        help="torch: the Triton biased-attention kernel instead of SDPA with a float mask (CPU: TRITON_INTERPRET=1)",
-    )
-    parser.add_argument(
-        "--no-verify",
-        action="store_true",
-        help="skip re-hashing the bundle's files (manifest shapes and settings are still checked)",
-    )
-
-
-def backend_options(args: argparse.Namespace) -> dict:
-    """The backend keyword options the command line selects (each backend takes its own)."""
-    device = args.device
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads {args.threads}: give a thread count >= 1, or leave it out to use all cores")
-    if args.threads and args.backend != "onnxruntime":
-        raise ValueError(f"--threads sets onnxruntime's CPU threads; it does not apply to --backend {args.backend}")
-    if args.cuda_graph and args.backend not in ("tensorrt", "torch"):
-        raise ValueError(f"--cuda-graph is a tensorrt and torch option; it does not apply to --backend {args.backend}")
-    torch_only = [flag for flag in ("compile", "fp8", "fused_attention") if getattr(args, flag, False)]
-    if torch_only and args.backend != "torch":
-        flags = ", ".join("--" + flag.replace("_", "-") for flag in torch_only)
-        raise ValueError(f"{flags}: torch backend options; add --backend torch or leave them out")
-    if args.backend == "onnxruntime":
-        options: dict = {"providers": [device or "cpu"]}
-        if args.threads:
-            options["threads"] = args.threads
-        return options
-    if args.backend == "tensorrt":
-        options = {"cuda_graph": bool(args.cuda_graph)}
-        if device is not None:
-            index = device.removeprefix("cuda:")
-            if not index.isdigit():
-                raise ValueError(f"--device {device!r}: the tensorrt backend takes a CUDA device index (0, 1, ...)")
-            options["device"] = int(index)
-        return options
-    return {"device": device or "cpu", "cuda_graph": bool(args.cuda_graph)} | {
-        flag: bool(getattr(args, flag, False)) for flag in ("compile", "fp8", "fused_attention")
-    }
+from unidg.runtime.cli_options import add_backend_options, add_bundle_option, backend_options, command_group
+from unidg.runtime.errors import OptionError
 
 
 def _load_synthesizer(args: argparse.Namespace, **extra: object):
@@ -100,12 +41,12 @@ def _check_generate_options(args: argparse.Namespace) -> None:
     from unidg.runtime.udg import SAMPLE_ID_PATTERN, check_category
 
     if not SAMPLE_ID_PATTERN.match(args.id):
-        raise ValueError(
+        raise OptionError(
             f"--id {args.id!r}: a sample id is letters, digits, '.', '_' and '-', starting with a letter or digit "
             "(it names the output files)"
         )
     if not args.object_name.strip():
-        raise ValueError("--object-name must not be empty (it goes into the caption stub); e.g. --object-name bottle")
+        raise OptionError("--object-name must not be empty (it goes into the caption stub); e.g. --object-name bottle")
     if args.category is not None:
         check_category(args.category)
     backend_options(args)
@@ -189,14 +130,13 @@ def _batch(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------------------- demo
 def _demo(args: argparse.Namespace) -> int:
-    from unidg.cli import UserError
     from unidg.runtime.demo import DEFAULT_BUNDLE, DEFAULT_SAMPLES, run_demo
 
     bundle = Path(args.bundle) if args.bundle else DEFAULT_BUNDLE
     samples = Path(args.samples) if args.samples else DEFAULT_SAMPLES
     for what, path, flag in (("bundle", bundle, "--bundle"), ("samples folder", samples, "--samples")):
         if not path.exists():
-            raise UserError(
+            raise OptionError(
                 f"the demo {what} {path} is not installed; pass {flag} (a bundle from `unidg export onnx`, "
                 "a folder with samples.json)"
             )
@@ -211,16 +151,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------------------------- bench
 def bench_subparsers(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
-    """The sub-commands of ``unidg bench``: those of an existing ``bench`` parser, or of a new one."""
-    existing = subparsers.choices.get("bench")
-    if existing is None:
-        parser = subparsers.add_parser("bench", help="benchmarks (runtime, attention)")
-        parser.set_defaults(handler=lambda args: parser.print_help() or 2)
-        return parser.add_subparsers(dest="bench_command", metavar="BENCH")
-    for action in existing._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action
-    return existing.add_subparsers(dest="bench_command", metavar="BENCH")
+    """The sub-commands of ``unidg bench`` (every benchmark module adds its own)."""
+    return command_group(subparsers, "bench", "benchmarks (runtime, attention, serve, gpu, triton)")
 
 
 # ------------------------------------------------------------------------------------------------------------ register
@@ -231,7 +163,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Writes a UDG quadruplet (normal = source, abnormal = result, mask = dilated target mask, "
         "caption stub) and metadata.json (seed, settings, bundle fingerprint, timings) into --out.",
     )
-    generate.add_argument("--bundle", required=True, help="bundle folder written by `unidg export onnx`")
+    add_bundle_option(generate)
     generate.add_argument("--reference", required=True, help="reference image showing the defect")
     generate.add_argument("--reference-mask", required=True, help="mask of the defect in the reference (white)")
     generate.add_argument("--source", required=True, help="image to paint the defect into")
@@ -243,7 +175,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     generate.add_argument("--object-name", default="object", help="object name for the caption stub")
     generate.add_argument("--id", default="000000", help="sample id of the quadruplet (file names)")
     generate.add_argument("--out", required=True, help="output folder (new, or empty)")
-    _add_backend_options(generate)
+    add_backend_options(generate)
     generate.set_defaults(handler=_generate)
 
     batch = subparsers.add_parser(
@@ -253,7 +185,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "guidance, object_name; relative paths resolve against the jobs file's folder. Re-run the same command "
         "after an interruption: finished jobs are kept, the rest are generated once.",
     )
-    batch.add_argument("--bundle", required=True, help="bundle folder written by `unidg export onnx`")
+    add_bundle_option(batch)
     batch.add_argument("--jobs", required=True, help="jobs file (JSON lines)")
     batch.add_argument("--out", required=True, help="output UDG folder (created, or resumed)")
     batch.add_argument("--batch-size", type=int, default=None, help="requests per model pass (default: bundle's)")
@@ -264,13 +196,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="a job that fails (bad inputs, or an error while generating) is recorded in failed.jsonl in --out and "
         "the others go on; the command then exits with status 1 (default: stop at the first failure)",
     )
-    _add_backend_options(batch)
+    add_backend_options(batch)
     batch.set_defaults(handler=_batch)
 
     demo = subparsers.add_parser("demo", help="run the shipped UniDG-nano model on the sample images")
-    demo.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
-    demo.add_argument("--bundle", default=None, help="bundle to run (default: the shipped UniDG-nano bundle)")
+    demo.add_argument("--out", default="out/demo", help="output folder")
+    add_bundle_option(demo, required=False, help="bundle to run (default: the shipped UniDG-nano bundle)")
     demo.add_argument("--samples", default=None, help="folder with samples.json (default: the shipped samples)")
     demo.add_argument("--steps", type=int, default=None, help="denoising steps (default: the bundle's)")
-    _add_backend_options(demo)
+    add_backend_options(demo)
     demo.set_defaults(handler=_demo)

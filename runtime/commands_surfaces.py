@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
-from unidg.runtime.commands import BACKEND_CHOICES, bench_subparsers
+from unidg.runtime.cli_options import add_backend_options, add_bundle_option, backend_options
+from unidg.runtime.commands import bench_subparsers
 from unidg.runtime.errors import OptionError
 
 
@@ -16,24 +16,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="HTTP service: POST /v1/synthesize, /healthz, /readyz, /metrics (docs/service.md)",
         description="Serve a bundle over HTTP. Binds to loopback unless an API key is given (--api-key-env).",
     )
-    serve.add_argument("--bundle", required=True, help="bundle folder written by `unidg export onnx`")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    add_bundle_option(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind")
     serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--workers", type=int, default=1, help="synthesis threads, each with its own model (default 1)")
-    serve.add_argument("--max-queue", type=int, default=8, help="requests waiting for a worker before 503 (default 8)")
-    serve.add_argument("--timeout", type=float, default=120.0, help="seconds per request, queue included (default 120)")
-    serve.add_argument("--max-upload-mb", type=float, default=20.0, help="request body limit in MiB (default 20)")
+    serve.add_argument("--workers", type=int, default=1, help="synthesis threads, each with its own model")
+    serve.add_argument("--max-queue", type=int, default=8, help="requests waiting for a worker before 503")
+    serve.add_argument("--timeout", type=float, default=120.0, help="seconds per request, queue included")
+    serve.add_argument("--max-upload-mb", type=float, default=20.0, help="request body limit in MiB")
     serve.add_argument(
         "--api-key-env",
         metavar="VAR",
         help="environment variable holding the API key; clients send it as X-API-Key (needed off loopback)",
     )
-    serve.add_argument("--max-steps", type=int, default=200, help="largest steps a request may ask for (default 200)")
-    serve.add_argument("--backend", choices=BACKEND_CHOICES, default="onnxruntime", help="runtime backend")
-    serve.add_argument("--providers", help="onnxruntime execution providers, comma-separated (e.g. cuda)")
-    serve.add_argument(
-        "--threads", type=int, help="onnxruntime intra-op threads per worker (default on CPU: cores / workers)"
-    )
+    serve.add_argument("--max-steps", type=int, default=200, help="largest steps a request may ask for")
+    add_backend_options(serve)  # onnxruntime on the CPU: cores / workers threads per worker unless --threads
     serve.add_argument("--no-warmup", action="store_true", help="skip the one-step warm-up run before /readyz is 200")
     serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     serve.set_defaults(handler=run_serve)
@@ -48,11 +44,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bench.add_argument("--url", help="an already running service, e.g. http://127.0.0.1:8080")
     bench.add_argument("--requests", type=int, default=200)
     bench.add_argument("--concurrency", type=int, default=8)
-    bench.add_argument("--workers", type=int, default=2, help="server synthesis threads (default 2)")
+    bench.add_argument("--workers", type=int, default=2, help="server synthesis threads")
     bench.add_argument("--max-queue", type=int, default=16)
-    bench.add_argument("--steps", type=int, default=4, help="denoising steps per request (default 4)")
-    bench.add_argument("--size", type=int, default=96, help="source/reference image side in pixels (default 96)")
-    bench.add_argument("--threads", type=int, default=1, help="onnxruntime threads per server worker (default 1)")
+    bench.add_argument("--steps", type=int, default=4, help="denoising steps per request")
+    bench.add_argument("--size", type=int, default=96, help="source/reference image side in pixels")
+    bench.add_argument("--threads", type=int, default=1, help="onnxruntime threads per server worker")
     bench.add_argument(
         "--scenario",
         choices=("valid", "oversized", "overload", "idle"),
@@ -60,8 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="valid requests; simultaneous uploads declaring huge images; a full queue; idle connections",
     )
     bench.add_argument("--declared-size", type=int, default=4096, help="oversized: side of each declared image")
-    bench.add_argument("--idle-connections", type=int, default=300, help="idle: sockets held open (default 300)")
-    bench.add_argument("--hold", type=float, default=10.0, help="idle: seconds they are held (default 10)")
+    bench.add_argument("--idle-connections", type=int, default=300, help="idle: sockets held open")
+    bench.add_argument("--hold", type=float, default=10.0, help="idle: seconds they are held")
     bench.add_argument("--server-pythonpath", help="PYTHONPATH of the started server only (measure another checkout)")
     bench.add_argument("--server-nofile", type=int, help="file-descriptor limit of the started server (ulimit -n)")
     bench.add_argument("--json", dest="json_out", help="also write the report as JSON to this file")
@@ -83,16 +79,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     from unidg.runtime.serve import ServeConfig, api_key_from_env, serve
 
-    backend_options: dict = {}
-    if args.backend != "onnxruntime" and (args.providers or args.threads):
-        raise OptionError(f"--providers and --threads apply to --backend onnxruntime only (not {args.backend})")
-    if args.providers:
-        backend_options["providers"] = [p.strip() for p in args.providers.split(",") if p.strip()]
-    if args.threads:
-        backend_options["threads"] = args.threads
-    elif args.backend == "onnxruntime" and not args.providers:
-        # CPU workers share the cores instead of each starting one thread per core.
-        backend_options["threads"] = max(1, (os.cpu_count() or 1) // max(args.workers, 1))
     config = ServeConfig(
         bundle=args.bundle,
         host=args.host,
@@ -104,8 +90,9 @@ def run_serve(args: argparse.Namespace) -> int:
         max_steps=args.max_steps,
         api_key=api_key_from_env(args.api_key_env),
         backend=args.backend,
-        backend_options=backend_options,
+        backend_options=backend_options(args, workers=args.workers),
         warmup=not args.no_warmup,
+        verify=not args.no_verify,
     )
     # Fail before binding when the bundle cannot be read (the workers re-check it with sha256 while loading).
     from unidg.runtime.bundle import load_bundle

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import ast
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "diffusers", "transformers", "peft", "onnxscript", "modelopt", "triton", "tensorrt")
@@ -39,9 +42,9 @@ def _imports(tree: ast.AST) -> list[tuple[str, bool]]:
 
 
 def test_runtime_imports_the_lean_runtime_only() -> None:
-    """unidg.runtime imports nothing of train, export or calib anywhere (not even inside a function), and the heavy
-    libraries only inside functions (the torch backend loads torch when it is used)."""
-    never = ("unidg.train", "unidg.export", "unidg.calib")
+    """unidg.runtime imports nothing of train, export, calib or the console command anywhere (not even inside a
+    function), and the heavy libraries only inside functions (the torch backend loads torch when it is used)."""
+    never = ("unidg.train", "unidg.export", "unidg.calib", "unidg.cli")
     not_at_module_level = ("torch", "diffusers", "transformers")
     offenders = []
     for path in sorted((ROOT / "runtime").rglob("*.py")):
@@ -106,3 +109,86 @@ def test_a_closed_pipe_ends_quietly() -> None:
     stderr = process.stderr.read()
     assert process.wait(timeout=60) == 141
     assert b"Traceback" not in stderr and b"BrokenPipe" not in stderr
+
+
+def _parser_with(handler):
+    parser = argparse.ArgumentParser(prog="unidg")
+    parser.add_subparsers(dest="command").add_parser("probe").set_defaults(handler=handler)
+    return parser
+
+
+def test_only_user_errors_become_one_line(monkeypatch, capsys) -> None:
+    from unidg import cli
+    from unidg.runtime.errors import OptionError
+
+    def refuse(args):
+        raise OptionError("--probe 3: give a number below 2")
+
+    monkeypatch.setattr(cli, "build_parser", lambda: _parser_with(refuse))
+    assert cli.main(["probe"]) == 2
+    assert capsys.readouterr().err == "unidg probe: error: --probe 3: give a number below 2\n"
+
+    def defect(args):
+        raise ValueError("operands could not be broadcast together")  # a program defect, not the user's input
+
+    monkeypatch.setattr(cli, "build_parser", lambda: _parser_with(defect))
+    with pytest.raises(ValueError, match="broadcast"):
+        cli.main(["probe"])
+
+
+def test_help_shows_defaults_once() -> None:
+    from unidg.cli import build_parser
+
+    parser = build_parser()
+    serve = parser.parse_known_args(["serve", "--bundle", "b"])[0]
+    assert serve.workers == 1
+    text = _subparser(parser, "serve").format_help()
+    assert "(default: 8)" in " ".join(text.split())  # --max-queue, added by the formatter
+    assert "default 8" not in text
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return action.choices[name]
+
+
+@pytest.mark.parametrize(
+    ("argv", "options"),
+    [
+        ([], {"providers": ["cpu"]}),
+        (["--device", "cuda,cpu", "--threads", "2"], {"providers": ["cuda", "cpu"], "threads": 2}),
+        (["--backend", "tensorrt", "--device", "cuda:1"], {"device": 1, "cuda_graph": False}),
+        (["--backend", "torch"], {"device": "cpu", "cuda_graph": False, "compile": False, "fp8": False}),
+    ],
+)
+def test_one_device_word_for_every_backend(argv: list[str], options: dict) -> None:
+    from unidg.runtime.cli_options import ArgumentParser, add_backend_options, backend_options
+
+    parser = ArgumentParser()
+    add_backend_options(parser)
+    got = backend_options(parser.parse_args(argv))
+    assert {key: got[key] for key in options} == options
+
+
+def test_serve_workers_share_the_cpu_cores() -> None:
+    import os
+
+    from unidg.runtime.cli_options import ArgumentParser, add_backend_options, backend_options
+    from unidg.runtime.errors import UniDGError
+
+    parser = ArgumentParser()
+    add_backend_options(parser)
+    assert backend_options(parser.parse_args([]), workers=2)["threads"] == max(1, (os.cpu_count() or 1) // 2)
+    with pytest.raises(UniDGError, match="--device 'gpu0': the tensorrt backend takes a CUDA device index"):
+        backend_options(parser.parse_args(["--backend", "tensorrt", "--device", "gpu0"]))
+
+
+def test_command_groups_are_shared_in_any_registration_order() -> None:
+    from unidg.runtime.cli_options import ArgumentParser, command_group
+
+    parser = ArgumentParser(prog="unidg")
+    subparsers = parser.add_subparsers(dest="command")
+    command_group(subparsers, "bench", "benchmarks").add_parser("a").set_defaults(handler="a")
+    command_group(subparsers, "bench", "benchmarks").add_parser("b").set_defaults(handler="b")
+    assert parser.parse_args(["bench", "b"]).handler == "b"
+    assert list(subparsers.choices) == ["bench"]

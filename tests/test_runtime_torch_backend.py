@@ -400,10 +400,10 @@ def test_fused_attention_without_the_interpreter_is_refused_on_cpu(attention_bun
 def test_speed_options_belong_to_the_torch_backend():
     import argparse
 
-    from unidg.runtime.commands import _add_backend_options, backend_options
+    from unidg.runtime.cli_options import add_backend_options, backend_options
 
     parser = argparse.ArgumentParser()
-    _add_backend_options(parser)
+    add_backend_options(parser)
     args = parser.parse_args(["--backend", "torch", "--device", "cuda", "--compile", "--fp8", "--cuda-graph"])
     assert backend_options(args) == {
         "device": "cuda",

@@ -101,15 +101,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--out", required=True, help="UDG folder to create")
     synth.add_argument("--count", type=int, required=True, help="number of quadruplets")
     synth.add_argument("--seed", type=int, default=0, help="seed (default 0); use another seed for held-out data")
-    synth.add_argument(
-        "--size", type=int, default=256, help="image side in pixels (default 256); some images are 4:5 or 5:4"
-    )
+    synth.add_argument("--size", type=int, default=256, help="image side in pixels; some images are 4:5 or 5:4")
     synth.add_argument(
         "--non-square",
         type=float,
         default=0.2,
         metavar="FRACTION",
-        help="share of 4:5 / 5:4 images, to exercise pad-to-square (default 0.2)",
+        help="share of 4:5 / 5:4 images, to exercise pad-to-square",
     )
     synth.add_argument("--force", action="store_true", help="replace the quadruplets of an existing UDG folder")
     synth.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -6,6 +6,9 @@ import argparse
 import json
 import os
 
+from unidg.runtime.cli_options import command_group
+from unidg.runtime.errors import OptionError, UniDGError
+
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="training config (.toml or .json), e.g. configs/nano-sft.toml")
@@ -102,7 +105,7 @@ def _merge(args: argparse.Namespace) -> int:
     for text in args.setting:
         key, _, value = text.partition("=")
         if not value:
-            raise ValueError(f"--setting {text!r}: expected KEY=VALUE, e.g. --setting steps=28")
+            raise OptionError(f"--setting {text!r}: expected KEY=VALUE, e.g. --setting steps=28")
         settings[key] = json.loads(value) if value not in ("true", "false") else value == "true"
     report = merge_lora(args.base, args.lora, args.out, settings_overrides=settings, overwrite=args.force)
     print(json.dumps(report, indent=2))
@@ -167,22 +170,14 @@ def _reward_bench(args: argparse.Namespace) -> int:
     try:
         report = run_reward_bench(args.reward, args.bench, args.json)
     except (RewardError, JudgeError) as error:
-        raise ValueError(str(error)) from error
+        raise UniDGError(str(error)) from error
     print(json.dumps(report, indent=2))
     return 0
 
 
 def eval_subparsers(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
-    """The sub-commands of ``unidg eval``: those of an existing ``eval`` parser, or of a new one."""
-    existing = subparsers.choices.get("eval")
-    if existing is None:
-        parser = subparsers.add_parser("eval", help="evaluation: generated data, rewards")
-        parser.set_defaults(handler=lambda args: parser.print_help() or 2)
-        return parser.add_subparsers(dest="eval_command", metavar="EVAL")
-    for action in existing._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action
-    return existing.add_subparsers(dest="eval_command", metavar="EVAL")
+    """The sub-commands of ``unidg eval`` (rewards here, downstream evaluation in unidg.train.evaluation)."""
+    return command_group(subparsers, "eval", "evaluation: generated data, rewards")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -210,7 +205,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     recog.add_argument("--data", required=True, help="UDG folder to train on")
     recog.add_argument("--out", required=True, help="reward folder to write (recog.json + two safetensors)")
     recog.add_argument("--heldout", help="UDG folder to report category accuracy, AUROC-P, AP-P and PRO on")
-    recog.add_argument("--size", type=int, default=64, help="input side of both networks (default 64)")
+    recog.add_argument("--size", type=int, default=64, help="input side of both networks")
     recog.add_argument("--epochs", type=int, default=5, help="epochs (paper: 5)")
     recog.add_argument("--batch", type=int, default=32, help="batch size (paper: 128)")
     recog.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
@@ -266,11 +261,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     evaluate.add_argument("--weights", required=True, help="weights folder (e.g. runtime/assets/unidg-nano)")
     evaluate.add_argument("--data", required=True, help="held-out UDG folder (a seed not used in training)")
-    evaluate.add_argument("--count", type=int, default=60, help="evaluation pairs (default 60)")
+    evaluate.add_argument("--count", type=int, default=60, help="evaluation pairs")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the pairs and the sampling noise")
     evaluate.add_argument("--steps", type=int, default=None, help="sampling steps (default: unidg.json's)")
     evaluate.add_argument("--contact-sheet", help="write a PNG: reference | source + mask | output, one row a pair")
-    evaluate.add_argument("--sheet-rows", type=int, default=8, help="rows of the contact sheet (default 8)")
+    evaluate.add_argument("--sheet-rows", type=int, default=8, help="rows of the contact sheet")
     evaluate.add_argument("--json", help="write the full per-sample report here")
     evaluate.add_argument(
         "--ceilings",

@@ -13,6 +13,8 @@ import os
 import sys
 
 from unidg import __version__
+from unidg.runtime.cli_options import ArgumentParser
+from unidg.runtime.errors import UniDGError
 
 # Modules that add subcommands, in the order they appear in ``unidg --help``.
 COMMAND_MODULES: list[str] = [
@@ -28,12 +30,8 @@ COMMAND_MODULES: list[str] = [
 ]
 
 
-class UserError(Exception):
-    """An error caused by the user's input: printed as one clear message, no traceback."""
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="unidg", description="UniDG defect-image generation toolkit.")
+    parser = ArgumentParser(prog="unidg", description="UniDG defect-image generation toolkit.")
     parser.add_argument("--version", action="version", version=f"unidg {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
@@ -51,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = handler(args)
-    except (UserError, ValueError, FileNotFoundError) as error:
+    # Only errors a user can fix are one line; anything else is a defect of the program and keeps its traceback.
+    except (UniDGError, FileNotFoundError) as error:
         print(f"unidg {args.command}: error: {error}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as error:

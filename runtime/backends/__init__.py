@@ -15,6 +15,7 @@ from unidg.runtime.backends.base import (
     GenerationCancelled,
     NonFiniteOutputError,
     StepConditioning,
+    device_options,
 )
 from unidg.runtime.bundle import Bundle
 
@@ -28,7 +29,7 @@ BACKENDS: dict[str, tuple[str, str]] = {
 
 def backend_class(name: str) -> type[Backend]:
     if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {sorted(BACKENDS)}")
+        raise BackendUnavailable(f"unknown backend {name!r}; choose one of {sorted(BACKENDS)}")
     module_name, class_name = BACKENDS[name]
     return getattr(importlib.import_module(module_name), class_name)
 
@@ -48,4 +49,5 @@ __all__ = [
     "StepConditioning",
     "backend_class",
     "create_backend",
+    "device_options",
 ]

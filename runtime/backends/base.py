@@ -25,6 +25,28 @@ class BackendError(UniDGError):
     """A backend cannot use this bundle (graph shapes, engine versions, device capability)."""
 
 
+def device_options(backend: str, device: str | None, what: str = "--device") -> dict:
+    """The backend options one device string selects; the same word on the command line, the service and the C ABI.
+
+    onnxruntime: execution providers, ``cpu`` (default), ``cuda``, ``tensorrt`` or several comma-separated in order of
+    preference; tensorrt: a CUDA device index (``N`` or ``cuda:N``, default 0); torch: ``cpu`` (default), ``cuda`` or
+    ``cuda:N``. ``what`` names the setting in error messages.
+    """
+    if backend == "onnxruntime":
+        providers = [p.strip() for p in (device or "cpu").split(",") if p.strip()]
+        if not providers:
+            raise UniDGError(f"{what} {device!r}: name an execution provider (cpu, cuda or tensorrt)")
+        return {"providers": providers}
+    if backend == "tensorrt":
+        if device is None:
+            return {}
+        index = device.removeprefix("cuda:")
+        if not index.isdigit():
+            raise UniDGError(f"{what} {device!r}: the tensorrt backend takes a CUDA device index (0, 1, ...)")
+        return {"device": int(index)}
+    return {"device": device or "cpu"}
+
+
 class GenerationCancelled(Exception):
     """The progress callback returned False: the loop stopped early and nothing was produced."""
 

@@ -19,7 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from unidg.runtime.backends.base import BackendError, BackendUnavailable, NonFiniteOutputError
+from unidg.runtime.backends import BACKENDS
+from unidg.runtime.backends.base import BackendError, BackendUnavailable, NonFiniteOutputError, device_options
+from unidg.runtime.errors import UniDGError
 from unidg.runtime.images import (
     REFERENCE_IMAGE,
     REFERENCE_MASK,
@@ -183,18 +185,20 @@ def _options(ffi: Any, options: Any) -> dict:
             f"options.struct_size is {int(options.struct_size)}, expected >= {expected}: call unidg_options_init()",
         )
     backend = c_string(ffi, options.backend, "options.backend") if options.backend != ffi.NULL else "onnxruntime"
-    backend_options: dict = {}
-    if options.providers != ffi.NULL:
-        text = c_string(ffi, options.providers, "options.providers")
-        providers = [p.strip() for p in text.split(",") if p.strip()]
-        backend_options["providers"] = providers
+    device = c_string(ffi, options.device, "options.device") if options.device != ffi.NULL else None
+    if backend not in BACKENDS:
+        raise AbiError(UNIDG_INVALID_ARGUMENT, f"options.backend {backend!r}: choose one of {sorted(BACKENDS)}")
+    try:
+        backend_options = device_options(backend, device, "options.device")
+    except UniDGError as error:
+        raise AbiError(UNIDG_INVALID_ARGUMENT, str(error)) from error
     if int(options.threads) > 0:
+        if backend != "onnxruntime":
+            raise AbiError(
+                UNIDG_INVALID_ARGUMENT,
+                f"options.threads applies to the onnxruntime backend only (backend is {backend!r})",
+            )
         backend_options["threads"] = int(options.threads)
-    if backend_options and backend != "onnxruntime":
-        raise AbiError(
-            UNIDG_INVALID_ARGUMENT,
-            f"options.providers and options.threads apply to the onnxruntime backend only (backend is {backend!r})",
-        )
     return {"backend": backend, "verify": bool(options.verify_bundle), "backend_options": backend_options}
 
 

@@ -11,7 +11,7 @@
  *   - Create/destroy pairs: unidg_synth_create / unidg_synth_destroy.
  *   - Images are caller-owned buffers (unidg_image): the library never keeps or frees them. Inputs are copied
  *     before the call returns; the output is written into the caller's buffer.
- *   - Strings (bundle_dir, category, backend, providers) are NUL-terminated UTF-8; other bytes are refused with
+ *   - Strings (bundle_dir, category, backend, device) are NUL-terminated UTF-8; other bytes are refused with
  *     UNIDG_INVALID_ARGUMENT and a message naming the argument.
  *   - Structs that may grow carry `struct_size`: set it with the matching *_init() function, which also writes
  *     the defaults. A library accepts any struct_size >= the size of the first version of the struct.
@@ -79,7 +79,9 @@ typedef int (*unidg_progress_fn)(int step, int total, void* user);
 typedef struct unidg_options {
     uint32_t struct_size;      /* sizeof(unidg_options), set by unidg_options_init */
     const char* backend;       /* "onnxruntime" (default when NULL), "tensorrt", "torch" */
-    const char* providers;     /* onnxruntime only: comma-separated, e.g. "cuda" or "cpu"; NULL = cpu */
+    const char* device;        /* where the model runs, as the command line's --device: onnxruntime: execution
+                                  providers, "cpu" (NULL), "cuda", "tensorrt" or several comma-separated;
+                                  tensorrt: a CUDA device index ("0" when NULL); torch: "cpu" (NULL), "cuda[:N]" */
     int32_t threads;           /* onnxruntime only: intra-op threads; 0 = onnxruntime's default */
     int32_t verify_bundle;     /* 1 (default): re-hash every bundle file (sha256) at create; 0: skip */
 } unidg_options;

@@ -35,6 +35,7 @@ class ServeConfig:
     backend: str = "onnxruntime"
     backend_options: dict = field(default_factory=dict)
     warmup: bool = True
+    verify: bool = True  # re-hash the bundle's files when each worker loads it
     header_timeout_s: float = 10.0  # a connection must send a complete request head within this (and between requests)
     body_timeout_s: float = 60.0  # the whole body must arrive within this once the head is in
     keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this

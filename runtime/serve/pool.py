@@ -40,7 +40,9 @@ SynthesizerFactory = Callable[[], Any]  # -> an object with .settings and .gener
 
 def bundle_synthesizer_factory(config: ServeConfig) -> SynthesizerFactory:
     def load() -> DefectSynthesizer:
-        return DefectSynthesizer.from_bundle(config.bundle, backend=config.backend, **config.backend_options)
+        return DefectSynthesizer.from_bundle(
+            config.bundle, backend=config.backend, verify=config.verify, **config.backend_options
+        )
 
     return load
 

@@ -1,0 +1,122 @@
+"""Command-line pieces every ``unidg`` command module shares: command groups, ``--bundle`` and the backend options.
+
+Only argparse at import time, so building the whole CLI stays light (``unidg --help`` imports no numpy or torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import weakref
+
+from unidg.runtime.errors import OptionError
+
+BACKEND_CHOICES = ("onnxruntime", "tensorrt", "torch")
+TORCH_SPEED_OPTIONS = ("compile", "fp8", "fused_attention")
+
+# The group sub-commands (``unidg bench``, ``unidg export``, ``unidg eval``) created on each sub-command set, so several
+# modules can add to one group in any registration order.
+_GROUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends each option's default to its help unless the default is unset (None/False) or the help names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            action.option_strings
+            and default not in (None, False, argparse.SUPPRESS)
+            and "default" not in text
+            and "%(default)" not in text
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The parser class of every ``unidg`` command: defaults shown in help by ``HelpFormatter``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def command_group(subparsers: argparse._SubParsersAction, name: str, help: str) -> argparse._SubParsersAction:
+    """The sub-commands of group ``name`` (e.g. ``unidg bench``): created on first use, shared afterwards."""
+    groups = _GROUPS.setdefault(subparsers, {})
+    if name not in groups:
+        parser = subparsers.add_parser(name, help=help)
+        parser.set_defaults(handler=lambda args: parser.print_help() or 2)
+        groups[name] = parser.add_subparsers(dest=f"{name}_command", metavar=name.upper())
+    return groups[name]
+
+
+def add_bundle_option(parser: argparse.ArgumentParser, *, required: bool = True, help: str | None = None) -> None:
+    """``--bundle``: a bundle folder written by ``unidg export onnx``."""
+    parser.add_argument(
+        "--bundle", required=required, default=None, help=help or "bundle folder written by `unidg export onnx`"
+    )
+
+
+def add_backend_options(parser: argparse.ArgumentParser) -> None:
+    """``--backend`` and its options, the same for generate, batch, demo and serve."""
+    parser.add_argument("--backend", choices=BACKEND_CHOICES, default="onnxruntime", help="runtime backend")
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="where the model runs. onnxruntime: execution providers cpu (default), cuda, tensorrt, or several "
+        "comma-separated in order of preference (cuda and tensorrt need onnxruntime-gpu); tensorrt: CUDA device "
+        "index (default 0); torch: cpu (default), cuda or cuda:N",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime CPU threads (default: all cores)")
+    parser.add_argument(
+        "--cuda-graph", action="store_true", help="tensorrt, torch: capture the denoising loop as one CUDA graph"
+    )
+    parser.add_argument("--compile", action="store_true", help="torch: torch.compile the step program")
+    parser.add_argument(
+        "--fp8", action="store_true", help="torch: FP8 (E4M3) matmuls in the step program (torch._scaled_mm on CUDA)"
+    )
+    parser.add_argument(
+        "--fused-attention",
+        action="store_true",
+        help="torch: the Triton biased-attention kernel instead of SDPA with a float mask (CPU: TRITON_INTERPRET=1)",
+    )
+    parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip re-hashing the bundle's files (manifest shapes and settings are still checked)",
+    )
+
+
+def backend_options(args: argparse.Namespace, *, workers: int = 1) -> dict:
+    """The backend keyword options the command line selects (each backend takes its own).
+
+    With ``workers`` > 1 (the service's synthesis threads) onnxruntime on the CPU defaults to cores / workers threads
+    each, so the workers share the cores instead of each starting one thread per core.
+    """
+    device = args.device
+    if args.threads is not None and args.threads < 1:
+        raise OptionError(f"--threads {args.threads}: give a thread count >= 1, or leave it out to use all cores")
+    if args.threads and args.backend != "onnxruntime":
+        raise OptionError(f"--threads sets onnxruntime's CPU threads; it does not apply to --backend {args.backend}")
+    if args.cuda_graph and args.backend not in ("tensorrt", "torch"):
+        raise OptionError(f"--cuda-graph is a tensorrt and torch option; it does not apply to --backend {args.backend}")
+    torch_only = [flag for flag in TORCH_SPEED_OPTIONS if getattr(args, flag, False)]
+    if torch_only and args.backend != "torch":
+        flags = ", ".join("--" + flag.replace("_", "-") for flag in torch_only)
+        raise OptionError(f"{flags}: torch backend options; add --backend torch or leave them out")
+    from unidg.runtime.backends.base import device_options
+
+    options = device_options(args.backend, device)
+    if args.backend == "onnxruntime":
+        if args.threads:
+            options["threads"] = args.threads
+        elif workers > 1 and options["providers"] == ["cpu"]:
+            options["threads"] = max(1, (os.cpu_count() or 1) // workers)
+        return options
+    options["cuda_graph"] = bool(args.cuda_graph)
+    if args.backend == "torch":
+        options |= {flag: bool(getattr(args, flag, False)) for flag in TORCH_SPEED_OPTIONS}
+    return options
