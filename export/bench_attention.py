@@ -94,25 +94,21 @@ def flux_key_bias(layout: TokenLayout, folded: bool, generator: torch.Generator)
     return bias
 
 
-def _time_cuda(fn: Callable[[], torch.Tensor], repeats: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
-
-
-def _time_cpu(fn: Callable[[], torch.Tensor], repeats: int, warmup: int) -> list[float]:
+def time_call(fn: Callable[[], object], repeats: int, warmup: int, cuda: bool) -> list[float]:
+    """Milliseconds per call: CUDA events around each call on a GPU, the wall clock on the CPU."""
     for _ in range(warmup):
         fn()
     times = []
+    if cuda:
+        torch.cuda.synchronize()
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return times
     for _ in range(repeats):
         started = time.perf_counter()
         fn()
@@ -175,7 +171,10 @@ def run_attention_bench(
     layout = REAL_LAYOUT if shape == "real" else TINY_LAYOUT
     heads, head_dim = (REAL_HEADS, REAL_HEAD_DIM) if shape == "real" else (TINY_HEADS, TINY_HEAD_DIM)
     torch_dtype = DTYPES[dtype]
-    timer = _time_cuda if on_gpu else _time_cpu
+
+    def timer(fn: Callable[[], object], repeats: int, warmup: int) -> list[float]:
+        return time_call(fn, repeats, warmup, on_gpu)
+
     generator = torch.Generator().manual_seed(seed)
     result = BenchResult(
         device=device,

@@ -139,26 +139,11 @@ class GpuBenchResult:
 
 
 # ------------------------------------------------------------------------------------------------------- timing
-def time_call(torch, fn: Callable, repeats: int, warmup: int, cuda: bool) -> list[float]:
-    """Milliseconds per call: CUDA events around each call on a GPU, the wall clock on the CPU."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if cuda:
-        torch.cuda.synchronize()
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return times
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - started) * 1e3)
-    return times
+def time_call(fn: Callable, repeats: int, warmup: int, cuda: bool) -> list[float]:
+    """Milliseconds per call: the attention bench's timer, imported when used (this module loads torch lazily)."""
+    from unidg.export.bench_attention import time_call as timed
+
+    return timed(fn, repeats, warmup, cuda)
 
 
 # ------------------------------------------------------------------------------------------------------- model
@@ -366,7 +351,7 @@ def run_gpu_bench(
             row.tokens = work.tokens
             reset_peak()
             with torch.inference_mode():
-                times = time_call(torch, lambda: step(*work.inputs), repeats, warmup, cuda)
+                times = time_call(lambda: step(*work.inputs), repeats, warmup, cuda)
             row.median_ms, row.min_ms, row.peak_memory_gib = statistics.median(times), min(times), peak()
             row.floor_fraction = _floor_fraction(result, row, fp8)
 
@@ -413,7 +398,7 @@ def run_gpu_bench(
         reset_peak()
         with torch.inference_mode():
             times = time_call(
-                torch, lambda: runner(x, sigmas, cond, ctx, key_bias, guidance, img_ids, txt_ids), repeats, 1, cuda
+                lambda: runner(x, sigmas, cond, ctx, key_bias, guidance, img_ids, txt_ids), repeats, 1, cuda
             )
         row.median_ms, row.min_ms, row.peak_memory_gib = (
             statistics.median(times) / steps,
@@ -435,7 +420,7 @@ def run_gpu_bench(
         def measure(row: Row) -> None:
             reset_peak()
             with torch.inference_mode():
-                times = time_call(torch, lambda: modules[graph_name](tensor), repeats, warmup, cuda)
+                times = time_call(lambda: modules[graph_name](tensor), repeats, warmup, cuda)
             row.median_ms, row.min_ms, row.peak_memory_gib = statistics.median(times), min(times), peak()
 
         return measure
