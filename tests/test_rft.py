@@ -153,7 +153,7 @@ def test_bad_configs_fail_at_start(udg, tmp_path) -> None:
         load_rft_config(path)
     config = _config(udg, tmp_path / "o")
     config.base = str(tmp_path / "missing")
-    with pytest.raises(FileNotFoundError, match="merged SFT weights"):
+    with pytest.raises(ConfigError, match="merged SFT weights"):
         train_rft(config)
 
 

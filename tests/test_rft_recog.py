@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from unidg.cli import main
+from unidg.runtime.errors import UniDGError
 from unidg.train.config import ConfigError
 from unidg.train.detectors import ResNet34
 from unidg.train.reward_recog import CLASSES, DefectRecogReward, load_pretrained_backbone
@@ -85,7 +86,7 @@ def test_bad_inputs_raise(recog: Path) -> None:
         reward.score(inputs)
     with pytest.raises(RewardError, match="category"):
         reward.score(_inputs(""))
-    with pytest.raises(FileNotFoundError, match="reward-recog"):
+    with pytest.raises(UniDGError, match="reward-recog"):
         DefectRecogReward(recog.parent / "missing")
 
 

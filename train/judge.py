@@ -32,6 +32,7 @@ from typing import Annotated
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from unidg.runtime.errors import UniDGError
 from unidg.runtime.manifest import atomic_write_text
 from unidg.train.config import ConfigError
 
@@ -81,7 +82,7 @@ Now, please carefully examine the provided images and masks, and deliver your ev
 format."""
 
 
-class JudgeError(RuntimeError):
+class JudgeError(UniDGError):
     """The judge could not score a sample (after retries); the message names the server and the last problem."""
 
 

@@ -22,8 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
+from unidg.runtime.errors import UniDGError
+
 TOLERANCE = 0.3
 INDEX = "bench.jsonl"
+
+
+class BenchError(UniDGError):
+    """A reward bench folder or line cannot be used; the message names it and the fix."""
 
 
 def _image(folder: Path, record: dict, key: str, where: str, mask: bool = False) -> np.ndarray:
@@ -31,10 +37,10 @@ def _image(folder: Path, record: dict, key: str, where: str, mask: bool = False)
 
     relative = record.get(key)
     if not isinstance(relative, str):
-        raise ValueError(f"{where}: '{key}' must be a path relative to the bench folder")
+        raise BenchError(f"{where}: '{key}' must be a path relative to the bench folder")
     path = folder / relative
     if not path.is_file():
-        raise FileNotFoundError(f"{where}: {key} {path} not found")
+        raise BenchError(f"{where}: {key} {path} not found")
     with Image.open(path) as image:
         array = np.asarray(image.convert("L" if mask else "RGB"))
     return array > 0 if mask else array
@@ -44,9 +50,7 @@ def read_bench(folder: str | Path) -> list[dict]:
     folder = Path(folder)
     index = folder / INDEX
     if not index.is_file():
-        raise FileNotFoundError(
-            f"{index} not found; a reward bench folder holds {INDEX} (see `unidg eval reward-bench -h`)"
-        )
+        raise BenchError(f"{index} not found; a reward bench folder holds {INDEX} (see `unidg eval reward-bench -h`)")
     records = []
     for number, line in enumerate(index.read_text().splitlines(), start=1):
         if not line.strip():
@@ -55,17 +59,17 @@ def read_bench(folder: str | Path) -> list[dict]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{where}: not valid JSON ({error})") from error
+            raise BenchError(f"{where}: not valid JSON ({error})") from error
         scores = record.get("scores")
         if not isinstance(scores, dict) or not scores:
-            raise ValueError(f"{where}: 'scores' must map rubric dimensions to human scores in [0, 5]")
+            raise BenchError(f"{where}: 'scores' must map rubric dimensions to human scores in [0, 5]")
         for name, value in scores.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 5:
-                raise ValueError(f"{where}: score {name!r} must be a number in [0, 5] (got {value!r})")
+                raise BenchError(f"{where}: score {name!r} must be a number in [0, 5] (got {value!r})")
         record["_where"] = where
         records.append(record)
     if not records:
-        raise ValueError(f"{index} lists no pairs")
+        raise BenchError(f"{index} lists no pairs")
     return records
 
 
@@ -79,9 +83,9 @@ def pair_inputs(folder: Path, record: dict):
     target_mask = _image(folder, record, "target_mask", where, mask=True)
     source = _image(folder, record, "source", where) if "source" in record else None
     if reference_mask.shape != reference.shape[:2] or target_mask.shape != target.shape[:2]:
-        raise ValueError(f"{where}: each mask must have its image's size")
+        raise BenchError(f"{where}: each mask must have its image's size")
     if source is not None and source.shape != target.shape:
-        raise ValueError(f"{where}: source must have the target's size")
+        raise BenchError(f"{where}: source must have the target's size")
     return RewardInputs(
         reference[None],
         reference_mask[None],
@@ -118,7 +122,7 @@ def run_reward_bench(reward_config: str | Path, bench: str | Path, out_json: str
             output = checked(reward.name, reward.score(inputs), inputs)
             common = [name for name in record["scores"] if name in output.details]
             if not common:
-                raise ValueError(
+                raise BenchError(
                     f"{record['_where']}: the reward reports {sorted(output.details)}, the bench scores "
                     f"{sorted(record['scores'])}: no dimension to compare (use a reward with the [judge] term)"
                 )

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from unidg.runtime.errors import UniDGError
 from unidg.runtime.udg import CATEGORIES
 
 NORMAL = "normal"
@@ -51,7 +52,7 @@ def labelled_set(folder: str | Path, size: int, limit: int = 0):
 
     quadruplets = list(read_index(folder))[: limit or None]
     if not quadruplets:
-        raise ValueError(f"{folder} holds no quadruplets; make some with `unidg data synth --out {folder}`")
+        raise UniDGError(f"{folder} holds no quadruplets; make some with `unidg data synth --out {folder}`")
     images, masks, labels = [], [], []
     for q in quadruplets:
         image, mask = resize_pair(q.load_abnormal(), q.load_mask(), size)
@@ -69,13 +70,13 @@ def load_pretrained_backbone(model, path: str | Path) -> int:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"pretrained classifier {path} not found (a torchvision resnet34 state dict)")
+        raise UniDGError(f"pretrained classifier {path} not found (a torchvision resnet34 state dict)")
     state = {k: v for k, v in load_file(str(path)).items() if not k.startswith("fc.")}
     own = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
     missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
     if missing or extra or shapes:
-        raise ValueError(
+        raise UniDGError(
             f"{path} is not a resnet34 state dict for this classifier (missing {missing[:3]}, unexpected {extra[:3]}, "
             f"other shapes {shapes[:3]}); it needs resnet_width = 64"
         )
@@ -101,7 +102,7 @@ def train_reward_recog(
     from unidg.train.evaluation.detector_training import train_binary_unet, train_classifier
 
     if config.size % 2**config.unet_depth:
-        raise ValueError(f"--size {config.size} must be a multiple of {2**config.unet_depth} (the U-Net's depth)")
+        raise UniDGError(f"--size {config.size} must be a multiple of {2**config.unet_depth} (the U-Net's depth)")
     check_output_folder(out, replace=replace)
     train = labelled_set(data, config.size, limit)
     classifier = ResNet34(len(CLASSES), config.resnet_width)
@@ -155,7 +156,7 @@ class DefectRecogReward:
 
         folder = Path(folder)
         if not (folder / RECOG_JSON).is_file():
-            raise FileNotFoundError(
+            raise UniDGError(
                 f"Defect-Recog checkpoint {folder} has no {RECOG_JSON}; train one with "
                 f"`unidg train reward-recog --data UDG_FOLDER --out {folder}`"
             )

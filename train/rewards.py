@@ -24,11 +24,12 @@ from typing import Protocol
 
 import numpy as np
 
+from unidg.runtime.errors import UniDGError
 from unidg.train.config import ConfigError, from_dict, read_config_file
 from unidg.train.judge import JudgeConfig
 
 
-class RewardError(RuntimeError):
+class RewardError(UniDGError):
     """A reward could not score a sample; the message names the term, the sample and what to fix."""
 
 

@@ -271,7 +271,7 @@ class RFTRun:
 
             base = Path(config.base)
             if not base.is_dir():
-                raise FileNotFoundError(f"base {base} not found; pass the merged SFT weights (`unidg train merge`)")
+                raise ConfigError(f"base {base} not found; pass the merged SFT weights (`unidg train merge`)")
             dtype = torch.bfloat16 if device.type == "cuda" and config.train.precision == "bf16" else torch.float32
             model = load_model(base, dtype=dtype)
         if not isinstance(model, UniDGModel):
@@ -300,7 +300,7 @@ class RFTRun:
         )
         world = self.placement.world_size
         if config.train.batch_size % world:
-            raise ValueError(
+            raise ConfigError(
                 f"train.batch_size {config.train.batch_size} (prompts per step) does not split over {world} processes"
             )
         self.local_prompts = config.train.batch_size // world
@@ -609,17 +609,17 @@ class RFTRun:
         folder = found[-1]
         state = json.loads((folder / STATE_FILE).read_text())
         if state.get("seed") != self.config.seed or state.get("fingerprint") != self.fingerprint:
-            raise ValueError(
+            raise ConfigError(
                 f"checkpoint {folder} was made by a different run (seed, data or settings differ); "
                 "resume with the same config, or start a new output folder"
             )
         if state["step"] > self.config.train.steps:
-            raise ValueError(
+            raise ConfigError(
                 f"checkpoint {folder} is at step {state['step']}, past this run's {self.config.train.steps}"
             )
         weights, ema = load_file(str(folder / TRAINABLE_FILE)), load_file(str(folder / EMA_FILE))
         if set(weights) != set(self.trainable):
-            raise ValueError(f"checkpoint {folder} holds other trainable weights than this run; use the same config")
+            raise ConfigError(f"checkpoint {folder} holds other trainable weights than this run; use the same config")
         device = self.placement.device
         with torch.no_grad():
             for name, parameter in self.trainable.items():
