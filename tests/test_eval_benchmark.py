@@ -117,3 +117,18 @@ def test_plots_are_drawn_with_matplotlib(tmp_path: Path) -> None:
     assert plots(tmp_path, report, runs) == ["metrics.png", "curves.png"]
     assert (tmp_path / "metrics.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_detector_threads_apply_during_the_run_only(tmp_path: Path, monkeypatch) -> None:
+    import torch
+
+    from unidg.train.evaluation import benchmark
+    from unidg.train.evaluation.config import EvalConfig
+
+    seen = []
+    monkeypatch.setattr(benchmark, "_run_benchmark", lambda config, progress: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    config = EvalConfig(output=str(tmp_path))
+    config.detectors.threads = before + 1
+    benchmark.run_benchmark(config)
+    assert seen == [before + 1] and torch.get_num_threads() == before

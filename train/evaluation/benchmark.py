@@ -130,6 +130,17 @@ def _cached_model(cache: Cache, key: str, build, train):
 def run_benchmark(config: EvalConfig, progress: bool = True) -> dict:
     """Train and score every detector of ``config``; write report.json, report.md and plots to ``config.output``."""
     import torch
+
+    threads = torch.get_num_threads()
+    if config.detectors.threads:
+        torch.set_num_threads(config.detectors.threads)
+    try:
+        return _run_benchmark(config, progress)
+    finally:
+        torch.set_num_threads(threads)  # the caller's setting, whatever the config asked for
+
+
+def _run_benchmark(config: EvalConfig, progress: bool) -> dict:
     from tqdm import tqdm
 
     from unidg.train.detectors import ResNet34, UNet
@@ -139,8 +150,6 @@ def run_benchmark(config: EvalConfig, progress: bool = True) -> dict:
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
     cfg = config.detectors
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     cache = Cache(out / "cache", config_hash(config))
     splits = load_splits(config, progress)
     size, sets = cfg.size, config.sets
