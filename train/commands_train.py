@@ -1,4 +1,5 @@
-"""``unidg train base|sft|cache|plan|merge|eval-nano|eq9`` (registered by unidg.cli)."""
+"""``unidg train base|sft|rft|reward-recog|cache|plan|merge|eval-nano|eq9`` and ``unidg eval reward-bench``
+(registered by unidg.cli)."""
 
 from __future__ import annotations
 
