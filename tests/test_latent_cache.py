@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from train_fixtures import procedural_udg
 
 from unidg.train.config import DataConfig, LoopConfig, LoraConfig, LossConfig, OptimConfig, SFTConfig, settings_of
 from unidg.train.latent_cache import (
@@ -31,21 +32,12 @@ from unidg.train.model import UniDGModel
 SETTINGS = {"resolution": 64, "text_tokens": 8, "guidance": 1.0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def udg(tmp_path_factory) -> Path:
-    from unidg.train.synth import synthesize
-
-    folder = tmp_path_factory.mktemp("udg") / "train"
-    synthesize(folder, 8, seed=3, size=64, progress=False)
-    return folder
+    return procedural_udg(tmp_path_factory, 8)
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,7 @@ from unidg.train.model import UniDGModel
 SETTINGS = UniDGSettings(resolution=64, text_tokens=8, guidance=1.0, steps=4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

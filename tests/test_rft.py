@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_judge import server  # noqa: F401  (the local judge server fixture)
+from train_fixtures import procedural_udg
 
 from unidg.cli import main
 from unidg.train.config import ConfigError, DataConfig, LoraConfig, OptimConfig
@@ -30,21 +31,12 @@ NANO = Path(__file__).resolve().parents[1] / "runtime" / "assets" / "unidg-nano"
 SETTINGS = {"resolution": 32}  # 2 x 4 image tokens
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def udg(tmp_path_factory) -> Path:
-    from unidg.train.synth import synthesize
-
-    folder = tmp_path_factory.mktemp("udg") / "train"
-    synthesize(folder, 8, seed=3, size=64, progress=False)
-    return folder
+    return procedural_udg(tmp_path_factory, 8)
 
 
 def _config(udg: Path, output: Path, steps: int = 3, **grpo) -> RFTConfig:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from test_rft import NANO, _config
+from train_fixtures import procedural_udg
 
 from unidg.train.config import to_dict
 from unidg.train.rft import RFTConfig, train_rft
@@ -45,11 +46,7 @@ def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def udg(tmp_path_factory) -> Path:
-    from unidg.train.synth import synthesize
-
-    folder = tmp_path_factory.mktemp("udg") / "train"
-    synthesize(folder, 8, seed=3, size=64, progress=False)
-    return folder
+    return procedural_udg(tmp_path_factory, 8)
 
 
 def _two_prompt_config(udg: Path, output: Path, steps: int):

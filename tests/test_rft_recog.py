@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from train_fixtures import procedural_udg
 
 from unidg.cli import main
 from unidg.runtime.errors import UniDGError
@@ -22,11 +23,7 @@ from unidg.train.rewards import RewardError, RewardInputs, load_reward_config
 
 @pytest.fixture(scope="module")
 def udg(tmp_path_factory) -> Path:
-    from unidg.train.synth import synthesize
-
-    folder = tmp_path_factory.mktemp("udg") / "train"
-    synthesize(folder, 6, seed=3, size=64, progress=False)
-    return folder
+    return procedural_udg(tmp_path_factory, 6)
 
 
 @pytest.fixture(scope="module")

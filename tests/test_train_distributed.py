@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from train_fixtures import procedural_udg
 
 from unidg.train.config import DataConfig, LoopConfig, LoraConfig, LossConfig, OptimConfig, SFTConfig, from_dict
 from unidg.train.config import to_dict as config_to_dict
@@ -72,21 +73,12 @@ def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> f
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def udg(tmp_path_factory) -> Path:
-    from unidg.train.synth import synthesize
-
-    folder = tmp_path_factory.mktemp("udg") / "train"
-    synthesize(folder, 12, seed=3, size=64, progress=False)
-    return folder
+    return procedural_udg(tmp_path_factory, 12)
 
 
 @pytest.fixture(scope="module")

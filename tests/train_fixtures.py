@@ -1,0 +1,16 @@
+"""Helpers the training tests share."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+def procedural_udg(tmp_path_factory: pytest.TempPathFactory, count: int) -> Path:
+    """A small procedural UDG folder (64 px, seed 3): the training tests' data."""
+    from unidg.train.synth import synthesize
+
+    folder = tmp_path_factory.mktemp("udg") / "train"
+    synthesize(folder, count, seed=3, size=64, progress=False)
+    return folder
