@@ -35,7 +35,15 @@ from unidg.train.config import BaseConfig, LossConfig, OptimConfig, settings_of,
 from unidg.train.dataset import LatentPairs, build_example, to_model_pixels
 from unidg.train.flow import step_generator
 from unidg.train.sft import pools_of, prepare_pairs, select_pairs, training_guidance
-from unidg.train.trainer import FlowTrainer, Placement, barrier, build_optimizer, distributed, sample_schedule
+from unidg.train.trainer import (
+    FlowTrainer,
+    Placement,
+    barrier,
+    build_optimizer,
+    distributed,
+    run_options,
+    sample_schedule,
+)
 
 VAE_STAGE = "vae"
 VAE_FILE = "vae.safetensors"
@@ -410,17 +418,12 @@ def train_inpainter(
         training_guidance(config.train.guidance, settings),
         config.seed,
         run_dir / INPAINTER_STAGE,
-        precision=config.train.precision,
         grad_clip=stage.grad_clip,
         warmup_steps=stage.warmup_steps,
-        checkpoint_every=config.train.checkpoint_every,
-        keep_checkpoints=config.train.keep_checkpoints,
-        defect_attention=config.train.defect_attention,
-        progress=config.train.progress,
         fingerprint=json.loads(json.dumps(fingerprint)),
         description="inpainter",
         placement=placement,
-        micro_batch=config.train.micro_batch,
+        **run_options(config.train),
     )
     started = time.time()
     records = trainer.run(resume=resume)

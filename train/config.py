@@ -19,6 +19,7 @@ from typing import Any, Union
 
 from unidg.runtime.errors import UniDGError
 from unidg.runtime.settings import UniDGSettings
+from unidg.train.pairs import DISTRIBUTIONS
 
 
 class ConfigError(UniDGError):
@@ -43,8 +44,6 @@ FLUX_LORA_TARGETS: tuple[str, ...] = (
     "proj_mlp",
     "proj_out",
 )
-
-DISTRIBUTIONS: tuple[str, ...] = ("defect-fill", "intra-object", "cross-object")  # train.pairs order
 
 
 @dataclass
@@ -141,27 +140,8 @@ class LoopConfig:
     progress: bool = True  # tqdm progress bar
 
     def validate(self, where: str) -> None:
-        _check(self.steps >= 1, where, "train.steps", "must be >= 1", self.steps)
-        _check(self.batch_size >= 1, where, "train.batch_size", "must be >= 1", self.batch_size)
+        check_run_options(self, where)
         _check(self.micro_batch >= 0, where, "train.micro_batch", "must be >= 0 (0: no accumulation)", self.micro_batch)
-        _check(
-            re.match(r"^(cpu|cuda|cuda:\d+)$", self.device) is not None,
-            where,
-            "train.device",
-            "must be 'cpu', 'cuda' or 'cuda:N'",
-            self.device,
-        )
-        _check(self.precision in ("fp32", "bf16"), where, "train.precision", "must be 'fp32' or 'bf16'", self.precision)
-        _check(self.checkpoint_every >= 0, where, "train.checkpoint_every", "must be >= 0", self.checkpoint_every)
-        _check(self.keep_checkpoints >= 1, where, "train.keep_checkpoints", "must be >= 1", self.keep_checkpoints)
-        _check(
-            len(self.mix) == 3 and all(w >= 0 for w in self.mix) and sum(self.mix) > 0,
-            where,
-            "train.mix",
-            f"must be three weights >= 0 (not all 0) for {list(DISTRIBUTIONS)}",
-            self.mix,
-        )
-        _check(self.threads >= 0, where, "train.threads", "must be >= 0", self.threads)
 
 
 @dataclass
@@ -277,6 +257,31 @@ class BaseConfig:
         for section in (self.data, self.vae, self.inpainter, self.loss, self.train):
             section.validate(where)
         _settings(self.settings, where)
+
+
+def check_run_options(train: Any, where: str) -> None:
+    """The checks every trainer's [train] table shares (SFT, base, RFT): steps, batch, device, precision,
+    checkpoints, the distribution mix and threads."""
+    _check(train.steps >= 1, where, "train.steps", "must be >= 1", train.steps)
+    _check(train.batch_size >= 1, where, "train.batch_size", "must be >= 1", train.batch_size)
+    _check(
+        re.match(r"^(cpu|cuda|cuda:\d+)$", train.device) is not None,
+        where,
+        "train.device",
+        "must be 'cpu', 'cuda' or 'cuda:N'",
+        train.device,
+    )
+    _check(train.precision in ("fp32", "bf16"), where, "train.precision", "must be 'fp32' or 'bf16'", train.precision)
+    _check(train.checkpoint_every >= 0, where, "train.checkpoint_every", "must be >= 0", train.checkpoint_every)
+    _check(train.keep_checkpoints >= 1, where, "train.keep_checkpoints", "must be >= 1", train.keep_checkpoints)
+    _check(
+        len(train.mix) == 3 and all(w >= 0 for w in train.mix) and sum(train.mix) > 0,
+        where,
+        "train.mix",
+        f"must be three weights >= 0 (not all 0) for {list(DISTRIBUTIONS)}",
+        train.mix,
+    )
+    _check(train.threads >= 0, where, "train.threads", "must be >= 0", train.threads)
 
 
 def _check(ok: bool, where: str, key: str, rule: str, value: Any) -> None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -40,7 +39,17 @@ import torch
 from torch import nn
 
 from unidg.runtime.manifest import atomic_write_text
-from unidg.train.config import ConfigError, DataConfig, LoraConfig, OptimConfig, _check, _settings, load_config, to_dict
+from unidg.train.config import (
+    ConfigError,
+    DataConfig,
+    LoraConfig,
+    OptimConfig,
+    _check,
+    _settings,
+    check_run_options,
+    load_config,
+    to_dict,
+)
 from unidg.train.rewards import RewardConfig
 
 NEGATIVE_REFERENCES = ("blank", "other")
@@ -116,28 +125,9 @@ class RFTLoopConfig:
     progress: bool = True
 
     def validate(self, where: str) -> None:
-        _check(self.steps >= 1, where, "train.steps", "must be >= 1", self.steps)
-        _check(self.batch_size >= 1, where, "train.batch_size", "must be >= 1", self.batch_size)
-        _check(
-            re.match(r"^(cpu|cuda|cuda:\d+)$", self.device) is not None,
-            where,
-            "train.device",
-            "must be 'cpu', 'cuda' or 'cuda:N'",
-            self.device,
-        )
-        _check(self.precision in ("fp32", "bf16"), where, "train.precision", "must be 'fp32' or 'bf16'", self.precision)
-        _check(self.checkpoint_every >= 0, where, "train.checkpoint_every", "must be >= 0", self.checkpoint_every)
-        _check(self.keep_checkpoints >= 1, where, "train.keep_checkpoints", "must be >= 1", self.keep_checkpoints)
-        _check(
-            len(self.mix) == 3 and all(w >= 0 for w in self.mix) and sum(self.mix) > 0,
-            where,
-            "train.mix",
-            "must be three weights >= 0 (not all 0)",
-            self.mix,
-        )
+        check_run_options(self, where)
         _check(self.eval_every >= 0, where, "train.eval_every", "must be >= 0", self.eval_every)
         _check(self.eval_pairs >= 1, where, "train.eval_pairs", "must be >= 1", self.eval_pairs)
-        _check(self.threads >= 0, where, "train.threads", "must be >= 0", self.threads)
 
 
 @dataclass

@@ -22,7 +22,7 @@ from unidg.runtime.manifest import atomic_write_text
 from unidg.runtime.settings import UniDGSettings
 from unidg.train.config import SFTConfig, settings_of, to_dict
 from unidg.train.lora import add_lora, save_lora
-from unidg.train.trainer import FlowTrainer, Placement, build_optimizer, distributed, sample_schedule
+from unidg.train.trainer import FlowTrainer, Placement, build_optimizer, distributed, run_options, sample_schedule
 
 
 def prepare_pairs(folder: str | Path, seed: int, limit: int = 0):
@@ -140,17 +140,12 @@ def setup_sft(config: SFTConfig, model=None, data=None, placement: Placement | N
         training_guidance(config.train.guidance, settings),
         config.seed,
         Path(config.output),
-        precision=config.train.precision,
         grad_clip=config.optim.grad_clip,
         warmup_steps=config.optim.warmup_steps,
-        checkpoint_every=config.train.checkpoint_every,
-        keep_checkpoints=config.train.keep_checkpoints,
-        defect_attention=config.train.defect_attention,
-        progress=config.train.progress,
         fingerprint=json.loads(json.dumps(fingerprint)),
         description="diversity-sft",
         placement=placement,
-        micro_batch=config.train.micro_batch,
+        **run_options(config.train),
     )
     return SFTRun(model, trainer, modules, settings)
 

@@ -34,7 +34,7 @@ from torch import nn
 from unidg.runtime.errors import UniDGError
 from unidg.runtime.manifest import atomic_write_text
 from unidg.runtime.settings import UniDGSettings
-from unidg.train.config import LossConfig, OptimConfig
+from unidg.train.config import LoopConfig, LossConfig, OptimConfig
 from unidg.train.flow import (
     FlowObjective,
     combine_terms,
@@ -196,6 +196,18 @@ def sample_schedule(
 
 
 # ============================================================================ optimizer
+def run_options(train: LoopConfig) -> dict:
+    """The FlowTrainer keywords every recipe (base inpainter, Diversity-SFT) takes from its [train] table."""
+    return {
+        "precision": train.precision,
+        "checkpoint_every": train.checkpoint_every,
+        "keep_checkpoints": train.keep_checkpoints,
+        "defect_attention": train.defect_attention,
+        "progress": train.progress,
+        "micro_batch": train.micro_batch,
+    }
+
+
 def build_optimizer(params: Sequence[nn.Parameter], optim: OptimConfig) -> torch.optim.Optimizer:
     if optim.name == "prodigy":
         from prodigyopt import Prodigy
