@@ -12,12 +12,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from unidg.runtime.manifest import Manifest, ManifestError, WeightsError, read_manifest, verify_files
+from unidg.runtime.manifest import WEIGHTS_KIND, Manifest, ManifestError, WeightsError, read_manifest, verify_files
 from unidg.runtime.settings import UniDGSettings
 from unidg.runtime.staging import OutputFolderError
 from unidg.runtime.staging import staged_folder as runtime_staged_folder
 
-WEIGHTS_KIND = "weights"
 Progress = Callable[[str], None]
 
 

@@ -28,7 +28,8 @@ from unidg.export.onnx_export import (
     export_graphs,
     print_progress,
 )
-from unidg.runtime.bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, BUNDLE_KIND, GRAPH_NAMES, LATENT_CHANNELS
+from unidg.runtime.bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, BUNDLE_KIND, GRAPH_NAMES
+from unidg.runtime.latents import LATENT_CHANNELS, VAE_SCALE, VAE_SHIFT
 from unidg.runtime.manifest import Manifest, tool_versions, write_manifest
 from unidg.runtime.settings import UniDGSettings
 
@@ -62,8 +63,8 @@ def bundle_metadata(
     weights: WeightsInfo,
     *,
     precision: str | None = None,
-    vae_scale: float = 0.3611,
-    vae_shift: float = 0.1159,
+    vae_scale: float = VAE_SCALE,
+    vae_shift: float = VAE_SHIFT,
     extra: dict | None = None,
 ) -> dict:
     """The ``metadata`` of a bundle manifest (Bundle format v1)."""

@@ -31,16 +31,10 @@ import numpy as np
 import onnx
 import torch
 
-from unidg.export.step_model import (
-    STEP_INPUTS,
-    ImageEncoderModel,
-    StepModel,
-    VaeDecoderModel,
-    VaeEncoderModel,
-    float32_rope,
-)
-from unidg.runtime.bundle import COND_CHANNELS, GRAPH_INPUTS, GRAPH_NAMES, GRAPH_OUTPUTS, LATENT_CHANNELS
+from unidg.export.step_model import ImageEncoderModel, StepModel, VaeDecoderModel, VaeEncoderModel, float32_rope
+from unidg.runtime.bundle import GRAPH_INPUTS, GRAPH_NAMES, GRAPH_OUTPUTS, STEP_INPUTS
 from unidg.runtime.errors import UniDGError
+from unidg.runtime.latents import LATENT_CHANNELS, MASK_CHANNELS
 from unidg.train.attention import KeyBiasAttnProcessor, flux_attention_modules
 from unidg.train.model import UniDGModel
 
@@ -194,7 +188,7 @@ def step_example_inputs(facts: ModelFacts, batch: int, seed: int = 0, resolution
     defect = np.zeros((batch, h_tokens, w_tokens), dtype=bool)
     defect[:, h_tokens // 4 : h_tokens // 2 + 1, w_tokens // 8 : w_tokens // 4 + 1] = True  # reference defect
     defect[:, h_tokens // 3 : h_tokens // 2 + 1, w_tokens // 2 + 1 : 3 * w_tokens // 4] = True  # target region
-    mask_channels = np.repeat(defect.reshape(batch, tokens, 1), COND_CHANNELS - 64, axis=2).astype(np.float32)
+    mask_channels = np.repeat(defect.reshape(batch, tokens, 1), MASK_CHANNELS, axis=2).astype(np.float32)
     sigmas = flux_sigmas(28, tokens)
     step = int(rng.integers(0, 27))
     ctx = rng.standard_normal((batch, facts.context_tokens, facts.joint_dim), dtype=np.float32)
@@ -282,34 +276,6 @@ class _ExpandedMaskProcessor(KeyBiasAttnProcessor):
         return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask)
 
 
-class _FoldedBiasProcessor(KeyBiasAttnProcessor):
-    """Key-bias attention folded into one extra head dimension (no mask): q' = [q, 1, 0..], k' = [k, b/scale, 0..].
-
-    The same identity as ``unidg.train.headdim_fold`` written without data-dependent checks, which torch.export
-    cannot trace: -inf keys take the finite ``MASKED_KEY_BIAS`` through ``torch.where``.
-    """
-
-    def attention(self, query, key, value, key_bias):
-        from unidg.train.headdim_fold import MASKED_KEY_BIAS, folded_width
-
-        if key_bias is None:
-            return torch.nn.functional.scaled_dot_product_attention(query, key, value)
-        head_dim = query.shape[-1]
-        scale = 1.0 / math.sqrt(head_dim)
-        pad = folded_width(head_dim) - head_dim
-        bias = key_bias.float()
-        if bias.ndim == 1:
-            bias = bias[None]
-        bias = torch.where(torch.isneginf(bias), torch.full_like(bias, MASKED_KEY_BIAS), bias)
-        column = (bias / scale)[:, None, :, None].expand(key.shape[0], key.shape[1], key.shape[2], 1).to(key.dtype)
-        ones = torch.ones_like(query[..., :1])
-        query_fold = torch.cat([query, ones, torch.zeros_like(query[..., : pad - 1])], dim=-1)
-        key_fold = torch.cat([key, column, torch.zeros_like(key[..., : pad - 1])], dim=-1)
-        value_fold = torch.cat([value, torch.zeros_like(value[..., :pad])], dim=-1)
-        out = torch.nn.functional.scaled_dot_product_attention(query_fold, key_fold, value_fold, scale=scale)
-        return out[..., :head_dim]
-
-
 @contextlib.contextmanager
 def portable_attention(model: UniDGModel, form: str) -> Iterator[None]:
     """Install the ONNX-friendly attention form on every block for the duration of an export."""
@@ -317,7 +283,7 @@ def portable_attention(model: UniDGModel, form: str) -> Iterator[None]:
         raise ExportError(f"portable mask form {form!r}: choose one of {list(PORTABLE_MASKS)}")
     modules = flux_attention_modules(model.transformer)
     saved = [attn.processor for attn in modules]
-    replacement = _ExpandedMaskProcessor() if form == "expand" else _FoldedBiasProcessor()
+    replacement = _ExpandedMaskProcessor() if form == "expand" else KeyBiasAttnProcessor(backend="headdim_fold")
     try:
         for attn in modules:
             attn.set_processor(replacement)

@@ -19,9 +19,6 @@ from torch import nn
 
 from unidg.train.model import UniDGModel
 
-STEP_INPUTS = ("x", "cond", "ctx", "key_bias", "sigma", "sigma_next", "guidance", "img_ids", "txt_ids")
-STEP_OUTPUTS = ("x_next",)
-
 
 class Float32RopeEmbed(nn.Module):
     """FLUX's RoPE table (cos, sin) from position ids, computed in float32.

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from unidg.runtime.latents import COND_CHANNELS, LATENT_CHANNELS, PACKED_CHANNELS, VAE_SCALE, VAE_SHIFT
 from unidg.runtime.manifest import ManifestError, read_manifest, verify_files
 from unidg.runtime.settings import UniDGSettings
 
@@ -18,20 +19,19 @@ BUNDLE_FORMAT = "unidg-bundle"
 BUNDLE_FORMAT_VERSION = 1
 GRAPH_NAMES = ("step", "vae_encoder", "vae_decoder", "image_encoder")
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8")
-LATENT_CHANNELS = 16
-PACKED_CHANNELS = 64  # 16 latent channels x 2x2 patch
-MASK_CHANNELS = 256  # 8x8 pixel block x 2x2 patch
-COND_CHANNELS = PACKED_CHANNELS + MASK_CHANNELS
 
 # Inputs and outputs of each graph, in call order (Bundle format v1).
+STEP_INPUTS = ("x", "cond", "ctx", "key_bias", "sigma", "sigma_next", "guidance", "img_ids", "txt_ids")
+STEP_OUTPUTS = ("x_next",)
+STEP_POSITION_INPUTS = ("img_ids", "txt_ids")  # token positions: the only step inputs without a batch axis
 GRAPH_INPUTS = {
-    "step": ("x", "cond", "ctx", "key_bias", "sigma", "sigma_next", "guidance", "img_ids", "txt_ids"),
+    "step": STEP_INPUTS,
     "vae_encoder": ("pixels",),
     "vae_decoder": ("latents",),
     "image_encoder": ("pixels",),
 }
 GRAPH_OUTPUTS = {
-    "step": ("x_next",),
+    "step": STEP_OUTPUTS,
     "vae_encoder": ("latents",),
     "vae_decoder": ("pixels",),
     "image_encoder": ("tokens",),
@@ -107,11 +107,11 @@ class Bundle:
 
     @property
     def vae_scale(self) -> float:
-        return float(self.metadata.get("vae_scale", 0.3611))
+        return float(self.metadata.get("vae_scale", VAE_SCALE))
 
     @property
     def vae_shift(self) -> float:
-        return float(self.metadata.get("vae_shift", 0.1159))
+        return float(self.metadata.get("vae_shift", VAE_SHIFT))
 
     @property
     def image_tokens(self) -> int:

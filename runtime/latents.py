@@ -13,6 +13,9 @@ VAE_SHIFT = 0.1159
 VAE_SCALE = 0.3611
 VAE_DOWNSAMPLE = 8
 LATENT_CHANNELS = 16
+PACKED_CHANNELS = 4 * LATENT_CHANNELS  # 2x2 patch of latent pixels per token
+MASK_CHANNELS = 4 * VAE_DOWNSAMPLE**2  # 8x8 pixel block per latent pixel x 2x2 patch
+COND_CHANNELS = PACKED_CHANNELS + MASK_CHANNELS  # the Fill condition: masked-diptych latents, then the mask
 
 
 def normalize_latents(latents: np.ndarray) -> np.ndarray:

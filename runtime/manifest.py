@@ -19,6 +19,7 @@ from unidg.runtime.errors import UniDGError
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_VERSION = 1
+WEIGHTS_KIND = "weights"  # a merged weights folder (``unidg train merge``), the one the bundles and calib sets name
 
 
 class ManifestError(UniDGError):

@@ -179,3 +179,25 @@ def test_fp16_step_graph_keeps_float32_io_and_runs(tmp_path):
         expected = graph_module("step", reference)(*[torch.from_numpy(a) for a in feeds.values()]).numpy()
     actual = ort.InferenceSession(str(tmp_path / "step.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     assert np.abs(actual - expected).max() / np.abs(expected).max() < 1e-3  # fp16 velocity, float32 update
+
+
+def test_fold_form_step_graph_matches_the_training_fold_and_zeroes_fully_masked_elements(tmp_path):
+    # The exporter's fold is the training processor's: same numbers, and a batch element whose keys are all
+    # masked gives attention output 0 (x_next then follows the attention-free velocity, not an average of V).
+    from unidg.train.attention import set_attention_backend
+
+    model = _nano_model()
+    options = ExportOptions(resolution=RESOLUTION, portable_mask="fold", batch="dynamic", max_batch=2)
+    with single_thread():
+        export_graph("step", model, tmp_path, options, progress=None)
+    attention = [n for n in onnx.load(str(tmp_path / "step.onnx")).graph.node if n.op_type == "Attention"]
+    assert len(attention) == 6 and all(len(n.input) == 3 or not n.input[3] for n in attention)  # no mask input
+    feeds = graph_example_inputs("step", ModelFacts.of(model, RESOLUTION), 2, seed=3)
+    feeds["key_bias"][1] = -np.inf
+    set_attention_backend(model.transformer, "headdim_fold")
+    with torch.no_grad(), float32_rope(model):
+        expected = graph_module("step", model)(*[torch.from_numpy(a) for a in feeds.values()]).numpy()
+    set_attention_backend(model.transformer, "sdpa")
+    actual = ort.InferenceSession(str(tmp_path / "step.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert np.isfinite(actual).all()
+    assert np.abs(actual - expected).max() < 1e-4

@@ -78,3 +78,19 @@ def test_bad_inputs_are_refused() -> None:
     bad[0, 0] = math.nan
     with pytest.raises(ValueError, match="NaN"):
         folded_attention(q, k, v, bad)
+
+
+def test_fold_traces_with_torch_export_and_keeps_the_zeroing() -> None:
+    class Folded(torch.nn.Module):
+        def forward(self, q, k, v, bias):
+            return folded_attention(q, k, v, bias)
+
+    q, k, v, bias = _inputs()
+    batch, keys = torch.export.Dim("batch", min=1, max=8), torch.export.Dim("keys", min=2, max=512)
+    shapes = ({0: batch}, {0: batch, 2: keys}, {0: batch, 2: keys}, {0: batch, 1: keys})
+    program = torch.export.export(Folded(), (q, k, v, bias), dynamic_shapes=shapes)
+    bias[1] = -math.inf
+    bias[0, :5] = -math.inf
+    out = program.module()(q, k, v, bias)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert (out[0] - reference_biased_attention(q, k, v, bias)[0]).abs().max().item() <= 1e-5

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttention, FluxTransformer2DModel
 
+from unidg.train.headdim_fold import folded_attention
+
 KEY_BIAS = "key_bias"
 BACKENDS = ("sdpa", "headdim_fold")
 
@@ -54,7 +56,8 @@ def _key_bias_mask(key_bias: torch.Tensor, batch: int, num_keys: int, dtype: tor
     """(B, N) or (N,) per-key bias -> (B, 1, 1, N) additive mask that SDPA broadcasts over heads and queries."""
     if key_bias.ndim == 1:
         key_bias = key_bias[None]
-    if key_bias.ndim != 2 or key_bias.shape[-1] != num_keys or key_bias.shape[0] not in (1, batch):
+    # batch before 1: with a symbolic batch (torch.export) ``shape[0] != batch`` is decided without a guard
+    if key_bias.ndim != 2 or key_bias.shape[-1] != num_keys or (key_bias.shape[0] != batch and key_bias.shape[0] != 1):
         raise ValueError(
             f"key_bias must have shape ({batch}, {num_keys}) = (batch, context + image tokens), got "
             f"{tuple(key_bias.shape)}; build it with unidg.runtime.attention_bias.build_key_bias"
@@ -68,7 +71,8 @@ class KeyBiasAttnProcessor:
     ``backend="sdpa"`` hands the bias to torch's scaled_dot_product_attention as a broadcast float mask.
     ``backend="headdim_fold"`` calls ``unidg.train.headdim_fold.folded_attention(query, key, value, key_bias)``
     (layout (B, H, N, D), bias (B, N)), which folds the bias into an extra head dimension so that mask-less fused
-    kernels compute the same thing.
+    kernels compute the same thing. Both backends trace with torch.export; the exporter's ``portable_mask="fold"``
+    is this processor with ``backend="headdim_fold"``.
     """
 
     def __init__(self, backend: str = "sdpa") -> None:
@@ -81,11 +85,9 @@ class KeyBiasAttnProcessor:
     ) -> torch.Tensor:
         """softmax(Q Kᵀ/√d + b[key]) V on (B, H, N, D) tensors."""
         if self.backend == "headdim_fold" and key_bias is not None:
-            from unidg.train import headdim_fold  # imported on use: an optional, separately maintained fallback
-
             # float32 bias: the fold rounds b / scale to the K dtype itself
             bias = _key_bias_mask(key_bias, query.shape[0], key.shape[2], torch.float32)[:, 0, 0, :]
-            return headdim_fold.folded_attention(query, key, value, bias.expand(query.shape[0], -1))
+            return folded_attention(query, key, value, bias.expand(query.shape[0], -1))
         mask = None if key_bias is None else _key_bias_mask(key_bias, query.shape[0], key.shape[2], query.dtype)
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
 

@@ -19,6 +19,10 @@ Exactness:
   masked keys' weights are exactly 0 as with -inf.
 - a batch element whose keys are all masked: defined as output 0 (as the Triton kernel and the reference do); without
   the explicit zeroing the fold would average V over the masked keys.
+
+Traceable: torch.export (and so the ONNX exporter's ``portable_mask="fold"``) traces these functions as they are. The
+only check that reads tensor values (no NaN or +inf in the bias) runs in eager mode and is skipped while compiling or
+exporting; the masked-key substitution and the zeroing of fully masked batch elements are ``torch.where`` on tensors.
 """
 
 from __future__ import annotations
@@ -65,22 +69,18 @@ def fold_key_bias(
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     if not scale > 0:
         raise ValueError(f"scale must be positive, got {scale}")
-    width = folded_width(head_dim, multiple)
+    pad = folded_width(head_dim, multiple) - head_dim
     bias = key_bias.to(torch.float32)
     bias = torch.where(torch.isneginf(bias), torch.full_like(bias, MASKED_KEY_BIAS), bias)
-    if not torch.isfinite(bias).all():
+    if not torch.compiler.is_compiling() and not torch.isfinite(bias).all():  # reads values: eager mode only
         raise ValueError("key_bias may contain finite values and -inf only (no NaN or +inf)")
 
-    q_fold = q.new_zeros(*q.shape[:-1], width)
-    q_fold[..., :head_dim] = q
-    q_fold[..., head_dim] = 1.0
-    k_fold = k.new_zeros(*k.shape[:-1], width)
-    k_fold[..., :head_dim] = k
-    k_fold[..., head_dim] = (bias / scale)[:, None, :].to(k.dtype)
+    column = (bias / scale)[:, None, :, None].expand(*k.shape[:-1], 1).to(k.dtype)
+    q_fold = torch.cat([q, torch.ones_like(q[..., :1]), q.new_zeros(*q.shape[:-1], pad - 1)], dim=-1)
+    k_fold = torch.cat([k, column, k.new_zeros(*k.shape[:-1], pad - 1)], dim=-1)
     if not pad_value:
         return q_fold, k_fold, v, scale
-    v_fold = v.new_zeros(*v.shape[:-1], width)
-    v_fold[..., :head_dim] = v
+    v_fold = torch.cat([v, v.new_zeros(*v.shape[:-1], pad)], dim=-1)
     return q_fold, k_fold, v_fold, scale
 
 
@@ -99,6 +99,6 @@ def folded_attention(
     head_dim = q.shape[-1]
     q_fold, k_fold, v_fold, scale = fold_key_bias(q, k, v, key_bias, scale, pad_value=pad_value)
     out = F.scaled_dot_product_attention(q_fold, k_fold, v_fold, scale=scale)[..., :head_dim]
-    # Zero the batch elements whose keys are all masked (no host sync, so CUDA-graph capture stays possible).
-    any_key = (~torch.isneginf(key_bias)).any(dim=-1)
-    return out * any_key[:, None, None, None].to(out.dtype)
+    # Zero the batch elements whose keys are all masked: a per-row flag, no host sync (CUDA graphs, torch.export).
+    any_key = (~torch.isneginf(key_bias)).any(dim=-1)[:, None, None, None]
+    return torch.where(any_key, out, torch.zeros_like(out))

@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import SiglipVisionModel
 
-from unidg.runtime.manifest import WeightsError, tool_versions, write_manifest
+from unidg.runtime.manifest import WEIGHTS_KIND, WeightsError, tool_versions, write_manifest
 from unidg.runtime.settings import SETTINGS_FILE, UniDGSettings
 from unidg.runtime.staging import staged_folder
 from unidg.train.model import COMPONENTS, UniDGModel
@@ -41,7 +41,6 @@ from unidg.train.presets import UniDGPreset, get_preset
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from local folders only
 
-WEIGHTS_KIND = "weights"
 BFL_TRANSFORMER_FILE = "flux1-fill-dev.safetensors"
 BFL_VAE_FILE = "ae.safetensors"
 BFL_REDUX_FILE = "flux1-redux-dev.safetensors"

@@ -23,17 +23,11 @@ from torch import nn
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from unidg.runtime.attention_bias import build_key_bias
+from unidg.runtime.latents import COND_CHANNELS as CONDITION_CHANNELS
+from unidg.runtime.latents import LATENT_CHANNELS, MASK_CHANNELS, PACKED_CHANNELS
 from unidg.runtime.settings import UniDGSettings
 from unidg.train.attention import install_key_bias_processor
-from unidg.train.presets import (
-    CONDITION_CHANNELS,
-    LATENT_CHANNELS,
-    MASK_CHANNELS,
-    PACKED_CHANNELS,
-    TRANSFORMER_IN_CHANNELS,
-    UniDGPreset,
-    get_preset,
-)
+from unidg.train.presets import TRANSFORMER_IN_CHANNELS, UniDGPreset, get_preset
 
 # SiglipImageProcessor of so400m: rescale to [0, 1], then (x - 0.5) / 0.5, i.e. back to [-1, 1].
 SIGLIP_MEAN = 0.5

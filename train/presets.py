@@ -10,14 +10,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from unidg.runtime.errors import UniDGError
+from unidg.runtime.latents import COND_CHANNELS as CONDITION_CHANNELS
+from unidg.runtime.latents import LATENT_CHANNELS, PACKED_CHANNELS, VAE_SCALE, VAE_SHIFT
 from unidg.runtime.settings import UniDGSettings
 
-# Fixed by the Fill layout: 16 latent channels packed 2x2 -> 64 per token; the pixel mask of one token is
-# 2x2 latent pixels x 8x8 pixels -> 256; transformer input = noisy latents 64 + masked latents 64 + mask 256.
-LATENT_CHANNELS = 16
-PACKED_CHANNELS = 4 * LATENT_CHANNELS
-MASK_CHANNELS = 256
-CONDITION_CHANNELS = PACKED_CHANNELS + MASK_CHANNELS
+# Fixed by the Fill layout (unidg.runtime.latents): 16 latent channels packed 2x2 -> 64 per token; the pixel mask of
+# one token is 2x2 latent pixels x 8x8 pixels -> 256; transformer input = noisy latents 64 + masked latents 64 + mask.
 TRANSFORMER_IN_CHANNELS = PACKED_CHANNELS + CONDITION_CHANNELS
 
 
@@ -64,8 +62,8 @@ class VaeParams:
     norm_num_groups: int
     sample_size: int
     latent_channels: int = LATENT_CHANNELS
-    scaling_factor: float = 0.3611
-    shift_factor: float = 0.1159
+    scaling_factor: float = VAE_SCALE
+    shift_factor: float = VAE_SHIFT
     use_quant_conv: bool = False
     use_post_quant_conv: bool = False
     mid_block_add_attention: bool = True
