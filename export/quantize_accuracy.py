@@ -1,0 +1,136 @@
+"""The accuracy gate of ``unidg export quantize``: the quantized step graph against the unquantized bundle, both in
+onnxruntime, on a calibration set's held-out samples — cosine similarity of the velocity at every captured step, and
+PSNR of the final decoded diptych after the full trajectory from the same noise (figures from ``unidg.export.parity``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from unidg.calib.build import CalibSet
+from unidg.export.parity import compare, cosine, onnx_session, psnr
+from unidg.export.quantize_modelopt import QuantizationError
+from unidg.runtime.bundle import STEP_INPUTS, STEP_POSITION_INPUTS, Bundle
+
+DEFAULT_MIN_COSINE = 0.995
+DEFAULT_MIN_PSNR = 30.0
+
+
+class AccuracyGateError(QuantizationError):
+    """The quantized bundle is less accurate than the gate allows; nothing was written."""
+
+    def __init__(self, message: str, report: dict) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+def tile_batch(feeds: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+    """One sample's step inputs repeated to a static bundle's batch (token positions have no batch axis)."""
+    return {k: (np.repeat(v, batch, 0) if k not in STEP_POSITION_INPUTS else v) for k, v in feeds.items()}
+
+
+@dataclass(frozen=True)
+class AccuracyReport:
+    format: str
+    samples: int
+    records: int
+    velocity_cosine_mean: float
+    velocity_cosine_min: float
+    latents_max_abs: float
+    psnr_mean: float
+    psnr_min: float
+    min_cosine: float
+    min_psnr: float
+
+    @property
+    def passed(self) -> bool:
+        return self.velocity_cosine_mean >= self.min_cosine and self.psnr_min >= self.min_psnr
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["passed"] = self.passed
+        return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in data.items()}
+
+    def __str__(self) -> str:
+        verdict = "PASS" if self.passed else "FAIL"
+        return (
+            f"{self.format} accuracy on {self.samples} held-out samples ({self.records} step inputs): velocity cosine "
+            f"mean {self.velocity_cosine_mean:.4f} (min {self.velocity_cosine_min:.4f}, gate >= {self.min_cosine}); "
+            f"final diptych PSNR mean {self.psnr_mean:.2f} dB (min {self.psnr_min:.2f} dB, gate >= {self.min_psnr}); "
+            f"{verdict}"
+        )
+
+
+def accuracy_report(
+    quantized_step: Path,
+    reference: Bundle,
+    calib: CalibSet,
+    fmt: str,
+    *,
+    min_cosine: float,
+    min_psnr: float,
+    samples: int | None = None,
+) -> AccuracyReport:
+    """Quantized vs unquantized step graph (onnxruntime) on the calibration set's held-out samples."""
+    from unidg.runtime.latents import model_to_pixels
+    from unidg.train.model import unpack_latents
+
+    quantized = onnx_session(quantized_step, fmt)
+    unquantized = onnx_session(reference.graph_path("step"), reference.precision)
+    decoder = onnx_session(reference.graph_path("vae_decoder"), reference.precision)
+    batch = reference.batch or 1
+
+    def run(session, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return session.run(None, tile_batch(feeds, batch))[0][:1]
+
+    cosines = []
+    for record in calib.records(held_out=True):
+        step = float(record["sigma_next"][0] - record["sigma"][0])
+        v_quant = (run(quantized, record) - record["x"]) / step
+        v_full = (run(unquantized, record) - record["x"]) / step
+        cosines.append(cosine(v_quant, v_full))
+    sigmas = None
+    psnrs, latent_errors, count = [], [], 0
+    h, w = reference.latent_hw
+    for sample in calib.samples(held_out=True):
+        if samples is not None and count >= samples:
+            break
+        if sigmas is None:
+            from unidg.runtime.sampler import sampling_sigmas
+
+            sigmas = sampling_sigmas(int(calib.metadata["steps"]), sample["noise"].shape[1])
+        conditioning = {name: sample[name] for name in STEP_INPUTS if name in sample}  # all but x and the sigmas
+        finals = []
+        for session in (quantized, unquantized):
+            x = sample["noise"]
+            for i in range(len(sigmas) - 1):
+                sigma, sigma_next = np.array([sigmas[i]], np.float32), np.array([sigmas[i + 1]], np.float32)
+                x = run(session, {**conditioning, "x": x, "sigma": sigma, "sigma_next": sigma_next})
+            finals.append(x)
+        latent_errors.append(compare(finals[0], finals[1]).max_abs)
+        images = []
+        for x in finals:
+            latents = unpack_latents(torch.from_numpy(x), h // 2, w // 2).numpy()
+            images.append(model_to_pixels(run(decoder, {"latents": latents}))[0])
+        psnrs.append(psnr(images[0], images[1]))
+        count += 1
+    if not cosines or not psnrs:
+        raise QuantizationError(f"--calib {calib.path} has no held-out samples to measure accuracy on")
+    finite = [p for p in psnrs if math.isfinite(p)]
+    return AccuracyReport(
+        format=fmt,
+        samples=count,
+        records=len(cosines),
+        velocity_cosine_mean=float(np.mean(cosines)),
+        velocity_cosine_min=float(np.min(cosines)),
+        latents_max_abs=float(max(latent_errors)),
+        psnr_mean=float(np.mean(finite)) if finite else math.inf,
+        psnr_min=float(min(psnrs)),
+        min_cosine=min_cosine,
+        min_psnr=min_psnr,
+    )
