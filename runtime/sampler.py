@@ -8,6 +8,7 @@ step i maps x at sigma_i to x at sigma_{i+1} inside the step graph: x + (sigma_{
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -18,6 +19,12 @@ from unidg.runtime.schedule import flux_sigmas
 ProgressCallback = Callable[[int, int], "bool | None"]  # (step done, total) -> False cancels
 NOISE_CHANNELS = 64
 MAX_SEED = 2**63 - 1
+
+
+def random_seed() -> int:
+    """A seed for a request that gave none (reported back in its metadata so the result can be reproduced)."""
+    return secrets.randbelow(MAX_SEED + 1)
+
 
 __all__ = ["GenerationCancelled", "denoise", "initial_noise", "sampling_sigmas"]
 

@@ -24,6 +24,7 @@ from unidg.runtime.images import (
     decode_upload,
     validate_request,
 )
+from unidg.runtime.sampler import MAX_SEED, random_seed
 from unidg.runtime.settings import UniDGSettings
 from unidg.runtime.synthesizer import RequestError, SynthesisRequest, check_request_options
 
@@ -36,7 +37,6 @@ UPLOAD_FIELDS: dict[str, str] = {
 }
 FIELD_OF_INPUT = {name: upload for upload, name in UPLOAD_FIELDS.items()}
 PARAM_NAMES = ("seed", "steps", "guidance", "category")
-MAX_SEED = 2**63 - 1
 MAX_CATEGORY_CHARS = 64
 MAX_PARAMS_DEPTH = 4  # params is a flat object; anything nested deeper is refused before json.loads sees it
 # A client's own id for a request (echoed in the reply and the logs): printable ASCII without spaces, bounded.
@@ -245,7 +245,7 @@ def decode_inputs(files: dict[str, bytes], max_pixels: int) -> SynthesisInputs:
 
 def build_request(inputs: SynthesisInputs, params: SynthesisParams, name: str) -> SynthesisRequest:
     """The runtime request; without a seed the service draws one (and reports it in the metadata)."""
-    seed = params.seed if params.seed is not None else secrets.randbits(63)
+    seed = params.seed if params.seed is not None else random_seed()
     return SynthesisRequest(
         reference=inputs.reference,
         reference_mask=inputs.reference_mask,
