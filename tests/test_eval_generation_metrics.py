@@ -64,7 +64,7 @@ def test_intra_cluster_distance_is_zero_for_identical_samples_and_crops_to_the_r
 
 def test_diversity_of_the_shipped_bundle_on_two_inputs(tmp_path: Path) -> None:
     from unidg.train.evaluation.generation_metrics import diversity
-    from unidg.train.synth import synthesize
+    from unidg.train.procedural import synthesize
 
     synthesize(tmp_path / "held", count=8, seed=5, size=48, progress=False)
     report = diversity(ROOT / "runtime/assets/unidg-nano-bundle", tmp_path / "held", inputs=2, samples=2, steps=2)

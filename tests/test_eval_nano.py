@@ -10,7 +10,7 @@ import pytest
 
 from unidg.train.eval_nano import evaluate_transfer, transfer_scores
 from unidg.train.model import UniDGModel
-from unidg.train.synth import synthesize
+from unidg.train.procedural import synthesize
 
 
 def test_transfer_scores_measure_mean_colours_inside_the_mask() -> None:

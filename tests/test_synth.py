@@ -15,16 +15,7 @@ import pytest
 from unidg.cli import main
 from unidg.runtime.udg import CATEGORIES, INDEX_FILE, caption_problems, read_index
 from unidg.train.pairs import count_pairs, diversity_sft_pairs
-from unidg.train.shape_masks import (
-    LOCAL_KINDS,
-    MASK_KINDS,
-    MAX_REGIONS,
-    SIZE_RANGES,
-    count_regions,
-    random_shape_mask,
-    shape_mask,
-)
-from unidg.train.synth import (
+from unidg.train.procedural import (
     DATASET_FILE,
     DEFECTS,
     SURFACES,
@@ -33,6 +24,15 @@ from unidg.train.synth import (
     look_color,
     plan,
     synthesize,
+)
+from unidg.train.shape_masks import (
+    LOCAL_KINDS,
+    MASK_KINDS,
+    MAX_REGIONS,
+    SIZE_RANGES,
+    count_regions,
+    random_shape_mask,
+    shape_mask,
 )
 
 COUNT, SIZE = 30, 64
@@ -260,7 +260,7 @@ def test_validate_exits_non_zero_listing_every_problem(udg, tmp_path, capsys):
 def test_data_help_imports_no_heavy_module():
     code = (
         "import sys; from unidg.cli import build_parser; build_parser().parse_args(['data', 'validate', 'x']); "
-        "print(sorted(m for m in ('torch', 'scipy', 'skimage', 'unidg.train.synth') if m in sys.modules))"
+        "print(sorted(m for m in ('torch', 'scipy', 'skimage', 'unidg.train.procedural') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

@@ -55,7 +55,7 @@ def test_plan_counts_the_meta_model_and_splits_the_global_batch(capsys) -> None:
 def test_eq9_on_the_defect_separates_the_ground_truth_from_the_normal_copy(tmp_path: Path, capsys) -> None:
     """On the shipped nano autoencoder the ground truth's hinge over the defect's latent pixels is well below the
     normal copy's (which is 1 - tau by construction); over the dilated target tokens the two nearly meet."""
-    from unidg.train.synth import synthesize
+    from unidg.train.procedural import synthesize
 
     data = tmp_path / "udg"
     synthesize(data, 10, seed=7, size=64, progress=False)

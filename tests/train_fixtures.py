@@ -9,7 +9,7 @@ import pytest
 
 def procedural_udg(tmp_path_factory: pytest.TempPathFactory, count: int) -> Path:
     """A small procedural UDG folder (64 px, seed 3): the training tests' data."""
-    from unidg.train.synth import synthesize
+    from unidg.train.procedural import synthesize
 
     folder = tmp_path_factory.mktemp("udg") / "train"
     synthesize(folder, count, seed=3, size=64, progress=False)

@@ -9,7 +9,7 @@ import sys
 def _synth(args: argparse.Namespace) -> int:
     import time
 
-    from unidg.train.synth import synthesize
+    from unidg.train.procedural import synthesize
 
     start = time.perf_counter()
     summary = synthesize(

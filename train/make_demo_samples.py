@@ -5,7 +5,7 @@
 Each case takes the abnormal image of one procedural quadruplet as the reference (its mask marks the defect) and the
 normal image of another as the source (its own mask of the same defect type is the target region), on the same
 object (intra-object transfer) or on another one (cross-object transfer), as in Diversity-SFT's pairs. Quadruplets
-come from ``unidg.train.synth.make_sample`` with seed ``HELD_OUT_SEED``, which no training set uses (UniDG-nano is
+come from ``unidg.train.procedural.make_sample`` with seed ``HELD_OUT_SEED``, which no training set uses (UniDG-nano is
 trained on seed 1, see configs/nano-base.toml), so the demo shows pictures the model has not seen.
 
 Draws are tried in a fixed order until one is clearly visible (defect area, contrast with its surface, contrast of
@@ -25,10 +25,10 @@ import numpy as np
 from PIL import Image
 
 from unidg.runtime.manifest import atomic_write_bytes, atomic_write_text
-from unidg.train.synth import DEFECTS, SURFACES, Sample, defect_category, make_sample, sample_shapes
+from unidg.train.procedural import DEFECTS, SURFACES, Sample, defect_category, make_sample, sample_shapes
 
 HELD_OUT_SEED = 7  # training data: seed 1 (configs/nano-base.toml)
-IMAGE_SIZE = 160  # square side; non-square images are 160 x 200 or 200 x 160 (synth.sample_shapes)
+IMAGE_SIZE = 160  # square side; non-square images are 160 x 200 or 200 x 160 (procedural.sample_shapes)
 MAX_DRAWS = 400
 SAMPLES_FILE = "samples.json"
 
@@ -40,7 +40,7 @@ MIN_TRANSFER_CONTRAST = 70.0  # |mean RGB of the reference defect - mean RGB of 
 
 @dataclass(frozen=True)
 class DemoCase:
-    """One demo case: ``defect`` (a key of synth.DEFECTS) from ``reference_object`` into ``source_object``."""
+    """One demo case: ``defect`` (a key of procedural.DEFECTS) from ``reference_object`` into ``source_object``."""
 
     id: str
     defect: str

@@ -63,7 +63,7 @@ def load_splits(config: EvalConfig, progress: bool = True) -> list[InspectionSpl
                 raise ValueError(
                     f"{folder} holds no UDG index; make it with `unidg data synth` or set data.synth_count"
                 )
-            from unidg.train.synth import synthesize
+            from unidg.train.procedural import synthesize
 
             synthesize(folder, data.synth_count, data.synth_seed, data.synth_size, progress=progress)
         splits = read_udg(folder, objects)
