@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from test_rft import NANO, _config
-from train_fixtures import procedural_udg
+from train_fixtures import checkpoint_weights, procedural_udg
 
+from unidg.runtime.serve_bench import free_loopback_port
 from unidg.train.config import to_dict
 from unidg.train.rft import RFTConfig, train_rft
-from unidg.train.trainer import CHECKPOINTS, TRAINABLE_FILE, read_log
+from unidg.train.trainer import read_log
 
 TOLERANCE = 1e-5
 
@@ -30,18 +30,6 @@ def _worker(rank: int, world: int, port: int, config_json: str) -> None:
     )
     torch.set_num_threads(1)
     train_rft(from_dict(RFTConfig, json.loads(config_json), "test config"), resume=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(run / CHECKPOINTS / f"step-{step:06d}" / TRAINABLE_FILE))
 
 
 @pytest.fixture(scope="module")
@@ -69,17 +57,17 @@ def test_two_processes_match_one_and_resume_in_one(tmp_path: Path, udg: Path) ->
 
     two = tmp_path / "two"
     config_json = json.dumps(to_dict(_two_prompt_config(udg, two, 1)))
-    mp.start_processes(_worker, args=(2, _free_port(), config_json), nprocs=2, join=True, start_method="fork")
+    mp.start_processes(_worker, args=(2, free_loopback_port(), config_json), nprocs=2, join=True, start_method="fork")
     log = read_log(two)
     assert [r["step"] for r in log] == [1]  # rank 0 alone writes the log
     for key in ("reward_mean", "reward_std", "policy_loss", "kl", "grad_norm", "transitions", "reward/color"):
         np.testing.assert_allclose(log[0][key], expected[0][key], rtol=0, atol=TOLERANCE)
-    a, b = _weights(two, 1), _weights(one, 1)
+    a, b = checkpoint_weights(two, 1), checkpoint_weights(one, 1)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= TOLERANCE
 
     train_rft(_two_prompt_config(udg, two, 2), resume=True)  # the 2-process checkpoint continues in one process
     log = read_log(two)
     assert [r["step"] for r in log] == [1, 2]
     np.testing.assert_allclose(log[1]["policy_loss"], expected[1]["policy_loss"], rtol=0, atol=TOLERANCE)
-    a, b = _weights(two, 2), _weights(one, 2)
+    a, b = checkpoint_weights(two, 2), checkpoint_weights(one, 2)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= TOLERANCE

@@ -6,21 +6,21 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from train_fixtures import procedural_udg
+from train_fixtures import checkpoint_weights, procedural_udg
 
+from unidg.runtime.serve_bench import free_loopback_port
 from unidg.train.config import DataConfig, LoopConfig, LoraConfig, LossConfig, OptimConfig, SFTConfig, from_dict
 from unidg.train.config import to_dict as config_to_dict
 from unidg.train.dataset import LatentPairs
 from unidg.train.model import UniDGModel
 from unidg.train.sft import setup_sft, train_sft
-from unidg.train.trainer import CHECKPOINTS, TRAINABLE_FILE, DeviceError, Placement, read_log, resolve_device
+from unidg.train.trainer import CHECKPOINTS, DeviceError, Placement, read_log, resolve_device
 
 SETTINGS = {"resolution": 64, "text_tokens": 8, "guidance": 1.0}
 CACHE_KEY = "distributed-test"
@@ -54,18 +54,6 @@ def _worker(rank: int, world: int, port: int, data_path: str, config_json: str) 
     config = from_dict(SFTConfig, json.loads(config_json), "test config")
     data = LatentPairs.load(data_path, CACHE_KEY)
     train_sft(config, resume=True, model=_nano(), data=data)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(run / CHECKPOINTS / f"step-{step:06d}" / TRAINABLE_FILE))
 
 
 def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -105,12 +93,12 @@ def test_two_processes_match_one_and_resume_in_one(tmp_path: Path, udg: Path, la
     config_json = json.dumps(config_to_dict(_config(udg, two, steps=2)))
     # fork: the workers inherit the imported modules (spawn would re-import torch and diffusers in each).
     mp.start_processes(
-        _worker, args=(2, _free_port(), str(data_path), config_json), nprocs=2, join=True, start_method="fork"
+        _worker, args=(2, free_loopback_port(), str(data_path), config_json), nprocs=2, join=True, start_method="fork"
     )
     log = read_log(two)
     assert [r["step"] for r in log] == [1, 2]  # rank 0 alone writes the log
     np.testing.assert_allclose([r["loss"] for r in log], expected[:2], rtol=0, atol=TOLERANCE)
-    assert _max_difference(_weights(two, 2), _weights(one, 2)) <= TOLERANCE
+    assert _max_difference(checkpoint_weights(two, 2), checkpoint_weights(one, 2)) <= TOLERANCE
     assert json.loads((two / CHECKPOINTS / "step-000002" / "state.json").read_text())["world_size"] == 2
     assert json.loads((two / "lora.json").read_text())["world_size"] == 2
 
@@ -119,7 +107,7 @@ def test_two_processes_match_one_and_resume_in_one(tmp_path: Path, udg: Path, la
     log = read_log(two)
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     np.testing.assert_allclose([r["loss"] for r in log], expected, rtol=0, atol=TOLERANCE)
-    assert _max_difference(_weights(two, 4), _weights(one, 4)) <= TOLERANCE
+    assert _max_difference(checkpoint_weights(two, 4), checkpoint_weights(one, 4)) <= TOLERANCE
 
 
 def test_gradient_accumulation_equals_one_batch(tmp_path: Path, udg: Path, latents) -> None:
@@ -135,7 +123,9 @@ def test_gradient_accumulation_equals_one_batch(tmp_path: Path, udg: Path, laten
         rtol=0,
         atol=TOLERANCE,
     )
-    assert _max_difference(_weights(tmp_path / "acc", 2), _weights(tmp_path / "whole", 2)) <= TOLERANCE
+    assert (
+        _max_difference(checkpoint_weights(tmp_path / "acc", 2), checkpoint_weights(tmp_path / "whole", 2)) <= TOLERANCE
+    )
 
 
 def test_a_world_size_that_does_not_divide_the_global_batch_is_refused(tmp_path: Path, udg: Path, latents) -> None:
