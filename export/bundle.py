@@ -27,6 +27,7 @@ from unidg.export.onnx_export import (
     cast_for_precision,
     export_graphs,
     print_progress,
+    torch_program_file,
 )
 from unidg.runtime.bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, BUNDLE_KIND, GRAPH_NAMES
 from unidg.runtime.latents import LATENT_CHANNELS, VAE_SCALE, VAE_SHIFT
@@ -113,9 +114,13 @@ def export_bundle(
     portable_mask: str | None = None,
     overwrite: bool = False,
     verify_weights: bool = True,
+    torch_programs: bool = False,
     progress: Progress | None = print_progress,
 ) -> Manifest:
-    """``unidg export onnx``: weights folder -> bundle folder (atomically). Returns the bundle manifest."""
+    """``unidg export onnx``: weights folder -> bundle folder (atomically). Returns the bundle manifest.
+
+    ``torch_programs`` also saves each graph as a ``torch.export`` program (``torch/<graph>.pt2``, listed in the
+    manifest's files and its ``torch_programs`` table) for ``--backend torch``; without it the bundle is unchanged."""
     weights = read_weights(weights_folder, verify=verify_weights, progress=progress)
     resolution = check_resolution(weights.settings.resolution if resolution is None else resolution)
     settings = replace(weights.settings, resolution=resolution)
@@ -134,7 +139,8 @@ def export_bundle(
     model = cast_for_precision(load_weights_model(weights, settings), precision)
     facts = ModelFacts.of(model, resolution)
     with staged_folder(out, overwrite=overwrite) as staging:
-        records = export_graphs(model, staging, options, progress=progress)
+        records = export_graphs(model, staging, options, torch_programs=torch_programs, progress=progress)
+        programs = {"torch_programs": {name: torch_program_file(name) for name in GRAPH_NAMES}}
         metadata = bundle_metadata(
             facts,
             settings,
@@ -143,6 +149,7 @@ def export_bundle(
             weights,
             vae_scale=float(model.vae.config.scaling_factor),
             vae_shift=float(model.vae.config.shift_factor),
+            extra=programs if torch_programs else None,
         )
         if progress:
             progress("hashing files and writing manifest.json")

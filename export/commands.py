@@ -53,6 +53,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     onnx.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     onnx.add_argument("--no-verify", action="store_true", help="skip re-hashing the weight files")
+    onnx.add_argument(
+        "--torch-programs",
+        action="store_true",
+        help="also save each graph as a torch.export program (torch/<graph>.pt2) for --backend torch",
+    )
     onnx.set_defaults(handler=run_onnx)
 
     quantize = export.add_parser(
@@ -207,6 +212,7 @@ def run_onnx(args: argparse.Namespace) -> int:
         portable_mask=args.portable_mask,
         overwrite=args.overwrite,
         verify_weights=not args.no_verify,
+        torch_programs=args.torch_programs,
     )
     meta = manifest.metadata
     print(

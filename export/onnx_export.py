@@ -47,6 +47,7 @@ TWO_GIGABYTES = 2**31
 # Stay well below protobuf's 2 GB limit: the serialized graph adds to the weights.
 EXTERNAL_DATA_THRESHOLD = int(1.8 * 2**30)
 BATCH_AXIS = "batch"
+TORCH_PROGRAM_DIR = "torch"  # torch.export programs beside the graphs: unidg.runtime.backends.torch_backend
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 Progress = Callable[[str], None]
@@ -483,6 +484,41 @@ def export_graph(
     return record
 
 
+def export_torch_program(
+    name: str,
+    model: UniDGModel,
+    path: Path,
+    options: ExportOptions,
+    *,
+    facts: ModelFacts | None = None,
+    progress: Progress | None = None,
+) -> Path:
+    """Save one bundle graph as a ``torch.export`` program (``.pt2``) for the runtime's torch backend.
+
+    Same module, example inputs, dynamic shapes and float32 RoPE as the ONNX graph; the step keeps the model's own
+    key-bias attention (one ``scaled_dot_product_attention`` with a per-key mask ``[B, 1, 1, N]``), the form the
+    torch backend's ``--fused-attention`` rewrites. The attention form chosen for ONNX does not apply here.
+    """
+    started = time.perf_counter()
+    facts = facts or ModelFacts.of(model, options.resolution)
+    inputs = graph_example_inputs(name, facts, options.example_batch)
+    args = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in inputs.values())
+    spec = _dynamic_shapes(name, facts, options)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    context = contextlib.ExitStack()
+    if name == "step":
+        context.enter_context(float32_rope(model))
+    with context, torch.no_grad(), warnings_quiet():
+        program = torch.export.export(
+            graph_module(name, model), args, dynamic_shapes=tuple(spec[k] for k in inputs) if spec else None
+        )
+    torch.export.save(program, str(path))
+    if progress:
+        progress(f"{name}: torch program {path.name} in {time.perf_counter() - started:.1f} s")
+    return path
+
+
 def _rewrite_to_plugin(path: Path, record: GraphRecord, progress: Progress | None) -> GraphRecord:
     from unidg.export.plugins.onnx_rewrite import rewrite_attention_file
 
@@ -511,11 +547,24 @@ def export_graphs(
     options: ExportOptions,
     *,
     graphs: tuple[str, ...] = GRAPH_NAMES,
+    torch_programs: bool = False,
     progress: Progress | None = print_progress,
 ) -> dict[str, GraphRecord]:
-    """Export the bundle graphs of ``model`` (already cast to the precision) into ``folder``."""
+    """Export the bundle graphs of ``model`` (already cast to the precision) into ``folder``; with
+    ``torch_programs``, also each graph's ``torch.export`` program as ``folder/torch/<graph>.pt2``."""
     facts = ModelFacts.of(model, options.resolution)
-    return {name: export_graph(name, model, folder, options, facts=facts, progress=progress) for name in graphs}
+    records = {}
+    for name in graphs:
+        records[name] = export_graph(name, model, folder, options, facts=facts, progress=progress)
+        if torch_programs:
+            path = Path(folder) / torch_program_file(name)
+            export_torch_program(name, model, path, options, facts=facts, progress=progress)
+    return records
+
+
+def torch_program_file(name: str) -> str:
+    """Where a bundle keeps the torch program of a graph (the runtime's torch backend reads this layout)."""
+    return f"{TORCH_PROGRAM_DIR}/{name}.pt2"
 
 
 # ------------------------------------------------------------------------------------------------ preset slices

@@ -88,7 +88,7 @@ def test_cli_refuses_with_a_clear_message(tmp_path, capsys):
 def test_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):
     import unidg.export.bundle as bundle_module
 
-    def fail_midway(model, folder, options, progress=None):
+    def fail_midway(model, folder, options, **options_of_the_call):
         (Path(folder) / "step.onnx").write_bytes(b"half a graph")
         raise RuntimeError("exporter crashed")
 
