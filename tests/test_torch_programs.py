@@ -16,9 +16,9 @@ from unidg.runtime.backends import BackendError, create_backend
 from unidg.runtime.bundle import GRAPH_NAMES, load_bundle
 from unidg.runtime.manifest import sha256_file
 
-# fp32 on both sides; the two runtimes order their reductions differently. Per graph: measured max |diff| ~1e-6.
+# fp32 on both sides, reductions ordered differently; per graph measured max |diff| <= 6e-6 (vae_decoder).
 GRAPH_ATOL = 1e-4
-# End to end, after 28 steps, the VAE decode and rounding to 8-bit pixels: at most one level apart.
+# End to end (28 steps, VAE decode, 8-bit pixels): at most one level apart; measured 4 of 9408 values differ by 1.
 PIXEL_LEVELS = 1
 
 
