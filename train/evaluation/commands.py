@@ -70,7 +70,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     transfer.add_argument("--weights", required=True, help="merged weights folder, e.g. runtime/assets/unidg-nano")
     transfer.add_argument("--data", required=True, help="held-out UDG folder (a synth seed never used in training)")
-    transfer.add_argument("--count", type=int, default=270, help="pairs to generate (default 270: >= 200 kept)")
+    transfer.add_argument(
+        "--count", type=int, default=300, help="pairs to generate (default 300: about 69 %% carry colour, >= 200 kept)"
+    )
     transfer.add_argument("--min-pairs", type=int, default=200, help="colour-carrying pairs required")
     transfer.add_argument("--seed", type=int, default=0)
     transfer.add_argument("--out-json", help="also write the figure here")
