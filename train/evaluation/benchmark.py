@@ -40,17 +40,6 @@ SET_TITLES = {
 }
 BINARY_METRICS = ("auroc_i", "ap_i", "auroc_p", "ap_p", "pro")
 TABLE_METRICS = (*BINARY_METRICS, "accuracy", "miou", "bg_miou", "fg_miou")
-METRIC_TITLES = {
-    "auroc_i": "AUROC-I",
-    "ap_i": "AP-I",
-    "auroc_p": "AUROC-P",
-    "ap_p": "AP-P",
-    "pro": "PRO",
-    "accuracy": "Acc",
-    "miou": "mIoU",
-    "bg_miou": "BG-mIoU",
-    "fg_miou": "FG-mIoU",
-}
 
 
 def load_splits(config: EvalConfig, progress: bool = True) -> list[InspectionSplit]:
