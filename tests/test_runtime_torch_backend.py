@@ -260,6 +260,25 @@ def test_fp8_linear_matches_fp32_within_e4m3_rounding():
         assert 1e-4 < error < 0.05, (rows, error)
 
 
+def test_fp8_modules_keep_no_autograd_graph_and_free_the_high_precision_weights():
+    """Quantizing parameters that require grad must not record an autograd graph: one would keep the bf16 weight and
+    a float32 copy alive beside the FP8 one (a full FLUX transformer measured 79 GiB instead of ~13)."""
+    import gc
+    import weakref
+
+    from unidg.runtime.backends.torch_backend import quantize_linear_modules
+
+    model = nn.Sequential(nn.Linear(64, 32), nn.GELU(), nn.Linear(32, 48))
+    assert all(p.requires_grad for p in model.parameters())
+    old_weights = [weakref.ref(model[0].weight), weakref.ref(model[2].weight)]
+    assert quantize_linear_modules(model) == ["0", "2"]
+    for layer in (model[0], model[2]):
+        assert layer.weight_fp8.grad_fn is None and not layer.weight_fp8.requires_grad
+        assert layer.weight_scale.grad_fn is None and not layer.weight_scale.requires_grad
+    gc.collect()
+    assert [ref() for ref in old_weights] == [None, None]
+
+
 def test_the_cuda_scaled_mm_call_agrees_with_the_cpu_emulation():
     """The exact torch._scaled_mm call of the CUDA path, run by torch's CPU kernel, against the float32 emulation."""
     from unidg.runtime.backends.torch_backend import fp8_quantize, scaled_mm_rowwise
