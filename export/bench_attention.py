@@ -4,6 +4,10 @@ Real shape: one FLUX step's attention at S = 768 (B = 1, H = 24, D = 128) over N
 4608 image) or N = 5338 with the text tokens folded, bf16. Each variant is timed ``repeats`` times after warm-up and
 the median is reported (CUDA events on a GPU). Every variant's output is compared with the float-mask SDPA output.
 
+``tile_sweep`` adds one row per tile configuration of ``SWEEP_CONFIGS`` (the kernel pinned to it, no autotuning):
+the data for choosing ``AUTOTUNE_CONFIGS`` and the ahead-of-time default (its first entry) on a given GPU. A
+configuration the GPU cannot launch (shared memory) gets a row with its error instead of a time.
+
 On CPU the kernel can only run under Triton's interpreter, so the CPU run uses tiny shapes and proves the harness
 only: its timings are not performance figures.
 """
@@ -39,6 +43,20 @@ TINY_LAYOUT = TokenLayout(text=24, redux=16, image=30)  # 70 tokens, 47 folded
 REAL_HEADS, REAL_HEAD_DIM = 24, 128
 TINY_HEADS, TINY_HEAD_DIM = 2, 32
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Tile configurations of the sweep: the autotuned set plus the neighbours of the usual flash-attention optimum for
+# head_dim 128 (deeper pipelines, 4 vs 8 warps, 128-wide key blocks).
+SWEEP_TILES: tuple[tuple[int, int, int, int], ...] = (
+    (128, 64, 8, 3),
+    (128, 64, 8, 4),
+    (128, 64, 4, 3),
+    (128, 128, 8, 2),
+    (128, 128, 8, 3),
+    (128, 32, 4, 3),
+    (64, 128, 4, 3),
+    (64, 64, 4, 3),
+    (64, 64, 4, 4),
+    (64, 32, 4, 1),
+)
 CPU_NOTE = (
     "CPU run under Triton's interpreter at tiny shapes: it proves the benchmark harness only; these timings are "
     "not performance figures. Run `unidg bench attention --device cuda` on a GPU for real numbers."
@@ -148,9 +166,10 @@ def run_attention_bench(
     interpret: bool = False,
     warmup: int = 3,
     seed: int = 0,
+    tile_sweep: bool = False,
 ) -> BenchResult:
     """Time the kernel and the SDPA variants at both token counts; see the module docstring."""
-    from unidg.export.plugins.attention_kernel import INTERPRETER_CONFIG, biased_attention
+    from unidg.export.plugins.attention_kernel import INTERPRETER_CONFIG, KernelConfig, biased_attention
     from unidg.train.headdim_fold import fold_key_bias
 
     if device not in ("cpu", "cuda"):
@@ -222,8 +241,9 @@ def run_attention_bench(
             ("sdpa_headdim_fold", sdpa_fold),
         ):
             timings[name] = _best_sdpa(fn, timer, repeats, warmup) if on_gpu else (timer(fn, repeats, warmup), "cpu")
-        kernel_note = "Triton interpreter" if interpreter else "Triton, autotuned"
-        timings["triton_biased"] = (timer(kernel, repeats, 1 if interpreter else warmup), kernel_note)
+        timings["triton_biased"] = (timer(kernel, repeats, 1 if interpreter else warmup), "")
+        kernel_note = "Triton interpreter" if interpreter else f"Triton, autotuned: {_autotuned_choice()}"
+        timings["triton_biased"] = (timings["triton_biased"][0], kernel_note)
 
         outputs = {
             "sdpa_no_bias": sdpa_plain,
@@ -249,7 +269,68 @@ def run_attention_bench(
                     note=note if name != "sdpa_no_bias" else f"{note} (no bias: a speed bound, not the same output)",
                 )
             )
+        if tile_sweep:
+            for tiles in SWEEP_TILES:
+                config = KernelConfig(*tiles)
+                result.rows.append(
+                    _pinned_kernel_row(
+                        config,
+                        lambda c=config, q=q, k=k, v=v, b=bias: biased_attention(
+                            q, k, v, b, interpret=interpreter, config=c
+                        ),
+                        timer,
+                        repeats,
+                        1 if interpreter else warmup,
+                        tokens,
+                        flops,
+                        baseline,
+                        reference,
+                    )
+                )
     return result
+
+
+def _pinned_kernel_row(
+    config,
+    call: Callable[[], torch.Tensor],
+    timer,
+    repeats: int,
+    warmup: int,
+    tokens: int,
+    flops: float,
+    baseline: float,
+    reference: torch.Tensor,
+) -> BenchRow:
+    """One sweep row: the kernel pinned to ``config``; a launch failure becomes the row's note."""
+    try:
+        times = timer(call, repeats, warmup)
+        diff = (call().float() - reference).abs().max().item()
+    except Exception as error:  # noqa: BLE001 - out of resources / compile errors are the figure of this row
+        reason = f"{type(error).__name__}: {error}".splitlines()[0][:160]
+        nan = float("nan")
+        return BenchRow(f"triton {config.name}", tokens, nan, nan, nan, nan, nan, f"not launched: {reason}")
+    median = statistics.median(times)
+    return BenchRow(
+        variant=f"triton {config.name}",
+        tokens=tokens,
+        median_ms=median,
+        min_ms=min(times),
+        tflops=flops / (median * 1e-3) / 1e12,
+        vs_sdpa_no_bias=median / baseline,
+        max_abs_diff_vs_mask=diff,
+        note="pinned tile configuration",
+    )
+
+
+def _autotuned_choice() -> str:
+    """The configuration the autotuner picked for the last shape it tuned (``KernelConfig.name`` form)."""
+    from unidg.runtime.attention_kernel import _autotuned_kernel
+
+    best = getattr(_autotuned_kernel(), "best_config", None)
+    if best is None:
+        return "unknown"
+    kwargs = best.kwargs
+    return f"m{kwargs['BLOCK_M']}n{kwargs['BLOCK_N']}w{best.num_warps}s{best.num_stages}"
 
 
 def _triton_version() -> str:

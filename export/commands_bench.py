@@ -32,7 +32,12 @@ def _bench_attention(args: argparse.Namespace) -> int:
     from unidg.runtime.manifest import atomic_write_text
 
     result = run_attention_bench(
-        device=device, shape=shape, repeats=args.repeats, dtype=args.dtype, interpret=interpret
+        device=device,
+        shape=shape,
+        repeats=args.repeats,
+        dtype=args.dtype,
+        interpret=interpret,
+        tile_sweep=args.tile_sweep,
     )
     result.command = "unidg " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "unidg bench attention"
     print(format_table(result))
@@ -125,5 +130,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per variant; the median is reported")
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="Q/K/V dtype")
+    parser.add_argument(
+        "--tile-sweep",
+        action="store_true",
+        help="also time the kernel pinned to each tile configuration (data for choosing the autotuned set)",
+    )
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.set_defaults(handler=_bench_attention)

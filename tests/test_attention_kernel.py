@@ -16,7 +16,9 @@ import sys
 import pytest
 import torch
 
+from unidg.export.bench_attention import SWEEP_TILES
 from unidg.export.plugins.attention_kernel import (
+    KernelConfig,
     block_d_for,
     check_attention_inputs,
     default_scale,
@@ -210,6 +212,7 @@ def test_bench_attention_cli_on_cpu(tmp_path) -> None:
             "cpu",
             "--repeats",
             "1",
+            "--tile-sweep",
             "--json",
             str(out),
         ],
@@ -224,6 +227,7 @@ def test_bench_attention_cli_on_cpu(tmp_path) -> None:
     assert result["interpreter"] is True and result["shape"] == "tiny"
     variants = {(row["variant"], row["tokens"]) for row in result["rows"]}
     names = ("triton_biased", "sdpa_no_bias", "sdpa_float_mask", "sdpa_headdim_fold")
+    names += tuple(f"triton {KernelConfig(*tiles).name}" for tiles in SWEEP_TILES)
     assert variants == {(name, tokens) for name in names for tokens in (70, 47)}
     for row in result["rows"]:
         assert row["median_ms"] > 0
