@@ -107,10 +107,13 @@ def evaluate_transfer(
     out_json: str | Path | None = None,
     model=None,
     ceilings: bool = False,
+    progress: bool = True,
 ) -> dict:
     """Transfer rate of ``weights`` on ``count`` held-out pairs; optional contact sheet PNG and JSON report, and
-    optionally the ground-truth and autoencoder-round-trip ceilings (module docstring)."""
+    optionally the ground-truth and autoencoder-round-trip ceilings (module docstring). ``progress``: a bar over the
+    pairs on stderr."""
     import torch
+    from tqdm import tqdm
 
     from unidg.train.loading import load_model
     from unidg.train.sampler import generate
@@ -121,7 +124,7 @@ def evaluate_transfer(
     pairs = evaluation_pairs(data, count, seed)
     samples, rows, labels = [], [], []
     started = time.time()
-    for i, pair in enumerate(pairs):
+    for i, pair in enumerate(tqdm(pairs, desc="transfer", unit="pair", disable=not progress)):
         reference, reference_mask = pair.reference.load_abnormal(), pair.reference.load_mask()
         source, target_mask = pair.target.load_normal(), pair.target.load_mask()
         with torch.no_grad():
