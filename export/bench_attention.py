@@ -1,10 +1,11 @@
-"""Benchmark of the biased attention: the Triton kernel vs torch SDPA (no bias, float mask, head-dim fold).
+"""Benchmark of the biased attention: the Triton kernel vs torch SDPA (no bias, float mask, head-dim fold) and the
+exact key-group form (``unidg.runtime.key_group_attention``: unbiased SDPA per bias level, merged by log-sum-exp).
 
 Real shape: one FLUX step's attention at S = 768 (B = 1, H = 24, D = 128) over N = 5849 tokens (512 text + 729 Redux +
 4608 image) or N = 5338 with the text tokens folded, bf16. Each variant is timed ``repeats`` times after warm-up and
 the median is reported (CUDA events on a GPU). Every variant's output is compared with the float-mask SDPA output.
 
-``tile_sweep`` adds one row per tile configuration of ``SWEEP_CONFIGS`` (the kernel pinned to it, no autotuning):
+``tile_sweep`` adds one row per tile configuration of ``SWEEP_TILES`` (the kernel pinned to it, no autotuning):
 the data for choosing ``AUTOTUNE_CONFIGS`` and the ahead-of-time default (its first entry) on a given GPU. A
 configuration the GPU cannot launch (shared memory) gets a row with its error instead of a time.
 
@@ -170,6 +171,7 @@ def run_attention_bench(
 ) -> BenchResult:
     """Time the kernel and the SDPA variants at both token counts; see the module docstring."""
     from unidg.export.plugins.attention_kernel import INTERPRETER_CONFIG, KernelConfig, biased_attention
+    from unidg.runtime.key_group_attention import key_group_attention
     from unidg.train.headdim_fold import fold_key_bias
 
     if device not in ("cpu", "cuda"):
@@ -233,6 +235,9 @@ def run_attention_bench(
         def sdpa_fold(q=q_fold, k=k_fold, v=v_fold, scale=fold_scale, d=head_dim):
             return F.scaled_dot_product_attention(q, k, v, scale=scale)[..., :d]
 
+        def sdpa_groups(q=q, k=k, v=v, bias=bias):
+            return key_group_attention(q, k, v, bias)
+
         reference = sdpa_mask().float()
         timings: dict[str, tuple[list[float], str]] = {}
         for name, fn in (
@@ -241,6 +246,11 @@ def run_attention_bench(
             ("sdpa_headdim_fold", sdpa_fold),
         ):
             timings[name] = _best_sdpa(fn, timer, repeats, warmup) if on_gpu else (timer(fn, repeats, warmup), "cpu")
+        groups = len(torch.unique(bias[0][torch.isfinite(bias[0])]))
+        timings["sdpa_key_groups"] = (
+            timer(sdpa_groups, repeats, warmup),
+            f"{groups} key groups, {'cuDNN/flash' if on_gpu else 'CPU flash'} with log-sum-exp, merged (exact)",
+        )
         timings["triton_biased"] = (timer(kernel, repeats, 1 if interpreter else warmup), "")
         kernel_note = "Triton interpreter" if interpreter else f"Triton, autotuned: {_autotuned_choice()}"
         timings["triton_biased"] = (timings["triton_biased"][0], kernel_note)
@@ -249,11 +259,12 @@ def run_attention_bench(
             "sdpa_no_bias": sdpa_plain,
             "sdpa_float_mask": sdpa_mask,
             "sdpa_headdim_fold": sdpa_fold,
+            "sdpa_key_groups": sdpa_groups,
             "triton_biased": kernel,
         }
         baseline = statistics.median(timings["sdpa_no_bias"][0])
         flops = attention_flops(1, heads, tokens, tokens, head_dim)
-        for name in ("triton_biased", "sdpa_no_bias", "sdpa_float_mask", "sdpa_headdim_fold"):
+        for name in ("triton_biased", "sdpa_no_bias", "sdpa_float_mask", "sdpa_headdim_fold", "sdpa_key_groups"):
             times, note = timings[name]
             median = statistics.median(times)
             diff = (outputs[name]().float() - reference).abs().max().item()

@@ -530,7 +530,7 @@ def format_markdown(result: GpuBenchResult) -> str:
     if attention.get("rows"):
         lines += ["", "| attention alone | N | median ms | TFLOP/s | x SDPA no bias |", "|---|---|---|---|---|"]
         for row in attention["rows"]:
-            if row["variant"] in ("triton_biased", "sdpa_no_bias", "sdpa_float_mask"):
+            if not row["variant"].startswith("triton "):  # every form; tile-sweep rows belong to bench attention
                 lines.append(
                     f"| {row['variant']} | {row['tokens']} | {row['median_ms']:.3f} | {row['tflops']:.1f} | "
                     f"{row['vs_sdpa_no_bias']:.3f} |"

@@ -119,7 +119,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "attention",
         help="biased-attention kernel vs torch SDPA (no bias, float mask, head-dim fold) at the FLUX shapes",
         description="Times the Triton biased-attention kernel against torch SDPA without bias (best fused backend), "
-        "with the key bias as a float mask, and with the bias folded into an extra head dimension, at B=1, H=24, "
+        "with the key bias as a float mask, with the bias folded into an extra head dimension, and as unbiased "
+        "attention over key groups merged by log-sum-exp, at B=1, H=24, "
         "D=128, N=5849 (unfolded) and 5338 (folded text tokens). On CPU it runs tiny shapes under Triton's "
         "interpreter to check the harness only.",
     )

@@ -226,7 +226,7 @@ def test_bench_attention_cli_on_cpu(tmp_path) -> None:
     result = json.loads(out.read_text())
     assert result["interpreter"] is True and result["shape"] == "tiny"
     variants = {(row["variant"], row["tokens"]) for row in result["rows"]}
-    names = ("triton_biased", "sdpa_no_bias", "sdpa_float_mask", "sdpa_headdim_fold")
+    names = ("triton_biased", "sdpa_no_bias", "sdpa_float_mask", "sdpa_headdim_fold", "sdpa_key_groups")
     names += tuple(f"triton {KernelConfig(*tiles).name}" for tiles in SWEEP_TILES)
     assert variants == {(name, tokens) for name in names for tokens in (70, 47)}
     for row in result["rows"]:
