@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from test_judge import server  # noqa: F401  (the local judge server fixture)
 from train_fixtures import procedural_udg
 
@@ -121,6 +123,8 @@ progress = false
     assert "unidg train merge" in capsys.readouterr().out
     info = json.loads((tmp_path / "run" / "lora.json").read_text())
     assert info["stage"] == "consistency-rft" and info["weights"] == "ema" and info["rank"] == 4
+    curves = Image.open(tmp_path / "run" / "curves.png")  # reward and KL per step, written at the end of the run
+    assert curves.size == (1300, 360) and len(np.unique(np.asarray(curves.convert("L")))) > 2
     report = merge_lora(NANO, tmp_path / "run", tmp_path / "merged")
     assert report["merge"]["max_abs_diff_vs_unmerged"] <= 1e-4 and report["merge"]["max_abs_lora_effect"] > 0
     merged = load_model(tmp_path / "merged")
