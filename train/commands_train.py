@@ -181,7 +181,32 @@ def eval_subparsers(subparsers: argparse._SubParsersAction) -> argparse._SubPars
     return command_group(subparsers, "eval", "evaluation: generated data, rewards")
 
 
+def _bench_train(args: argparse.Namespace) -> int:
+    from unidg.train.bench_train import bench_train
+
+    return bench_train(args)
+
+
+def _register_bench_train(subparsers: argparse._SubParsersAction) -> None:
+    from unidg.runtime.commands import bench_subparsers
+
+    parser = bench_subparsers(subparsers).add_parser(
+        "train",
+        help="the SFT training step on a GPU: a full-width slice with the full recipe, and the nano step GPU vs CPU",
+        description="Times one Diversity-SFT optimizer step of a full-width slice of the FLUX transformer (1 double + "
+        "1 single block, width 3072) with configs/full-sft.toml's recipe (LoRA r=256, Prodigy, bf16, gradient "
+        "checkpointing) at the tokens of a 768 x 1536 diptych, and the nano SFT step (configs/nano-sft.toml) on the "
+        "GPU and the CPU. Random inputs; no weights or data are read. Writes bench_train.json and bench_train.md.",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="CPU, nano width, tiny size: check the harness")
+    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per row (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before (allocator, autotuning)")
+    parser.add_argument("--out", default="out/bench-train", help="folder for bench_train.json and bench_train.md")
+    parser.set_defaults(handler=_bench_train)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
+    _register_bench_train(subparsers)
     parser = subparsers.add_parser("train", help="train: base model, Diversity-SFT LoRA, merge, nano evaluation")
     commands = parser.add_subparsers(dest="train_command", metavar="STAGE")
     parser.set_defaults(handler=lambda args: parser.print_help() or 2)
