@@ -154,8 +154,9 @@ def test_bad_configs_fail_at_start(udg, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("name", ["nano-rft.toml", "full-rft.toml"])
-def test_shipped_rft_configs_are_valid(name: str, tmp_path: Path) -> None:
+def test_shipped_rft_configs_are_valid(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = Path(__file__).resolve().parents[1] / "configs" / name
+    monkeypatch.chdir(tmp_path)  # the configs' relative reward folder, absent here whatever the checkout holds
     with pytest.raises(ConfigError, match="recog.checkpoint"):  # trained by `unidg train reward-recog` first
         load_rft_config(path)
     (tmp_path / "recog").mkdir()
