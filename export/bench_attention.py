@@ -266,20 +266,10 @@ def run_attention_bench(
         flops = attention_flops(1, heads, tokens, tokens, head_dim)
         for name in ("triton_biased", "sdpa_no_bias", "sdpa_float_mask", "sdpa_headdim_fold", "sdpa_key_groups"):
             times, note = timings[name]
-            median = statistics.median(times)
             diff = (outputs[name]().float() - reference).abs().max().item()
-            result.rows.append(
-                BenchRow(
-                    variant=name,
-                    tokens=tokens,
-                    median_ms=median,
-                    min_ms=min(times),
-                    tflops=flops / (median * 1e-3) / 1e12,
-                    vs_sdpa_no_bias=median / baseline,
-                    max_abs_diff_vs_mask=diff,
-                    note=note if name != "sdpa_no_bias" else f"{note} (no bias: a speed bound, not the same output)",
-                )
-            )
+            if name == "sdpa_no_bias":
+                note = f"{note} (no bias: a speed bound, not the same output)"
+            result.rows.append(_timed_row(name, tokens, times, flops, baseline, diff, note))
         if tile_sweep:
             for tiles in SWEEP_TILES:
                 config = KernelConfig(*tiles)
@@ -320,16 +310,23 @@ def _pinned_kernel_row(
         reason = f"{type(error).__name__}: {error}".splitlines()[0][:160]
         nan = float("nan")
         return BenchRow(f"triton {config.name}", tokens, nan, nan, nan, nan, nan, f"not launched: {reason}")
+    return _timed_row(f"triton {config.name}", tokens, times, flops, baseline, diff, "pinned tile configuration")
+
+
+def _timed_row(
+    variant: str, tokens: int, times: list[float], flops: float, baseline: float, diff: float, note: str
+) -> BenchRow:
+    """A row from its timings: median, min, achieved TFLOP/s and the ratio to the unbiased SDPA median."""
     median = statistics.median(times)
     return BenchRow(
-        variant=f"triton {config.name}",
+        variant=variant,
         tokens=tokens,
         median_ms=median,
         min_ms=min(times),
         tflops=flops / (median * 1e-3) / 1e12,
         vs_sdpa_no_bias=median / baseline,
         max_abs_diff_vs_mask=diff,
-        note="pinned tile configuration",
+        note=note,
     )
 
 
