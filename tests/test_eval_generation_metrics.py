@@ -70,3 +70,25 @@ def test_diversity_of_the_shipped_bundle_on_two_inputs(tmp_path: Path) -> None:
     report = diversity(ROOT / "runtime/assets/unidg-nano-bundle", tmp_path / "held", inputs=2, samples=2, steps=2)
     assert report["inputs"] == 2 and 0 < report["il_ssim"] <= report["il_a_ssim"] < 2
     assert "LPIPS substitute" in report["distance"]
+
+
+def test_transfer_draws_only_colour_carrying_references_and_refuses_too_few_before_generating(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from unidg.cli import main
+    from unidg.train.eval_nano import evaluation_pairs
+    from unidg.train.evaluation.generation_metrics import reference_carries_colour
+    from unidg.train.procedural import synthesize
+
+    synthesize(tmp_path / "held", count=30, seed=5, size=32, progress=False)
+    every = evaluation_pairs(tmp_path / "held", 1000, seed=0)
+    kept = evaluation_pairs(tmp_path / "held", 1000, seed=0, keep=reference_carries_colour)
+    assert kept and all(reference_carries_colour(pair) for pair in kept)
+    assert len(kept) == sum(reference_carries_colour(pair) for pair in every) < len(every)
+    # Fewer colour-carrying pairs than --min-pairs: refused with the fix named, before any model is loaded.
+    args = ["eval", "transfer", "--weights", str(tmp_path / "no-such-weights"), "--data", str(tmp_path / "held")]
+    assert main([*args, "--count", "500", "--min-pairs", "500"]) == 2
+    error = capsys.readouterr().err
+    assert f"yields {len(kept)} pairs with a colour-carrying reference" in error and "unidg data synth" in error
+    assert main([*args, "--count", "10"]) == 2
+    assert "--count 10 is below --min-pairs 200" in capsys.readouterr().err

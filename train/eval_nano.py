@@ -17,13 +17,18 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from unidg.runtime.demo import mask_outline
 from unidg.runtime.manifest import atomic_write_bytes, atomic_write_text
+
+if TYPE_CHECKING:
+    from unidg.train.pairs import TrainingPair
 
 
 def mean_color(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -59,8 +64,9 @@ def autoencoder_round_trip(model, pair, truth: np.ndarray) -> np.ndarray:
     return paste_back(diptych, right_half(decoded), pair.target.load_normal())
 
 
-def evaluation_pairs(folder: str | Path, count: int, seed: int):
-    """``count`` pairs, equal parts of the three distributions (as available), deterministic for ``seed``."""
+def evaluation_pairs(folder: str | Path, count: int, seed: int, keep: Callable[[TrainingPair], bool] | None = None):
+    """``count`` pairs, equal parts of the three distributions (as available), deterministic for ``seed``; with
+    ``keep``, drawn from the pairs it accepts only (so nothing is generated for a pair a figure would drop)."""
     from unidg.runtime.udg import read_index
     from unidg.train.pairs import DISTRIBUTIONS, diversity_sft_pairs
 
@@ -68,6 +74,8 @@ def evaluation_pairs(folder: str | Path, count: int, seed: int):
     if not quadruplets:
         raise ValueError(f"{folder} holds no quadruplets; make a held-out set with `unidg data synth`")
     pairs = diversity_sft_pairs(quadruplets, seed)
+    if keep is not None:
+        pairs = [pair for pair in pairs if keep(pair)]
     rng = np.random.default_rng([seed, 0xE7A1])
     groups = [[p for p in pairs if p.distribution == name] for name in DISTRIBUTIONS]
     groups = [[group[i] for i in rng.permutation(len(group))] for group in groups if group]
@@ -108,10 +116,13 @@ def evaluate_transfer(
     model=None,
     ceilings: bool = False,
     progress: bool = True,
+    keep: Callable[[TrainingPair], bool] | None = None,
+    pairs: list[TrainingPair] | None = None,
 ) -> dict:
     """Transfer rate of ``weights`` on ``count`` held-out pairs; optional contact sheet PNG and JSON report, and
     optionally the ground-truth and autoencoder-round-trip ceilings (module docstring). ``progress``: a bar over the
-    pairs on stderr."""
+    pairs on stderr; ``keep``: only pairs it accepts are drawn (``evaluation_pairs``); ``pairs``: these pairs
+    instead of drawing."""
     import torch
     from tqdm import tqdm
 
@@ -121,7 +132,7 @@ def evaluate_transfer(
     if count < 1:
         raise ValueError(f"--count must be >= 1 (got {count})")
     model = load_model(weights) if model is None else model
-    pairs = evaluation_pairs(data, count, seed)
+    pairs = evaluation_pairs(data, count, seed, keep) if pairs is None else pairs
     samples, rows, labels = [], [], []
     started = time.time()
     for i, pair in enumerate(tqdm(pairs, desc="transfer", unit="pair", disable=not progress)):

@@ -20,11 +20,25 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _transfer(args: argparse.Namespace) -> int:
+    from unidg.runtime.errors import UniDGError
     from unidg.runtime.manifest import atomic_write_text
-    from unidg.train.eval_nano import evaluate_transfer
-    from unidg.train.evaluation.generation_metrics import defect_types_of, revised_transfer
+    from unidg.train.eval_nano import evaluate_transfer, evaluation_pairs
+    from unidg.train.evaluation.generation_metrics import (
+        defect_types_of,
+        reference_carries_colour,
+        revised_transfer,
+    )
 
-    report = evaluate_transfer(args.weights, args.data, count=args.count, seed=args.seed, ceilings=True)
+    if args.count < args.min_pairs:
+        raise UniDGError(f"--count {args.count} is below --min-pairs {args.min_pairs}; raise --count")
+    # Only pairs the figure keeps are generated: nothing is spent on shading-type references.
+    pairs = evaluation_pairs(args.data, args.count, args.seed, keep=reference_carries_colour)
+    if len(pairs) < args.min_pairs:
+        raise UniDGError(
+            f"--data {args.data} yields {len(pairs)} pairs with a colour-carrying reference, fewer than --min-pairs "
+            f"{args.min_pairs}; synthesize a larger held-out set (`unidg data synth --count ...`)"
+        )
+    report = evaluate_transfer(args.weights, args.data, count=len(pairs), seed=args.seed, ceilings=True, pairs=pairs)
     figure = revised_transfer(report["samples"], defect_types_of(args.data), min_pairs=args.min_pairs)
     figure.update(weights=str(args.weights), data=str(args.data), count=report["count"], seconds=report["seconds"])
     text = json.dumps(figure, indent=2)
@@ -71,7 +85,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     transfer.add_argument("--weights", required=True, help="merged weights folder, e.g. runtime/assets/unidg-nano")
     transfer.add_argument("--data", required=True, help="held-out UDG folder (a synth seed never used in training)")
     transfer.add_argument(
-        "--count", type=int, default=300, help="pairs to generate (default 300: about 69 %% carry colour, >= 200 kept)"
+        "--count",
+        type=int,
+        default=200,
+        help="pairs to generate, all with a colour-carrying reference (shading-type references are not drawn)",
     )
     transfer.add_argument("--min-pairs", type=int, default=200, help="colour-carrying pairs required")
     transfer.add_argument("--seed", type=int, default=0)

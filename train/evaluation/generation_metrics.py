@@ -35,6 +35,11 @@ def colour_carrying(defect_type: str) -> bool:
     return defect_type not in SHADING_DEFECT_TYPES and defect_type != "combined"
 
 
+def reference_carries_colour(pair) -> bool:
+    """Whether a ``TrainingPair``'s reference defect type carries colour (the pairs the revised figure keeps)."""
+    return colour_carrying(str(pair.reference.extra.get("defect_type", pair.reference.category)))
+
+
 def binomial_se(rate: float, count: int) -> float:
     return math.sqrt(rate * (1.0 - rate) / count) if count else float("nan")
 
