@@ -72,6 +72,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     quantize.add_argument("--format", choices=("fp8", "int8"), required=True)
     quantize.add_argument("--out", required=True, help="bundle folder to write")
     quantize.add_argument(
+        "--high-precision",
+        choices=("bf16", "fp32"),
+        help="precision of everything the quantized Linears do not cover (norms, RoPE, attention, VAE). Default: "
+        "bf16 for fp8 (TensorRT; onnxruntime's CPU provider cannot run it), fp32 for int8",
+    )
+    quantize.add_argument(
         "--reference",
         help="unquantized bundle of the same weights at the calibration resolution (default: exported on the fly)",
     )
@@ -237,6 +243,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         calib_limit=args.calib_limit,
         report_samples=args.report_samples,
         amax_scale=args.amax_scale,
+        high_precision=args.high_precision,
         overwrite=args.overwrite,
     )
     print(json.dumps(report, indent=2))
@@ -262,10 +269,17 @@ def run_trtexec(args: argparse.Namespace) -> int:
 def run_parity(args: argparse.Namespace) -> int:
     from unidg.calib.folders import load_weights_model, read_weights
     from unidg.export.parity import format_report, graph_parity, report, trajectory_parity
+    from unidg.runtime.bundle import load_bundle
 
     model = load_weights_model(read_weights(args.weights))
     graphs = graph_parity(args.bundle, model, seed=args.seed, save_dir=args.save)
-    trajectory = None if args.no_trajectory else trajectory_parity(args.bundle, model, seed=args.seed)
+    skip_trajectory = args.no_trajectory
+    if load_bundle(args.bundle).precision == "bf16" and not skip_trajectory:
+        print(
+            "bf16 bundle: graphs compared as their float32 emulation; no trajectory (needs TensorRT)", file=sys.stderr
+        )
+        skip_trajectory = True
+    trajectory = None if skip_trajectory else trajectory_parity(args.bundle, model, seed=args.seed)
     data = report(graphs, trajectory)
     print(format_report(data))
     if args.json:
