@@ -3,7 +3,12 @@
 1. Calibration of the transformer with ModelOpt on the step inputs of a calibration set built from the same weights
    (``unidg calib build``; its held-out samples are kept for the report): ``unidg.export.quantize_modelopt``.
 2. Export of the Q/DQ step graph and the fix-ups that make its Q/DQ standard ONNX: ``unidg.export.qdq``.
-3. Accuracy report on the held-out samples against the unquantized (fp32) bundle, both in onnxruntime:
+   Everything the quantized Linears do not cover keeps the *high precision*: bf16 by default for FP8 (NVIDIA's
+   diffusers recipe: the model is cast to bf16 before calibration and export, so norms, RoPE, attention, biases and
+   the VAE are bf16 in the bundle), fp32 for INT8 and for FP8 bundles that must run on onnxruntime's CPU provider
+   (``--high-precision fp32``).
+3. Accuracy report on the held-out samples against the unquantized bundle of the same high precision, both in
+   onnxruntime (bf16 graphs as their float32 emulation, ``unidg.export.bf16_emulation``):
    ``unidg.export.quantize_accuracy``. The gate (``--min-cosine``, ``--min-psnr``) fails the command and writes
    nothing.
 4. The bundle: the quantized step graph beside the reference bundle's other graphs, with the quantization and the
@@ -25,7 +30,7 @@ import onnx
 from unidg.calib.build import read_calib
 from unidg.calib.folders import OutputFolderError, load_weights_model, read_weights, staged_folder
 from unidg.export.bundle import TOOLS, write_bundle_manifest
-from unidg.export.onnx_export import Progress, io_table, print_progress
+from unidg.export.onnx_export import Progress, cast_for_precision, io_table, print_progress
 from unidg.export.qdq import FUSED_ATTENTION_FORMATS, QDQ_OPSET, export_qdq_step, finish_qdq_graph, precision_census
 from unidg.export.quantize_accuracy import (
     DEFAULT_MIN_COSINE,
@@ -52,6 +57,7 @@ __all__ = [
     "DEFAULT_MIN_COSINE",
     "DEFAULT_MIN_PSNR",
     "FORMATS",
+    "HIGH_PRECISIONS",
     "HIGH_PRECISION_MODULES",
     "AccuracyGateError",
     "AccuracyReport",
@@ -62,7 +68,15 @@ __all__ = [
 ]
 
 
-def _reference_bundle(reference: str | Path, weights_fingerprint: str, resolution: int) -> Bundle:
+HIGH_PRECISIONS = ("bf16", "fp32")
+
+
+def default_high_precision(fmt: str) -> str:
+    """bf16 for FP8 (the TensorRT recipe); fp32 for INT8, whose opset-20 Q/DQ graph onnxruntime's CPU must run."""
+    return "bf16" if fmt == "fp8" else "fp32"
+
+
+def _reference_bundle(reference: str | Path, weights_fingerprint: str, resolution: int, precision: str) -> Bundle:
     bundle = load_bundle(reference)
     if bundle.metadata.get("weights", {}).get("fingerprint") != weights_fingerprint:
         raise QuantizationError(
@@ -71,6 +85,11 @@ def _reference_bundle(reference: str | Path, weights_fingerprint: str, resolutio
         )
     if bundle.precision in FORMATS:
         raise QuantizationError(f"--reference {reference} is itself {bundle.precision}; it must be unquantized")
+    if bundle.precision != precision:
+        raise QuantizationError(
+            f"--reference {reference} is {bundle.precision} but the high precision is {precision}; export it with "
+            f"`unidg export onnx --precision {precision}`, or leave --reference out"
+        )
     if bundle.resolution != resolution:
         raise QuantizationError(
             f"--reference {reference} is a static S={bundle.resolution} bundle but the calibration set is at "
@@ -92,12 +111,21 @@ def quantize_bundle(
     calib_limit: int | None = None,
     report_samples: int | None = None,
     amax_scale: float = 1.0,
+    high_precision: str | None = None,
     overwrite: bool = False,
     progress: Progress | None = print_progress,
 ) -> dict:
     """``unidg export quantize``: returns the accuracy report (dict); raises AccuracyGateError below the gate."""
     if fmt not in FORMATS:
         raise QuantizationError(f"--format {fmt!r}: choose one of {list(FORMATS)}")
+    high_precision = high_precision or default_high_precision(fmt)
+    if high_precision not in HIGH_PRECISIONS:
+        raise QuantizationError(f"--high-precision {high_precision!r}: choose one of {list(HIGH_PRECISIONS)}")
+    if fmt == "int8" and high_precision != "fp32":
+        raise QuantizationError(
+            "--format int8 keeps fp32 as its high precision (its Q/DQ graph is checked on onnxruntime's CPU "
+            "provider); pass --high-precision fp32 or leave it out"
+        )
     if Path(out).exists() and not overwrite:
         raise OutputFolderError(f"{out} already exists; choose another --out or pass --overwrite")
     info = read_weights(weights, progress=progress)
@@ -109,15 +137,22 @@ def quantize_bundle(
     try:
         if reference is None:
             if progress:
-                progress(f"exporting the unquantized fp32 reference graphs at S={resolution}")
+                progress(f"exporting the unquantized {high_precision} reference graphs at S={resolution}")
             reference_dir = workdir / "reference"
             from unidg.export.bundle import export_bundle
 
-            export_bundle(weights, reference_dir, resolution=resolution, verify_weights=False, progress=progress)
+            export_bundle(
+                weights,
+                reference_dir,
+                precision=high_precision,
+                resolution=resolution,
+                verify_weights=False,
+                progress=progress,
+            )
             reference = reference_dir
-        reference_bundle = _reference_bundle(reference, info.fingerprint, resolution)
+        reference_bundle = _reference_bundle(reference, info.fingerprint, resolution, high_precision)
 
-        model = load_weights_model(info, settings)
+        model = cast_for_precision(load_weights_model(info, settings), high_precision)
         summary = calibrate(model, calib_set, fmt, alpha=alpha, limit=calib_limit, progress=progress)
         if amax_scale != 1.0:
             scale_amax(model.transformer, amax_scale)
@@ -143,6 +178,7 @@ def quantize_bundle(
             min_cosine=min_cosine,
             min_psnr=min_psnr,
             samples=report_samples,
+            high_precision=high_precision,
         )
         if progress:
             progress(str(report))
@@ -179,6 +215,7 @@ def quantize_bundle(
                     "quantization": {
                         "tool": "nvidia-modelopt",
                         "format": fmt,
+                        "high_precision": high_precision,
                         "algorithm": "max" if fmt == "fp8" else {"method": "smoothquant", "alpha": alpha},
                         "high_precision_modules": list(HIGH_PRECISION_MODULES),
                         "attention": "not quantized" + (" (fused Attention node)" if fused else ""),

@@ -6,6 +6,8 @@ PSNR of the final decoded diptych after the full trajectory from the same noise 
 from __future__ import annotations
 
 import math
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -66,6 +68,17 @@ class AccuracyReport:
         )
 
 
+def _session(path: Path, precision: str, bf16: bool, scratch: Path):
+    """An onnxruntime CPU session of ``path``; a bf16 graph as its float32 emulation (written into ``scratch``)."""
+    if bf16:
+        from unidg.export.bf16_emulation import emulated_bf16_file
+
+        emulated = scratch / f"{len(list(scratch.iterdir()))}-{path.name}"
+        emulated_bf16_file(path, emulated)
+        path = emulated
+    return onnx_session(path, precision)
+
+
 def accuracy_report(
     quantized_step: Path,
     reference: Bundle,
@@ -75,14 +88,24 @@ def accuracy_report(
     min_cosine: float,
     min_psnr: float,
     samples: int | None = None,
+    high_precision: str = "fp32",
 ) -> AccuracyReport:
-    """Quantized vs unquantized step graph (onnxruntime) on the calibration set's held-out samples."""
+    """Quantized vs unquantized step graph (onnxruntime) on the calibration set's held-out samples. With a bf16
+    ``high_precision`` (and a bf16 reference bundle) every graph runs as its float32 emulation with bf16 rounding."""
     from unidg.runtime.latents import model_to_pixels
     from unidg.train.model import unpack_latents
 
-    quantized = onnx_session(quantized_step, fmt)
-    unquantized = onnx_session(reference.graph_path("step"), reference.precision)
-    decoder = onnx_session(reference.graph_path("vae_decoder"), reference.precision)
+    scratch = Path(tempfile.mkdtemp(prefix=".unidg-accuracy."))
+    try:
+        quantized = _session(quantized_step, fmt, high_precision == "bf16", scratch)
+        unquantized = _session(
+            reference.graph_path("step"), reference.precision, reference.precision == "bf16", scratch
+        )
+        decoder = _session(
+            reference.graph_path("vae_decoder"), reference.precision, reference.precision == "bf16", scratch
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     batch = reference.batch or 1
 
     def run(session, feeds: dict[str, np.ndarray]) -> np.ndarray:

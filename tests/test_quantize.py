@@ -29,12 +29,15 @@ KEPT += ("/transformer/norm_out/", "/transformer/proj_out/")
 
 @pytest.fixture(scope="module")
 def quantized():
-    """{format: (bundle folder, accuracy report)} for FP8 and INT8 (reference: the fp32 nano bundle)."""
+    """{format: (bundle folder, accuracy report)} for FP8 and INT8 with fp32 high precision (the form onnxruntime's
+    CPU provider runs; reference: the fp32 nano bundle)."""
     results = {}
     for fmt in ("fp8", "int8"):
         out = workspace() / f"bundle-{fmt}"
         with single_thread():
-            report = quantize_bundle(nano_weights(), calib_set(), fmt, out, reference=nano_bundle(), progress=None)
+            report = quantize_bundle(
+                nano_weights(), calib_set(), fmt, out, reference=nano_bundle(), high_precision="fp32", progress=None
+            )
         results[fmt] = (out, report)
     figures = {fmt: report for fmt, (_, report) in results.items()}
     (workspace() / "quantize.json").write_text(json.dumps(figures, indent=2))
@@ -143,7 +146,16 @@ def test_int8_uses_smoothquant():
 def test_gate_fails_on_a_calibration_with_scales_from_zeros(tmp_path, fmt):
     out = tmp_path / "broken"
     with single_thread(), pytest.raises(AccuracyGateError, match="fails the accuracy gate") as failure:
-        quantize_bundle(nano_weights(), calib_set(), fmt, out, reference=nano_bundle(), amax_scale=0.0, progress=None)
+        quantize_bundle(
+            nano_weights(),
+            calib_set(),
+            fmt,
+            out,
+            reference=nano_bundle(),
+            amax_scale=0.0,
+            high_precision="fp32",
+            progress=None,
+        )
     report = failure.value.report
     assert not report["passed"] and report["calibration"]["amax_replaced"] > 0
     assert report["velocity_cosine_mean"] < 0.995 or report["psnr_min"] < 30
@@ -159,8 +171,38 @@ def test_calibration_from_other_weights_is_refused(tmp_path):
 def test_reference_bundle_must_match(quantized):
     fingerprint = read_manifest(nano_weights(), kind="weights").fingerprint
     with pytest.raises(QuantizationError, match="static S=64 bundle but the calibration set is at S=128"):
-        _reference_bundle(nano_bundle(), fingerprint, 128)
+        _reference_bundle(nano_bundle(), fingerprint, 128, "fp32")
     with pytest.raises(QuantizationError, match="other weights"):
-        _reference_bundle(nano_bundle(), "0" * 64, RESOLUTION)
+        _reference_bundle(nano_bundle(), "0" * 64, RESOLUTION, "fp32")
     with pytest.raises(QuantizationError, match="must be unquantized"):
-        _reference_bundle(quantized["fp8"][0], fingerprint, RESOLUTION)
+        _reference_bundle(quantized["fp8"][0], fingerprint, RESOLUTION, "fp32")
+    with pytest.raises(QuantizationError, match="is fp32 but the high precision is bf16.*--precision bf16"):
+        _reference_bundle(nano_bundle(), fingerprint, RESOLUTION, "bf16")
+    with pytest.raises(QuantizationError, match="int8 keeps fp32"):
+        quantize_bundle(nano_weights(), calib_set(), "int8", workspace() / "never", high_precision="bf16")
+
+
+def test_fp8_from_the_bf16_model_is_bf16_outside_the_quantized_linears(quantized, tmp_path):
+    """The default FP8 recipe: calibrated and exported from the bf16 model, gated against a bf16 reference (both
+    through the float32 emulation of bf16), VAE and image encoder bf16; the CPU runtime refuses it by name."""
+    from unidg.export.quantize import precision_census
+    from unidg.runtime.backends.base import BackendError
+
+    out = tmp_path / "bundle-fp8-bf16"
+    with single_thread():
+        report = quantize_bundle(nano_weights(), calib_set(), "fp8", out, progress=None)
+    print("\nfp8 from bf16:", json.dumps({k: v for k, v in report.items() if k != "calibration"}))
+    assert report["passed"] and report["velocity_cosine_mean"] >= 0.995 and report["psnr_min"] >= 30
+    bundle = load_bundle(out)
+    assert bundle.precision == "fp8" and bundle.metadata["quantization"]["high_precision"] == "bf16"
+    census = precision_census(onnx.load(str(out / "step.onnx")))
+    before = precision_census(onnx.load(str(quantized["fp8"][0] / "step.onnx")))  # fp32 high precision
+    assert census["fp32_initializers"] < 10 < before["fp32_initializers"]  # only the fp32 I/O casts' constants
+    assert census["fp32_matmul_gemm"] == 0 and before["fp32_matmul_gemm"] == 10
+    assert census["quantized_matmul_gemm"] == 52 and census["fused_attention"] == 6 and census["softmax"] == 0
+    assert census["initializers"]["BFLOAT16"] > 0
+    for graph in ("vae_encoder", "vae_decoder", "image_encoder"):
+        weights = [t for t in onnx.load(str(bundle.graph_path(graph))).graph.initializer if len(t.dims) >= 2]
+        assert weights and all(t.data_type == onnx.TensorProto.BFLOAT16 for t in weights), graph  # conv / linear
+    with pytest.raises(BackendError, match="computes in bf16.*--high-precision fp32"):
+        DefectSynthesizer.from_bundle(out)

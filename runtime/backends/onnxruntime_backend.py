@@ -64,6 +64,15 @@ class OnnxRuntimeBackend(Backend):
         provider_options: Sequence[dict] | None = None,
     ) -> OnnxRuntimeBackend:
         resolved = resolve_providers(providers, ort.get_available_providers())
+        computes_bf16 = (
+            bundle.precision == "bf16" or bundle.metadata.get("quantization", {}).get("high_precision") == "bf16"
+        )
+        if computes_bf16 and all(p == "CPUExecutionProvider" for p in resolved):
+            raise BackendError(
+                f"bundle {bundle.path} computes in bf16 ({bundle.precision}); onnxruntime's CPU provider has no bf16 "
+                "kernels: run it with --backend tensorrt or on a CUDA device, or export it for the CPU "
+                "(`unidg export onnx --precision fp32`, `unidg export quantize --high-precision fp32`)"
+            )
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = int(threads)
