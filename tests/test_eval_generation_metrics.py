@@ -92,3 +92,91 @@ def test_transfer_draws_only_colour_carrying_references_and_refuses_too_few_befo
     assert f"yields {len(kept)} pairs with a colour-carrying reference" in error and "unidg data synth" in error
     assert main([*args, "--count", "10"]) == 2
     assert "--count 10 is below --min-pairs 200" in capsys.readouterr().err
+
+
+def _lpips_checkpoint(path: Path, drop: str | None = None, reshape: str | None = None) -> Path:
+    """A checkpoint in the documented layout with seeded random weights (non-negative lin weights, as LPIPS's)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from unidg.train.evaluation.lpips import expected_shapes
+
+    gen = torch.Generator().manual_seed(0)
+    state = {}
+    for name, shape in expected_shapes().items():
+        values = torch.randn(shape, generator=gen) * 0.1
+        state[name] = values.abs() if name.startswith("lin") else values
+    if drop:
+        del state[drop]
+    if reshape:
+        state[reshape] = torch.zeros(7)
+    save_file(state, str(path))
+    return path
+
+
+def _lpips_by_hand(state: dict, a: np.ndarray, b: np.ndarray) -> float:
+    """LPIPS of Zhang et al. written out layer by layer (AlexNet features 0..11, unit-normalise, weight, average)."""
+    import torch
+    import torch.nn.functional as F
+
+    def features(image: np.ndarray) -> list:
+        x = torch.from_numpy(image).permute(2, 0, 1)[None].double() / 127.5 - 1
+        x = (x - torch.tensor([-0.030, -0.088, -0.188]).double().view(1, 3, 1, 1)) / torch.tensor(
+            [0.458, 0.448, 0.450]
+        ).double().view(1, 3, 1, 1)
+        w = {k: v.double() for k, v in state.items()}
+        x = F.relu(F.conv2d(x, w["features.0.weight"], w["features.0.bias"], stride=4, padding=2))
+        taps = [x]
+        x = F.relu(F.conv2d(F.max_pool2d(x, 3, 2), w["features.3.weight"], w["features.3.bias"], padding=2))
+        taps.append(x)
+        x = F.max_pool2d(x, 3, 2)
+        for index in (6, 8, 10):
+            x = F.relu(F.conv2d(x, w[f"features.{index}.weight"], w[f"features.{index}.bias"], padding=1))
+            taps.append(x)
+        return taps
+
+    total = 0.0
+    for k, (fa, fb) in enumerate(zip(features(a), features(b))):
+        na = fa / (fa.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+        nb = fb / (fb.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+        lin = state[f"lin{k}.model.1.weight"].double().view(1, -1, 1, 1)
+        total += float(((na - nb) ** 2 * lin).sum(1).mean())
+    return total
+
+
+def test_lpips_from_a_local_checkpoint_matches_the_formula_and_refuses_other_layouts(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from unidg.runtime.errors import UniDGError
+    from unidg.train.evaluation.lpips import load_lpips, lpips_distance
+
+    path = _lpips_checkpoint(tmp_path / "lpips.safetensors")
+    network = load_lpips(path)
+    rng = np.random.default_rng(1)
+    a = (rng.random((64, 64, 3)) * 255).astype(np.uint8)
+    b = a.copy()
+    b[16:40, 16:40] = 255 - b[16:40, 16:40]
+    assert lpips_distance(network, a, a) == 0.0
+    d = lpips_distance(network, a, b)
+    assert d > 0 and d == pytest.approx(lpips_distance(network, b, a), rel=1e-6)
+    assert d == pytest.approx(_lpips_by_hand(load_file(str(path)), a, b), rel=1e-5)
+    assert lpips_distance(network, a[:12, :20], b[:12, :20]) >= 0  # a crop below AlexNet's minimum is resized up
+    with pytest.raises(UniDGError, match=r"missing \['lin3.model.1.weight'\]"):
+        load_lpips(_lpips_checkpoint(tmp_path / "missing.safetensors", drop="lin3.model.1.weight"))
+    with pytest.raises(UniDGError, match=r"features.6.bias is \[7\], expected \[384\]"):
+        load_lpips(_lpips_checkpoint(tmp_path / "shape.safetensors", reshape="features.6.bias"))
+    with pytest.raises(UniDGError, match="expected a local .safetensors"):
+        load_lpips(tmp_path / "alex.pth")
+
+
+def test_diversity_with_a_local_lpips_checkpoint(tmp_path: Path) -> None:
+    from unidg.train.evaluation.generation_metrics import diversity
+    from unidg.train.procedural import synthesize
+
+    synthesize(tmp_path / "held", count=8, seed=5, size=48, progress=False)
+    checkpoint = _lpips_checkpoint(tmp_path / "lpips.safetensors")
+    report = diversity(
+        ROOT / "runtime/assets/unidg-nano-bundle", tmp_path / "held", inputs=2, samples=2, steps=2, lpips=checkpoint
+    )
+    assert report["inputs"] == 2 and report["il_lpips"] > 0 and report["il_a_lpips"] > 0
+    assert "il_ssim" not in report and report["distance"].startswith("LPIPS (AlexNet, local checkpoint")

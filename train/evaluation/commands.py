@@ -51,7 +51,8 @@ def _transfer(args: argparse.Namespace) -> int:
 def _diversity(args: argparse.Namespace) -> int:
     from unidg.train.evaluation.generation_metrics import diversity
 
-    print(json.dumps(diversity(args.bundle, args.data, args.inputs, args.samples, args.seed, args.steps), indent=2))
+    report = diversity(args.bundle, args.data, args.inputs, args.samples, args.seed, args.steps, lpips=args.lpips)
+    print(json.dumps(report, indent=2))
     return 0
 
 
@@ -95,11 +96,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     transfer.add_argument("--out-json", help="also write the figure here")
     transfer.set_defaults(handler=_transfer)
 
-    spread = commands.add_parser("diversity", help="IL / IL-a with the 1 - SSIM substitute for LPIPS (docs/eval.md)")
+    spread = commands.add_parser(
+        "diversity", help="IL / IL-a: LPIPS from a local checkpoint, else the 1 - SSIM substitute (docs/eval.md)"
+    )
     spread.add_argument("--bundle", default="runtime/assets/unidg-nano-bundle", help="UniDG bundle folder")
     spread.add_argument("--data", required=True, help="held-out UDG folder")
     spread.add_argument("--inputs", type=int, default=32, help="inputs (pairs) to generate for")
     spread.add_argument("--samples", type=int, default=4, help="seeds per input")
     spread.add_argument("--seed", type=int, default=0)
     spread.add_argument("--steps", type=int, default=0, help="denoising steps (0: the bundle's)")
+    spread.add_argument(
+        "--lpips",
+        help="local LPIPS AlexNet checkpoint (.safetensors, layout in docs/eval.md); without it: 1 - SSIM substitute",
+    )
     spread.set_defaults(handler=_diversity)

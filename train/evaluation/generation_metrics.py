@@ -12,8 +12,9 @@ measured on the same pairs and correlate positively).
 
 Diversity IL (paper Sec. 6.1): the mean pairwise distance between samples generated for one input with different
 seeds, averaged over inputs; IL-a restricts it to the bounding box of the dilated target region. The paper's distance
-is LPIPS, which needs pretrained AlexNet/VGG weights that cannot be fetched here and torchvision, which cannot be
-installed beside the pinned torch; the substitute used and reported under its own name is "1 - SSIM"
+is LPIPS, which needs pretrained AlexNet/VGG weights that cannot be fetched here: given a local checkpoint
+(``--lpips PATH``, layout in ``unidg.train.evaluation.lpips``) it is used; otherwise the substitute used and reported
+under its own name is "1 - SSIM"
 (scikit-image's ``structural_similarity``, 7x7 windows, over RGB). It is 0 for identical images, like LPIPS, but not
 on LPIPS's scale: compare IL-SSIM figures only with each other.
 """
@@ -21,6 +22,7 @@ on LPIPS's scale: compare IL-SSIM figures only with each other.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -104,16 +106,22 @@ def bounding_box(mask: np.ndarray) -> tuple[slice, slice]:
     return slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1)
 
 
-def intra_cluster_distance(clusters: list[list[np.ndarray]], regions: list[np.ndarray] | None = None) -> float:
-    """Mean over clusters of the mean pairwise ``ssim_distance`` within a cluster (clusters of >= 2 samples of one
-    input). With ``regions`` (one bool mask per cluster), over the masks' bounding boxes only (IL-a)."""
+def intra_cluster_distance(
+    clusters: list[list[np.ndarray]],
+    regions: list[np.ndarray] | None = None,
+    distance: Callable[[np.ndarray, np.ndarray], float] | None = None,
+) -> float:
+    """Mean over clusters of the mean pairwise ``distance`` (default ``ssim_distance``) within a cluster (clusters of
+    >= 2 samples of one input). With ``regions`` (one bool mask per cluster), over the masks' bounding boxes only
+    (IL-a)."""
+    distance = distance or ssim_distance
     means = []
     for index, cluster in enumerate(clusters):
         if len(cluster) < 2:
             raise ValueError(f"cluster {index} holds {len(cluster)} sample(s); IL needs >= 2 samples per input")
         crop = bounding_box(regions[index]) if regions is not None else (slice(None), slice(None))
         distances = [
-            ssim_distance(cluster[i][crop], cluster[j][crop])
+            distance(cluster[i][crop], cluster[j][crop])
             for i in range(len(cluster))
             for j in range(i + 1, len(cluster))
         ]
@@ -121,8 +129,18 @@ def intra_cluster_distance(clusters: list[list[np.ndarray]], regions: list[np.nd
     return float(np.mean(means))
 
 
-def diversity(bundle: str | Path, data: str | Path, inputs: int, samples: int, seed: int = 0, steps: int = 0) -> dict:
-    """IL-SSIM and IL-a-SSIM of a bundle: ``inputs`` held-out pairs (the Diversity-SFT mix), ``samples`` seeds each."""
+def diversity(
+    bundle: str | Path,
+    data: str | Path,
+    inputs: int,
+    samples: int,
+    seed: int = 0,
+    steps: int = 0,
+    lpips: str | Path | None = None,
+) -> dict:
+    """IL and IL-a of a bundle: ``inputs`` held-out pairs (the Diversity-SFT mix), ``samples`` seeds each. With
+    ``lpips`` (a local LPIPS AlexNet checkpoint, ``unidg.train.evaluation.lpips``) the paper's LPIPS distance
+    (``il_lpips``, ``il_a_lpips``), else the 1 - SSIM substitute (``il_ssim``, ``il_a_ssim``)."""
     from tqdm import tqdm
 
     from unidg.runtime.synthesizer import DefectSynthesizer, SynthesisRequest
@@ -130,6 +148,14 @@ def diversity(bundle: str | Path, data: str | Path, inputs: int, samples: int, s
 
     if samples < 2:
         raise ValueError(f"--samples must be >= 2 (got {samples}); IL compares samples of one input")
+    distance, name, label = ssim_distance, "ssim", "1 - SSIM (LPIPS substitute; LPIPS weights cannot be fetched here)"
+    if lpips is not None:
+        from functools import partial
+
+        from unidg.train.evaluation.lpips import load_lpips, lpips_distance
+
+        distance = partial(lpips_distance, load_lpips(lpips))  # loaded (and checked) before anything is generated
+        name, label = "lpips", f"LPIPS (AlexNet, local checkpoint {lpips})"
     clusters, regions = [], []
     with DefectSynthesizer.from_bundle(bundle) as synthesizer:
         for index, pair in enumerate(tqdm(evaluation_pairs(data, inputs, seed), desc="diversity")):
@@ -147,7 +173,7 @@ def diversity(bundle: str | Path, data: str | Path, inputs: int, samples: int, s
     return {
         "inputs": len(clusters),
         "samples_per_input": samples,
-        "il_ssim": intra_cluster_distance(clusters),
-        "il_a_ssim": intra_cluster_distance(clusters, regions),
-        "distance": "1 - SSIM (LPIPS substitute; LPIPS weights cannot be fetched here)",
+        f"il_{name}": intra_cluster_distance(clusters, distance=distance),
+        f"il_a_{name}": intra_cluster_distance(clusters, regions, distance=distance),
+        "distance": label,
     }
