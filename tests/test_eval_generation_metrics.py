@@ -158,13 +158,17 @@ def test_lpips_from_a_local_checkpoint_matches_the_formula_and_refuses_other_lay
     b[16:40, 16:40] = 255 - b[16:40, 16:40]
     assert lpips_distance(network, a, a) == 0.0
     d = lpips_distance(network, a, b)
-    assert d > 0 and d == pytest.approx(lpips_distance(network, b, a), rel=1e-6)
-    assert d == pytest.approx(_lpips_by_hand(load_file(str(path)), a, b), rel=1e-5)
-    assert lpips_distance(network, a[:12, :20], b[:12, :20]) >= 0  # a crop below AlexNet's minimum is resized up
+    assert d > 0 and d == lpips_distance(network, b, a)
+    assert d == pytest.approx(_lpips_by_hand(load_file(str(path)), a, b), rel=1e-6)
+    # Crops below AlexNet's 31 px minimum (IL-a boxes) are resized up rather than refused.
+    assert lpips_distance(network, a[30:42, 30:50], a[30:42, 30:50]) == 0.0
+    assert lpips_distance(network, a[30:42, 30:50], b[30:42, 30:50]) > 0
     with pytest.raises(UniDGError, match=r"missing \['lin3.model.1.weight'\]"):
         load_lpips(_lpips_checkpoint(tmp_path / "missing.safetensors", drop="lin3.model.1.weight"))
     with pytest.raises(UniDGError, match=r"features.6.bias is \[7\], expected \[384\]"):
         load_lpips(_lpips_checkpoint(tmp_path / "shape.safetensors", reshape="features.6.bias"))
+    with pytest.raises(UniDGError, match=r"unexpected \['extra'\]"):
+        load_lpips(_lpips_checkpoint(tmp_path / "extra.safetensors", reshape="extra"))
     with pytest.raises(UniDGError, match="expected a local .safetensors"):
         load_lpips(tmp_path / "alex.pth")
 
