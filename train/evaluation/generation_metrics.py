@@ -12,7 +12,7 @@ measured on the same pairs and correlate positively).
 
 Diversity IL (paper Sec. 6.1): the mean pairwise distance between samples generated for one input with different
 seeds, averaged over inputs; IL-a restricts it to the bounding box of the dilated target region. The paper's distance
-is LPIPS, which needs pretrained AlexNet/VGG weights that cannot be fetched here: given a local checkpoint
+is LPIPS, which needs pretrained AlexNet/VGG weights that are never downloaded: given a local checkpoint
 (``--lpips PATH``, layout in ``unidg.train.evaluation.lpips``) it is used; otherwise the substitute used and reported
 under its own name is "1 - SSIM"
 (scikit-image's ``structural_similarity``, 7x7 windows, over RGB). It is 0 for identical images, like LPIPS, but not
@@ -148,7 +148,7 @@ def diversity(
 
     if samples < 2:
         raise ValueError(f"--samples must be >= 2 (got {samples}); IL compares samples of one input")
-    distance, name, label = ssim_distance, "ssim", "1 - SSIM (LPIPS substitute; LPIPS weights cannot be fetched here)"
+    distance, name, label = ssim_distance, "ssim", "1 - SSIM (LPIPS substitute: no local LPIPS checkpoint given)"
     if lpips is not None:
         from functools import partial
 
