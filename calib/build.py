@@ -28,10 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-from unidg.calib.folders import Progress, load_weights_model, read_weights, staged_folder
-from unidg.runtime.errors import UniDGError
-from unidg.runtime.manifest import Manifest, ManifestError, read_manifest, tool_versions, verify_files, write_manifest
-from unidg.runtime.settings import UniDGSettings
+from unidg.core.errors import UniDGError
+from unidg.core.manifest import Manifest, ManifestError, read_manifest, tool_versions, verify_files, write_manifest
+from unidg.core.settings import UniDGSettings
+from unidg.core.weights_folder import Progress, read_weights, staged_folder
+from unidg.train.loading import load_weights_model
 
 CALIB_KIND = "calib"
 CALIB_FORMAT = "unidg-calib"
@@ -232,8 +233,8 @@ def build_calib(
     """``unidg calib build``: capture step inputs of ``samples`` requests along their ``steps``-step trajectories."""
     from safetensors.numpy import save_file
 
+    from unidg.core.udg import read_index
     from unidg.runtime.sampler import sampling_sigmas
-    from unidg.runtime.udg import read_index
     from unidg.train.sampler import denoise, get_noise, prepare_diptych
 
     if samples < 2:

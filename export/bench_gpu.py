@@ -542,7 +542,7 @@ def format_markdown(result: GpuBenchResult) -> str:
 
 def write_report(result: GpuBenchResult, out: Path) -> tuple[Path, Path]:
     """``bench_gpu.json`` and ``bench_gpu.md`` in ``out`` (each written to a temp name, then renamed)."""
-    from unidg.runtime.manifest import atomic_write_text
+    from unidg.core.manifest import atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
     json_path, markdown_path = out / "bench_gpu.json", out / "bench_gpu.md"
@@ -552,7 +552,7 @@ def write_report(result: GpuBenchResult, out: Path) -> tuple[Path, Path]:
 
 
 def bench_gpu(args: argparse.Namespace) -> int:
-    from unidg.runtime.errors import OptionError
+    from unidg.core.errors import OptionError
 
     if args.dry_run:
         # Triton reads TRITON_INTERPRET when it is first imported: the fused kernel runs on the CPU only that way.

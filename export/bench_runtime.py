@@ -59,7 +59,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _weights_folder(bundle: Bundle, weights: str | None) -> Path:
-    from unidg.runtime.errors import OptionError
+    from unidg.core.errors import OptionError
 
     if weights:
         return Path(weights)
@@ -78,8 +78,8 @@ def _weights_folder(bundle: Bundle, weights: str | None) -> Path:
 def bench_cpu(args: argparse.Namespace) -> dict:
     import torch
 
+    from unidg.core.errors import OptionError
     from unidg.runtime.demo import DEFAULT_BUNDLE
-    from unidg.runtime.errors import OptionError
     from unidg.train.loading import load_model
     from unidg.train.sampler import sample_request  # the torch reference (FluxFillPipeline-style loop)
 
@@ -193,7 +193,7 @@ def _torch_modules(model) -> dict:
 def bench_gpu(args: argparse.Namespace) -> dict:
     import torch
 
-    from unidg.runtime.errors import OptionError
+    from unidg.core.errors import OptionError
 
     if not torch.cuda.is_available():
         raise OptionError(
@@ -261,7 +261,7 @@ def bench_gpu(args: argparse.Namespace) -> dict:
 def bench_runtime(args: argparse.Namespace) -> int:
     result = bench_gpu(args) if args.gpu else bench_cpu(args)
     if args.json:
-        from unidg.runtime.manifest import atomic_write_text
+        from unidg.core.manifest import atomic_write_text
 
         atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")

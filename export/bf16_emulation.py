@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from unidg.runtime.errors import UniDGError
+from unidg.core.errors import UniDGError
 
 BF16 = TensorProto.BFLOAT16
 FLOAT = TensorProto.FLOAT

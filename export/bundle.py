@@ -11,11 +11,13 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from unidg.calib.folders import (
+from unidg.core.latents import LATENT_CHANNELS, VAE_SCALE, VAE_SHIFT
+from unidg.core.manifest import Manifest, tool_versions, write_manifest
+from unidg.core.settings import UniDGSettings
+from unidg.core.weights_folder import (
     OutputFolderError,
     WeightsError,
     WeightsInfo,
-    load_weights_model,
     read_weights,
     staged_folder,
 )
@@ -30,9 +32,7 @@ from unidg.export.onnx_export import (
     torch_program_file,
 )
 from unidg.runtime.bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, BUNDLE_KIND, GRAPH_NAMES
-from unidg.runtime.latents import LATENT_CHANNELS, VAE_SCALE, VAE_SHIFT
-from unidg.runtime.manifest import Manifest, tool_versions, write_manifest
-from unidg.runtime.settings import UniDGSettings
+from unidg.train.loading import load_weights_model
 
 __all__ = ["WeightsError", "OutputFolderError", "export_bundle", "bundle_metadata", "read_weights", "staged_folder"]
 TOOLS = (

@@ -267,9 +267,10 @@ def run_trtexec(args: argparse.Namespace) -> int:
 
 
 def run_parity(args: argparse.Namespace) -> int:
-    from unidg.calib.folders import load_weights_model, read_weights
+    from unidg.core.weights_folder import read_weights
     from unidg.export.parity import format_report, graph_parity, report, trajectory_parity
     from unidg.runtime.bundle import load_bundle
+    from unidg.train.loading import load_weights_model
 
     model = load_weights_model(read_weights(args.weights))
     graphs = graph_parity(args.bundle, model, seed=args.seed, save_dir=args.save)

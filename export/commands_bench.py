@@ -11,9 +11,9 @@ import argparse
 import os
 import sys
 
+from unidg.core.errors import OptionError
 from unidg.runtime.cli_options import add_bundle_option
 from unidg.runtime.commands import bench_subparsers
-from unidg.runtime.errors import OptionError
 
 
 def _bench_attention(args: argparse.Namespace) -> int:
@@ -28,8 +28,8 @@ def _bench_attention(args: argparse.Namespace) -> int:
     if args.repeats < 1:
         raise OptionError(f"--repeats must be >= 1, got {args.repeats}")
 
+    from unidg.core.manifest import atomic_write_text
     from unidg.export.bench_attention import format_table, run_attention_bench, to_json
-    from unidg.runtime.manifest import atomic_write_text
 
     result = run_attention_bench(
         device=device,

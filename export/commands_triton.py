@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from unidg.core.errors import OptionError
 from unidg.runtime.cli_options import add_bundle_option, command_group
-from unidg.runtime.errors import OptionError
 
 
 def export_subparsers(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:

@@ -17,11 +17,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from unidg.core.errors import UniDGError
+from unidg.core.manifest import atomic_write_bytes, read_manifest, sha256_file, write_manifest
 from unidg.export.onnx_export import Progress, print_progress
 from unidg.runtime.backends.tensorrt_backend import MIN_TENSORRT_VERSION, tensorrt_version_problem
 from unidg.runtime.bundle import GRAPH_INPUTS, GRAPH_NAMES, Bundle, expected_shapes, load_bundle
-from unidg.runtime.errors import UniDGError
-from unidg.runtime.manifest import atomic_write_bytes, read_manifest, sha256_file, write_manifest
 
 ENGINE_DIR = "engines"
 PRECISION_FLAGS = ("fp8", "int8", "bf16", "fp16")

@@ -31,10 +31,10 @@ import numpy as np
 import onnx
 import torch
 
+from unidg.core.errors import UniDGError
+from unidg.core.latents import LATENT_CHANNELS, MASK_CHANNELS
 from unidg.export.step_model import ImageEncoderModel, StepModel, VaeDecoderModel, VaeEncoderModel, float32_rope
 from unidg.runtime.bundle import GRAPH_INPUTS, GRAPH_NAMES, GRAPH_OUTPUTS, STEP_INPUTS
-from unidg.runtime.errors import UniDGError
-from unidg.runtime.latents import LATENT_CHANNELS, MASK_CHANNELS
 from unidg.train.attention import KeyBiasAttnProcessor, flux_attention_modules
 from unidg.train.model import UniDGModel
 
@@ -178,9 +178,9 @@ class GraphRecord:
 # ------------------------------------------------------------------------------------------------ example inputs
 def step_example_inputs(facts: ModelFacts, batch: int, seed: int = 0, resolution: int | None = None) -> dict:
     """Realistic step inputs: noise, a Fill condition with a binary mask, Redux-like tokens, the real key bias."""
-    from unidg.runtime.attention_bias import build_key_bias
-    from unidg.runtime.latents import image_ids, text_ids
-    from unidg.runtime.schedule import flux_sigmas
+    from unidg.core.attention_bias import build_key_bias
+    from unidg.core.latents import image_ids, text_ids
+    from unidg.core.schedule import flux_sigmas
 
     resolution = resolution or facts.resolution
     h_tokens, w_tokens = resolution // 16, 2 * resolution // 16

@@ -24,9 +24,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from unidg.core.errors import UniDGError
 from unidg.export.onnx_export import ModelFacts, graph_example_inputs, graph_module
 from unidg.runtime.bundle import GRAPH_NAMES, GRAPH_OUTPUTS, Bundle, load_bundle
-from unidg.runtime.errors import UniDGError
 
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-3
@@ -301,9 +301,9 @@ def trajectory_parity(
 
 
 def _trajectory(bundle: Bundle, model, settings, seed: int, steps: int, request) -> TrajectoryParity:
+    from unidg.core.geometry import paste_back, right_half
     from unidg.runtime.backends.base import StepConditioning
     from unidg.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
-    from unidg.runtime.geometry import paste_back, right_half
     from unidg.runtime.sampler import sampling_sigmas
     from unidg.runtime.synthesizer import DefectSynthesizer, SynthesisRequest
     from unidg.train.model import pack_latents

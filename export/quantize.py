@@ -28,7 +28,8 @@ from pathlib import Path
 import onnx
 
 from unidg.calib.build import read_calib
-from unidg.calib.folders import OutputFolderError, load_weights_model, read_weights, staged_folder
+from unidg.core.manifest import read_manifest, tool_versions
+from unidg.core.weights_folder import OutputFolderError, read_weights, staged_folder
 from unidg.export.bundle import TOOLS, write_bundle_manifest
 from unidg.export.onnx_export import Progress, cast_for_precision, io_table, print_progress
 from unidg.export.qdq import FUSED_ATTENTION_FORMATS, QDQ_OPSET, export_qdq_step, finish_qdq_graph, precision_census
@@ -51,7 +52,7 @@ from unidg.export.quantize_modelopt import (
     scale_amax,
 )
 from unidg.runtime.bundle import GRAPH_NAMES, Bundle, load_bundle
-from unidg.runtime.manifest import read_manifest, tool_versions
+from unidg.train.loading import load_weights_model
 
 __all__ = [
     "DEFAULT_MIN_COSINE",

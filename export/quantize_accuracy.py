@@ -92,7 +92,7 @@ def accuracy_report(
 ) -> AccuracyReport:
     """Quantized vs unquantized step graph (onnxruntime) on the calibration set's held-out samples. With a bf16
     ``high_precision`` (and a bf16 reference bundle) every graph runs as its float32 emulation with bf16 rounding."""
-    from unidg.runtime.latents import model_to_pixels
+    from unidg.core.latents import model_to_pixels
     from unidg.train.model import unpack_latents
 
     scratch = Path(tempfile.mkdtemp(prefix=".unidg-accuracy."))

@@ -17,10 +17,10 @@ from collections.abc import Iterator
 import torch
 
 from unidg.calib.build import CalibSet
+from unidg.core.errors import UniDGError
 from unidg.export.onnx_export import Progress, warnings_quiet
 from unidg.export.step_model import StepModel
 from unidg.runtime.bundle import STEP_INPUTS
-from unidg.runtime.errors import UniDGError
 
 FORMATS = ("fp8", "int8")
 SMOOTHQUANT_ALPHA = 0.8

@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from unidg.runtime import images
+from unidg.core import images
+from unidg.core.images import InputError
 from unidg.runtime.backends import create_backend
 from unidg.runtime.backends.base import Backend, StepConditioning, step_feeds
 from unidg.runtime.bundle import GRAPH_OUTPUTS, Bundle, load_bundle
-from unidg.runtime.images import InputError
 from unidg.runtime.sampler import GenerationCancelled, random_seed
 from unidg.runtime.serve import jsonable
 from unidg.runtime.synthesizer import DefectSynthesizer, RequestError, SynthesisRequest

@@ -20,11 +20,11 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from unidg.core.errors import UniDGError
+from unidg.core.manifest import MANIFEST_FILE
+from unidg.core.settings import SETTINGS_FILE
+from unidg.core.staging import staged_folder
 from unidg.runtime.bundle import GRAPH_INPUTS, GRAPH_OUTPUTS, Bundle, expected_shapes, load_bundle
-from unidg.runtime.errors import UniDGError
-from unidg.runtime.manifest import MANIFEST_FILE
-from unidg.runtime.settings import SETTINGS_FILE
-from unidg.runtime.staging import staged_folder
 
 MODEL_TEMPLATE = Path(__file__).with_name("triton_model.py")
 INSTANCE_KINDS = {"gpu": "KIND_GPU", "cpu": "KIND_CPU"}

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from unidg.runtime.latents import COND_CHANNELS, LATENT_CHANNELS, PACKED_CHANNELS, VAE_SCALE, VAE_SHIFT
-from unidg.runtime.manifest import ManifestError, read_manifest, verify_files
-from unidg.runtime.settings import UniDGSettings
+from unidg.core.latents import COND_CHANNELS, LATENT_CHANNELS, PACKED_CHANNELS, VAE_SCALE, VAE_SHIFT
+from unidg.core.manifest import ManifestError, read_manifest, verify_files
+from unidg.core.settings import UniDGSettings
 
 BUNDLE_KIND = "bundle"
 BUNDLE_FORMAT = "unidg-bundle"

@@ -9,7 +9,7 @@ import argparse
 import os
 import weakref
 
-from unidg.runtime.errors import OptionError
+from unidg.core.errors import OptionError
 
 BACKEND_CHOICES = ("onnxruntime", "tensorrt", "torch")
 TORCH_SPEED_OPTIONS = ("compile", "fp8", "fused_attention")

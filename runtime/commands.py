@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from unidg.core.errors import OptionError
 from unidg.runtime.cli_options import add_backend_options, add_bundle_option, backend_options, command_group
-from unidg.runtime.errors import OptionError
 
 
 def _load_synthesizer(args: argparse.Namespace, **extra: object):
@@ -37,8 +37,8 @@ def step_progress_bar(total: int, description: str):
 # ------------------------------------------------------------------------------------------------------------ generate
 def _check_generate_options(args: argparse.Namespace) -> None:
     """Everything about the command line that can be refused without reading a file or loading the model."""
-    from unidg.runtime.staging import check_output_folder
-    from unidg.runtime.udg import SAMPLE_ID_PATTERN, check_category
+    from unidg.core.staging import check_output_folder
+    from unidg.core.udg import SAMPLE_ID_PATTERN, check_category
 
     if not SAMPLE_ID_PATTERN.match(args.id):
         raise OptionError(
@@ -57,10 +57,10 @@ def _generate(args: argparse.Namespace) -> int:
     import json
     import time
 
+    from unidg.core.staging import staged_folder
+    from unidg.core.udg import UDGWriter
     from unidg.runtime.jobs import write_result
-    from unidg.runtime.staging import staged_folder
     from unidg.runtime.synthesizer import SynthesisRequest
-    from unidg.runtime.udg import UDGWriter
 
     _check_generate_options(args)
     out = Path(args.out)

@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from unidg.runtime.errors import UniDGError
-from unidg.runtime.images import InputError
-from unidg.runtime.manifest import atomic_write_bytes
-from unidg.runtime.staging import staged_folder
+from unidg.core.errors import UniDGError
+from unidg.core.images import InputError
+from unidg.core.manifest import atomic_write_bytes
+from unidg.core.staging import staged_folder
+from unidg.core.udg import SAMPLE_ID_PATTERN
 from unidg.runtime.synthesizer import DefectSynthesizer, SynthesisRequest, SynthesisResult
-from unidg.runtime.udg import SAMPLE_ID_PATTERN
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_BUNDLE = ASSETS / "unidg-nano-bundle"
@@ -164,8 +164,8 @@ def run_demo(
     """Generate every sample case, write them as a UDG folder + contact sheet into ``out``; returns the sheet path."""
     from tqdm import tqdm
 
+    from unidg.core.udg import UDGWriter
     from unidg.runtime.jobs import write_result
-    from unidg.runtime.udg import UDGWriter
 
     out = Path(out)
     if out.exists() and not (out / DEMO_MARKER).is_file():

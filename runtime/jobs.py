@@ -33,11 +33,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from unidg.runtime.errors import UniDGError
-from unidg.runtime.images import InputError
-from unidg.runtime.manifest import atomic_write_text
+from unidg.core.errors import UniDGError
+from unidg.core.images import InputError
+from unidg.core.manifest import atomic_write_text
+from unidg.core.udg import INDEX_FILE, SAMPLE_ID_PATTERN, UDGWriter, caption_stub, check_category
 from unidg.runtime.synthesizer import DefectSynthesizer, SynthesisRequest, SynthesisResult
-from unidg.runtime.udg import INDEX_FILE, SAMPLE_ID_PATTERN, UDGWriter, caption_stub, check_category
 
 BATCH_STATE_FILE = "batch.json"
 FAILED_FILE = "failed.jsonl"

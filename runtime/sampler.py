@@ -2,7 +2,7 @@
 
 Noise convention (shared with the torch reference sampler so both start from the same x): request ``b`` with seed
 ``s`` starts from ``numpy.random.default_rng(s).standard_normal((N, 64), dtype=numpy.float32)``, N = (S/16)*(2S/16)
-packed image tokens. The schedule is ``unidg.runtime.schedule.flux_sigmas(steps, N)`` (N + 1 values ending in 0);
+packed image tokens. The schedule is ``unidg.core.schedule.flux_sigmas(steps, N)`` (N + 1 values ending in 0);
 step i maps x at sigma_i to x at sigma_{i+1} inside the step graph: x + (sigma_{i+1} - sigma_i) * v.
 """
 
@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from unidg.core.schedule import flux_sigmas
 from unidg.runtime.backends.base import Backend, GenerationCancelled, StepConditioning, check_finite
-from unidg.runtime.schedule import flux_sigmas
 
 ProgressCallback = Callable[[int, int], "bool | None"]  # (step done, total) -> False cancels
 NOISE_CHANNELS = 64

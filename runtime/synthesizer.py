@@ -22,14 +22,11 @@ import numpy as np
 from PIL import Image
 
 from unidg import __version__
-from unidg.runtime import images
-from unidg.runtime.attention_bias import build_key_bias
-from unidg.runtime.backends import Backend, StepConditioning, create_backend
-from unidg.runtime.backends.base import check_finite
-from unidg.runtime.bundle import Bundle, load_bundle
-from unidg.runtime.errors import UniDGError
-from unidg.runtime.geometry import Diptych, defect_token_mask, dilated_target_mask, paste_back, right_half
-from unidg.runtime.latents import (
+from unidg.core import images
+from unidg.core.attention_bias import build_key_bias
+from unidg.core.errors import UniDGError
+from unidg.core.geometry import Diptych, defect_token_mask, dilated_target_mask, paste_back, right_half
+from unidg.core.latents import (
     fill_condition,
     image_ids,
     model_to_pixels,
@@ -37,9 +34,12 @@ from unidg.runtime.latents import (
     text_ids,
     unpack_latents,
 )
+from unidg.core.settings import UniDGSettings
+from unidg.core.udg import check_category
+from unidg.runtime.backends import Backend, StepConditioning, create_backend
+from unidg.runtime.backends.base import check_finite
+from unidg.runtime.bundle import Bundle, load_bundle
 from unidg.runtime.sampler import MAX_SEED, ProgressCallback, denoise, initial_noise, sampling_sigmas
-from unidg.runtime.settings import UniDGSettings
-from unidg.runtime.udg import check_category
 
 MAX_STEPS = 1000
 DEFAULT_MAX_BATCH = 4

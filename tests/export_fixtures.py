@@ -65,8 +65,8 @@ def nano_bundle() -> Path:
 
 @functools.cache
 def udg_folder() -> Path:
+    from unidg.core.udg import UDGWriter, caption_stub
     from unidg.export.parity import synthetic_request
-    from unidg.runtime.udg import UDGWriter, caption_stub
 
     folder = workspace() / "udg"
     with UDGWriter(folder) as writer:

@@ -20,8 +20,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from unidg.runtime.manifest import write_manifest
-from unidg.runtime.settings import UniDGSettings
+from unidg.core.manifest import write_manifest
+from unidg.core.settings import UniDGSettings
 
 OPSET = 17
 

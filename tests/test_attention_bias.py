@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from unidg.runtime.attention_bias import build_key_bias, context_token_count, pad_key_bias, stack_key_biases
+from unidg.core.attention_bias import build_key_bias, context_token_count, pad_key_bias, stack_key_biases
 
 
 def test_folded_layout():

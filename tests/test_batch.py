@@ -17,9 +17,9 @@ from PIL import Image
 from runtime_fixtures import make_toy_bundle, write_sample_files
 
 from unidg.cli import main
+from unidg.core.udg import read_index
 from unidg.runtime.jobs import JobsError, read_jobs, repair_torn_index, run_batch
 from unidg.runtime.synthesizer import DefectSynthesizer
-from unidg.runtime.udg import read_index
 
 JOBS = 12
 

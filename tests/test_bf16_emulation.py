@@ -86,9 +86,10 @@ def test_emulation_refuses_control_flow_it_does_not_rewrite() -> None:
 def test_bf16_bundle_graphs_match_the_bf16_torch_model_through_the_emulation(tmp_path: Path) -> None:
     from export_fixtures import RESOLUTION, nano_weights
 
-    from unidg.calib.folders import load_weights_model, read_weights
+    from unidg.core.weights_folder import read_weights
     from unidg.export.bundle import export_bundle
     from unidg.export.parity import BF16_EMULATION_MAX_ABS, ParityError, graph_parity, trajectory_parity
+    from unidg.train.loading import load_weights_model
 
     export_bundle(nano_weights(), tmp_path / "bf16", precision="bf16", resolution=RESOLUTION, progress=None)
     weights = read_weights(nano_weights())

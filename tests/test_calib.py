@@ -19,9 +19,9 @@ from export_fixtures import (
 )
 
 from unidg.calib.build import CalibError, parse_step_subset, read_calib
-from unidg.calib.folders import WeightsError
 from unidg.cli import main
-from unidg.runtime.manifest import read_manifest
+from unidg.core.manifest import read_manifest
+from unidg.core.weights_folder import WeightsError
 
 
 def test_calibration_set_shapes_and_manifest():

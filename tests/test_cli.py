@@ -55,6 +55,19 @@ def test_runtime_imports_the_lean_runtime_only() -> None:
     assert not offenders, offenders
 
 
+def test_core_imports_no_other_stage_and_no_heavy_library() -> None:
+    """unidg.core is the bottom layer: runtime, train, export and calib all import it, it imports none of them and no
+    heavy library anywhere (not even inside a function)."""
+    never = ("unidg.runtime", "unidg.train", "unidg.export", "unidg.calib", "unidg.cli") + HEAVY
+    offenders = [
+        f"{path.relative_to(ROOT)}: {name}"
+        for path in sorted((ROOT / "unidg" / "core").rglob("*.py"))
+        for name, _ in _imports(ast.parse(path.read_text()))
+        if any(name == b or name.startswith(b + ".") for b in never)
+    ]
+    assert not offenders, offenders
+
+
 def test_layering_check_sees_imports_inside_functions() -> None:
     tree = ast.parse("import numpy\ndef f():\n    from unidg.train.model import UniDGModel\n    import torch\n")
     assert _imports(tree) == [("numpy", True), ("unidg.train.model", False), ("torch", False)]
@@ -119,7 +132,7 @@ def _parser_with(handler):
 
 def test_only_user_errors_become_one_line(monkeypatch, capsys) -> None:
     from unidg import cli
-    from unidg.runtime.errors import OptionError
+    from unidg.core.errors import OptionError
 
     def refuse(args):
         raise OptionError("--probe 3: give a number below 2")
@@ -173,8 +186,8 @@ def test_one_device_word_for_every_backend(argv: list[str], options: dict) -> No
 def test_serve_workers_share_the_cpu_cores() -> None:
     import os
 
+    from unidg.core.errors import UniDGError
     from unidg.runtime.cli_options import ArgumentParser, add_backend_options, backend_options
-    from unidg.runtime.errors import UniDGError
 
     parser = ArgumentParser()
     add_backend_options(parser)

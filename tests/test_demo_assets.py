@@ -16,13 +16,13 @@ from PIL import Image
 
 import unidg.runtime.demo as demo
 from unidg.cli import main
+from unidg.core.geometry import dilate_mask
+from unidg.core.images import load_image, load_mask
+from unidg.core.latents import image_ids
+from unidg.core.manifest import read_manifest, verify_files
+from unidg.core.settings import UniDGSettings
+from unidg.core.udg import CATEGORIES, read_index
 from unidg.runtime.bundle import GRAPH_NAMES, load_bundle
-from unidg.runtime.geometry import dilate_mask
-from unidg.runtime.images import load_image, load_mask
-from unidg.runtime.latents import image_ids
-from unidg.runtime.manifest import read_manifest, verify_files
-from unidg.runtime.settings import UniDGSettings
-from unidg.runtime.udg import CATEGORIES, read_index
 
 MAX_SAMPLES_BYTES = 1_000_000
 MAX_BUNDLE_BYTES = 64 * 2**20

@@ -251,8 +251,8 @@ def test_native_attention_is_the_default_with_a_key_only_mask(bundle_copy):
     step.onnx (what onnxruntime runs) keeps the [B, 1, S, S] broadcast and stays byte-for-byte as exported."""
     import onnx
 
+    from unidg.core.manifest import sha256_file
     from unidg.export.plugins.onnx_rewrite import attention_mask_shapes
-    from unidg.runtime.manifest import sha256_file
 
     bundle = load_bundle(bundle_copy, verify=False)
     before = sha256_file(bundle_copy / "step.onnx")

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from unidg.runtime.errors import OptionError, UniDGError
-from unidg.runtime.settings import UniDGSettings
+from unidg.core.errors import OptionError, UniDGError
+from unidg.core.settings import UniDGSettings
 from unidg.runtime.synthesizer import RequestError, SynthesisRequest, check_request_options
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,14 +58,14 @@ def test_every_user_error_derives_from_the_one_root() -> None:
             pytest.skip(f"{module} needs {error.name}, which is not installed")
         if not issubclass(cls, UniDGError):
             strays.append(f"{module}.{name}")
-    assert not strays, f"derive these from unidg.runtime.errors.UniDGError: {strays}"
+    assert not strays, f"derive these from unidg.core.errors.UniDGError: {strays}"
 
 
 def test_weights_error_is_defined_once() -> None:
     definitions = [(module, name) for module, name in error_classes() if name == "WeightsError"]
-    assert definitions == [("unidg.runtime.manifest", "WeightsError")]
-    from unidg.calib.folders import WeightsError as calib_weights_error
-    from unidg.runtime.manifest import WeightsError
+    assert definitions == [("unidg.core.manifest", "WeightsError")]
+    from unidg.core.manifest import WeightsError
+    from unidg.core.weights_folder import WeightsError as calib_weights_error
 
     assert calib_weights_error is WeightsError
 

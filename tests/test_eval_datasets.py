@@ -105,7 +105,7 @@ def test_visa_wrong_csv_and_mismatched_mask_are_refused(tmp_path: Path) -> None:
 
 
 def test_udg_folder_is_split_by_defect_type_and_lot(tmp_path: Path) -> None:
-    from unidg.runtime.udg import read_index
+    from unidg.core.udg import read_index
     from unidg.train.procedural import synthesize
 
     synthesize(tmp_path / "udg", count=60, seed=5, size=32, progress=False)

@@ -147,7 +147,7 @@ def _lpips_by_hand(state: dict, a: np.ndarray, b: np.ndarray) -> float:
 def test_lpips_from_a_local_checkpoint_matches_the_formula_and_refuses_other_layouts(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from unidg.runtime.errors import UniDGError
+    from unidg.core.errors import UniDGError
     from unidg.train.evaluation.lpips import load_lpips, lpips_distance
 
     path = _lpips_checkpoint(tmp_path / "lpips.safetensors")

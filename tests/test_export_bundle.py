@@ -14,8 +14,10 @@ import pytest
 import torch
 from export_fixtures import RESOLUTION, nano_bundle, nano_weights, single_thread, workspace
 
-from unidg.calib.folders import OutputFolderError, WeightsError
 from unidg.cli import main
+from unidg.core.manifest import read_manifest, sha256_file
+from unidg.core.settings import UniDGSettings
+from unidg.core.weights_folder import OutputFolderError, WeightsError
 from unidg.export.bundle import export_bundle
 from unidg.export.onnx_export import (
     ExportError,
@@ -28,8 +30,6 @@ from unidg.export.onnx_export import (
     graph_module,
 )
 from unidg.runtime.bundle import GRAPH_INPUTS, GRAPH_NAMES, BundleError, load_bundle
-from unidg.runtime.manifest import read_manifest, sha256_file
-from unidg.runtime.settings import UniDGSettings
 
 
 def test_bundle_from_nano_weights_has_the_v1_manifest():

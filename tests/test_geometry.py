@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from unidg.runtime import geometry
-from unidg.runtime.geometry import (
+from unidg.core import geometry
+from unidg.core.geometry import (
     SquareTransform,
     adaptive_reference_crop,
     build_diptych,
@@ -27,7 +27,7 @@ from unidg.runtime.geometry import (
     result_diptych,
     right_half,
 )
-from unidg.runtime.images import InputError
+from unidg.core.images import InputError
 
 
 def noise(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:

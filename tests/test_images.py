@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unidg.runtime.images import (
+from unidg.core.images import (
     InputError,
     load_image,
     load_mask,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from unidg.runtime.attention_bias import build_key_bias, pad_key_bias
+from unidg.core.attention_bias import build_key_bias, pad_key_bias
 from unidg.runtime.key_group_attention import MAX_KEY_GROUPS, attention_with_lse, key_group_attention
 
 

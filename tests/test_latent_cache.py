@@ -42,7 +42,7 @@ def udg(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
-    from unidg.runtime.settings import UniDGSettings
+    from unidg.core.settings import UniDGSettings
     from unidg.train.loading import save_model
 
     model = UniDGModel.from_preset("nano", seed=0, settings=UniDGSettings(**SETTINGS))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from unidg.runtime.latents import (
+from unidg.core.latents import (
     denormalize_latents,
     fill_condition,
     image_ids,

@@ -13,8 +13,8 @@ import torch
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from safetensors.torch import save_file
 
-from unidg.runtime.manifest import read_manifest, verify_files
-from unidg.runtime.settings import UniDGSettings
+from unidg.core.manifest import read_manifest, verify_files
+from unidg.core.settings import UniDGSettings
 from unidg.train.loading import (
     BFL_REDUX_FILE,
     BFL_TRANSFORMER_FILE,

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from unidg.runtime.manifest import read_manifest, verify_files
-from unidg.runtime.settings import UniDGSettings
+from unidg.core.manifest import read_manifest, verify_files
+from unidg.core.settings import UniDGSettings
 from unidg.train.config import LoraConfig
 from unidg.train.loading import load_model, save_model
 from unidg.train.lora import add_lora, load_lora_state_dict, save_lora

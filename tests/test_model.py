@@ -10,8 +10,8 @@ import pytest
 import torch
 from diffusers import FluxFillPipeline
 
-from unidg.runtime import latents as np_latents
-from unidg.runtime.settings import UniDGSettings
+from unidg.core import latents as np_latents
+from unidg.core.settings import UniDGSettings
 from unidg.train.model import UniDGModel, image_ids, pack_latents, pack_mask, unpack_latents
 from unidg.train.presets import FULL, NANO, PRESETS, TransformerParams, VaeParams, get_preset
 

@@ -10,6 +10,7 @@ import pytest
 from export_fixtures import RESOLUTION, calib_set, nano_bundle, nano_weights, other_weights, single_thread, workspace
 
 from unidg.calib.build import CalibError
+from unidg.core.manifest import read_manifest
 from unidg.export.parity import psnr, synthetic_request
 from unidg.export.quantize import (
     HIGH_PRECISION_MODULES,
@@ -20,7 +21,6 @@ from unidg.export.quantize import (
     quantize_bundle,
 )
 from unidg.runtime.bundle import load_bundle
-from unidg.runtime.manifest import read_manifest
 from unidg.runtime.synthesizer import DefectSynthesizer, SynthesisRequest
 
 KEPT = ("/transformer/x_embedder/", "/transformer/context_embedder/", "/transformer/time_text_embed/")

@@ -14,7 +14,7 @@ from torch import nn
 from train_fixtures import procedural_udg
 
 from unidg.cli import main
-from unidg.runtime.errors import UniDGError
+from unidg.core.errors import UniDGError
 from unidg.train.config import ConfigError
 from unidg.train.detectors import ResNet34
 from unidg.train.reward_recog import CLASSES, DefectRecogReward, load_pretrained_backbone

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from unidg.runtime.geometry import build_diptych
+from unidg.core.geometry import build_diptych
 from unidg.runtime.sampler import sampling_sigmas
 from unidg.train.model import UniDGModel
 from unidg.train.sampler import denoise, get_noise, prepare_diptych

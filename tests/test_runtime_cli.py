@@ -16,8 +16,8 @@ from PIL import Image
 from runtime_fixtures import make_toy_bundle, write_sample_files
 
 from unidg.cli import main
-from unidg.runtime.geometry import dilate_mask
-from unidg.runtime.udg import read_index
+from unidg.core.geometry import dilate_mask
+from unidg.core.udg import read_index
 
 
 @pytest.fixture(scope="module")

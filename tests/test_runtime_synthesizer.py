@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from runtime_fixtures import make_toy_bundle, rewrite_manifest, sample_request_arrays
 
+from unidg.core.schedule import flux_sigmas
+from unidg.core.settings import UniDGSettings
 from unidg.runtime.backends import Backend, GenerationCancelled, StepConditioning
 from unidg.runtime.bundle import BundleError, load_bundle
 from unidg.runtime.sampler import denoise, initial_noise, sampling_sigmas
-from unidg.runtime.schedule import flux_sigmas
-from unidg.runtime.settings import UniDGSettings
 from unidg.runtime.synthesizer import DefectSynthesizer, RequestError, SynthesisRequest
 
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from unidg.runtime.geometry import build_diptych, defect_token_mask
+from unidg.core.geometry import build_diptych, defect_token_mask
+from unidg.core.schedule import flux_sigmas
 from unidg.runtime.sampler import initial_noise
-from unidg.runtime.schedule import flux_sigmas
 from unidg.runtime.synthesizer import SynthesisRequest
 from unidg.train.model import UniDGModel
 from unidg.train.sampler import (

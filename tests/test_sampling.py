@@ -10,7 +10,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from unidg.runtime.udg import Quadruplet, UDGWriter, caption_stub, read_index
+from unidg.core.udg import Quadruplet, UDGWriter, caption_stub, read_index
 from unidg.train.pairs import (
     DISTRIBUTIONS,
     DefectStats,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from unidg.runtime.schedule import flux_mu, flux_sigmas
+from unidg.core.schedule import flux_mu, flux_sigmas
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers not installed")
 from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402

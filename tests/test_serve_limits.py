@@ -22,7 +22,7 @@ from PIL import Image
 from surface_fixtures import toy_bundle
 from test_serve import SlowedSynthesizer, _metric, _wait_for, serve_in_thread
 
-from unidg.runtime import images
+from unidg.core import images
 from unidg.runtime.serve import ServeConfig, ServiceError, create_app, parse_params
 from unidg.runtime.serve import protocol as serve_protocol
 from unidg.runtime.serve_bench import (

@@ -126,7 +126,7 @@ def test_mix_is_one_to_one_to_one_and_each_pass_uses_every_pair() -> None:
 
 
 def test_examples_follow_the_runtime_geometry(udg: Path, latents: LatentPairs) -> None:
-    from unidg.runtime.settings import UniDGSettings
+    from unidg.core.settings import UniDGSettings
 
     pairs = prepare_pairs(udg, seed=0)
     assert {p.distribution for p in pairs} == set(DISTRIBUTIONS)  # the tiny set has all three distributions
@@ -169,7 +169,7 @@ def test_lora_targets_double_and_single_blocks_only() -> None:
 
 def test_defect_attention_reaches_the_loss(latents: LatentPairs) -> None:
     """The key bias (log alpha on defect tokens) changes the velocity: defect attention is really on."""
-    from unidg.runtime.settings import UniDGSettings
+    from unidg.core.settings import UniDGSettings
     from unidg.train.model import image_ids
 
     model = _nano()

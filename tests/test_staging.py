@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from unidg.runtime.staging import OutputFolderError, check_output_folder, staged_folder
+from unidg.core.staging import OutputFolderError, check_output_folder, staged_folder
 
 
 def usual_folder_mode() -> int:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from unidg.cli import main
-from unidg.runtime.udg import CATEGORIES, INDEX_FILE, caption_problems, read_index
+from unidg.core.udg import CATEGORIES, INDEX_FILE, caption_problems, read_index
 from unidg.train.pairs import count_pairs, diversity_sft_pairs
 from unidg.train.procedural import (
     DATASET_FILE,

@@ -11,10 +11,10 @@ import pytest
 from export_fixtures import RESOLUTION, nano_bundle, nano_weights, single_thread, workspace
 
 from unidg.cli import main
+from unidg.core.manifest import sha256_file
 from unidg.export.onnx_export import ModelFacts, graph_example_inputs
 from unidg.runtime.backends import BackendError, create_backend
 from unidg.runtime.bundle import GRAPH_NAMES, load_bundle
-from unidg.runtime.manifest import sha256_file
 
 # fp32 on both sides, reductions ordered differently; per graph measured max |diff| <= 6e-6 (vae_decoder).
 GRAPH_ATOL = 1e-4

@@ -23,9 +23,9 @@ import pytest
 from runtime_fixtures import rewrite_manifest, sample_request_arrays
 from surface_fixtures import masked_equal_outside, nano_bundle, toy_bundle
 
+from unidg.core.manifest import write_manifest
 from unidg.export.triton_repo import TritonRepoError, TritonRepoOptions, validate_config, write_triton_repo
 from unidg.runtime.bundle import GRAPH_INPUTS, GRAPH_NAMES, GRAPH_OUTPUTS, expected_shapes, load_bundle
-from unidg.runtime.manifest import write_manifest
 
 model_config_pb2 = pytest.importorskip(
     "tritonclient.grpc.model_config_pb2", reason="tritonclient[grpc] not installed (Triton's model-config schema)"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unidg.runtime.udg import (
+from unidg.core.udg import (
     CATEGORIES,
     DEFECT_LEVEL_FIELDS,
     INDEX_FILE,

@@ -60,7 +60,7 @@ def _key_bias_mask(key_bias: torch.Tensor, batch: int, num_keys: int, dtype: tor
     if key_bias.ndim != 2 or key_bias.shape[-1] != num_keys or (key_bias.shape[0] != batch and key_bias.shape[0] != 1):
         raise ValueError(
             f"key_bias must have shape ({batch}, {num_keys}) = (batch, context + image tokens), got "
-            f"{tuple(key_bias.shape)}; build it with unidg.runtime.attention_bias.build_key_bias"
+            f"{tuple(key_bias.shape)}; build it with unidg.core.attention_bias.build_key_bias"
         )
     return key_bias.to(dtype)[:, None, None, :]
 

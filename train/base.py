@@ -29,8 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from unidg.runtime.manifest import atomic_write_text
-from unidg.runtime.settings import UniDGSettings
+from unidg.core.manifest import atomic_write_text
+from unidg.core.settings import UniDGSettings
 from unidg.train.config import BaseConfig, LossConfig, OptimConfig, settings_of, to_dict
 from unidg.train.dataset import LatentPairs, build_example, to_model_pixels
 from unidg.train.flow import step_generator

@@ -70,7 +70,7 @@ def slice_preset(blocks: tuple[int, int] = (1, 1), width_of: str = "full"):
 def time_sft_step(config, label: str, preset, device: str, steps: int, warmup: int, seed: int = 0) -> TrainRow:
     """Median time of one SFT optimizer step (forward, backward, clip, optimizer) of an SFT ``config``'s recipe on
     ``preset`` with random inputs of the cached-batch shapes; micro-batch ``train.micro_batch`` (or the batch)."""
-    from unidg.runtime.attention_bias import build_key_bias
+    from unidg.core.attention_bias import build_key_bias
     from unidg.train.config import settings_of
     from unidg.train.flow import FlowObjective, StepInputs, combine_terms, draw_noise_and_t, token_weights
     from unidg.train.lora import add_lora
@@ -217,7 +217,7 @@ def format_markdown(result: TrainBenchResult) -> str:
 
 
 def write_report(result: TrainBenchResult, out: Path) -> tuple[Path, Path]:
-    from unidg.runtime.manifest import atomic_write_text
+    from unidg.core.manifest import atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / "bench_train.json", out / "bench_train.md"

@@ -40,7 +40,7 @@ def _table(title: str, rows: list[tuple[str, int, str]]) -> None:
 def _validate(args: argparse.Namespace) -> int:
     from collections import defaultdict
 
-    from unidg.runtime.udg import CATEGORIES, INDEX_FILE, validate
+    from unidg.core.udg import CATEGORIES, INDEX_FILE, validate
 
     quadruplets, problems = validate(args.folder, check_files=not args.index_only)
     objects_of: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))

@@ -7,8 +7,8 @@ import argparse
 import json
 import os
 
+from unidg.core.errors import OptionError, UniDGError
 from unidg.runtime.cli_options import command_group
-from unidg.runtime.errors import OptionError, UniDGError
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:

@@ -17,8 +17,8 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Union
 
-from unidg.runtime.errors import UniDGError
-from unidg.runtime.settings import UniDGSettings
+from unidg.core.errors import UniDGError
+from unidg.core.settings import UniDGSettings
 from unidg.train.pairs import DISTRIBUTIONS
 
 

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from unidg.runtime.geometry import defect_token_mask, result_diptych
-from unidg.runtime.settings import UniDGSettings
+from unidg.core.geometry import defect_token_mask, result_diptych
+from unidg.core.settings import UniDGSettings
 from unidg.runtime.synthesizer import resize_reference
 from unidg.train.pairs import DISTRIBUTIONS, TrainingPair
 

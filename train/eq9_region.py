@@ -75,7 +75,7 @@ def eq9_separation(model, pairs, tau: float = 0.5, batch_size: int = 8) -> dict:
 
 def measure(weights: str | Path, data: str | Path, count: int = 100, seed: int = 0, tau: float = 0.5) -> dict:
     """``count`` pairs of a UDG folder (the three distributions mixed 1:1:1) with a weights folder's autoencoder."""
-    from unidg.runtime.udg import read_index
+    from unidg.core.udg import read_index
     from unidg.train.loading import load_model
     from unidg.train.pairs import diversity_sft_pairs, mix_pairs
 

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageDraw
 
+from unidg.core.manifest import atomic_write_bytes, atomic_write_text
 from unidg.runtime.demo import mask_outline
-from unidg.runtime.manifest import atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:
     from unidg.train.pairs import TrainingPair
@@ -51,8 +51,8 @@ def autoencoder_round_trip(model, pair, truth: np.ndarray) -> np.ndarray:
     decoded, pasted back into the source (source-sized uint8)."""
     import torch
 
-    from unidg.runtime.geometry import paste_back, result_diptych, right_half
-    from unidg.runtime.latents import model_to_pixels, pixels_to_model
+    from unidg.core.geometry import paste_back, result_diptych, right_half
+    from unidg.core.latents import model_to_pixels, pixels_to_model
 
     diptych = model.settings.diptych(
         pair.reference.load_abnormal(), pair.reference.load_mask(), pair.target.load_normal(), pair.target.load_mask()
@@ -67,7 +67,7 @@ def autoencoder_round_trip(model, pair, truth: np.ndarray) -> np.ndarray:
 def evaluation_pairs(folder: str | Path, count: int, seed: int, keep: Callable[[TrainingPair], bool] | None = None):
     """``count`` pairs, equal parts of the three distributions (as available), deterministic for ``seed``; with
     ``keep``, drawn from the pairs it accepts only (so nothing is generated for a pair a figure would drop)."""
-    from unidg.runtime.udg import read_index
+    from unidg.core.udg import read_index
     from unidg.train.pairs import DISTRIBUTIONS, diversity_sft_pairs
 
     quadruplets = list(read_index(folder))

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unidg.runtime.attention_bias import build_key_bias
-from unidg.runtime.settings import UniDGSettings
+from unidg.core.attention_bias import build_key_bias
+from unidg.core.settings import UniDGSettings
 from unidg.train.config import LossConfig
 
 LATENT_PIXELS_PER_TOKEN = 4  # 2 x 2 latent pixels packed into one token (channel c * 4 + dy * 2 + dx)

@@ -32,8 +32,8 @@ from typing import Annotated
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from unidg.runtime.errors import UniDGError
-from unidg.runtime.manifest import atomic_write_text
+from unidg.core.errors import UniDGError
+from unidg.core.manifest import atomic_write_text
 from unidg.train.config import ConfigError
 
 DIMENSIONS = ("Reference Adherence", "Consistency", "Reasonability", "Overall Quality")

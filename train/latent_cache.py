@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from unidg.runtime.errors import UniDGError
-from unidg.runtime.manifest import atomic_write_text
-from unidg.runtime.settings import UniDGSettings
+from unidg.core.errors import UniDGError
+from unidg.core.manifest import atomic_write_text
+from unidg.core.settings import UniDGSettings
 
 FORMAT = "unidg-latent-cache"
 VERSION = 1
@@ -76,7 +76,7 @@ def data_digest(config) -> str:
     """Hash of what the pair list is drawn from: the UDG index's bytes, the size and modification time of every image
     it names (no image is decoded), and the seed, limit and mix that select the pairs. Checking a cache therefore
     never recomputes the pairs (whose Alg. 2 statistics read every image)."""
-    from unidg.runtime.udg import INDEX_FILE, read_index
+    from unidg.core.udg import INDEX_FILE, read_index
 
     folder = Path(config.data.train)
     digest = hashlib.sha256((folder / INDEX_FILE).read_bytes())

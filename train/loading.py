@@ -33,9 +33,10 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import SiglipVisionModel
 
-from unidg.runtime.manifest import WEIGHTS_KIND, WeightsError, tool_versions, write_manifest
-from unidg.runtime.settings import SETTINGS_FILE, UniDGSettings
-from unidg.runtime.staging import staged_folder
+from unidg.core.manifest import WEIGHTS_KIND, WeightsError, tool_versions, write_manifest
+from unidg.core.settings import SETTINGS_FILE, UniDGSettings
+from unidg.core.staging import staged_folder
+from unidg.core.weights_folder import WeightsInfo
 from unidg.train.model import COMPONENTS, UniDGModel
 from unidg.train.presets import UniDGPreset, get_preset
 
@@ -311,3 +312,8 @@ def load_bfl(
     )
     model = UniDGModel(transformer, vae, image_encoder, redux, settings or preset.settings, attention_backend)
     return model.to(device).eval()
+
+
+def load_weights_model(weights: WeightsInfo, settings: UniDGSettings | None = None) -> UniDGModel:
+    """The UniDGModel of a checked weights folder (float32, CPU, eval mode)."""
+    return load_model(weights.path, settings=settings or weights.settings).eval()

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from unidg.runtime.manifest import atomic_write_text
+from unidg.core.manifest import atomic_write_text
 from unidg.train.config import LoraConfig
 
 LORA_FILE = "lora.safetensors"

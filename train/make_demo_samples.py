@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from unidg.runtime.manifest import atomic_write_bytes, atomic_write_text
+from unidg.core.manifest import atomic_write_bytes, atomic_write_text
 from unidg.train.procedural import DEFECTS, SURFACES, Sample, defect_category, make_sample, sample_shapes
 
 HELD_OUT_SEED = 7  # training data: seed 1 (configs/nano-base.toml)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from unidg.runtime.errors import UniDGError
-from unidg.runtime.settings import UniDGSettings
+from unidg.core.errors import UniDGError
+from unidg.core.settings import UniDGSettings
 from unidg.train.config import LoraConfig
 from unidg.train.lora import LORA_CONFIG_FILE, LORA_FILE, add_lora, load_lora_state_dict
 
@@ -51,7 +51,7 @@ def merged_state_dict(
 
 def probe_inputs(model, seed: int = 0, batch: int = 2) -> dict:
     """A fixed random probe (noisy latents, condition, reference, key bias) at the model's resolution."""
-    from unidg.runtime.attention_bias import build_key_bias
+    from unidg.core.attention_bias import build_key_bias
     from unidg.train.model import image_ids
 
     size = model.settings.resolution
@@ -129,7 +129,7 @@ def merge_lora(
     if not max_abs_diff <= tolerance:
         raise UniDGError(f"merged model differs from the LoRA model by {max_abs_diff:.3g} > {tolerance}; not written")
 
-    from unidg.runtime.manifest import read_manifest
+    from unidg.core.manifest import read_manifest
 
     report = {
         "merge": {

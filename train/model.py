@@ -22,10 +22,10 @@ from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
 from torch import nn
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
-from unidg.runtime.attention_bias import build_key_bias
-from unidg.runtime.latents import COND_CHANNELS as CONDITION_CHANNELS
-from unidg.runtime.latents import LATENT_CHANNELS, MASK_CHANNELS, PACKED_CHANNELS
-from unidg.runtime.settings import UniDGSettings
+from unidg.core.attention_bias import build_key_bias
+from unidg.core.latents import COND_CHANNELS as CONDITION_CHANNELS
+from unidg.core.latents import LATENT_CHANNELS, MASK_CHANNELS, PACKED_CHANNELS
+from unidg.core.settings import UniDGSettings
 from unidg.train.attention import install_key_bias_processor
 from unidg.train.presets import TRANSFORMER_IN_CHANNELS, UniDGPreset, get_preset
 
@@ -253,7 +253,7 @@ class UniDGModel(nn.Module):
     ) -> torch.Tensor:
         """Key bias (B, N_ctx + N_img) float32 for defect tokens (B, N_img) bool, on their device.
 
-        The runtime's definition (unidg.runtime.attention_bias.build_key_bias) with this model's R, K and alpha.
+        The runtime's definition (unidg.core.attention_bias.build_key_bias) with this model's R, K and alpha.
         """
         fold = self.settings.fold_text_tokens if fold_text is None else fold_text
         bias = build_key_bias(

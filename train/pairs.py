@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from unidg.runtime.errors import UniDGError
-from unidg.runtime.udg import Quadruplet
+from unidg.core.errors import UniDGError
+from unidg.core.udg import Quadruplet
 from unidg.train.shape_masks import count_regions
 
 DISTRIBUTIONS: tuple[str, ...] = ("defect-fill", "intra-object", "cross-object")

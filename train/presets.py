@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from unidg.runtime.errors import UniDGError
-from unidg.runtime.latents import COND_CHANNELS as CONDITION_CHANNELS
-from unidg.runtime.latents import LATENT_CHANNELS, PACKED_CHANNELS, VAE_SCALE, VAE_SHIFT
-from unidg.runtime.settings import UniDGSettings
+from unidg.core.errors import UniDGError
+from unidg.core.latents import COND_CHANNELS as CONDITION_CHANNELS
+from unidg.core.latents import LATENT_CHANNELS, PACKED_CHANNELS, VAE_SCALE, VAE_SHIFT
+from unidg.core.settings import UniDGSettings
 
-# Fixed by the Fill layout (unidg.runtime.latents): 16 latent channels packed 2x2 -> 64 per token; the pixel mask of
+# Fixed by the Fill layout (unidg.core.latents): 16 latent channels packed 2x2 -> 64 per token; the pixel mask of
 # one token is 2x2 latent pixels x 8x8 pixels -> 256; transformer input = noisy latents 64 + masked latents 64 + mask.
 TRANSFORMER_IN_CHANNELS = PACKED_CHANNELS + CONDITION_CHANNELS
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from unidg.runtime.errors import UniDGError
+from unidg.core.errors import UniDGError
 
 TOLERANCE = 0.3
 INDEX = "bench.jsonl"
@@ -107,7 +107,7 @@ def agreement(predicted: dict[str, list[float]], human: dict[str, list[float]], 
 
 
 def run_reward_bench(reward_config: str | Path, bench: str | Path, out_json: str | Path | None = None) -> dict:
-    from unidg.runtime.manifest import atomic_write_text
+    from unidg.core.manifest import atomic_write_text
     from unidg.train.rewards import build_reward, checked, load_reward_config
 
     folder = Path(bench)

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from unidg.runtime.errors import UniDGError
-from unidg.runtime.udg import CATEGORIES
+from unidg.core.errors import UniDGError
+from unidg.core.udg import CATEGORIES
 
 NORMAL = "normal"
 CLASSES: tuple[str, ...] = (*CATEGORIES, NORMAL)
@@ -46,7 +46,7 @@ class RecogTrainConfig:
 def labelled_set(folder: str | Path, size: int, limit: int = 0):
     """Every quadruplet of a UDG folder as two examples: the abnormal image with its mask and category, and the
     normal image with an empty mask, class ``normal``."""
-    from unidg.runtime.udg import read_index
+    from unidg.core.udg import read_index
     from unidg.train.evaluation.datasets import resize_pair
     from unidg.train.evaluation.training_sets import LabelledSet
 
@@ -96,8 +96,8 @@ def train_reward_recog(
     """``unidg train reward-recog``: train both networks and write the reward folder ``out``."""
     from safetensors.torch import save_file
 
-    from unidg.runtime.manifest import atomic_write_text
-    from unidg.runtime.staging import check_output_folder, staged_folder
+    from unidg.core.manifest import atomic_write_text
+    from unidg.core.staging import check_output_folder, staged_folder
     from unidg.train.detectors import ResNet34, UNet
     from unidg.train.evaluation.detector_training import train_binary_unet, train_classifier
 

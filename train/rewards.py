@@ -24,7 +24,7 @@ from typing import Protocol
 
 import numpy as np
 
-from unidg.runtime.errors import UniDGError
+from unidg.core.errors import UniDGError
 from unidg.train.config import ConfigError, from_dict, read_config_file
 from unidg.train.judge import JudgeConfig
 

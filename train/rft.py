@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from unidg.runtime.manifest import atomic_write_text
+from unidg.core.manifest import atomic_write_text
 from unidg.train.config import (
     ConfigError,
     DataConfig,
@@ -244,7 +244,7 @@ class RFTRun:
     """Model + adapters, prompts, reward, optimizer, EMA, checkpoints of an RFT config (``model`` for tests)."""
 
     def __init__(self, config: RFTConfig, model=None, placement=None, reward=None) -> None:
-        from unidg.runtime.settings import UniDGSettings
+        from unidg.core.settings import UniDGSettings
         from unidg.train.lora import add_lora
         from unidg.train.model import UniDGModel, image_ids
         from unidg.train.rewards import build_reward
@@ -313,7 +313,7 @@ class RFTRun:
         )
 
     def _inputs(self, diptych):
-        from unidg.runtime.geometry import defect_token_mask
+        from unidg.core.geometry import defect_token_mask
         from unidg.train.sampler import prepare_inputs
 
         defect = defect_token_mask(diptych) if self.config.train.defect_attention else None

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from unidg.runtime.attention_bias import build_key_bias
-from unidg.runtime.geometry import Diptych, defect_token_mask, paste_back, right_half
-from unidg.runtime.latents import model_to_pixels, pixels_to_model
+from unidg.core.attention_bias import build_key_bias
+from unidg.core.geometry import Diptych, defect_token_mask, paste_back, right_half
+from unidg.core.latents import model_to_pixels, pixels_to_model
 from unidg.runtime.sampler import initial_noise, sampling_sigmas
 from unidg.runtime.synthesizer import SynthesisRequest, SynthesisResult, resize_reference
 from unidg.train.model import UniDGModel, image_ids, unpack_latents

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from unidg.runtime.manifest import atomic_write_text
-from unidg.runtime.settings import UniDGSettings
+from unidg.core.manifest import atomic_write_text
+from unidg.core.settings import UniDGSettings
 from unidg.train.config import SFTConfig, settings_of, to_dict
 from unidg.train.lora import add_lora, save_lora
 from unidg.train.trainer import FlowTrainer, Placement, build_optimizer, distributed, run_options, sample_schedule
@@ -27,7 +27,7 @@ from unidg.train.trainer import FlowTrainer, Placement, build_optimizer, distrib
 
 def prepare_pairs(folder: str | Path, seed: int, limit: int = 0):
     """All Diversity-SFT pairs of a UDG folder (deterministic for ``seed``)."""
-    from unidg.runtime.udg import read_index
+    from unidg.core.udg import read_index
     from unidg.train.pairs import diversity_sft_pairs
 
     quadruplets = list(read_index(folder))

@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from unidg.runtime.errors import UniDGError
-from unidg.runtime.manifest import atomic_write_text
-from unidg.runtime.settings import UniDGSettings
+from unidg.core.errors import UniDGError
+from unidg.core.manifest import atomic_write_text
+from unidg.core.settings import UniDGSettings
 from unidg.train.config import LoopConfig, LossConfig, OptimConfig
 from unidg.train.flow import (
     FlowObjective,

@@ -13,8 +13,8 @@ import os
 import sys
 
 from unidg import __version__
+from unidg.core.errors import UniDGError
 from unidg.runtime.cli_options import ArgumentParser
-from unidg.runtime.errors import UniDGError
 
 # Modules that add subcommands, in the order they appear in ``unidg --help``.
 COMMAND_MODULES: list[str] = [

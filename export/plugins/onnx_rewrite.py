@@ -32,8 +32,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from unidg.core.errors import UniDGError
 from unidg.export.plugins.trt_plugin import PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
-from unidg.runtime.errors import UniDGError
 
 ATTENTION_OP = "Attention"
 ONNX_DOMAINS = ("", "ai.onnx")

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from unidg.core.errors import UniDGError
 from unidg.runtime.bundle import Bundle
-from unidg.runtime.errors import UniDGError
 
 
 class BackendUnavailable(UniDGError):

@@ -19,17 +19,17 @@ from typing import Any
 
 import numpy as np
 
-from unidg.runtime.backends import BACKENDS
-from unidg.runtime.backends.base import BackendError, BackendUnavailable, NonFiniteOutputError, device_options
-from unidg.runtime.errors import UniDGError
-from unidg.runtime.images import (
+from unidg.core.errors import UniDGError
+from unidg.core.images import (
     REFERENCE_IMAGE,
     REFERENCE_MASK,
     SOURCE_IMAGE,
     TARGET_MASK,
     InputError,
 )
-from unidg.runtime.manifest import ManifestError
+from unidg.core.manifest import ManifestError
+from unidg.runtime.backends import BACKENDS
+from unidg.runtime.backends.base import BackendError, BackendUnavailable, NonFiniteOutputError, device_options
 from unidg.runtime.sampler import GenerationCancelled
 from unidg.runtime.serve import jsonable
 from unidg.runtime.synthesizer import DefectSynthesizer, RequestError, SynthesisRequest

@@ -25,7 +25,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from unidg.runtime.errors import UniDGError
+from unidg.core.errors import UniDGError
 
 HEADER = Path(__file__).with_name("unidg.h")
 MODULE_NAME = "_unidg_capi"

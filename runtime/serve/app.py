@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
-from unidg.runtime.images import InputError
+from unidg.core.images import InputError
 from unidg.runtime.serve.config import API_KEY_HEADER, ServeConfig, host_header_is_loopback
 from unidg.runtime.serve.metrics import Metrics
 from unidg.runtime.serve.pool import (

@@ -6,7 +6,7 @@ import ipaddress
 import os
 from dataclasses import dataclass, field
 
-from unidg.runtime.errors import OptionError
+from unidg.core.errors import OptionError
 
 API_KEY_HEADER = "X-API-Key"
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})

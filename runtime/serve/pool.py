@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from unidg.core.settings import UniDGSettings
 from unidg.runtime.sampler import GenerationCancelled
 from unidg.runtime.serve.config import ServeConfig
 from unidg.runtime.serve.metrics import Metrics
@@ -30,7 +31,6 @@ from unidg.runtime.serve.protocol import (
     encode_png,
     public_metadata,
 )
-from unidg.runtime.settings import UniDGSettings
 from unidg.runtime.synthesizer import DefectSynthesizer, SynthesisRequest
 
 logger = logging.getLogger("unidg.serve")

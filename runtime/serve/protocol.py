@@ -1,5 +1,5 @@
 """The request/response protocol of ``POST /v1/synthesize``, free of any web framework: the ``params`` JSON, the four
-uploads (decoded through ``unidg.runtime.images``), the request id, and the JSON error shape."""
+uploads (decoded through ``unidg.core.images``), the request id, and the JSON error shape."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from unidg.runtime.images import (
+from unidg.core.images import (
     REFERENCE_IMAGE,
     REFERENCE_MASK,
     SOURCE_IMAGE,
@@ -24,8 +24,8 @@ from unidg.runtime.images import (
     decode_upload,
     validate_request,
 )
+from unidg.core.settings import UniDGSettings
 from unidg.runtime.sampler import MAX_SEED, random_seed
-from unidg.runtime.settings import UniDGSettings
 from unidg.runtime.synthesizer import RequestError, SynthesisRequest, check_request_options
 
 # Multipart field of each input, and the name the runtime's InputError uses for it.

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from unidg.runtime.manifest import atomic_write_bytes, atomic_write_text
+from unidg.core.manifest import atomic_write_bytes, atomic_write_text
 from unidg.train.config import to_dict
 from unidg.train.evaluation.config import EvalConfig
 from unidg.train.evaluation.datasets import InspectionSplit, read_mvtec, read_udg, read_visa

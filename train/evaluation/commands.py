@@ -20,8 +20,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _transfer(args: argparse.Namespace) -> int:
-    from unidg.runtime.errors import UniDGError
-    from unidg.runtime.manifest import atomic_write_text
+    from unidg.core.errors import UniDGError
+    from unidg.core.manifest import atomic_write_text
     from unidg.train.eval_nano import evaluate_transfer, evaluation_pairs
     from unidg.train.evaluation.generation_metrics import (
         defect_types_of,

@@ -2,7 +2,7 @@
 
 Three layouts are read:
 
-- a procedural (or any) UDG folder (``unidg data synth``, ``unidg.runtime.udg``): each quadruplet gives a good image
+- a procedural (or any) UDG folder (``unidg data synth``, ``unidg.core.udg``): each quadruplet gives a good image
   (its normal) and a defect image (its abnormal + mask); lots (the ``lot`` key ``unidg data synth`` writes, else the
   id) are split between training and test so no product is in both;
 - MVTec-AD: ``<object>/train/good/*.png``, ``<object>/test/<defect>/*.png`` (``good`` among them),
@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from unidg.runtime import images
-from unidg.runtime.errors import UniDGError
+from unidg.core import images
+from unidg.core.errors import UniDGError
 
 GOOD = "good"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".JPG", ".PNG")
@@ -214,7 +214,7 @@ def read_udg(folder: str | Path, objects: list[str] | None = None) -> list[Inspe
     product, the same normal image flipped, is then in both; the defect instances differ). A type seen once goes to
     training only. A test quadruplet gives a good image (its normal) and a defect image (abnormal + mask).
     """
-    from unidg.runtime.udg import read_index
+    from unidg.core.udg import read_index
 
     quadruplets = read_index(folder)
     if not quadruplets:

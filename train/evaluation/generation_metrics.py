@@ -84,7 +84,7 @@ def revised_transfer(samples: list[dict], defect_types: dict[str, str], min_pair
 
 def defect_types_of(folder: str | Path) -> dict[str, str]:
     """Quadruplet id -> defect type (the ``defect_type`` key of ``unidg data synth``, else the category)."""
-    from unidg.runtime.udg import read_index
+    from unidg.core.udg import read_index
 
     return {q.id: str(q.extra.get("defect_type", q.category)) for q in read_index(folder)}
 

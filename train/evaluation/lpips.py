@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unidg.runtime.errors import UniDGError
+from unidg.core.errors import UniDGError
 
 CONV_LAYERS = {0: (64, 3, 11, 4, 2), 3: (192, 64, 5, 1, 2), 6: (384, 192, 3, 1, 1), 8: (256, 384, 3, 1, 1)}
 CONV_LAYERS[10] = (256, 256, 3, 1, 1)  # index: (out, in, kernel, stride, padding), torchvision's AlexNet

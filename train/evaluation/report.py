@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from unidg.runtime.manifest import atomic_write_bytes, atomic_write_text
+from unidg.core.manifest import atomic_write_bytes, atomic_write_text
 from unidg.train.evaluation import metrics
 
 TITLES = {

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from unidg.runtime.manifest import atomic_write_bytes
+from unidg.core.manifest import atomic_write_bytes
 from unidg.train.evaluation.datasets import InspectionSample, InspectionSplit, resize_pair
 from unidg.train.evaluation.rule_defects import rule_defect
 
@@ -52,7 +52,7 @@ class LabelledSet:
 
 
 def load_good(paths: list[Path], size: int) -> LabelledSet:
-    from unidg.runtime import images
+    from unidg.core import images
 
     loaded = [resize_pair(images.load_image(p, "good image"), np.zeros((1, 1), bool), size)[0] for p in paths]
     return LabelledSet(np.stack(loaded), np.zeros((len(loaded), size, size), bool), ["good"] * len(loaded))
@@ -96,7 +96,7 @@ def generated_set(
     progress=None,
 ) -> LabelledSet:
     """``count`` generated defect images (native size, resized to ``size``), cached as one .npz under ``cache``."""
-    from unidg.runtime import images
+    from unidg.core import images
     from unidg.runtime.synthesizer import SynthesisRequest
     from unidg.train.shape_masks import random_shape_mask
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from unidg.runtime.errors import UniDGError
-from unidg.runtime.manifest import atomic_write_text
-from unidg.runtime.udg import CATEGORIES, INDEX_FILE, UDGWriter
+from unidg.core.errors import UniDGError
+from unidg.core.manifest import atomic_write_text
+from unidg.core.udg import CATEGORIES, INDEX_FILE, UDGWriter
 from unidg.train.procedural.defects import COMBINED, DEFECTS, defect_category
 from unidg.train.procedural.samples import make_sample
 from unidg.train.procedural.surfaces import SURFACES

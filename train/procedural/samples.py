@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from unidg.runtime.udg import mask_location, mask_size_word
+from unidg.core.udg import mask_location, mask_size_word
 from unidg.train.procedural.defects import COMBINED, DEFECTS, SEVERITY, SHAPE_WORDS, Defect
 from unidg.train.procedural.pixels import Rgb, color_name, mask_direction, random_hsv
 from unidg.train.procedural.surfaces import Surface

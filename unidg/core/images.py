@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from unidg.runtime.errors import UniDGError
+from unidg.core.errors import UniDGError
 
 REFERENCE_IMAGE = "reference image"
 REFERENCE_MASK = "reference mask"

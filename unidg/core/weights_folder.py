@@ -12,10 +12,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from unidg.runtime.manifest import WEIGHTS_KIND, Manifest, ManifestError, WeightsError, read_manifest, verify_files
-from unidg.runtime.settings import UniDGSettings
-from unidg.runtime.staging import OutputFolderError
-from unidg.runtime.staging import staged_folder as runtime_staged_folder
+from unidg.core.manifest import WEIGHTS_KIND, Manifest, ManifestError, WeightsError, read_manifest, verify_files
+from unidg.core.settings import UniDGSettings
+from unidg.core.staging import OutputFolderError
+from unidg.core.staging import staged_folder as runtime_staged_folder
 
 Progress = Callable[[str], None]
 
@@ -59,13 +59,6 @@ def read_weights(folder: str | Path, *, verify: bool = True, progress: Progress 
     except FileNotFoundError as error:
         raise WeightsError(f"--weights {folder}: {error}") from error
     return WeightsInfo(path=folder, manifest=manifest, settings=settings)
-
-
-def load_weights_model(weights: WeightsInfo, settings: UniDGSettings | None = None):
-    """The UniDGModel of a checked weights folder (float32, CPU, eval mode)."""
-    from unidg.train.loading import load_model
-
-    return load_model(weights.path, settings=settings or weights.settings).eval()
 
 
 # ------------------------------------------------------------------------------------------------ staging

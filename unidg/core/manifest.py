@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from unidg.runtime.errors import UniDGError
+from unidg.core.errors import UniDGError
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_VERSION = 1

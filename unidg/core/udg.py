@@ -26,9 +26,9 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
-from unidg.runtime import images
-from unidg.runtime.errors import UniDGError
-from unidg.runtime.manifest import atomic_write_bytes
+from unidg.core import images
+from unidg.core.errors import UniDGError
+from unidg.core.manifest import atomic_write_bytes
 
 INDEX_FILE = "index.jsonl"
 

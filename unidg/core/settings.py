@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from unidg.runtime.errors import UniDGError
+from unidg.core.errors import UniDGError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -91,7 +91,7 @@ class UniDGSettings:
         return cls(**data)
 
     def save(self, folder: str | Path) -> Path:
-        from unidg.runtime.manifest import atomic_write_text
+        from unidg.core.manifest import atomic_write_text
 
         path = Path(folder) / SETTINGS_FILE
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")

@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from unidg.runtime.errors import UniDGError
+from unidg.core.errors import UniDGError
 
 
 class OutputFolderError(UniDGError):
