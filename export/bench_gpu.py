@@ -39,6 +39,9 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+from unidg.core.latents import LATENT_CHANNELS
+from unidg.core.layout import DiptychLayout
+
 # (GPU name pattern, dense bf16 TFLOP/s, dense FP8 TFLOP/s or None): NVIDIA datasheet figures without sparsity.
 # Checked in order; the first pattern that matches torch.cuda.get_device_name() wins.
 GPU_PEAKS: tuple[tuple[str, float, float | None], ...] = (
@@ -195,8 +198,8 @@ def make_workload(torch, model, resolution: int, fold: bool, seed: int) -> Workl
 
     device = model.device
     generator = torch.Generator().manual_seed(seed)
-    h_tokens, w_tokens = resolution // 16, 2 * resolution // 16
-    n_image = h_tokens * w_tokens
+    layout = DiptychLayout(resolution)
+    n_image = layout.image_tokens
     x = torch.randn(1, n_image, 64, generator=generator)
     cond = torch.randn(1, n_image, 320, generator=generator)
     redux = torch.randn(1, model.reference_tokens, model.joint_dim, generator=generator)
@@ -204,7 +207,7 @@ def make_workload(torch, model, resolution: int, fold: bool, seed: int) -> Workl
     with torch.inference_mode():
         ctx, txt_ids = model.context(redux, fold_text=fold)
         key_bias = model.key_bias(defect, fold_text=fold)
-    img_ids = image_ids(h_tokens, w_tokens)
+    img_ids = image_ids(*layout.token_hw)
     sigma, sigma_next, guidance = torch.tensor([0.8]), torch.tensor([0.75]), torch.tensor([1.0])
     inputs = (x, cond, ctx, key_bias, sigma, sigma_next, guidance, img_ids, txt_ids)
     inputs = tuple(t.to(device=device, dtype=torch.float32) for t in inputs)
@@ -412,8 +415,9 @@ def run_gpu_bench(
     attempt(Row(f"+ {steps}-step loop as a CUDA graph"), graph)
 
     # ------------------------------------------------------------------ VAE, image encoder, end to end
-    pixels = torch.rand(1, 3, resolution, 2 * resolution, device=device) * 2 - 1
-    latents = torch.randn(1, 16, resolution // 8, resolution // 4, device=device)
+    layout = DiptychLayout(resolution)
+    pixels = torch.rand(1, 3, *layout.pixel_hw, device=device) * 2 - 1
+    latents = torch.randn(1, LATENT_CHANNELS, *layout.latent_hw, device=device)
     reference = torch.rand(1, 3, model.reference_size, model.reference_size, device=device) * 2 - 1
 
     def component(graph_name: str, tensor) -> Callable[[Row], None]:

@@ -33,6 +33,7 @@ import torch
 
 from unidg.core.errors import UniDGError
 from unidg.core.latents import LATENT_CHANNELS, MASK_CHANNELS
+from unidg.core.layout import DiptychLayout
 from unidg.export.step_model import ImageEncoderModel, StepModel, VaeDecoderModel, VaeEncoderModel, float32_rope
 from unidg.runtime.bundle import GRAPH_INPUTS, GRAPH_NAMES, GRAPH_OUTPUTS, STEP_INPUTS
 from unidg.train.attention import KeyBiasAttnProcessor, flux_attention_modules
@@ -134,12 +135,16 @@ class ModelFacts:
         )
 
     @property
+    def layout(self) -> DiptychLayout:
+        return DiptychLayout(self.resolution)
+
+    @property
     def image_tokens(self) -> int:
-        return (self.resolution // 16) * (2 * self.resolution // 16)
+        return self.layout.image_tokens
 
     @property
     def latent_hw(self) -> tuple[int, int]:
-        return self.resolution // 8, 2 * self.resolution // 8
+        return self.layout.latent_hw
 
     def metadata(self) -> dict:
         return {
@@ -179,12 +184,12 @@ class GraphRecord:
 def step_example_inputs(facts: ModelFacts, batch: int, seed: int = 0, resolution: int | None = None) -> dict:
     """Realistic step inputs: noise, a Fill condition with a binary mask, Redux-like tokens, the real key bias."""
     from unidg.core.attention_bias import build_key_bias
-    from unidg.core.latents import image_ids, text_ids
+    from unidg.core.latents import text_ids
     from unidg.core.schedule import flux_sigmas
 
-    resolution = resolution or facts.resolution
-    h_tokens, w_tokens = resolution // 16, 2 * resolution // 16
-    tokens = h_tokens * w_tokens
+    layout = DiptychLayout(resolution or facts.resolution)
+    h_tokens, w_tokens = layout.token_hw
+    tokens = layout.image_tokens
     rng = np.random.default_rng(seed)
     defect = np.zeros((batch, h_tokens, w_tokens), dtype=bool)
     defect[:, h_tokens // 4 : h_tokens // 2 + 1, w_tokens // 8 : w_tokens // 4 + 1] = True  # reference defect
@@ -204,7 +209,7 @@ def step_example_inputs(facts: ModelFacts, batch: int, seed: int = 0, resolution
         "sigma": np.full((batch,), sigmas[step], dtype=np.float32),
         "sigma_next": np.full((batch,), sigmas[step + 1], dtype=np.float32),
         "guidance": np.full((batch,), 3.5, dtype=np.float32),
-        "img_ids": image_ids(h_tokens, w_tokens),
+        "img_ids": layout.image_ids(),
         "txt_ids": text_ids(facts.context_tokens),
     }
     return {name: arrays[name] for name in STEP_INPUTS}
@@ -215,10 +220,9 @@ def graph_example_inputs(name: str, facts: ModelFacts, batch: int, seed: int = 0
     if name == "step":
         return step_example_inputs(facts, batch, seed)
     rng = np.random.default_rng(seed)
-    s = facts.resolution
     h, w = facts.latent_hw
     if name == "vae_encoder":
-        return {"pixels": rng.uniform(-1, 1, (batch, 3, s, 2 * s)).astype(np.float32)}
+        return {"pixels": rng.uniform(-1, 1, (batch, 3, *facts.layout.pixel_hw)).astype(np.float32)}
     if name == "vae_decoder":
         return {"latents": rng.standard_normal((batch, LATENT_CHANNELS, h, w), dtype=np.float32)}
     if name == "image_encoder":

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from unidg.core.latents import COND_CHANNELS, LATENT_CHANNELS, PACKED_CHANNELS, VAE_SCALE, VAE_SHIFT
+from unidg.core.layout import DiptychLayout
 from unidg.core.manifest import ManifestError, read_manifest, verify_files
 from unidg.core.settings import UniDGSettings
 
@@ -114,12 +115,16 @@ class Bundle:
         return float(self.metadata.get("vae_shift", VAE_SHIFT))
 
     @property
+    def layout(self) -> DiptychLayout:
+        return DiptychLayout(self.resolution)
+
+    @property
     def image_tokens(self) -> int:
-        return (self.resolution // 16) * (2 * self.resolution // 16)
+        return self.layout.image_tokens
 
     @property
     def latent_hw(self) -> tuple[int, int]:
-        return self.resolution // 8, 2 * self.resolution // 8
+        return self.layout.latent_hw
 
     def file_path(self, relative: str) -> Path:
         return self.path / relative
@@ -181,10 +186,9 @@ def _parse_batch(folder: Path, raw: object) -> int | None:
 
 def expected_shapes(meta: dict, batch: Dim) -> dict[str, dict[str, tuple[Dim, ...]]]:
     """The v1 shape of every graph tensor for the manifest's facts (``batch``: an int, or any axis name)."""
-    s = int(meta["resolution"])
-    n = (s // 16) * (2 * s // 16)
+    layout = DiptychLayout(int(meta["resolution"]))
+    n, (h, w), pixel_hw = layout.image_tokens, layout.latent_hw, layout.pixel_hw
     c, j, r, p = (int(meta[k]) for k in ("context_tokens", "joint_dim", "reference_tokens", "reference_size"))
-    h, w = s // 8, 2 * s // 8
     return {
         "step": {
             "x": (batch, n, PACKED_CHANNELS),
@@ -198,8 +202,8 @@ def expected_shapes(meta: dict, batch: Dim) -> dict[str, dict[str, tuple[Dim, ..
             "txt_ids": (c, 3),
             "x_next": (batch, n, PACKED_CHANNELS),
         },
-        "vae_encoder": {"pixels": (batch, 3, s, 2 * s), "latents": (batch, LATENT_CHANNELS, h, w)},
-        "vae_decoder": {"latents": (batch, LATENT_CHANNELS, h, w), "pixels": (batch, 3, s, 2 * s)},
+        "vae_encoder": {"pixels": (batch, 3, *pixel_hw), "latents": (batch, LATENT_CHANNELS, h, w)},
+        "vae_decoder": {"latents": (batch, LATENT_CHANNELS, h, w), "pixels": (batch, 3, *pixel_hw)},
         "image_encoder": {"pixels": (batch, 3, p, p), "tokens": (batch, r, j)},
     }
 

@@ -28,7 +28,6 @@ from unidg.core.errors import UniDGError
 from unidg.core.geometry import Diptych, defect_token_mask, dilated_target_mask, paste_back, right_half
 from unidg.core.latents import (
     fill_condition,
-    image_ids,
     model_to_pixels,
     pixels_to_model,
     text_ids,
@@ -248,7 +247,6 @@ class DefectSynthesizer:
         timings["encode_reference"] = time.perf_counter() - mark
 
         text = np.zeros((padded, bundle.context_tokens - bundle.reference_tokens, bundle.joint_dim), np.float32)
-        h_tokens, w_tokens = size // 16, 2 * size // 16
         conditioning = StepConditioning(
             cond=fill_condition(latents, pixel_mask),
             ctx=np.ascontiguousarray(np.concatenate([text, reference_tokens.astype(np.float32)], axis=1)),
@@ -260,7 +258,7 @@ class DefectSynthesizer:
                 fold_text=bundle.fold_text_tokens,
             ),
             guidance=np.array([requests[i].guidance for i in order], dtype=np.float32),
-            img_ids=image_ids(h_tokens, w_tokens),
+            img_ids=bundle.layout.image_ids(),
             txt_ids=text_ids(bundle.context_tokens),
         )
         steps = requests[0].steps

@@ -31,7 +31,7 @@ def _export_source_key() -> str:
     repo = Path(__file__).resolve().parent.parent
     digest = hashlib.sha256(f"{torch.__version__} {onnx.__version__} {SURFACE_RESOLUTION}".encode())
     sources = [*sorted((repo / "export").rglob("*.py")), *sorted((repo / "train").rglob("*.py"))]
-    sources += [repo / "runtime" / name for name in ("bundle.py", "manifest.py", "settings.py")]
+    sources += [*sorted((repo / "unidg" / "core").rglob("*.py")), repo / "runtime" / "bundle.py"]
     for path in sources:
         digest.update(path.relative_to(repo).as_posix().encode() + path.read_bytes())
     return digest.hexdigest()[:16]

@@ -96,8 +96,7 @@ def time_sft_step(config, label: str, preset, device: str, steps: int, warmup: i
     optimizer = build_optimizer(trainable, config.optim)
 
     batch = config.train.micro_batch or config.train.batch_size
-    size = settings.resolution
-    image_tokens = (size // 16) * (2 * size // 16)
+    image_tokens = settings.layout.image_tokens
     generator = torch.Generator().manual_seed(seed)
     defect = torch.rand(batch, image_tokens, generator=generator) < 0.1
     target_tokens = torch.rand(batch, image_tokens, generator=generator) < 0.2
@@ -114,7 +113,7 @@ def time_sft_step(config, label: str, preset, device: str, steps: int, warmup: i
         normal=torch.randn(batch, image_tokens, 64, generator=generator),
         reference_tokens=torch.randn(batch, model.reference_tokens, model.joint_dim, generator=generator),
     ).to(target)
-    objective = FlowObjective(model, config.loss, settings.guidance, image_ids(size // 16, 2 * size // 16), precision)
+    objective = FlowObjective(model, config.loss, settings.guidance, image_ids(*settings.layout.token_hw), precision)
     objective = objective.to(target)
     weight_total = float(token_weights(inputs.target_tokens, config.loss.mask_weight).sum())
     cuda = target.type == "cuda"

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from unidg.core.geometry import defect_token_mask, result_diptych
+from unidg.core.layout import DiptychLayout
 from unidg.core.settings import UniDGSettings
 from unidg.runtime.synthesizer import resize_reference
 from unidg.train.pairs import DISTRIBUTIONS, TrainingPair
@@ -53,8 +54,9 @@ class PairExample:
 
 def target_token_mask(defect_tokens: np.ndarray, size: int) -> np.ndarray:
     """Keep only the right-half (target) tokens of a defect-token mask over the (S/16, 2S/16) grid."""
-    grid = defect_tokens.reshape(size // 16, 2 * size // 16).copy()
-    grid[:, : size // 16] = False
+    layout = DiptychLayout(size)
+    grid = defect_tokens.reshape(layout.token_hw).copy()
+    grid[:, : layout.half_token_columns] = False
     return grid.reshape(-1)
 
 

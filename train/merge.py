@@ -54,8 +54,7 @@ def probe_inputs(model, seed: int = 0, batch: int = 2) -> dict:
     from unidg.core.attention_bias import build_key_bias
     from unidg.train.model import image_ids
 
-    size = model.settings.resolution
-    tokens = (size // 16) * (2 * size // 16)
+    tokens = model.settings.layout.image_tokens
     generator = torch.Generator().manual_seed(seed)
     defect = torch.rand(batch, tokens, generator=generator) < 0.2
     key_bias = build_key_bias(
@@ -71,7 +70,7 @@ def probe_inputs(model, seed: int = 0, batch: int = 2) -> dict:
         "reference": torch.rand(batch, 3, model.reference_size, model.reference_size, generator=generator) * 2 - 1,
         "key_bias": torch.from_numpy(key_bias),
         "sigma": torch.tensor([0.7, 0.3][:batch] + [0.5] * max(batch - 2, 0)),
-        "img_ids": image_ids(size // 16, 2 * size // 16),
+        "img_ids": image_ids(*model.settings.layout.token_hw),
     }
 
 

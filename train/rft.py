@@ -294,8 +294,7 @@ class RFTRun:
                 f"train.batch_size {config.train.batch_size} (prompts per step) does not split over {world} processes"
             )
         self.local_prompts = config.train.batch_size // world
-        size = self.settings.resolution
-        self.img_ids = image_ids(size // 16, 2 * size // 16, device=device)
+        self.img_ids = image_ids(*self.settings.layout.token_hw, device=device)
         self.fingerprint = json.loads(
             json.dumps({"config": {k: v for k, v in to_dict(config).items() if k != "train"}, "pairs": len(self.pairs)})
         )

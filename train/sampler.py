@@ -20,6 +20,7 @@ import torch
 from unidg.core.attention_bias import build_key_bias
 from unidg.core.geometry import Diptych, defect_token_mask, paste_back, right_half
 from unidg.core.latents import model_to_pixels, pixels_to_model
+from unidg.core.layout import PATCH, DiptychLayout
 from unidg.runtime.sampler import initial_noise, sampling_sigmas
 from unidg.runtime.synthesizer import SynthesisRequest, SynthesisResult, resize_reference
 from unidg.train.model import UniDGModel, image_ids, unpack_latents
@@ -71,11 +72,11 @@ def prepare_inputs(
     images = _batched(diptych_image, 4, "diptych image")
     masks = _batched(diptych_mask, 3, "diptych mask")
     batch, size, width, _ = images.shape
-    if width != 2 * size or size % 16:
-        raise ValueError(f"diptych image must be S x 2S with S a multiple of 16, got {size}x{width}")
+    if width != 2 * size or size % PATCH:
+        raise ValueError(f"diptych image must be S x 2S with S a multiple of {PATCH}, got {size}x{width}")
     if masks.shape != (batch, size, width) or masks.dtype != np.bool_:
         raise ValueError(f"diptych mask must be bool {(batch, size, width)} to match the image, got {masks.shape}")
-    height_tokens, width_tokens = size // 16, width // 16
+    height_tokens, width_tokens = DiptychLayout(size).token_hw
     if defect_tokens is None:
         defect_tokens = np.zeros((batch, height_tokens * width_tokens), dtype=bool)
     defect_tokens = np.broadcast_to(_batched(defect_tokens, 2, "defect tokens"), (batch, height_tokens * width_tokens))

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from unidg.core.errors import UniDGError
+from unidg.core.layout import DiptychLayout
 from unidg.core.manifest import atomic_write_text
 from unidg.core.settings import UniDGSettings
 from unidg.train.config import LoopConfig, LossConfig, OptimConfig
@@ -339,8 +340,8 @@ class FlowTrainer:
             )
         device = self.placement.device
         place_model(model, device, precision)
-        size = data.resolution
-        objective = FlowObjective(model, loss, guidance, image_ids(size // 16, 2 * size // 16), precision).to(device)
+        token_hw = DiptychLayout(data.resolution).token_hw
+        objective = FlowObjective(model, loss, guidance, image_ids(*token_hw), precision).to(device)
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel
 

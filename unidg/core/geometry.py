@@ -30,10 +30,10 @@ from .images import (
     validate_mask,
     validate_request,
 )
+from .layout import PATCH as TOKEN_PATCH
 
 WHITE = 255
 IMAGE_RESAMPLE = Image.Resampling.LANCZOS
-TOKEN_PATCH = 16  # pixels per image-token side: 8x VAE, then 2x2 packing
 _STRIP_PIXELS = 1 << 22  # rows of the padded square resized per Pillow call
 
 Box = tuple[int, int, int, int]  # (y1, y2, x1, x2), end-exclusive; may reach beyond the image
@@ -380,7 +380,8 @@ def defect_token_mask(diptych: Diptych, patch: int = TOKEN_PATCH) -> np.ndarray:
     if size % patch:
         raise ValueError(f"diptych size {size} is not a multiple of the token patch {patch}")
     regions = np.concatenate([diptych.reference.mask, diptych.target_mask_square], axis=1)
-    grid = regions.reshape(size // patch, patch, 2 * size // patch, patch).any(axis=(1, 3))
+    rows, columns = size // patch, 2 * size // patch  # patch may differ from a token (e.g. latent pixels)
+    grid = regions.reshape(rows, patch, columns, patch).any(axis=(1, 3))
     return grid.reshape(-1)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from unidg.core.errors import UniDGError
+from unidg.core.layout import DiptychLayout
 
 if TYPE_CHECKING:
     import numpy as np
@@ -52,9 +53,12 @@ class UniDGSettings:
         return math.log(self.alpha)
 
     @property
+    def layout(self) -> DiptychLayout:
+        return DiptychLayout(self.resolution)
+
+    @property
     def image_tokens(self) -> int:
-        """Image tokens of one S x 2S diptych (2x2-packed latents of an 8x VAE)."""
-        return (self.resolution // 16) * (2 * self.resolution // 16)
+        return self.layout.image_tokens
 
     def diptych(
         self,
