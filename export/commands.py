@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     onnx.add_argument("--weights", required=True, help="merged weights folder (unidg train merge)")
     onnx.add_argument("--out", required=True, help="bundle folder to write")
-    onnx.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32")
+    onnx.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32", help="precision of the graphs")
     onnx.add_argument("--resolution", type=int, help="diptych half size S (default: the weights' unidg.json)")
     onnx.add_argument("--batch", type=_batch, default=1, help="static batch size or 'dynamic'")
     onnx.add_argument("--max-batch", type=int, default=16, help="upper bound of a dynamic batch")
@@ -44,7 +44,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="static",
         help="dynamic: the image-token count (resolution) is a graph axis",
     )
-    onnx.add_argument("--attention", choices=("portable", "plugin"), default="portable")
+    onnx.add_argument(
+        "--attention",
+        choices=("portable", "plugin"),
+        default="portable",
+        help="portable: opset-23 Attention (onnxruntime, TensorRT); plugin: the fused biased-attention node (TensorRT)",
+    )
     onnx.add_argument(
         "--portable-mask",
         choices=("expand", "fold"),
@@ -69,7 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     quantize.add_argument("--weights", required=True, help="merged weights folder")
     quantize.add_argument("--calib", required=True, help="calibration set of these weights (unidg calib build)")
-    quantize.add_argument("--format", choices=("fp8", "int8"), required=True)
+    quantize.add_argument("--format", choices=("fp8", "int8"), required=True, help="quantized format of the Linears")
     quantize.add_argument("--out", required=True, help="bundle folder to write")
     quantize.add_argument(
         "--high-precision",
@@ -92,7 +97,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=1.0,
         help="multiply the calibrated ranges (diagnostics; 0 gives an all-zero calibration that the gate rejects)",
     )
-    quantize.add_argument("--overwrite", action="store_true")
+    quantize.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     quantize.set_defaults(handler=run_quantize)
 
     engine = export.add_parser(
@@ -119,12 +124,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "parity",
         help="per-graph and 28-step trajectory parity of a bundle with the torch model (onnxruntime, polygraphy)",
     )
-    parity.add_argument("--bundle", required=True)
+    parity.add_argument("--bundle", required=True, help="bundle folder to check")
     parity.add_argument("--weights", required=True, help="the weights folder the bundle was exported from")
     parity.add_argument("--no-trajectory", action="store_true", help="per-graph figures only")
     parity.add_argument("--save", help="folder for polygraphy inputs/outputs JSON (re-run with `polygraphy run`)")
     parity.add_argument("--json", help="write the figures to this JSON file")
-    parity.add_argument("--seed", type=int, default=0)
+    parity.add_argument("--seed", type=int, default=0, help="seed of the probe inputs and the trajectory noise")
     parity.set_defaults(handler=run_parity)
 
     slice_parser = export.add_parser(
@@ -132,10 +137,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="export the step graph of a preset with only a few blocks, random weights (size/time/memory checks)",
     )
     slice_parser.add_argument("--out", required=True, help="folder for step.onnx (+ step.onnx.data)")
-    slice_parser.add_argument("--preset", default="full")
-    slice_parser.add_argument("--double-blocks", type=int, default=1)
-    slice_parser.add_argument("--single-blocks", type=int, default=1)
-    slice_parser.add_argument("--resolution", type=int, default=768)
+    slice_parser.add_argument("--preset", default="full", help="model shapes (full: FLUX.1-Fill; nano)")
+    slice_parser.add_argument("--double-blocks", type=int, default=1, help="double-stream blocks kept")
+    slice_parser.add_argument("--single-blocks", type=int, default=1, help="single-stream blocks kept")
+    slice_parser.add_argument("--resolution", type=int, default=768, help="diptych half size S")
     slice_parser.add_argument("--heads", type=int, help="narrow the transformer to this many heads")
     slice_parser.set_defaults(handler=run_slice)
 
@@ -144,24 +149,35 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", required=True, help="bundle folder")
     precision = parser.add_mutually_exclusive_group()
     for flag in ("fp8", "int8", "bf16", "fp16"):
-        precision.add_argument(f"--{flag}", dest="precision", action="store_const", const=flag)
+        precision.add_argument(
+            f"--{flag}",
+            dest="precision",
+            action="store_const",
+            const=flag,
+            help=f"build for {flag} (default: the bundle's)",
+        )
     shapes = parser.add_mutually_exclusive_group()
     shapes.add_argument("--static", dest="dynamic", action="store_const", const=False, help="one fixed shape")
     shapes.add_argument("--dynamic", dest="dynamic", action="store_const", const=True, help="shape ranges")
-    parser.add_argument("--min-batch", type=int, default=1)
-    parser.add_argument("--opt-batch", type=int)
-    parser.add_argument("--max-batch", type=int)
-    parser.add_argument("--min-resolution", type=int)
-    parser.add_argument("--max-resolution", type=int)
+    parser.add_argument("--min-batch", type=int, default=1, help="smallest batch of the optimization profile")
+    parser.add_argument("--opt-batch", type=int, help="batch the profile is tuned for (default: --min-batch)")
+    parser.add_argument("--max-batch", type=int, help="largest batch of the profile (default: the bundle's)")
+    parser.add_argument("--min-resolution", type=int, help="smallest S of a dynamic-sequence bundle's profile")
+    parser.add_argument("--max-resolution", type=int, help="largest S of a dynamic-sequence bundle's profile")
     parser.add_argument("--timing-cache", type=Path, help="timing cache file (read if present, then updated)")
     parser.add_argument("--optimization-level", type=int, default=3, help="builder optimization level 0..5")
     parser.add_argument("--refit", action="store_true", help="refittable plans")
     parser.add_argument("--strip-weights", action="store_true", help="weight-stripped plans (refit from the ONNX)")
-    parser.add_argument("--version-compatible", action="store_true")
     parser.add_argument(
-        "--hardware-compatibility", choices=("none", "same_compute_capability", "ampere_plus"), default="none"
+        "--version-compatible", action="store_true", help="plans that later TensorRT versions can run (lean runtime)"
     )
-    parser.add_argument("--workspace-gb", type=float)
+    parser.add_argument(
+        "--hardware-compatibility",
+        choices=("none", "same_compute_capability", "ampere_plus"),
+        default="none",
+        help="GPUs other than the building one that may run the plans",
+    )
+    parser.add_argument("--workspace-gb", type=float, help="builder workspace limit in GiB (default: TensorRT's)")
     parser.add_argument("--graphs", help="comma-separated subset of step,vae_encoder,vae_decoder,image_encoder")
     parser.add_argument(
         "--attention",

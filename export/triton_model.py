@@ -30,7 +30,7 @@ from unidg.core.images import InputError
 from unidg.runtime.backends import create_backend
 from unidg.runtime.backends.base import Backend, StepConditioning, step_feeds
 from unidg.runtime.bundle import GRAPH_OUTPUTS, Bundle, load_bundle
-from unidg.runtime.sampler import GenerationCancelled, random_seed
+from unidg.runtime.sampler import DEFAULT_SEED, GenerationCancelled
 from unidg.runtime.serve import jsonable
 from unidg.runtime.synthesizer import DefectSynthesizer, RequestError, SynthesisRequest
 
@@ -199,7 +199,7 @@ class TritonPythonModel:
             reference_mask=arrays["REFERENCE_MASK"],
             source=arrays["SOURCE"],
             target_mask=arrays["TARGET_MASK"],
-            seed=random_seed() if seed is None else seed,
+            seed=DEFAULT_SEED if seed is None else seed,
             steps=steps,
             guidance=None if guidance is None else float(guidance),
             category=_optional_scalar(request, "CATEGORY") or None,

@@ -35,12 +35,23 @@ class HelpFormatter(argparse.HelpFormatter):
         return text
 
 
+class CommandSet(argparse._SubParsersAction):
+    """Sub-commands whose one-line help is also their description, so ``unidg X --help`` always says what X does."""
+
+    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        if kwargs.get("help") and not kwargs.get("description"):
+            kwargs["description"] = kwargs["help"][0].upper() + kwargs["help"][1:] + "."
+        return super().add_parser(name, **kwargs)
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """The parser class of every ``unidg`` command: defaults shown in help by ``HelpFormatter``."""
+    """The parser class of every ``unidg`` command: defaults shown in help by ``HelpFormatter``, a description on
+    every sub-command (``CommandSet``). The shared vocabulary is in docs/cli.md."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+        self.register("action", "parsers", CommandSet)
 
 
 def command_group(subparsers: argparse._SubParsersAction, name: str, help: str) -> argparse._SubParsersAction:

@@ -20,11 +20,11 @@ def _load_synthesizer(args: argparse.Namespace, **extra: object):
     )
 
 
-def step_progress_bar(total: int, description: str):
+def step_progress_bar(total: int, description: str, *, quiet: bool = False):
     """A tqdm bar and a progress callback ``(step, total) -> True`` that advances it."""
     from tqdm import tqdm
 
-    bar = tqdm(total=total, desc=description, unit="step")
+    bar = tqdm(total=total, desc=description, unit="step", disable=quiet)
 
     def advance(step: int, steps: int) -> bool:
         bar.total = steps
@@ -84,7 +84,7 @@ def _generate(args: argparse.Namespace) -> int:
         with synth:
             request = synth.check(request)  # every input and option is checked before the model runs
             loaded_bundle = time.perf_counter()
-            bar, advance = step_progress_bar(request.steps, "generate")
+            bar, advance = step_progress_bar(request.steps, "generate", quiet=args.quiet)
             with bar:
                 result = synth.generate(request, progress=advance)
         metadata = dict(result.metadata)
@@ -143,7 +143,7 @@ def _demo(args: argparse.Namespace) -> int:
     args.bundle = str(bundle)
     synth = _load_synthesizer(args)
     with synth:
-        sheet, results = run_demo(synth, samples, args.out, steps=args.steps, progress=True)
+        sheet, results = run_demo(synth, samples, args.out, steps=args.steps, progress=not args.quiet)
     seconds = sum(r.metadata["timings_s"]["total"] for r in results)
     print(f"wrote {len(results)} result(s) to {Path(args.out)} and the contact sheet {sheet} ({seconds:.1f} s)")
     return 0
@@ -168,13 +168,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     generate.add_argument("--reference-mask", required=True, help="mask of the defect in the reference (white)")
     generate.add_argument("--source", required=True, help="image to paint the defect into")
     generate.add_argument("--mask", required=True, help="target region in the source (white)")
-    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--seed", type=int, default=0, help="noise seed; same seed + inputs -> same image")
     generate.add_argument("--steps", type=int, default=None, help="denoising steps (default: the bundle's, 28)")
     generate.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the bundle's)")
     generate.add_argument("--category", default=None, help="defect category for the caption (one of the 28)")
     generate.add_argument("--object-name", default="object", help="object name for the caption stub")
     generate.add_argument("--id", default="000000", help="sample id of the quadruplet (file names)")
     generate.add_argument("--out", required=True, help="output folder (new, or empty)")
+    generate.add_argument("--quiet", action="store_true", help="no progress bar")
     add_backend_options(generate)
     generate.set_defaults(handler=_generate)
 
@@ -201,6 +202,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     demo = subparsers.add_parser("demo", help="run the shipped UniDG-nano model on the sample images")
     demo.add_argument("--out", default="out/demo", help="output folder")
+    demo.add_argument("--quiet", action="store_true", help="no progress bar")
     add_bundle_option(demo, required=False, help="bundle to run (default: the shipped UniDG-nano bundle)")
     demo.add_argument("--samples", default=None, help="folder with samples.json (default: the shipped samples)")
     demo.add_argument("--steps", type=int, default=None, help="denoising steps (default: the bundle's)")

@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_bundle_option(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind")
-    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--port", type=int, default=8080, help="TCP port to listen on")
     serve.add_argument("--workers", type=int, default=1, help="synthesis threads, each with its own model")
     serve.add_argument("--max-queue", type=int, default=8, help="requests waiting for a worker before 503")
     serve.add_argument("--timeout", type=float, default=120.0, help="seconds per request, queue included")
@@ -31,7 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-steps", type=int, default=200, help="largest steps a request may ask for")
     add_backend_options(serve)  # onnxruntime on the CPU: cores / workers threads per worker unless --threads
     serve.add_argument("--no-warmup", action="store_true", help="skip the one-step warm-up run before /readyz is 200")
-    serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    levels = ("critical", "error", "warning", "info", "debug")
+    serve.add_argument("--log-level", default="info", choices=levels, help="uvicorn log level")
     serve.set_defaults(handler=run_serve)
 
     bench = bench_subparsers(subparsers).add_parser(
@@ -42,10 +43,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     bench.add_argument("--bundle", help="bundle folder (starts a server); or give --url")
     bench.add_argument("--url", help="an already running service, e.g. http://127.0.0.1:8080")
-    bench.add_argument("--requests", type=int, default=200)
-    bench.add_argument("--concurrency", type=int, default=8)
+    bench.add_argument("--requests", type=int, default=200, help="valid requests sent in total")
+    bench.add_argument("--concurrency", type=int, default=8, help="clients sending at once")
     bench.add_argument("--workers", type=int, default=2, help="server synthesis threads")
-    bench.add_argument("--max-queue", type=int, default=16)
+    bench.add_argument("--max-queue", type=int, default=16, help="the service's --max-queue")
     bench.add_argument("--steps", type=int, default=4, help="denoising steps per request")
     bench.add_argument("--size", type=int, default=96, help="source/reference image side in pixels")
     bench.add_argument("--threads", type=int, default=1, help="onnxruntime threads per server worker")

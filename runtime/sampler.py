@@ -8,7 +8,6 @@ step i maps x at sigma_i to x at sigma_{i+1} inside the step graph: x + (sigma_{
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -21,9 +20,9 @@ NOISE_CHANNELS = 64
 MAX_SEED = 2**63 - 1
 
 
-def random_seed() -> int:
-    """A seed for a request that gave none (reported back in its metadata so the result can be reproduced)."""
-    return secrets.randbelow(MAX_SEED + 1)
+# The seed of a request that gives none, on every surface (CLI, batch jobs, HTTP, C ABI, Triton): a station reproduces
+# any output from its inputs alone; different images come from different seeds, asked for explicitly.
+DEFAULT_SEED = 0
 
 
 __all__ = ["GenerationCancelled", "denoise", "initial_noise", "sampling_sigmas"]

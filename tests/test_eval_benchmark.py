@@ -60,7 +60,7 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
 def test_tiny_config_runs_end_to_end_and_resumes_from_cache(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(ROOT)  # the config's bundle path is relative to the repository root
     out = tmp_path / "eval"
-    args = ["eval", "run", "--config", "configs/eval-tiny.toml", "--output", str(out), "--quiet"]
+    args = ["eval", "run", "--config", "configs/eval-tiny.toml", "--out", str(out), "--quiet"]
     args += ["--set", f'data.path="{tmp_path / "data"}"']
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())

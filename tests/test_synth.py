@@ -212,7 +212,7 @@ def test_deterministic_per_seed(tmp_path, udg):
 
 def test_existing_folder_needs_force(tmp_path):
     synthesize(tmp_path / "udg", 3, seed=0, size=48, progress=False)
-    with pytest.raises(ValueError, match="already holds a UDG index.*--force"):
+    with pytest.raises(ValueError, match="already holds a UDG index.*--overwrite"):
         synthesize(tmp_path / "udg", 3, seed=0, size=48, progress=False)
     synthesize(tmp_path / "udg", 2, seed=1, size=48, progress=False, overwrite=True)
     assert len(read_index(tmp_path / "udg")) == 2
@@ -233,7 +233,7 @@ def test_data_synth_and_validate_commands(tmp_path, capsys):
     assert "8 valid quadruplets, 0 bad lines" in printed
     assert "per category (objects):" in printed and "per object (categories):" in printed
     assert main(["data", "synth", "--out", str(out), "--count", "8", "--size", "48", "--quiet"]) == 2
-    assert "--force" in capsys.readouterr().err
+    assert "--overwrite" in capsys.readouterr().err
 
 
 def test_validate_exits_non_zero_listing_every_problem(udg, tmp_path, capsys):

@@ -48,7 +48,7 @@ def test_plan_counts_the_meta_model_and_splits_the_global_batch(capsys) -> None:
     assert memory_plan(config, gpus=4)["accumulation_steps"] == 16
     with pytest.raises(ValueError, match="does not split over 3 GPUs"):
         memory_plan(config, gpus=3)
-    assert main(["train", "plan", "--config", str(FULL_SFT), "--gpus", "8", "--json"]) == 0
+    assert main(["train", "plan", "--config", str(FULL_SFT), "--gpus", "8", "--json", "-"]) == 0
     assert json.loads(capsys.readouterr().out)["parameters"]["total"] == plan["parameters"]["total"]
 
 

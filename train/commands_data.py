@@ -18,7 +18,7 @@ def _synth(args: argparse.Namespace) -> int:
         seed=args.seed,
         size=args.size,
         progress=not args.quiet,
-        overwrite=args.force,
+        overwrite=args.overwrite,
         non_square_fraction=args.non_square,
     )
     seconds = time.perf_counter() - start
@@ -109,7 +109,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="FRACTION",
         help="share of 4:5 / 5:4 images, to exercise pad-to-square",
     )
-    synth.add_argument("--force", action="store_true", help="replace the quadruplets of an existing UDG folder")
+    synth.add_argument("--overwrite", action="store_true", help="replace the quadruplets of an existing UDG folder")
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
     synth.set_defaults(handler=_synth)
 

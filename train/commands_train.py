@@ -8,10 +8,11 @@ import json
 import os
 
 from unidg.core.errors import OptionError, UniDGError
+from unidg.core.manifest import atomic_write_text
 from unidg.runtime.cli_options import command_group
 
 
-def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_config_arguments(parser: argparse.ArgumentParser, *, resumable: bool = True) -> None:
     parser.add_argument("--config", required=True, help="training config (.toml or .json), e.g. configs/nano-sft.toml")
     parser.add_argument(
         "--set",
@@ -21,20 +22,21 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override one config value (TOML syntax), e.g. --set train.steps=20; repeatable",
     )
-    parser.add_argument("--output", help="run folder (overrides the config's 'output')")
+    parser.add_argument("--out", help="run folder (overrides the config's 'output')")
     parser.add_argument(
         "--device",
         help="cpu, cuda (under torchrun: each process's cuda:LOCAL_RANK) or cuda:N (overrides train.device)",
     )
-    parser.add_argument(
-        "--restart", action="store_true", help="ignore checkpoints in the run folder and start from step 0"
-    )
+    if resumable:
+        parser.add_argument(
+            "--restart", action="store_true", help="ignore checkpoints in the run folder and start from step 0"
+        )
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
     overrides = list(args.overrides)
-    if args.output:
-        overrides.append(f"output={json.dumps(args.output)}")
+    if args.out:
+        overrides.append(f"output={json.dumps(args.out)}")
     if getattr(args, "device", None):
         overrides.append(f"train.device={json.dumps(args.device)}")
     return overrides
@@ -73,7 +75,7 @@ def _cache(args: argparse.Namespace) -> int:
     from unidg.train.latent_cache import cache_for_config
 
     config = load_sft_config(args.config, _overrides(args))
-    manifest = cache_for_config(config, progress=True)
+    manifest = cache_for_config(config, progress=not args.quiet)
     size = sum(entry["bytes"] for entry in manifest["shards"].values())
     print(
         f"latent cache: {config.data.latent_cache} ({manifest['pairs']} pairs, {len(manifest['shards'])} shards, "
@@ -88,7 +90,13 @@ def _plan(args: argparse.Namespace) -> int:
 
     config = load_sft_config(args.config, _overrides(args))
     plan = memory_plan(config, args.gpus, args.preset)
-    print(plan_json(plan) if args.json else format_plan(plan))
+    if args.json == "-":
+        print(plan_json(plan))
+        return 0
+    print(format_plan(plan))
+    if args.json:
+        atomic_write_text(args.json, plan_json(plan) + "\n")
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -108,7 +116,7 @@ def _merge(args: argparse.Namespace) -> int:
         if not value:
             raise OptionError(f"--setting {text!r}: expected KEY=VALUE, e.g. --setting steps=28")
         settings[key] = json.loads(value) if value not in ("true", "false") else value == "true"
-    report = merge_lora(args.base, args.lora, args.out, settings_overrides=settings, overwrite=args.force)
+    report = merge_lora(args.base, args.lora, args.out, settings_overrides=settings, overwrite=args.overwrite)
     print(json.dumps(report, indent=2))
     return 0
 
@@ -157,7 +165,7 @@ def _reward_recog(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     document = train_reward_recog(
-        args.data, args.out, config, args.heldout, args.pretrained_classifier, args.limit, replace=args.force
+        args.data, args.out, config, args.heldout, args.pretrained_classifier, args.limit, replace=args.overwrite
     )
     print(json.dumps({k: v for k, v in document.items() if k != "classes"}, indent=2))
     return 0
@@ -237,25 +245,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     recog.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     recog.add_argument("--resnet-width", type=int, default=64, help="ResNet-34 stem width (64: torchvision's)")
     recog.add_argument("--unet-width", type=int, default=16, help="U-Net base width")
-    recog.add_argument("--seed", type=int, default=0)
+    recog.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order")
     recog.add_argument("--limit", type=int, default=0, help="use the first N quadruplets (0: all)")
     recog.add_argument(
         "--pretrained-classifier", help="local torchvision resnet34 state dict (.safetensors) for the backbone"
     )
-    recog.add_argument("--force", action="store_true", help="replace --out if it exists")
+    recog.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     recog.set_defaults(handler=_reward_recog)
 
     cache = commands.add_parser(
         "cache", help="precompute an SFT config's latents into the sharded cache of data.latent_cache (resumable)"
     )
-    _add_config_arguments(cache)
+    _add_config_arguments(cache, resumable=False)
+    cache.add_argument("--quiet", action="store_true", help="no progress bar")
     cache.set_defaults(handler=_cache)
 
     plan = commands.add_parser("plan", help="parameter counts and per-GPU memory of an SFT config (meta device)")
-    _add_config_arguments(plan)
+    _add_config_arguments(plan, resumable=False)
     plan.add_argument("--gpus", type=int, default=1, help="data-parallel GPUs (processes)")
     plan.add_argument("--preset", default="full", choices=("full", "nano"), help="model shapes to plan for")
-    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument("--json", metavar="FILE", help="write the plan as JSON to FILE ('-': standard output)")
     plan.set_defaults(handler=_plan)
 
     eq9 = commands.add_parser(
@@ -279,7 +288,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="UniDG setting written to unidg.json (alpha, beta, threshold, resolution, text_tokens, steps, guidance)",
     )
-    merge.add_argument("--force", action="store_true", help="replace --out if it exists")
+    merge.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     merge.set_defaults(handler=_merge)
 
     evaluate = commands.add_parser(

@@ -99,7 +99,7 @@ def merge_lora(
 
     out = Path(out)
     if out.exists() and not overwrite:
-        raise UniDGError(f"{out} already exists; choose a new folder or pass --force to replace it")
+        raise UniDGError(f"{out} already exists; choose a new folder or pass --overwrite to replace it")
     tensors, info = read_lora(lora_folder)
     model = load_model(base)
     settings = {**model.settings.to_dict(), **info.get("settings", {}), **(settings_overrides or {})}

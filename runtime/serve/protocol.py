@@ -25,7 +25,7 @@ from unidg.core.images import (
     validate_request,
 )
 from unidg.core.settings import UniDGSettings
-from unidg.runtime.sampler import MAX_SEED, random_seed
+from unidg.runtime.sampler import DEFAULT_SEED, MAX_SEED
 from unidg.runtime.synthesizer import RequestError, SynthesisRequest, check_request_options
 
 # Multipart field of each input, and the name the runtime's InputError uses for it.
@@ -245,7 +245,7 @@ def decode_inputs(files: dict[str, bytes], max_pixels: int) -> SynthesisInputs:
 
 def build_request(inputs: SynthesisInputs, params: SynthesisParams, name: str) -> SynthesisRequest:
     """The runtime request; without a seed the service draws one (and reports it in the metadata)."""
-    seed = params.seed if params.seed is not None else random_seed()
+    seed = params.seed if params.seed is not None else DEFAULT_SEED
     return SynthesisRequest(
         reference=inputs.reference,
         reference_mask=inputs.reference_mask,

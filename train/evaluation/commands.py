@@ -11,8 +11,8 @@ def _run(args: argparse.Namespace) -> int:
     from unidg.train.evaluation.config import load_eval_config
 
     overrides = list(args.overrides)
-    if args.output:
-        overrides.append(f"output={json.dumps(args.output)}")
+    if args.out:
+        overrides.append(f"output={json.dumps(args.out)}")
     config = load_eval_config(args.config, overrides)
     report = run_benchmark(config, progress=not args.quiet)
     print(f"report: {config.output}/report.md ({report['seconds']:.0f} s)")
@@ -75,7 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override one config value (TOML syntax), e.g. --set detectors.seg_epochs=4; repeatable",
     )
-    run.add_argument("--output", help="report folder (overrides the config's 'output')")
+    run.add_argument("--out", help="report folder (overrides the config's 'output')")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(handler=_run)
 
@@ -92,7 +92,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="pairs to generate, all with a colour-carrying reference (shading-type references are not drawn)",
     )
     transfer.add_argument("--min-pairs", type=int, default=200, help="colour-carrying pairs required")
-    transfer.add_argument("--seed", type=int, default=0)
+    transfer.add_argument("--seed", type=int, default=0, help="seed of the pairs and the sampling noise")
     transfer.add_argument("--out-json", help="also write the figure here")
     transfer.set_defaults(handler=_transfer)
 
@@ -103,7 +103,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     spread.add_argument("--data", required=True, help="held-out UDG folder")
     spread.add_argument("--inputs", type=int, default=32, help="inputs (pairs) to generate for")
     spread.add_argument("--samples", type=int, default=4, help="seeds per input")
-    spread.add_argument("--seed", type=int, default=0)
+    spread.add_argument("--seed", type=int, default=0, help="seed of the held-out pairs and of the sampling noise")
     spread.add_argument("--steps", type=int, default=0, help="denoising steps (0: the bundle's)")
     spread.add_argument(
         "--lpips",

@@ -85,7 +85,7 @@ def synthesize(
     out = Path(out)
     if (out / INDEX_FILE).exists():
         if not overwrite:
-            raise UniDGError(f"{out} already holds a UDG index; choose a new folder or pass --force to replace it")
+            raise UniDGError(f"{out} already holds a UDG index; choose a new folder or pass --overwrite to replace it")
         for name in (INDEX_FILE, DATASET_FILE):
             (out / name).unlink(missing_ok=True)
         for name in ("normal", "abnormal", "mask"):
