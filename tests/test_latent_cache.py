@@ -78,7 +78,7 @@ def _model(base: Path, config: SFTConfig):
 
 
 def _pairs(config: SFTConfig):
-    from unidg.train.sft import prepare_pairs, select_pairs
+    from unidg.train.pairs import prepare_pairs, select_pairs
 
     return select_pairs(prepare_pairs(config.data.train, config.seed), config.train.mix)
 

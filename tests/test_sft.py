@@ -15,8 +15,8 @@ from unidg.train.dataset import LatentPairs, build_example, target_token_mask
 from unidg.train.flow import flow_matching_loss, normal_regularization, step_generator, step_inputs
 from unidg.train.lora import lora_module_names
 from unidg.train.model import UniDGModel
-from unidg.train.pairs import DISTRIBUTIONS
-from unidg.train.sft import prepare_pairs, setup_sft, train_sft
+from unidg.train.pairs import DISTRIBUTIONS, prepare_pairs
+from unidg.train.sft import setup_sft, train_sft
 from unidg.train.trainer import (
     CHECKPOINTS,
     OPTIMIZER_JSON,

@@ -72,7 +72,7 @@ def udg(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def latents(udg: Path, tmp_path_factory) -> tuple[LatentPairs, Path]:
     from unidg.train.config import settings_of
-    from unidg.train.sft import prepare_pairs
+    from unidg.train.pairs import prepare_pairs
 
     pairs = prepare_pairs(udg, seed=0)
     data = LatentPairs.build(_nano(), pairs, settings_of(_config(udg, Path("unused"))), with_normal=True)

@@ -50,6 +50,9 @@ def test_plan_counts_the_meta_model_and_splits_the_global_batch(capsys) -> None:
         memory_plan(config, gpus=3)
     assert main(["train", "plan", "--config", str(FULL_SFT), "--gpus", "8", "--json", "-"]) == 0
     assert json.loads(capsys.readouterr().out)["parameters"]["total"] == plan["parameters"]["total"]
+    # A user's mistake is one line naming the option, not a traceback.
+    assert main(["train", "plan", "--config", str(FULL_SFT), "--gpus", "0"]) == 2
+    assert "--gpus must be >= 1" in capsys.readouterr().err
 
 
 def test_eq9_on_the_defect_separates_the_ground_truth_from_the_normal_copy(tmp_path: Path, capsys) -> None:

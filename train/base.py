@@ -34,7 +34,8 @@ from unidg.core.settings import UniDGSettings
 from unidg.train.config import BaseConfig, LossConfig, OptimConfig, settings_of, to_dict
 from unidg.train.dataset import LatentPairs, build_example, to_model_pixels
 from unidg.train.flow import step_generator
-from unidg.train.sft import pools_of, prepare_pairs, select_pairs, training_guidance
+from unidg.train.pairs import pools_of, prepare_pairs, select_pairs
+from unidg.train.sft import training_guidance
 from unidg.train.trainer import (
     FlowTrainer,
     Placement,

@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from unidg.core.errors import UniDGError
 from unidg.core.manifest import atomic_write_text
 from unidg.train.config import ConfigError
+from unidg.train.reward_interface import RewardOutput
 
 DIMENSIONS = ("Reference Adherence", "Consistency", "Reasonability", "Overall Quality")
 
@@ -295,7 +296,6 @@ class DefectUndJudge:
 
     # ------------------------------------------------------------------ the reward
     def score(self, inputs):
-        from unidg.train.rewards import RewardOutput
 
         bodies = [
             self.request_body(inputs.reference[b], inputs.reference_mask[b], inputs.generated[b], inputs.target_mask[b])

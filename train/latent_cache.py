@@ -419,7 +419,7 @@ def cache_for_config(config, progress: bool = True) -> dict:
 def _cache_for_config(config, placement, progress: bool) -> dict:
     from unidg.train.config import settings_of
     from unidg.train.loading import load_model
-    from unidg.train.sft import prepare_pairs, select_pairs
+    from unidg.train.pairs import prepare_pairs, select_pairs
 
     device = placement.device
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -25,11 +25,12 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from unidg.core.errors import UniDGError
-from unidg.core.udg import Quadruplet
+from unidg.core.udg import Quadruplet, read_index
 from unidg.train.shape_masks import count_regions
 
 DISTRIBUTIONS: tuple[str, ...] = ("defect-fill", "intra-object", "cross-object")
@@ -282,3 +283,23 @@ def mix_pairs(
             drawn.extend(group[i] for i in rng.permutation(len(group)))
         streams[name] = drawn[:count]
     return [streams[name][i] for i in range(count) for name in streams]
+
+
+def prepare_pairs(folder: str | Path, seed: int, limit: int = 0) -> list[TrainingPair]:
+    """All Diversity-SFT pairs of a UDG folder (deterministic for ``seed``)."""
+    quadruplets = list(read_index(folder))
+    if limit:
+        quadruplets = quadruplets[:limit]
+    if not quadruplets:
+        raise UniDGError(f"{folder} holds no quadruplets; make some with `unidg data synth --out {folder}`")
+    return diversity_sft_pairs(quadruplets, seed)
+
+
+def pools_of(data) -> list[np.ndarray]:
+    return [data.indices_of(name) for name in DISTRIBUTIONS]
+
+
+def select_pairs(pairs: Sequence[TrainingPair], weights: Sequence[float]) -> list[TrainingPair]:
+    """Only the pairs of distributions with a non-zero mix weight (those are all a run ever reads)."""
+    wanted = {name for name, weight in zip(DISTRIBUTIONS, weights) if weight > 0}
+    return [pair for pair in pairs if pair.distribution in wanted]

@@ -18,6 +18,11 @@ from __future__ import annotations
 
 import json
 
+from unidg.core.errors import OptionError
+from unidg.train.config import ConfigError, settings_of
+from unidg.train.lora import lora_parameter_count
+from unidg.train.model import UniDGModel
+
 GIB = 1024**3
 VALUES_PER_TOKEN_IN_A_BLOCK = 16  # q, k, v, attention out, 2 norms, 4x MLP up + activation, ... (per width unit)
 OPTIMIZER_TENSORS = {"prodigy": 4, "adamw": 2}
@@ -25,21 +30,18 @@ OPTIMIZER_TENSORS = {"prodigy": 4, "adamw": 2}
 
 def meta_model(preset: str = "full"):
     """A preset's model on the meta device (shapes only; the full preset is FLUX.1-Fill + SigLIP so400m + Redux)."""
-    from unidg.train.model import UniDGModel
-
     return UniDGModel.from_preset(preset, device="meta", seed=None)
 
 
 def memory_plan(config, gpus: int, preset: str = "full") -> dict:
     """Counts and bytes per GPU for ``gpus`` data-parallel processes, for the model of ``preset``."""
-    from unidg.train.config import settings_of
-    from unidg.train.lora import lora_parameter_count
-
     if gpus < 1:
-        raise ValueError(f"--gpus must be >= 1 (got {gpus})")
+        raise OptionError(f"--gpus must be >= 1 (got {gpus})")
     batch = config.train.batch_size
     if batch % gpus:
-        raise ValueError(f"train.batch_size {batch} (the global batch) does not split over {gpus} GPUs")
+        raise ConfigError(
+            f"train.batch_size {batch} (the global batch) does not split over {gpus} GPUs; pick a multiple of {gpus}"
+        )
     model = meta_model(preset)
     counts = model.parameter_count()
     lora = lora_parameter_count(model.transformer, config.lora)
@@ -50,7 +52,9 @@ def memory_plan(config, gpus: int, preset: str = "full") -> dict:
     per_gpu = batch // gpus
     micro = config.train.micro_batch or per_gpu
     if per_gpu % micro:
-        raise ValueError(f"train.micro_batch {micro} does not divide the {per_gpu} pairs per GPU")
+        raise ConfigError(
+            f"train.micro_batch {micro} does not divide the {per_gpu} pairs per GPU; pick a divisor of {per_gpu}"
+        )
     settings = settings_of(config)
     transformer = model.transformer.config
     width = transformer.num_attention_heads * transformer.attention_head_dim

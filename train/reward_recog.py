@@ -23,6 +23,7 @@ import torch
 
 from unidg.core.errors import UniDGError
 from unidg.core.udg import CATEGORIES
+from unidg.train.reward_interface import RewardError, RewardOutput
 
 NORMAL = "normal"
 CLASSES: tuple[str, ...] = (*CATEGORIES, NORMAL)
@@ -177,7 +178,6 @@ class DefectRecogReward:
         from unidg.train.evaluation import metrics
         from unidg.train.evaluation.datasets import resize_pair
         from unidg.train.evaluation.detector_training import as_input
-        from unidg.train.rewards import RewardError, RewardOutput
 
         if len(inputs.categories) != inputs.batch or not all(inputs.categories):
             raise RewardError("reward 'recog' needs the reference defect's category of every sample")

@@ -20,64 +20,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
-from unidg.core.errors import UniDGError
 from unidg.train.config import ConfigError, from_dict, read_config_file
-from unidg.train.judge import JudgeConfig
-
-
-class RewardError(UniDGError):
-    """A reward could not score a sample; the message names the term, the sample and what to fix."""
-
-
-@dataclass
-class RewardInputs:
-    """A batch of B generated targets with what they were generated from, all in the diptych's S x S halves."""
-
-    reference: np.ndarray  # (B, S, S, 3) uint8 reference crop (the diptych's left half)
-    reference_mask: np.ndarray  # (B, S, S) bool the defect in the reference crop
-    generated: np.ndarray  # (B, S, S, 3) uint8 the generated target (the result diptych's right half)
-    target_mask: np.ndarray  # (B, S, S) bool where the defect was to be painted
-    source: np.ndarray | None = None  # (B, S, S, 3) uint8 the unedited target (None where unknown)
-    categories: list[str] = field(default_factory=list)
-    ids: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        batch = len(self.generated)
-        for name in ("reference", "reference_mask", "target_mask") + (("source",) if self.source is not None else ()):
-            if len(getattr(self, name)) != batch:
-                raise ValueError(f"reward inputs: {name} has {len(getattr(self, name))} rows, generated has {batch}")
-        if not self.ids:
-            self.ids = [str(i) for i in range(batch)]
-
-    @property
-    def batch(self) -> int:
-        return len(self.generated)
-
-
-@dataclass
-class RewardOutput:
-    scores: np.ndarray  # (B,) float64
-    details: dict[str, np.ndarray] = field(default_factory=dict)  # per-term / per-dimension (B,) arrays
-
-
-class Reward(Protocol):
-    name: str
-
-    def score(self, inputs: RewardInputs) -> RewardOutput: ...
-
-
-def checked(name: str, output: RewardOutput, inputs: RewardInputs) -> RewardOutput:
-    scores = np.asarray(output.scores, dtype=np.float64)
-    if scores.shape != (inputs.batch,):
-        raise RewardError(f"reward {name!r} returned {scores.shape} scores for a batch of {inputs.batch}")
-    bad = np.flatnonzero(~np.isfinite(scores))
-    if bad.size:
-        raise RewardError(f"reward {name!r} gave a non-finite score for sample {inputs.ids[bad[0]]!r}")
-    return RewardOutput(scores, output.details)
+from unidg.train.judge import DefectUndJudge, JudgeConfig
+from unidg.train.reward_interface import Reward, RewardError, RewardInputs, RewardOutput, checked
+from unidg.train.reward_recog import RECOG_JSON, DefectRecogReward
 
 
 # ============================================================================ colour adherence
@@ -117,8 +66,6 @@ class RecogConfig:
     checkpoint: str = ""  # folder written by `unidg train reward-recog`
 
     def validate(self, where: str) -> None:
-        from unidg.train.reward_recog import RECOG_JSON
-
         if not (Path(self.checkpoint) / RECOG_JSON).is_file():
             raise ConfigError(
                 f"{where}: recog.checkpoint {self.checkpoint!r} is not a Defect-Recog folder (no {RECOG_JSON}); "
@@ -177,12 +124,8 @@ class WeightedReward:
 def build_reward(config: RewardConfig) -> WeightedReward:
     terms: list[tuple[float, Reward]] = []
     if config.judge.weight > 0:
-        from unidg.train.judge import DefectUndJudge
-
         terms.append((config.judge.weight, DefectUndJudge(config.judge)))
     if config.recog.weight > 0:
-        from unidg.train.reward_recog import DefectRecogReward
-
         terms.append((config.recog.weight, DefectRecogReward(config.recog.checkpoint)))
     if config.color.weight > 0:
         terms.append((config.color.weight, ColorAdherenceReward()))
@@ -194,3 +137,17 @@ def load_reward_config(path: str | Path) -> RewardConfig:
     config = from_dict(RewardConfig, read_config_file(path), str(path))
     config.validate(str(path))
     return config
+
+
+__all__ = [
+    "ColorAdherenceReward",
+    "Reward",
+    "RewardConfig",
+    "RewardError",
+    "RewardInputs",
+    "RewardOutput",
+    "WeightedReward",
+    "build_reward",
+    "checked",
+    "load_reward_config",
+]

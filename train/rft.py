@@ -247,8 +247,8 @@ class RFTRun:
         from unidg.core.settings import UniDGSettings
         from unidg.train.lora import add_lora
         from unidg.train.model import UniDGModel, image_ids
+        from unidg.train.pairs import prepare_pairs, select_pairs
         from unidg.train.rewards import build_reward
-        from unidg.train.sft import prepare_pairs, select_pairs
         from unidg.train.trainer import build_optimizer, current_placement, place_model, sample_schedule
 
         if config.train.threads:

@@ -11,45 +11,18 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from unidg.core.manifest import atomic_write_text
 from unidg.core.settings import UniDGSettings
 from unidg.train.config import SFTConfig, settings_of, to_dict
+from unidg.train.latent_cache import open_cache
 from unidg.train.lora import add_lora, save_lora
+from unidg.train.pairs import pools_of, prepare_pairs, select_pairs
 from unidg.train.trainer import FlowTrainer, Placement, build_optimizer, distributed, run_options, sample_schedule
-
-
-def prepare_pairs(folder: str | Path, seed: int, limit: int = 0):
-    """All Diversity-SFT pairs of a UDG folder (deterministic for ``seed``)."""
-    from unidg.core.udg import read_index
-    from unidg.train.pairs import diversity_sft_pairs
-
-    quadruplets = list(read_index(folder))
-    if limit:
-        quadruplets = quadruplets[:limit]
-    if not quadruplets:
-        raise ValueError(f"{folder} holds no quadruplets; make some with `unidg data synth --out {folder}`")
-    return diversity_sft_pairs(quadruplets, seed)
-
-
-def pools_of(data) -> list[np.ndarray]:
-    from unidg.train.pairs import DISTRIBUTIONS
-
-    return [data.indices_of(name) for name in DISTRIBUTIONS]
-
-
-def select_pairs(pairs, weights: Sequence[float]):
-    """Only the pairs of distributions with a non-zero mix weight (those are all a run ever reads)."""
-    from unidg.train.pairs import DISTRIBUTIONS
-
-    wanted = {name for name, weight in zip(DISTRIBUTIONS, weights) if weight > 0}
-    return [pair for pair in pairs if pair.distribution in wanted]
 
 
 def training_guidance(configured: float, settings: UniDGSettings) -> float:
@@ -67,8 +40,6 @@ def load_training_data(config: SFTConfig, model, settings: UniDGSettings, placem
     from unidg.train.dataset import LatentPairs
 
     if config.data.latent_cache:
-        from unidg.train.latent_cache import open_cache
-
         return open_cache(config, model, settings)  # the pair list is the cache's: no image is read
     pairs = select_pairs(prepare_pairs(config.data.train, config.seed, config.data.limit), config.train.mix)
     cache_dir = Path(config.output) / "cache" if config.data.cache else None

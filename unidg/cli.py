@@ -30,6 +30,37 @@ COMMAND_MODULES: list[str] = [
 ]
 
 
+# The extra of pyproject.toml that installs each optional top-level module a command may need.
+EXTRA_OF_MODULE: dict[str, str] = {
+    **dict.fromkeys(
+        ("torch", "diffusers", "transformers", "peft", "safetensors", "prodigyopt", "skimage", "scipy", "httpx"),
+        "train",
+    ),
+    **dict.fromkeys(("pydantic", "matplotlib"), "train"),
+    **dict.fromkeys(("onnx", "onnxscript", "polygraphy", "onnx_graphsurgeon", "modelopt", "triton"), "export"),
+    **dict.fromkeys(("onnxconverter_common", "onnxslim", "lief", "cppimport"), "export"),
+    **dict.fromkeys(("fastapi", "uvicorn", "multipart", "python_multipart"), "serve"),
+    "cffi": "capi",
+    **dict.fromkeys(("tensorrt", "cuda"), "tensorrt"),
+    "tritonclient": "dev",
+}
+
+
+# Commands whose heavy work needs [export] (which includes [train]) rather than the module's own extra.
+EXPORT_COMMANDS = ("export", "calib")
+
+
+def missing_extra_message(error: ModuleNotFoundError, command: str | None = None) -> str:
+    """A missing optional module, and the install line that brings it (the extra that makes ``command`` work)."""
+    module = (error.name or "").split(".")[0]
+    extra = EXTRA_OF_MODULE.get(module)
+    if extra is None:
+        return f"{error}; it is not an optional dependency of unidg: reinstall unidg"
+    if extra == "train" and command in EXPORT_COMMANDS:
+        extra = "export"
+    return f"this command needs the '{module}' package; install it with `pip install 'unidg[{extra}]'`"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="unidg", description="UniDG defect-image generation toolkit.")
     parser.add_argument("--version", action="version", version=f"unidg {__version__}")
@@ -54,11 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unidg {args.command}: error: {error}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as error:
-        print(
-            f"unidg {args.command}: error: {error}. This command needs an optional extra; "
-            "install it with e.g. `pip install 'unidg[train,export]'`.",
-            file=sys.stderr,
-        )
+        print(f"unidg {args.command}: error: {missing_extra_message(error, args.command)}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         # The reader went away (`unidg data validate DIR | head`): stop quietly, as other command-line tools do.
