@@ -49,8 +49,34 @@ def _check_generate_options(args: argparse.Namespace) -> None:
         raise OptionError("--object-name must not be empty (it goes into the caption stub); e.g. --object-name bottle")
     if args.category is not None:
         check_category(args.category)
+    if args.zero_shot:
+        if args.reference or args.reference_mask:
+            raise OptionError("--zero-shot retrieves the reference: leave out --reference and --reference-mask")
+        if args.category is None:
+            raise OptionError("--zero-shot needs --category: the reference is retrieved among that category's")
+    elif not (args.reference and args.reference_mask):
+        raise OptionError(
+            "--reference and --reference-mask are required (or --zero-shot REPOSITORY with --category to retrieve one)"
+        )
     backend_options(args)
     check_output_folder(args.out)  # new or empty, in a writable folder
+
+
+def _zero_shot_request(args: argparse.Namespace, synth, library, options: dict):
+    """The request with the reference of ``--category`` that looks most like the source around its target region."""
+    import numpy as np
+
+    from unidg.core.images import load_image, load_mask
+    from unidg.runtime.reference_library import embed_defect
+    from unidg.runtime.synthesizer import SynthesisRequest
+
+    library.check_bundle(synth.bundle.fingerprint)
+    source = load_image(args.source, "source image")
+    target_mask = load_mask(args.mask, "target mask")
+    entry = library.retrieve(args.category, embed_defect(synth, source, target_mask), np.random.default_rng(args.seed))
+    reference, reference_mask = library.load_reference(entry)
+    request = SynthesisRequest(reference, reference_mask, source, target_mask, **options, name="request")
+    return request, entry
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -60,6 +86,7 @@ def _generate(args: argparse.Namespace) -> int:
     from unidg.core.staging import staged_folder
     from unidg.core.udg import UDGWriter
     from unidg.runtime.jobs import write_result
+    from unidg.runtime.reference_library import ReferenceLibrary
     from unidg.runtime.synthesizer import SynthesisRequest
 
     _check_generate_options(args)
@@ -68,20 +95,18 @@ def _generate(args: argparse.Namespace) -> int:
     # at any later point leaves nothing behind.
     with staged_folder(out) as staging:
         started = time.perf_counter()
-        request = SynthesisRequest.from_files(
-            args.reference,
-            args.reference_mask,
-            args.source,
-            args.mask,
-            seed=args.seed,
-            steps=args.steps,
-            guidance=args.guidance,
-            category=args.category,
-            name="request",
-        )
+        options = {"seed": args.seed, "steps": args.steps, "guidance": args.guidance, "category": args.category}
+        if args.zero_shot:
+            library = ReferenceLibrary.load(args.zero_shot)
+        else:
+            request = SynthesisRequest.from_files(
+                args.reference, args.reference_mask, args.source, args.mask, **options, name="request"
+            )
         loaded_inputs = time.perf_counter()
         synth = _load_synthesizer(args)
         with synth:
+            if args.zero_shot:
+                request, retrieved = _zero_shot_request(args, synth, library, options)
             request = synth.check(request)  # every input and option is checked before the model runs
             loaded_bundle = time.perf_counter()
             bar, advance = step_progress_bar(request.steps, "generate", quiet=args.quiet)
@@ -99,6 +124,9 @@ def _generate(args: argparse.Namespace) -> int:
             "source": str(args.source),
             "mask": str(args.mask),
         }
+        if args.zero_shot:
+            metadata["inputs"].update(zero_shot=str(args.zero_shot), reference_id=retrieved.id)
+            metadata["inputs"].update(reference=retrieved.image, reference_mask=retrieved.mask)
         with UDGWriter(staging) as writer:
             write_result(writer, staging, args.id, request, result, metadata, "metadata.json", args.object_name)
     print(f"wrote {out} (abnormal/{args.id}.png, mask/{args.id}.png, metadata.json)")
@@ -164,8 +192,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "caption stub) and metadata.json (seed, settings, bundle fingerprint, timings) into --out.",
     )
     add_bundle_option(generate)
-    generate.add_argument("--reference", required=True, help="reference image showing the defect")
-    generate.add_argument("--reference-mask", required=True, help="mask of the defect in the reference (white)")
+    generate.add_argument("--reference", help="reference image showing the defect (or --zero-shot)")
+    generate.add_argument("--reference-mask", help="mask of the defect in the reference (white)")
+    generate.add_argument(
+        "--zero-shot",
+        metavar="REPOSITORY",
+        help="retrieve the reference of --category from this repository (unidg data references) instead",
+    )
     generate.add_argument("--source", required=True, help="image to paint the defect into")
     generate.add_argument("--mask", required=True, help="target region in the source (white)")
     generate.add_argument("--seed", type=int, default=0, help="noise seed; same seed + inputs -> same image")

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import io
 import sys
+
+from unidg.runtime.cli_options import add_backend_options, add_bundle_option
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -87,6 +90,49 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _templates(args: argparse.Namespace) -> int:
+    from unidg.train.mask_library import build_template_library
+
+    summary = build_template_library(
+        args.udg, args.out, clusters=args.clusters, seed=args.seed, overwrite=args.overwrite, progress=not args.quiet
+    )
+    masks = sum(entry["masks"] for entry in summary.values())
+    clusters = sum(entry["clusters"] for entry in summary.values())
+    print(f"{args.out}: {masks} templates in {clusters} clusters over {len(summary)} categories")
+    for category, entry in summary.items():
+        print(f"  {category:<16} {entry['masks']:>6} masks  {entry['clusters']:>4} clusters")
+    return 0
+
+
+def _place(args: argparse.Namespace) -> int:
+    import numpy as np
+    from PIL import Image
+
+    from unidg.core.images import load_image
+    from unidg.core.manifest import atomic_write_bytes
+    from unidg.runtime.mask_templates import TemplateLibrary, place_template
+
+    library = TemplateLibrary.load(args.templates)
+    image = load_image(args.image, "--image")
+    mask, template = place_template(library, args.category, image, np.random.default_rng(args.seed))
+    buffer = io.BytesIO()
+    Image.fromarray(mask.astype(np.uint8) * 255).save(buffer, format="PNG")
+    atomic_write_bytes(args.out, buffer.getvalue())
+    print(f"wrote {args.out}: template {template.id} (cluster {template.cluster}), {int(mask.sum())} pixels")
+    return 0
+
+
+def _references(args: argparse.Namespace) -> int:
+    from unidg.runtime.cli_options import backend_options
+    from unidg.runtime.reference_library import build_reference_library
+    from unidg.runtime.synthesizer import DefectSynthesizer
+
+    with DefectSynthesizer.from_bundle(args.bundle, backend=args.backend, **backend_options(args)) as synth:
+        counts = build_reference_library(args.udg, synth, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    print(f"{args.out}: {sum(counts.values())} references over {len(counts)} categories")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("data", help="UDG datasets: procedural quadruplets, validation")
     commands = parser.add_subparsers(dest="data_command", metavar="ACTION")
@@ -122,3 +168,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--index-only", action="store_true", help="check index lines and captions only, not the image files"
     )
     check.set_defaults(handler=_validate)
+
+    templates = commands.add_parser(
+        "templates", help="mask-template library: the masks of a UDG folder clustered per category (paper App. A.1)"
+    )
+    templates.add_argument("--udg", required=True, help="UDG folder whose masks become templates")
+    templates.add_argument("--out", required=True, help="library folder to write")
+    templates.add_argument(
+        "--clusters", type=int, default=100, help="k-means clusters per category (fewer masks: fewer)"
+    )
+    templates.add_argument("--seed", type=int, default=0, help="seed of the k-means++ initialisation")
+    templates.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    templates.add_argument("--quiet", action="store_true", help="no progress bar")
+    templates.set_defaults(handler=_templates)
+
+    place = commands.add_parser(
+        "place", help="a target mask for an image: a template of a category placed inside its foreground"
+    )
+    place.add_argument("--templates", required=True, help="library folder (unidg data templates)")
+    place.add_argument("--image", required=True, help="normal image to place the mask on")
+    place.add_argument("--category", required=True, help="defect category of the template")
+    place.add_argument("--out", required=True, help="mask PNG to write (0/255, the image's size)")
+    place.add_argument("--seed", type=int, default=0, help="seed of the cluster, template and position choice")
+    place.set_defaults(handler=_place)
+
+    references = commands.add_parser(
+        "references", help="zero-shot reference repository: a UDG folder's defects embedded by a bundle (App. B.4)"
+    )
+    references.add_argument("--udg", required=True, help="UDG folder whose abnormal images become references")
+    add_bundle_option(references, help="bundle whose image encoder embeds the references")
+    references.add_argument("--out", required=True, help="repository folder to write")
+    references.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    references.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_backend_options(references)
+    references.set_defaults(handler=_references)
