@@ -24,6 +24,7 @@ from PIL import Image
 from .images import (
     REFERENCE_IMAGE,
     REFERENCE_MASK,
+    SOURCE_IMAGE,
     TARGET_MASK,
     InputError,
     validate_image,
@@ -332,9 +333,56 @@ def build_diptych(
     """Alg. 1: the S x 2S diptych of a request. ``masked_value`` fills the dilated region of the masked source
     (0 as in Alg. 1 line 16, ``I_src * not(M_src)``)."""
     validate_request(reference, reference_mask, source, target_mask)
+    _check_diptych_size(size)
+    crop = adaptive_reference_crop(reference, reference_mask, size, beta, threshold)
+    return _diptych_with(crop, source, target_mask, size, dilate_kernel, dilate_iterations, masked_value)
+
+
+def blank_reference(size: int) -> ReferenceCrop:
+    """The left half of a diptych without a reference (UniDG-Text's second form, paper B.3): pure black, no defect."""
+    return ReferenceCrop(
+        image=np.zeros((size, size, 3), np.uint8),
+        mask=np.zeros((size, size), bool),
+        bbox=(0, 0, 0, 0),
+        area_ratio=0.0,
+        crop_ratio=1.0,
+        box=(0, 0, 0, 0),
+        transform=SquareTransform.whole(size, size, size),
+    )
+
+
+def build_text_diptych(
+    source: np.ndarray,
+    target_mask: np.ndarray,
+    size: int,
+    dilate_kernel: int = 7,
+    dilate_iterations: int = 2,
+    masked_value: int = 0,
+) -> Diptych:
+    """The diptych of an instruction without a reference: a black left half beside the masked source (paper B.3)."""
+    validate_image(source, SOURCE_IMAGE)
+    validate_mask(target_mask, TARGET_MASK, image_shape=source.shape, image_name=SOURCE_IMAGE)
+    _check_diptych_size(size)
+    return _diptych_with(
+        blank_reference(size), source, target_mask, size, dilate_kernel, dilate_iterations, masked_value
+    )
+
+
+def _check_diptych_size(size: int) -> None:
     if size < TOKEN_PATCH or size % TOKEN_PATCH:
         raise ValueError(f"diptych size S must be a positive multiple of {TOKEN_PATCH}, got {size}")
-    crop = adaptive_reference_crop(reference, reference_mask, size, beta, threshold)
+
+
+def _diptych_with(
+    crop: ReferenceCrop,
+    source: np.ndarray,
+    target_mask: np.ndarray,
+    size: int,
+    dilate_kernel: int,
+    dilate_iterations: int,
+    masked_value: int,
+) -> Diptych:
+    """[left half | masked source square] with the source half's geometry (Alg. 1 lines 13-18)."""
     dilated = dilated_target_mask(target_mask, dilate_kernel, dilate_iterations)
     transform = SquareTransform.whole(source.shape[0], source.shape[1], size)
     masked_source = np.where(dilated[..., None], np.uint8(masked_value), source)
