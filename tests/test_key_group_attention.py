@@ -77,3 +77,42 @@ def test_one_group_no_finite_key_and_too_many_levels():
         key_group_attention(q, k, v, levels)
     with pytest.raises(ValueError, match="key_bias must be"):
         key_group_attention(q, k, v, torch.zeros(2, 7))
+
+
+def permuted_to_ranges(bias: torch.Tensor, context: int) -> torch.Tensor:
+    """Key order [context | image tokens by bias level] (what contiguous_key_order does once per request)."""
+    from unidg.runtime.key_group_attention import contiguous_key_order
+
+    order = [*range(context), *(context + i for i in contiguous_key_order(bias[0, context:].numpy()))]
+    return torch.tensor(order)
+
+
+def test_key_ranges_equal_the_biased_softmax_and_need_no_gather():
+    from unidg.runtime.key_group_attention import key_range_attention, key_range_bounds
+
+    gen = torch.Generator().manual_seed(3)
+    bias = unidg_bias(batch=1, image_tokens=40, seed=3)  # 1 text + 6 reference + 40 image
+    order = permuted_to_ranges(bias, 7)
+    ranged = bias[:, order]
+    bounds = key_range_bounds(ranged)
+    assert bounds.dtype == torch.int32 and bounds.tolist()[0][:2] == [0, 1] and bounds.tolist()[0][-1] == 47
+    q = torch.randn(1, 3, 47, 32, generator=gen)
+    k, v = (torch.randn(1, 3, 47, 32, generator=gen) for _ in range(2))
+    got = key_range_attention(q, k[:, :, order], v[:, :, order], ranged, bounds)
+    torch.testing.assert_close(got.double(), explicit_biased_attention(q, k, v, bias), rtol=0, atol=2e-6)
+
+
+def test_key_ranges_with_padding_need_a_fourth_range_and_refuse_unsorted_biases():
+    from unidg.runtime.key_group_attention import key_range_attention, key_range_bounds
+
+    bias = unidg_bias(batch=1, image_tokens=30, seed=4, padding=5)  # ... | -inf x 5
+    ranged = bias[:, torch.cat([permuted_to_ranges(bias[:, :37], 7), torch.arange(37, 42)])]
+    with pytest.raises(ValueError, match="more than 3"):
+        key_range_bounds(ranged)
+    bounds = key_range_bounds(ranged, ranges=4)
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 42, 16, generator=gen) for _ in range(3))
+    got = key_range_attention(q, k, v, ranged, bounds)
+    torch.testing.assert_close(got.double(), explicit_biased_attention(q, k, v, ranged), rtol=0, atol=2e-6)
+    with pytest.raises(ValueError, match="contiguous_key_order"):
+        key_range_bounds(unidg_bias(batch=1, image_tokens=30, seed=5))  # defect keys scattered: many runs
