@@ -58,6 +58,18 @@ SWEEP_TILES: tuple[tuple[int, int, int, int], ...] = (
     (64, 64, 4, 4),
     (64, 32, 4, 1),
 )
+# Every exact biased form the bench times (the unbiased SDPA row is a speed bound, not one of them).
+BIASED_FORMS = (
+    "triton_biased",
+    "sdpa_float_mask",
+    "sdpa_headdim_fold",
+    "sdpa_key_groups",
+    "sdpa_key_ranges",
+    "flex_score_mod",
+)
+# Forms a CUDA graph can capture: no host synchronisation inside the call (key groups gather by the host's indices).
+CAPTURABLE_FORMS = ("triton_biased", "sdpa_float_mask", "sdpa_headdim_fold", "sdpa_key_ranges", "flex_score_mod")
+KEY_RANGES_NOTE = "tokens permuted once per request, 3 contiguous key ranges merged by log-sum-exp (exact, capturable)"
 CPU_NOTE = (
     "CPU run under Triton's interpreter at tiny shapes: it proves the benchmark harness only; these timings are "
     "not performance figures. Run `unidg bench attention --device cuda` on a GPU for real numbers."
@@ -135,6 +147,36 @@ def time_call(fn: Callable[[], object], repeats: int, warmup: int, cuda: bool) -
     return times
 
 
+def flex_attention_call(compiled: bool) -> Callable:
+    """``attention(q, k, v, key_bias)`` on FlexAttention with a ``score_mod`` that adds ``key_bias[b, kv]``.
+
+    ``compiled``: through ``torch.compile(flex_attention)``, which generates the fused kernel (FlexAttention is only
+    fast that way); otherwise its eager reference, which materialises the scores (CPU checks).
+    """
+    import warnings
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    kernel = torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+
+    def attention(q, k, v, key_bias):
+        def add_key_bias(score, b, h, q_idx, kv_idx):
+            return score + key_bias[b, kv_idx].to(score.dtype)
+
+        with warnings.catch_warnings():  # the eager reference warns that it is unfused: that is the point on the CPU
+            warnings.simplefilter("ignore", UserWarning)
+            return kernel(q, k, v, score_mod=add_key_bias)
+
+    return attention
+
+
+def best_biased_form(result: BenchResult, tokens: int, capturable: bool = False) -> BenchRow | None:
+    """The fastest exact biased form measured at ``tokens`` (only the CUDA-graph-capturable ones if asked)."""
+    forms = CAPTURABLE_FORMS if capturable else BIASED_FORMS
+    rows = [r for r in result.rows if r.tokens == tokens and r.variant in forms and r.median_ms == r.median_ms]
+    return min(rows, key=lambda r: r.median_ms, default=None)
+
+
 def _sdpa_backends() -> list:
     from torch.nn.attention import SDPBackend
 
@@ -168,10 +210,17 @@ def run_attention_bench(
     warmup: int = 3,
     seed: int = 0,
     tile_sweep: bool = False,
+    sweep: tuple[tuple[int, int, int, int], ...] = SWEEP_TILES,
+    all_forms: bool = True,
 ) -> BenchResult:
     """Time the kernel and the SDPA variants at both token counts; see the module docstring."""
     from unidg.export.plugins.attention_kernel import INTERPRETER_CONFIG, KernelConfig, biased_attention
-    from unidg.runtime.key_group_attention import key_group_attention
+    from unidg.runtime.key_group_attention import (
+        contiguous_key_order,
+        key_group_attention,
+        key_range_attention,
+        key_range_bounds,
+    )
     from unidg.train.headdim_fold import fold_key_bias
 
     if device not in ("cpu", "cuda"):
@@ -212,6 +261,7 @@ def run_attention_bench(
         note=CPU_NOTE if interpreter else "",
     )
 
+    flex = flex_attention_call(on_gpu)
     for folded in (False, True):
         tokens = layout.tokens(folded)
         q, k, v = (
@@ -238,40 +288,70 @@ def run_attention_bench(
         def sdpa_groups(q=q, k=k, v=v, bias=bias):
             return key_group_attention(q, k, v, bias)
 
-        reference = sdpa_mask().float()
-        timings: dict[str, tuple[list[float], str]] = {}
-        for name, fn in (
-            ("sdpa_no_bias", sdpa_plain),
-            ("sdpa_float_mask", sdpa_mask),
-            ("sdpa_headdim_fold", sdpa_fold),
-        ):
-            timings[name] = _best_sdpa(fn, timer, repeats, warmup) if on_gpu else (timer(fn, repeats, warmup), "cpu")
-        groups = len(torch.unique(bias[0][torch.isfinite(bias[0])]))
-        timings["sdpa_key_groups"] = (
-            timer(sdpa_groups, repeats, warmup),
-            f"{groups} key groups, {'cuDNN/flash' if on_gpu else 'CPU flash'} with log-sum-exp, merged (exact)",
-        )
-        timings["triton_biased"] = (timer(kernel, repeats, 1 if interpreter else warmup), "")
-        kernel_note = "Triton interpreter" if interpreter else f"Triton, autotuned: {_autotuned_choice()}"
-        timings["triton_biased"] = (timings["triton_biased"][0], kernel_note)
+        # keys permuted once (a request's token permutation) so each bias level is one contiguous range
+        context = tokens - layout.image
+        order = torch.tensor([*range(context), *(context + i for i in contiguous_key_order(bias[0, context:].cpu()))])
+        order = order.to(device)
+        k_ranges, v_ranges, bias_ranges = k[:, :, order], v[:, :, order], bias[:, order]
+        bounds = key_range_bounds(bias_ranges)
 
-        outputs = {
-            "sdpa_no_bias": sdpa_plain,
-            "sdpa_float_mask": sdpa_mask,
-            "sdpa_headdim_fold": sdpa_fold,
-            "sdpa_key_groups": sdpa_groups,
-            "triton_biased": kernel,
+        def sdpa_ranges(q=q, k=k_ranges, v=v_ranges, bias=bias_ranges, bounds=bounds):
+            return key_range_attention(q, k, v, bias, bounds)
+
+        def flex_bias(q=q, k=k, v=v, bias=bias, flex=flex):
+            return flex(q, k, v, bias)
+
+        reference = sdpa_mask().float()
+        groups = len(torch.unique(bias[0][torch.isfinite(bias[0])]))
+        on_sdpa = "cuDNN/flash" if on_gpu else "CPU flash"
+        forms: dict[str, tuple[Callable[[], torch.Tensor], str]] = {
+            "triton_biased": (kernel, "Triton interpreter" if interpreter else "Triton, autotuned"),
+            "sdpa_no_bias": (sdpa_plain, "(no bias: a speed bound, not the same output)"),
+            "sdpa_float_mask": (sdpa_mask, ""),
+            "sdpa_headdim_fold": (sdpa_fold, ""),
+            "sdpa_key_groups": (sdpa_groups, f"{groups} key groups, {on_sdpa} with log-sum-exp, merged (exact)"),
+            "sdpa_key_ranges": (
+                sdpa_ranges,
+                f"{KEY_RANGES_NOTE} ({'varlen flash, device-side bounds' if on_gpu else 'CPU reference per range'})",
+            ),
+            "flex_score_mod": (
+                flex_bias,
+                "FlexAttention, score_mod adds bias[kv]" + (", torch.compile'd" if on_gpu else ", eager (unfused)"),
+            ),
         }
-        baseline = statistics.median(timings["sdpa_no_bias"][0])
+        if not all_forms:  # the tile sweep alone: its rows need only the unbiased baseline
+            forms = {"sdpa_no_bias": forms["sdpa_no_bias"]}
+        measured: list[tuple[str, list[float], float, str] | BenchRow] = []
         flops = attention_flops(1, heads, tokens, tokens, head_dim)
-        for name in ("triton_biased", "sdpa_no_bias", "sdpa_float_mask", "sdpa_headdim_fold", "sdpa_key_groups"):
-            times, note = timings[name]
-            diff = (outputs[name]().float() - reference).abs().max().item()
-            if name == "sdpa_no_bias":
-                note = f"{note} (no bias: a speed bound, not the same output)"
-            result.rows.append(_timed_row(name, tokens, times, flops, baseline, diff, note))
+        for name, (fn, note) in forms.items():
+            try:
+                if name.startswith("sdpa_") and name not in ("sdpa_key_groups", "sdpa_key_ranges") and on_gpu:
+                    times, backend = _best_sdpa(fn, timer, repeats, warmup)
+                    note = f"{backend} {note}".strip()
+                elif name == "triton_biased":
+                    times = timer(fn, repeats, 1 if interpreter else warmup)
+                    note = note if interpreter else f"{note}: {_autotuned_choice()}"
+                else:
+                    times = timer(fn, repeats, warmup)
+                    note = note or "cpu"
+                diff = (fn().float() - reference).abs().max().item()
+            except Exception as error:  # noqa: BLE001 - a form this torch/GPU rejects is that row's finding
+                reason = f"{type(error).__name__}: {error}".splitlines()[0][:160]
+                nan = float("nan")
+                measured.append(BenchRow(name, tokens, nan, nan, nan, nan, nan, f"failed: {reason}"))
+                continue
+            measured.append((name, times, diff, note))
+        unbiased = [m[1] for m in measured if isinstance(m, tuple) and m[0] == "sdpa_no_bias"]
+        baseline = statistics.median(unbiased[0]) if unbiased else float("nan")
+        for entry in measured:
+            row = (
+                entry
+                if isinstance(entry, BenchRow)
+                else _timed_row(entry[0], tokens, entry[1], flops, baseline, *entry[2:])
+            )
+            result.rows.append(row)
         if tile_sweep:
-            for tiles in SWEEP_TILES:
+            for tiles in sweep:
                 config = KernelConfig(*tiles)
                 result.rows.append(
                     _pinned_kernel_row(
