@@ -76,6 +76,12 @@ def _register_bench_runtime(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _bench_gpu(args: argparse.Namespace) -> int:
+    if args.all:
+        from unidg.export.bench_gpu_all import bench_gpu_all
+
+        return bench_gpu_all(args)
+    if args.cache_full_steps is not None or args.cache_manifest is not None:
+        raise OptionError("--cache-full-steps and --cache-manifest belong to --all (its step-caching row)")
     from unidg.export.bench_gpu import bench_gpu
 
     return bench_gpu(args)
@@ -92,6 +98,30 @@ def _register_bench_gpu(subparsers: argparse._SubParsersAction) -> None:
         "capture): a check of the harness, not figures. See docs/performance.md for carrying it to a bare GPU machine.",
     )
     parser.add_argument("--dry-run", action="store_true", help="CPU, nano preset, tiny size: check every path")
+    parser.add_argument(
+        "--all",
+        action="store_true",
+        help="the one-call session: machine record, stock diffusers baseline, each option alone, the fastest "
+        "combination end to end, attention tile sweep, bench train, onnxruntime CUDA EP; rows by value within "
+        "--budget-s; writes bench_gpu_all.json and bench_gpu_all.md",
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=420.0,
+        help="--all: seconds for the whole run; rows that no longer fit are recorded as skipped (budget)",
+    )
+    parser.add_argument(
+        "--cache-full-steps",
+        type=int,
+        default=None,
+        help="--all: steps run in full under a static step-caching schedule (the derived caching row)",
+    )
+    parser.add_argument(
+        "--cache-manifest",
+        default=None,
+        help="--all: bundle folder or manifest.json whose step_cache.full_steps gives that schedule instead",
+    )
     parser.add_argument("--resolution", type=int, default=None, help="diptych half size S (default 768; dry run 64)")
     parser.add_argument(
         "--steps", type=int, default=None, help="denoising steps of the captured loop (default 28; dry run 2)"
@@ -107,7 +137,9 @@ def _register_bench_gpu(subparsers: argparse._SubParsersAction) -> None:
         "--no-compile", action="store_true", help="skip torch.compile (a fallback where compilation fails or is slow)"
     )
     parser.add_argument(
-        "--out", default="out/bench-gpu", help="folder for bench_gpu.json and bench_gpu.md (rewritten after every row)"
+        "--out",
+        default="out/bench-gpu",
+        help="folder for bench_gpu.json and bench_gpu.md (bench_gpu_all.* with --all), rewritten after every row",
     )
     parser.set_defaults(handler=_bench_gpu)
 

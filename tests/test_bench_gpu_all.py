@@ -1,0 +1,222 @@
+"""``unidg bench gpu --all``: the budget logic, the machine record, the FP8 and key-range step paths against the plain
+step, and one dry run of every row on the CPU. No GPU here: the dry run proves the harness, not performance."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from unidg.export.bench_gpu_all import (  # noqa: E402
+    JSON_NAME,
+    MARKDOWN_NAME,
+    AllResult,
+    Budget,
+    GpuSession,
+    Plan,
+    StepConfig,
+    machine_record,
+    read_full_step_fraction,
+    write_all_report,
+)
+from unidg.runtime.errors import OptionError  # noqa: E402
+
+
+def empty_result() -> AllResult:
+    return AllResult("2026-01-01", True, 10.0, "nano-dry-run", 32, 2, 1, "fp32")
+
+
+def test_rows_past_the_budget_are_skipped_and_the_files_stay_valid_after_every_report(tmp_path):
+    now = [0.0]
+    result = empty_result()
+    seen = []
+
+    def report() -> None:
+        write_all_report(result, tmp_path)
+        seen.append(json.loads((tmp_path / JSON_NAME).read_text()))  # valid JSON at every point
+
+    plan = Plan(result, Budget(10.0, clock=lambda: now[0]), report, dry_run=False)
+
+    def spend(seconds: float):
+        def measure(row) -> None:
+            now[0] += seconds
+            row.median_ms = 1.0
+
+        return measure
+
+    def broken(row) -> None:
+        raise RuntimeError("no kernel image is available for execution on the device\nsecond line")
+
+    plan.row("first", "step", 5, spend(6))
+    plan.row("too big for what is left", "step", 5, spend(1))  # 4 s left, needs 5
+    plan.row("broken", "step", 1, broken)
+    plan.row("fits", "step", 3, spend(4))  # uses up the rest
+    plan.row("after the end", "step", 0, spend(1))  # nothing left
+    statuses = [(row.name, row.status) for row in result.rows]
+    assert statuses == [
+        ("first", "done"),
+        ("too big for what is left", "skipped"),
+        ("broken", "failed"),
+        ("fits", "done"),
+        ("after the end", "skipped"),
+    ]
+    assert result.rows[1].note == "budget: needs ~5 s, 4 s of 10 s left"
+    assert result.rows[2].error == "RuntimeError: no kernel image is available for execution on the device"
+    assert result.rows[0].seconds == 6.0 and result.rows[1].seconds is None
+    assert seen[0]["rows"][0]["status"] == "running"  # written before the row runs: a killed run shows where
+    markdown = (tmp_path / MARKDOWN_NAME).read_text()
+    assert "(incomplete" in markdown and "| too big for what is left | skipped |" in markdown
+
+
+def test_a_row_still_running_when_the_budget_ends_is_stopped():
+    result = empty_result()
+    plan = Plan(result, Budget(0.3), lambda: None, dry_run=True)
+    started = time.monotonic()
+    row = plan.row("sleeps", "step", 0, lambda row: time.sleep(5))
+    assert time.monotonic() - started < 2.0
+    assert row.status == "failed" and row.error.startswith("budget:")
+    assert plan.row("next", "step", 0, lambda row: None).status == "skipped"
+
+
+def test_machine_record_names_versions_and_optional_imports():
+    record = machine_record(torch)
+    assert record["torch"] == torch.__version__ and record["triton"]
+    assert set(record["imports"]) >= {"tensorrt", "onnxruntime", "diffusers", "torchao", "onnxruntime_gpu"}
+    assert record["imports"]["diffusers"] and record["imports"]["onnxruntime_gpu"] is False
+    assert record["nvidia_smi"]  # the tool's output, or why it is not available
+
+
+def test_step_caching_fraction_from_the_option_or_a_manifest(tmp_path):
+    assert read_full_step_fraction(14, None, 28) == (0.5, "--cache-full-steps 14 of 28")
+    (tmp_path / "manifest.json").write_text(json.dumps({"step_cache": {"full_steps": [0, 1, 5, 27], "steps": 28}}))
+    fraction, source = read_full_step_fraction(None, str(tmp_path), 28)
+    assert fraction == pytest.approx(4 / 28) and "4 of 28" in source
+    (tmp_path / "manifest.json").write_text(json.dumps({"graphs": {}}))
+    with pytest.raises(OptionError, match="step_cache.full_steps"):
+        read_full_step_fraction(None, str(tmp_path), 28)
+    with pytest.raises(OptionError, match="1..28"):
+        read_full_step_fraction(30, None, 28)
+
+
+@pytest.fixture(scope="module")
+def session():
+    return GpuSession(torch, dry_run=True, resolution=32, steps=1, repeats=1, seed=0, backend="eager")
+
+
+def step_output(session: GpuSession, config: StepConfig):
+    session.use(config)
+    work = session.inputs_for(config.attention)
+    step = session.step_function(config)
+    scalar = session._scalar
+    with torch.inference_mode():
+        out = step(
+            work.x,
+            work.cond,
+            work.ctx,
+            work.key_bias,
+            scalar(0.8),
+            scalar(0.75),
+            scalar(1.0),
+            work.img_ids,
+            work.txt_ids,
+        )
+    if work.order is not None:  # the permuted request's tokens back in their order
+        out = torch.empty_like(out).index_copy_(1, work.order, out)
+    return out
+
+
+def test_key_ranges_and_flex_steps_equal_the_float_mask_step(session):
+    reference = step_output(session, StepConfig())
+    for form in ("sdpa_key_ranges", "flex_score_mod", "sdpa_headdim_fold"):
+        torch.testing.assert_close(step_output(session, StepConfig(attention=form)), reference, rtol=0, atol=2e-5)
+
+
+def test_fp8_fused_projections_stay_close_and_restore_exactly(session):
+    reference = step_output(session, StepConfig())
+    fp8 = step_output(session, StepConfig(fp8=True))
+    assert session.fp8.quantized == 10  # double: QKV, added QKV, 2 outs, 4 MLP; single: QKV+MLP-in, proj_out
+    blocks = session.model.transformer
+    assert blocks.transformer_blocks[0].norm1.linear.weight.dtype == torch.float32  # modulation not quantized
+    assert blocks.transformer_blocks[0].attn.to_q.weight.device.type == "cpu"  # high precision moved off
+    delta = (fp8 - reference).abs().max() / reference.abs().max()
+    assert 0 < delta < 0.05  # E4M3: a small, non-zero difference
+    assert torch.equal(step_output(session, StepConfig()), reference)  # restore() puts every weight back
+
+
+def test_dry_run_all_runs_every_row_and_records_the_machine(tmp_path):
+    """One process (TRITON_INTERPRET=1 must precede triton's import); torch.compile with backend='eager'."""
+    out = tmp_path / "bench"
+    command = [sys.executable, "-m", "unidg.cli", "bench", "gpu", "--all", "--dry-run", "--compile-backend", "eager"]
+    command += ["--repeats", "1", "--steps", "1", "--cache-full-steps", "1", "--out", str(out)]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=900, cwd=tmp_path, env={**os.environ, "TRITON_INTERPRET": "1"}
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == [JSON_NAME, MARKDOWN_NAME]  # nothing else written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench"]
+    report = json.loads((out / JSON_NAME).read_text())
+    assert report["complete"] and report["dry_run"] and report["machine"]["torch"] == torch.__version__
+    rows = {row["name"]: row for row in report["rows"]}
+    not_done = {name: row["error"] or row["note"] for name, row in rows.items() if row["status"] != "done"}
+    assert not not_done
+    for form in ("sdpa_key_ranges", "flex_score_mod", "triton_biased", "sdpa_headdim_fold"):
+        assert f"base + attention {form}" in rows
+    for name in (
+        "stock diffusers step, eager",
+        "stock diffusers step, torch.compile",
+        "base + torch.compile",
+        "base + CUDA graph (loop)",
+        "base + FP8 (fused QKV, bf16 modulation), eager",
+        "compile + attention winner + FP8",
+        "end to end per sample, fastest combination",
+        "stock diffusers end to end per sample, eager",
+        "end to end with static step caching (derived)",
+        "attention: Triton tile sweep",
+        "bench train: SFT step, full-width slice",
+        "ONNX bundle step on onnxruntime (CUDA EP)",
+    ):
+        assert rows[name]["median_ms"] > 0, name
+    assert rows["stock diffusers step, eager"]["tokens"] == 32 and rows["base + torch.compile"]["tokens"] == 25
+    assert rows["stock diffusers step, eager"]["speedup_vs_stock"] == 1.0
+    assert rows["base + torch.compile"]["speedup_vs_stock"] > 0
+    assert rows["end to end per sample, fastest combination"]["speedup_vs_stock"] > 0
+    assert "DERIVED, not measured" in rows["end to end with static step caching (derived)"]["note"]
+    assert report["winners"]["attention"]["form"] and report["winners"]["end_to_end"]
+    forms = {r["variant"] for r in report["attention"]["rows"]}
+    assert {"sdpa_key_ranges", "flex_score_mod", "triton_biased", "sdpa_float_mask"} <= forms
+    assert any(r["variant"].startswith("triton m") for r in report["tile_sweep"]["rows"])
+    assert [r["device"] for r in report["train"]["rows"]] == ["cpu", "cpu"]
+    markdown = (out / MARKDOWN_NAME).read_text()
+    assert "dry run, not figures" in markdown and "× stock eager" in markdown and "incomplete" not in markdown
+
+
+def test_a_spent_budget_skips_rows_and_leaves_valid_files(tmp_path):
+    out = tmp_path / "bench"
+    command = [sys.executable, "-m", "unidg.cli", "bench", "gpu", "--all", "--dry-run", "--budget-s", "0.05"]
+    command += ["--out", str(out)]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"}
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / JSON_NAME).read_text())
+    assert report["machine"]["imports"]["diffusers"]
+    statuses = {row["status"] for row in report["rows"]}
+    assert statuses <= {"skipped", "failed"} and "skipped" in statuses
+    assert all(
+        row["note"].startswith("budget") or row["error"].startswith("budget") or "no schedule" in row["note"]
+        for row in report["rows"]
+    )
+    assert "| skipped |" in (out / MARKDOWN_NAME).read_text()
+
+
+def test_stock_rows_refuse_fp8(session):
+    with pytest.raises(ValueError, match="stock"):
+        session.use(replace(StepConfig(attention="stock"), fp8=True))
