@@ -48,8 +48,8 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+from unidg.core.manifest import atomic_write_text
 from unidg.export.bench_gpu import DRY_RUN_RESOLUTION, compile_blocks, dry_run_preset, fused_key_bias_processor
-from unidg.runtime.manifest import atomic_write_text
 
 DEFAULT_BUDGET_S = 420.0
 JSON_NAME, MARKDOWN_NAME = "bench_gpu_all.json", "bench_gpu_all.md"
@@ -675,7 +675,7 @@ class GpuSession:
         return GraphRunner(loop, self.device) if graph else loop
 
     def sigmas(self, steps: int):
-        from unidg.runtime.schedule import flux_sigmas
+        from unidg.core.schedule import flux_sigmas
 
         values = flux_sigmas(steps, self.h_tokens * self.w_tokens)
         return self.torch.tensor(values, device=self.device)
@@ -730,7 +730,7 @@ class GpuSession:
         diffusers' FlowMatchEulerDiscreteScheduler stepping on the host, eager."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        from unidg.runtime.schedule import flux_mu
+        from unidg.core.schedule import flux_mu
         from unidg.train.model import unpack_latents
 
         torch, model = self.torch, self.model
@@ -796,7 +796,7 @@ def read_full_step_fraction(cache_full_steps: int | None, cache_manifest: str | 
     """The fraction of a sample's steps that run the transformer in full under a static step-caching schedule, and
     where it came from: ``--cache-full-steps N`` (N of ``steps``), or a bundle manifest's ``step_cache`` entry
     (``full_steps``: a count, or the list of step indices run in full)."""
-    from unidg.runtime.errors import OptionError
+    from unidg.core.errors import OptionError
 
     if cache_full_steps is not None:
         if not 1 <= cache_full_steps <= steps:
@@ -1135,7 +1135,7 @@ def onnx_bundle_step(row: PlanRow, dry_run: bool, repeats: int) -> None:
     rng = np.random.default_rng(0)
     tokens, context = bundle.image_tokens, bundle.context_tokens
     h, w = bundle.latent_hw
-    from unidg.runtime.latents import image_ids, text_ids
+    from unidg.core.latents import image_ids, text_ids
 
     conditioning = StepConditioning(
         cond=rng.standard_normal((1, tokens, 320)).astype(np.float32),
@@ -1258,7 +1258,7 @@ def _without_nan(value):
 
 def bench_gpu_all(args) -> int:
     """``unidg bench gpu --all``: ``run_all`` with its files rewritten in ``--out`` after every row."""
-    from unidg.runtime.errors import OptionError
+    from unidg.core.errors import OptionError
 
     if args.dry_run:
         # Triton reads TRITON_INTERPRET when it is first imported: the kernel runs on the CPU only that way.

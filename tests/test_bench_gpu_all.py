@@ -15,6 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
+from unidg.core.errors import OptionError  # noqa: E402
 from unidg.export.bench_gpu_all import (  # noqa: E402
     JSON_NAME,
     MARKDOWN_NAME,
@@ -27,7 +28,6 @@ from unidg.export.bench_gpu_all import (  # noqa: E402
     read_full_step_fraction,
     write_all_report,
 )
-from unidg.runtime.errors import OptionError  # noqa: E402
 
 
 def empty_result() -> AllResult:
