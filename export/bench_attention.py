@@ -170,6 +170,13 @@ def flex_attention_call(compiled: bool) -> Callable:
     return attention
 
 
+def _raiser(error: Exception) -> Callable:
+    def call(*args, **kwargs):
+        raise error
+
+    return call
+
+
 def best_biased_form(result: BenchResult, tokens: int, capturable: bool = False) -> BenchRow | None:
     """The fastest exact biased form measured at ``tokens`` (only the CUDA-graph-capturable ones if asked)."""
     forms = CAPTURABLE_FORMS if capturable else BIASED_FORMS
@@ -261,7 +268,10 @@ def run_attention_bench(
         note=CPU_NOTE if interpreter else "",
     )
 
-    flex = flex_attention_call(on_gpu)
+    try:
+        flex = flex_attention_call(on_gpu)
+    except Exception as error:  # noqa: BLE001 - a torch without FlexAttention: its rows record why
+        flex = _raiser(error)
     for folded in (False, True):
         tokens = layout.tokens(folded)
         q, k, v = (
