@@ -146,8 +146,10 @@ def _range_attention_cuda(q, k, v, bounds, scale: float):
     packed_q = q.transpose(1, 2)[:, None].expand(batch, ranges, queries, heads, dim).reshape(-1, heads, dim)
     packed_k = k.transpose(1, 2).reshape(-1, heads, dim)
     packed_v = v.transpose(1, 2).reshape(-1, heads, dim)
+    # the default scale is left implicit: not every torch release's varlen_attn takes a ``scale`` argument
+    extra = {} if math.isclose(scale, 1.0 / math.sqrt(dim)) else {"scale": scale}
     out, lse = varlen_attn(
-        packed_q, packed_k, packed_v, cu_q, cu_k, queries, keys, return_aux=AuxRequest(lse=True), scale=scale
+        packed_q, packed_k, packed_v, cu_q, cu_k, queries, keys, return_aux=AuxRequest(lse=True), **extra
     )
     out = out.reshape(batch, ranges, queries, heads, dim).permute(0, 1, 3, 2, 4)
     if lse.shape[0] == heads:  # flash-attention's varlen layout: [H, total_q]
