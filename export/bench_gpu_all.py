@@ -248,6 +248,9 @@ class Plan:
             traceback.print_exc(file=sys.stderr)
         row.seconds = round(self.budget.clock() - started, 2)
         shown = row.error or (f"{row.median_ms:.2f} ms" if row.median_ms is not None else row.note)
+        if not row.error and row.speedup_vs_stock is not None:
+            unit = "sample" if group in ("sample", "derived") else "step"
+            shown += f" ({row.speedup_vs_stock:.2f}x the stock eager {unit})"
         print(f"  {name}: {shown}", flush=True)
         self.report()
         return row
