@@ -333,6 +333,15 @@ class Fp8Transformer:
     def apply(self) -> None:
         if self.active:
             return
+        try:
+            self._apply()
+        except BaseException:  # a failure (or the budget's alarm) half-way: put back what was swapped
+            self.active = True
+            self.restore()
+            raise
+        self.active = True
+
+    def _apply(self) -> None:
         torch = self.torch
         with torch.no_grad():
             for block in self.transformer.transformer_blocks:
@@ -357,7 +366,6 @@ class Fp8Transformer:
                 self._swap_linear(block, "proj_out")
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        self.active = True
 
     def _fuse_single(self, block):
         torch = self.torch

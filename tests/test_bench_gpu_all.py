@@ -220,3 +220,17 @@ def test_a_spent_budget_skips_rows_and_leaves_valid_files(tmp_path):
 def test_stock_rows_refuse_fp8(session):
     with pytest.raises(ValueError, match="stock"):
         session.use(replace(StepConfig(attention="stock"), fp8=True))
+
+
+def test_fp8_failing_half_way_puts_every_weight_back(session, monkeypatch):
+    reference = step_output(session, StepConfig())
+
+    def out_of_memory(block):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(session.fp8, "_fuse_single", out_of_memory)  # after every double block was swapped
+    with pytest.raises(RuntimeError, match="out of memory"):
+        session.use(StepConfig(fp8=True))
+    assert not session.fp8.active and not hasattr(session.model.transformer.transformer_blocks[0].attn, "to_qkv")
+    session.current = None
+    assert torch.equal(step_output(session, StepConfig()), reference)
