@@ -48,6 +48,8 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+from unidg.core.latents import COND_CHANNELS, PACKED_CHANNELS, text_ids
+from unidg.core.layout import DiptychLayout
 from unidg.core.manifest import atomic_write_text
 from unidg.export.bench_gpu import DRY_RUN_RESOLUTION, compile_blocks, dry_run_preset, fused_key_bias_processor
 
@@ -475,7 +477,8 @@ class GpuSession:
         self.model.settings = replace(self.model.settings, resolution=resolution, fold_text_tokens=True)
         self.preset_name = preset if isinstance(preset, str) else preset.name
         self.resolution = resolution
-        self.h_tokens, self.w_tokens = resolution // 16, 2 * resolution // 16
+        self.layout = DiptychLayout(resolution)
+        self.h_tokens, self.w_tokens = self.layout.token_hw
         self.fp8 = Fp8Transformer(self.model.transformer, torch)
         self.current: StepConfig | None = None
         self.compiled = False
@@ -492,28 +495,27 @@ class GpuSession:
     def _pixels(self) -> None:
         torch, s = self.torch, self.resolution
         generator = torch.Generator().manual_seed(self.seed + 1)
-        self.diptych = (torch.rand(1, 3, s, 2 * s, generator=generator) * 2 - 1).to(self.device)
-        mask = torch.zeros(1, 1, s, 2 * s)
+        self.diptych = (torch.rand(1, 3, *self.layout.pixel_hw, generator=generator) * 2 - 1).to(self.device)
+        mask = torch.zeros(1, 1, *self.layout.pixel_hw)
         mask[..., s // 3 : s // 3 + s // 4, s + s // 2 : s + s // 2 + s // 5] = 1.0
         self.diptych_mask = mask.to(self.device)
         size = self.model.reference_size
         self.reference = (torch.rand(1, 3, size, size, generator=generator) * 2 - 1).to(self.device)
-        self.defect = torch.rand(1, self.h_tokens * self.w_tokens, generator=generator) < 0.1
-        self.noise = torch.randn(1, self.h_tokens * self.w_tokens, 64, generator=generator).to(self.device)
+        tokens = self.layout.image_tokens
+        self.defect = torch.rand(1, tokens, generator=generator) < 0.1
+        self.noise = torch.randn(1, tokens, PACKED_CHANNELS, generator=generator).to(self.device)
 
     def _inputs(self, fold: bool) -> Inputs:
-        from unidg.train.model import image_ids
-
         torch, model = self.torch, self.model
         generator = torch.Generator().manual_seed(self.seed)
-        n_image = self.h_tokens * self.w_tokens
+        n_image = self.layout.image_tokens
         with torch.inference_mode():
-            x = torch.randn(1, n_image, 64, generator=generator)
-            cond = torch.randn(1, n_image, 320, generator=generator)
+            x = torch.randn(1, n_image, PACKED_CHANNELS, generator=generator)
+            cond = torch.randn(1, n_image, COND_CHANNELS, generator=generator)
             redux = torch.randn(1, model.reference_tokens, model.joint_dim, generator=generator)
             ctx, txt_ids = model.context(redux, fold_text=fold)
             key_bias = model.key_bias(self.defect, fold_text=fold)
-        img_ids = image_ids(self.h_tokens, self.w_tokens)
+        img_ids = torch.from_numpy(self.layout.image_ids())
         to = dict(device=self.device, dtype=torch.float32)
         return Inputs(
             x.to(**to),
@@ -688,7 +690,7 @@ class GpuSession:
     def sigmas(self, steps: int):
         from unidg.core.schedule import flux_sigmas
 
-        values = flux_sigmas(steps, self.h_tokens * self.w_tokens)
+        values = flux_sigmas(steps, self.layout.image_tokens)
         return self.torch.tensor(values, device=self.device)
 
     def time_loop(self, config: StepConfig, graph: bool, steps: int) -> tuple[list[float], bool]:
@@ -755,7 +757,7 @@ class GpuSession:
             base_image_seq_len=256,
             max_image_seq_len=4096,
         )
-        n_image = self.h_tokens * self.w_tokens
+        n_image = self.layout.image_tokens
         dtype = self.dtype
 
         def sample():
@@ -1154,18 +1156,15 @@ def onnx_bundle_step(row: PlanRow, dry_run: bool, repeats: int) -> None:
     backend = OnnxRuntimeBackend.from_bundle(bundle, providers=(provider,))
     rng = np.random.default_rng(0)
     tokens, context = bundle.image_tokens, bundle.context_tokens
-    h, w = bundle.latent_hw
-    from unidg.core.latents import image_ids, text_ids
-
     conditioning = StepConditioning(
-        cond=rng.standard_normal((1, tokens, 320)).astype(np.float32),
+        cond=rng.standard_normal((1, tokens, COND_CHANNELS)).astype(np.float32),
         ctx=rng.standard_normal((1, context, bundle.joint_dim)).astype(np.float32),
         key_bias=np.zeros((1, context + tokens), dtype=np.float32),
         guidance=np.ones(1, dtype=np.float32),
-        img_ids=image_ids(h // 2, w // 2).astype(np.float32),
+        img_ids=bundle.layout.image_ids(),
         txt_ids=text_ids(context).astype(np.float32),
     )
-    x = rng.standard_normal((1, tokens, 64)).astype(np.float32)
+    x = rng.standard_normal((1, tokens, PACKED_CHANNELS)).astype(np.float32)
     backend.step(x, conditioning, 0.8, 0.75)
     times = []
     for _ in range(1 if dry_run else repeats):
