@@ -58,6 +58,7 @@ JSON_NAME, MARKDOWN_NAME = "bench_gpu_all.json", "bench_gpu_all.md"
 GRAPH_STEPS = 4  # the CUDA-graph option is timed on a short loop: per-step cost is what it changes
 DRY_RUN_STEPS = 2
 STOCK_ATTENTION = "stock"
+STOCK_STEP_ROW = "stock diffusers step, eager"  # the reference of every ratio: it runs whatever --only selects
 BASE_ATTENTION = "sdpa_float_mask"
 # Modules of a block that FP8 leaves in bf16: AdaLN modulation (one row per sample: reading the weight is the cost,
 # and a per-call dequantization would cost more than FP8 saves).
@@ -217,14 +218,26 @@ def _is_main_thread() -> bool:
 class Plan:
     """Runs rows in order within a ``Budget``; ``report()`` after every change, so the files are always current."""
 
-    def __init__(self, result: AllResult, budget: Budget, report: Callable[[], None], dry_run: bool) -> None:
+    def __init__(
+        self,
+        result: AllResult,
+        budget: Budget,
+        report: Callable[[], None],
+        dry_run: bool,
+        only: tuple[str, ...] = (),
+    ) -> None:
         self.result, self.budget, self.report, self.dry_run = result, budget, report, dry_run
+        self.only = tuple(word.lower() for word in only)
 
     def row(self, name: str, group: str, estimate_s: float, measure: Callable[[PlanRow], None]) -> PlanRow:
         """``estimate_s``: what the row needs on a GPU (ignored in a dry run); a row that needs more than is left
         is skipped ("budget"); one still running when the budget ends is stopped and recorded as failed."""
         row = PlanRow(name, group)
         self.result.rows.append(row)
+        if self.only and name != STOCK_STEP_ROW and not any(word in name.lower() for word in self.only):
+            row.status, row.note = "skipped", "not selected (--only)"
+            self.report()
+            return row
         remaining = self.budget.remaining()
         needed = 0.0 if self.dry_run else estimate_s
         if remaining <= 0 or remaining < needed:
@@ -855,6 +868,7 @@ def run_all(
     cache_full_steps: int | None = None,
     cache_manifest: str | None = None,
     report: Callable[[AllResult], None] | None = None,
+    only: tuple[str, ...] = (),
     clock: Callable[[], float] = time.monotonic,
 ) -> AllResult:
     """Every row of the module docstring within ``budget_s`` seconds (from this call); ``report(result)`` after every
@@ -894,7 +908,7 @@ def run_all(
         f"unidg bench gpu --all: {result.machine.get('gpu', {}).get('name', 'cpu')}, budget {budget_s:.0f} s",
         flush=True,
     )
-    plan = Plan(result, budget, write, dry_run)
+    plan = Plan(result, budget, write, dry_run, only)
     session_box: dict = {}
 
     def session() -> GpuSession:
@@ -929,7 +943,7 @@ def run_all(
         s.time_step(StepConfig(attention=STOCK_ATTENTION), row)
         row.speedup_vs_stock = 1.0
 
-    rows["stock"] = plan.row("stock diffusers step, eager", "step", 40, stock)
+    rows["stock"] = plan.row(STOCK_STEP_ROW, "step", 40, stock)
 
     # 2. attention alone: every biased form; the winner drives the later rows
     winner = {"attention": BASE_ATTENTION}
@@ -1226,7 +1240,7 @@ def format_markdown(result: AllResult) -> str:
             f"{row.configuration.replace('|', '/')} | {note} |"
         )
     if result.winners:
-        lines += ["", "Chosen in this run: " + "; ".join(f"{k}: {v}" for k, v in result.winners.items()) + "."]
+        lines += ["", "Chosen in this run: " + "; ".join(_winner_text(k, v) for k, v in result.winners.items()) + "."]
     for title_text, table in (("Attention alone", result.attention), ("Triton tile sweep", result.tile_sweep)):
         if not table:
             continue
@@ -1253,6 +1267,15 @@ def format_markdown(result: AllResult) -> str:
         train["rows"] = [TrainRow(**r) for r in train["rows"]]
         lines += ["", "Training (`unidg bench train`):", "", train_markdown(TrainBenchResult(**train)).strip()]
     return "\n".join(lines) + "\n"
+
+
+def _winner_text(kind: str, value) -> str:
+    if kind == "attention" and isinstance(value, dict):
+        return (
+            f"attention {value['form']} ({value['median_ms']:.3f} ms at {value['tokens']} tokens, "
+            f"{value['vs_unbiased_sdpa']:.2f}x unbiased SDPA, {value['gpu']})"
+        )
+    return f"{kind.replace('_', ' ')}: {value}"
 
 
 def write_all_report(result: AllResult, out: Path) -> tuple[Path, Path]:
@@ -1305,6 +1328,7 @@ def bench_gpu_all(args) -> int:
             cache_full_steps=args.cache_full_steps,
             cache_manifest=args.cache_manifest,
             report=report,
+            only=tuple(word.strip() for word in (args.only or "").split(",") if word.strip()),
         )
     except ValueError as error:
         raise OptionError(str(error)) from error

@@ -80,8 +80,8 @@ def _bench_gpu(args: argparse.Namespace) -> int:
         from unidg.export.bench_gpu_all import bench_gpu_all
 
         return bench_gpu_all(args)
-    if args.cache_full_steps is not None or args.cache_manifest is not None:
-        raise OptionError("--cache-full-steps and --cache-manifest belong to --all (its step-caching row)")
+    if args.cache_full_steps is not None or args.cache_manifest is not None or args.only is not None:
+        raise OptionError("--only, --cache-full-steps and --cache-manifest belong to --all; add --all")
     from unidg.export.bench_gpu import bench_gpu
 
     return bench_gpu(args)
@@ -110,6 +110,12 @@ def _register_bench_gpu(subparsers: argparse._SubParsersAction) -> None:
         type=float,
         default=420.0,
         help="--all: seconds for the whole run; rows that no longer fit are recorded as skipped (budget)",
+    )
+    parser.add_argument(
+        "--only",
+        default=None,
+        help="--all: comma-separated words; only the rows whose names contain one run (the stock eager step always "
+        "runs, as the reference of every ratio), e.g. 'tile sweep,bench train' for what a first run's budget skipped",
     )
     parser.add_argument(
         "--cache-full-steps",

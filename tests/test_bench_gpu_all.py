@@ -234,3 +234,14 @@ def test_fp8_failing_half_way_puts_every_weight_back(session, monkeypatch):
     assert not session.fp8.active and not hasattr(session.model.transformer.transformer_blocks[0].attn, "to_qkv")
     session.current = None
     assert torch.equal(step_output(session, StepConfig()), reference)
+
+
+def test_only_runs_the_selected_rows_and_always_the_stock_reference():
+    from unidg.export.bench_gpu_all import STOCK_STEP_ROW
+
+    result = empty_result()
+    plan = Plan(result, Budget(100.0), lambda: None, dry_run=True, only=("Tile Sweep",))
+    for name in (STOCK_STEP_ROW, "base + torch.compile", "attention: Triton tile sweep"):
+        plan.row(name, "step", 0, lambda row: setattr(row, "median_ms", 1.0))
+    assert [row.status for row in result.rows] == ["done", "skipped", "done"]
+    assert result.rows[1].note == "not selected (--only)"
