@@ -106,3 +106,27 @@ def load_nano_model():
     from unidg.train.loading import load_model
 
     return load_model(nano_weights())
+
+
+@functools.cache
+def bf16_bundle() -> Path:
+    """The nano bundle exported in bf16 (the precision TensorRT builds; onnxruntime's CPU provider cannot run it)."""
+    from unidg.export.bundle import export_bundle
+
+    with single_thread():
+        export_bundle(
+            nano_weights(), workspace() / "bundle-bf16", precision="bf16", resolution=RESOLUTION, progress=None
+        )
+    return workspace() / "bundle-bf16"
+
+
+@functools.cache
+def fp8_bf16_bundle() -> tuple[Path, dict]:
+    """(folder, accuracy report) of the default FP8 recipe: calibrated and exported from the bf16 model, its
+    reference the bf16 bundle above."""
+    from unidg.export.quantize import quantize_bundle
+
+    out = workspace() / "bundle-fp8-bf16"
+    with single_thread():
+        report = quantize_bundle(nano_weights(), calib_set(), "fp8", out, reference=bf16_bundle(), progress=None)
+    return out, report

@@ -7,7 +7,16 @@ import json
 
 import onnx
 import pytest
-from export_fixtures import RESOLUTION, calib_set, nano_bundle, nano_weights, other_weights, single_thread, workspace
+from export_fixtures import (
+    RESOLUTION,
+    calib_set,
+    fp8_bf16_bundle,
+    nano_bundle,
+    nano_weights,
+    other_weights,
+    single_thread,
+    workspace,
+)
 
 from unidg.calib.build import CalibError
 from unidg.core.manifest import read_manifest
@@ -182,15 +191,13 @@ def test_reference_bundle_must_match(quantized):
         quantize_bundle(nano_weights(), calib_set(), "int8", workspace() / "never", high_precision="bf16")
 
 
-def test_fp8_from_the_bf16_model_is_bf16_outside_the_quantized_linears(quantized, tmp_path):
+def test_fp8_from_the_bf16_model_is_bf16_outside_the_quantized_linears(quantized):
     """The default FP8 recipe: calibrated and exported from the bf16 model, gated against a bf16 reference (both
     through the float32 emulation of bf16), VAE and image encoder bf16; the CPU runtime refuses it by name."""
     from unidg.export.quantize import precision_census
     from unidg.runtime.backends.base import BackendError
 
-    out = tmp_path / "bundle-fp8-bf16"
-    with single_thread():
-        report = quantize_bundle(nano_weights(), calib_set(), "fp8", out, progress=None)
+    out, report = fp8_bf16_bundle()  # shared with the TensorRT graph tests (reference: the bf16 nano bundle)
     print("\nfp8 from bf16:", json.dumps({k: v for k, v in report.items() if k != "calibration"}))
     assert report["passed"] and report["velocity_cosine_mean"] >= 0.995 and report["psnr_min"] >= 30
     bundle = load_bundle(out)

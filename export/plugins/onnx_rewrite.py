@@ -87,6 +87,16 @@ def count_plugin_nodes(model: onnx.ModelProto) -> int:
     return sum(1 for n in model.graph.node if n.op_type == PLUGIN_NAME and n.domain == PLUGIN_NAMESPACE)
 
 
+def elem_type(dtype) -> int | None:
+    """ONNX element type of an onnx-graphsurgeon tensor dtype: a numpy dtype, or the ONNX type number itself for
+    types numpy lacks (bf16 is 16, the FP8 types 17-20), which is how onnx-graphsurgeon keeps them."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, (int, np.integer)):
+        return int(dtype)
+    return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+
+
 def _is_static_one(dim) -> bool:
     return isinstance(dim, (int, np.integer)) and int(dim) == 1
 
@@ -224,7 +234,8 @@ class _Rewriter:
                 "mask_rows='first_row' if every query row of the mask is equal."
             )
 
-        if source.dtype is not None and np.dtype(source.dtype) == np.bool_:
+        source_type = elem_type(source.dtype)
+        if source_type == onnx.TensorProto.BOOL:
             # Bool masks: True attends (bias 0), False is masked (bias -inf).
             source = self.op(
                 "Where",
@@ -237,7 +248,7 @@ class _Rewriter:
                 dtype=np.float32,
                 shape=source.shape,
             )
-        elif source.dtype is None or np.dtype(source.dtype) != np.float32:
+        elif source_type != onnx.TensorProto.FLOAT:
             source = self.op(
                 "Cast", f"{prefix}_bias_fp32", [source], {"to": onnx.TensorProto.FLOAT}, np.float32, source.shape
             )
@@ -267,6 +278,28 @@ class _Rewriter:
         return RewrittenAttention(node.name, plugin.name, scale, how)
 
 
+_SHAPE_TYPES = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
+
+
+def _shape_arithmetic(node) -> bool:
+    return all(elem_type(t.dtype) in _SHAPE_TYPES for t in node.inputs if t.name)
+
+
+def _graph_with_attention_shapes(model: onnx.ModelProto) -> gs.Graph:
+    """The model as an onnx-graphsurgeon graph with inferred shapes. Where Q/K/V shapes stay unknown (the legacy
+    exporter behind ModelOpt's Q/DQ graphs computes reshape targets with ``Mod`` of constants, which ONNX data
+    propagation does not evaluate), the integer shape arithmetic is folded first: only nodes whose inputs are all
+    int32/int64 are evaluated, so weights and their Q/DQ stay as they are."""
+    graph = gs.import_onnx(onnx.shape_inference.infer_shapes(model, data_prop=True))
+    if all(t.shape is not None for n in graph.nodes if _is_attention(n) for t in n.inputs[:3]):
+        return graph
+    graph.fold_constants(should_exclude_node=lambda node: not _shape_arithmetic(node))
+    graph.cleanup(remove_unused_graph_inputs=False)
+    folded = gs.export_onnx(graph)
+    folded.ir_version = model.ir_version
+    return gs.import_onnx(onnx.shape_inference.infer_shapes(folded, data_prop=True))
+
+
 def rewrite_attention_to_plugin(
     model: onnx.ModelProto, mask_rows: str = "key_only"
 ) -> tuple[onnx.ModelProto, RewriteReport]:
@@ -274,8 +307,7 @@ def rewrite_attention_to_plugin(
     if mask_rows not in MASK_ROW_POLICIES:
         raise ValueError(f"mask_rows must be one of {MASK_ROW_POLICIES}, got {mask_rows!r}")
     before = count_attention_nodes(model)
-    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    graph = gs.import_onnx(inferred)
+    graph = _graph_with_attention_shapes(model)
     rewriter = _Rewriter(graph, mask_rows)
     rewritten = []
     for index, node in enumerate([n for n in graph.nodes if _is_attention(n)]):
@@ -329,8 +361,8 @@ def rewrite_attention_to_key_mask(model: onnx.ModelProto) -> tuple[onnx.ModelPro
                     "[B, 1, 1, S_k] tensor, so no key-only form can be derived"
                 )
             source = traced[0]
-            if mask.dtype is not None and source.dtype is not None and np.dtype(source.dtype) != np.dtype(mask.dtype):
-                to = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(mask.dtype))
+            to, have = elem_type(mask.dtype), elem_type(source.dtype)
+            if to is not None and have is not None and have != to:
                 source = tracer.op("Cast", f"{mask.name}_key_only", [source], {"to": to}, mask.dtype, source.shape)
             replacements[mask.name] = source
         node.inputs[3] = replacements[mask.name]
@@ -340,7 +372,7 @@ def rewrite_attention_to_key_mask(model: onnx.ModelProto) -> tuple[onnx.ModelPro
     out_model.ir_version = model.ir_version
     if count_attention_nodes(out_model) != before:
         raise AttentionRewriteError("the key-only rewrite changed the number of Attention nodes")
-    return out_model, KeyMaskReport(before, rewired, tuple(sorted(t.name for t in replacements.values())))
+    return out_model, KeyMaskReport(before, rewired, tuple(sorted({t.name for t in replacements.values()})))
 
 
 def attention_mask_shapes(model: onnx.ModelProto) -> list[list | None]:
