@@ -114,9 +114,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="print the equivalent trtexec build and profiling commands for a bundle",
     )
     _engine_arguments(trtexec)
+    trtexec.add_argument(
+        "--out",
+        required=True,
+        help="folder for the TensorRT graphs, trtexec.sh, trtexec.json, the plans and their build logs (never the "
+        "bundle, which is only read)",
+    )
     trtexec.add_argument("--trtexec", default="trtexec", help="trtexec executable (default: trtexec on PATH)")
     trtexec.add_argument(
-        "--tensorrt-major", type=int, choices=(10, 11), default=11, help="trtexec dialect of the commands"
+        "--tensorrt-major",
+        type=int,
+        choices=(10, 11),
+        help="trtexec dialect of the commands (default: the installed TensorRT's major, else 10)",
     )
     trtexec.set_defaults(handler=run_trtexec)
 
@@ -186,6 +195,19 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
         "plugin (default for bundles exported with --attention plugin)",
     )
     parser.add_argument(
+        "--attention-mask",
+        choices=("key", "full"),
+        default="key",
+        help="mask of native step attention: key-only [B,1,1,S] (default) or full [B,1,S,S] (the shape NVIDIA "
+        "documents for IAttention); docs/export.md says how to see which gets a fused kernel",
+    )
+    parser.add_argument(
+        "--decomposable",
+        action="store_true",
+        help="TRT_decomposable=1 on every Attention node TensorRT parses: without a matching fused kernel TensorRT "
+        "falls back to MatMul/Softmax/MatMul instead of failing the build",
+    )
+    parser.add_argument(
         "--plugin-large-shared-memory",
         action="store_true",
         help="also offer attention-plugin tactics above 48 KiB of shared memory (default: only those within it)",
@@ -215,7 +237,9 @@ def _engine_request(args: argparse.Namespace):
         graphs=graphs,
         plugin_large_shared_memory=args.plugin_large_shared_memory,
         attention=args.attention,
-        **({"trtexec_major": args.tensorrt_major} if hasattr(args, "tensorrt_major") else {}),
+        attention_mask=args.attention_mask,
+        decomposable=args.decomposable,
+        trtexec_major=getattr(args, "tensorrt_major", None),
     )
 
 
@@ -278,7 +302,7 @@ def run_engine(args: argparse.Namespace) -> int:
 def run_trtexec(args: argparse.Namespace) -> int:
     from unidg.export.trtexec import render
 
-    sys.stdout.write(render(args.bundle, _engine_request(args), args.trtexec))
+    sys.stdout.write(render(args.bundle, _engine_request(args), Path(args.out), args.trtexec))
     return 0
 
 

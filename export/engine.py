@@ -13,13 +13,17 @@ table the runtime's TensorRT backend reads (TensorRT version, GPU compute capabi
 
 from __future__ import annotations
 
+import importlib.metadata
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import onnx
+
 from unidg.core.errors import UniDGError
 from unidg.core.manifest import atomic_write_bytes, read_manifest, sha256_file, write_manifest
 from unidg.export.onnx_export import Progress, print_progress
+from unidg.export.tensorrt_graphs import ATTENTION_MASKS, GraphDerivation, derive_graph_file
 from unidg.runtime.backends.tensorrt_backend import MIN_TENSORRT_VERSION, tensorrt_version_problem
 from unidg.runtime.bundle import GRAPH_INPUTS, GRAPH_NAMES, Bundle, expected_shapes, load_bundle
 
@@ -29,6 +33,9 @@ QUANTIZED = ("fp8", "int8")
 HARDWARE_LEVELS = ("none", "same_compute_capability", "ampere_plus")
 DEFAULT_OPTIMIZATION_LEVEL = 3  # TensorRT's default; 5 searches longest
 TRTEXEC_MAJORS = (10, 11)  # trtexec dialects the printed commands can target
+# Without TensorRT installed: TensorRT 10's dialect, the oldest the `[tensorrt]` extra allows (>= 10.15); TensorRT 11's
+# trtexec still accepts its --stronglyTyped and profiling options (deprecated no-ops).
+DEFAULT_TRTEXEC_MAJOR = 10
 # Neither tensorrt.plugin nor Torch-TensorRT documents raising a kernel's dynamic shared-memory limit for AOT plugin
 # kernels, so by default only tactics within the 48 KiB every launch gets are offered.
 PLUGIN_DEFAULT_MAX_SHARED_BYTES = 49152
@@ -63,8 +70,10 @@ class EngineRequest:
     workspace_gb: float | None = None
     graphs: tuple[str, ...] = GRAPH_NAMES
     plugin_large_shared_memory: bool = False  # also offer plugin tactics above 48 KiB of dynamic shared memory
-    trtexec_major: int = TRTEXEC_MAJORS[-1]  # dialect of the printed trtexec commands
+    trtexec_major: int | None = None  # dialect of the printed trtexec commands; None: the installed TensorRT's
     attention: str | None = None  # None: "native", or "plugin" for a bundle exported with the plugin node
+    attention_mask: str = "key"  # native step attention: key-only [B, 1, 1, S] or full [B, 1, S, S] mask
+    decomposable: bool = False  # TRT_decomposable = 1 on every Attention node TensorRT parses
 
     def __post_init__(self) -> None:
         if self.precision is not None and self.precision not in PRECISION_FLAGS:
@@ -75,11 +84,28 @@ class EngineRequest:
             raise EngineError(f"--hardware-compatibility {self.hardware_compatibility!r}: one of {HARDWARE_LEVELS}")
         if self.attention is not None and self.attention not in ATTENTION_BUILDS:
             raise EngineError(f"--attention {self.attention!r}: choose one of {list(ATTENTION_BUILDS)}")
+        if self.trtexec_major is None:
+            object.__setattr__(self, "trtexec_major", installed_tensorrt_major() or DEFAULT_TRTEXEC_MAJOR)
         if self.trtexec_major not in TRTEXEC_MAJORS:
             raise EngineError(f"--tensorrt-major {self.trtexec_major}: the trtexec commands target {TRTEXEC_MAJORS}")
+        if self.attention_mask not in ATTENTION_MASKS:
+            raise EngineError(f"--attention-mask {self.attention_mask!r}: choose one of {list(ATTENTION_MASKS)}")
+        if self.attention == "plugin" and self.attention_mask != "key":
+            raise EngineError(
+                "--attention-mask full with --attention plugin: the plugin takes a per-key bias [B, S], no mask; "
+                "drop one of the two"
+            )
         unknown = [g for g in self.graphs if g not in GRAPH_NAMES]
         if unknown:
             raise EngineError(f"unknown graphs {unknown}; a bundle has {list(GRAPH_NAMES)}")
+
+
+def installed_tensorrt_major() -> int | None:
+    """Major version of the installed ``tensorrt`` distribution (read from its metadata; nothing is imported)."""
+    try:
+        return int(importlib.metadata.version("tensorrt").split(".")[0])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -109,17 +135,16 @@ class GraphBuild:
     plugin_max_shared_bytes: int | None = None  # plugin tactics offered up to this much shared memory (None: all)
     options: EngineRequest = field(repr=False, default_factory=EngineRequest)
     attention: str | None = None  # step graph only: "native" or "plugin"
-    derive: tuple[Path, str] | None = None  # (bundle graph, rewrite form) that ``onnx`` is written from
+    source: Path | None = None  # the bundle graph ``onnx`` is derived from (None: ``onnx`` is the bundle's own)
+    derivation: GraphDerivation | None = None
+    attention_form: str | None = None  # the bundle's step attention form ("expand"/"fold")
 
-    def prepare_graph(self) -> None:
-        """Write the TensorRT form of the step graph beside the bundle's own (graph only: the weights stay in the
-        bundle graph's external data, which both files name)."""
-        if self.derive is None:
-            return
-        from unidg.export.plugins.onnx_rewrite import rewrite_attention_file
-
-        source, form = self.derive
-        rewrite_attention_file(source, self.onnx, form=form)
+    def prepare_graph(self) -> dict | None:
+        """Write the TensorRT form of the graph (graph only: the weights stay in the bundle graph's external data,
+        linked beside it); returns its census, or None when TensorRT parses the bundle's own graph."""
+        if self.derivation is None:
+            return None
+        return derive_graph_file(self.source, self.onnx, self.derivation, self.attention_form)
 
 
 # ------------------------------------------------------------------------------------------------ precision
@@ -237,47 +262,55 @@ def _check_hardware_compatibility(bundle: Bundle, request: EngineRequest, uses_p
         )
 
 
-def step_attention(bundle: Bundle, requested: str | None) -> tuple[str, Path, str | None]:
-    """(attention built, step graph TensorRT parses, rewrite form that makes it from the bundle's step graph or None).
+def step_attention(bundle: Bundle, requested: str | None) -> tuple[str, str | None]:
+    """(attention built, attention rewrite of the derived step graph or None).
 
     The bundle keeps the form onnxruntime runs (Attention with the mask expanded to [B, 1, S, S]); a TensorRT build
-    derives its own: native Attention fed the key-only [B, 1, 1, S] mask (~S times smaller, and TensorRT >= 10.14
-    broadcasts it), or the plugin node.
+    derives its own: native Attention (fed the key-only [B, 1, 1, S] mask or the full one, ``--attention-mask``),
+    or the plugin node.
     """
-    source = bundle.graph_path("step")
     if bundle.metadata.get("attention") == "plugin":
         if requested == "native":
             raise EngineError(
                 f"--attention native: {bundle.path.name} was exported with the plugin node; re-export it with "
                 "--attention portable (the default) to build native attention"
             )
-        return "plugin", source, None
+        return "plugin", None
     attention = requested or "native"
-    if attention == "plugin":
-        return attention, source.with_name(f"{source.stem}.plugin.onnx"), "plugin"
-    if bundle.metadata.get("attention_form") == "fold":  # no mask at all: the graph is already TensorRT's form
-        return attention, source, None
-    return attention, source.with_name(f"{source.stem}.native.onnx"), "key_mask"
+    return attention, attention
 
 
-def plan_builds(bundle: Bundle, request: EngineRequest) -> list[GraphBuild]:
-    """What to build for each requested graph (no TensorRT needed)."""
+def _derived_name(source: Path, derivation: GraphDerivation) -> str:
+    return f"{source.stem}.{derivation.suffix()}.onnx"
+
+
+def plan_builds(bundle: Bundle, request: EngineRequest, graph_dir: Path | None = None) -> list[GraphBuild]:
+    """What to build for each requested graph (no TensorRT needed). Graphs TensorRT needs in another form than the
+    bundle's (``unidg.export.tensorrt_graphs``) are planned in ``graph_dir`` (default: beside the bundle's)."""
     strongly_typed, flags = precision_mode(bundle, request.precision)
+    graph_dir = Path(graph_dir) if graph_dir is not None else bundle.path
+    attention_form = bundle.metadata.get("attention_form")
     builds = []
     for graph in request.graphs:
         graph_flags = list(flags) + refit_flags(request.refit, request.strip_weights)
         if request.version_compatible:
             graph_flags.append("VERSION_COMPATIBLE")
-        attention, onnx_path, rewrite = (None, bundle.graph_path(graph), None)
+        attention, rewrite = (None, None)
         if graph == "step":
-            attention, onnx_path, rewrite = step_attention(bundle, request.attention)
+            attention, rewrite = step_attention(bundle, request.attention)
         uses_plugin = attention == "plugin"
         _check_hardware_compatibility(bundle, request, uses_plugin)
+        source = bundle.graph_path(graph)
+        derivation = GraphDerivation(
+            attention=rewrite, attention_mask=request.attention_mask, decomposable=request.decomposable
+        )
+        if not derivation.changes(onnx.load(str(source), load_external_data=False), attention_form):
+            derivation = None
         max_shared = None if request.plugin_large_shared_memory else PLUGIN_DEFAULT_MAX_SHARED_BYTES
         builds.append(
             GraphBuild(
                 graph=graph,
-                onnx=onnx_path,
+                onnx=graph_dir / _derived_name(source, derivation) if derivation else source,
                 plan=f"{ENGINE_DIR}/{graph}.plan",
                 profile=profile_for(bundle, graph, request),
                 strongly_typed=strongly_typed,
@@ -286,7 +319,9 @@ def plan_builds(bundle: Bundle, request: EngineRequest) -> list[GraphBuild]:
                 plugin_max_shared_bytes=max_shared if uses_plugin else None,
                 options=request,
                 attention=attention,
-                derive=(bundle.graph_path(graph), rewrite) if rewrite else None,
+                source=source if derivation else None,
+                derivation=derivation,
+                attention_form=attention_form,
             )
         )
     return builds
@@ -307,6 +342,8 @@ def engine_entry(build: GraphBuild, plan_sha256: str, seconds: float) -> dict:
         "plugin": build.uses_plugin,
         "onnx": build.onnx.name,  # the graph the plan was parsed from (and a stripped plan is refit from)
         **({"attention": build.attention} if build.attention else {}),
+        **({"attention_mask": build.options.attention_mask} if build.attention == "native" else {}),
+        **({"decomposable": True} if build.derivation and build.derivation.decomposable else {}),
         "build_seconds": round(seconds, 1),
     }
 

@@ -5,7 +5,13 @@ The commands come from the same build plan as the Python builder (``unidg.export
 optimization profiles (``--minShapes/--optShapes/--maxShapes``), the same precision mode and builder flags
 (``TRTEXEC_BUILDER_FLAGS`` says which flags each trtexec option sets) and the same options.
 
-Two trtexec dialects (``EngineRequest.trtexec_major``, default the newest): TensorRT 10 takes ``--stronglyTyped`` and
+Every file the commands need or make goes to ``--out``, never into the bundle: the graphs TensorRT parses where they
+differ from the bundle's (``unidg.export.tensorrt_graphs``), the plans, each build's log and layer information, the
+script itself and ``trtexec.json`` (what each plan is asked to be: graph, profile, flags, the bundle's fingerprint),
+which ``unidg export adopt`` reads to put the built plans into a new bundle.
+
+Two trtexec dialects (``EngineRequest.trtexec_major``, default the installed TensorRT's, else 10): TensorRT 10
+takes ``--stronglyTyped`` and
 the precision flags ``--bf16``/``--fp16``, and profiles with ``--useCudaGraph --separateProfileRun
 --noDataTransfers``; TensorRT 11 builds strongly typed only (the precision flags are removed, ``--stronglyTyped`` and
 those profiling options are deprecated no-ops), so its commands omit them. ``--profilingVerbosity=detailed`` is a
@@ -14,11 +20,20 @@ build option (it decides what layer information the plan keeps), so it goes on t
 
 from __future__ import annotations
 
+import json
 import shlex
 from pathlib import Path
 
-from unidg.export.engine import EngineError, EngineRequest, GraphBuild, plan_builds
+import onnx
+
+from unidg.export.engine import EngineError, EngineRequest, GraphBuild, engine_entry, plan_builds
+from unidg.export.tensorrt_graphs import low_precision_resizes, tensorrt_graph_census
 from unidg.runtime.bundle import Bundle, load_bundle
+from unidg.runtime.manifest import atomic_write_text
+
+TRTEXEC_DESCRIPTION = "trtexec.json"
+TRTEXEC_FORMAT = "unidg-trtexec-builds"
+TRTEXEC_SCRIPT = "trtexec.sh"
 
 
 def shape_arg(shapes: dict[str, tuple[int, ...]]) -> str:
@@ -55,10 +70,15 @@ def _corner(build: GraphBuild, index: int) -> dict[str, tuple[int, ...]]:
     return {name: corners[index] for name, corners in build.profile.shapes.items()}
 
 
-def build_command(build: GraphBuild, bundle_dir: Path, trtexec: str = "trtexec") -> list[str]:
-    """The trtexec build command of one plan (argument list)."""
+def build_log(build: GraphBuild) -> str:
+    """The build log of one plan, relative to the plan folder (trtexec's output, read by ``unidg export adopt``)."""
+    return f"{build.plan}.build.log"
+
+
+def build_command(build: GraphBuild, plan_dir: Path, trtexec: str = "trtexec") -> list[str]:
+    """The trtexec build command of one plan (argument list); the plan goes to ``plan_dir``."""
     options = build.options
-    args = [trtexec, f"--onnx={bundle_dir / build.onnx.name}", f"--saveEngine={bundle_dir / build.plan}"]
+    args = [trtexec, f"--onnx={build.onnx}", f"--saveEngine={plan_dir / build.plan}"]
     precision = [flag for flag in build.builder_flags if flag in PRECISION_BUILDER_FLAGS]
     if options.trtexec_major >= 11:
         if precision:
@@ -91,48 +111,97 @@ def build_command(build: GraphBuild, bundle_dir: Path, trtexec: str = "trtexec")
         args.append("--hardwareCompatibilityLevel=sameComputeCapability")
     if options.workspace_gb:
         args.append(f"--memPoolSize=workspace:{int(options.workspace_gb * 1024)}M")
-    args += ["--profilingVerbosity=detailed", "--skipInference"]
+    args += ["--profilingVerbosity=detailed", f"--exportLayerInfo={plan_dir / build.plan}.layers.json"]
+    args.append("--skipInference")
     return args
 
 
-def profile_command(build: GraphBuild, bundle_dir: Path, trtexec: str = "trtexec") -> list[str]:
+def profile_command(build: GraphBuild, plan_dir: Path, trtexec: str = "trtexec") -> list[str]:
     """The trtexec profiling command of one built plan at the profile's opt shapes (the bundle's own batch and S)."""
-    args = [trtexec, f"--loadEngine={bundle_dir / build.plan}"]
+    args = [trtexec, f"--loadEngine={plan_dir / build.plan}"]
     if not build.profile.static:
         args.append(f"--shapes={shape_arg(_corner(build, 1))}")
     if build.options.trtexec_major < 11:
         args += list(TENSORRT10_PROFILE_OPTIONS)
-    args += ["--dumpProfile", f"--exportProfile={bundle_dir / build.plan}.profile.json"]
+    args += ["--dumpProfile", f"--exportProfile={plan_dir / build.plan}.profile.json"]
     if "STRIP_PLAN" in build.builder_flags:
         # A weight-stripped plan takes its weights from the graph at load time (trtexec refits only with --refit).
-        args += ["--refit", f"--refitFromOnnx={bundle_dir / build.onnx.name}"]
+        args += ["--refit", f"--refitFromOnnx={build.onnx}"]
     return args
 
 
 Commands = list[tuple[str, list[str], list[str]]]
 
 
-def commands_for(bundle: Bundle, request: EngineRequest, trtexec: str = "trtexec") -> Commands:
-    """(graph, build command, profile command) for every requested graph."""
+def commands_for(bundle: Bundle, request: EngineRequest, out: Path, trtexec: str = "trtexec") -> Commands:
+    """(graph, build command, profile command) for every requested graph, graphs and plans in ``out``."""
     return [
-        (build.graph, build_command(build, bundle.path, trtexec), profile_command(build, bundle.path, trtexec))
-        for build in plan_builds(bundle, request)
+        (build.graph, build_command(build, out, trtexec), profile_command(build, out, trtexec))
+        for build in plan_builds(bundle, request, graph_dir=out)
     ]
 
 
-def render(bundle_path: str | Path, request: EngineRequest, trtexec: str = "trtexec") -> str:
-    """The shell script text printed by ``unidg export trtexec``; writes the TensorRT form of the step graph into
-    the bundle (graph only) when the build needs one."""
-    bundle = load_bundle(bundle_path, verify=False)
-    lines = [f"# trtexec commands for {bundle.describe()} (TensorRT {request.trtexec_major} trtexec)"]
-    builds = plan_builds(bundle, request)
+def check_out_folder(bundle: Bundle, out: Path) -> Path:
+    """``out`` resolved; refused when it is the bundle or inside it (the bundle is only read)."""
+    resolved, source = out.resolve(), bundle.path.resolve()
+    if resolved == source or source in resolved.parents:
+        raise EngineError(
+            f"--out {out} is inside the bundle {bundle.path}: the bundle stays as exported (its manifest lists every "
+            "file); choose a folder outside it"
+        )
+    return resolved
+
+
+def description(bundle: Bundle, request: EngineRequest, builds: list[GraphBuild], out: Path, census: dict) -> dict:
+    """``trtexec.json``: what each plan is asked to be, for ``unidg export adopt``."""
+    plans = {}
     for build in builds:
-        if build.derive is not None:
-            build.prepare_graph()
+        entry = engine_entry(build, "", 0.0)
+        for key in ("sha256", "build_seconds"):
+            entry.pop(key)
+        entry["onnx"] = str(build.onnx.relative_to(out)) if build.derivation else build.onnx.name
+        entry["derived"] = build.derivation is not None
+        entry["log"] = build_log(build)
+        entry["profile"] = {
+            name: [list(corner) for corner in corners] for name, corners in build.profile.shapes.items()
+        }
+        plans[build.graph] = entry
+    return {
+        "format": TRTEXEC_FORMAT,
+        "bundle": {"path": str(bundle.path.resolve()), "fingerprint": bundle.fingerprint},
+        "tensorrt_major": request.trtexec_major,
+        "version_compatible": request.version_compatible,
+        "hardware_compatibility": request.hardware_compatibility,
+        "plans": plans,
+        "census": census,
+    }
+
+
+def render(bundle_path: str | Path, request: EngineRequest, out: str | Path, trtexec: str = "trtexec") -> str:
+    """``unidg export trtexec``: write the TensorRT graphs, ``trtexec.json`` and ``trtexec.sh`` into ``out`` and
+    return the script text (also printed). The bundle is only read."""
+    bundle = load_bundle(bundle_path, verify=False)
+    out = check_out_folder(bundle, Path(out))
+    builds = plan_builds(bundle, request, graph_dir=out)
+    lines = [
+        "#!/usr/bin/env bash",
+        "set -euo pipefail",
+        f"# trtexec commands for {bundle.describe()} (TensorRT {request.trtexec_major} trtexec)",
+    ]
+    census = {}
+    for build in builds:
+        derived = build.prepare_graph()
+        census[build.graph] = derived or tensorrt_graph_census(_graph_only(build.onnx))
+        if derived is not None:
             lines.append(
-                f"# wrote {build.onnx.name}: the step graph with {build.attention} attention for TensorRT (graph only; "
-                f"the weights stay where {build.derive[0].name} keeps them)"
+                f"# wrote {build.onnx.name}: {build.graph} for TensorRT ({_changes(build)}; graph only, the weights "
+                f"stay in {build.source.name}'s external data)"
             )
+    for graph, figures in census.items():
+        lines.append(
+            f"# census {graph}: Resize {figures['resize'] or 'none'}, Attention masks {figures['attention_masks']}, "
+            f"TRT_decomposable {figures['decomposable']}, plugin nodes {figures['plugin_nodes']}"
+        )
     if any(build.uses_plugin for build in builds):
         engine = f"unidg export engine --bundle {shlex.quote(str(bundle.path))} --graphs step"
         if request.plugin_large_shared_memory:
@@ -147,12 +216,39 @@ def render(bundle_path: str | Path, request: EngineRequest, trtexec: str = "trte
                 else " unless --plugin-large-shared-memory is given."
             )
         )
-    lines.append(f"mkdir -p {shlex.quote(str(bundle.path / 'engines'))}")
+    lines.append(f"mkdir -p {shlex.quote(str(out / 'engines'))}")
     for build in builds:
-        lines.append(f"# {build.graph}: build")
-        command = shlex.join(build_command(build, bundle.path, trtexec))
+        lines.append(f"# {build.graph}: build (log: {build_log(build)}, read by `unidg export adopt`)")
+        command = (
+            shlex.join(build_command(build, out, trtexec)) + f" 2>&1 | tee {shlex.quote(str(out / build_log(build)))}"
+        )
         lines.append(f"# {command}" if build.uses_plugin else command)
     for build in builds:
         lines.append(f"# {build.graph}: profile (per-layer times)")
-        lines.append(shlex.join(profile_command(build, bundle.path, trtexec)))
-    return "\n".join(lines) + "\n"
+        lines.append(shlex.join(profile_command(build, out, trtexec)))
+    lines.append(
+        f"# then: unidg export adopt --bundle {shlex.quote(str(bundle.path))} --plans {shlex.quote(str(out))} --out NEW"
+    )
+    script = "\n".join(lines) + "\n"
+    (out / "engines").mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / TRTEXEC_SCRIPT, script)
+    text = json.dumps(description(bundle, request, builds, out, census), indent=2) + "\n"
+    atomic_write_text(out / TRTEXEC_DESCRIPTION, text)
+    return script
+
+
+def _graph_only(path: Path) -> onnx.ModelProto:
+    return onnx.load(str(path), load_external_data=False)
+
+
+def _changes(build: GraphBuild) -> str:
+    derivation, changes = build.derivation, []
+    if derivation.attention == "plugin":
+        changes.append("attention as the plugin node")
+    elif derivation.attention == "native":
+        changes.append(f"{derivation.attention_mask} attention mask")
+    if derivation.decomposable:
+        changes.append("TRT_decomposable=1")
+    if derivation.fp32_resize and low_precision_resizes(_graph_only(build.source)):
+        changes.append("bf16 Resize in fp32")
+    return ", ".join(changes)

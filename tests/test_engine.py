@@ -142,8 +142,10 @@ def test_trtexec_commands(bundle_copy):
     static = plan_builds(_static(), EngineRequest(trtexec_major=10))[0]
     assert "--stronglyTyped" in build_command(static, _static().path)
     assert not any("Shapes" in a for a in build_command(static, _static().path))
-    text = render(bundle_copy, EngineRequest())
-    assert "# wrote step.native.onnx" in text and (bundle_copy / "step.native.onnx").is_file()
+    out = bundle_copy.parent / "trtexec"
+    text = render(bundle_copy, EngineRequest(), out)
+    assert "# wrote step.native.onnx" in text and (out / "step.native.onnx").is_file()
+    assert not (bundle_copy / "step.native.onnx").exists()  # the bundle is only read
     for line in text.splitlines():
         if line.startswith("trtexec"):
             assert shlex.split(line)[0] == "trtexec"
@@ -162,13 +164,13 @@ def test_profiling_verbosity_is_a_build_option():
 def test_trtexec_dialect_of_tensorrt_11():
     """TensorRT 11 builds strongly typed only: no --stronglyTyped, no precision flags, no no-op profiling options."""
     bundle = _static()
-    build = plan_builds(bundle, EngineRequest())[0]  # default: the newest trtexec
+    build = plan_builds(bundle, EngineRequest(trtexec_major=11))[0]
     assert build.options.trtexec_major == 11
     command, profile = build_command(build, bundle.path), profile_command(build, bundle.path)
     removed = {"--stronglyTyped", "--bf16", "--fp16", "--useCudaGraph", "--separateProfileRun", "--noDataTransfers"}
     assert not removed & (set(command) | set(profile))
     assert {"--dumpProfile", f"--exportProfile={bundle.path / 'engines/step.plan'}.profile.json"} <= set(profile)
-    weak = plan_builds(bundle, EngineRequest(precision="bf16"))[0]
+    weak = plan_builds(bundle, EngineRequest(precision="bf16", trtexec_major=11))[0]
     with pytest.raises(EngineError, match="TensorRT 11 builds strongly typed only.*--tensorrt-major 10"):
         build_command(weak, bundle.path)
     with pytest.raises(EngineError, match="--tensorrt-major 9"):
@@ -211,10 +213,11 @@ def test_cli_plugin_shared_memory_option(capsys, tmp_path):
     bundle = tmp_path / "bundle"
     shutil.copytree(nano_bundle(), bundle)
     rewrite_manifest(bundle, lambda meta: meta.update(attention="plugin"))
-    assert main(["export", "trtexec", "--bundle", str(bundle)]) == 0
+    out = str(tmp_path / "trtexec")
+    assert main(["export", "trtexec", "--bundle", str(bundle), "--out", out]) == 0
     text = capsys.readouterr().out
     assert "limited to 48 KiB" in text and f"unidg export engine --bundle {bundle} --graphs step`" in text
-    assert main(["export", "trtexec", "--bundle", str(bundle), "--plugin-large-shared-memory"]) == 0
+    assert main(["export", "trtexec", "--bundle", str(bundle), "--out", out, "--plugin-large-shared-memory"]) == 0
     assert "--graphs step --plugin-large-shared-memory`" in capsys.readouterr().out
 
 
@@ -238,12 +241,36 @@ def test_plan_entries_say_which_plans_embed_the_plugin():
 
 
 def test_cli_trtexec_and_refusals(capsys, bundle_copy):
-    assert main(["export", "trtexec", "--bundle", str(bundle_copy), "--fp8"]) == 2
+    out = str(bundle_copy.parent / "trtexec")
+    assert main(["export", "trtexec", "--bundle", str(bundle_copy), "--out", out, "--fp8"]) == 2
     assert "--fp8 needs a bundle with FP8 Q/DQ" in capsys.readouterr().err
-    assert main(["export", "trtexec", "--bundle", str(bundle_copy), "--tensorrt-major", "10"]) == 0
-    assert "--stronglyTyped" in capsys.readouterr().out
-    assert main(["export", "trtexec", "--bundle", str(bundle_copy)]) == 0
+    assert main(["export", "trtexec", "--bundle", str(bundle_copy), "--out", out, "--tensorrt-major", "11"]) == 0
     assert "--stronglyTyped" not in capsys.readouterr().out
+    assert main(["export", "trtexec", "--bundle", str(bundle_copy), "--out", str(bundle_copy / "trt")]) == 2
+    assert "is inside the bundle" in capsys.readouterr().err
+
+
+def test_trtexec_dialect_follows_the_installed_tensorrt(monkeypatch):
+    """Named: that dialect; else the installed TensorRT's major; else 10, the oldest the [tensorrt] extra allows
+    (tensorrt>=10.15), whose commands TensorRT 11's trtexec still takes."""
+    import importlib.metadata
+
+    from unidg.export import engine
+
+    assert EngineRequest(trtexec_major=11).trtexec_major == 11
+    versions = {"tensorrt": "11.1.0.7"}
+
+    def version(name):
+        if name not in versions:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return versions[name]
+
+    monkeypatch.setattr(engine.importlib.metadata, "version", version)
+    assert EngineRequest().trtexec_major == 11
+    versions["tensorrt"] = "10.15.1.29"
+    assert EngineRequest().trtexec_major == 10
+    versions.clear()
+    assert EngineRequest().trtexec_major == engine.DEFAULT_TRTEXEC_MAJOR == 10
 
 
 def test_native_attention_is_the_default_with_a_key_only_mask(bundle_copy):
@@ -273,7 +300,7 @@ def test_plugin_attention_is_a_build_option(bundle_copy):
 
     bundle = load_bundle(bundle_copy, verify=False)
     step = plan_builds(bundle, EngineRequest(graphs=("step",), attention="plugin"))[0]
-    assert step.uses_plugin and step.onnx.name == "step.plugin.onnx" and step.derive[1] == "plugin"
+    assert step.uses_plugin and step.onnx.name == "step.plugin.onnx" and step.derivation.attention == "plugin"
     assert step.plugin_max_shared_bytes == 48 * 1024
     step.prepare_graph()
     import onnx
