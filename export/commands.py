@@ -1,5 +1,5 @@
-"""``unidg export onnx|quantize|engine|trtexec|parity|slice`` (registered by unidg.cli). Heavy imports live in the
-handlers, so ``unidg --help`` works on the lean runtime install."""
+"""``unidg export onnx|quantize|engine|trtexec|adopt|check|parity|slice`` (registered by unidg.cli). Heavy imports
+live in the handlers, so ``unidg --help`` works on the lean runtime install."""
 
 from __future__ import annotations
 
@@ -128,6 +128,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="trtexec dialect of the commands (default: the installed TensorRT's major, else 10)",
     )
     trtexec.set_defaults(handler=run_trtexec)
+
+    adopt = export.add_parser(
+        "adopt",
+        help="a new bundle with the plans trtexec built from `unidg export trtexec --out DIR`",
+        description="Check each plan's build log (trtexec passed; TensorRT version, GPU and input shapes as recorded "
+        "in DIR/trtexec.json) and write a new bundle: the source bundle's files, the plans and the graphs they were "
+        "parsed from, and a manifest whose engines table the TensorRT backend reads. Source and DIR are only read.",
+    )
+    adopt.add_argument("--bundle", required=True, help="the bundle the trtexec commands were written for")
+    adopt.add_argument("--plans", required=True, help="the --out folder of `unidg export trtexec`, plans built")
+    adopt.add_argument("--out", required=True, help="the new bundle folder")
+    adopt.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    adopt.set_defaults(handler=run_adopt)
 
     parity = export.add_parser(
         "parity",
@@ -303,6 +316,18 @@ def run_trtexec(args: argparse.Namespace) -> int:
     from unidg.export.trtexec import render
 
     sys.stdout.write(render(args.bundle, _engine_request(args), Path(args.out), args.trtexec))
+    return 0
+
+
+def run_adopt(args: argparse.Namespace) -> int:
+    from unidg.export.adopt import adopt_plans
+
+    table = adopt_plans(args.bundle, args.plans, args.out, replace=args.overwrite)
+    capability = ".".join(str(part) for part in table["compute_capability"])
+    print(
+        f"wrote {args.out}: {len(table['plans'])} plans of TensorRT {table['tensorrt_version']} for "
+        f"{table['device_name']} (compute capability {capability})"
+    )
     return 0
 
 

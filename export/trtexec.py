@@ -194,8 +194,8 @@ def render(bundle_path: str | Path, request: EngineRequest, out: str | Path, trt
         census[build.graph] = derived or tensorrt_graph_census(_graph_only(build.onnx))
         if derived is not None:
             lines.append(
-                f"# wrote {build.onnx.name}: {build.graph} for TensorRT ({_changes(build)}; graph only, the weights "
-                f"stay in {build.source.name}'s external data)"
+                f"# wrote {build.onnx.name}: {build.graph} for TensorRT ({_changes(build)}; external-data weights "
+                f"of {build.source.name} are linked, not rewritten)"
             )
     for graph, figures in census.items():
         lines.append(

@@ -4,6 +4,9 @@ needs TensorRT and a GPU; everything here is the graph side."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -106,3 +109,104 @@ def test_the_derived_graph_never_replaces_its_source(tmp_path):
     folder = bf16_bundle()
     with pytest.raises(ValueError, match="another file than its source"):
         derive_graph_file(folder / "vae_decoder.onnx", folder / "vae_decoder.onnx", GraphDerivation())
+
+
+def _sha256_tree(folder) -> dict[str, str]:
+    from unidg.runtime.manifest import sha256_file
+
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _trtexec_log(version: str, device: str, capability: str, profile: dict | None, passed: bool = True) -> str:
+    """The lines of a trtexec build log that adopt reads, in the form trtexec prints them."""
+    lines = ["&&&& RUNNING TensorRT.trtexec [TensorRT v101500] [b29] # trtexec --onnx=..."]
+    if profile is None:
+        lines.append("[12/07/2026-10:00:00] [I] Input build shapes: model")
+    else:
+        for name, corners in profile.items():
+            shape = "+".join("x".join(str(d) for d in corner) for corner in corners)
+            lines.append(f"[12/07/2026-10:00:00] [I] Input build shape (profile 0): {name}={shape}")
+    lines += [
+        "[12/07/2026-10:00:00] [I] === Device Information ===",
+        f"[12/07/2026-10:00:00] [I] Selected Device: {device}",
+        f"[12/07/2026-10:00:00] [I] Compute Capability: {capability}",
+        f"[12/07/2026-10:00:00] [I] TensorRT version: {version}",
+    ]
+    if passed:
+        lines.append("&&&& PASSED TensorRT.trtexec [TensorRT v101500] [b29] # trtexec --onnx=...")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorrt") is not None, reason="tensorrt installed: stand-in plans refused"
+)
+def test_trtexec_writes_to_out_and_adopt_makes_a_bundle_the_runtime_accepts(tmp_path, capsys):
+    """The README's FP8 bundle (from bf16): `unidg export trtexec` leaves it byte-identical (sha256 of every file) and
+    writes the TensorRT graphs (no bf16 Resize, key-only masks) beside trtexec.json; `unidg export adopt` hashes the
+    built plans into a new bundle whose engines table the TensorRT backend parses and checks.
+
+    No TensorRT here: the plan files are stand-in bytes (adopt hashes them; it does not read them without TensorRT)
+    and the logs hold the lines trtexec prints; the plans are not deserialized (tensorrt not installed)."""
+    from unidg.cli import main
+    from unidg.runtime.backends.tensorrt_backend import (
+        EngineMismatchError,
+        check_engine_compatibility,
+        parse_engines,
+    )
+    from unidg.runtime.bundle import GRAPH_NAMES
+
+    source, _ = fp8_bf16_bundle()
+    before = _sha256_tree(source)
+    out = tmp_path / "trt"
+    assert main(["export", "trtexec", "--bundle", str(source), "--out", str(out)]) == 0
+    script = capsys.readouterr().out
+    assert _sha256_tree(source) == before  # nothing written, nothing changed
+    assert (out / "trtexec.sh").read_text() in script and "(TensorRT 10 trtexec)" in script  # (+ library warnings)
+    description = json.loads((out / "trtexec.json").read_text())
+    census = description["census"]
+    assert census["vae_decoder"]["resize"] == ["FLOAT->FLOAT"] * 3
+    assert all(figures["bf16_resize"] == 0 for figures in census.values())
+    step_masks = census["step"]["attention_masks"]
+    assert step_masks and all(shape[1:3] == [1, 1] for shape in step_masks)
+    assert description["plans"]["step"]["onnx"] == "step.native.onnx" and (out / "step.native.onnx").is_file()
+    assert description["plans"]["vae_encoder"]["onnx"] == "vae_encoder.onnx"  # unchanged: the bundle's own
+
+    for graph in GRAPH_NAMES:
+        entry = description["plans"][graph]
+        (out / entry["file"]).write_bytes(f"stand-in for the {graph} plan trtexec writes".encode())
+        (out / entry["log"]).write_text(_trtexec_log("10.15.1", "NVIDIA H100 80GB HBM3", "9.0", entry["profile"]))
+    plans_before = _sha256_tree(out)
+    adopted = tmp_path / "bundle-fp8-trt"
+    assert main(["export", "adopt", "--bundle", str(source), "--plans", str(out), "--out", str(adopted)]) == 0
+    assert "4 plans of TensorRT 10.15.1 for NVIDIA H100 80GB HBM3 (compute capability 9.0)" in capsys.readouterr().out
+    assert _sha256_tree(source) == before and _sha256_tree(out) == plans_before
+    bundle = load_bundle(adopted)  # every file's sha256 checked, plans and step.native.onnx included
+    assert {"engines/step.plan", "step.native.onnx", "vae_decoder.trt.onnx"} <= set(bundle.files)
+    specs = parse_engines(bundle)
+    assert specs["step"].onnx == "step.native.onnx" and specs["step"].compute_capability == (9, 0)
+    check_engine_compatibility(specs["step"], "10.15.1.29", (9, 0))
+    with pytest.raises(EngineMismatchError, match="built with TensorRT 10.15.1"):
+        check_engine_compatibility(specs["step"], "11.0.0", (9, 0))
+    # With TensorRT importable adopt also deserializes each plan (stand-in bytes would then be refused).
+    assert bundle.engines["checked_by_deserializing"] is False
+
+    # Refusals: a failed build, shapes other than recorded, an older TensorRT, another bundle.
+    step = description["plans"]["step"]
+    wrong = {name: [[2, *corner[1:]] for corner in corners] for name, corners in list(step["profile"].items())[:1]}
+    cases = [
+        (_trtexec_log("10.15.1", "NVIDIA H100 80GB HBM3", "9.0", step["profile"], passed=False), "does not say"),
+        (_trtexec_log("10.15.1", "NVIDIA H100 80GB HBM3", "9.0", wrong), "was built with input shapes"),
+        (_trtexec_log("10.13.0", "NVIDIA H100 80GB HBM3", "9.0", step["profile"]), "need TensorRT >= 10.15"),
+        (_trtexec_log("10.15.1", "NVIDIA H200", "9.0", step["profile"]), "different TensorRT versions or GPUs"),
+    ]
+    for log, message in cases:
+        (out / step["log"]).write_text(log)
+        assert (
+            main(["export", "adopt", "--bundle", str(source), "--plans", str(out), "--out", str(tmp_path / "x")]) == 2
+        )
+        assert message in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert (
+        main(["export", "adopt", "--bundle", str(bf16_bundle()), "--plans", str(out), "--out", str(tmp_path / "x")])
+        == 2
+    )
+    assert "was written for bundle" in capsys.readouterr().err
