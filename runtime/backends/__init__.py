@@ -17,6 +17,7 @@ from unidg.runtime.backends.base import (
     StepConditioning,
     device_options,
 )
+from unidg.runtime.backends.onnxruntime_packages import onnxruntime_install_problem
 from unidg.runtime.bundle import Bundle
 
 # name -> (module, class)
@@ -30,6 +31,10 @@ BACKENDS: dict[str, tuple[str, str]] = {
 def backend_class(name: str) -> type[Backend]:
     if name not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {name!r}; choose one of {sorted(BACKENDS)}")
+    if name == "onnxruntime":
+        problem = onnxruntime_install_problem()  # checked before the import, which may half-work on a mixed install
+        if problem:
+            raise BackendUnavailable(problem)
     module_name, class_name = BACKENDS[name]
     return getattr(importlib.import_module(module_name), class_name)
 
