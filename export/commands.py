@@ -142,6 +142,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     adopt.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     adopt.set_defaults(handler=run_adopt)
 
+    check = export.add_parser(
+        "check",
+        help="polygraphy comparison of each graph on onnxruntime vs TensorRT, with the accuracy gate's thresholds",
+        description="Write the graphs both sides run into --out and print two `polygraphy run` commands per graph: "
+        "onnxruntime saves inputs and outputs, TensorRT compares with them (cosine >= 0.995; VAE decoder PSNR >= 30 "
+        "dB). --run executes them (the TensorRT half only where tensorrt is installed).",
+    )
+    check.add_argument("--bundle", required=True)
+    check.add_argument("--out", required=True, help="folder for the graphs, inputs and outputs (not the bundle)")
+    check.add_argument("--attention-mask", choices=("key", "full"), default="key")
+    check.add_argument("--decomposable", action="store_true")
+    check.add_argument("--graphs", help="comma-separated subset of step,vae_encoder,vae_decoder,image_encoder")
+    check.add_argument("--run", action="store_true", help="run the commands; exit 1 if a comparison fails")
+    check.set_defaults(handler=run_check)
+
     parity = export.add_parser(
         "parity",
         help="per-graph and 28-step trajectory parity of a bundle with the torch model (onnxruntime, polygraphy)",
@@ -329,6 +344,23 @@ def run_adopt(args: argparse.Namespace) -> int:
         f"{table['device_name']} (compute capability {capability})"
     )
     return 0
+
+
+def run_check(args: argparse.Namespace) -> int:
+    from unidg.export.check import check_commands, render, run_checks
+    from unidg.export.engine import EngineRequest
+    from unidg.runtime.bundle import GRAPH_NAMES
+
+    graphs = tuple(g.strip() for g in args.graphs.split(",")) if args.graphs else GRAPH_NAMES
+    request = EngineRequest(attention_mask=args.attention_mask, decomposable=args.decomposable, graphs=graphs)
+    checks = check_commands(args.bundle, args.out, request)
+    sys.stdout.write(render(checks))
+    if not args.run:
+        return 0
+    results = run_checks(checks)
+    for graph, verdict in results.items():
+        print(f"{graph}: {verdict}")
+    return 1 if any(verdict.startswith("FAIL") for verdict in results.values()) else 0
 
 
 def run_parity(args: argparse.Namespace) -> int:

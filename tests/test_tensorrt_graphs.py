@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -210,3 +211,51 @@ def test_trtexec_writes_to_out_and_adopt_makes_a_bundle_the_runtime_accepts(tmp_
         == 2
     )
     assert "was written for bundle" in capsys.readouterr().err
+
+
+def test_check_prints_polygraphy_comparisons_with_the_gate_thresholds(tmp_path, capsys):
+    """Two `polygraphy run` commands per graph: onnxruntime (the bf16 graphs as their fp32 emulation, the FP8 step
+    with graph optimizations off) saves inputs and outputs; TensorRT runs the TensorRT graph on them and compares
+    with cosine >= 0.995 (PSNR >= 30 dB for the decoder). The onnxruntime half of one graph is run here for real."""
+    import shlex
+
+    from unidg.cli import main
+    from unidg.export.check import GraphCheck, run_checks
+    from unidg.export.quantize_accuracy import DEFAULT_MIN_COSINE, DEFAULT_MIN_PSNR
+
+    source, _ = fp8_bf16_bundle()
+    before = _sha256_tree(source)
+    out = tmp_path / "check"
+    assert main(["export", "check", "--bundle", str(source), "--out", str(out)]) == 0
+    commands = [shlex.split(line) for line in capsys.readouterr().out.splitlines() if line.startswith("polygraphy")]
+    assert _sha256_tree(source) == before and len(commands) == 8
+    by_graph = {}
+    for onnxruntime, tensorrt in zip(commands[::2], commands[1::2]):
+        graph = Path(onnxruntime[2]).name.split(".")[0]
+        by_graph[graph] = (onnxruntime, tensorrt)
+        assert onnxruntime[:2] == ["polygraphy", "run"] and "--onnxrt" in onnxruntime
+        assert Path(onnxruntime[2]).name == f"{graph}.fp32-emulation.onnx" and Path(onnxruntime[2]).is_file()
+        saved = onnxruntime[onnxruntime.index("--save-outputs") + 1]
+        assert tensorrt[tensorrt.index("--load-outputs") + 1] == saved
+        assert "--trt" in tensorrt and "--strongly-typed" in tensorrt and Path(tensorrt[2]).is_file()
+    assert set(by_graph) == {"step", "vae_encoder", "vae_decoder", "image_encoder"}
+    step_ort, step_trt = by_graph["step"]
+    assert step_ort[step_ort.index("--graph-optimization-level") + 1] == "ORT_DISABLE_ALL"
+    assert Path(step_trt[2]).name == "step.native.onnx"
+    assert step_trt[-4:] == ["--compare-func", "cosine_similarity", "--cosine-similarity-threshold", "x_next:0.995"]
+    assert f"x_next:{DEFAULT_MIN_COSINE:g}" == step_trt[-1]
+    assert by_graph["vae_decoder"][1][-4:] == [
+        "--compare-func",
+        "psnr",
+        "--psnr-threshold",
+        f"pixels:{DEFAULT_MIN_PSNR:g}",
+    ]
+    assert Path(by_graph["vae_decoder"][1][2]).name == "vae_decoder.trt.onnx"
+
+    verdict = run_checks([GraphCheck("vae_encoder", *by_graph["vae_encoder"])])["vae_encoder"]
+    assert verdict == "onnxruntime half ran; TensorRT half not run (tensorrt not installed)" or verdict == "pass"
+    from polygraphy.comparator import RunResults
+
+    results = RunResults.load(str(out / "vae_encoder.onnxruntime.json"))
+    ((_, iterations),) = list(results.items())
+    assert iterations[0]["latents"].shape == (1, 16, RESOLUTION // 8, RESOLUTION // 4)
