@@ -111,7 +111,13 @@ def build_command(build: GraphBuild, plan_dir: Path, trtexec: str = "trtexec") -
         args.append("--hardwareCompatibilityLevel=sameComputeCapability")
     if options.workspace_gb:
         args.append(f"--memPoolSize=workspace:{int(options.workspace_gb * 1024)}M")
-    args += ["--profilingVerbosity=detailed", f"--exportLayerInfo={plan_dir / build.plan}.layers.json"]
+    # Layer information (which kernel each layer got) in the build log and beside the plan: how a first build shows
+    # whether attention became one fused kernel.
+    args += [
+        "--profilingVerbosity=detailed",
+        "--dumpLayerInfo",
+        f"--exportLayerInfo={plan_dir / build.plan}.layers.json",
+    ]
     args.append("--skipInference")
     return args
 

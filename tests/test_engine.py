@@ -158,6 +158,8 @@ def test_profiling_verbosity_is_a_build_option():
     for major in (10, 11):
         build = plan_builds(bundle, EngineRequest(trtexec_major=major))[0]
         assert "--profilingVerbosity=detailed" in build_command(build, bundle.path)
+        layer_info = {"--dumpLayerInfo", f"--exportLayerInfo={bundle.path / 'engines/step.plan'}.layers.json"}
+        assert layer_info <= set(build_command(build, bundle.path))  # which kernel each layer got
         assert not any(arg.startswith("--profilingVerbosity") for arg in profile_command(build, bundle.path))
 
 
