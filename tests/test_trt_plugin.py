@@ -199,3 +199,29 @@ def test_engine_with_plugin_matches_reference() -> None:
     stream.synchronize()
     ref = reference_biased_attention(q.float(), k.float(), v.float(), bias)
     assert (out.float() - ref).abs().max().item() / ref.abs().max().item() <= 2e-2
+
+
+@needs_compiler
+def test_each_kernel_compiles_once_across_autotune_and_aot_impl(monkeypatch) -> None:
+    """autotune (tactics_within_shared_limit) and aot_impl (config_for_tactic + compile_for_plugin) ask for the same
+    kernels: each distinct kernel is compiled once per process, however the arguments are spelled."""
+    from unidg.export.plugins import aot, trt_plugin
+
+    compiled: list[tuple] = []
+    real = aot.compile_biased_attention
+
+    def counting(dtype, head_dim, scale, config, arch=None, ptx_version=aot.DEFAULT_PTX_VERSION, **kwargs):
+        compiled.append((dtype, head_dim, scale, config.name, arch, ptx_version))
+        return real(dtype, head_dim, scale, config, arch=arch, ptx_version=ptx_version, **kwargs)
+
+    monkeypatch.setattr(aot, "compile_biased_attention", counting)
+    trt_plugin._compile_once.cache_clear()  # a fresh process's cache
+    scale = resolve_scale(0.0, 64)
+    configs = AUTOTUNE_CONFIGS[-2:]  # two configs keep the compile short
+    # The calls the registered plugin makes on sm_90 (arch given here: no GPU), with the default PTX ISA 8.0.
+    tactics = tactics_within_shared_limit("fp16", 64, scale, configs, 49152, arch=90)
+    assert tactics and len(compiled) == len(configs)
+    for tactic in (0, *tactics):
+        config = config_for_tactic(tactic, configs, 49152, "fp16", 64, scale, arch=90)
+        trt_plugin.compile_for_plugin("fp16", 64, scale, config, 90, 80)
+    assert len(compiled) == len(set(compiled)) == len(configs), compiled

@@ -94,6 +94,7 @@ def config_for_tactic(
     head_dim: int = 0,
     scale: float = 0.0,
     arch: int | None = None,
+    ptx_version: int | None = 80,
 ):
     """The kernel config of a tactic; tactic 0 (TensorRT's default) is the first config allowed by
     ``max_shared_bytes`` (checking it compiles the configs for ``dtype``/``head_dim``/``scale`` on sm_``arch``,
@@ -102,7 +103,7 @@ def config_for_tactic(
     if tactic == 0:
         if max_shared_bytes is None:
             return table[1]
-        allowed = tactics_within_shared_limit(dtype, head_dim, scale, configs, max_shared_bytes, arch)
+        allowed = tactics_within_shared_limit(dtype, head_dim, scale, configs, max_shared_bytes, arch, ptx_version)
         if not allowed:
             raise ValueError(f"{PLUGIN_ID}: no kernel configuration fits {max_shared_bytes} bytes of shared memory")
         return table[allowed[0]]
@@ -136,18 +137,31 @@ def plan_launch(compiled, q_shape: Sequence, k_shape: Sequence, cdiv=None) -> La
     )
 
 
-@lru_cache(maxsize=64)
 def compile_for_plugin(
     dtype: str, head_dim: int, scale: float, config, arch: int | None = None, ptx_version: int | None = 80
 ):
-    """Compile (once per distinct argument set) the kernel variant a tactic needs; ``arch=None``: the build GPU."""
+    """Compile (once per distinct kernel) the kernel variant a tactic needs; ``arch=None``: the build GPU.
+
+    autotune and aot_impl both ask for it, with arguments spelled differently (defaults left out, keywords or not):
+    the cache key is the normalized argument tuple, so one kernel is compiled once."""
+    return _compile_once(str(dtype), int(head_dim), float(scale), config, arch, ptx_version)
+
+
+@lru_cache(maxsize=64)
+def _compile_once(dtype: str, head_dim: int, scale: float, config, arch: int | None, ptx_version: int | None):
     from unidg.export.plugins.aot import compile_biased_attention
 
     return compile_biased_attention(dtype, head_dim, scale, config, arch=arch, ptx_version=ptx_version)
 
 
 def tactics_within_shared_limit(
-    dtype: str, head_dim: int, scale: float, configs, max_shared_bytes: int | None, arch: int | None = None
+    dtype: str,
+    head_dim: int,
+    scale: float,
+    configs,
+    max_shared_bytes: int | None,
+    arch: int | None = None,
+    ptx_version: int | None = 80,
 ) -> list:
     """Tactic ids whose compiled kernel fits ``max_shared_bytes`` (all of them when the limit is None)."""
     table = tactic_configs(configs)
@@ -156,7 +170,7 @@ def tactics_within_shared_limit(
     return [
         tactic
         for tactic, config in sorted(table.items())
-        if compile_for_plugin(dtype, head_dim, scale, config, arch).shared_mem <= max_shared_bytes
+        if compile_for_plugin(dtype, head_dim, scale, config, arch, ptx_version).shared_mem <= max_shared_bytes
     ]
 
 
@@ -213,7 +227,9 @@ def register_plugin(
         resolved = resolve_scale(scale, head_dim)
         combinations = []
         for dtype, type_name in AUTOTUNE_TYPE_NAMES.items():
-            tactics = tactics_within_shared_limit(dtype, head_dim, resolved, configs, max_shared_bytes)
+            tactics = tactics_within_shared_limit(
+                dtype, head_dim, resolved, configs, max_shared_bytes, None, ptx_version
+            )
             if tactics:
                 io_types = f"{type_name}, {type_name}, {type_name}, FP32, {type_name}"
                 combinations.append(trtp.AutoTuneCombination(io_types, "LINEAR", tactics))
@@ -233,8 +249,9 @@ def register_plugin(
     ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymExprs]:
         dtype = triton_dtype_for(q.dtype.name)
         head_dim = static_head_dim(tuple(q.shape))
-        config = config_for_tactic(tactic, configs, max_shared_bytes, dtype, head_dim, resolve_scale(scale, head_dim))
-        compiled = compile_for_plugin(dtype, head_dim, resolve_scale(scale, head_dim), config, None, ptx_version)
+        resolved = resolve_scale(scale, head_dim)
+        config = config_for_tactic(tactic, configs, max_shared_bytes, dtype, head_dim, resolved, None, ptx_version)
+        compiled = compile_for_plugin(dtype, head_dim, resolved, config, None, ptx_version)
         plan = plan_launch(compiled, q.shape_expr, k.shape_expr, cdiv=trtp.cdiv)
 
         launch = trtp.KernelLaunchParams()
