@@ -17,13 +17,13 @@ import json
 import re
 from pathlib import Path
 
+from unidg.core.manifest import read_manifest, sha256_file, write_manifest
+from unidg.core.staging import staged_folder
 from unidg.export.engine import EngineError
 from unidg.export.tensorrt_graphs import link_or_copy
 from unidg.export.trtexec import TRTEXEC_DESCRIPTION, TRTEXEC_FORMAT
 from unidg.runtime.backends.tensorrt_backend import parse_compute_capability, tensorrt_version_problem
 from unidg.runtime.bundle import GRAPH_NAMES, load_bundle
-from unidg.runtime.manifest import read_manifest, sha256_file, write_manifest
-from unidg.runtime.staging import staged_folder
 
 # trtexec's log lines (sampleDevice / sampleOptions / sampleReporting).
 _VERSION = re.compile(r"TensorRT version: (\d+(?:\.\d+)*)")

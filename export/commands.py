@@ -149,10 +149,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "onnxruntime saves inputs and outputs, TensorRT compares with them (cosine >= 0.995; VAE decoder PSNR >= 30 "
         "dB). --run executes them (the TensorRT half only where tensorrt is installed).",
     )
-    check.add_argument("--bundle", required=True)
+    check.add_argument("--bundle", required=True, help="bundle folder whose graphs are compared")
     check.add_argument("--out", required=True, help="folder for the graphs, inputs and outputs (not the bundle)")
-    check.add_argument("--attention-mask", choices=("key", "full"), default="key")
-    check.add_argument("--decomposable", action="store_true")
+    check.add_argument(
+        "--attention-mask",
+        choices=("key", "full"),
+        default="key",
+        help="mask form of the TensorRT step graph (as for `unidg export trtexec`)",
+    )
+    check.add_argument(
+        "--decomposable", action="store_true", help="TRT_decomposable=1 on the Attention nodes TensorRT parses"
+    )
     check.add_argument("--graphs", help="comma-separated subset of step,vae_encoder,vae_decoder,image_encoder")
     check.add_argument("--run", action="store_true", help="run the commands; exit 1 if a comparison fails")
     check.set_defaults(handler=run_check)

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import onnx
 
+from unidg.core.manifest import atomic_write_text
 from unidg.export.engine import EngineError, EngineRequest, GraphBuild, engine_entry, plan_builds
 from unidg.export.tensorrt_graphs import low_precision_resizes, tensorrt_graph_census
 from unidg.runtime.bundle import Bundle, load_bundle
-from unidg.runtime.manifest import atomic_write_text
 
 TRTEXEC_DESCRIPTION = "trtexec.json"
 TRTEXEC_FORMAT = "unidg-trtexec-builds"

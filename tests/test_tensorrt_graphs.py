@@ -113,7 +113,7 @@ def test_the_derived_graph_never_replaces_its_source(tmp_path):
 
 
 def _sha256_tree(folder) -> dict[str, str]:
-    from unidg.runtime.manifest import sha256_file
+    from unidg.core.manifest import sha256_file
 
     return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
