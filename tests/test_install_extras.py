@@ -38,7 +38,12 @@ def _metadata_only_copy(folder: Path) -> Path:
     folder.mkdir(parents=True)
     shutil.copy(ROOT / "pyproject.toml", folder / "pyproject.toml")
     shutil.copy(ROOT / "README.md", folder / "README.md")
-    for source in PYPROJECT["tool"]["setuptools"]["package-dir"].values():
+    setuptools = PYPROJECT["tool"]["setuptools"]
+    for package in setuptools["packages"]:
+        parts = package.split(".")
+        # The longest package-dir entry that is a prefix of the package (unidg.core lives in unidg/core).
+        depth = max(i for i in range(1, len(parts) + 1) if ".".join(parts[:i]) in setuptools["package-dir"])
+        source = Path(setuptools["package-dir"][".".join(parts[:depth])], *parts[depth:])
         (folder / source).mkdir(parents=True, exist_ok=True)
         (folder / source / "__init__.py").touch()
     return folder
