@@ -97,3 +97,12 @@ def test_a_station_with_two_onnxruntime_packages_is_refused_at_start(tmp_path, m
     _fake_distribution(tmp_path / "gpu-beside", "onnxruntime-gpu", "1.31.1")
     with pytest.raises(BackendUnavailable, match="onnxruntime 1.32.0 and onnxruntime-gpu 1.31.1"):
         backend_class("onnxruntime")
+
+
+def test_a_missing_onnxruntime_names_both_extras() -> None:
+    from unidg.cli import missing_extra_message
+
+    message = missing_extra_message(
+        ModuleNotFoundError("No module named 'onnxruntime'", name="onnxruntime"), "generate"
+    )
+    assert "pip install 'unidg[cpu]'" in message and "pip install 'unidg[gpu]'" in message and "not both" in message

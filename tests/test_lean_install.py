@@ -1,4 +1,5 @@
-"""On a lean install (numpy, Pillow, onnxruntime, tqdm) every command that needs an extra says which one."""
+"""On a lean install (`unidg[cpu]`: numpy, Pillow, tqdm, onnxruntime) every command that needs an extra says which
+one."""
 
 from __future__ import annotations
 

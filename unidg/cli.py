@@ -53,6 +53,11 @@ EXPORT_COMMANDS = ("export", "calib")
 def missing_extra_message(error: ModuleNotFoundError, command: str | None = None) -> str:
     """A missing optional module, and the install line that brings it (the extra that makes ``command`` work)."""
     module = (error.name or "").split(".")[0]
+    if module == "onnxruntime":  # one of two extras, never both (they install the same module)
+        return (
+            "this command needs onnxruntime; install it with `pip install 'unidg[cpu]'` (CPU station) or "
+            "`pip install 'unidg[gpu]'` (CUDA station), not both"
+        )
     extra = EXTRA_OF_MODULE.get(module)
     if extra is None:
         return f"{error}; it is not an optional dependency of unidg: reinstall unidg"
