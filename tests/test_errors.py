@@ -14,7 +14,13 @@ from unidg.core.settings import UniDGSettings
 from unidg.runtime.synthesizer import RequestError, SynthesisRequest, check_request_options
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"runtime": "unidg.runtime", "train": "unidg.train", "export": "unidg.export", "calib": "unidg.calib"}
+PACKAGES = {
+    "unidg/core": "unidg.core",
+    "runtime": "unidg.runtime",
+    "train": "unidg.train",
+    "export": "unidg.export",
+    "calib": "unidg.calib",
+}
 # Exceptions that steer control flow or wrap the program's own failures, not a user's input.
 NOT_USER_ERRORS = {
     "GenerationCancelled",  # a progress callback asked to stop
