@@ -3,9 +3,15 @@
 Binary U-Net: BCE + soft Dice on the defect mask; the image score is the maximum of the 4x4-averaged defect
 probability (one bright pixel does not flag an image). Classifier and multi-class U-Net: cross-entropy. Inputs are
 scaled to [-1, 1]; each batch is flipped at random (horizontally and vertically, masks alike). Adam, fixed epochs.
+
+Every model (and every new output layer of a pre-trained one) is built right after torch is seeded with the run's
+seed (``seeded``): its initial weights depend on the seed alone, not on what the process drew before.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -15,6 +21,14 @@ from torch.nn import functional as F
 from unidg.train.detectors import ResNet34, UNet
 from unidg.train.evaluation import metrics
 from unidg.train.evaluation.training_sets import LabelledSet
+
+T = TypeVar("T")
+
+
+def seeded(seed: int, build: Callable[[], T]) -> T:
+    """``build()`` with torch's global generator seeded first (module initialisers draw from it)."""
+    torch.manual_seed(seed)
+    return build()
 
 
 def as_input(images: np.ndarray) -> torch.Tensor:
@@ -63,7 +77,7 @@ def binary_segmentation_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch
 
 
 def train_binary_unet(data: LabelledSet, cfg, seed: int, epochs: int, model: UNet | None = None) -> UNet:
-    model = model or UNet(1, cfg.unet_width, cfg.unet_depth)
+    model = model or seeded(seed, lambda: UNet(1, cfg.unet_width, cfg.unet_depth))
     targets = torch.from_numpy(data.masks.astype(np.float32))
     return fit(model, as_input(data.images), targets, binary_segmentation_loss, epochs, cfg.batch, cfg.lr, seed, True)
 
@@ -102,9 +116,9 @@ def train_classifier(
 ) -> ResNet34:
     """A ResNet-34 over ``classes`` (a fresh ``fc`` when ``model`` was trained for other classes)."""
     if model is None:
-        model = ResNet34(len(classes), cfg.resnet_width)
+        model = seeded(seed, lambda: ResNet34(len(classes), cfg.resnet_width))
     elif model.fc.out_features != len(classes):
-        model.fc = nn.Linear(model.fc.in_features, len(classes))
+        model.fc = seeded(seed, lambda: nn.Linear(model.fc.in_features, len(classes)))
     targets = torch.tensor([classes.index(d) for d in data.defects])
     return fit(model, as_input(data.images), targets, F.cross_entropy, epochs, cfg.batch, cfg.lr, seed, False)
 
@@ -134,9 +148,9 @@ def train_multiclass_unet(
 ) -> UNet:
     """``classes[0]`` is the background; a fresh output layer when ``model`` was trained for other classes."""
     if model is None:
-        model = UNet(len(classes), cfg.unet_width, cfg.unet_depth)
+        model = seeded(seed, lambda: UNet(len(classes), cfg.unet_width, cfg.unet_depth))
     elif model.outc.out_channels != len(classes):
-        model.outc = nn.Conv2d(model.outc.in_channels, len(classes), 1)
+        model.outc = seeded(seed, lambda: nn.Conv2d(model.outc.in_channels, len(classes), 1))
     targets = torch.from_numpy(label_maps(data, classes))
 
     def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
