@@ -72,7 +72,17 @@ def test_tiny_config_runs_end_to_end_and_resumes_from_cache(tmp_path: Path, monk
     assert report["table"]["generated"]["miou"] is not None
     assert {r["object"] for r in report["runs"]} == {*report["objects"], "*"}
     markdown = (out / "report.md").read_text()
-    assert "(ii) UniDG-generated" in markdown and "Generated (ii) minus rule-based (i)" in markdown
+    assert "(ii) UniDG-generated" in markdown and "| (ii) − (i) |" in markdown
+    assert "**Too small to mean anything:** one seed" in markdown  # the tiny config is one seed
+    for name, row in report["table"].items():
+        entry = row["auroc_p"]
+        assert entry["low"] <= entry["high"] and 0.0 <= entry["low"] <= 1.0, name
+    generated_minus_rule = next(
+        d for d in report["differences"] if (d["minuend"], d["subtrahend"]) == ("generated", "rule")
+    )["metrics"]["pro"]
+    expected = report["table"]["generated"]["pro"]["mean"] - report["table"]["rule"]["pro"]["mean"]
+    assert generated_minus_rule["difference"] == pytest.approx(expected)
+    assert "bootstrap" not in report["runs"][0]  # replicates stay in the cache
     assert (out / "samples.png").stat().st_size > 0
     models = sorted((out / "cache" / "models").iterdir())
     stamps = [p.stat().st_mtime_ns for p in models]
@@ -83,13 +93,28 @@ def test_tiny_config_runs_end_to_end_and_resumes_from_cache(tmp_path: Path, monk
     assert json.loads((out / "report.json").read_text())["table"] == report["table"]
 
 
-def _report_fixture() -> tuple[dict, list[dict]]:
-    row = {"auroc_i": {"mean": 0.8, "std": 0.1, "n": 2}, "accuracy": None}
+def _report_fixture(seeds: list[int] | None = None) -> tuple[dict, list[dict]]:
+    rule = {"mean": 0.8, "std": 0.1, "n": 2, "low": 0.7, "high": 0.85}
+    generated = {"mean": 0.9, "std": 0.05, "n": 2, "low": 0.86, "high": 0.95}
     report = {
-        "config": {"data": {"kind": "udg", "path": "d"}, "seeds": [0], "detectors": {"size": 32}},
+        "config": {
+            "data": {"kind": "udg", "path": "d"},
+            "seeds": seeds or [0, 1],
+            "detectors": {"size": 32},
+            "report": {"bootstrap": 1000, "confidence": 0.95},
+        },
         "objects": ["fabric"],
-        "table": {"rule": dict(row), "generated": {"auroc_i": {"mean": 0.9, "std": 0.05, "n": 2}}},
-        "generated_minus_rule": {"auroc_i": 0.1},
+        "test_images": {"fabric": 20},
+        "table": {"rule": {"auroc_i": rule, "accuracy": None}, "generated": {"auroc_i": generated}},
+        "per_object": {"fabric": {"rule": {"auroc_i": rule}, "generated": {"auroc_i": generated}}},
+        "differences": [
+            {
+                "minuend": "generated",
+                "subtrahend": "rule",
+                "metrics": {"auroc_i": {"difference": 0.1, "low": 0.02, "high": 0.19, "resolved": True}},
+            }
+        ],
+        "adequacy": [],
         "seconds": 12.0,
     }
     runs = [
@@ -99,24 +124,43 @@ def _report_fixture() -> tuple[dict, list[dict]]:
     return report, runs
 
 
-def test_report_markdown_table_and_verdict() -> None:
+def test_report_markdown_tables_and_differences() -> None:
     from unidg.train.evaluation.report import markdown
 
     report, _ = _report_fixture()
     text = markdown({**report, "plots_skipped": "matplotlib is not installed (pip install matplotlib)"})
-    assert "| (i) rule-based (cut-paste + Perlin) | 80.0 ± 10.0 | n/a |" in text
-    assert "AUROC-I +10.0" in text and "ahead on 1 of 1" in text
+    assert "| (i) rule-based (cut-paste + Perlin) | 80.0 ± 10.0 [70.0, 85.0] | n/a |" in text
+    assert "| (ii) − (i) | +10.0 [+2.0, +19.0] * |" in text
+    assert "**fabric** (20 test images)" in text
+    assert "Too small" not in text
     assert "Plots not drawn: matplotlib is not installed" in text
+    text = markdown({**report, "adequacy": ["one seed: the spread between detector seeds is not measured"]})
+    assert "**Too small to mean anything:** one seed" in text
+
+
+def test_adequacy_names_one_seed_and_unresolved_differences() -> None:
+    from unidg.train.evaluation.benchmark import adequacy
+    from unidg.train.evaluation.config import EvalConfig
+
+    resolved = [{"metrics": {"pro": {"difference": 0.1, "low": 0.05, "high": 0.15, "resolved": True}}}]
+    unresolved = [{"metrics": {"pro": {"difference": 0.1, "low": -0.05, "high": 0.25, "resolved": False}}}]
+    assert adequacy(EvalConfig(seeds=[0, 1]), resolved) == []
+    reasons = adequacy(EvalConfig(seeds=[0]), unresolved)
+    assert len(reasons) == 2 and reasons[0].startswith("one seed") and "contains zero" in reasons[1]
 
 
 def test_plots_are_drawn_with_matplotlib(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib", reason="matplotlib not installed (the train extra lists it)")
-    from unidg.train.evaluation.report import plots
+    from unidg.train.evaluation.report import _whiskers, plots
 
     report, runs = _report_fixture()
     assert plots(tmp_path, report, runs) == ["metrics.png", "curves.png"]
     assert (tmp_path / "metrics.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "curves.png").stat().st_size > 1000
+    # Bars and whiskers in %, the table's scale: the interval [70, 85] around 80.
+    values, (below, above) = _whiskers([report["table"]["rule"]["auroc_i"], None], "mean")
+    assert values[0] == pytest.approx(80.0) and below[0] == pytest.approx(10.0) and above[0] == pytest.approx(5.0)
+    assert np.isnan(values[1])
 
 
 def test_detector_threads_apply_during_the_run_only(tmp_path: Path, monkeypatch) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 
 from unidg.core.manifest import atomic_write_bytes, atomic_write_text
 from unidg.train.config import to_dict
+from unidg.train.evaluation import bootstrap
 from unidg.train.evaluation.config import EvalConfig
 from unidg.train.evaluation.datasets import InspectionSplit, read_mvtec, read_udg, read_visa
 from unidg.train.evaluation.training_sets import (
@@ -73,6 +74,7 @@ def config_hash(config: EvalConfig) -> str:
     data.pop("output")
     data.pop("seeds")
     data.pop("sets")
+    data.pop("report")  # intervals are computed from a model's predictions: the models stay valid
     data["detectors"].pop("threads")  # how many threads train a detector does not change what it learns
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -152,6 +154,17 @@ def _run_benchmark(config: EvalConfig, progress: bool) -> dict:
     goods = {s.object_name: load_good(s.train_good, size) for s in splits}
     refs = {s.object_name: load_samples(references(s, config.data.reference_shots), size) for s in splits}
     tests = {s.object_name: load_samples(s.test, size) for s in splits}
+    # One draw of test images per object and replicate, shared by every set and seed: differences are paired.
+    report_cfg = config.report
+    counts = {
+        name: bootstrap.resample_counts(
+            [d != "good" for d in test.defects], report_cfg.bootstrap, report_cfg.bootstrap_seed, name
+        )
+        if report_cfg.bootstrap
+        else None
+        for name, test in tests.items()
+    }
+    interval_tag = (report_cfg.bootstrap, report_cfg.bootstrap_seed)
     textures = [g.images[0] for g in goods.values()]
     total = len(config.seeds) * (len(splits) + 1) * len(sets)
     bar = tqdm(total=total, desc="eval", disable=not progress)
@@ -195,11 +208,11 @@ def _run_benchmark(config: EvalConfig, progress: bool) -> dict:
                 data["real"][name] = load_samples(split.train_defects, size)
             classes = sorted({d for d in refs[name].defects})
             for set_name in sets:
-                key = cache.key(seed, name, set_name, "object")
+                key = cache.key(seed, name, set_name, "object", interval_tag)
                 result = cache.result(key)
                 if result is None:
                     result = _object_run(
-                        cache, seed, name, set_name, data, good, test, classes, cfg, dt, UNet, ResNet34
+                        cache, seed, name, set_name, data, good, test, counts[name], classes, cfg, dt, UNet, ResNet34
                     )
                     cache.store_result(key, result)
                 runs.append({"seed": seed, "object": name, "set": set_name, **result})
@@ -208,12 +221,15 @@ def _run_benchmark(config: EvalConfig, progress: bool) -> dict:
             {f"{s.object_name}/{d}" for s in splits for d in refs[s.object_name].defects}
         )
         test_all = LabelledSet.concat(*(_qualified(tests[s.object_name], s.object_name) for s in splits))
+        all_counts = None
+        if report_cfg.bootstrap:
+            all_counts = np.concatenate([counts[s.object_name] for s in splits], axis=1)
         for set_name in sets:
-            key = cache.key(seed, "*", set_name, "multiclass")
+            key = cache.key(seed, "*", set_name, "multiclass", interval_tag)
             result = cache.result(key)
             if result is None:
                 result = _multiclass_run(
-                    cache, key, seed, set_name, per_set_data, splits, test_all, all_classes, cfg, dt, UNet
+                    cache, seed, set_name, per_set_data, splits, test_all, all_counts, all_classes, cfg, dt, UNet
                 )
                 cache.store_result(key, result)
             runs.append({"seed": seed, "object": "*", "set": set_name, **result})
@@ -235,7 +251,7 @@ def _qualified(data: LabelledSet, object_name: str) -> LabelledSet:
     )
 
 
-def _object_run(cache, seed, name, set_name, data, good, test, classes, cfg, dt, UNet, ResNet34) -> dict:
+def _object_run(cache, seed, name, set_name, data, good, test, counts, classes, cfg, dt, UNet, ResNet34) -> dict:
     """Binary U-Net and classifier of one object trained on one set."""
     unet_key = cache.key(seed, name, set_name, "unet")
     result: dict = {}
@@ -261,7 +277,7 @@ def _object_run(cache, seed, name, set_name, data, good, test, classes, cfg, dt,
             lambda: UNet(1, cfg.unet_width, cfg.unet_depth),
             lambda: dt.train_binary_unet(train, cfg, seed, cfg.seg_epochs),
         )
-    result.update(dt.evaluate_binary(unet, test))
+    result.update(dt.evaluate_binary(unet, test, counts))
     result["train_images"] = len(train)
     # The classifier needs defect types: rule-based defects have none.
     if set_name == "rule" or len(classes) < 2:
@@ -293,11 +309,13 @@ def _object_run(cache, seed, name, set_name, data, good, test, classes, cfg, dt,
             lambda: ResNet34(len(classes), cfg.resnet_width),
             lambda: dt.train_classifier(typed, classes, cfg, seed, cfg.cls_epochs),
         )
-    result.update(dt.evaluate_classifier(classifier, test, classes))
+    accuracy = dt.evaluate_classifier(classifier, test, classes, counts)
+    result["bootstrap"] = {**result.get("bootstrap", {}), **accuracy.pop("bootstrap", {})}
+    result.update(accuracy)
     return result
 
 
-def _multiclass_run(cache, key, seed, set_name, data, splits, test_all, classes, cfg, dt, UNet) -> dict:
+def _multiclass_run(cache, seed, set_name, data, splits, test_all, counts, classes, cfg, dt, UNet) -> dict:
     if set_name == "rule":
         return {"miou": None, "bg_miou": None, "fg_miou": None}
     names = [s.object_name for s in splits]
@@ -321,7 +339,7 @@ def _multiclass_run(cache, key, seed, set_name, data, splits, test_all, classes,
         lambda: UNet(len(classes), cfg.unet_width, cfg.unet_depth),
         lambda: dt.train_multiclass_unet(train, classes, cfg, seed, epochs, model=model),
     )
-    return dt.evaluate_multiclass(unet, test_all, classes)
+    return dt.evaluate_multiclass(unet, test_all, classes, counts)
 
 
 def _mean_std(values: list[float]) -> dict | None:
@@ -335,35 +353,95 @@ def _mean_std(values: list[float]) -> dict | None:
     }
 
 
+def _aggregate(runs: list[dict], seeds: list[int], metric: str) -> tuple[dict | None, np.ndarray | None]:
+    """Per seed the mean over ``runs`` (objects) of ``metric``, then mean +- std over seeds; and the bootstrap
+    replicates of that mean of means (None without intervals)."""
+    per_seed, replicates = [], []
+    for seed in seeds:
+        chosen = [r for r in runs if r["seed"] == seed and r.get(metric) is not None]
+        per_seed.append(float(np.mean([r[metric] for r in chosen])) if chosen else None)
+        if chosen and all(metric in r.get("bootstrap", {}) for r in chosen):
+            replicates.append(np.mean([r["bootstrap"][metric] for r in chosen], axis=0))
+    entry = _mean_std(per_seed)
+    if entry is None or not replicates or len(replicates) != entry["n"]:
+        return entry, None
+    return entry, np.mean(replicates, axis=0)
+
+
+def _with_interval(entry: dict | None, replicates: np.ndarray | None, confidence: float) -> dict | None:
+    if entry is not None and replicates is not None:
+        entry["low"], entry["high"] = bootstrap.interval(replicates, confidence)
+    return entry
+
+
 def summarize(config: EvalConfig, runs: list[dict], splits: list[InspectionSplit], seconds: float) -> dict:
-    """Per set and metric: the object mean per seed, then mean +- std over seeds."""
+    """Per set and metric: the object mean per seed, then mean +- std over seeds, with the bootstrap interval over
+    test images; the same per object; and every pair of sets' difference with its paired interval."""
+    confidence = config.report.confidence
+    objects = [s.object_name for s in splits]
     table: dict[str, dict] = {}
+    per_object: dict[str, dict] = {name: {} for name in objects}
+    replicates: dict[str, dict[str, np.ndarray]] = {}
     for set_name in config.sets:
-        row = {}
+        row, set_replicates = {}, {}
         for metric in TABLE_METRICS:
-            per_seed = []
-            for seed in config.seeds:
-                object_level = metric in BINARY_METRICS or metric == "accuracy"
-                values = [
-                    r.get(metric)
-                    for r in runs
-                    if r["set"] == set_name and r["seed"] == seed and (r["object"] != "*") == object_level
-                ]
-                values = [v for v in values if v is not None]
-                per_seed.append(float(np.mean(values)) if values else None)
-            row[metric] = _mean_std(per_seed)
+            object_level = metric in BINARY_METRICS or metric == "accuracy"
+            chosen = [r for r in runs if r["set"] == set_name and (r["object"] != "*") == object_level]
+            entry, values = _aggregate(chosen, config.seeds, metric)
+            row[metric] = _with_interval(entry, values, confidence)
+            if values is not None:
+                set_replicates[metric] = values
+            if object_level:
+                for name in objects:
+                    mine = [r for r in chosen if r["object"] == name]
+                    per_object[name].setdefault(set_name, {})[metric] = _with_interval(
+                        *_aggregate(mine, config.seeds, metric), confidence
+                    )
         table[set_name] = row
-    verdicts = {}
-    if "rule" in table and "generated" in table:
-        for metric in BINARY_METRICS:
-            a, b = table["generated"][metric], table["rule"][metric]
-            if a and b:
-                verdicts[metric] = a["mean"] - b["mean"]
+        replicates[set_name] = set_replicates
+    differences = []
+    for j, minuend in enumerate(config.sets):
+        for subtrahend in config.sets[:j]:
+            entry = {"minuend": minuend, "subtrahend": subtrahend, "metrics": {}}
+            for metric in TABLE_METRICS:
+                a, b = table[minuend][metric], table[subtrahend][metric]
+                if not (a and b):
+                    continue
+                value = {"difference": a["mean"] - b["mean"]}
+                if metric in replicates[minuend] and metric in replicates[subtrahend]:
+                    low, high = bootstrap.interval(
+                        replicates[minuend][metric] - replicates[subtrahend][metric], confidence
+                    )
+                    value.update(low=low, high=high, resolved=bool(low > 0 or high < 0))
+                entry["metrics"][metric] = value
+            if entry["metrics"]:
+                differences.append(entry)
     return {
         "config": to_dict(config),
-        "objects": [s.object_name for s in splits],
+        "objects": objects,
         "test_images": {s.object_name: len(s.test) for s in splits},
         "table": table,
-        "generated_minus_rule": verdicts,
+        "per_object": per_object,
+        "differences": differences,
+        "adequacy": adequacy(config, differences),
         "seconds": round(seconds, 1),
     }
+
+
+def adequacy(config: EvalConfig, differences: list[dict]) -> list[str]:
+    """Why the config is too small to mean anything (empty when it is not): one seed, no intervals, or no
+    difference between sets whose interval excludes zero."""
+    reasons = []
+    if len(config.seeds) < 2:
+        reasons.append("one seed: the spread between detector seeds is not measured")
+    if not config.report.bootstrap:
+        reasons.append("report.bootstrap = 0: no interval over test images")
+    else:
+        compared = [v for d in differences for v in d["metrics"].values() if "resolved" in v]
+        resolved = sum(v["resolved"] for v in compared)
+        if compared and not resolved:
+            reasons.append(
+                f"every one of the {len(compared)} differences between sets has an interval that contains zero: "
+                "the test-sampling error is wider than the differences"
+            )
+    return reasons

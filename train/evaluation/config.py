@@ -78,6 +78,17 @@ class DetectorConfig:
 
 
 @dataclass
+class ReportConfig:
+    bootstrap: int = 1000  # replicates of the bootstrap over test images (0: no intervals)
+    bootstrap_seed: int = 0  # the draws depend on this and the object only: every set and seed sees the same ones
+    confidence: float = 0.95  # of the percentile intervals
+
+    def validate(self, where: str) -> None:
+        _check(self.bootstrap >= 0, where, "report.bootstrap", "must be >= 0 (0: no intervals)", self.bootstrap)
+        _check(0 < self.confidence < 1, where, "report.confidence", "must be in (0, 1)", self.confidence)
+
+
+@dataclass
 class EvalConfig:
     output: str = ""  # report folder (report.md, report.json, plots, cache/)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -85,6 +96,7 @@ class EvalConfig:
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     detectors: DetectorConfig = field(default_factory=DetectorConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     def validate(self, where: str) -> None:
         _check(bool(self.output), where, "output", "is required (the report folder)", self.output)
@@ -94,6 +106,7 @@ class EvalConfig:
         self.data.validate(where)
         self.generation.validate(where)
         self.detectors.validate(where)
+        self.report.validate(where)
 
 
 def load_eval_config(path: str | Path, overrides: list[str] | None = None) -> EvalConfig:

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from unidg.train.detectors import ResNet34, UNet
-from unidg.train.evaluation import metrics
+from unidg.train.evaluation import bootstrap, metrics
 from unidg.train.evaluation.training_sets import LabelledSet
 
 T = TypeVar("T")
@@ -93,15 +93,16 @@ def image_scores(probability: np.ndarray) -> np.ndarray:
     return pooled.flatten(1).max(dim=1).values.numpy()
 
 
-def evaluate_binary(model: UNet, test: LabelledSet) -> dict:
-    """AUROC-I/P, AP-I/P, PRO on ``test`` (needs good and defective images)."""
-    return binary_metrics(predict_probability(model, test.images), test)
+def evaluate_binary(model: UNet, test: LabelledSet, counts: np.ndarray | None = None) -> dict:
+    """AUROC-I/P, AP-I/P, PRO on ``test`` (needs good and defective images); with ``counts`` (replicates, N test
+    images) also each metric on every redrawn test set, under ``bootstrap``."""
+    return binary_metrics(predict_probability(model, test.images), test, counts)
 
 
-def binary_metrics(probability: np.ndarray, test: LabelledSet) -> dict:
+def binary_metrics(probability: np.ndarray, test: LabelledSet, counts: np.ndarray | None = None) -> dict:
     labels = np.array([d != "good" for d in test.defects])
     scores = image_scores(probability)
-    return {
+    result = {
         "auroc_i": metrics.roc_auc(labels, scores),
         "ap_i": metrics.average_precision(labels, scores),
         "auroc_p": metrics.roc_auc(test.masks, probability),
@@ -109,6 +110,9 @@ def binary_metrics(probability: np.ndarray, test: LabelledSet) -> dict:
         "pro": metrics.pro_auc(test.masks, probability),
         "curve": {"labels": labels.astype(int).tolist(), "scores": [round(float(s), 6) for s in scores]},
     }
+    if counts is not None:
+        result["bootstrap"] = bootstrap.binary_replicates(probability, test.masks, labels, scores, counts)
+    return result
 
 
 def train_classifier(
@@ -124,14 +128,19 @@ def train_classifier(
 
 
 @torch.no_grad()
-def evaluate_classifier(model: ResNet34, test: LabelledSet, classes: list[str]) -> dict:
+def evaluate_classifier(
+    model: ResNet34, test: LabelledSet, classes: list[str], counts: np.ndarray | None = None
+) -> dict:
     keep = [i for i, d in enumerate(test.defects) if d in classes and d != "good"]
     if not keep:
         return {"accuracy": None, "classified": 0}
     subset = test.subset(keep)
     predicted = model(as_input(subset.images)).argmax(dim=1).numpy()
     target = np.array([classes.index(d) for d in subset.defects])
-    return {"accuracy": metrics.accuracy(predicted, target), "classified": len(keep)}
+    result = {"accuracy": metrics.accuracy(predicted, target), "classified": len(keep)}
+    if counts is not None:
+        result["bootstrap"] = {"accuracy": bootstrap.accuracy_replicates(predicted == target, counts[:, keep])}
+    return result
 
 
 def label_maps(data: LabelledSet, classes: list[str]) -> np.ndarray:
@@ -160,7 +169,7 @@ def train_multiclass_unet(
 
 
 @torch.no_grad()
-def evaluate_multiclass(model: UNet, test: LabelledSet, classes: list[str]) -> dict:
+def evaluate_multiclass(model: UNet, test: LabelledSet, classes: list[str], counts: np.ndarray | None = None) -> dict:
     target = label_maps(test, classes)
     logits = torch.cat([model(as_input(test.images[i : i + 32])) for i in range(0, len(test), 32)])
     predicted = logits.argmax(dim=1).numpy()
@@ -171,4 +180,10 @@ def evaluate_multiclass(model: UNet, test: LabelledSet, classes: list[str]) -> d
     foreground = 1.0 - torch.softmax(logits, dim=1)[:, 0].numpy()
     merged = binary_metrics(foreground, test)
     merged.pop("curve")
-    return {**result, **{f"merged_{key}": value for key, value in merged.items()}}
+    result = {**result, **{f"merged_{key}": value for key, value in merged.items()}}
+    if counts is not None:
+        per_image = np.stack(
+            [metrics.confusion_matrix(p[v], t[v], len(classes)) for p, t, v in zip(predicted, target, valid)]
+        )
+        result["bootstrap"] = bootstrap.iou_replicates(per_image, counts)
+    return result

@@ -1,5 +1,7 @@
-"""The benchmark's report: report.json (everything), report.md (the table and a verdict), a grid of generated samples
-(PNG, Pillow), and, where matplotlib is installed, metric bars per training set and ROC / PR curves (PNG)."""
+"""The benchmark's report: report.json (everything but the bootstrap replicates), report.md (the table with seed std
+and bootstrap intervals, the differences between sets with paired intervals, a table per object, and a line saying
+when the config is too small to mean anything), a grid of generated samples (PNG, Pillow), and, with matplotlib,
+metrics.png (bars with interval whiskers per metric, in % as the table) and ROC / PR curves (PNG)."""
 
 from __future__ import annotations
 
@@ -32,41 +34,86 @@ COLUMNS = {
 }
 
 
+SHORT = {"rule": "(i)", "generated": "(ii)", "two_stage": "(iii)", "real": "(iv)"}
+OBJECT_COLUMNS = ("auroc_i", "ap_i", "auroc_p", "ap_p", "pro", "accuracy")
+
+
+def _short(name: str) -> str:
+    return SHORT.get(name, name)
+
+
 def _cell(entry: dict | None) -> str:
     if not entry:
         return "n/a"
-    return f"{100 * entry['mean']:.1f} ± {100 * entry['std']:.1f}"
+    text = f"{100 * entry['mean']:.1f} ± {100 * entry['std']:.1f}"
+    if "low" in entry:
+        text += f" [{100 * entry['low']:.1f}, {100 * entry['high']:.1f}]"
+    return text
+
+
+def _difference_cell(value: dict | None) -> str:
+    if not value:
+        return "n/a"
+    text = f"{100 * value['difference']:+.1f}"
+    if "low" in value:
+        text += f" [{100 * value['low']:+.1f}, {100 * value['high']:+.1f}]" + (" *" if value["resolved"] else "")
+    return text
+
+
+def _table(rows: dict, keys) -> list[str]:
+    lines = ["| training set | " + " | ".join(COLUMNS[k] for k in keys) + " |", "|---|" + "---|" * len(keys)]
+    for name, row in rows.items():
+        lines.append(f"| {TITLES.get(name, name)} | " + " | ".join(_cell(row.get(k)) for k in keys) + " |")
+    return lines
 
 
 def markdown(report: dict) -> str:
     config = report["config"]
+    confidence = config.get("report", {}).get("confidence", 0.95)
+    replicates = config.get("report", {}).get("bootstrap", 0)
+    level = f"{100 * confidence:.0f} %"
     lines = [
         "# Downstream benchmark: does generated data help inspection?",
         "",
         f"Data: {config['data']['kind']} `{config['data']['path']}`, objects: {', '.join(report['objects'])}; "
         f"seeds {config['seeds']}; detectors at {config['detectors']['size']} px. Wall time {report['seconds']:.0f} s.",
         "",
-        "Values: mean ± std over seeds (in %) of the per-object mean (binary U-Net, classifier) or of the multi-class "
-        "U-Net (mIoU). n/a: the set carries no defect types (rule-based) or the split has none.",
-        "",
-        "| training set | " + " | ".join(COLUMNS.values()) + " |",
-        "|---|" + "---|" * len(COLUMNS),
     ]
-    for name, row in report["table"].items():
-        lines.append(f"| {TITLES.get(name, name)} | " + " | ".join(_cell(row.get(key)) for key in COLUMNS) + " |")
-    differences = report.get("generated_minus_rule") or {}
+    if report.get("adequacy"):
+        lines += ["**Too small to mean anything:** " + "; ".join(report["adequacy"]) + ".", ""]
+    lines += [
+        "Values in %: mean ± std over seeds of the per-object mean (binary U-Net, classifier) or of the multi-class "
+        f"U-Net (mIoU), then [the {level} bootstrap interval over test images ({replicates} redraws of each "
+        "object's good and defective test images, the trained detectors fixed)]. n/a: the set carries no defect "
+        "types (rule-based) or the split has none.",
+        "",
+        *_table(report["table"], list(COLUMNS)),
+    ]
+    differences = report.get("differences") or []
     if differences:
-        better = [COLUMNS[k] for k, v in differences.items() if v > 0]
-        worse = [COLUMNS[k] for k, v in differences.items() if v <= 0]
+        keys = [k for k in COLUMNS if any(k in d["metrics"] for d in differences)]
         lines += [
             "",
-            "Generated (ii) minus rule-based (i), in points: "
-            + ", ".join(f"{COLUMNS[k]} {100 * v:+.1f}" for k, v in differences.items())
-            + f". Generated data is ahead on {len(better)} of {len(differences)} detection metrics"
-            + (f" ({', '.join(better)})" if better else "")
-            + (f" and behind or equal on {', '.join(worse)}" if worse else "")
-            + "; compare the differences with the seed std before reading them as an effect.",
+            f"## Differences between sets, in points [{level} paired bootstrap interval]",
+            "",
+            "Both sets scored on the same redrawn test images. * : the interval excludes zero.",
+            "",
+            "| difference | " + " | ".join(COLUMNS[k] for k in keys) + " |",
+            "|---|" + "---|" * len(keys),
         ]
+        for entry in differences:
+            label = f"{_short(entry['minuend'])} − {_short(entry['subtrahend'])}"
+            lines.append(f"| {label} | " + " | ".join(_difference_cell(entry["metrics"].get(k)) for k in keys) + " |")
+    if report.get("per_object"):
+        lines += ["", "## Per object", ""]
+        for name, rows in report["per_object"].items():
+            tests = report.get("test_images", {}).get(name)
+            lines += [
+                f"**{name}**" + (f" ({tests} test images)" if tests else ""),
+                "",
+                *_table(rows, OBJECT_COLUMNS),
+                "",
+            ]
     lines += ["", "Files: report.json (every run), samples.png (generated training images)"]
     if report.get("plots"):
         lines.append(", ".join(report["plots"]))
@@ -98,8 +145,29 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def _whiskers(entries: list[dict | None], value_key: str) -> tuple[list[float], list[list[float]]]:
+    """Bar heights and (below, above) whisker lengths in %: the bootstrap interval, else the seed std."""
+    values, below, above = [], [], []
+    for entry in entries:
+        if not entry:
+            values.append(np.nan)
+            below.append(0.0)
+            above.append(0.0)
+            continue
+        value = 100 * entry[value_key]
+        values.append(value)
+        if "low" in entry:
+            below.append(value - 100 * entry["low"])
+            above.append(100 * entry["high"] - value)
+        else:
+            below.append(100 * entry.get("std", 0.0))
+            above.append(100 * entry.get("std", 0.0))
+    return values, [below, above]
+
+
 def plots(out: Path, report: dict, runs: list[dict]) -> list[str]:
-    """metrics.png (bars per training set) and curves.png (image-level ROC and PR per set, first seed)."""
+    """metrics.png (per metric: a bar per training set with its interval, and each set's difference from the
+    first with its paired interval; in %, the table's scale) and curves.png (image-level ROC and PR, first seed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,15 +175,33 @@ def plots(out: Path, report: dict, runs: list[dict]) -> list[str]:
 
     names = list(report["table"])
     keys = [k for k in COLUMNS if any(report["table"][n].get(k) for n in names)]
-    figure, axis = plt.subplots(figsize=(1.2 * len(keys) + 3, 3.5))
+    base = names[0]
+    against = [d for d in report.get("differences", []) if d["subtrahend"] == base]
+    figure, axes = plt.subplots(1, 2 if against else 1, figsize=(2.4 * len(keys) + 4, 4), squeeze=False)
+    axis = axes[0][0]
     width = 0.8 / max(1, len(names))
+    x = np.arange(len(keys))
     for i, name in enumerate(names):
-        values = [(report["table"][name].get(k) or {}).get("mean", np.nan) for k in keys]
-        errors = [(report["table"][name].get(k) or {}).get("std", 0.0) for k in keys]
-        axis.bar(np.arange(len(keys)) + i * width, values, width, yerr=errors, label=TITLES.get(name, name))
-    axis.set_xticks(np.arange(len(keys)) + 0.4 - width / 2, [COLUMNS[k] for k in keys])
-    axis.set_ylim(0, 1)
+        values, errors = _whiskers([report["table"][name].get(k) for k in keys], "mean")
+        axis.bar(x + i * width, values, width, yerr=errors, capsize=2, label=TITLES.get(name, name))
+    axis.set_xticks(x + 0.4 - width / 2, [COLUMNS[k] for k in keys])
+    axis.set_ylim(0, 100)
+    axis.set_ylabel("%")
+    axis.set_title("mean over seeds; whiskers: bootstrap interval over test images", fontsize=8)
     axis.legend(fontsize=7)
+    if against:
+        axis = axes[0][1]
+        width = 0.8 / len(against)
+        for i, entry in enumerate(against):
+            values, errors = _whiskers([entry["metrics"].get(k) for k in keys], "difference")
+            name = entry["minuend"]
+            label = f"{_short(name)} − {_short(base)}"
+            axis.bar(x + i * width, values, width, yerr=errors, capsize=2, label=label, color=f"C{names.index(name)}")
+        axis.axhline(0.0, color="black", linewidth=0.8)
+        axis.set_xticks(x + 0.4 - width / 2, [COLUMNS[k] for k in keys])
+        axis.set_ylabel("points (%)")
+        axis.set_title(f"difference from {TITLES.get(base, base)}; whiskers: paired interval", fontsize=8)
+        axis.legend(fontsize=7)
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
@@ -153,5 +239,7 @@ def write_report(out: Path, report: dict, runs: list[dict], samples: list) -> No
         report["plots"] = plots(out, report, runs)
     except ModuleNotFoundError as error:
         report["plots_skipped"] = f"{error.name} is not installed (pip install matplotlib)"
-    atomic_write_text(out / "report.json", json.dumps({**report, "runs": runs}, indent=1) + "\n")
+    # The replicates stay in the cache (OUTPUT/cache/results): report.json keeps every run's own figures.
+    light = [{k: v for k, v in run.items() if k != "bootstrap"} for run in runs]
+    atomic_write_text(out / "report.json", json.dumps({**report, "runs": light}, indent=1) + "\n")
     atomic_write_text(out / "report.md", markdown(report))
