@@ -73,6 +73,47 @@ def test_a_step_trains_the_lora_and_disabling_it_gives_the_sft_model(udg, tmp_pa
     assert not torch.allclose(probe_velocity(run.model, probe, 1.0), expected, atol=1e-6)
 
 
+def test_rollouts_use_the_deployed_guidance_and_the_kl_scale_is_delta_t(udg, tmp_path, monkeypatch) -> None:
+    """Defaults: rollouts at the weights' own guidance (what SFT trained at and inference uses), the KL on Flow-GRPO's
+    scale (each transition's KL times its sigma - sigma_next), the paper's clip 1e-5, which one update per rollout
+    batch never reaches in fp32: the ratio differs from 1 by recomputation rounding only."""
+    from unidg.train import grpo, rft
+
+    defaults = RFTConfig(base="b", output="o")
+    assert defaults.rollout.guidance < 0 and defaults.grpo.clip_range == 1e-5
+    assert defaults.grpo.kl_variance == "flow_grpo"
+    guidances, scales = [], []
+    real_velocity, real_loss = rft.guided_velocity, grpo.grpo_loss
+
+    def velocity_spy(model, x, sigma, prompts, guidance, *args):
+        guidances.append(guidance)
+        return real_velocity(model, x, sigma, prompts, guidance, *args)
+
+    def loss_spy(*args, kl_scale=None, **kwargs):
+        scales.append(kl_scale)
+        return real_loss(*args, kl_scale=kl_scale, **kwargs)
+
+    monkeypatch.setattr(rft, "guided_velocity", velocity_spy)
+    monkeypatch.setattr(grpo, "grpo_loss", loss_spy)
+    config = _config(udg, tmp_path / "run", steps=1)
+    config.rollout.steps, config.rollout.guidance = [2], -1.0
+    config.grpo = GRPOConfig(beta=0.01, inner_epochs=1)
+    run = RFTRun(config)
+    record = run.run(resume=False)[0]
+    assert set(guidances) == {run.settings.guidance} and run.settings.guidance != 3.5
+    from unidg.runtime.sampler import sampling_sigmas
+
+    sigmas = sampling_sigmas(2, 8)
+    assert scales and all(s is not None for s in scales)
+    assert sorted(set(torch.cat(scales).tolist())) == pytest.approx(sorted(set((sigmas[:-1] - sigmas[1:]).tolist())))
+    assert record["clip_fraction"] == 0.0 and record["ratio_deviation"] < 1e-6
+    config.grpo.kl_variance = "step"
+    config.output = str(tmp_path / "exact")
+    scales.clear()
+    RFTRun(config).run(resume=False)
+    assert scales and all(s is None for s in scales)  # the exact KL: no scale
+
+
 def test_resume_equals_an_uninterrupted_run(udg, tmp_path) -> None:
     whole = RFTRun(_config(udg, tmp_path / "whole"))
     records = whole.run(resume=False)
@@ -166,9 +207,11 @@ def test_shipped_rft_configs_are_valid(name: str, tmp_path: Path, monkeypatch: p
     # The paper's settings (App. D.2): new LoRA r = 64, alpha = 128, G = 8, T = 8, AdamW 1e-4, beta = 0.001.
     assert (config.lora.rank, config.lora.scale_alpha, config.rollout.group_size) == (64, 128.0, 8)
     assert config.rollout.steps == [8] and config.optim.name == "adamw" and config.optim.lr == 1e-4
-    assert config.grpo.beta == 0.001 and config.grpo.adv_eps == 1e-5
+    assert config.grpo.beta == 0.001 and config.grpo.adv_eps == 1e-5 and config.grpo.clip_range == 1e-5
+    assert config.grpo.kl_variance == "flow_grpo"
+    assert config.rollout.guidance < 0  # the weights' own guidance, as SFT and inference (docs/training.md)
     if name.startswith("full"):
-        assert config.rollout.guidance == 3.5 and config.reward.judge.weight == 0.5
+        assert config.reward.judge.weight == 0.5
 
 
 def test_a_judge_that_goes_down_stops_the_run_clearly_and_it_resumes(udg, tmp_path, server) -> None:  # noqa: F811

@@ -69,3 +69,40 @@ def test_kl_by_hand_and_in_the_total() -> None:
     )
     with pytest.raises(ValueError, match="KL term"):
         grpo_loss(log_prob, log_prob, advantages, 0.2, beta=0.5)
+
+
+def test_kl_scale_gives_flow_grpo_official_penalty_and_logs_the_exact_kl() -> None:
+    """Flow-GRPO's code divides ||mu - mu_ref||^2 by 2 * std_dev_t^2 (the noise level, no Delta t); the exact KL of
+    the steps' Gaussians divides by the transition variance std_dev_t^2 * Delta t. kl_scale = Delta t turns one into
+    the other; the logged KL stays the exact one."""
+    torch.manual_seed(0)
+    mean, reference = torch.randn(3, 4, 5), torch.randn(3, 4, 5)
+    noise_level = torch.tensor([0.9, 0.6, 0.4])  # std_dev_t of Flow-GRPO's sde_step_with_logprob
+    delta = torch.tensor([0.25, 0.1, 0.04])  # sigma_t - sigma_t+1
+    step_std = noise_level * delta.sqrt()
+    zeros = torch.zeros(3)
+    beta = 0.5
+    official = ((mean - reference) ** 2).mean(dim=(1, 2)) / (2 * noise_level**2)
+    exact = ((mean - reference) ** 2).mean(dim=(1, 2)) / (2 * step_std**2)
+    flow = grpo_loss(zeros, zeros, zeros, 1e-5, beta, mean, reference, step_std, kl_scale=delta)
+    step = grpo_loss(zeros, zeros, zeros, 1e-5, beta, mean, reference, step_std)
+    assert float(flow.loss) == pytest.approx(beta * float(official.mean()), rel=1e-6)
+    assert float(step.loss) == pytest.approx(beta * float(exact.mean()), rel=1e-6)
+    assert float(flow.kl) == float(step.kl) == pytest.approx(float(exact.mean()), rel=1e-6)
+    # The exact KL's penalty is 1 / Delta t stronger row by row: 4x to 25x here.
+    assert (exact / official).tolist() == pytest.approx((1 / delta).tolist(), rel=1e-5)
+
+
+@pytest.mark.parametrize(("clip_range", "binds"), [(1e-5, True), (1e-4, False)])
+def test_clip_range_binds_on_a_ratio_between_the_papers_and_flow_grpos(clip_range: float, binds: bool) -> None:
+    """A ratio of 1 + 5e-5 (a policy moved by an earlier update on the same rollouts): the paper's 1e-5 clips it
+    and stops its gradient, Flow-GRPO's 1e-4 does not."""
+    old = torch.zeros(2)
+    log_prob = torch.full((2,), math.log1p(5e-5), requires_grad=True)
+    advantages = torch.tensor([1.0, -1.0])
+    terms = grpo_loss(log_prob, old, advantages, clip_range)
+    terms.loss.backward()
+    assert float(terms.clip_fraction) == (0.5 if binds else 0.0)  # only A > 0 is clipped when rho > 1
+    expected_first = 0.0 if binds else -(1 + 5e-5) / 2
+    assert float(log_prob.grad[0]) == pytest.approx(expected_first, abs=1e-7)
+    assert float(log_prob.grad[1]) == pytest.approx((1 + 5e-5) / 2, abs=1e-7)  # A < 0, rho > 1: never clipped

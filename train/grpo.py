@@ -7,6 +7,12 @@
     L_KL     = mean over steps and samples of ||mu_theta - mu_ref||^2 / (2 s_t^2)             Eq. 16
     L        = L_GRPO + beta * L_KL                                                         Eq. 17
 
+Which variance divides the KL (``kl_scale``): with s_t the transition's std (the noise level times sqrt(Delta t),
+the std of Eq. 14's log-density) L_KL is the exact KL divergence of the two steps' Gaussians. Flow-GRPO's official
+code divides by the noise level's square without Delta t, i.e. L_KL * Delta t: a KL term 1 / Delta t times weaker
+(3-25x over an 8-step schedule) for the same beta. ``kl_scale`` multiplies each row's KL in the loss (Delta t for
+Flow-GRPO's scale, 1 or None for the exact KL); the logged ``kl`` is always the exact one.
+
 Eq. 15 sums over the T steps; Flow-GRPO accumulates the gradient of every step and averages it, which is the mean
 used here (the sum is T times larger: the same direction with a T-times larger step size). ``s_t`` is the step's
 Gaussian std (``sde_sampler.SDEStep.std``) and the squared norm is averaged over the non-batch dimensions, like the
@@ -56,7 +62,7 @@ def gaussian_kl(mean: torch.Tensor, reference_mean: torch.Tensor, std: torch.Ten
 class GRPOTerms(NamedTuple):
     loss: torch.Tensor  # Eq. 17 for the rows given (mean over rows)
     policy: torch.Tensor  # Eq. 15 part (mean over rows)
-    kl: torch.Tensor  # Eq. 16 part (mean over rows)
+    kl: torch.Tensor  # Eq. 16 part, the exact KL (mean over rows)
     clip_fraction: torch.Tensor  # share of rows whose ratio was clipped
     ratio_deviation: torch.Tensor  # mean |rho - 1|
 
@@ -70,15 +76,17 @@ def grpo_loss(
     mean: torch.Tensor | None = None,
     reference_mean: torch.Tensor | None = None,
     std: torch.Tensor | None = None,
+    kl_scale: torch.Tensor | None = None,
 ) -> GRPOTerms:
     """Eq. 17 over rows that are (rollout, step) transitions: each row's policy term plus ``beta`` times its KL term
-    to the reference policy's mean, averaged over the rows (the KL is computed, for the log, whenever the means are
-    given)."""
+    to the reference policy's mean (times ``kl_scale`` per row, when given), averaged over the rows (the exact KL
+    is computed, for the log, whenever the means are given)."""
     policy_rows, clipped = clipped_policy_terms(log_prob, old_log_prob, advantages, clip_range)
     policy = policy_rows.mean()
     given = mean is not None and reference_mean is not None and std is not None
     if beta > 0 and not given:
         raise ValueError("the KL term needs the policy's and the reference policy's means and the step std")
-    kl = gaussian_kl(mean, reference_mean, std).mean() if given else policy.new_zeros(())
+    kl_rows = gaussian_kl(mean, reference_mean, std) if given else policy.new_zeros(log_prob.shape)
+    penalty = (kl_rows * kl_scale).mean() if kl_scale is not None else kl_rows.mean()
     ratio = torch.exp((log_prob - old_log_prob).detach())
-    return GRPOTerms(policy + beta * kl, policy, kl, clipped.mean(), (ratio - 1).abs().mean())
+    return GRPOTerms(policy + beta * penalty, policy, kl_rows.mean(), clipped.mean(), (ratio - 1).abs().mean())

@@ -8,8 +8,9 @@ distributions mixed by ``train.mix``):
 1. **Rollouts** (no gradient): G samples by the SDE sampler (``unidg.train.sde_sampler``), each with its own noise
    and its own draw of the App. D.2 variety: the step count from ``rollout.steps`` (paper: T = 8), the CFG scale from
    ``rollout.cfg_scales`` (1: none; otherwise v = v_neg + s (v - v_neg) with a negative reference: a blank white
-   reference or another prompt's), at the FLUX guidance input ``rollout.guidance`` (paper: 3.5). Every latent and
-   every step's log-density is recorded.
+   reference or another prompt's), at the FLUX guidance input ``rollout.guidance`` (default: the weights' own, what
+   SFT trained at and inference uses; the paper's 3.5 on request). Every latent and every step's log-density is
+   recorded.
 2. **Rewards and advantages**: the configured reward (``unidg.train.rewards``) scores the decoded targets; Eq. 13
    per group.
 3. **Policy update**: for ``grpo.inner_epochs`` epochs, the GRPO loss (``unidg.train.grpo``: clipped ratio + beta
@@ -53,6 +54,7 @@ from unidg.train.config import (
 from unidg.train.rewards import RewardConfig
 
 NEGATIVE_REFERENCES = ("blank", "other")
+KL_VARIANCES = ("flow_grpo", "step")
 EMA_FILE = "ema.safetensors"
 
 
@@ -61,7 +63,9 @@ EMA_FILE = "ema.safetensors"
 class RolloutConfig:
     group_size: int = 8  # G rollouts per prompt (paper: 8)
     steps: list[int] = field(default_factory=lambda: [8])  # step counts drawn per rollout (paper: T = 8)
-    guidance: float = 3.5  # FLUX guidance input in rollouts (paper: 3.5); < 0: the weights' settings
+    # FLUX guidance input in rollouts and held-out evaluation; < 0: the weights' settings (what SFT trained at and a
+    # bundle samples at: 30 for FLUX.1-Fill, 1 for UniDG-nano). The paper's 3.5 tunes a regime never deployed.
+    guidance: float = -1.0
     cfg_scales: list[float] = field(default_factory=lambda: [1.0])  # CFG scales drawn per rollout (1: no CFG)
     negative_reference: str = "blank"  # the CFG's negative condition: "blank" (white) or "other" (another prompt's)
     noise_level: float = 0.7  # a of the SDE sampler (Flow-GRPO: 0.7)
@@ -91,7 +95,11 @@ class RolloutConfig:
 @dataclass
 class GRPOConfig:
     beta: float = 0.001  # KL weight (paper: 0.001)
-    clip_range: float = 1e-4  # PPO clip of the ratio (Flow-GRPO: 1e-4)
+    # Which variance divides the KL (unidg.train.grpo): "flow_grpo" (the noise level's, without Delta t: Flow-GRPO's
+    # official code, on which the paper's beta was set) or "step" (the transition's, with Delta t: the exact KL of
+    # Eq. 16, 1 / Delta t = 3-25x stronger at the same beta).
+    kl_variance: str = "flow_grpo"
+    clip_range: float = 1e-5  # PPO clip of the ratio (paper: 1e-5; Flow-GRPO's code: 1e-4)
     adv_eps: float = 1e-5  # epsilon of Eq. 13 (paper: 1e-5)
     adv_clip: float = 5.0  # |A| bound (Flow-GRPO: 5; 0: off)
     inner_epochs: int = 1  # K of Alg. 3
@@ -101,6 +109,13 @@ class GRPOConfig:
     def validate(self, where: str) -> None:
         _check(self.beta >= 0, where, "grpo.beta", "must be >= 0", self.beta)
         _check(self.clip_range > 0, where, "grpo.clip_range", "must be > 0", self.clip_range)
+        _check(
+            self.kl_variance in KL_VARIANCES,
+            where,
+            "grpo.kl_variance",
+            f"must be one of {list(KL_VARIANCES)}",
+            self.kl_variance,
+        )
         _check(self.adv_eps > 0, where, "grpo.adv_eps", "must be > 0", self.adv_eps)
         _check(self.adv_clip >= 0, where, "grpo.adv_clip", "must be >= 0", self.adv_clip)
         _check(self.inner_epochs >= 1, where, "grpo.inner_epochs", "must be >= 1", self.inner_epochs)
@@ -472,8 +487,17 @@ class RFTRun:
                 reference = sde_step(x, v_ref, sigma, sigma_next, noise_level, cap, x_next=x_next)
                 v = self.velocity(x, sigma, prompts, txt_ids)
                 step = sde_step(x, v, sigma, sigma_next, noise_level, cap, x_next=x_next)
+                kl_scale = (sigma - sigma_next).float() if grpo.kl_variance == "flow_grpo" else None
                 terms = grpo_loss(
-                    step.log_prob, old, advantages, grpo.clip_range, grpo.beta, step.mean, reference.mean, step.std
+                    step.log_prob,
+                    old,
+                    advantages,
+                    grpo.clip_range,
+                    grpo.beta,
+                    step.mean,
+                    reference.mean,
+                    step.std,
+                    kl_scale=kl_scale,
                 )
                 (terms.loss * (len(rows) / total)).backward()
                 values = (terms.policy, terms.kl, terms.clip_fraction, terms.ratio_deviation)
