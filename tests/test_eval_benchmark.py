@@ -176,3 +176,43 @@ def test_detector_threads_apply_during_the_run_only(tmp_path: Path, monkeypatch)
     config.detectors.threads = before + 1
     benchmark.run_benchmark(config)
     assert seen == [before + 1] and torch.get_num_threads() == before
+
+
+def test_defects_per_set_fixes_every_sets_count_and_balances_real_types() -> None:
+    from unidg.train.evaluation.config import EvalConfig, generated_count, rule_count
+    from unidg.train.evaluation.datasets import InspectionSample
+    from unidg.train.evaluation.training_sets import round_robin
+
+    config = EvalConfig(output="o")
+    assert (rule_count(config), generated_count(config)) == (64, 32)  # each set's own count
+    config.detectors.defects_per_set = 12
+    assert (rule_count(config), generated_count(config)) == (12, 12)
+    samples = [InspectionSample(Path(f"{i}.png"), Path(f"{i}_m.png"), d, "o") for i, d in enumerate("aaaabbc")]
+    chosen = round_robin(samples, 5)
+    assert [s.defect for s in chosen] == ["a", "b", "c", "a", "b"]
+    assert [s.image.name for s in chosen[:2]] == ["0.png", "4.png"]
+    assert len(round_robin(samples, 20)) == 7  # fewer available: all of them
+
+
+@pytest.mark.parametrize("name", ["eval-quick.toml", "eval-nano.toml", "eval-tiny.toml"])
+def test_shipped_eval_configs_are_valid(name: str) -> None:
+    config = load_eval_config(ROOT / "configs" / name)
+    assert config.report.bootstrap >= 200
+    if name != "eval-tiny.toml":
+        assert len(config.seeds) >= 2 and config.detectors.defects_per_set > 0
+
+
+def test_a_synthesized_folder_from_other_settings_is_refused(tmp_path: Path) -> None:
+    from unidg.train.evaluation.benchmark import load_splits
+    from unidg.train.evaluation.config import EvalConfig
+    from unidg.train.evaluation.datasets import DatasetLayoutError
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "index.jsonl").write_text("")
+    info = {"generator": "unidg.train.procedural", "count": 240, "seed": 9001, "size": 96}
+    (folder / "dataset.json").write_text(json.dumps(info))
+    config = EvalConfig(output=str(tmp_path / "o"))
+    config.data.path, config.data.synth_count = str(folder), 960
+    with pytest.raises(DatasetLayoutError, match="synthesized with .*'count': 240.* asks for .*'count': 960"):
+        load_splits(config, progress=False)

@@ -21,8 +21,14 @@ import numpy as np
 from unidg.core.manifest import atomic_write_bytes, atomic_write_text
 from unidg.train.config import to_dict
 from unidg.train.evaluation import bootstrap
-from unidg.train.evaluation.config import EvalConfig
-from unidg.train.evaluation.datasets import InspectionSplit, read_mvtec, read_udg, read_visa
+from unidg.train.evaluation.config import EvalConfig, generated_count, rule_count
+from unidg.train.evaluation.datasets import (
+    DatasetLayoutError,
+    InspectionSplit,
+    read_mvtec,
+    read_udg,
+    read_visa,
+)
 from unidg.train.evaluation.training_sets import (
     LabelledSet,
     generated_set,
@@ -30,6 +36,7 @@ from unidg.train.evaluation.training_sets import (
     load_samples,
     references,
     retrieval_filter,
+    round_robin,
     rule_set,
 )
 
@@ -56,6 +63,8 @@ def load_splits(config: EvalConfig, progress: bool = True) -> list[InspectionSpl
             from unidg.train.procedural import synthesize
 
             synthesize(folder, data.synth_count, data.synth_seed, data.synth_size, progress=progress)
+        elif data.synth_count:
+            _check_synthesized(folder, data.synth_count, data.synth_seed, data.synth_size)
         splits = read_udg(folder, objects)
     elif data.kind == "mvtec":
         splits = read_mvtec(data.path, objects, reference_shots=data.reference_shots)
@@ -67,6 +76,21 @@ def load_splits(config: EvalConfig, progress: bool = True) -> list[InspectionSpl
     if not splits:
         raise ValueError(f"{data.path}: no object has both real defect references and defective test images")
     return splits
+
+
+def _check_synthesized(folder: Path, count: int, seed: int, size: int) -> None:
+    """A folder the config would synthesize must hold what it would synthesize (not an older, smaller one)."""
+    info_path = folder / "dataset.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    if info.get("generator") != "unidg.train.procedural":
+        return  # a folder made otherwise: the config's synth settings do not describe it
+    found = {"count": info.get("count"), "seed": info.get("seed"), "size": info.get("size")}
+    wanted = {"count": count, "seed": seed, "size": size}
+    if found != wanted:
+        raise DatasetLayoutError(
+            f"{folder} was synthesized with {found}, the config asks for {wanted}; remove the folder or point "
+            "data.path at a new one"
+        )
 
 
 def config_hash(config: EvalConfig) -> str:
@@ -169,7 +193,7 @@ def _run_benchmark(config: EvalConfig, progress: bool) -> dict:
     total = len(config.seeds) * (len(splits) + 1) * len(sets)
     bar = tqdm(total=total, desc="eval", disable=not progress)
     generation_bar = tqdm(
-        total=len(config.seeds) * len(splits) * config.generation.per_object if needs_generation else 0,
+        total=len(config.seeds) * len(splits) * generated_count(config) if needs_generation else 0,
         desc="generate",
         disable=not (progress and needs_generation),
     )
@@ -184,13 +208,13 @@ def _run_benchmark(config: EvalConfig, progress: bool) -> dict:
             good, test = goods[name], tests[name]
             data = per_set_data
             if {"rule", "two_stage"} & set(sets):
-                data["rule"][name] = rule_set(good, textures, cfg.rule_per_object, seed)
+                data["rule"][name] = rule_set(good, textures, rule_count(config), seed)
             if needs_generation:
                 generated = generated_set(
                     synthesizer,
                     split,
                     config.data.reference_shots,
-                    config.generation.per_object,
+                    generated_count(config),
                     config.generation.steps,
                     seed,
                     size,
@@ -205,7 +229,10 @@ def _run_benchmark(config: EvalConfig, progress: bool) -> dict:
                         for i in range(min(4, len(generated)))
                     ]
             if "real" in sets:
-                data["real"][name] = load_samples(split.train_defects, size)
+                real = split.train_defects
+                if cfg.defects_per_set:
+                    real = round_robin(real, cfg.defects_per_set)
+                data["real"][name] = load_samples(real, size)
             classes = sorted({d for d in refs[name].defects})
             for set_name in sets:
                 key = cache.key(seed, name, set_name, "object", interval_tag)

@@ -66,6 +66,10 @@ class DetectorConfig:
     unet_depth: int = 3
     resnet_width: int = 64  # 64 is ResNet-34 proper; less is a narrower ResNet-34 for quick runs
     threads: int = 0  # torch (and onnxruntime) threads; 0: their defaults. 1 is fastest on a busy machine
+    # > 0: every set trains on this many defect images per object and seed (rule_per_object and
+    # generation.per_object are then ignored; the real defects are subsampled round-robin over defect types, or all
+    # of them where an object has fewer), so the sets differ in what their defects are, not in how many.
+    defects_per_set: int = 0
 
     def validate(self, where: str) -> None:
         _check(
@@ -74,6 +78,7 @@ class DetectorConfig:
         for name in ("rule_per_object", "seg_epochs", "cls_epochs", "finetune_epochs", "batch", "unet_width"):
             _check(getattr(self, name) >= 1, where, f"detectors.{name}", "must be >= 1", getattr(self, name))
         _check(self.resnet_width >= 1, where, "detectors.resnet_width", "must be >= 1", self.resnet_width)
+        _check(self.defects_per_set >= 0, where, "detectors.defects_per_set", "must be >= 0", self.defects_per_set)
         _check(self.lr > 0, where, "detectors.lr", "must be > 0", self.lr)
 
 
@@ -107,6 +112,14 @@ class EvalConfig:
         self.generation.validate(where)
         self.detectors.validate(where)
         self.report.validate(where)
+
+
+def rule_count(config: EvalConfig) -> int:
+    return config.detectors.defects_per_set or config.detectors.rule_per_object
+
+
+def generated_count(config: EvalConfig) -> int:
+    return config.detectors.defects_per_set or config.generation.per_object
 
 
 def load_eval_config(path: str | Path, overrides: list[str] | None = None) -> EvalConfig:

@@ -73,6 +73,21 @@ def references(split: InspectionSplit, shots: int) -> list[InspectionSample]:
     return chosen
 
 
+def round_robin(samples: list[InspectionSample], count: int) -> list[InspectionSample]:
+    """Up to ``count`` samples taking one of each defect type in turn (types in sorted order, samples in their
+    order): the types stay as balanced as the split allows."""
+    by_type: dict[str, list[InspectionSample]] = {}
+    for sample in samples:
+        by_type.setdefault(sample.defect, []).append(sample)
+    queues = [by_type[t] for t in sorted(by_type)]
+    chosen: list[InspectionSample] = []
+    depth = 0
+    while len(chosen) < count and any(depth < len(q) for q in queues):
+        chosen += [q[depth] for q in queues if depth < len(q)][: count - len(chosen)]
+        depth += 1
+    return chosen
+
+
 def rule_set(good: LabelledSet, textures: list[np.ndarray], count: int, seed: int) -> LabelledSet:
     rng = np.random.default_rng([seed, 0x5E1])
     images, masks = [], []
