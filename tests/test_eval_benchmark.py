@@ -62,9 +62,15 @@ def test_tiny_config_runs_end_to_end_and_resumes_from_cache(tmp_path: Path, monk
     out = tmp_path / "eval"
     args = ["eval", "run", "--config", "configs/eval-tiny.toml", "--out", str(out), "--quiet"]
     args += ["--set", f'data.path="{tmp_path / "data"}"']
+    args += ["--set", 'sets=["rule", "generated", "two_stage", "real", "selected"]']
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
-    assert list(report["table"]) == ["rule", "generated", "two_stage", "real"]
+    assert list(report["table"]) == ["rule", "generated", "two_stage", "real", "selected"]
+    selected = [r for r in report["runs"] if r["set"] == "selected" and r["object"] != "*"]
+    generated = {r["object"]: r for r in report["runs"] if r["set"] == "generated" and r["object"] != "*"}
+    for run in selected:  # the multi-task discriminator: detection metrics and a type accuracy, on fewer images
+        assert 1 <= run["selected"] and run["train_images"] <= generated[run["object"]]["train_images"]
+        assert 0.0 <= run["auroc_p"] <= 1.0
     for name, row in report["table"].items():
         for metric in ("auroc_i", "ap_i", "auroc_p", "ap_p", "pro"):
             assert 0.0 <= row[metric]["mean"] <= 1.0, (name, metric)
@@ -157,10 +163,16 @@ def test_plots_are_drawn_with_matplotlib(tmp_path: Path) -> None:
     assert plots(tmp_path, report, runs) == ["metrics.png", "curves.png"]
     assert (tmp_path / "metrics.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "curves.png").stat().st_size > 1000
-    # Bars and whiskers in %, the table's scale: the interval [70, 85] around 80.
-    values, (below, above) = _whiskers([report["table"]["rule"]["auroc_i"], None], "mean")
-    assert values[0] == pytest.approx(80.0) and below[0] == pytest.approx(10.0) and above[0] == pytest.approx(5.0)
-    assert np.isnan(values[1])
+    # Bars and whiskers in %, the table's scale: the whisker spans the interval [70, 85] exactly, bar at 80; an
+    # interval that does not hold the bar (skewed redraws) is still drawn as it is.
+    values, centres, halves = _whiskers([report["table"]["rule"]["auroc_i"], None], "mean")
+    assert values[0] == pytest.approx(80.0) and centres[0] - halves[0] == pytest.approx(70.0)
+    assert centres[0] + halves[0] == pytest.approx(85.0) and np.isnan(values[1])
+    skewed = {"mean": 0.99, "std": 0.0, "low": 0.9, "high": 0.98}
+    _, centres, halves = _whiskers([skewed], "mean")
+    assert halves[0] > 0 and centres[0] + halves[0] == pytest.approx(98.0)
+    report["table"]["generated"]["auroc_i"] = skewed
+    assert plots(tmp_path, report, runs) == ["metrics.png", "curves.png"]
 
 
 def test_detector_threads_apply_during_the_run_only(tmp_path: Path, monkeypatch) -> None:
@@ -216,3 +228,27 @@ def test_a_synthesized_folder_from_other_settings_is_refused(tmp_path: Path) -> 
     config.data.path, config.data.synth_count = str(folder), 960
     with pytest.raises(DatasetLayoutError, match="synthesized with .*'count': 240.* asks for .*'count': 960"):
         load_splits(config, progress=False)
+
+
+def test_category_consistency_keeps_the_consistent_and_a_floor() -> None:
+    from unidg.train.evaluation.detector_training import consistent_subset
+
+    generated = LabelledSet(np.zeros((6, 8, 8, 3), np.uint8), np.zeros((6, 8, 8), bool), list("aabbcc"))
+    scores = np.array([0.9, 0.2, 0.6, 0.1, 0.05, 0.55])
+    assert consistent_subset(generated, scores, 0.5, 0.0).defects == ["a", "b", "c"]
+    assert len(consistent_subset(generated, scores, 0.95, 0.0)) == 1  # never empty: the best one stays
+    assert len(consistent_subset(generated, scores, 0.95, 0.5)) == 3  # the floor: the best half
+    assert len(consistent_subset(generated, np.full(6, np.nan), 0.5, 0.0)) == 6  # one type: nothing to check
+
+
+def test_multitask_unet_heads_share_one_backbone() -> None:
+    import torch
+
+    from unidg.train.detectors import MultiTaskUNet, UNet
+
+    model = MultiTaskUNet(4, width=4, depth=2).eval()
+    maps, types = model.both(torch.zeros(2, 3, 16, 16))
+    assert maps.shape == (2, 1, 16, 16) and types.shape == (2, 4)
+    assert torch.equal(model(torch.zeros(2, 3, 16, 16)), maps)  # forward: the defect map, as a binary UNet
+    plain = {k for k in UNet(1, 4, 2).state_dict()}
+    assert set(model.state_dict()) - plain == {"type_head.weight", "type_head.bias"}

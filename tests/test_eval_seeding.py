@@ -37,13 +37,14 @@ def _trained_twice(train) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
 CFG = DetectorConfig(size=16, batch=4, unet_width=4, unet_depth=2, resnet_width=4)
 
 
-@pytest.mark.parametrize("kind", ["binary_unet", "classifier", "multiclass_unet"])
+@pytest.mark.parametrize("kind", ["binary_unet", "classifier", "multiclass_unet", "multitask"])
 def test_same_seed_same_detector_whatever_ran_before(kind: str) -> None:
     data = _data()
     train = {
         "binary_unet": lambda: dt.train_binary_unet(data, CFG, seed=7, epochs=1),
         "classifier": lambda: dt.train_classifier(data, ["a", "b", "good"], CFG, seed=7, epochs=1),
         "multiclass_unet": lambda: dt.train_multiclass_unet(data, ["background", "a", "b"], CFG, seed=7, epochs=1),
+        "multitask": lambda: dt.train_multitask(data, ["a", "b"], CFG, seed=7, epochs=1),
     }[kind]
     first, second = _trained_twice(train)
     for a, b in zip(first, second):
@@ -71,3 +72,14 @@ def test_different_seeds_give_different_detectors() -> None:
     one = _state(dt.train_binary_unet(data, CFG, seed=1, epochs=1))
     two = _state(dt.train_binary_unet(data, CFG, seed=2, epochs=1))
     assert any(not torch.equal(a, b) for a, b in zip(one, two))
+
+
+def test_category_consistency_trains_its_classifier_and_scores_each_generated_image() -> None:
+    data = _data()
+    references = data.subset([1, 3])
+    generated = LabelledSet(data.images, data.masks, ["a", "b", "a", "c"])
+    scores = dt.category_consistency(references, references, CFG, seed=0)
+    assert np.isfinite(scores).all() and ((0 < scores) & (scores < 1)).all()
+    scores = dt.category_consistency(generated, references, CFG, seed=0)
+    assert np.isfinite(scores[:3]).all() and np.isnan(scores[3])  # "c": no reference of that type
+    np.testing.assert_array_equal(scores, dt.category_consistency(generated, references, CFG, seed=0), strict=False)

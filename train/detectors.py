@@ -1,5 +1,6 @@
 """Downstream inspection models of the paper's protocol (Sec. 6.2): a U-Net for binary and multi-class defect
-segmentation, and a ResNet-34 defect-type classifier.
+segmentation, a ResNet-34 defect-type classifier, and a multi-task U-Net (defect map + defect type, UniADC's
+discriminator on this backbone).
 
 Plain ``torch.nn``: torchvision is not a dependency (PyPI's torchvision wheels fail to import beside the pinned torch
 2.13.0 CPU build). ``ResNet34`` keeps torchvision's module names and shapes (``conv1``, ``bn1``, ``layer1``..``layer4``
@@ -95,13 +96,30 @@ class UNet(nn.Module):
         self.outc = nn.Conv2d(channels[0], num_classes, 1)
         self.depth = depth
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def decode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(full-resolution features before ``outc``, the bottleneck features)."""
         if x.shape[-1] % 2**self.depth or x.shape[-2] % 2**self.depth:
             raise ValueError(f"UNet input sides must be multiples of {2**self.depth} (got {tuple(x.shape[-2:])})")
         skips = [self.inc(x)]
         for down in self.down:
             skips.append(down(F.max_pool2d(skips[-1], 2)))
-        x = skips.pop()
+        x = bottleneck = skips.pop()
         for up, conv in zip(self.up, self.up_conv):
             x = conv(torch.cat([skips.pop(), up(x)], dim=1))
-        return self.outc(x)
+        return x, bottleneck
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.outc(self.decode(x)[0])
+
+
+class MultiTaskUNet(UNet):
+    """UniADC's multi-task discriminator on a U-Net backbone: the binary defect map (``forward``, as ``UNet(1)``)
+    and an image-level type head on the pooled bottleneck (``both``): ``num_types`` logits, class 0 "good"."""
+
+    def __init__(self, num_types: int, width: int = 16, depth: int = 3) -> None:
+        super().__init__(1, width, depth)
+        self.type_head = nn.Linear(width * 2**depth, num_types)
+
+    def both(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features, bottleneck = self.decode(x)
+        return self.outc(features), self.type_head(bottleneck.mean(dim=(2, 3)))

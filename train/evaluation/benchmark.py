@@ -45,6 +45,7 @@ SET_TITLES = {
     "generated": "(ii) UniDG-generated",
     "two_stage": "(iii) two-stage (i) -> filtered (ii)",
     "real": "(iv) real defects",
+    "selected": "(v) category-consistent (ii) + multi-task discriminator (seed 004)",
 }
 BINARY_METRICS = ("auroc_i", "ap_i", "auroc_p", "ap_p", "pro")
 TABLE_METRICS = (*BINARY_METRICS, "accuracy", "miou", "bg_miou", "fg_miou")
@@ -168,7 +169,7 @@ def _run_benchmark(config: EvalConfig, progress: bool) -> dict:
     cache = Cache(out / "cache", config_hash(config))
     splits = load_splits(config, progress)
     size, sets = cfg.size, config.sets
-    needs_generation = bool({"generated", "two_stage"} & set(sets))
+    needs_generation = bool({"generated", "two_stage", "selected"} & set(sets))
     synthesizer = None
     if needs_generation:
         from unidg.runtime.synthesizer import DefectSynthesizer
@@ -201,7 +202,7 @@ def _run_benchmark(config: EvalConfig, progress: bool) -> dict:
     samples_for_grid: list[tuple[np.ndarray, np.ndarray, str]] = []
     for seed in config.seeds:
         per_set_data: dict[str, dict[str, LabelledSet]] = {
-            name: {} for name in ("rule", "generated", "filtered", "real")
+            name: {} for name in ("rule", "generated", "filtered", "real", "selected")
         }
         for split in splits:
             name = split.object_name
@@ -223,6 +224,11 @@ def _run_benchmark(config: EvalConfig, progress: bool) -> dict:
                 )
                 data["generated"][name] = generated
                 data["filtered"][name] = retrieval_filter(generated, refs[name], config.generation.keep_fraction)
+                if "selected" in sets:
+                    scores = dt.category_consistency(generated, refs[name], cfg, seed)
+                    data["selected"][name] = dt.consistent_subset(
+                        generated, scores, config.generation.consistency_threshold, config.generation.consistency_floor
+                    )
                 if seed == config.seeds[0]:
                     samples_for_grid += [
                         (generated.images[i], generated.masks[i], f"{name}: {generated.defects[i]}")
@@ -282,6 +288,8 @@ def _object_run(cache, seed, name, set_name, data, good, test, counts, classes, 
     """Binary U-Net and classifier of one object trained on one set."""
     unet_key = cache.key(seed, name, set_name, "unet")
     result: dict = {}
+    if set_name == "selected":
+        return _multitask_run(cache, unet_key, seed, data["selected"][name], good, test, counts, classes, cfg, dt)
     if set_name == "two_stage":
         rule_unet = _cached_model(
             cache,
@@ -340,6 +348,24 @@ def _object_run(cache, seed, name, set_name, data, good, test, counts, classes, 
     result["bootstrap"] = {**result.get("bootstrap", {}), **accuracy.pop("bootstrap", {})}
     result.update(accuracy)
     return result
+
+
+def _multitask_run(cache, key, seed, selected, good, test, counts, classes, cfg, dt) -> dict:
+    """Seed 004's arm: the multi-task discriminator trained on the category-consistent generated images."""
+    from unidg.train.detectors import MultiTaskUNet
+
+    typed = selected.subset([i for i, d in enumerate(selected.defects) if d in classes])
+    train = LabelledSet.concat(typed, good)
+    model = _cached_model(
+        cache,
+        key,
+        lambda: MultiTaskUNet(len(classes) + 1, cfg.unet_width, cfg.unet_depth),
+        lambda: dt.train_multitask(train, classes, cfg, seed, cfg.seg_epochs),
+    )
+    result = dt.evaluate_binary(model, test, counts)
+    types = dt.evaluate_multitask_types(model, test, classes, counts)
+    result["bootstrap"] = {**result.get("bootstrap", {}), **types.pop("bootstrap", {})}
+    return {**result, **types, "train_images": len(train), "selected": len(typed)}
 
 
 def _multiclass_run(cache, seed, set_name, data, splits, test_all, counts, classes, cfg, dt, UNet) -> dict:

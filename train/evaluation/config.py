@@ -10,7 +10,9 @@ from pathlib import Path
 
 from unidg.train.config import ConfigError, load_config
 
-TRAINING_SETS: tuple[str, ...] = ("rule", "generated", "two_stage", "real")
+DEFAULT_SETS: tuple[str, ...] = ("rule", "generated", "two_stage", "real")
+# "selected": seed 004's arm, (ii) filtered by category consistency and learnt by a multi-task discriminator.
+TRAINING_SETS: tuple[str, ...] = (*DEFAULT_SETS, "selected")
 DATA_KINDS: tuple[str, ...] = ("udg", "mvtec", "visa")
 
 
@@ -46,11 +48,18 @@ class GenerationConfig:
     per_object: int = 32  # generated training images per object and seed
     steps: int = 0  # 0: the bundle's own step count
     keep_fraction: float = 0.5  # two-stage: share of generated images kept by retrieval similarity
+    # "selected": keep a generated image when a classifier trained on the real references gives its labelled type
+    # at least this probability; and at least the best consistency_floor share whatever the classifier says.
+    consistency_threshold: float = 0.5
+    consistency_floor: float = 0.25
 
     def validate(self, where: str) -> None:
         _check(self.per_object >= 1, where, "generation.per_object", "must be >= 1", self.per_object)
         _check(self.steps >= 0, where, "generation.steps", "must be >= 0", self.steps)
         _check(0 < self.keep_fraction <= 1, where, "generation.keep_fraction", "must be in (0, 1]", self.keep_fraction)
+        for key in ("consistency_threshold", "consistency_floor"):
+            value = getattr(self, key)
+            _check(0 <= value <= 1, where, f"generation.{key}", "must be in [0, 1]", value)
 
 
 @dataclass
@@ -97,7 +106,7 @@ class ReportConfig:
 class EvalConfig:
     output: str = ""  # report folder (report.md, report.json, plots, cache/)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    sets: list[str] = field(default_factory=lambda: list(TRAINING_SETS))
+    sets: list[str] = field(default_factory=lambda: list(DEFAULT_SETS))
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     detectors: DetectorConfig = field(default_factory=DetectorConfig)

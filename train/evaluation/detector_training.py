@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from unidg.train.detectors import ResNet34, UNet
+from unidg.train.detectors import MultiTaskUNet, ResNet34, UNet
 from unidg.train.evaluation import bootstrap, metrics
 from unidg.train.evaluation.training_sets import LabelledSet
 
@@ -38,14 +38,21 @@ def as_input(images: np.ndarray) -> torch.Tensor:
 def fit(
     model: nn.Module,
     inputs: torch.Tensor,
-    targets: torch.Tensor,
+    targets: torch.Tensor | tuple[torch.Tensor, ...],
     loss_fn,
     epochs: int,
     batch: int,
     lr: float,
     seed: int,
-    spatial_target: bool,
+    spatial_target: bool | tuple[bool, ...],
+    forward: Callable[[torch.Tensor], object] | None = None,
 ) -> nn.Module:
+    """Adam over shuffled batches with random flips. ``targets``: one tensor or a tuple (``spatial_target`` then
+    says per tensor whether it flips with the image); ``forward``: what the loss sees (default: the model)."""
+    many = isinstance(targets, tuple)
+    target_tuple = targets if many else (targets,)
+    spatial = spatial_target if isinstance(spatial_target, tuple) else (spatial_target,) * len(target_tuple)
+    forward = forward or model
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
@@ -56,14 +63,14 @@ def fit(
             index = order[start : start + batch]
             if index.numel() < 2 and len(order) > 1:
                 continue  # BatchNorm needs two samples
-            x, y = inputs[index], targets[index]
+            x, ys = inputs[index], [t[index] for t in target_tuple]
             flips = torch.rand(2, generator=generator) < 0.5
             for dim, flip in ((3, flips[0]), (2, flips[1])):
                 if flip:
                     x = x.flip(dim)
-                    y = y.flip(dim - 1) if spatial_target else y
+                    ys = [y.flip(dim - 1) if flag else y for y, flag in zip(ys, spatial)]
             optimizer.zero_grad()
-            loss_fn(model(x), y).backward()
+            loss_fn(forward(x), tuple(ys) if many else ys[0]).backward()
             optimizer.step()
     return model.eval()
 
@@ -186,4 +193,70 @@ def evaluate_multiclass(model: UNet, test: LabelledSet, classes: list[str], coun
             [metrics.confusion_matrix(p[v], t[v], len(classes)) for p, t, v in zip(predicted, target, valid)]
         )
         result["bootstrap"] = bootstrap.iou_replicates(per_image, counts)
+    return result
+
+
+# ------------------------------------------------------------------------------------------ seed 004 (UniADC)
+TYPE_LOSS_WEIGHT = 0.5  # UniADC's weight of the classification loss
+
+
+def category_consistency(generated: LabelledSet, references: LabelledSet, cfg, seed: int) -> np.ndarray:
+    """UniADC's category-consistency score of each generated image: the probability a defect-type classifier
+    trained on the real references (``cls_epochs``, the benchmark's ResNet-34) gives the image's labelled type
+    (NaN for a type no reference has)."""
+    classes = sorted(set(references.defects))
+    scores = np.full(len(generated), np.nan)
+    if len(classes) < 2:
+        return scores  # one type: nothing to be inconsistent with
+    model = train_classifier(references, classes, cfg, seed, cfg.cls_epochs)
+    with torch.no_grad():
+        probability = torch.softmax(model(as_input(generated.images)), dim=1).numpy()
+    for n, defect in enumerate(generated.defects):
+        if defect in classes:
+            scores[n] = probability[n, classes.index(defect)]
+    return scores
+
+
+def consistent_subset(generated: LabelledSet, scores: np.ndarray, threshold: float, floor: float) -> LabelledSet:
+    """The generated images whose consistency score is >= ``threshold``, and at least the best ``floor`` share
+    (so a weak reference classifier cannot empty the set); with no scores (one type) all of them."""
+    if np.isnan(scores).all():
+        return generated
+    ranked = np.argsort(-np.nan_to_num(scores, nan=-1.0), kind="stable")
+    keep = set(np.flatnonzero(np.nan_to_num(scores, nan=-1.0) >= threshold).tolist())
+    keep |= set(ranked[: max(1, int(np.ceil(floor * len(generated))))].tolist())
+    return generated.subset(sorted(keep))
+
+
+def train_multitask(data: LabelledSet, classes: list[str], cfg, seed: int, epochs: int) -> MultiTaskUNet:
+    """The multi-task discriminator on ``data`` (defect images of ``classes`` and good images): BCE + soft Dice on
+    the defect map plus 0.5 x cross-entropy of the image's type, class 0 "good"."""
+    labels = ["good", *classes]
+    model = seeded(seed, lambda: MultiTaskUNet(len(labels), cfg.unet_width, cfg.unet_depth))
+    masks = torch.from_numpy(data.masks.astype(np.float32))
+    types = torch.tensor([labels.index(d) for d in data.defects])
+
+    def loss(outputs: tuple[torch.Tensor, torch.Tensor], targets: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        (maps, type_logits), (mask, kind) = outputs, targets
+        return binary_segmentation_loss(maps, mask) + TYPE_LOSS_WEIGHT * F.cross_entropy(type_logits, kind)
+
+    inputs = as_input(data.images)
+    return fit(model, inputs, (masks, types), loss, epochs, cfg.batch, cfg.lr, seed, (True, False), model.both)
+
+
+@torch.no_grad()
+def evaluate_multitask_types(
+    model: MultiTaskUNet, test: LabelledSet, classes: list[str], counts: np.ndarray | None = None
+) -> dict:
+    """Defect-type accuracy of the type head on the test defects of ``classes`` (argmax over the defect types, as
+    the classifier's)."""
+    keep = [i for i, d in enumerate(test.defects) if d in classes]
+    if not keep or len(classes) < 2:
+        return {"accuracy": None, "classified": 0}
+    subset = test.subset(keep)
+    predicted = model.both(as_input(subset.images))[1][:, 1:].argmax(dim=1).numpy()
+    target = np.array([classes.index(d) for d in subset.defects])
+    result = {"accuracy": metrics.accuracy(predicted, target), "classified": len(keep)}
+    if counts is not None:
+        result["bootstrap"] = {"accuracy": bootstrap.accuracy_replicates(predicted == target, counts[:, keep])}
     return result

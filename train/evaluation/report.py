@@ -20,6 +20,7 @@ TITLES = {
     "generated": "(ii) UniDG-generated",
     "two_stage": "(iii) two-stage: (i), then filtered (ii)",
     "real": "(iv) real defects (upper bound)",
+    "selected": "(v) category-consistent (ii) + multi-task discriminator",
 }
 COLUMNS = {
     "auroc_i": "AUROC-I",
@@ -34,7 +35,7 @@ COLUMNS = {
 }
 
 
-SHORT = {"rule": "(i)", "generated": "(ii)", "two_stage": "(iii)", "real": "(iv)"}
+SHORT = {"rule": "(i)", "generated": "(ii)", "two_stage": "(iii)", "real": "(iv)", "selected": "(v)"}
 OBJECT_COLUMNS = ("auroc_i", "ap_i", "auroc_p", "ap_p", "pro", "accuracy")
 
 
@@ -145,24 +146,25 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _whiskers(entries: list[dict | None], value_key: str) -> tuple[list[float], list[list[float]]]:
-    """Bar heights and (below, above) whisker lengths in %: the bootstrap interval, else the seed std."""
-    values, below, above = [], [], []
+def _whiskers(entries: list[dict | None], value_key: str) -> tuple[list[float], list[float], list[float]]:
+    """Bar heights, whisker centres and half-lengths in %: the whisker spans the bootstrap interval exactly (which
+    need not be centred on the bar: the redrawn figures can be skewed), else mean +- the seed std."""
+    values, centres, halves = [], [], []
     for entry in entries:
         if not entry:
             values.append(np.nan)
-            below.append(0.0)
-            above.append(0.0)
+            centres.append(np.nan)
+            halves.append(0.0)
             continue
         value = 100 * entry[value_key]
         values.append(value)
         if "low" in entry:
-            below.append(value - 100 * entry["low"])
-            above.append(100 * entry["high"] - value)
+            centres.append(50 * (entry["low"] + entry["high"]))
+            halves.append(50 * (entry["high"] - entry["low"]))
         else:
-            below.append(100 * entry.get("std", 0.0))
-            above.append(100 * entry.get("std", 0.0))
-    return values, [below, above]
+            centres.append(value)
+            halves.append(100 * entry.get("std", 0.0))
+    return values, centres, halves
 
 
 def plots(out: Path, report: dict, runs: list[dict]) -> list[str]:
@@ -182,8 +184,9 @@ def plots(out: Path, report: dict, runs: list[dict]) -> list[str]:
     width = 0.8 / max(1, len(names))
     x = np.arange(len(keys))
     for i, name in enumerate(names):
-        values, errors = _whiskers([report["table"][name].get(k) for k in keys], "mean")
-        axis.bar(x + i * width, values, width, yerr=errors, capsize=2, label=TITLES.get(name, name))
+        values, centres, halves = _whiskers([report["table"][name].get(k) for k in keys], "mean")
+        axis.bar(x + i * width, values, width, label=TITLES.get(name, name), color=f"C{i}")
+        axis.errorbar(x + i * width, centres, yerr=halves, fmt="none", capsize=2, color="black", linewidth=0.8)
     axis.set_xticks(x + 0.4 - width / 2, [COLUMNS[k] for k in keys])
     axis.set_ylim(0, 100)
     axis.set_ylabel("%")
@@ -193,10 +196,11 @@ def plots(out: Path, report: dict, runs: list[dict]) -> list[str]:
         axis = axes[0][1]
         width = 0.8 / len(against)
         for i, entry in enumerate(against):
-            values, errors = _whiskers([entry["metrics"].get(k) for k in keys], "difference")
+            values, centres, halves = _whiskers([entry["metrics"].get(k) for k in keys], "difference")
             name = entry["minuend"]
             label = f"{_short(name)} − {_short(base)}"
-            axis.bar(x + i * width, values, width, yerr=errors, capsize=2, label=label, color=f"C{names.index(name)}")
+            axis.bar(x + i * width, values, width, label=label, color=f"C{names.index(name)}")
+            axis.errorbar(x + i * width, centres, yerr=halves, fmt="none", capsize=2, color="black", linewidth=0.8)
         axis.axhline(0.0, color="black", linewidth=0.8)
         axis.set_xticks(x + 0.4 - width / 2, [COLUMNS[k] for k in keys])
         axis.set_ylabel("points (%)")
