@@ -252,3 +252,16 @@ def test_multitask_unet_heads_share_one_backbone() -> None:
     assert torch.equal(model(torch.zeros(2, 3, 16, 16)), maps)  # forward: the defect map, as a binary UNet
     plain = {k for k in UNet(1, 4, 2).state_dict()}
     assert set(model.state_dict()) - plain == {"type_head.weight", "type_head.bias"}
+
+
+def test_selection_settings_retrain_only_the_fifth_set() -> None:
+    from unidg.train.evaluation.benchmark import _set_key, config_hash
+    from unidg.train.evaluation.config import EvalConfig
+
+    config, other = EvalConfig(output="o"), EvalConfig(output="o")
+    other.generation.consistency_threshold = 0.8
+    assert config_hash(config) == config_hash(other)  # the four sets' detectors stay cached
+    assert _set_key(config, "selected") != _set_key(other, "selected")
+    assert _set_key(config, "generated") == _set_key(other, "generated") == "generated"
+    other.report.bootstrap = 50
+    assert config_hash(config) == config_hash(other)  # intervals rescore, never retrain

@@ -1,4 +1,4 @@
-"""``unidg eval run``: the training sets (i)-(iv) side by side, detectors trained on each, scored on real test images.
+"""``unidg eval run``: the training sets (i)-(v) side by side, detectors trained on each, scored on real test images.
 
 Per seed and object: a binary U-Net (AUROC-I/P, AP-I/P, PRO) and a ResNet-34 defect-type classifier (accuracy) per
 training set; per seed: one multi-class U-Net over every object's defect types (mIoU, BG/FG mIoU, and the merged
@@ -7,6 +7,9 @@ binary metrics of Table 2). Metrics are averaged over objects, then given as mea
 Resumable: every trained detector is stored under ``OUTPUT/cache/models/<key>.safetensors`` and its scores under
 ``OUTPUT/cache/results/<key>.json``, the key hashing the config (output folder and seed list aside), seed, object,
 training set and model; generated images are cached per object and seed. A rerun skips what is there.
+
+Every score comes with its bootstrap replicates over test images (``bootstrap``; the draws shared by every set and
+seed), from which ``summarize`` gives each table value an interval and each difference between sets a paired one.
 """
 
 from __future__ import annotations
@@ -94,6 +97,13 @@ def _check_synthesized(folder: Path, count: int, seed: int, size: int) -> None:
         )
 
 
+def _set_key(config: EvalConfig, set_name: str) -> str:
+    """A set's name in cache keys: (v)'s carries its selection settings, so changing them retrains (v) alone."""
+    if set_name != "selected":
+        return set_name
+    return f"selected@{config.generation.consistency_threshold},{config.generation.consistency_floor}"
+
+
 def config_hash(config: EvalConfig) -> str:
     data = to_dict(config)
     data.pop("output")
@@ -101,6 +111,8 @@ def config_hash(config: EvalConfig) -> str:
     data.pop("sets")
     data.pop("report")  # intervals are computed from a model's predictions: the models stay valid
     data["detectors"].pop("threads")  # how many threads train a detector does not change what it learns
+    for key in ("consistency_threshold", "consistency_floor"):  # they shape (v) only: in its keys (_set_key)
+        data["generation"].pop(key)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -241,11 +253,24 @@ def _run_benchmark(config: EvalConfig, progress: bool) -> dict:
                 data["real"][name] = load_samples(real, size)
             classes = sorted({d for d in refs[name].defects})
             for set_name in sets:
-                key = cache.key(seed, name, set_name, "object", interval_tag)
+                key = cache.key(seed, name, _set_key(config, set_name), "object", interval_tag)
                 result = cache.result(key)
                 if result is None:
                     result = _object_run(
-                        cache, seed, name, set_name, data, good, test, counts[name], classes, cfg, dt, UNet, ResNet34
+                        cache,
+                        seed,
+                        name,
+                        set_name,
+                        _set_key(config, set_name),
+                        data,
+                        good,
+                        test,
+                        counts[name],
+                        classes,
+                        cfg,
+                        dt,
+                        UNet,
+                        ResNet34,
                     )
                     cache.store_result(key, result)
                 runs.append({"seed": seed, "object": name, "set": set_name, **result})
@@ -258,11 +283,22 @@ def _run_benchmark(config: EvalConfig, progress: bool) -> dict:
         if report_cfg.bootstrap:
             all_counts = np.concatenate([counts[s.object_name] for s in splits], axis=1)
         for set_name in sets:
-            key = cache.key(seed, "*", set_name, "multiclass", interval_tag)
+            key = cache.key(seed, "*", _set_key(config, set_name), "multiclass", interval_tag)
             result = cache.result(key)
             if result is None:
                 result = _multiclass_run(
-                    cache, seed, set_name, per_set_data, splits, test_all, all_counts, all_classes, cfg, dt, UNet
+                    cache,
+                    seed,
+                    set_name,
+                    _set_key(config, set_name),
+                    per_set_data,
+                    splits,
+                    test_all,
+                    all_counts,
+                    all_classes,
+                    cfg,
+                    dt,
+                    UNet,
                 )
                 cache.store_result(key, result)
             runs.append({"seed": seed, "object": "*", "set": set_name, **result})
@@ -284,9 +320,11 @@ def _qualified(data: LabelledSet, object_name: str) -> LabelledSet:
     )
 
 
-def _object_run(cache, seed, name, set_name, data, good, test, counts, classes, cfg, dt, UNet, ResNet34) -> dict:
+def _object_run(
+    cache, seed, name, set_name, set_key, data, good, test, counts, classes, cfg, dt, UNet, ResNet34
+) -> dict:
     """Binary U-Net and classifier of one object trained on one set."""
-    unet_key = cache.key(seed, name, set_name, "unet")
+    unet_key = cache.key(seed, name, set_key, "unet")
     result: dict = {}
     if set_name == "selected":
         return _multitask_run(cache, unet_key, seed, data["selected"][name], good, test, counts, classes, cfg, dt)
@@ -368,7 +406,7 @@ def _multitask_run(cache, key, seed, selected, good, test, counts, classes, cfg,
     return {**result, **types, "train_images": len(train), "selected": len(typed)}
 
 
-def _multiclass_run(cache, seed, set_name, data, splits, test_all, counts, classes, cfg, dt, UNet) -> dict:
+def _multiclass_run(cache, seed, set_name, set_key, data, splits, test_all, counts, classes, cfg, dt, UNet) -> dict:
     if set_name == "rule":
         return {"miou": None, "bg_miou": None, "fg_miou": None}
     names = [s.object_name for s in splits]
@@ -388,7 +426,7 @@ def _multiclass_run(cache, seed, set_name, data, splits, test_all, counts, class
     epochs = cfg.finetune_epochs if model is not None else cfg.seg_epochs
     unet = _cached_model(
         cache,
-        cache.key(seed, "*", set_name, "multiclass-unet"),
+        cache.key(seed, "*", set_key, "multiclass-unet"),
         lambda: UNet(len(classes), cfg.unet_width, cfg.unet_depth),
         lambda: dt.train_multiclass_unet(train, classes, cfg, seed, epochs, model=model),
     )
