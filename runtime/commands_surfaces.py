@@ -52,13 +52,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bench.add_argument("--threads", type=int, default=1, help="onnxruntime threads per server worker")
     bench.add_argument(
         "--scenario",
-        choices=("valid", "oversized", "overload", "idle"),
+        choices=("valid", "oversized", "overload", "idle", "refused", "slow-body"),
         default="valid",
-        help="valid requests; simultaneous uploads declaring huge images; a full queue; idle connections",
+        help="valid requests; simultaneous uploads declaring huge images; a full queue; idle connections; huge "
+        "requests decoded then refused (peak RSS vs the documented bound); slow bodies while valid requests are sent",
     )
     bench.add_argument("--declared-size", type=int, default=4096, help="oversized: side of each declared image")
     bench.add_argument("--idle-connections", type=int, default=300, help="idle: sockets held open")
     bench.add_argument("--hold", type=float, default=10.0, help="idle: seconds they are held")
+    bench.add_argument("--slow-bodies", type=int, default=9, help="slow-body: connections trickling their bodies")
+    bench.add_argument("--slow-interval", type=float, default=10.0, help="slow-body: seconds between 100-byte pieces")
     bench.add_argument("--server-pythonpath", help="PYTHONPATH of the started server only (measure another checkout)")
     bench.add_argument("--server-nofile", type=int, help="file-descriptor limit of the started server (ulimit -n)")
     bench.add_argument("--json", dest="json_out", help="also write the report as JSON to this file")
@@ -123,6 +126,8 @@ def run_serve_bench(args: argparse.Namespace) -> int:
             declared_size=args.declared_size,
             idle_connections=args.idle_connections,
             hold_s=args.hold,
+            slow_bodies=args.slow_bodies,
+            slow_interval_s=args.slow_interval,
             server_pythonpath=args.server_pythonpath,
             server_nofile=args.server_nofile,
         )
@@ -134,6 +139,9 @@ def run_serve_bench(args: argparse.Namespace) -> int:
         atomic_write_text(args.json_out, json.dumps(report.to_dict(), indent=2) + "\n")
     if args.scenario in ("oversized", "overload"):  # refusals are the point there; a dead server is not
         return 0 if report.server_alive is not False else 1
+    if args.scenario == "refused":  # the measured peak must stay within the documented bound
+        within = report.memory_bound_mib is None or (report.rss_peak_mib or 0.0) <= report.memory_bound_mib
+        return 0 if report.server_alive is not False and within else 1
     return 0 if report.failed == 0 else 1
 
 

@@ -13,6 +13,10 @@ Scenarios (``--scenario``):
   after another: latency of the probe's 503s.
 - ``idle``: ``--idle-connections`` sockets that connect and send nothing (or half a request head) for ``--hold``
   seconds while valid requests are sent: whether the service keeps answering, and how many idle sockets it closed.
+- ``refused``: ``--concurrency`` simultaneous requests of four ``--declared-size``² pictures with a full target mask,
+  each decoded and then refused (422): peak RSS against the bound of docs/service.md for the server's settings.
+- ``slow-body``: ``--slow-bodies`` connections send a full head, then 100 bytes every ``--slow-interval`` s, while
+  ``--requests`` valid requests are sent one after another: how many were served.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from unidg.runtime.serve.config import ServeConfig
 
 
 def free_loopback_port() -> int:
@@ -70,6 +76,14 @@ def oversized_inputs(side: int = 4096) -> dict[str, bytes]:
     mask = np.zeros((side, side), dtype=np.uint8)
     mask[side // 4 : side // 2, side // 4 : side // 2] = 255
     image_png, mask_png = png_bytes(image, 9), png_bytes(mask, 9)
+    return {"reference": image_png, "reference_mask": mask_png, "source": image_png, "mask": mask_png}
+
+
+def refused_inputs(side: int = 4096) -> dict[str, bytes]:
+    """Four ``side``² pictures that are decoded and then refused: the target mask covers the whole source."""
+    image = np.full((side, side, 3), 200, dtype=np.uint8)
+    full = np.full((side, side), 255, dtype=np.uint8)
+    image_png, mask_png = png_bytes(image, 9), png_bytes(full, 9)
     return {"reference": image_png, "reference_mask": mask_png, "source": image_png, "mask": mask_png}
 
 
@@ -218,7 +232,7 @@ def stop_server(process: subprocess.Popen, timeout: float = 15.0) -> int:
         return process.wait(timeout)
 
 
-SCENARIOS = ("valid", "oversized", "overload", "idle")
+SCENARIOS = ("valid", "oversized", "overload", "idle", "refused", "slow-body")
 
 
 @dataclass
@@ -237,6 +251,8 @@ class BenchOptions:
     declared_size: int = 4096  # oversized: side of each declared image
     idle_connections: int = 300  # idle: sockets held open
     hold_s: float = 10.0  # idle: how long they are held
+    slow_bodies: int = 9  # slow-body: connections trickling their bodies
+    slow_interval_s: float = 10.0  # slow-body: seconds between their 100-byte pieces
     server_pythonpath: str | None = None  # PYTHONPATH of the started server only (to measure another checkout)
     server_nofile: int | None = None  # file-descriptor limit of the started server (`ulimit -n`)
 
@@ -268,6 +284,9 @@ class BenchReport:
     idle_closed_by_server: int | None = None  # of the idle sockets, those the server had closed at the end
     server_alive: bool | None = None
     server_log_bytes: int | None = None
+    memory_bound_mib: float | None = None  # refused: RSS before + the bound of docs/service.md for these settings
+    slow_bodies: int | None = None
+    slow_bodies_answered: dict | None = None  # slow-body: status -> count of the slow connections' answers
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -285,6 +304,15 @@ class BenchReport:
             )
         if self.idle_connections is not None:
             parts.append(f"{self.idle_closed_by_server}/{self.idle_connections} idle sockets closed by the server")
+        if self.memory_bound_mib is not None and self.rss_peak_mib is not None:
+            within = "within" if self.rss_peak_mib <= self.memory_bound_mib else "ABOVE"
+            parts.append(f"bound {self.memory_bound_mib:.0f} MiB (RSS before + formula): peak {within} it")
+        if self.slow_bodies is not None:
+            served = self.statuses.get("200", 0)
+            parts.append(
+                f"{served}/{self.requests} valid requests served while {self.slow_bodies} slow bodies were sent; "
+                f"their answers {self.slow_bodies_answered}"
+            )
         if self.server_alive is not None:
             parts.append("server alive" if self.server_alive else "server DEAD")
         if self.server_log_bytes is not None:
@@ -457,6 +485,38 @@ def probe_a_full_service(
     return probes, time.perf_counter() - started
 
 
+def trickle_bodies(url: str, options: BenchOptions, content_type: str, stop: threading.Event) -> dict[str, int]:
+    """``--slow-bodies`` connections that each send a full head announcing 1 MB, then 100 bytes every
+    ``--slow-interval`` s until ``stop`` is set or the server answers; returns their answers' statuses."""
+    parsed = urllib.parse.urlsplit(url)
+    head = (
+        f"POST /v1/synthesize HTTP/1.1\r\nHost: {parsed.hostname}:{parsed.port}\r\nContent-Type: {content_type}\r\n"
+        "Content-Length: 1000000\r\n\r\n"
+    ).encode()
+    address = (parsed.hostname, parsed.port)
+    sockets = [socket.create_connection(address, timeout=5.0) for _ in range(options.slow_bodies)]
+    answers: dict[str, int] = {}
+    open_sockets = list(sockets)
+    try:
+        for sock in sockets:
+            sock.sendall(head + b"x" * 100)
+        while open_sockets and not stop.wait(options.slow_interval_s):
+            for sock in list(open_sockets):
+                try:
+                    sock.sendall(b"x" * 100)
+                except OSError:
+                    open_sockets.remove(sock)  # answered (408) and closed by the server
+    finally:
+        for sock in sockets:
+            status = "open"
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                sock.settimeout(0.2)
+                status = sock.recv(64).split(b" ")[1].decode() or "closed"
+            answers[status] = answers.get(status, 0) + 1
+            sock.close()
+    return answers
+
+
 def _ms_percentiles(seconds: list[float]) -> tuple[float | None, float | None, float | None]:
     if not seconds:
         return None, None, None
@@ -516,6 +576,27 @@ def run_bench_command(options: BenchOptions) -> BenchReport:
                     for sock in idle:
                         sock.close()
                 replies += fire(url, 1, 1, files, params, timeout=30.0)[0]  # and still serving afterwards
+            elif options.scenario == "refused":
+                big = refused_inputs(options.declared_size)
+                extra_fields["request_bytes"] = len(encode_multipart(big, {"params": json.dumps(params)})[0])
+                replies, wall = fire(url, options.concurrency, options.concurrency, big, params)
+                if before is not None:
+                    bound = ServeConfig(bundle="-", workers=options.workers, max_queue=options.max_queue)
+                    extra_fields["memory_bound_mib"] = before + bound.memory_bound_bytes() / 2**20
+            elif options.scenario == "slow-body":
+                stop = threading.Event()
+                answers: dict[str, int] = {}
+                content_type = encode_multipart(files)[1]
+                trickler = threading.Thread(
+                    target=lambda: answers.update(trickle_bodies(url, options, content_type, stop)), daemon=True
+                )
+                trickler.start()
+                time.sleep(1.0)  # their heads are in
+                replies, wall = fire(url, options.requests, 1, files, params, timeout=120.0)
+                stop.set()
+                trickler.join(30.0)
+                extra_fields["slow_bodies"] = options.slow_bodies
+                extra_fields["slow_bodies_answered"] = answers
             elif options.scenario == "overload":
                 replies, wall = probe_a_full_service(url, options, files, params)
             else:

@@ -2,7 +2,7 @@
 
 - ``config``: ``ServeConfig`` and the address rules (who may call without a key).
 - ``protocol``: ``params`` JSON and uploads → checked inputs; the JSON error shape; metadata without server paths.
-- ``pool``: admission (before the body is read) and the synthesis worker threads.
+- ``pool``: admission (once the body has arrived), the upload budget and the synthesis worker threads.
 - ``metrics``: Prometheus text.
 - ``app``: the FastAPI app (the only module importing FastAPI/Starlette); ``server``: uvicorn with connection limits.
 

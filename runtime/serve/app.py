@@ -1,8 +1,9 @@
 """The FastAPI app of ``unidg serve`` (the only module of the service that imports FastAPI/Starlette).
 
-Request path of ``POST /v1/synthesize``: Host/key/request-id checks → admission (503 at once when full, before the
-body is read) → body (size and time limited) → multipart → params → decode and check the uploads (at most ``workers``
-at a time, in threads) → queue → a worker decodes again and synthesizes → JSON with base64 PNGs.
+Request path of ``POST /v1/synthesize``: Host/key/request-id checks → 503 at once when the service is full, before
+the body is read → body (size, time and rate limited; its bytes drawn from the upload budget as they arrive) →
+admission (a place among ``workers + max_queue``) → multipart → params → decode and check the uploads (at most
+``workers`` at a time, in threads) → queue → a worker decodes again and synthesizes → JSON with base64 PNGs.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from unidg.runtime.serve.pool import (
     SynthesisPool,
     SynthesisTimeout,
     SynthesizerFactory,
+    UploadBudget,
     bundle_synthesizer_factory,
 )
 from unidg.runtime.serve.protocol import (
@@ -46,6 +48,7 @@ from unidg.runtime.serve.protocol import (
     decode_inputs,
     input_error,
     parse_params,
+    release_frames,
     request_id_from,
     text_field,
     upload_files,
@@ -116,9 +119,12 @@ class RequestGuard:
             self.metrics.observe_request(path, status, None)
 
 
-async def read_body_limited(request: Any, limit: int, timeout_s: float) -> bytes:
-    """The request body, refusing (413) more than ``limit`` bytes whether or not Content-Length is sent, and (408) a
-    body that does not arrive within ``timeout_s``. A client that disconnects meanwhile raises ClientGone."""
+async def read_body_limited(request: Any, config: ServeConfig, budget: UploadBudget, reserved: list[int]) -> bytes:
+    """The request body, refusing (413) more than ``--max-upload-mb`` whether or not Content-Length is sent; (503) a
+    body the upload budget cannot hold, its bytes reserved as they arrive and counted in ``reserved[0]`` (the caller
+    gives them back); (408) a body that does not arrive within ``body_timeout_s``, or that after the head timeout's
+    grace arrives slower than ``min_body_rate_kib_s``. A client that disconnects meanwhile raises ClientGone."""
+    limit = config.max_upload_bytes
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -132,27 +138,51 @@ async def read_body_limited(request: Any, limit: int, timeout_s: float) -> bytes
                 f"the request body is {declared_bytes} bytes; this service accepts at most {limit} bytes "
                 f"(--max-upload-mb {limit / 1048576:g})",
             )
+        if declared_bytes > budget.free:
+            raise uploads_full(config)
+    started = time.monotonic()
+    min_rate = config.min_body_rate_kib_s * 1024.0
     body = bytearray()
+    chunks = request.stream().__aiter__()
     try:
-        async with asyncio.timeout(timeout_s):
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > limit:
-                    raise ServiceError(
-                        413,
-                        "too_large",
-                        f"the request body exceeds {limit} bytes (--max-upload-mb {limit / 1048576:g})",
-                    )
-    except TimeoutError as error:
-        raise ServiceError(
-            408,
-            "request_timeout",
-            f"the request body did not arrive within {timeout_s:g} s",
-            headers={"Connection": "close"},
-        ) from error
+        while True:
+            now = time.monotonic()
+            by_rate = started + config.header_timeout_s + len(body) / min_rate
+            deadline = min(started + config.body_timeout_s, by_rate)
+            try:
+                async with asyncio.timeout(max(deadline - now, 0.0)):
+                    chunk = await anext(chunks)
+            except StopAsyncIteration:
+                break
+            except TimeoutError as error:
+                reason = (
+                    f"the request body did not arrive within {config.body_timeout_s:g} s"
+                    if deadline < by_rate
+                    else f"the request body arrived slower than {config.min_body_rate_kib_s:g} KiB/s "
+                    f"({len(body)} bytes in {now - started:.1f} s)"
+                )
+                raise ServiceError(408, "request_timeout", reason, headers={"Connection": "close"}) from error
+            if len(body) + len(chunk) > limit:
+                raise ServiceError(
+                    413, "too_large", f"the request body exceeds {limit} bytes (--max-upload-mb {limit / 1048576:g})"
+                )
+            if not budget.reserve(len(chunk)):
+                raise uploads_full(config)
+            reserved[0] += len(chunk)
+            body += chunk
     except ClientDisconnect as error:
         raise ClientGone from error
     return bytes(body)
+
+
+def uploads_full(config: ServeConfig) -> ServiceError:
+    return ServiceError(
+        503,
+        "queue_full",
+        f"the service holds its upload budget of {config.upload_budget_bytes} bytes "
+        f"((workers + max-queue) x --max-upload-mb) already; retry later",
+        headers={"Retry-After": "1", "Connection": "close"},
+    )
 
 
 async def parse_multipart(headers: Any, body: bytes) -> dict[str, bytes | str]:
@@ -190,9 +220,13 @@ def checked_params(
 ) -> SynthesisParams:
     """Decode and check the uploads and the options as the worker will (errors now, not after the queue); returns the
     params with every default filled and the seed drawn. The decoded pictures are dropped on return."""
-    checked = check_options(
-        build_request(decode_inputs(files, config.max_image_pixels), params, request_id), pool.settings
-    )
+    try:
+        checked = check_options(
+            build_request(decode_inputs(files, config.max_image_pixels), params, request_id), pool.settings
+        )
+    except Exception as error:
+        release_frames(error)  # the decoded pictures go when the refusal is sent, not at the next collection
+        raise
     return SynthesisParams(seed=checked.seed, steps=checked.steps, guidance=checked.guidance, category=checked.category)
 
 
@@ -217,6 +251,7 @@ def create_app(config: ServeConfig, factory: SynthesizerFactory | None = None) -
         max_image_pixels=config.max_image_pixels,
     )
     decode_slots = asyncio.Semaphore(config.workers)  # concurrent decodes before the queue
+    budget = UploadBudget(config.upload_budget_bytes)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> Any:
@@ -286,6 +321,7 @@ def create_app(config: ServeConfig, factory: SynthesizerFactory | None = None) -
         request_id = ""
         job: Job | None = None
         admission = None
+        reserved = [0]  # body bytes drawn from the upload budget
 
         def failed(error: ServiceError) -> JSONResponse:
             metrics.count_error(error.code)
@@ -304,17 +340,13 @@ def create_app(config: ServeConfig, factory: SynthesizerFactory | None = None) -
                     else "the bundle is still loading; retry shortly (see GET /readyz)",
                     headers={"Retry-After": "5"},
                 )
+            if not pool.has_room():  # a full service refuses before reading the body: it costs nothing more
+                raise queue_full(metrics, config)
+            body = await read_body_limited(request, config, budget, reserved)
             try:
-                admission = pool.admit()  # before the body is read: a full service costs nothing more
+                admission = pool.admit()  # after the body: a slow upload holds no place
             except QueueFull as error:
-                raise ServiceError(
-                    503,
-                    "queue_full",
-                    f"all {config.workers} worker(s) are busy and {config.max_queue} request(s) are waiting; "
-                    "retry later",
-                    headers={"Retry-After": str(_retry_after(metrics, config))},
-                ) from error
-            body = await read_body_limited(request, config.max_upload_bytes, config.body_timeout_s)
+                raise queue_full(metrics, config) from error
             fields = await parse_multipart(request.headers, body)
             del body
             params = parse_params(text_field(fields, "params"), config.max_steps)
@@ -361,6 +393,7 @@ def create_app(config: ServeConfig, factory: SynthesizerFactory | None = None) -
         finally:
             if admission is not None and job is None:
                 admission.release()  # never reached the queue; the worker releases queued ones
+            budget.release(reserved[0])
         elapsed = time.monotonic() - started
         metrics.observe_request("/v1/synthesize", 200, elapsed)
         return JSONResponse(
@@ -397,6 +430,15 @@ async def wait_for_result(request: Any, job: Job, timeout_s: float) -> Synthesis
         if not waiting.done():
             job.cancel.set()
             waiting.cancel()
+
+
+def queue_full(metrics: Metrics, config: ServeConfig) -> ServiceError:
+    return ServiceError(
+        503,
+        "queue_full",
+        f"all {config.workers} worker(s) are busy and {config.max_queue} request(s) are waiting; retry later",
+        headers={"Retry-After": str(_retry_after(metrics, config))},
+    )
 
 
 def _retry_after(metrics: Metrics, config: ServeConfig) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -10,16 +11,20 @@ from unidg.core.errors import OptionError
 
 API_KEY_HEADER = "X-API-Key"
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+# Peak bytes while one request's four uploads are decoded and checked, per pixel of ``max_image_pixels``: two RGB
+# pictures (3 B/px) and two masks (1 B/px) kept, plus Pillow's 4 B/px buffer and its 3 B/px export while one picture
+# is read (measured: 180 MiB at 4 x 16.7 MP, 10.7 B/px; rounded up).
+DECODE_BYTES_PER_PIXEL = 12
 
 
 @dataclass(frozen=True)
 class ServeConfig:
     """Everything ``unidg serve`` takes. ``workers`` are synthesis threads (each holds one synthesizer).
 
-    Memory: at most ``workers + max_queue`` requests are admitted at once, and a request is admitted (or refused with
-    503) before its body is read. A queued request holds its upload (at most ``max_upload_mb``); decoded pictures (at
-    most 4 × ``max_image_pixels``) exist only while a request is checked or synthesized, and at most ``workers``
-    requests are checked at a time.
+    Memory (``memory_bound_bytes``): the uploads being received and those of admitted requests share one budget of
+    ``(workers + max_queue) × max_upload_mb``, reserved as bytes arrive (a slow upload holds only what it sent); a
+    request is admitted (at most ``workers + max_queue``) once its whole body is in; decoded pictures exist only while
+    a request is checked or synthesized, for at most ``workers`` requests each.
     """
 
     bundle: str
@@ -41,6 +46,9 @@ class ServeConfig:
     keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
     max_connections: int = 256  # open connections; beyond it the longest-idle one is closed (or the new one)
     max_header_bytes: int = 16 * 1024  # request line + headers
+    # After the head timeout's grace, a body must keep arriving at this mean rate (else 408): a slow sender cannot
+    # keep a connection for the whole body timeout.
+    min_body_rate_kib_s: float = 16.0
 
     def __post_init__(self) -> None:
         for name in ("workers", "max_steps", "max_image_pixels", "max_connections", "max_header_bytes"):
@@ -53,6 +61,8 @@ class ServeConfig:
         for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s"):
             if not getattr(self, name) > 0:
                 raise OptionError(f"{name} must be > 0 seconds (got {getattr(self, name)})")
+        if not (math.isfinite(self.min_body_rate_kib_s) and self.min_body_rate_kib_s > 0):
+            raise OptionError(f"min_body_rate_kib_s must be a finite number > 0 (got {self.min_body_rate_kib_s})")
         if not self.max_upload_mb > 0:
             raise OptionError(f"--max-upload-mb must be > 0 (got {self.max_upload_mb})")
         if self.api_key is not None and not self.api_key:
@@ -62,6 +72,18 @@ class ServeConfig:
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def upload_budget_bytes(self) -> int:
+        """Bytes of request bodies held at once: those being received and those of admitted requests together."""
+        return (self.workers + self.max_queue) * self.max_upload_bytes
+
+    def memory_bound_bytes(self, synthesis_bytes: int = 0) -> int:
+        """What requests may hold beyond the loaded model (docs/service.md): the upload budget, plus one parsed copy
+        of a body, plus ``2 × workers`` requests decoding at the pixel limit (checks before the queue, and workers),
+        plus ``workers × synthesis_bytes`` (the synthesis working set of the inputs, not counted by default)."""
+        decoding = 2 * self.workers * DECODE_BYTES_PER_PIXEL * self.max_image_pixels
+        return self.upload_budget_bytes + self.max_upload_bytes + decoding + self.workers * synthesis_bytes
 
     @property
     def checks_host_header(self) -> bool:

@@ -1,10 +1,12 @@
-"""Admission and the synthesis workers.
+"""Admission, the upload budget and the synthesis workers.
 
-A request is *admitted* before its body is read: at most ``workers + max_queue`` requests hold an admission at a time,
-and one more is refused at once (``QueueFull`` → 503). An admitted request keeps its upload (compressed bytes) while it
-waits; a worker decodes it again right before synthesis, so decoded pictures exist only for requests being checked or
-synthesized. Each worker thread owns one synthesizer (a synthesizer is not re-entrant); onnxruntime releases the GIL
-while a graph runs, so workers overlap.
+A request is *admitted* once its body has arrived: at most ``workers + max_queue`` requests hold an admission at a
+time, and one more is refused at once (``QueueFull`` → 503); a full service refuses a new request before reading its
+body too. Bodies being received draw on ``UploadBudget`` as their bytes arrive, so slow uploads hold no admission place
+and almost no memory. An admitted request keeps its upload (compressed bytes) while it waits; a worker decodes it
+again right before synthesis, so decoded pictures exist only for requests being checked or synthesized. Each worker
+thread owns one synthesizer (a synthesizer is not re-entrant); onnxruntime releases the GIL while a graph runs, so
+workers overlap.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from unidg.runtime.serve.protocol import (
     decode_inputs,
     encode_png,
     public_metadata,
+    release_frames,
 )
 from unidg.runtime.synthesizer import DefectSynthesizer, SynthesisRequest
 
@@ -55,8 +58,34 @@ class SynthesisTimeout(Exception):
     """The request's deadline passed (while queued, or between denoising steps)."""
 
 
+class UploadBudget:
+    """Bytes of request bodies the service holds at once (received so far, or of admitted requests): each request
+    reserves its bytes as they arrive and gives them back when it is answered."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._held = 0
+        self._lock = threading.Lock()
+
+    @property
+    def free(self) -> int:
+        with self._lock:
+            return self.limit - self._held
+
+    def reserve(self, count: int) -> bool:
+        with self._lock:
+            if self._held + count > self.limit:
+                return False
+            self._held += count
+            return True
+
+    def release(self, count: int) -> None:
+        with self._lock:
+            self._held -= count
+
+
 class Admission:
-    """One of the pool's ``workers + max_queue`` places, held from before the body is read until the reply."""
+    """One of the pool's ``workers + max_queue`` places, held from the arrival of the body until the reply."""
 
     def __init__(self, release: Callable[[], None]) -> None:
         self._release = release
@@ -123,8 +152,8 @@ class SynthesisPool:
         self._workers = workers
         self._max_queue = max_queue
         self._max_image_pixels = max_image_pixels
-        # Admission is counted, not left to queue.Queue(maxsize): a request holds its place from before its body is
-        # read until a worker is done with it, so "workers + max_queue" bounds the memory held by requests, and
+        # Admission is counted, not left to queue.Queue(maxsize): a request holds its place from the arrival of its
+        # body until a worker is done with it, so "workers + max_queue" bounds the memory held by requests, and
         # --max-queue 0 works.
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._admitted = 0
@@ -172,6 +201,11 @@ class SynthesisPool:
             self._queue.put(None)
         for thread in self._threads:
             thread.join(timeout)
+
+    def has_room(self) -> bool:
+        """Whether a request could be admitted now (a full service refuses a new request before reading its body)."""
+        with self._lock:
+            return self._admitted < self._workers + self._max_queue
 
     def admit(self) -> Admission:
         """A place for one request, or QueueFull at once when ``workers + max_queue`` are taken."""
@@ -230,6 +264,7 @@ class SynthesisPool:
             try:
                 job.future.set_result(self._run(synthesizer, job))
             except BaseException as error:
+                release_frames(error)  # the decoded request in them goes now
                 job.future.set_exception(error)
             finally:
                 self._metrics.add_inflight(-1)

@@ -8,6 +8,7 @@ import json
 import math
 import re
 import secrets
+import traceback
 from dataclasses import dataclass
 from typing import Any
 
@@ -241,6 +242,17 @@ def decode_inputs(files: dict[str, bytes], max_pixels: int) -> SynthesisInputs:
         field_name = FIELD_OF_INPUT.get(error.name, error.name)
         raise ServiceError(422, "invalid_input", f"{field_name}: {error}", field_name) from error
     return inputs
+
+
+def release_frames(error: BaseException) -> None:
+    """Drop the local variables of the finished frames in an error's traceback (and its causes'): a refused request's
+    decoded pictures then go when the request is answered, not when the garbage collector next breaks the reference
+    cycles that asyncio futures and exception chains form (~145 MiB per 4 x 16.7 MP request otherwise)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)
+        error = error.__cause__ or error.__context__
 
 
 def build_request(inputs: SynthesisInputs, params: SynthesisParams, name: str) -> SynthesisRequest:

@@ -1,9 +1,11 @@
 """The HTTP server under the app: uvicorn (h11) with connection limits and read timeouts.
 
-uvicorn closes idle keep-alive connections (``timeout_keep_alive``) and limits the request head's size (h11), but waits
-forever for a connection that never sends a complete request head, and keeps every connection it accepts. The protocol
-below adds both: a connection gets ``header_timeout_s`` for each request head, and beyond ``max_connections`` the
-longest-idle connection (no request in progress) is closed to make room — or the new one, when every connection is busy.
+uvicorn closes idle keep-alive connections (``timeout_keep_alive``) and limits the size of a request head that is still
+incomplete (h11), but waits forever for a connection that never sends a complete request head, keeps every connection
+it accepts, and takes a head of any size that arrives in one read. The protocol below adds the three: heads over
+``max_header_bytes`` are refused however they arrive, a connection gets ``header_timeout_s`` for each request head,
+and beyond ``max_connections`` the longest-idle connection (no request in progress) is closed to make room — or the
+new one, when every connection is busy.
 """
 
 from __future__ import annotations
@@ -21,11 +23,30 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from unidg.runtime.serve.config import ServeConfig
 
+HEAD_END = b"\r\n\r\n"
 
-def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[asyncio.Protocol]:
+
+def guarded_protocol(header_timeout_s: float, max_connections: int, max_header_bytes: int) -> type[asyncio.Protocol]:
     class GuardedH11Protocol(H11Protocol):
         _head_timer: asyncio.TimerHandle | None = None
         _opened_at = 0.0
+        _head_bytes = 0  # of the request head being received; -1 once it is complete (until the next one starts)
+        _head_tail = b""  # the last bytes seen, for an end of head split across two reads
+
+        def data_received(self, data: bytes) -> None:
+            # h11's own limit applies only to a head that is still incomplete in its buffer: a larger head arriving
+            # in one read passed. Count the head's bytes here, whichever way they arrive.
+            if self.conn.their_state is h11.IDLE:  # the client is between requests: this starts (or is) a head
+                if self._head_bytes < 0:
+                    self._head_bytes, self._head_tail = 0, b""
+                seen = self._head_tail + data
+                end = seen.find(HEAD_END)
+                size = self._head_bytes + (len(data) if end < 0 else end + len(HEAD_END) - len(self._head_tail))
+                if size > max_header_bytes:
+                    self._refuse_head(size)
+                    return
+                self._head_bytes, self._head_tail = (size, seen[-3:]) if end < 0 else (-1, b"")
+            super().data_received(data)
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -78,6 +99,18 @@ def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[asyn
                 pass  # a response was already started: just close
             self.transport.close()
 
+        def _refuse_head(self, size: int) -> None:
+            # No request was parsed, so h11 has nothing to answer: the 400 is written as it goes on the wire.
+            message = f"the HTTP request cannot be parsed: the request head is over {max_header_bytes} bytes"
+            body = json.dumps({"error": "bad_request", "message": message}).encode()
+            head = (
+                "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                f"content-length: {len(body)}\r\n\r\n"
+            )
+            self.transport.write(head.encode() + body)
+            self.transport.close()
+            self._head_bytes = size
+
     return GuardedH11Protocol
 
 
@@ -122,7 +155,7 @@ def uvicorn_config(app: Any, config: ServeConfig, log_level: str = "info") -> uv
         log_level=log_level,
         workers=1,
         access_log=False,
-        http=guarded_protocol(config.header_timeout_s, max_connections),
+        http=guarded_protocol(config.header_timeout_s, max_connections, config.max_header_bytes),
         timeout_keep_alive=int(max(1, round(config.keep_alive_s))),
         h11_max_incomplete_event_size=config.max_header_bytes,
         # A backstop for requests in flight; connections are limited by the protocol (closing idle ones first).

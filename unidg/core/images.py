@@ -85,6 +85,21 @@ def _grey_levels(image: Image.Image, name: str, path: str | Path | None) -> np.n
     return None
 
 
+STRIPE_BYTES = 1 << 20
+
+
+def pixels_of(image: Image.Image) -> np.ndarray:
+    """An 8-bit RGB or L picture as a uint8 array, copied out in stripes of about 1 MiB: ``np.asarray`` goes through
+    ``tobytes``, which holds two more full copies at its peak (96 MiB for a 16.7 MP RGB picture)."""
+    width, height = image.size
+    channels = len(image.getbands())
+    pixels = np.empty((height, width, channels) if channels > 1 else (height, width), dtype=np.uint8)
+    rows = max(1, STRIPE_BYTES // (width * channels))
+    for top in range(0, height, rows):
+        pixels[top : top + rows] = np.asarray(image.crop((0, top, width, min(top + rows, height))))
+    return pixels
+
+
 def image_from_pil(image: Image.Image, name: str = "image", path: str | Path | None = None) -> np.ndarray:
     """A decoded Pillow image as uint8 (H, W, 3) RGB, following the rules of docs/inputs.md."""
     grey = _grey_levels(image, name, path)
@@ -97,7 +112,7 @@ def image_from_pil(image: Image.Image, name: str = "image", path: str | Path | N
             image = _drop_opaque_alpha(
                 image, name, path, "flatten it onto a background (e.g. white) and save it without transparency"
             )
-        rgb = np.asarray(image.convert("RGB"))
+        rgb = pixels_of(image if image.mode == "RGB" else image.convert("RGB"))  # no copy of an RGB picture
     return np.ascontiguousarray(rgb, dtype=np.uint8)
 
 
@@ -114,7 +129,7 @@ def mask_from_pil(image: Image.Image, name: str = "mask", path: str | Path | Non
                 image, name, path, "a mask must be opaque: save it as a greyscale PNG, white (255) = region"
             )
         if image.mode == "L":
-            levels = np.asarray(image)
+            levels = pixels_of(image)
         else:
             # A coloured annotation (e.g. red on black) counts where any channel is bright.
             levels = np.asarray(image.convert("RGB")).max(axis=2)
@@ -262,5 +277,5 @@ def decode_upload(data: bytes, name: str, *, max_pixels: int, as_mask: bool) -> 
         image.load()
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise InputError(name, f"is not a readable PNG or JPEG image ({error})") from error
-    image = ImageOps.exif_transpose(image)
+    ImageOps.exif_transpose(image, in_place=True)  # not a copy of an upright picture
     return mask_from_pil(image, name) if as_mask else image_from_pil(image, name)
