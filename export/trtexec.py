@@ -186,7 +186,7 @@ def description(bundle: Bundle, request: EngineRequest, builds: list[GraphBuild]
 def render(bundle_path: str | Path, request: EngineRequest, out: str | Path, trtexec: str = "trtexec") -> str:
     """``unidg export trtexec``: write the TensorRT graphs, ``trtexec.json`` and ``trtexec.sh`` into ``out`` and
     return the script text (also printed). The bundle is only read."""
-    bundle = load_bundle(bundle_path, verify=False)
+    bundle = load_bundle(bundle_path, verify=True)  # the engines are built from these files: they must be the export's
     out = check_out_folder(bundle, Path(out))
     builds = plan_builds(bundle, request, graph_dir=out)
     lines = [

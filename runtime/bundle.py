@@ -68,7 +68,7 @@ class Bundle:
     settings: UniDGSettings
     metadata: dict
     files: dict[str, str]
-    fingerprint: str
+    fingerprint: str  # files and manifest metadata (settings included): what batch resume and outputs record
     graphs: dict[str, GraphSpec]
     batch: int | None  # None: dynamic batch
     engines: dict = field(default_factory=dict)
@@ -339,7 +339,7 @@ def load_bundle(
         settings=settings,
         metadata=meta,
         files=dict(manifest.files),
-        fingerprint=manifest.fingerprint,
+        fingerprint=manifest.content_fingerprint,
         graphs=graphs,
         batch=batch,
         engines=engines,

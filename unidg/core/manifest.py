@@ -1,7 +1,9 @@
 """``manifest.json``: what a stage hands on (weights folder, calibration set, bundle) and how the next stage checks it.
 
-A manifest names its kind, carries free-form metadata (shapes, dtypes, settings, tool versions) and the sha256 of every
-file in the folder. ``verify`` refuses a folder whose files are missing or changed, with a message naming the file.
+A manifest names its kind, carries free-form metadata (shapes, dtypes, settings, tool versions), the sha256 of every
+file in the folder and the sha256 of its own metadata (``metadata_sha256``, canonical JSON). ``verify`` refuses a
+folder whose files are missing or changed, or whose manifest metadata was edited after it was written, with a message
+naming the file. Manifests written before ``metadata_sha256`` existed are read without that check.
 """
 
 from __future__ import annotations
@@ -49,20 +51,42 @@ def tool_versions(*packages: str) -> dict[str, str]:
     return versions
 
 
+def metadata_digest(metadata: dict) -> str:
+    """sha256 of a manifest's metadata as canonical JSON (sorted keys, no spaces): the same for the written and the
+    read form, whatever the indentation."""
+    text = json.dumps(metadata, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 @dataclass
 class Manifest:
     kind: str  # "weights", "bundle", "calib", ...
     metadata: dict = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
     version: int = MANIFEST_VERSION
+    metadata_sha256: str | None = None  # as recorded in the file (None: written before it was recorded)
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "version": self.version, "metadata": self.metadata, "files": self.files}
+        return {
+            "kind": self.kind,
+            "version": self.version,
+            "metadata": self.metadata,
+            "metadata_sha256": metadata_digest(self.metadata),
+            "files": self.files,
+        }
 
     @property
     def fingerprint(self) -> str:
-        """A sha256 over the file hashes: identifies the folder's content (used to tie a bundle to its weights)."""
+        """A sha256 over the file hashes: identifies the folder's files (ties bundles and calibration sets to the
+        weights they were made from; a weights folder's settings are a file, unidg.json)."""
         text = json.dumps(sorted(self.files.items()))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    @property
+    def content_fingerprint(self) -> str:
+        """A sha256 over the file hashes and the metadata: identifies what the folder does, settings included (a
+        bundle's settings live in its manifest)."""
+        text = json.dumps([sorted(self.files.items()), metadata_digest(self.metadata)])
         return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -106,12 +130,30 @@ def read_manifest(folder: str | Path, kind: str | None = None) -> Manifest:
         raise ManifestError(f"{path}: 'files' must be a table of file name -> sha256; re-create the folder")
     if kind is not None and data["kind"] != kind:
         raise ManifestError(f"{folder} is a '{data['kind']}' folder, but a '{kind}' folder is needed here")
-    return Manifest(kind=data["kind"], metadata=data.get("metadata", {}), files=data["files"], version=version)
+    metadata = data.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise ManifestError(f"{path}: 'metadata' must be a table; re-create the folder")
+    recorded = data.get("metadata_sha256")
+    if recorded is not None and not isinstance(recorded, str):
+        raise ManifestError(f"{path}: 'metadata_sha256' must be a sha256 string; re-create the folder")
+    files = data["files"]
+    return Manifest(kind=data["kind"], metadata=metadata, files=files, version=version, metadata_sha256=recorded)
 
 
 def verify_files(folder: str | Path, manifest: Manifest) -> None:
-    """Check every listed file exists and has its recorded sha256."""
+    """Check every listed file exists and has its recorded sha256, and the metadata its recorded sha256."""
     folder = Path(folder)
+    if manifest.metadata_sha256 is not None:
+        try:
+            actual = metadata_digest(manifest.metadata)
+        except ValueError:  # NaN or infinity written in by hand
+            actual = "not canonical JSON"
+        if actual != manifest.metadata_sha256:
+            raise ManifestError(
+                f"{folder / MANIFEST_FILE}: its metadata does not match its recorded sha256 "
+                f"({actual[:12]}… != {manifest.metadata_sha256[:12]}…); the settings or shapes were edited after "
+                "the folder was written; re-create the folder"
+            )
     for name, expected in manifest.files.items():
         path = folder / name
         if not path.is_file():
