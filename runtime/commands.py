@@ -138,6 +138,8 @@ def _generate(args: argparse.Namespace) -> int:
 def _batch(args: argparse.Namespace) -> int:
     from unidg.runtime.jobs import FAILED_FILE, run_batch
 
+    if args.batch_size is not None and args.batch_size < 1:  # before the bundle is loaded for that batch size
+        raise OptionError(f"--batch-size must be >= 1 (got {args.batch_size})")
     synth = _load_synthesizer(args, max_batch=args.batch_size)
     with synth:
         report = run_batch(

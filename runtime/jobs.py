@@ -1,6 +1,7 @@
 """Resumable batch generation: a JSON-lines jobs file in, a UDG folder of results out.
 
-Jobs file: one JSON object per line (blank lines and lines starting with ``#`` are skipped):
+Jobs file: UTF-8 (a byte-order mark is allowed), one JSON object per line (blank lines and lines starting with ``#``
+are skipped); a UTF-16/32 or binary file is refused naming its encoding:
 
     {"reference": "refs/a.png", "reference_mask": "refs/a_mask.png", "source": "src/b.png", "mask": "src/b_mask.png",
      "seed": 7, "id": "b-scratch", "category": "scratch", "steps": 28, "guidance": 30.0, "object_name": "bottle"}
@@ -13,9 +14,11 @@ target mask), ``metadata/<id>.json`` and ``index.jsonl``. The index is the journ
 is in ``index.jsonl``, and that line is appended (one write) only after the job's images and metadata are in place
 (each written to a temporary name and renamed). A run killed at any point leaves at most temporary files and files of
 an uncommitted job; the next run with the same arguments removes the former, rewrites the latter and skips every
-committed job, so each job ends up done exactly once. A last index line cut short (power loss, full disk) is dropped on
-resume and its job redone. ``batch.json`` records the bundle and jobs file so a resume with another bundle, or with a
-done job's inputs changed, is refused instead of mixing outputs.
+committed job, so each job ends up done exactly once. A last index line cut short (power loss, full disk), whatever
+its bytes (a multi-byte character cut in two included), is dropped on resume and its job redone; a damaged line before
+it, a damaged ``batch.json`` or a done job's damaged metadata is refused by name. A full disk stops the run with a
+one-line error; the same command resumes it once there is space. ``batch.json`` records the bundle and jobs file so a
+resume with another bundle, or with a done job's inputs changed, is refused instead of mixing outputs.
 
 By default the first failing job stops the run (nothing is written when a job's inputs are bad). With ``keep_going``
 (``unidg batch --keep-going``) a job that fails, in its checks or while generating, is recorded in ``failed.jsonl``
@@ -24,7 +27,9 @@ By default the first failing job stops the run (nothing is written when a job's 
 
 from __future__ import annotations
 
+import codecs
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -150,14 +155,49 @@ def _parse_job(folder: Path, number: int, text: str) -> Job:
     )
 
 
+BYTE_ORDER_MARKS = (  # UTF-32 first: its little-endian mark starts with UTF-16's
+    (codecs.BOM_UTF32_LE, "UTF-32"),
+    (codecs.BOM_UTF32_BE, "UTF-32"),
+    (codecs.BOM_UTF16_LE, "UTF-16"),
+    (codecs.BOM_UTF16_BE, "UTF-16"),
+)
+
+
+def jobs_lines(path: Path, data: bytes) -> list[str]:
+    """The lines of a jobs file as text: UTF-8 (a leading byte-order mark dropped); other encodings named."""
+    for mark, encoding in BYTE_ORDER_MARKS:
+        if data.startswith(mark):
+            raise JobsError(
+                f"jobs file {path} is {encoding} (it starts with a {encoding} byte-order mark); save it as UTF-8"
+            )
+    if b"\x00" in data:
+        raise JobsError(
+            f"jobs file {path} holds NUL bytes: it is binary, or UTF-16/32 without a byte-order mark; a jobs file is "
+            "UTF-8 text with one JSON object per line"
+        )
+    data = data.removeprefix(codecs.BOM_UTF8)
+    lines = []
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            raise JobsError(
+                f"jobs file {path}: line {number} is not UTF-8 (byte 0x{raw[error.start]:02x} at byte "
+                f"{error.start + 1} of the line); save the file as UTF-8"
+            ) from None
+    return lines
+
+
 def read_jobs(path: str | Path) -> list[Job]:
     """Parse and check a jobs file (syntax, keys, ids); image files are checked by ``run_batch`` before it runs."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise JobsError(f"jobs file {path} is not a file; pass a JSON-lines file with one job per line")
     if not path.is_file():
         raise JobsError(f"jobs file {path} not found; pass a JSON-lines file with one job per line")
     jobs: list[Job] = []
     lines: dict[str, int] = {}
-    for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, text in enumerate(jobs_lines(path, path.read_bytes()), start=1):
         if not text.strip() or text.lstrip().startswith("#"):
             continue
         try:
@@ -174,20 +214,37 @@ def read_jobs(path: str | Path) -> list[Job]:
 
 
 def committed_ids(folder: Path) -> set[str]:
-    """Ids whose index line is in ``folder/index.jsonl``: the jobs that are done."""
+    """Ids whose index line is in ``folder/index.jsonl``: the jobs that are done. The index is read as bytes: a last
+    line torn anywhere (even inside a multi-byte character) is not done, and is dropped under the folder lock; a
+    damaged line before it is refused."""
     index = folder / INDEX_FILE
-    if not index.is_file():
+    if not index.exists():
         return set()
+    if not index.is_file():
+        raise JobsError(
+            f"{index} is not a file; the index of a batch output is the file {INDEX_FILE}: restore it, or use a new "
+            "--out folder"
+        )
+    lines = index.read_bytes().split(b"\n")
+    last = max((number for number, raw in enumerate(lines, start=1) if raw.strip()), default=0)
     ids = set()
-    for text in index.read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(json.JSONDecodeError, TypeError, KeyError):
-            ids.add(json.loads(text)["id"])
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        if _is_index_entry(raw):
+            ids.add(json.loads(raw)["id"])
+        elif number != last:  # only the last line can be torn by a crash
+            raise JobsError(
+                f"{index} line {number} is damaged (not a UTF-8 JSON entry with an 'id'; shown: {raw[:60]!r}) and "
+                "is not the last line, so no crash tore it: remove that line (its job runs again) or use a new "
+                "--out folder"
+            )
     return ids
 
 
 def _is_index_entry(text: bytes) -> bool:
     try:
-        entry = json.loads(text)
+        entry = json.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         return False
     return isinstance(entry, dict) and isinstance(entry.get("id"), str)
@@ -287,6 +344,14 @@ def _jobs_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _json_record(path: Path) -> object:
+    """A small JSON file of the output folder, read as UTF-8; any damage is a JobsError naming the file."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise JobsError(f"{path} is not UTF-8 JSON ({error}); pick a new --out folder") from None
+
+
 def _check_folder(folder: Path, synth: DefectSynthesizer, jobs: list[Job], done: set[str]) -> dict | None:
     """Refuse an output folder that is not ours, or whose recorded bundle / done jobs disagree with this run."""
     state_path = folder / BATCH_STATE_FILE
@@ -302,10 +367,11 @@ def _check_folder(folder: Path, synth: DefectSynthesizer, jobs: list[Job], done:
                 "it is not a `unidg batch` output folder: pick a new or empty folder"
             )
         return None
-    try:
-        state = json.loads(state_path.read_text())
-    except json.JSONDecodeError as error:
-        raise JobsError(f"{state_path} is not valid JSON ({error}); pick a new --out folder") from error
+    state = _json_record(state_path)
+    if not isinstance(state, dict):
+        raise JobsError(
+            f"{state_path} is not a batch record (a JSON object, got {type(state).__name__}); pick a new --out folder"
+        )
     recorded = state.get("bundle_fingerprint")
     if recorded != synth.bundle.fingerprint:
         raise JobsError(
@@ -319,15 +385,44 @@ def _check_folder(folder: Path, synth: DefectSynthesizer, jobs: list[Job], done:
         if job_id not in by_id or not path.is_file():
             continue
         try:
-            recorded_job = json.loads(path.read_text()).get("job")
-        except json.JSONDecodeError:
-            continue
+            recorded = _json_record(path)
+        except JobsError:
+            recorded = None
+        if not isinstance(recorded, dict):
+            raise JobsError(
+                f"{METADATA_DIR}/{job_id}.json of a done job is damaged (not a UTF-8 JSON object) in {folder}: delete "
+                f"it and the job's line in {INDEX_FILE} to run the job again, or use a new --out folder"
+            )
+        recorded_job = recorded.get("job")
         if recorded_job != by_id[job_id].spec():
             raise JobsError(
                 f"{by_id[job_id].where} is already done in {folder} with other inputs or options "
                 f"(recorded {recorded_job}); give the changed job a new id or use a new --out folder"
             )
     return state
+
+
+# Errors of the output's file system a user fixes (the jobs done stay committed; the index makes a rerun resume).
+WRITE_FAILURES = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "the disk quota is exhausted",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+}
+
+
+@contextlib.contextmanager
+def write_errors_named(folder: Path) -> Iterator[None]:
+    """A full disk (or a read-only or forbidden --out) as one line saying how to resume, not a traceback."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in WRITE_FAILURES:
+            raise
+        raise JobsError(
+            f"writing into --out {folder} failed: {WRITE_FAILURES[error.errno]} ({error.filename or error}); make "
+            "room or fix it, then run the same command again: the jobs done are kept, the interrupted one is redone"
+        ) from error
 
 
 def run_batch(
@@ -348,6 +443,8 @@ def run_batch(
     from tqdm import tqdm
 
     started = time.perf_counter()
+    if batch_size is not None and batch_size < 1:
+        raise JobsError(f"--batch-size must be >= 1 (got {batch_size})")
     jobs_path, folder = Path(jobs_path), Path(out_dir)
     jobs = read_jobs(jobs_path)
     done = committed_ids(folder) if folder.is_dir() else set()
@@ -365,11 +462,10 @@ def run_batch(
             continue
         runnable.append(job)
     size = batch_size or synth.batch_size
-    if size < 1:
-        raise JobsError(f"--batch-size must be >= 1 (got {size})")
 
-    folder.mkdir(parents=True, exist_ok=True)
-    with folder_lock(folder):
+    with write_errors_named(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+    with write_errors_named(folder), folder_lock(folder):
         remove_temporaries(folder)
         repair_torn_index(folder)
         if state is None:

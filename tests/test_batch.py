@@ -295,3 +295,126 @@ def test_keep_going_isolates_a_job_that_fails_while_generating(tmp_path, toy, jo
     assert report.generated == 4 and [f["id"] for f in report.failed] == ["job-02"]
     assert "RuntimeError: backend failed" in report.failed[0]["error"]
     assert sorted(_committed(tmp_path / "go")) == ["job-00", "job-01", "job-03", "job-04"]
+
+
+# ------------------------------------------------------------------------------------ batch files as bytes, full disk
+def _run_cli(toy: Path, jobs: Path, out: Path, *extra: str) -> int:
+    return main(["batch", "--bundle", str(toy), "--jobs", str(jobs), "--out", str(out), "--quiet", *extra])
+
+
+def _non_ascii_jobs(jobs_file: Path, name: str, count: int = 3) -> Path:
+    """Short jobs whose object names are not ASCII, so their index lines hold multi-byte characters."""
+    path = _short_jobs(jobs_file, name, count=count)
+    lines = [json.loads(line) | {"object_name": "flasche-ü-瓶"} for line in path.read_text().splitlines()]
+    path.write_text("\n".join(json.dumps(line, ensure_ascii=False) for line in lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_an_index_torn_inside_a_multibyte_character_is_repaired_on_resume(tmp_path, toy, jobs_file):
+    jobs = _non_ascii_jobs(jobs_file, "utf8.jsonl")
+    out = tmp_path / "out"
+    with DefectSynthesizer.from_bundle(toy) as synth:
+        run_batch(synth, jobs, out, progress=False)
+        index = out / "index.jsonl"
+        data = index.read_bytes()
+        last = data[:-1].rfind(b"\n") + 1
+        cut = data.index("瓶".encode(), last) + 1  # inside the three bytes of one character
+        index.write_bytes(data[:cut])
+        report = run_batch(synth, jobs, out, progress=False)
+    assert (report.already_done, report.generated) == (2, 1)
+    assert _committed(out) == ["job-00", "job-01", "job-02"]
+    assert "瓶" in read_index(out)[2].object_name
+
+
+@pytest.mark.parametrize(
+    ("damage", "words"),
+    [
+        ("index-middle-line", "index.jsonl line 1 is damaged"),
+        ("index-folder", "index.jsonl is not a file"),
+        ("state-not-utf8", "batch.json is not UTF-8 JSON"),
+        ("state-list", "batch.json is not a batch record"),
+        ("metadata-not-utf8", "metadata/job-00.json of a done job is damaged"),
+        ("metadata-list", "metadata/job-00.json of a done job is damaged"),
+    ],
+)
+def test_damaged_batch_files_are_refused_by_name(tmp_path, toy, jobs_file, capsys, damage, words):
+    jobs = _short_jobs(jobs_file, f"{damage}.jsonl", count=2)
+    out = tmp_path / "out"
+    assert _run_cli(toy, jobs, out) == 0
+    index = out / "index.jsonl"
+    if damage == "index-middle-line":
+        index.write_bytes(b'{"id": "job-\xff\xfe"}\n' + index.read_bytes().split(b"\n", 1)[1])
+    elif damage == "index-folder":
+        index.unlink()
+        index.mkdir()
+    elif damage == "state-not-utf8":
+        (out / "batch.json").write_bytes(b'{"format": "unidg-batch\xff"}')
+    elif damage == "state-list":
+        (out / "batch.json").write_text("[1, 2]")
+    elif damage == "metadata-not-utf8":
+        (out / "metadata" / "job-00.json").write_bytes(b'{"job": "\xc3"}')
+    else:
+        (out / "metadata" / "job-00.json").write_text("[1, 2]")
+    assert _run_cli(toy, jobs, out) == 2
+    error = capsys.readouterr().err
+    assert words in error and "Traceback" not in error, error
+
+
+@pytest.mark.parametrize(
+    ("encode", "words"),
+    [
+        (lambda text: text.encode("utf-16"), "is UTF-16"),
+        (lambda text: text.encode("utf-16-le"), "NUL bytes"),
+        (lambda text: text.encode("utf-32"), "is UTF-32"),
+        (lambda text: text.encode("latin-1"), "line 1 is not UTF-8"),
+        (lambda text: bytes(range(256)) * 4, "NUL bytes"),
+    ],
+)
+def test_jobs_files_in_other_encodings_are_named(tmp_path, toy, jobs_file, capsys, encode, words):
+    text = _short_jobs(jobs_file, "enc.jsonl", count=1).read_text().replace('"seed"', '"object_name": "café", "seed"')
+    jobs = jobs_file.parent / "encoded.jsonl"
+    jobs.write_bytes(encode(text))
+    assert _run_cli(toy, jobs, tmp_path / "out") == 2
+    error = capsys.readouterr().err
+    assert words in error and "UTF-8" in error and "Traceback" not in error, error
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_jobs_file_with_a_utf8_byte_order_mark_is_read(tmp_path):
+    text = '{"reference": "a.png", "reference_mask": "b.png", "source": "c.png", "mask": "d.png", "seed": 1}\n'
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert read_jobs(path)[0].seed == 1
+
+
+@pytest.mark.parametrize("size", ["0", "-3"])
+def test_a_batch_size_below_one_is_refused(tmp_path, toy, jobs_file, capsys, size):
+    assert _run_cli(toy, _short_jobs(jobs_file, "size.jsonl", count=1), tmp_path / "out", "--batch-size", size) == 2
+    error = capsys.readouterr().err
+    assert f"--batch-size must be >= 1 (got {size})" in error, error
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_stops_with_a_clear_error_and_the_resume_completes(tmp_path, toy, jobs_file, capsys, monkeypatch):
+    import errno
+
+    from unidg.core.udg import UDGWriter
+
+    jobs = _short_jobs(jobs_file, "full.jsonl", count=3)
+    out = tmp_path / "out"
+    real_add = UDGWriter.add
+    calls = [0]
+
+    def add_until_full(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(out / "abnormal" / "job-01.png"))
+        return real_add(self, *args, **kwargs)
+
+    monkeypatch.setattr(UDGWriter, "add", add_until_full)
+    assert _run_cli(toy, jobs, out) == 2
+    error = capsys.readouterr().err
+    assert "no space left" in error and "run the same command again" in error and "Traceback" not in error, error
+    monkeypatch.setattr(UDGWriter, "add", real_add)
+    assert _run_cli(toy, jobs, out) == 0
+    assert _committed(out) == ["job-00", "job-01", "job-02"]

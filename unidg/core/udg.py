@@ -420,12 +420,12 @@ class UDGWriter:
         self.compress_level = compress_level
         self._ids: set[str] = set()
         if self.index_path.is_file():
-            for number, text in enumerate(self.index_path.read_text(encoding="utf-8").splitlines(), start=1):
+            for number, text in enumerate(self.index_path.read_bytes().splitlines(), start=1):
                 if not text.strip():
                     continue
                 try:
-                    self._ids.add(json.loads(text)["id"])
-                except (json.JSONDecodeError, KeyError, TypeError):
+                    self._ids.add(json.loads(text.decode("utf-8"))["id"])
+                except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
                     raise UDGError(
                         f"{self.index_path} line {number} is malformed; fix it (unidg data validate) before adding"
                     ) from None
