@@ -265,3 +265,94 @@ def test_two_processes_write_the_same_cache_as_one(built: SFTConfig, tmp_path: P
     for name in one["shards"]:
         assert (folder / name).read_bytes() == (Path(built.data.latent_cache) / name).read_bytes(), name
     assert not list(folder.glob(".progress-*"))  # merged into the manifest
+
+
+# ------------------------------------------------------------------------------------------------ integrity
+def _copy(built: SFTConfig, tmp_path: Path) -> tuple[Path, SFTConfig]:
+    import shutil
+
+    folder = tmp_path / "cache"
+    shutil.copytree(built.data.latent_cache, folder)
+    return folder, dataclasses.replace(built, data=dataclasses.replace(built.data, latent_cache=str(folder)))
+
+
+def test_a_shard_overwritten_with_its_header_intact_is_named_and_rebuilt(built: SFTConfig, tmp_path) -> None:
+    folder, config = _copy(built, tmp_path)
+    shard = folder / shard_name(1)
+    intact = shard.read_bytes()
+    shard.write_bytes(intact[:-64] + bytes(64))  # same size, the same header, other numbers
+    with pytest.raises(LatentCacheError, match=rf"{shard_name(1)} does not match its sha256.*train cache.*--verify"):
+        StreamedLatents(folder).batch([5])
+    cache_for_config(config, progress=False, verify=True)
+    assert shard.read_bytes() == intact
+    StreamedLatents(folder).batch([5])
+
+
+def test_a_zero_filled_shard_is_rebuilt_by_train_cache(built: SFTConfig, tmp_path) -> None:
+    folder, config = _copy(built, tmp_path)
+    shard = folder / shard_name(0)
+    intact = shard.read_bytes()
+    shard.write_bytes(bytes(len(intact)))
+    cache_for_config(config, progress=False)  # no --verify: a header that does not read is seen anyway
+    assert shard.read_bytes() == intact
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["torn", "zeroed", "not-utf8", "without-keys", "edited", "garbage-progress"],
+)
+def test_a_damaged_manifest_is_named_and_train_cache_resumes(built: SFTConfig, tmp_path, damage) -> None:
+    import json
+
+    folder, config = _copy(built, tmp_path)
+    path = folder / MANIFEST
+    text = path.read_bytes()
+    if damage == "torn":
+        path.write_bytes(text[: len(text) // 2])
+    elif damage == "zeroed":
+        path.write_bytes(bytes(len(text)))
+    elif damage == "not-utf8":
+        path.write_bytes(b"\xff" + text)
+    elif damage == "without-keys":
+        document = json.loads(text)
+        del document["keys"]
+        path.write_text(json.dumps(document))
+    elif damage == "edited":
+        path.write_text(json.dumps({**json.loads(text), "shard_size": 4}))
+    else:
+        (folder / ".progress-rank-0.json").write_bytes(b"\x00garbage{")
+    if damage != "garbage-progress":
+        with pytest.raises(LatentCacheError, match=r"manifest.json is damaged.*run `unidg train cache --config C`"):
+            StreamedLatents(folder)
+    manifest = cache_for_config(config, progress=False)
+    assert manifest["complete"] and not list(folder.glob(".progress-rank-*"))
+    StreamedLatents(folder).batch([0, 5])
+
+
+def test_unusable_cache_folders_are_refused_by_name(built: SFTConfig, tmp_path, monkeypatch) -> None:
+    folder, config = _copy(built, tmp_path)
+    shard = folder / shard_name(1)
+    shard.unlink()
+    shard.mkdir()
+    (shard / "keep.txt").write_text("someone's file")
+    with pytest.raises(LatentCacheError, match=rf"{shard_name(1)} is not a file.*move it away"):
+        cache_for_config(config, progress=False)
+    assert (shard / "keep.txt").read_text() == "someone's file"
+
+    a_file = tmp_path / "cache-file"
+    a_file.write_text("not a folder")
+    as_file = dataclasses.replace(config, data=dataclasses.replace(config.data, latent_cache=str(a_file)))
+    with pytest.raises(LatentCacheError, match="is not a folder; point data.latent_cache at a folder"):
+        cache_for_config(as_file, progress=False)
+
+    import errno
+
+    from unidg.train import latent_cache
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "fresh" / MANIFEST))
+
+    monkeypatch.setattr(latent_cache, "atomic_write_text", refuse)
+    fresh = dataclasses.replace(config, data=dataclasses.replace(config.data, latent_cache=str(tmp_path / "fresh")))
+    with pytest.raises(LatentCacheError, match="cannot write the latent cache.*permission denied"):
+        cache_for_config(fresh, progress=False)

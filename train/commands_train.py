@@ -75,7 +75,7 @@ def _cache(args: argparse.Namespace) -> int:
     from unidg.train.latent_cache import cache_for_config
 
     config = load_sft_config(args.config, _overrides(args))
-    manifest = cache_for_config(config, progress=not args.quiet)
+    manifest = cache_for_config(config, progress=not args.quiet, verify=args.verify)
     size = sum(entry["bytes"] for entry in manifest["shards"].values())
     print(
         f"latent cache: {config.data.latent_cache} ({manifest['pairs']} pairs, {len(manifest['shards'])} shards, "
@@ -258,6 +258,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_config_arguments(cache, resumable=False)
     cache.add_argument("--quiet", action="store_true", help="no progress bar")
+    cache.add_argument(
+        "--verify", action="store_true", help="re-hash every finished shard (sha256) and rewrite the damaged ones"
+    )
     cache.set_defaults(handler=_cache)
 
     plan = commands.add_parser("plan", help="parameter counts and per-GPU memory of an SFT config (meta device)")

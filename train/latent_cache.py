@@ -15,12 +15,17 @@ At 768 px one pair's fp32 tensors are ~8 MB, so the paper's ~900K pairs cannot l
 The manifest is keyed by a hash of the frozen encoders' weights (VAE, SigLIP, Redux), a hash of the data (the UDG
 index, the size and modification time of every image it names, and the pair list) and the settings that shape the
 tensors; a cache whose key differs is refused with a message naming what differs. Shards are written under a
-temporary name and renamed, and the manifest lists each finished shard with its size, so an interrupted
-``unidg train cache`` resumes where it stopped and a truncated shard is detected before it is read.
+temporary name and renamed, and the manifest lists each finished shard with its size and sha256, so an interrupted
+``unidg train cache`` resumes where it stopped. Integrity: a shard is hashed the first time a process reads it (a
+damaged one is named before its numbers reach the loss); ``unidg train cache`` rewrites every shard whose size or
+header is wrong, and with ``--verify`` every shard whose sha256 is. The manifest records the sha256 of its own content;
+a torn, zeroed or edited manifest, or a garbage progress file, is named by readers and rebuilt by ``unidg train
+cache`` (which then rewrites the shards it can no longer vouch for).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -32,7 +37,7 @@ import numpy as np
 import torch
 
 from unidg.core.errors import UniDGError
-from unidg.core.manifest import atomic_write_text
+from unidg.core.manifest import atomic_write_text, sha256_file
 from unidg.core.settings import UniDGSettings
 
 FORMAT = "unidg-latent-cache"
@@ -133,28 +138,91 @@ def key_differences(found: dict, wanted: dict) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- shards
+MANIFEST_FIELDS = {  # what every reader relies on, with its JSON type
+    "key": dict,
+    "resolution": int,
+    "shard_size": int,
+    "pairs": int,
+    "keys": list,
+    "distribution": list,
+    "shards": dict,
+    "complete": bool,
+}
+DIGEST = "sha256"  # of the manifest's canonical JSON without this field
+
+
+def manifest_digest(document: dict) -> str:
+    content = {name: value for name, value in document.items() if name != DIGEST}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def write_manifest(folder: Path, document: dict) -> None:
+    atomic_write_text(folder / MANIFEST, json.dumps({**document, DIGEST: manifest_digest(document)}) + "\n")
+
+
+class DamagedManifest(LatentCacheError):
+    """The manifest cannot be trusted (torn, zeroed, edited, fields missing); ``unidg train cache`` rebuilds it."""
+
+
 def read_manifest(folder: Path) -> dict | None:
+    """The cache's manifest; None when there is none. Raises DamagedManifest for one that cannot be trusted."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise LatentCacheError(f"latent cache {folder} is not a folder; point data.latent_cache at a folder")
     path = folder / MANIFEST
-    if not path.is_file():
+    if not path.exists():
         return None
-    document = json.loads(path.read_text())
+
+    def damaged(why: str) -> DamagedManifest:
+        return DamagedManifest(
+            f"latent cache {path} is damaged ({why}); run `unidg train cache --config C` again: it rebuilds the "
+            "manifest and rewrites the shards it cannot vouch for"
+        )
+
+    if not path.is_file():
+        raise damaged("not a file")
+    try:
+        document = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise damaged(f"not UTF-8 JSON: {error}") from None
+    if not isinstance(document, dict):
+        raise damaged(f"a JSON {type(document).__name__}, not an object")
     if document.get("format") != FORMAT or document.get("version") != VERSION:
         raise LatentCacheError(
             f"{path} is not a version-{VERSION} {FORMAT} manifest; rebuild it with `unidg train cache` into an empty "
             "folder"
         )
+    wrong = [name for name, kind in MANIFEST_FIELDS.items() if not isinstance(document.get(name), kind)]
+    if wrong:
+        raise damaged(f"fields {wrong} missing or of the wrong type")
+    recorded = document.get(DIGEST)
+    if recorded is not None and recorded != manifest_digest(document):  # manifests of older releases have none
+        raise damaged("its content does not match its recorded sha256")
     return document
 
 
+def shard_path(folder: Path, name: str) -> Path:
+    """A shard's path, refused when something other than a file sits there (it is not ours to remove)."""
+    path = folder / name
+    if path.exists() and not path.is_file():
+        raise LatentCacheError(
+            f"latent cache shard {path} is not a file; move it away, then run `unidg train cache --config C` again"
+        )
+    return path
+
+
 def write_shard(folder: Path, index: int, tensors: dict[str, torch.Tensor]) -> dict:
-    """Write one shard (temporary name, then rename); returns its manifest entry."""
+    """Write one shard (temporary name, then rename); returns its manifest entry (pairs, bytes, sha256)."""
     from safetensors.torch import save_file
 
     name = shard_name(index)
+    target = shard_path(folder, name)
     tmp = folder / f".{name}.tmp"
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    tmp.replace(folder / name)
-    return {"pairs": int(next(iter(tensors.values())).shape[0]), "bytes": (folder / name).stat().st_size}
+    digest = sha256_file(tmp)
+    tmp.replace(target)
+    pairs = int(next(iter(tensors.values())).shape[0])
+    return {"pairs": pairs, "bytes": target.stat().st_size, "sha256": digest}
 
 
 @torch.no_grad()
@@ -207,13 +275,15 @@ def build_cache(
     progress: bool = True,
     key: dict | None = None,
     placement=None,
+    verify: bool = False,
 ) -> dict:
     """Write (or finish) the cache of ``pairs`` in ``folder``; returns the manifest. A folder holding a cache with
     another key is refused; finished shards of the same key are kept.
 
     Under torchrun each process writes the shards whose index is its rank modulo the world size and records them in
     its own progress file; rank 0 merges those into the manifest at the end (and on a later resume, at any world
-    size)."""
+    size). A damaged manifest is replaced (its shards are rewritten); ``verify`` re-hashes every finished shard and
+    rewrites those whose sha256 differs."""
     from tqdm import tqdm
 
     from unidg.train.dataset import pair_key
@@ -225,7 +295,15 @@ def build_cache(
         raise LatentCacheError("no training pairs: the UDG folder yielded none for the selected distributions")
     if key is None:
         raise ValueError("build_cache needs the cache key (cache_key(config, model, settings))")
-    manifest = read_manifest(folder)
+    try:
+        manifest = read_manifest(folder)
+    except DamagedManifest as error:
+        print(f"unidg train cache: {error}; rebuilding it", flush=True)
+        manifest = None
+        barrier(placement)  # every process has read the damaged manifest before it is replaced
+        if placement.is_main:
+            for stale in folder.glob(f"{PROGRESS_PREFIX}*.json"):  # their run cannot be checked any more
+                stale.unlink()
     if manifest is not None:
         _refuse_other_key(folder, manifest, key, shard_size)
     else:
@@ -243,8 +321,8 @@ def build_cache(
         }
     if placement.is_main:
         folder.mkdir(parents=True, exist_ok=True)
-        manifest["shards"] = _finished_shards(folder, manifest)
-        atomic_write_text(folder / MANIFEST, json.dumps(manifest) + "\n")
+        manifest["shards"] = _finished_shards(folder, manifest, verify)
+        write_manifest(folder, manifest)
     barrier(placement)
     manifest = read_manifest(folder)
     done = manifest["shards"]
@@ -267,22 +345,31 @@ def build_cache(
     bar.close()
     barrier(placement)
     if placement.is_main:
-        manifest["shards"] = _finished_shards(folder, manifest)
+        manifest["shards"] = _finished_shards(folder, manifest, verify=False)  # those of this run were just hashed
         expected = {shard_name(i) for i in range(-(-len(pairs) // shard_size))}
         manifest["complete"] = expected <= set(manifest["shards"])
-        atomic_write_text(folder / MANIFEST, json.dumps(manifest) + "\n")
+        write_manifest(folder, manifest)
         for leftover in folder.glob(f"{PROGRESS_PREFIX}*.json"):
             leftover.unlink()
     barrier(placement)
     return read_manifest(folder)
 
 
-def _finished_shards(folder: Path, manifest: dict) -> dict:
-    """The manifest's shards plus those recorded in the processes' progress files, kept where the file is intact."""
+def _finished_shards(folder: Path, manifest: dict, verify: bool) -> dict:
+    """The manifest's shards plus those recorded in the processes' progress files, kept where the file is intact
+    (size and header; with ``verify`` also its sha256). A progress file that does not read is ignored: its shards are
+    written again."""
     entries = dict(manifest["shards"])
     for path in sorted(folder.glob(f"{PROGRESS_PREFIX}*.json")):
-        entries.update(json.loads(path.read_text()))
-    return {name: entry for name, entry in sorted(entries.items()) if _shard_intact(folder, name, entry)}
+        try:
+            recorded = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            recorded = None
+        if not isinstance(recorded, dict):
+            print(f"unidg train cache: ignoring the unreadable progress file {path}", flush=True)
+            continue
+        entries.update(recorded)
+    return {name: entry for name, entry in sorted(entries.items()) if _shard_intact(folder, name, entry, verify)}
 
 
 def _refuse_other_key(folder: Path, manifest: dict, key: dict, shard_size: int) -> None:
@@ -295,9 +382,20 @@ def _refuse_other_key(folder: Path, manifest: dict, key: dict, shard_size: int) 
         )
 
 
-def _shard_intact(folder: Path, name: str, entry: dict) -> bool:
-    path = folder / name
-    return path.is_file() and path.stat().st_size == entry["bytes"]
+def _shard_intact(folder: Path, name: str, entry: object, verify: bool = False) -> bool:
+    from safetensors import safe_open
+
+    if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int):
+        return False
+    path = shard_path(folder, name)
+    if not path.is_file() or path.stat().st_size != entry["bytes"]:
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as handle:  # a zero-filled or overwritten header does not read
+            handle.keys()
+    except Exception:  # safetensors raises its own error type for a damaged header
+        return False
+    return not verify or entry.get("sha256") in (None, sha256_file(path))
 
 
 # ---------------------------------------------------------------------------------------------- streaming
@@ -317,6 +415,7 @@ class StreamedLatents:
                 "`unidg train cache --config C` again to finish it"
             )
         self.manifest = manifest
+        self._hashed: set[str] = set()  # shards whose sha256 this process has checked
         self.keys = list(manifest["keys"])
         self.resolution = int(manifest["resolution"])
         self.shard_size = int(manifest["shard_size"])
@@ -349,6 +448,15 @@ class StreamedLatents:
                 f"latent cache shard {path} is truncated or missing ({size} bytes on disk, {expected}); run "
                 "`unidg train cache --config C` again to rewrite it"
             )
+        if name not in self._hashed and entry.get("sha256") is not None:
+            # Once per shard and process: a shard overwritten with its header intact must not reach the loss.
+            actual = sha256_file(path)
+            if actual != entry["sha256"]:
+                raise LatentCacheError(
+                    f"latent cache shard {path} does not match its sha256 ({actual[:12]}… != {entry['sha256'][:12]}…); "
+                    "run `unidg train cache --config C --verify` to rewrite the damaged shards"
+                )
+            self._hashed.add(name)
         try:
             return safe_open(str(path), framework="pt")
         except Exception as error:  # safetensors raises its own error type for a damaged header
@@ -405,18 +513,39 @@ def open_cache(config, model, settings: UniDGSettings) -> StreamedLatents:
     return StreamedLatents(folder, manifest)
 
 
-def cache_for_config(config, progress: bool = True) -> dict:
+# Errors of the cache's file system a user fixes; the shards finished so far stay and a rerun resumes.
+WRITE_FAILURES = {
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EROFS: "the file system is read-only",
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "the disk quota is exhausted",
+}
+
+
+def cache_for_config(config, progress: bool = True, verify: bool = False) -> dict:
     """``unidg train cache``: build (or finish) the latent cache of an SFT config (under torchrun: the shards
-    split over the processes)."""
+    split over the processes). ``verify`` (``--verify``): re-hash the finished shards and rewrite damaged ones."""
     from unidg.train.trainer import distributed
 
     if not config.data.latent_cache:
         raise LatentCacheError("set data.latent_cache (a folder) in the config to build a latent cache")
-    with distributed(config.train.device) as placement:
-        return _cache_for_config(config, placement, progress)
+    folder = Path(config.data.latent_cache)
+    if folder.exists() and not folder.is_dir():
+        raise LatentCacheError(f"latent cache {folder} is not a folder; point data.latent_cache at a folder")
+    try:
+        with distributed(config.train.device) as placement:
+            return _cache_for_config(config, placement, progress, verify)
+    except OSError as error:
+        if error.errno not in WRITE_FAILURES:
+            raise
+        raise LatentCacheError(
+            f"cannot write the latent cache into {folder}: {WRITE_FAILURES[error.errno]} ({error.filename or error}); "
+            "fix that (or point data.latent_cache elsewhere) and run the same command again: finished shards are kept"
+        ) from error
 
 
-def _cache_for_config(config, placement, progress: bool) -> dict:
+def _cache_for_config(config, placement, progress: bool, verify: bool) -> dict:
     from unidg.train.config import settings_of
     from unidg.train.loading import load_model
     from unidg.train.pairs import prepare_pairs, select_pairs
@@ -429,7 +558,10 @@ def _cache_for_config(config, placement, progress: bool) -> dict:
     model = load_model(config.base, dtype=dtype, device=device)
     model.settings = settings
     key = cache_key(config, model, settings)
-    manifest = read_manifest(Path(config.data.latent_cache))
+    try:
+        manifest = read_manifest(Path(config.data.latent_cache))
+    except DamagedManifest:
+        manifest = None  # build_cache says so and rebuilds it
     if manifest is not None:  # refuse a stale cache before drawing the pairs (which reads every image)
         _refuse_other_key(Path(config.data.latent_cache), manifest, key, config.data.shard_size)
     pairs = select_pairs(prepare_pairs(config.data.train, config.seed, config.data.limit), config.train.mix)
@@ -444,6 +576,7 @@ def _cache_for_config(config, placement, progress: bool) -> dict:
         progress=progress,
         key=key,
         placement=placement,
+        verify=verify,
     )
 
 
