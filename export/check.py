@@ -91,7 +91,7 @@ def tensorrt_command(build: GraphBuild, out: Path) -> list[str]:
 
 def check_commands(bundle_path: str | Path, out: str | Path, request: EngineRequest | None = None) -> list[GraphCheck]:
     """Write the graphs both halves run into ``out`` and return the commands (the bundle is only read)."""
-    bundle = load_bundle(bundle_path, verify=False)
+    bundle = load_bundle(bundle_path, verify=True)  # the comparison must be of the graphs as exported
     out = check_out_folder(bundle, Path(out))
     out.mkdir(parents=True, exist_ok=True)
     checks = []

@@ -1,5 +1,5 @@
 """Bundle integrity: the fingerprint covers the manifest's settings, a hand-edited manifest is refused by every reader
-that verifies, and `unidg export trtexec` re-hashes the bundle it builds from."""
+that verifies, and `unidg export trtexec` and `unidg export check` re-hash the bundle they read."""
 
 from __future__ import annotations
 
@@ -52,8 +52,9 @@ def test_a_manifest_without_the_recorded_metadata_hash_still_loads(bundle):
     assert load_bundle(bundle).fingerprint != fingerprint
 
 
+@pytest.mark.parametrize("command", ["trtexec", "check"])
 @pytest.mark.parametrize("damage", ["graph", "manifest"])
-def test_export_trtexec_refuses_a_changed_bundle(tmp_path, capsys, damage):
+def test_export_trtexec_and_check_refuse_a_changed_bundle(tmp_path, capsys, damage, command):
     copy = tmp_path / "bundle"
     shutil.copytree(nano_bundle(), copy)
     if damage == "graph":
@@ -65,6 +66,7 @@ def test_export_trtexec_refuses_a_changed_bundle(tmp_path, capsys, damage):
     else:
         rewrite_manifest(copy, lambda meta: None)  # re-sign first: the shipped manifest predates the hash
         _set_alpha_by_hand(copy, 50.0)
-    assert main(["export", "trtexec", "--bundle", str(copy), "--out", str(tmp_path / "engines")]) == 2
+    assert main(["export", command, "--bundle", str(copy), "--out", str(tmp_path / "out")]) == 2
     error = capsys.readouterr().err
     assert ("step.onnx does not match" if damage == "graph" else "metadata does not match") in error, error
+    assert not (tmp_path / "out").exists()
