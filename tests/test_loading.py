@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import stat
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 import torch
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from safetensors.torch import save_file
+from weights_fixtures import assert_same_model, model_outputs, random_nano
 
 from unidg.core.manifest import read_manifest, verify_files
 from unidg.core.settings import UniDGSettings
@@ -27,46 +27,13 @@ from unidg.train.loading import (
     load_model,
     save_model,
 )
-from unidg.train.model import UniDGModel, image_ids
+from unidg.train.model import UniDGModel
 from unidg.train.presets import FULL
 
 
 @pytest.fixture(scope="module")
 def nano() -> UniDGModel:
-    model = UniDGModel.from_preset("nano", seed=7)
-    # Norm weights start at 1 and biases of some layers at 0: randomise everything so a mis-mapped key shows.
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.02 * torch.randn(parameter.shape, generator=generator))
-    return model
-
-
-def _outputs(model: UniDGModel) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
-    pixels = torch.rand(1, 3, 32, 64, generator=generator) * 2 - 1
-    mask = torch.zeros(1, 1, 32, 64)
-    mask[..., 8:24, 40:56] = 1
-    with torch.no_grad():
-        cond = model.build_condition(pixels, mask)
-        ctx, txt_ids = model.context(model.encode_reference(pixels[..., :32]))
-        bias = torch.zeros(1, ctx.shape[1] + 8)
-        bias[:, 0] = math.log(model.settings.text_tokens)
-        x = torch.randn(1, 8, 64, generator=generator)
-        velocity = model.velocity(x, cond, ctx, bias, 0.6, 1.0, image_ids(2, 4), txt_ids)
-        decoded = model.decode_latents(torch.randn(1, 16, 4, 8, generator=generator))
-    return {"cond": cond, "ctx": ctx, "velocity": velocity, "decoded": decoded}
-
-
-def _assert_same_model(loaded: UniDGModel, original: UniDGModel) -> None:
-    expected = original.state_dict()
-    actual = loaded.state_dict()
-    assert set(actual) == set(expected)
-    for key, tensor in expected.items():
-        assert torch.equal(actual[key], tensor), key
-    out, ref = _outputs(loaded), _outputs(original)
-    for name in ref:
-        assert torch.equal(out[name], ref[name]), name
+    return random_nano()
 
 
 def test_diffusers_layout_round_trip(nano: UniDGModel, tmp_path: Path) -> None:
@@ -90,7 +57,7 @@ def test_diffusers_layout_round_trip(nano: UniDGModel, tmp_path: Path) -> None:
 
     loaded = load_model(folder)
     assert loaded.settings == settings
-    _assert_same_model(loaded, nano)
+    assert_same_model(loaded, nano)
 
     with pytest.raises(WeightsError, match="already exists"):
         save_model(nano, folder)
@@ -166,7 +133,7 @@ def test_bfl_conversion_at_full_size_on_meta() -> None:
 def test_bfl_single_files_round_trip(nano: UniDGModel, tmp_path: Path) -> None:
     _write_bfl(nano, tmp_path / "bfl")
     loaded = load_bfl(tmp_path / "bfl", preset="nano", settings=nano.settings)
-    _assert_same_model(loaded, nano)
+    assert_same_model(loaded, nano)
     explicit = load_bfl(
         preset="nano",
         transformer_file=tmp_path / "bfl" / BFL_TRANSFORMER_FILE,
@@ -174,7 +141,7 @@ def test_bfl_single_files_round_trip(nano: UniDGModel, tmp_path: Path) -> None:
         redux_file=tmp_path / "bfl" / BFL_REDUX_FILE,
         image_encoder_folder=tmp_path / "bfl" / "image_encoder",
     )
-    assert torch.equal(_outputs(explicit)["velocity"], _outputs(nano)["velocity"])
+    assert torch.equal(model_outputs(explicit)["velocity"], model_outputs(nano)["velocity"])
 
 
 def test_bfl_errors_name_the_file(nano: UniDGModel, tmp_path: Path) -> None:
