@@ -25,7 +25,19 @@ def test_help_lists_every_command_without_heavy_imports() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     heavy_line, help_text = out.split("\n", 1)
     assert heavy_line == "[]", f"building the CLI imported {heavy_line}"
-    for command in ("data", "train", "generate", "batch", "demo", "bench", "serve", "capi", "export", "calib"):
+    for command in (
+        "data",
+        "weights",
+        "train",
+        "generate",
+        "batch",
+        "demo",
+        "bench",
+        "serve",
+        "capi",
+        "export",
+        "calib",
+    ):
         assert f"    {command}" in help_text
 
 

@@ -19,6 +19,7 @@ from unidg.runtime.cli_options import ArgumentParser
 # Modules that add subcommands, in the order they appear in ``unidg --help``.
 COMMAND_MODULES: list[str] = [
     "unidg.train.commands_data",
+    "unidg.train.commands_weights",
     "unidg.train.commands_train",
     "unidg.train.evaluation.commands",
     "unidg.runtime.commands",
