@@ -1,5 +1,5 @@
-"""``unidg weights import|info`` (registered by unidg.cli): the weights folder every later stage reads, made from
-downloaded FLUX.1-Fill-dev / FLUX.1-Redux-dev / SigLIP checkpoints."""
+"""``unidg weights import|lora|info`` (registered by unidg.cli): the weights folder every later stage reads, made from
+downloaded FLUX.1-Fill-dev / FLUX.1-Redux-dev / SigLIP checkpoints and published LoRA files."""
 
 from __future__ import annotations
 
@@ -80,6 +80,16 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lora(args: argparse.Namespace) -> int:
+    from unidg.train.lora_files import merge_lora_file
+
+    report = merge_lora_file(
+        args.base, args.lora, args.out, overwrite=args.force, shard_bytes=args.shard_mb << 20, progress=not args.quiet
+    )
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     from unidg.train.weights_files import describe_weights
 
@@ -107,7 +117,9 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("weights", help="weights folders: import FLUX.1-Fill/Redux downloads, describe")
+    parser = subparsers.add_parser(
+        "weights", help="weights folders: import FLUX.1-Fill/Redux downloads, merge a LoRA file, describe"
+    )
     commands = parser.add_subparsers(dest="weights_command", metavar="ACTION")
     parser.set_defaults(handler=lambda args: parser.print_help() or 2)
 
@@ -144,6 +156,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     imp.add_argument("--force", action="store_true", help="replace --out if it exists")
     imp.add_argument("--quiet", action="store_true", help="no progress bar")
     imp.set_defaults(handler=_import)
+
+    lora = commands.add_parser(
+        "lora",
+        help="fold a published LoRA file (diffusers/peft, kohya, BFL keys) into a weights folder",
+        description="W + alpha/rank * B @ A in float64, as `unidg train merge` does, one transformer block at a time; "
+        "the other components are copied. A LoRA for other shapes is refused naming the first key that does not fit.",
+    )
+    lora.add_argument("--base", required=True, help="weights folder (unidg weights import / train merge output)")
+    lora.add_argument(
+        "--lora",
+        required=True,
+        help="LoRA .safetensors file, or a folder with adapter_model.safetensors (peft) or lora.safetensors (unidg)",
+    )
+    lora.add_argument("--out", required=True, help="merged weights folder to write")
+    lora.add_argument("--shard-mb", type=_megabytes, default=2048, help="largest safetensors shard written")
+    lora.add_argument("--force", action="store_true", help="replace --out if it exists")
+    lora.add_argument("--quiet", action="store_true", help="no progress bar")
+    lora.set_defaults(handler=_lora)
 
     info = commands.add_parser("info", help="what a weights folder holds: components, dtypes, sources, license, LoRA")
     info.add_argument("folder", help="weights folder")

@@ -34,6 +34,11 @@ def read_lora(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return load_file(str(folder / LORA_FILE)), json.loads((folder / LORA_CONFIG_FILE).read_text())
 
 
+def fold_lora(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """W + scale * B @ A, computed in float64, returned in W's dtype (every merge of a LoRA goes through here)."""
+    return (weight.double() + scale * (b.double() @ a.double())).to(weight.dtype)
+
+
 def merged_state_dict(
     transformer_state: dict[str, torch.Tensor], lora: dict[str, torch.Tensor], scale: float, modules: list[str]
 ) -> dict[str, torch.Tensor]:
@@ -41,11 +46,9 @@ def merged_state_dict(
     merged = dict(transformer_state)
     for module in modules:
         key = f"{module}.weight"
-        a, b = lora[f"{module}.lora_A.weight"].double(), lora[f"{module}.lora_B.weight"].double()
         if key not in merged:
             raise UniDGError(f"LoRA adapts {module}, which the base transformer does not have (wrong base?)")
-        weight = merged[key]
-        merged[key] = (weight.double() + scale * (b @ a)).to(weight.dtype)
+        merged[key] = fold_lora(merged[key], lora[f"{module}.lora_A.weight"], lora[f"{module}.lora_B.weight"], scale)
     return merged
 
 
