@@ -272,10 +272,12 @@ def _read_kohya(path: Path, tensors: dict, inner_dim: int) -> LoraFile:
     for key, tensor in state.items():
         by_module.setdefault(key.split(".")[0], {})[key] = tensor.double()
     for name, module_state in by_module.items():
-        source_key = next(key for key in module_state if key.endswith((".lora_down.weight", ".lora_up.weight")))
+        source_key = next((key for key in module_state if key.endswith((".lora_down.weight", ".lora_up.weight"))), None)
+        if source_key is None:
+            raise WeightsError(f"--lora {path}: {name} has no lora_down / lora_up weights (a partial LoRA file)")
         try:
             converted = FluxLoraLoaderMixin.lora_state_dict(module_state)
-        except (ValueError, KeyError, AssertionError, StopIteration) as error:
+        except (ValueError, KeyError, AssertionError) as error:
             raise WeightsError(
                 f"--lora {path}: diffusers' FLUX LoRA converter does not know {name} ({error})"
             ) from error
