@@ -319,10 +319,8 @@ def check_fits(lora: LoraFile, base: Checkpoint) -> None:
                 "for (a LoRA for another model)"
             )
         out_features, in_features = weight.shape
-        if tuple(factor.a.shape) != (factor.a.shape[0], in_features) or tuple(factor.b.shape) != (
-            out_features,
-            factor.a.shape[0],
-        ):
+        rank = factor.a.shape[0]
+        if factor.a.shape[1] != in_features or tuple(factor.b.shape) != (out_features, rank):
             raise WeightsError(
                 f"--lora {lora.path}: {factor.key} gives {module} an update of shape "
                 f"({factor.b.shape[0]}, {factor.a.shape[1]}); the base's {module}.weight is "
