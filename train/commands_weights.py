@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from unidg.core.manifest import atomic_write_text
+
 DTYPES = ("keep", "bfloat16", "float16", "float32")
 
 
@@ -66,7 +68,7 @@ def _import(args: argparse.Namespace) -> int:
         preset=args.preset,
         dtype=dtype,
         shard_bytes=args.shard_mb << 20,
-        overwrite=args.force,
+        overwrite=args.overwrite,
         hash_sources=not args.no_source_hashes,
         progress=not args.quiet,
     )
@@ -84,7 +86,12 @@ def _lora(args: argparse.Namespace) -> int:
     from unidg.train.lora_files import merge_lora_file
 
     report = merge_lora_file(
-        args.base, args.lora, args.out, overwrite=args.force, shard_bytes=args.shard_mb << 20, progress=not args.quiet
+        args.base,
+        args.lora,
+        args.out,
+        overwrite=args.overwrite,
+        shard_bytes=args.shard_mb << 20,
+        progress=not args.quiet,
     )
     print(json.dumps(report, indent=2))
     return 0
@@ -94,9 +101,11 @@ def _info(args: argparse.Namespace) -> int:
     from unidg.train.weights_files import describe_weights
 
     info = describe_weights(args.folder, verify=args.verify)
-    if args.json:
+    if args.json == "-":
         print(json.dumps(info, indent=2))
         return 0
+    if args.json:
+        atomic_write_text(args.json, json.dumps(info, indent=2) + "\n")
     settings = info["settings"]
     preset = f", preset {info['preset']}" if info["preset"] else ""
     print(f"{info['folder']}: weights, stage {info['stage']}{preset}")
@@ -118,7 +127,10 @@ def _info(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "weights", help="weights folders: import FLUX.1-Fill/Redux downloads, merge a LoRA file, describe"
+        "weights",
+        help="weights folders: import FLUX.1-Fill/Redux downloads, merge a LoRA file, describe",
+        description="The weights folder every later stage reads (docs/weights.md): made from downloaded checkpoints "
+        "(import), with a published LoRA folded in (lora), described (info).",
     )
     commands = parser.add_subparsers(dest="weights_command", metavar="ACTION")
     parser.set_defaults(handler=lambda args: parser.print_help() or 2)
@@ -153,7 +165,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     imp.add_argument("--dtype", default="keep", choices=DTYPES, help="store the tensors in this dtype")
     imp.add_argument("--shard-mb", type=_megabytes, default=2048, help="largest shard (MiB): bounds the memory")
     imp.add_argument("--no-source-hashes", action="store_true", help="do not sha256 the source files (faster)")
-    imp.add_argument("--force", action="store_true", help="replace --out if it exists")
+    imp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     imp.add_argument("--quiet", action="store_true", help="no progress bar")
     imp.set_defaults(handler=_import)
 
@@ -171,12 +183,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     lora.add_argument("--out", required=True, help="merged weights folder to write")
     lora.add_argument("--shard-mb", type=_megabytes, default=2048, help="largest safetensors shard written")
-    lora.add_argument("--force", action="store_true", help="replace --out if it exists")
+    lora.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     lora.add_argument("--quiet", action="store_true", help="no progress bar")
     lora.set_defaults(handler=_lora)
 
-    info = commands.add_parser("info", help="what a weights folder holds: components, dtypes, sources, license, LoRA")
+    info = commands.add_parser(
+        "info",
+        help="what a weights folder holds: components, dtypes, sources, license, LoRA",
+        description="Reads the manifest and the safetensors headers (nothing is loaded): stage, preset, settings, per "
+        "component the parameters, dtype and files, the sources an import recorded, a merged LoRA and the licenses.",
+    )
     info.add_argument("folder", help="weights folder")
     info.add_argument("--verify", action="store_true", help="also check every file's sha256 against the manifest")
-    info.add_argument("--json", action="store_true", help="print it as JSON")
+    info.add_argument("--json", metavar="FILE", help="also write it as JSON to FILE ('-': standard output instead)")
     info.set_defaults(handler=_info)
