@@ -146,24 +146,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     imp.add_argument("--out", required=True, help="weights folder to write (e.g. weights/flux-fill-redux)")
     imp.add_argument(
         "--fill",
+        metavar="SRC",
         help="FLUX.1-Fill-dev: a diffusers FluxFillPipeline folder (transformer/, vae/), BFL's flux1-fill-dev."
         "safetensors (ae.safetensors beside it), a Hugging Face cache folder (models--…) or a repo id in --hf-cache",
     )
     imp.add_argument(
         "--redux",
+        metavar="SRC",
         help="FLUX.1-Redux-dev: a diffusers FluxPriorReduxPipeline folder (image_embedder/, image_encoder/), BFL's "
         "flux1-redux-dev.safetensors (then --image-encoder too), a cache folder or a repo id",
     )
-    imp.add_argument("--transformer", help="the FLUX.1-Fill transformer alone: component folder or BFL single file")
-    imp.add_argument("--vae", help="the FLUX VAE alone: component folder or BFL's ae.safetensors")
     imp.add_argument(
-        "--image-encoder", help="SigLIP so400m: a folder with config.json (e.g. google/siglip-so400m-patch14-384)"
+        "--transformer", metavar="SRC", help="the FLUX.1-Fill transformer alone: component folder or BFL single file"
     )
-    imp.add_argument("--image-embedder", help="the Redux image embedder alone: component folder or BFL single file")
-    imp.add_argument("--hf-cache", help="Hugging Face hub cache to look repo ids up in (offline)")
+    imp.add_argument("--vae", metavar="SRC", help="the FLUX VAE alone: component folder or BFL's ae.safetensors")
+    imp.add_argument(
+        "--image-encoder",
+        metavar="SRC",
+        help="SigLIP so400m: a folder with config.json (e.g. google/siglip-so400m-patch14-384)",
+    )
+    imp.add_argument(
+        "--image-embedder", metavar="SRC", help="the Redux image embedder alone: component folder or BFL single file"
+    )
+    imp.add_argument("--hf-cache", metavar="DIR", help="Hugging Face hub cache to look repo ids up in (offline)")
     imp.add_argument("--preset", default="full", choices=("full", "nano"), help="the shapes the sources must have")
     imp.add_argument("--dtype", default="keep", choices=DTYPES, help="store the tensors in this dtype")
-    imp.add_argument("--shard-mb", type=_megabytes, default=2048, help="largest shard (MiB): bounds the memory")
+    imp.add_argument(
+        "--shard-mb", metavar="MIB", type=_megabytes, default=2048, help="largest shard (MiB): bounds the memory"
+    )
     imp.add_argument("--no-source-hashes", action="store_true", help="do not sha256 the source files (faster)")
     imp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     imp.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -182,7 +192,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="LoRA .safetensors file, or a folder with adapter_model.safetensors (peft) or lora.safetensors (unidg)",
     )
     lora.add_argument("--out", required=True, help="merged weights folder to write")
-    lora.add_argument("--shard-mb", type=_megabytes, default=2048, help="largest safetensors shard written")
+    lora.add_argument(
+        "--shard-mb", metavar="MIB", type=_megabytes, default=2048, help="largest safetensors shard written"
+    )
     lora.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     lora.add_argument("--quiet", action="store_true", help="no progress bar")
     lora.set_defaults(handler=_lora)
