@@ -18,6 +18,10 @@ from unidg.core.settings import UniDGSettings
 BUNDLE_KIND = "bundle"
 BUNDLE_FORMAT = "unidg-bundle"
 BUNDLE_FORMAT_VERSION = 1
+# Version 2 adds the optional step-cache graphs and settings (``step_cache``); a runtime that reads only version 1
+# refuses such a bundle by its version. A bundle without cache data is still written as version 1.
+BUNDLE_FORMAT_VERSION_STEP_CACHE = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 GRAPH_NAMES = ("step", "vae_encoder", "vae_decoder", "image_encoder")
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8")
 
@@ -36,6 +40,21 @@ GRAPH_OUTPUTS = {
     "vae_encoder": ("latents",),
     "vae_decoder": ("pixels",),
     "image_encoder": ("tokens",),
+}
+
+
+# The step graph cut after its first block (unidg.runtime.step_cache): head every step, tail on full steps, the cached
+# step's output stage otherwise. Hidden states cross between them as float32 [B, N, D] / [B, C, D], temb as [B, D].
+CACHE_GRAPH_NAMES = ("step_head", "step_tail", "step_cached")
+CACHE_GRAPH_INPUTS = {
+    "step_head": ("x", "cond", "ctx", "key_bias", "sigma", "guidance", "img_ids", "txt_ids"),
+    "step_tail": ("hidden", "encoder_hidden", "temb", "key_bias", "img_ids", "txt_ids", "x", "sigma", "sigma_next"),
+    "step_cached": ("hidden", "tail_residual", "temb", "x", "sigma", "sigma_next"),
+}
+CACHE_GRAPH_OUTPUTS = {
+    "step_head": ("hidden", "encoder_hidden", "temb", "first_residual"),
+    "step_tail": ("x_next", "tail_residual"),
+    "step_cached": ("x_next",),
 }
 
 
@@ -72,6 +91,13 @@ class Bundle:
     graphs: dict[str, GraphSpec]
     batch: int | None  # None: dynamic batch
     engines: dict = field(default_factory=dict)
+    cache_graphs: dict[str, GraphSpec] = field(default_factory=dict)  # empty: no step-cache graphs (format v1)
+
+    @property
+    def step_cache(self) -> dict:
+        """The manifest's step-cache table (graphs, hidden size, the gate's record); empty without one."""
+        table = self.metadata.get("step_cache")
+        return table if isinstance(table, dict) else {}
 
     # Shape facts, straight from the manifest (checked against each other by load_bundle).
     @property
@@ -130,7 +156,8 @@ class Bundle:
         return self.path / relative
 
     def graph_path(self, name: str) -> Path:
-        return self.path / self.graphs[name].file
+        graph = self.graphs.get(name) or self.cache_graphs[name]
+        return self.path / graph.file
 
     def describe(self) -> str:
         batch = "dynamic" if self.batch is None else str(self.batch)
@@ -151,11 +178,18 @@ def _parse_shape(folder: Path, where: str, raw: object) -> tuple[Dim, ...]:
     return tuple(raw)
 
 
-def _parse_graph(folder: Path, name: str, raw: object, files: dict[str, str]) -> GraphSpec:
+def _parse_graph(
+    folder: Path,
+    name: str,
+    raw: object,
+    files: dict[str, str],
+    inputs: dict[str, tuple[str, ...]] = GRAPH_INPUTS,
+    outputs: dict[str, tuple[str, ...]] = GRAPH_OUTPUTS,
+) -> GraphSpec:
     if not isinstance(raw, dict) or "file" not in raw:
         raise _fail(folder, f"manifest graph '{name}' has no 'file'")
     specs: dict[str, dict[str, TensorSpec]] = {}
-    for direction, wanted in (("inputs", GRAPH_INPUTS[name]), ("outputs", GRAPH_OUTPUTS[name])):
+    for direction, wanted in (("inputs", inputs[name]), ("outputs", outputs[name])):
         given = raw.get(direction)
         if not isinstance(given, dict):
             raise _fail(folder, f"manifest graph '{name}' has no '{direction}' table")
@@ -302,10 +336,11 @@ def load_bundle(
     if meta.get("format") != BUNDLE_FORMAT:
         raise _fail(folder, f"manifest format is {meta.get('format')!r}, expected {BUNDLE_FORMAT!r}")
     version = meta.get("format_version")
-    if version != BUNDLE_FORMAT_VERSION:
+    if version not in READABLE_FORMAT_VERSIONS:
         raise _fail(
             folder,
-            f"format_version {version!r} is not supported (this unidg reads format_version {BUNDLE_FORMAT_VERSION})",
+            f"format_version {version!r} is not supported (this unidg reads format_version "
+            f"{' and '.join(map(str, READABLE_FORMAT_VERSIONS))})",
             "export the bundle with the same unidg release as the runtime",
         )
     if not isinstance(meta.get("settings"), dict) or not meta["settings"]:
@@ -331,6 +366,7 @@ def load_bundle(
             raise BundleError(f"bundle {folder}: {error}") from error
     if expected_settings is not None:
         _compare_settings(folder, settings, expected_settings)
+    cache_graphs = _parse_step_cache(folder, meta, manifest.files, batch, version)
     engines = meta.get("engines") or {}
     if not isinstance(engines, dict):
         raise _fail(folder, f"manifest 'engines' is {type(engines).__name__}, expected a table")
@@ -343,4 +379,55 @@ def load_bundle(
         graphs=graphs,
         batch=batch,
         engines=engines,
+        cache_graphs=cache_graphs,
     )
+
+
+def expected_cache_shapes(meta: dict, hidden_dim: int, batch: Dim) -> dict[str, dict[str, tuple[Dim, ...]]]:
+    """The shape of every step-cache graph tensor (``hidden_dim``: the transformer's inner width D)."""
+    step = expected_shapes(meta, batch)["step"]
+    n, c = step["x"][1], step["ctx"][1]
+    hidden, encoder, temb = (batch, n, hidden_dim), (batch, c, hidden_dim), (batch, hidden_dim)
+    common = {**step, "hidden": hidden, "encoder_hidden": encoder, "temb": temb}
+    tables = {
+        "step_head": {**common, "first_residual": hidden},
+        "step_tail": {**common, "tail_residual": hidden},
+        "step_cached": {**common, "tail_residual": hidden},
+    }
+    return {
+        name: {t: tables[name][t] for t in (*CACHE_GRAPH_INPUTS[name], *CACHE_GRAPH_OUTPUTS[name])}
+        for name in CACHE_GRAPH_NAMES
+    }
+
+
+def _parse_step_cache(
+    folder: Path, meta: dict, files: dict[str, str], batch: int | None, version: object
+) -> dict[str, GraphSpec]:
+    table = meta.get("step_cache")
+    if table is None:
+        return {}
+    if version != BUNDLE_FORMAT_VERSION_STEP_CACHE:
+        raise _fail(folder, f"manifest has a 'step_cache' table but format_version {version!r} (needs 2)")
+    if not isinstance(table, dict) or not isinstance(table.get("graphs"), dict):
+        raise _fail(folder, "manifest 'step_cache' has no 'graphs' table", "re-run `unidg export cache-graphs`")
+    hidden_dim = table.get("hidden_dim")
+    if not isinstance(hidden_dim, int) or isinstance(hidden_dim, bool) or hidden_dim < 1:
+        raise _fail(folder, f"step_cache hidden_dim is {hidden_dim!r}, expected a positive int")
+    missing = [g for g in CACHE_GRAPH_NAMES if g not in table["graphs"]]
+    if missing:
+        raise _fail(folder, f"step_cache lacks graphs {missing}", "re-run `unidg export cache-graphs`")
+    graphs = {
+        name: _parse_graph(folder, name, table["graphs"][name], files, CACHE_GRAPH_INPUTS, CACHE_GRAPH_OUTPUTS)
+        for name in CACHE_GRAPH_NAMES
+    }
+    want = expected_cache_shapes(meta, hidden_dim, batch if batch is not None else "batch")
+    for name, graph in graphs.items():
+        for tensor, spec in {**graph.inputs, **graph.outputs}.items():
+            if shape_mismatch(want[name][tensor], spec.shape):
+                raise _fail(
+                    folder,
+                    f"step-cache graph '{name}' tensor '{tensor}' has shape {list(spec.shape)}, the manifest's "
+                    f"settings need {list(want[name][tensor])}",
+                    "re-run `unidg export cache-graphs`",
+                )
+    return graphs

@@ -12,6 +12,7 @@ import weakref
 from unidg.core.errors import OptionError
 
 BACKEND_CHOICES = ("onnxruntime", "tensorrt", "torch")
+CACHE_CHOICES = ("off", "static", "dynamic")  # unidg.runtime.step_cache.CACHE_MODES (argparse-only import here)
 TORCH_SPEED_OPTIONS = ("compile", "fp8", "fused_attention")
 
 # The group sub-commands (``unidg bench``, ``unidg export``, ``unidg eval``) created on each sub-command set, so several
@@ -99,10 +100,26 @@ def add_backend_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="skip re-hashing the bundle's files (manifest shapes and settings are still checked)",
     )
+    parser.add_argument(
+        "--cache",
+        choices=CACHE_CHOICES,
+        default=None,
+        help="step caching (docs/step-cache.md): off, static (the bundle's calibrated schedule) or dynamic "
+        "(first-block residual change >= --cache-threshold computes a full step). Default: the setting the bundle's "
+        "accuracy gate recorded (`unidg export cache-calibrate`), off without one",
+    )
+    parser.add_argument(
+        "--cache-threshold",
+        type=float,
+        default=None,
+        help="dynamic step caching: relative L1 change of the first-block residual that forces a full step "
+        "(> 0, e.g. 0.08; default: the bundle's calibrated threshold); implies --cache dynamic",
+    )
 
 
 def backend_options(args: argparse.Namespace, *, workers: int = 1) -> dict:
-    """The backend keyword options the command line selects (each backend takes its own).
+    """The backend keyword options the command line selects (each backend takes its own), plus the step-cache
+    options (``cache``, ``cache_threshold``) that ``DefectSynthesizer.from_bundle`` takes.
 
     With ``workers`` > 1 (the service's synthesis threads) onnxruntime on the CPU defaults to cores / workers threads
     each, so the workers share the cores instead of each starting one thread per core.
@@ -119,8 +136,10 @@ def backend_options(args: argparse.Namespace, *, workers: int = 1) -> dict:
         flags = ", ".join("--" + flag.replace("_", "-") for flag in torch_only)
         raise OptionError(f"{flags}: torch backend options; add --backend torch or leave them out")
     from unidg.runtime.backends.base import device_options
+    from unidg.runtime.step_cache import cache_options
 
-    options = device_options(args.backend, device)
+    options = cache_options(getattr(args, "cache", None), getattr(args, "cache_threshold", None))
+    options |= device_options(args.backend, device)
     if args.backend == "onnxruntime":
         if args.threads:
             options["threads"] = args.threads

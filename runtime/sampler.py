@@ -14,6 +14,7 @@ import numpy as np
 
 from unidg.core.schedule import flux_sigmas
 from unidg.runtime.backends.base import Backend, GenerationCancelled, StepConditioning, check_finite
+from unidg.runtime.step_cache import CacheDecider, StepCache
 
 ProgressCallback = Callable[[int, int], "bool | None"]  # (step done, total) -> False cancels
 NOISE_CHANNELS = 64
@@ -25,7 +26,7 @@ MAX_SEED = 2**63 - 1
 DEFAULT_SEED = 0
 
 
-__all__ = ["GenerationCancelled", "denoise", "initial_noise", "sampling_sigmas"]
+__all__ = ["GenerationCancelled", "denoise", "denoise_cached", "initial_noise", "sampling_sigmas"]
 
 
 def initial_noise(seeds: Sequence[int], tokens: int, channels: int = NOISE_CHANNELS) -> np.ndarray:
@@ -62,3 +63,30 @@ def denoise(
         if callback is not None and callback(i + 1, total) is False:
             raise GenerationCancelled(f"cancelled after step {i + 1}/{total}")
     return x
+
+
+def denoise_cached(
+    backend: Backend,
+    noise: np.ndarray,
+    conditioning: StepConditioning,
+    sigmas: np.ndarray,
+    cache: StepCache,
+    callback: ProgressCallback | None = None,
+) -> tuple[np.ndarray, CacheDecider]:
+    """``denoise`` with step caching (unidg.runtime.step_cache): the head graph every step, the tail graph on full
+    steps, the cached-step graph otherwise. Returns x and the decisions taken (full evaluations, schedule)."""
+    total = len(sigmas) - 1
+    decider = CacheDecider(cache, total)
+    x = noise
+    tail_residual = None
+    for i in range(total):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        head = backend.step_head(x, conditioning, sigma)
+        if decider.full_step(i, head.first_residual):
+            x, tail_residual = backend.step_tail(head, x, conditioning, sigma, sigma_next)
+        else:
+            x = backend.step_cached(head, tail_residual, x, sigma, sigma_next)
+        check_finite(x, f"step-cache graphs (step {i + 1}/{total})", backend.bundle)
+        if callback is not None and callback(i + 1, total) is False:
+            raise GenerationCancelled(f"cancelled after step {i + 1}/{total}")
+    return x, decider

@@ -38,7 +38,8 @@ from unidg.core.udg import check_category
 from unidg.runtime.backends import Backend, StepConditioning, create_backend
 from unidg.runtime.backends.base import check_finite
 from unidg.runtime.bundle import Bundle, load_bundle
-from unidg.runtime.sampler import MAX_SEED, ProgressCallback, denoise, initial_noise, sampling_sigmas
+from unidg.runtime.sampler import MAX_SEED, ProgressCallback, denoise, denoise_cached, initial_noise, sampling_sigmas
+from unidg.runtime.step_cache import OFF, StepCache, StepCacheError, bundle_step_cache
 
 MAX_STEPS = 1000
 DEFAULT_MAX_BATCH = 4
@@ -120,6 +121,22 @@ def check_request_options(request: SynthesisRequest, settings: UniDGSettings) ->
     return replace(request, seed=int(seed), steps=int(steps), guidance=float(guidance))
 
 
+def resolve_step_cache(
+    bundle: Bundle, backend: Backend, mode: str | None, threshold: float | None
+) -> tuple[StepCache, bool]:
+    """The cache setting a synthesizer runs with, and whether the caller chose it: ``mode`` None takes the bundle's
+    gated default, which turns off on a backend that cannot run the cache graphs; a chosen mode is refused there."""
+    step_cache = bundle_step_cache(bundle, mode, threshold)
+    chosen = mode is not None or threshold is not None
+    if step_cache.enabled and type(backend).step_head is Backend.step_head:
+        if not chosen:
+            return OFF, False
+        raise StepCacheError(
+            f"the {backend.name} backend does not run step caching yet; use --backend onnxruntime, or --cache off"
+        )
+    return step_cache, chosen
+
+
 def resize_reference(crop: np.ndarray, size: int) -> np.ndarray:
     """The S x S reference crop at the image encoder's input size (Pillow bicubic, as the bundle contract says)."""
     if crop.shape[:2] == (size, size):
@@ -130,9 +147,20 @@ def resize_reference(crop: np.ndarray, size: int) -> np.ndarray:
 class DefectSynthesizer:
     """Runs UniDG generation on one bundle with one backend. Thread-compatible, not thread-safe: one call at a time."""
 
-    def __init__(self, bundle: Bundle, backend: Backend, max_batch: int | None = None) -> None:
+    def __init__(
+        self,
+        bundle: Bundle,
+        backend: Backend,
+        max_batch: int | None = None,
+        step_cache: StepCache = OFF,
+        cache_chosen: bool = False,
+    ) -> None:
+        """``step_cache``: the cache setting (unidg.runtime.step_cache); ``cache_chosen``: asked for by the caller,
+        so a static schedule refuses requests of another step count (the bundle's default just turns off for them)."""
         self.bundle = bundle
         self.backend = backend
+        self.step_cache = step_cache
+        self.cache_chosen = cache_chosen
         if max_batch is not None and max_batch < 1:
             raise ValueError(f"max_batch must be >= 1 (got {max_batch})")
         # A static bundle runs exactly its batch; a dynamic one up to max_batch (default 4) within the backend's limit.
@@ -150,15 +178,26 @@ class DefectSynthesizer:
         verify: bool = True,
         settings: UniDGSettings | None = None,
         max_batch: int | None = None,
+        cache: str | None = None,
+        cache_threshold: float | None = None,
         **backend_options: object,
     ) -> DefectSynthesizer:
         """Load and check the bundle at ``path`` (manifest, sha256 of every file, shapes) and create the backend.
 
-        ``settings``: refuse a bundle exported for other UniDG settings. ``backend_options`` go to the backend
-        (onnxruntime: providers=["cuda"], threads=4; tensorrt: device=0, cuda_graph=True; torch: device="cuda").
+        ``settings``: refuse a bundle exported for other UniDG settings. ``cache`` (off, static, dynamic; None: the
+        bundle's gated default) and ``cache_threshold``: step caching (unidg.runtime.step_cache). ``backend_options``
+        go to the backend (onnxruntime: providers=["cuda"], threads=4; tensorrt: device=0, cuda_graph=True; torch:
+        device="cuda").
         """
         bundle = load_bundle(path, verify=verify, expected_settings=settings)
-        return cls(bundle, create_backend(backend, bundle, **backend_options), max_batch=max_batch)
+        bundle_step_cache(bundle, cache, cache_threshold)  # refuse a bad setting before loading the graphs
+        backend_instance = create_backend(backend, bundle, **backend_options)
+        try:
+            step_cache, chosen = resolve_step_cache(bundle, backend_instance, cache, cache_threshold)
+        except StepCacheError:
+            backend_instance.close()
+            raise
+        return cls(bundle, backend_instance, max_batch=max_batch, step_cache=step_cache, cache_chosen=chosen)
 
     @property
     def settings(self) -> UniDGSettings:
@@ -178,7 +217,20 @@ class DefectSynthesizer:
         """Validate a request completely without running the model; returns it with defaults filled in."""
         images.validate_request(request.reference, request.reference_mask, request.source, request.target_mask)
         dilated_target_mask(request.target_mask, self.settings.dilate_kernel, self.settings.dilate_iterations)
-        return check_request_options(request, self.settings)
+        checked = check_request_options(request, self.settings)
+        if self.cache_chosen:
+            try:
+                self.step_cache.check_steps(checked.steps)
+            except StepCacheError as error:
+                raise RequestError(f"{checked.name}: {error}", "steps") from error
+        return checked
+
+    def cache_for(self, steps: int) -> StepCache:
+        """The cache setting a batch of ``steps`` steps runs with: a bundle's default schedule only at its length."""
+        cache = self.step_cache
+        if cache.mode == "static" and len(cache.schedule or ()) != steps and not self.cache_chosen:
+            return OFF
+        return cache
 
     # ---------------------------------------------------------------------------------------------- generating
     def generate(self, request: SynthesisRequest, progress: ProgressCallback | None = None) -> SynthesisResult:
@@ -266,7 +318,13 @@ class DefectSynthesizer:
         noise = initial_noise([requests[i].seed for i in order], bundle.image_tokens)
 
         mark = time.perf_counter()
-        x = denoise(backend, noise, conditioning, sigmas, callback)
+        cache = self.cache_for(steps)
+        if cache.enabled:
+            x, decider = denoise_cached(backend, noise, conditioning, sigmas, cache, callback)
+            cache_report = decider.report()
+        else:
+            x = denoise(backend, noise, conditioning, sigmas, callback)
+            cache_report = {"mode": "off", "steps": steps, "full_steps": steps, "cached_steps": 0}
         timings["denoise"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
@@ -286,7 +344,7 @@ class DefectSynthesizer:
                 image=image,
                 mask=diptych.dilated_mask.copy(),
                 diptych=diptych_image,
-                metadata=self._metadata(request, diptych, timings, count),
+                metadata={**self._metadata(request, diptych, timings, count), "step_cache": cache_report},
             )
             for request, diptych, diptych_image, image in zip(requests, diptychs, diptych_images, pasted)
         ]

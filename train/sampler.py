@@ -22,8 +22,10 @@ from unidg.core.geometry import Diptych, defect_token_mask, paste_back, right_ha
 from unidg.core.latents import model_to_pixels, pixels_to_model
 from unidg.core.layout import PATCH, DiptychLayout
 from unidg.runtime.sampler import initial_noise, sampling_sigmas
+from unidg.runtime.step_cache import CacheDecider, StepCache
 from unidg.runtime.synthesizer import SynthesisRequest, SynthesisResult, resize_reference
 from unidg.train.model import UniDGModel, image_ids, unpack_latents
+from unidg.train.split_transformer import transformer_head, transformer_tail, velocity_out
 
 
 @dataclass
@@ -131,6 +133,33 @@ def denoise(
         v = model.velocity(x, inputs.cond, inputs.ctx, inputs.key_bias, sigma, guidance, inputs.img_ids, inputs.txt_ids)
         x = x + (float(sigma_next) - float(sigma)) * v.float()
     return x
+
+
+@torch.no_grad()
+def denoise_cached(
+    model: UniDGModel,
+    x: torch.Tensor,
+    inputs: SamplerInputs,
+    sigmas: Sequence[float],
+    guidance: float,
+    cache: StepCache,
+) -> tuple[torch.Tensor, CacheDecider]:
+    """``denoise`` with step caching, the runtime's decision (unidg.runtime.step_cache) over the split transformer."""
+    x = x.float()
+    decider = CacheDecider(cache, len(sigmas) - 1)
+    tail_residual = None
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        head = transformer_head(
+            model, x, inputs.cond, inputs.ctx, inputs.key_bias, sigma, guidance, inputs.img_ids, inputs.txt_ids
+        )
+        if decider.full_step(i, head.first_residual.float().cpu().numpy()):
+            final = transformer_tail(model, head, inputs.key_bias)
+            tail_residual = final - head.hidden
+        else:
+            final = head.hidden + tail_residual
+        v = velocity_out(model, final, head.temb)
+        x = x + (float(sigma_next) - float(sigma)) * v.float()
+    return x, decider
 
 
 @torch.no_grad()

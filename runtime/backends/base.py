@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from unidg.core.errors import UniDGError
-from unidg.runtime.bundle import Bundle
+from unidg.runtime.bundle import CACHE_GRAPH_INPUTS, Bundle
 
 
 class BackendUnavailable(UniDGError):
@@ -71,6 +71,16 @@ class StepConditioning:
         return int(self.cond.shape[0])
 
 
+@dataclass(frozen=True)
+class StepHead:
+    """The step-cache head graph's outputs for one step (unidg.runtime.step_cache)."""
+
+    hidden: np.ndarray  # [B, N, D] image stream after the first block
+    encoder_hidden: np.ndarray  # [B, C, D] context stream after the first block
+    temb: np.ndarray  # [B, D] time + guidance embedding
+    first_residual: np.ndarray  # [B, N, D] what the first block added: the cache signal
+
+
 class Backend(ABC):
     """Runs a bundle's graphs: ``encode_images``, ``encode_reference``, ``step`` (x 28), ``decode_latents``."""
 
@@ -108,6 +118,27 @@ class Backend(ABC):
     def step(self, x: np.ndarray, conditioning: StepConditioning, sigma: float, sigma_next: float) -> np.ndarray:
         """One Euler step of the flow: x [B, N, 64] at ``sigma`` -> x at ``sigma_next``."""
 
+    def step_head(self, x: np.ndarray, conditioning: StepConditioning, sigma: float) -> StepHead:
+        """Step caching: embedders + first block at ``sigma`` (every step)."""
+        raise self._no_step_cache()
+
+    def step_tail(
+        self, head: StepHead, x: np.ndarray, conditioning: StepConditioning, sigma: float, sigma_next: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Step caching, a full step: the other blocks -> (x at ``sigma_next``, the tail's residual [B, N, D])."""
+        raise self._no_step_cache()
+
+    def step_cached(
+        self, head: StepHead, tail_residual: np.ndarray, x: np.ndarray, sigma: float, sigma_next: float
+    ) -> np.ndarray:
+        """Step caching, a cached step: the head's output + a kept tail residual -> x at ``sigma_next``."""
+        raise self._no_step_cache()
+
+    def _no_step_cache(self) -> BackendError:
+        return BackendError(
+            f"the {self.name} backend does not run step caching yet; use --backend onnxruntime, or --cache off"
+        )
+
     def denoise_all(
         self,
         noise: np.ndarray,
@@ -140,6 +171,17 @@ def check_finite(array: np.ndarray, what: str, bundle: Bundle) -> None:
             f"{what} produced {bad} NaN/Inf values with bundle {bundle.path}: its weights are corrupt or contain "
             f"NaN/Inf (or {bundle.precision} overflowed); re-export the bundle from a healthy weights folder"
         )
+
+
+def cache_feeds(graph: str, batch: int, arrays: dict[str, np.ndarray], sigma: float, sigma_next: float) -> dict:
+    """The named float32 inputs of a step-cache graph, from ``arrays`` plus the per-sample sigmas."""
+    scalars = {
+        "sigma": np.full((batch,), sigma, dtype=np.float32),
+        "sigma_next": np.full((batch,), sigma_next, dtype=np.float32),
+    }
+    return {
+        name: np.ascontiguousarray({**arrays, **scalars}[name], dtype=np.float32) for name in CACHE_GRAPH_INPUTS[graph]
+    }
 
 
 def step_feeds(x: np.ndarray, conditioning: StepConditioning, sigma: float, sigma_next: float) -> dict[str, np.ndarray]:

@@ -7,8 +7,27 @@ from collections.abc import Sequence
 import numpy as np
 import onnxruntime as ort
 
-from unidg.runtime.backends.base import Backend, BackendError, BackendUnavailable, StepConditioning, step_feeds
-from unidg.runtime.bundle import GRAPH_INPUTS, GRAPH_NAMES, GRAPH_OUTPUTS, Bundle, expected_shapes, shape_mismatch
+from unidg.runtime.backends.base import (
+    Backend,
+    BackendError,
+    BackendUnavailable,
+    StepConditioning,
+    StepHead,
+    cache_feeds,
+    step_feeds,
+)
+from unidg.runtime.bundle import (
+    CACHE_GRAPH_INPUTS,
+    CACHE_GRAPH_NAMES,
+    CACHE_GRAPH_OUTPUTS,
+    GRAPH_INPUTS,
+    GRAPH_NAMES,
+    GRAPH_OUTPUTS,
+    Bundle,
+    expected_cache_shapes,
+    expected_shapes,
+    shape_mismatch,
+)
 
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
@@ -82,7 +101,7 @@ class OnnxRuntimeBackend(Backend):
             # ModelOpt FP8 Q/DQ only run in onnxruntime with this graph rewrite off.
             extra["disabled_optimizers"] = ["QDQPropagationTransformer"]
         sessions = {}
-        for name in GRAPH_NAMES:
+        for name in (*GRAPH_NAMES, *(CACHE_GRAPH_NAMES if bundle.cache_graphs else ())):
             path = bundle.graph_path(name)
             try:
                 sessions[name] = ort.InferenceSession(
@@ -96,14 +115,22 @@ class OnnxRuntimeBackend(Backend):
         return cls(bundle, sessions, resolved)
 
     def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        (output,) = self._run_all(graph, feeds, (GRAPH_OUTPUTS[graph][0],))
+        return output
+
+    def _run_all(self, graph: str, feeds: dict[str, np.ndarray], outputs: tuple[str, ...]) -> list[np.ndarray]:
+        if graph not in self.sessions:  # only a step-cache graph can be absent: the bundle has none
+            raise BackendError(
+                f"bundle {self.bundle.path} has no step-cache graphs; add them with `unidg export cache-graphs`, "
+                "or run with --cache off"
+            )
         try:
-            (output,) = self.sessions[graph].run([GRAPH_OUTPUTS[graph][0]], feeds)
+            return self.sessions[graph].run(list(outputs), feeds)
         except Exception as error:
             shapes = {k: list(v.shape) for k, v in feeds.items()}
             raise BackendError(
                 f"onnxruntime failed running {self.bundle.graph_path(graph)} with inputs {shapes}: {error}"
             ) from error
-        return output
 
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
         return self._run("vae_encoder", {"pixels": np.ascontiguousarray(pixels, dtype=np.float32)})
@@ -117,16 +144,42 @@ class OnnxRuntimeBackend(Backend):
     def step(self, x: np.ndarray, conditioning: StepConditioning, sigma: float, sigma_next: float) -> np.ndarray:
         return self._run("step", step_feeds(x, conditioning, sigma, sigma_next))
 
+    def step_head(self, x: np.ndarray, conditioning: StepConditioning, sigma: float) -> StepHead:
+        feeds = cache_feeds("step_head", x.shape[0], {**step_feeds(x, conditioning, sigma, sigma)}, sigma, sigma)
+        return StepHead(*self._run_all("step_head", feeds, CACHE_GRAPH_OUTPUTS["step_head"]))
+
+    def step_tail(
+        self, head: StepHead, x: np.ndarray, conditioning: StepConditioning, sigma: float, sigma_next: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        arrays = {**step_feeds(x, conditioning, sigma, sigma_next), **vars(head)}
+        feeds = cache_feeds("step_tail", x.shape[0], arrays, sigma, sigma_next)
+        x_next, tail_residual = self._run_all("step_tail", feeds, CACHE_GRAPH_OUTPUTS["step_tail"])
+        return x_next, tail_residual
+
+    def step_cached(
+        self, head: StepHead, tail_residual: np.ndarray, x: np.ndarray, sigma: float, sigma_next: float
+    ) -> np.ndarray:
+        arrays = {"hidden": head.hidden, "tail_residual": tail_residual, "temb": head.temb, "x": x}
+        feeds = cache_feeds("step_cached", x.shape[0], arrays, sigma, sigma_next)
+        (x_next,) = self._run_all("step_cached", feeds, CACHE_GRAPH_OUTPUTS["step_cached"])
+        return x_next
+
     def close(self) -> None:
         self.sessions = {}
 
 
 def _check_session(bundle: Bundle, graph: str, session: ort.InferenceSession) -> None:
     """The ONNX file must have the inputs/outputs and shapes the manifest promises (catches swapped graph files)."""
-    want = expected_shapes(bundle.metadata, bundle.batch if bundle.batch is not None else "batch")[graph]
+    batch = bundle.batch if bundle.batch is not None else "batch"
+    if graph in CACHE_GRAPH_NAMES:
+        want = expected_cache_shapes(bundle.metadata, int(bundle.step_cache["hidden_dim"]), batch)[graph]
+        tensors = (*CACHE_GRAPH_INPUTS[graph], *CACHE_GRAPH_OUTPUTS[graph])
+    else:
+        want = expected_shapes(bundle.metadata, batch)[graph]
+        tensors = (*GRAPH_INPUTS[graph], *GRAPH_OUTPUTS[graph])
     path = bundle.graph_path(graph)
     have = {arg.name: arg for arg in [*session.get_inputs(), *session.get_outputs()]}
-    for tensor in (*GRAPH_INPUTS[graph], *GRAPH_OUTPUTS[graph]):
+    for tensor in tensors:
         if tensor not in have:
             raise BackendError(f"{path} has no tensor '{tensor}' (has {sorted(have)}); re-export the bundle")
         if have[tensor].type != "tensor(float)":
