@@ -91,7 +91,7 @@ def bench_cpu(args: argparse.Namespace) -> dict:
     bundle_path = Path(args.bundle) if args.bundle else DEFAULT_BUNDLE
     if not bundle_path.exists():
         raise OptionError(f"bundle {bundle_path} not found; pass --bundle (a bundle from `unidg export onnx`)")
-    synth = DefectSynthesizer.from_bundle(bundle_path, threads=threads)
+    synth = DefectSynthesizer.from_bundle(bundle_path, threads=threads, cache="off")  # as the torch loop: 28 full
     bundle = synth.bundle
     weights = _weights_folder(bundle, args.weights)
     model = load_model(weights)

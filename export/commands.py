@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from unidg.export.commands_cache import register_cache_commands
 from unidg.export.commands_triton import export_subparsers
 
 
@@ -187,6 +188,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     slice_parser.add_argument("--resolution", type=int, default=768, help="diptych half size S")
     slice_parser.add_argument("--heads", type=int, help="narrow the transformer to this many heads")
     slice_parser.set_defaults(handler=run_slice)
+
+    register_cache_commands(export)
 
 
 def _engine_arguments(parser: argparse.ArgumentParser) -> None:

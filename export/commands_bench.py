@@ -75,6 +75,27 @@ def _register_bench_runtime(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_bench_runtime)
 
 
+def _register_bench_cache(subparsers: argparse._SubParsersAction) -> None:
+    parser = bench_subparsers(subparsers).add_parser(
+        "cache",
+        help="step caching side by side (CPU): evaluations and time per sample, PSNR vs uncached, off/static/dynamic",
+    )
+    add_bundle_option(parser, required=False, help="bundle with step-cache data (default: the shipped UniDG-nano)")
+    parser.add_argument("--samples", default=None, help="sample cases folder (default: the shipped samples)")
+    parser.add_argument("--requests", type=int, default=None, help="use the first N sample cases (default: all)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of every request per mode")
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime CPU threads (default: all cores)")
+    parser.add_argument("--cache-threshold", type=float, default=None, help="dynamic threshold (default: the gate's)")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    parser.set_defaults(handler=_bench_cache)
+
+
+def _bench_cache(args: argparse.Namespace) -> int:
+    from unidg.export.bench_cache import bench_cache
+
+    return bench_cache(args)
+
+
 def _bench_gpu(args: argparse.Namespace) -> int:
     if args.all:
         from unidg.export.bench_gpu_all import bench_gpu_all
@@ -152,6 +173,7 @@ def _register_bench_gpu(subparsers: argparse._SubParsersAction) -> None:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     _register_bench_runtime(subparsers)
+    _register_bench_cache(subparsers)
     _register_bench_gpu(subparsers)
     parser = bench_subparsers(subparsers).add_parser(
         "attention",

@@ -18,6 +18,7 @@ from diffusers.models.embeddings import get_1d_rotary_pos_embed
 from torch import nn
 
 from unidg.train.model import UniDGModel
+from unidg.train.split_transformer import rotary_embedding, run_tail_blocks, transformer_head, velocity_out
 
 
 class Float32RopeEmbed(nn.Module):
@@ -85,6 +86,57 @@ class StepModel(nn.Module):
         )
         step = (sigma_next - sigma).float()[:, None, None]
         return x + step * velocity.float()
+
+
+def _euler(x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
+    return x + (sigma_next - sigma).float()[:, None, None] * velocity.float()
+
+
+class StepHeadModel(nn.Module):
+    """Step caching, every step: embedders + first block -> (hidden, encoder_hidden, temb, first_residual), float32.
+
+    The split of ``StepModel`` that ``unidg.runtime.step_cache`` runs: head + tail equals the step, head + cached
+    step reuses the tail residual of the last full step.
+    """
+
+    def __init__(self, model: UniDGModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, cond, ctx, key_bias, sigma, guidance, img_ids, txt_ids) -> tuple[torch.Tensor, ...]:
+        head = transformer_head(self.model, x, cond, ctx, key_bias.float(), sigma, guidance, img_ids, txt_ids)
+        return head.hidden.float(), head.encoder_hidden.float(), head.temb.float(), head.first_residual.float()
+
+
+class StepTailModel(nn.Module):
+    """Step caching, a full step: the other blocks + output stage + Euler -> (x_next, tail_residual), float32."""
+
+    def __init__(self, model: UniDGModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, hidden, encoder_hidden, temb, key_bias, img_ids, txt_ids, x, sigma, sigma_next
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = self.model.dtype
+        hidden = hidden.to(dtype)
+        rotary = rotary_embedding(self.model, img_ids, txt_ids)
+        final = run_tail_blocks(self.model, hidden, encoder_hidden.to(dtype), temb.to(dtype), rotary, key_bias.float())
+        velocity = velocity_out(self.model, final, temb.to(dtype))
+        return _euler(x, sigma, sigma_next, velocity), (final - hidden).float()
+
+
+class StepCachedModel(nn.Module):
+    """Step caching, a cached step: output stage on head output + kept tail residual, Euler -> x_next, float32."""
+
+    def __init__(self, model: UniDGModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, hidden, tail_residual, temb, x, sigma, sigma_next) -> torch.Tensor:
+        dtype = self.model.dtype
+        velocity = velocity_out(self.model, (hidden + tail_residual).to(dtype), temb.to(dtype))
+        return _euler(x, sigma, sigma_next, velocity)
 
 
 class VaeEncoderModel(nn.Module):

@@ -1,0 +1,97 @@
+"""``unidg bench cache``: step caching side by side on one machine in one run — transformer evaluations per sample,
+wall time per sample, and the cached output against the uncached one (PSNR of the result and inside the dilated
+target mask), for cache off, the bundle's static schedule and its dynamic threshold, interleaved request by request.
+
+The requests are the shipped sample cases (runtime/assets/samples) at their own seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from unidg.core.errors import OptionError
+from unidg.core.manifest import atomic_write_text
+from unidg.export.parity import psnr
+from unidg.runtime.demo import DEFAULT_BUNDLE, DEFAULT_SAMPLES, read_samples
+from unidg.runtime.synthesizer import DefectSynthesizer, SynthesisRequest
+
+MODES = ("off", "static", "dynamic")
+
+
+def _requests(samples: Path, limit: int | None) -> list[SynthesisRequest]:
+    cases = read_samples(samples)[:limit]
+    return [
+        SynthesisRequest.from_files(c.reference, c.reference_mask, c.source, c.mask, seed=c.seed, name=c.id)
+        for c in cases
+    ]
+
+
+def bench_cache(args: argparse.Namespace) -> int:
+    if args.repeats < 1:
+        raise OptionError(f"--repeats must be >= 1 (got {args.repeats})")
+    bundle = Path(args.bundle) if args.bundle else DEFAULT_BUNDLE
+    requests = _requests(Path(args.samples) if args.samples else DEFAULT_SAMPLES, args.requests)
+    options = {"threads": args.threads} if args.threads else {}
+    dynamic = {"cache_threshold": args.cache_threshold} if args.cache_threshold else {}
+    synths = {
+        "off": DefectSynthesizer.from_bundle(bundle, cache="off", **options),
+        "static": DefectSynthesizer.from_bundle(bundle, cache="static", **options),
+        "dynamic": DefectSynthesizer.from_bundle(bundle, cache="dynamic", **dynamic, **options),
+    }
+    seconds: dict[str, list[float]] = {mode: [] for mode in MODES}
+    full: dict[str, list[int]] = {mode: [] for mode in MODES}
+    whole: dict[str, list[float]] = {mode: [] for mode in MODES}
+    region: dict[str, list[float]] = {mode: [] for mode in MODES}
+    for synth in synths.values():
+        synth.generate(requests[0])  # warm-up
+    for repeat in range(args.repeats):
+        for request in requests:  # interleaved, so drifts in machine load hit every mode alike
+            results = {}
+            for mode, synth in synths.items():
+                started = time.perf_counter()
+                results[mode] = synth.generate(request)
+                seconds[mode].append(time.perf_counter() - started)
+                if repeat == 0:
+                    full[mode].append(int(results[mode].metadata["step_cache"]["full_steps"]))
+            if repeat == 0:
+                mask = results["off"].mask
+                for mode in MODES:
+                    whole[mode].append(psnr(results[mode].image, results["off"].image))
+                    region[mode].append(psnr(results[mode].image[mask], results["off"].image[mask]))
+    base = statistics.median(seconds["off"])
+    rows = []
+    for mode in MODES:
+        median = statistics.median(seconds[mode])
+        finite = [p for p in region[mode] if math.isfinite(p)]
+        rows.append(
+            {
+                "mode": mode,
+                "setting": synths[mode].step_cache.describe(),
+                "evaluations_per_sample": float(np.mean(full[mode])),
+                "median_s_per_sample": median,
+                "time_vs_off": median / base,
+                "psnr_min_db": None if not finite else float(min(whole[mode])),
+                "defect_psnr_min_db": None if not finite else float(min(finite)),
+            }
+        )
+    for synth in synths.values():
+        synth.close()
+    print(f"bundle {bundle}, {len(requests)} requests x {args.repeats} repeats, threads {args.threads or 'all'}")
+    print(f"{'mode':<8} {'evals/sample':>12} {'s/sample':>9} {'vs off':>7} {'PSNR min':>9} {'defect min':>11}")
+    for row in rows:
+        psnr_text = "-" if row["psnr_min_db"] is None else f"{row['psnr_min_db']:.1f}"
+        defect = "-" if row["defect_psnr_min_db"] is None else f"{row['defect_psnr_min_db']:.1f}"
+        print(
+            f"{row['mode']:<8} {row['evaluations_per_sample']:>12.1f} {row['median_s_per_sample']:>9.3f} "
+            f"{row['time_vs_off']:>7.2f} {psnr_text:>9} {defect:>11}"
+        )
+    if args.json:
+        atomic_write_text(args.json, json.dumps({"bundle": str(bundle), "rows": rows}, indent=2) + "\n")
+    return 0

@@ -1,0 +1,187 @@
+"""``unidg export cache-graphs``: add the step-cache graphs (head, tail, cached step) to a bundle, as a new bundle.
+
+The three graphs are the step graph cut after its first block (unidg.runtime.step_cache, unidg.train.split_transformer):
+``step_head`` runs every step, ``step_tail`` on full steps, ``step_cached`` on cached ones. They are plain graphs, no
+``If``: onnxruntime and TensorRT both run them as they run the step graph, a TensorRT engine per graph stays static
+(a data-dependent ``If`` would keep an engine from being captured in a CUDA graph), and the cache decision stays on
+the host where a static schedule needs none. The bundle's own ``step.onnx`` is copied unchanged, so ``--cache off``
+runs exactly what it ran before. The new bundle is format_version 2 (a runtime that reads only 1 refuses it by name);
+caching stays off by default until ``unidg export cache-calibrate`` records a setting that passed its gate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from unidg.core.manifest import Manifest
+from unidg.core.weights_folder import OutputFolderError, read_weights, staged_folder
+from unidg.export.bundle import write_bundle_manifest
+from unidg.export.onnx_export import (
+    BATCH_AXIS,
+    ExportError,
+    ExportOptions,
+    GraphRecord,
+    ModelFacts,
+    Progress,
+    _rewrite_to_plugin,
+    cast_for_precision,
+    export_module,
+    float32_rope,
+    parameter_bytes,
+    portable_attention,
+    print_progress,
+    step_example_inputs,
+)
+from unidg.export.step_model import StepCachedModel, StepHeadModel, StepTailModel
+from unidg.runtime.bundle import (
+    BUNDLE_FORMAT_VERSION_STEP_CACHE,
+    CACHE_GRAPH_INPUTS,
+    CACHE_GRAPH_NAMES,
+    CACHE_GRAPH_OUTPUTS,
+    Bundle,
+    load_bundle,
+)
+from unidg.runtime.step_cache import SIGNAL
+from unidg.train.loading import load_weights_model
+from unidg.train.model import UniDGModel
+
+CACHE_MODULES = {"step_head": StepHeadModel, "step_tail": StepTailModel, "step_cached": StepCachedModel}
+TOKEN_AXIS_TENSORS = ("x", "cond", "hidden", "first_residual", "tail_residual")
+
+
+def hidden_dim(model: UniDGModel) -> int:
+    config = model.transformer.config
+    return int(config.num_attention_heads * config.attention_head_dim)
+
+
+def cache_example_inputs(model: UniDGModel, facts: ModelFacts, batch: int, seed: int = 0) -> dict[str, dict]:
+    """Example inputs of the three graphs: the step's example inputs, the head's real outputs for the others."""
+    step = step_example_inputs(facts, batch, seed)
+    head_inputs = {name: step[name] for name in CACHE_GRAPH_INPUTS["step_head"]}
+    with torch.no_grad(), float32_rope(model):
+        outputs = StepHeadModel(model)(*(torch.from_numpy(v) for v in head_inputs.values()))
+    head = dict(zip(CACHE_GRAPH_OUTPUTS["step_head"], (t.numpy() for t in outputs)))
+    rng = np.random.default_rng(seed + 1)
+    arrays = {**step, **head, "tail_residual": rng.standard_normal(head["hidden"].shape, dtype=np.float32)}
+    return {name: {t: arrays[t] for t in CACHE_GRAPH_INPUTS[name]} for name in CACHE_GRAPH_NAMES}
+
+
+def _cache_dynamic_shapes(name: str, facts: ModelFacts, options: ExportOptions) -> dict | None:
+    if not options.dynamic_batch and not options.dynamic_sequence:
+        return None
+    dim = torch.export.Dim
+    batch = dim(BATCH_AXIS, min=1, max=options.max_batch) if options.dynamic_batch else None
+    tokens = dim("image_tokens", min=2, max=2**16) if options.dynamic_sequence else None
+    spec = {}
+    for tensor in CACHE_GRAPH_INPUTS[name]:
+        axes: dict[int, object] = {}
+        if tensor == "img_ids":
+            axes = {0: tokens} if tokens is not None else {}
+        elif tensor != "txt_ids":
+            if batch is not None:
+                axes[0] = batch
+            if tokens is not None and tensor in TOKEN_AXIS_TENSORS:
+                axes[1] = tokens
+            if tokens is not None and tensor == "key_bias":
+                axes[1] = tokens + facts.context_tokens
+        spec[tensor] = axes
+    return spec
+
+
+def export_cache_graphs(
+    model: UniDGModel, folder: Path, options: ExportOptions, progress: Progress | None = print_progress
+) -> dict[str, GraphRecord]:
+    """Export ``step_head``, ``step_tail`` and ``step_cached`` of ``model`` (cast already) into ``folder``."""
+    facts = ModelFacts.of(model, options.resolution)
+    examples = cache_example_inputs(model, facts, options.example_batch)
+    records = {}
+    for name in CACHE_GRAPH_NAMES:
+        context = contextlib.ExitStack()
+        context.enter_context(float32_rope(model))
+        context.enter_context(portable_attention(model, options.mask_form))
+        with context:
+            record = export_module(
+                CACHE_MODULES[name](model).eval(),
+                examples[name],
+                Path(folder) / f"{name}.onnx",
+                CACHE_GRAPH_OUTPUTS[name],
+                dynamic_shapes=_cache_dynamic_shapes(name, facts, options),
+                opset=options.opset,
+                weight_bytes=parameter_bytes(model.transformer),
+                progress=progress,
+            )
+        if tuple(record.inputs) != CACHE_GRAPH_INPUTS[name] or tuple(record.outputs) != CACHE_GRAPH_OUTPUTS[name]:
+            raise ExportError(
+                f"{name}.onnx has inputs {list(record.inputs)} / outputs {list(record.outputs)}; the step cache needs "
+                f"{list(CACHE_GRAPH_INPUTS[name])} / {list(CACHE_GRAPH_OUTPUTS[name])}"
+            )
+        if name != "step_cached" and options.attention == "plugin":
+            record = _rewrite_to_plugin(Path(folder) / record.file, record, progress)
+        records[name] = record
+    return records
+
+
+def bundle_export_options(bundle: Bundle) -> ExportOptions:
+    """The export options a bundle was written with (from its manifest)."""
+    meta = bundle.metadata
+    if bundle.precision not in ("fp32", "fp16", "bf16"):
+        raise ExportError(
+            f"bundle {bundle.path} is {bundle.precision}: step-cache graphs are exported for fp32/fp16/bf16 bundles; "
+            "add them to the unquantized bundle"
+        )
+    return ExportOptions(
+        resolution=bundle.resolution,
+        precision=bundle.precision,
+        batch="dynamic" if bundle.batch is None else bundle.batch,
+        dynamic_sequence=meta.get("sequence") == "dynamic",
+        attention=str(meta.get("attention", "portable")),
+        portable_mask=str(meta.get("attention_form", "expand")) if meta.get("attention") != "plugin" else "expand",
+        opset=int(meta.get("opset", 23)),
+        max_batch=int(meta.get("max_batch", 16)),
+    )
+
+
+def add_cache_graphs(
+    bundle_path: str | Path,
+    weights_folder: str | Path,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    progress: Progress | None = print_progress,
+) -> Manifest:
+    """``unidg export cache-graphs``: a copy of the bundle plus the step-cache graphs, written atomically to ``out``."""
+    bundle = load_bundle(bundle_path)
+    if bundle.cache_graphs:
+        raise OutputFolderError(f"bundle {bundle.path} already has step-cache graphs; nothing to add")
+    weights = read_weights(weights_folder, progress=progress)
+    wanted = (bundle.metadata.get("weights") or {}).get("fingerprint")
+    if wanted and wanted != weights.fingerprint:
+        raise OutputFolderError(
+            f"--weights {weights.path} (fingerprint {weights.fingerprint[:12]}) is not the weights bundle "
+            f"{bundle.path} was exported from ({wanted[:12]}); pass that weights folder"
+        )
+    options = bundle_export_options(bundle)
+    model = cast_for_precision(load_weights_model(weights, bundle.settings), options.precision)
+    with staged_folder(out, overwrite=overwrite) as staging:
+        for relative in bundle.files:
+            target = staging / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(bundle.file_path(relative), target)
+        records = export_cache_graphs(model, staging, options, progress)
+        metadata = dict(bundle.metadata)
+        metadata["format_version"] = BUNDLE_FORMAT_VERSION_STEP_CACHE
+        metadata["step_cache"] = {
+            "signal": SIGNAL,
+            "hidden_dim": hidden_dim(model),
+            "graphs": {name: record.manifest_entry() for name, record in records.items()},
+            "gate": None,  # off by default until `unidg export cache-calibrate` records a passing setting
+        }
+        manifest = write_bundle_manifest(staging, metadata)
+    if progress:
+        progress(f"bundle with step-cache graphs written to {out}")
+    return manifest
