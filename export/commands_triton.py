@@ -37,6 +37,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--providers", help="onnxruntime providers in the model (default: cuda on --kind gpu)")
     parser.add_argument("--execution-env", help="EXECUTION_ENV_PATH for the Python backend (conda-pack archive)")
+    parser.add_argument(
+        "--cache",
+        choices=("off", "static", "dynamic"),
+        default=None,
+        help="step caching in the model (default: the setting the bundle's gate recorded; docs/step-cache.md)",
+    )
+    parser.add_argument("--cache-threshold", type=float, default=None, help="dynamic step caching threshold (> 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.set_defaults(handler=run_export_triton)
     register_bench(subparsers)
@@ -59,6 +66,8 @@ def run_export_triton(args: argparse.Namespace) -> int:
         bundle_reference=args.reference_bundle,
         providers=args.providers,
         execution_env=args.execution_env,
+        cache=args.cache,
+        cache_threshold=args.cache_threshold,
         overwrite=args.overwrite,
     )
     repo = write_triton_repo(args.bundle, args.out, options)

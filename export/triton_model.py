@@ -32,7 +32,7 @@ from unidg.runtime.backends.base import Backend, StepConditioning, step_feeds
 from unidg.runtime.bundle import GRAPH_OUTPUTS, Bundle, load_bundle
 from unidg.runtime.sampler import DEFAULT_SEED, GenerationCancelled
 from unidg.runtime.serve import jsonable
-from unidg.runtime.synthesizer import DefectSynthesizer, RequestError, SynthesisRequest
+from unidg.runtime.synthesizer import DefectSynthesizer, RequestError, SynthesisRequest, resolve_step_cache
 
 IMAGE_INPUTS = ("REFERENCE", "SOURCE")
 MASK_INPUTS = ("REFERENCE_MASK", "TARGET_MASK")
@@ -177,7 +177,11 @@ class TritonPythonModel:
                     # the runtime appends the CPU provider as the fallback when it is not listed
                     options["provider_options"] = per_provider + ([] if "cpu" in providers else [{}])
             backend = create_backend(params.get("backend", "onnxruntime"), bundle, **options)
-        self.synthesizer = DefectSynthesizer(bundle, backend)
+        threshold = params.get("cache_threshold") or None
+        step_cache, chosen = resolve_step_cache(
+            bundle, backend, params.get("cache") or None, None if threshold is None else float(threshold)
+        )
+        self.synthesizer = DefectSynthesizer(bundle, backend, step_cache=step_cache, cache_chosen=chosen)
         self.model_name = args.get("model_name", "unidg")
         self.instance_name = args.get("model_instance_name", self.model_name)
 

@@ -25,6 +25,7 @@ from unidg.core.manifest import MANIFEST_FILE
 from unidg.core.settings import SETTINGS_FILE
 from unidg.core.staging import staged_folder
 from unidg.runtime.bundle import GRAPH_INPUTS, GRAPH_OUTPUTS, Bundle, expected_shapes, load_bundle
+from unidg.runtime.step_cache import StepCacheError, bundle_step_cache
 
 MODEL_TEMPLATE = Path(__file__).with_name("triton_model.py")
 INSTANCE_KINDS = {"gpu": "KIND_GPU", "cpu": "KIND_CPU"}
@@ -62,6 +63,8 @@ class TritonRepoOptions:
     bundle_reference: str | None = None  # the bundle's path as the server sees it: referenced, not copied
     providers: str | None = None  # onnxruntime providers in the Python model (default: cuda on KIND_GPU)
     execution_env: str | None = None  # EXECUTION_ENV_PATH of the Python backend (a conda-pack archive)
+    cache: str | None = None  # step caching in the model (None: the bundle's gated default; docs/step-cache.md)
+    cache_threshold: float | None = None
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -206,6 +209,20 @@ def write_triton_repo(bundle_path: str | Path, out: str | Path, options: TritonR
             parameters["providers"] = options.providers
         if options.execution_env:
             parameters["EXECUTION_ENV_PATH"] = options.execution_env
+        if options.cache is not None or options.cache_threshold is not None:
+            try:
+                bundle_step_cache(bundle, options.cache, options.cache_threshold)  # refused now, not in the server
+            except StepCacheError as error:
+                raise TritonRepoError(str(error)) from error
+            if repo.engine_models:
+                raise TritonRepoError(
+                    "--cache with TensorRT engine models: the step-cache graphs have no engine models yet; add "
+                    "--no-engines (onnxruntime in the Python model) or leave --cache out"
+                )
+            if options.cache is not None:
+                parameters["cache"] = options.cache
+            if options.cache_threshold is not None:
+                parameters["cache_threshold"] = repr(float(options.cache_threshold))
         parameters["unidg_bundle_fingerprint"] = bundle.fingerprint
         text = python_model_config(options.model_name, options, parameters)
         validate_config(text, f"{options.model_name}/config.pbtxt")

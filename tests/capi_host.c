@@ -7,6 +7,7 @@
  * Every check prints one line ("ok ..." or "FAIL ..."); the exit status is the number of failed checks (capped).
  */
 #include <math.h>
+#include <stddef.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -213,6 +214,38 @@ int main(int argc, char** argv) {
     unidg_options options;
     unidg_options_init(&options);
     options.threads = 1;
+
+    /* Step-cache options: refused by name when unusable; a caller built before them still gets the defaults. */
+    options.cache = "sometimes";
+    status = unidg_synth_create(bundle_dir, &options, &synth);
+    CHECK(unidg_status_code(status) == UNIDG_INVALID_ARGUMENT && strstr(unidg_status_message(status), "options.cache") &&
+              synth == NULL,
+          "an unknown cache mode is refused naming it: %s", unidg_status_message(status));
+    unidg_status_free(status);
+    options.cache = NULL;
+    options.cache_threshold = NAN;
+    status = unidg_synth_create(bundle_dir, &options, &synth);
+    CHECK(unidg_status_code(status) == UNIDG_INVALID_ARGUMENT &&
+              strstr(unidg_status_message(status), "options.cache_threshold") && synth == NULL,
+          "a NaN cache threshold is refused naming it: %s", unidg_status_message(status));
+    unidg_status_free(status);
+    options.cache_threshold = 0.0f;
+    options.cache = "static";
+    status = unidg_synth_create(bundle_dir, &options, &synth);
+    CHECK(status != NULL && strstr(unidg_status_message(status), "no step-cache data") && synth == NULL,
+          "a cached run on a bundle without cache data is refused: %s", unidg_status_message(status));
+    unidg_status_free(status);
+    options.cache = "sometimes"; /* beyond a first-version struct_size: never read */
+    options.struct_size = (uint32_t)offsetof(unidg_options, cache);
+    status = unidg_synth_create(bundle_dir, &options, &synth);
+    CHECK(status == NULL && synth != NULL, "a first-version options struct (no cache fields) is accepted: %s",
+          unidg_status_message(status));
+    unidg_status_free(status);
+    unidg_synth_destroy(synth);
+    synth = NULL;
+    unidg_options_init(&options);
+    options.threads = 1;
+
     status = unidg_synth_create(bundle_dir, &options, &synth);
     CHECK(status == NULL && synth != NULL, "create the bundle handle: %s", unidg_status_message(status));
     if (status != NULL) {

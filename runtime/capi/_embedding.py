@@ -32,6 +32,7 @@ from unidg.runtime.backends import BACKENDS
 from unidg.runtime.backends.base import BackendError, BackendUnavailable, NonFiniteOutputError, device_options
 from unidg.runtime.sampler import GenerationCancelled
 from unidg.runtime.serve import jsonable
+from unidg.runtime.step_cache import cache_options
 from unidg.runtime.synthesizer import DefectSynthesizer, RequestError, SynthesisRequest
 
 # Status codes, as in unidg.h.
@@ -178,7 +179,7 @@ def c_string(ffi: Any, pointer: Any, name: str) -> str:
 def _options(ffi: Any, options: Any) -> dict:
     if options == ffi.NULL:
         return {"backend": "onnxruntime", "verify": True, "backend_options": {}}
-    expected = ffi.sizeof("unidg_options")
+    expected = ffi.offsetof("unidg_options", "cache")  # the first version of the struct ends here
     if int(options.struct_size) < expected:
         raise AbiError(
             UNIDG_INVALID_ARGUMENT,
@@ -199,7 +200,19 @@ def _options(ffi: Any, options: Any) -> dict:
                 f"options.threads applies to the onnxruntime backend only (backend is {backend!r})",
             )
         backend_options["threads"] = int(options.threads)
+    if int(options.struct_size) >= ffi.sizeof("unidg_options"):  # a caller built against the step-cache fields
+        backend_options |= _cache_options(ffi, options)
     return {"backend": backend, "verify": bool(options.verify_bundle), "backend_options": backend_options}
+
+
+def _cache_options(ffi: Any, options: Any) -> dict:
+    mode = c_string(ffi, options.cache, "options.cache") if options.cache != ffi.NULL else None
+    threshold = float(options.cache_threshold)
+    try:
+        return cache_options(mode, None if threshold == 0 else threshold)
+    except UniDGError as error:
+        message = str(error).replace("--cache-threshold", "options.cache_threshold").replace("--cache", "options.cache")
+        raise AbiError(UNIDG_INVALID_ARGUMENT, message) from error
 
 
 def _request(ffi: Any, request: Any) -> tuple[SynthesisRequest, Any, Any]:
