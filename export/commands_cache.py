@@ -53,7 +53,7 @@ def register_cache_commands(export: argparse._SubParsersAction) -> None:
         default=[],
         help="record this setting or fail: dynamic:0.08 or static:1101... (one 0/1 per step); repeatable",
     )
-    calibrate.add_argument("--min-defect-psnr", type=float, default=None, help="the gate's bar in dB (default 30)")
+    calibrate.add_argument("--min-defect-psnr", type=float, default=None, help="the gate's bar in dB (default 35)")
     calibrate.add_argument("--samples", type=int, help="use at most this many held-out samples")
     calibrate.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
     calibrate.add_argument("--json", help="also write the table to this JSON file")

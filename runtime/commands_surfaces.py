@@ -98,10 +98,12 @@ def run_serve(args: argparse.Namespace) -> int:
         warmup=not args.no_warmup,
         verify=not args.no_verify,
     )
-    # Fail before binding when the bundle cannot be read (the workers re-check it with sha256 while loading).
+    # Fail before binding when the bundle cannot be read or lacks the cache asked for (the workers re-check it with
+    # sha256 while loading).
     from unidg.runtime.bundle import load_bundle
+    from unidg.runtime.step_cache import bundle_step_cache
 
-    load_bundle(args.bundle, verify=False)
+    bundle_step_cache(load_bundle(args.bundle, verify=False), args.cache, args.cache_threshold)
     serve(config, log_level=args.log_level)
     return 0
 

@@ -83,7 +83,8 @@ class StepCache:
         if self.mode == "static":
             if self.schedule is None:
                 raise StepCacheError("--cache static needs a schedule (recorded by `unidg export cache-calibrate`)")
-            object.__setattr__(self, "schedule", check_schedule(self.schedule, len(self.schedule)))
+            schedule = [int(v) if isinstance(v, bool) else v for v in self.schedule]  # checked ones are bools
+            object.__setattr__(self, "schedule", check_schedule(schedule, len(schedule)))
 
     @property
     def enabled(self) -> bool:

@@ -26,6 +26,7 @@ from surface_fixtures import masked_equal_outside, nano_bundle, toy_bundle
 from unidg.core.manifest import write_manifest
 from unidg.export.triton_repo import TritonRepoError, TritonRepoOptions, validate_config, write_triton_repo
 from unidg.runtime.bundle import GRAPH_INPUTS, GRAPH_NAMES, GRAPH_OUTPUTS, expected_shapes, load_bundle
+from unidg.runtime.demo import DEFAULT_BUNDLE
 
 model_config_pb2 = pytest.importorskip(
     "tritonclient.grpc.model_config_pb2", reason="tritonclient[grpc] not installed (Triton's model-config schema)"
@@ -362,3 +363,31 @@ def test_cli_writes_a_repository(bundle, tmp_path):
     config = parse_config(tmp_path / "repo" / "unidg" / "config.pbtxt")
     assert config.instance_group[0].count == 3
     assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.Kind.Value("KIND_CPU")
+
+
+def test_step_cache_parameters_reach_the_python_model(tmp_path, pb_utils):
+    options = TritonRepoOptions(instance_kind="cpu", cache="dynamic", cache_threshold=0.12)
+    write_triton_repo(DEFAULT_BUNDLE, tmp_path / "repo", options)
+    config = parse_config(tmp_path / "repo" / "unidg" / "config.pbtxt")
+    assert config.parameters["cache"].string_value == "dynamic"
+    assert float(config.parameters["cache_threshold"].string_value) == 0.12
+    _, model = load_model(tmp_path / "repo")
+    reference, reference_mask, source, target_mask = sample_request_arrays()
+    tensors = [
+        pb_utils.Tensor("REFERENCE", reference),
+        pb_utils.Tensor("REFERENCE_MASK", reference_mask.astype(np.uint8)),
+        pb_utils.Tensor("SOURCE", source),
+        pb_utils.Tensor("TARGET_MASK", target_mask.astype(np.uint8)),
+    ]
+    (response,) = model.execute([pb_utils.Request(tensors)])
+    assert not response.has_error(), response.error() and response.error().message()
+    metadata = json.loads({t.name(): t.as_numpy() for t in response.output_tensors()}["METADATA"][0])
+    assert metadata["step_cache"]["mode"] == "dynamic" and metadata["step_cache"]["threshold"] == 0.12
+    assert metadata["step_cache"]["full_steps"] < metadata["steps"]
+    model.finalize()
+
+
+def test_step_cache_on_a_bundle_without_cache_data_is_refused_when_writing(bundle, tmp_path):
+    with pytest.raises(TritonRepoError, match="no step-cache data"):
+        write_triton_repo(bundle, tmp_path / "repo", TritonRepoOptions(instance_kind="cpu", cache="static"))
+    assert not (tmp_path / "repo").exists()

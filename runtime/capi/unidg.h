@@ -84,7 +84,7 @@ typedef struct unidg_options {
                                   tensorrt: a CUDA device index ("0" when NULL); torch: "cpu" (NULL), "cuda[:N]" */
     int32_t threads;           /* onnxruntime only: intra-op threads; 0 = onnxruntime's default */
     int32_t verify_bundle;     /* 1 (default): re-hash every bundle file (sha256) at create; 0: skip */
-    /* Since unidg 0.2 (a struct_size that ends before these fields gets the defaults): */
+    /* Added after the first version of the struct (a struct_size that ends before them gets the defaults): */
     const char* cache;         /* step caching, as --cache: NULL = the setting the bundle's gate recorded (off
                                   without one), "off", "static" (the bundle's schedule) or "dynamic" */
     float cache_threshold;     /* dynamic caching, as --cache-threshold: > 0; 0 = the bundle's calibrated threshold */
