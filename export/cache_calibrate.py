@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from unidg.calib.build import CalibSet, read_calib
-from unidg.core.latents import model_to_pixels, unpack_latents
+from unidg.core.latents import PACKED_CHANNELS, model_to_pixels, unpack_latents
 from unidg.core.manifest import Manifest
 from unidg.core.staging import OutputFolderError
 from unidg.core.weights_folder import staged_folder
@@ -111,7 +111,7 @@ def parse_setting(text: str, steps: int) -> StepCache:
 def unpack_mask(cond: np.ndarray, latent_hw: tuple[int, int], vae_downsample: int = 8) -> np.ndarray:
     """The pixel mask (B, H, W) bool inside a Fill condition [B, N, 320] (inverse of unidg.core.latents.pack_mask)."""
     h, w = latent_hw
-    blocks = unpack_latents(np.ascontiguousarray(cond[..., 64:]), h, w)  # (B, f*f, h, w)
+    blocks = unpack_latents(np.ascontiguousarray(cond[..., PACKED_CHANNELS:]), h, w)  # (B, f*f, h, w)
     f = vae_downsample
     pixels = blocks.reshape(blocks.shape[0], f, f, h, w).transpose(0, 3, 1, 4, 2).reshape(-1, h * f, w * f)
     return pixels > 0.5
