@@ -820,8 +820,8 @@ class GpuSession:
 # ------------------------------------------------------------------------------------------------------- the plan
 def read_full_step_fraction(cache_full_steps: int | None, cache_manifest: str | None, steps: int) -> tuple[float, str]:
     """The fraction of a sample's steps that run the transformer in full under a static step-caching schedule, and
-    where it came from: ``--cache-full-steps N`` (N of ``steps``), or a bundle manifest's ``step_cache`` entry
-    (``full_steps``: a count, or the list of step indices run in full)."""
+    where it came from: ``--cache-full-steps N`` (N of ``steps``), or the gated static schedule of a bundle manifest
+    (``unidg export cache-calibrate``: metadata.step_cache.gate.static.schedule, 1 for a full step)."""
     from unidg.core.errors import OptionError
 
     if cache_full_steps is not None:
@@ -838,17 +838,14 @@ def read_full_step_fraction(cache_full_steps: int | None, cache_manifest: str | 
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise OptionError(f"--cache-manifest {path}: cannot read it as JSON ({error})") from error
-    entry = manifest.get("step_cache") or (manifest.get("metadata") or {}).get("step_cache")
-    if not isinstance(entry, dict) or "full_steps" not in entry:
+    entry = (manifest.get("metadata") or {}).get("step_cache") or {}
+    schedule = ((entry.get("gate") or {}).get("static") or {}).get("schedule")
+    if not isinstance(schedule, list) or not schedule or not all(flag in (0, 1) for flag in schedule):
         raise OptionError(
-            f"--cache-manifest {path}: no step_cache.full_steps entry (a static schedule's full steps); export the "
-            "bundle with step caching, or pass --cache-full-steps N"
+            f"--cache-manifest {path}: no gated static schedule (step_cache.gate.static.schedule); run "
+            "`unidg export cache-calibrate` on the bundle, or pass --cache-full-steps N"
         )
-    full = entry["full_steps"]
-    total = int(entry.get("steps", steps))
-    count = len(full) if isinstance(full, list) else int(full)
-    if not 1 <= count <= total:
-        raise OptionError(f"--cache-manifest {path}: step_cache.full_steps = {full!r} is not 1..{total} steps")
+    count, total = sum(schedule), len(schedule)
     return count / total, f"bundle manifest {path}: {count} of {total} steps in full"
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -28,6 +29,8 @@ from unidg.export.bench_gpu_all import (  # noqa: E402
     read_full_step_fraction,
     write_all_report,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def empty_result() -> AllResult:
@@ -96,11 +99,11 @@ def test_machine_record_names_versions_and_optional_imports():
 
 def test_step_caching_fraction_from_the_option_or_a_manifest(tmp_path):
     assert read_full_step_fraction(14, None, 28) == (0.5, "--cache-full-steps 14 of 28")
-    (tmp_path / "manifest.json").write_text(json.dumps({"step_cache": {"full_steps": [0, 1, 5, 27], "steps": 28}}))
-    fraction, source = read_full_step_fraction(None, str(tmp_path), 28)
-    assert fraction == pytest.approx(4 / 28) and "4 of 28" in source
-    (tmp_path / "manifest.json").write_text(json.dumps({"graphs": {}}))
-    with pytest.raises(OptionError, match="step_cache.full_steps"):
+    # The shipped nano bundle's gated schedule (unidg export cache-calibrate): 9 of 28 steps in full.
+    fraction, source = read_full_step_fraction(None, str(ROOT / "runtime" / "assets" / "unidg-nano-bundle"), 28)
+    assert fraction == pytest.approx(9 / 28) and "9 of 28" in source
+    (tmp_path / "manifest.json").write_text(json.dumps({"metadata": {"graphs": {}}}))
+    with pytest.raises(OptionError, match="step_cache.gate.static.schedule"):
         read_full_step_fraction(None, str(tmp_path), 28)
     with pytest.raises(OptionError, match="1..28"):
         read_full_step_fraction(30, None, 28)
