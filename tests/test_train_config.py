@@ -132,7 +132,7 @@ def test_device_option_overrides_the_config(tmp_path: Path) -> None:
 
     class Args:
         overrides: list[str] = []
-        output = None
+        out = None
         device = "cuda:1"
 
     config = load_sft_config(_write(tmp_path, MINIMAL_SFT), overrides=_overrides(Args()))
