@@ -31,7 +31,7 @@ import numpy as np
 from unidg.core.errors import UniDGError
 from unidg.core.manifest import Manifest, ManifestError, read_manifest, tool_versions, verify_files, write_manifest
 from unidg.core.settings import UniDGSettings
-from unidg.core.weights_folder import Progress, read_weights, staged_folder
+from unidg.core.weights_folder import Progress, check_output, read_weights, staged_folder
 from unidg.train.loading import load_weights_model
 
 CALIB_KIND = "calib"
@@ -245,6 +245,7 @@ def build_calib(
     if not 1 <= held_out < samples:
         raise CalibError(f"--held-out {held_out}: need 1 <= held-out < --samples ({samples})")
     capture = parse_step_subset(step_subset, steps)
+    check_output(out, overwrite=overwrite)  # refused before the weights are read and the trajectories run
     info = read_weights(weights, progress=progress)
     size = info.settings.resolution if resolution is None else int(resolution)
     if size < 16 or size % 16:

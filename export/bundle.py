@@ -18,6 +18,7 @@ from unidg.core.weights_folder import (
     OutputFolderError,
     WeightsError,
     WeightsInfo,
+    check_output,
     read_weights,
     staged_folder,
 )
@@ -121,6 +122,7 @@ def export_bundle(
 
     ``torch_programs`` also saves each graph as a ``torch.export`` program (``torch/<graph>.pt2``, listed in the
     manifest's files and its ``torch_programs`` table) for ``--backend torch``; without it the bundle is unchanged."""
+    check_output(out, overwrite=overwrite)  # refused before the weights are read and the graphs exported
     weights = read_weights(weights_folder, verify=verify_weights, progress=progress)
     resolution = check_resolution(weights.settings.resolution if resolution is None else resolution)
     settings = replace(weights.settings, resolution=resolution)

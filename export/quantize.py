@@ -29,7 +29,7 @@ import onnx
 
 from unidg.calib.build import read_calib
 from unidg.core.manifest import read_manifest, tool_versions
-from unidg.core.weights_folder import OutputFolderError, read_weights, staged_folder
+from unidg.core.weights_folder import check_output, read_weights, staged_folder
 from unidg.export.bundle import TOOLS, write_bundle_manifest
 from unidg.export.onnx_export import Progress, cast_for_precision, io_table, print_progress
 from unidg.export.qdq import FUSED_ATTENTION_FORMATS, QDQ_OPSET, export_qdq_step, finish_qdq_graph, precision_census
@@ -127,8 +127,7 @@ def quantize_bundle(
             "--format int8 keeps fp32 as its high precision (its Q/DQ graph is checked on onnxruntime's CPU "
             "provider); pass --high-precision fp32 or leave it out"
         )
-    if Path(out).exists() and not overwrite:
-        raise OutputFolderError(f"{out} already exists; choose another --out or pass --overwrite")
+    check_output(out, overwrite=overwrite)
     info = read_weights(weights, progress=progress)
     calib_set = read_calib(calib, weights_fingerprint=info.fingerprint)
     resolution = calib_set.resolution

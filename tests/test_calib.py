@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from export_fixtures import (
     udg_folder,
 )
 
+import unidg.calib as calib_package
 from unidg.calib.build import CalibError, parse_step_subset, read_calib
 from unidg.cli import main
 from unidg.core.manifest import read_manifest
@@ -118,3 +120,22 @@ def test_cli_refusals(tmp_path, capsys):
         from unidg.calib.build import build_calib
 
         build_calib(udg_folder(), tmp_path, tmp_path / "c")
+
+
+def test_readme_line_with_overwrite_never_deletes_the_calib_sources(tmp_path, monkeypatch, capsys):
+    """`unidg calib build ... --out calib --overwrite` run where a folder calib/ holds other files (here a copy of the
+    package's calib/ sources, never the real one): refused before any work, every file kept."""
+    sources = Path(calib_package.__file__).resolve().parent
+    checkout = tmp_path / "checkout"
+    shutil.copytree(sources, checkout / "calib", ignore=shutil.ignore_patterns("__pycache__"))
+    before = {p.name: p.read_bytes() for p in (checkout / "calib").iterdir()}
+    assert "build.py" in before
+    monkeypatch.chdir(checkout)
+    args = ["calib", "build", "--data", str(udg_folder()), "--weights", str(nano_weights()), "--out", "calib"]
+    args += ["--samples", "2", "--steps", "1", "--resolution", str(RESOLUTION), "--overwrite"]
+    with single_thread():
+        assert main(args) == 2
+    error = capsys.readouterr().err
+    assert "--out calib holds files unidg did not write" in error and "Traceback" not in error
+    assert {p.name: p.read_bytes() for p in (checkout / "calib").iterdir()} == before
+    assert sorted(p.name for p in checkout.iterdir()) == ["calib"]  # no staging folder left either

@@ -126,7 +126,8 @@ def test_generate_into_an_empty_folder_and_a_failed_run_leaves_nothing(tmp_path,
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(generate_args(toy, samples, empty, "--id", "one")) == 0, capsys.readouterr().err
-    assert sorted(p.name for p in empty.iterdir()) == ["abnormal", "index.jsonl", "mask", "metadata.json", "normal"]
+    expected = [".unidg-output", "abnormal", "index.jsonl", "mask", "metadata.json", "normal"]
+    assert sorted(p.name for p in empty.iterdir()) == expected
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(empty.stat().st_mode) == 0o777 & ~umask

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import stat
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from unidg.core.staging import OutputFolderError, check_output_folder, staged_folder
+from unidg.core.staging import (
+    OUTPUT_MARKER,
+    OutputFolderError,
+    check_output_folder,
+    package_source_folders,
+    staged_folder,
+)
 
 
 def usual_folder_mode() -> int:
@@ -23,6 +33,11 @@ def folder_mode(path: Path) -> int:
 
 def hidden(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def written(folder: Path) -> list[str]:
+    """The names in an output folder besides the marker every staged folder carries."""
+    return sorted(p.name for p in folder.iterdir() if p.name != OUTPUT_MARKER)
 
 
 def test_a_new_folder_appears_whole_with_the_umask_permissions(tmp_path):
@@ -47,18 +62,55 @@ def test_a_failure_leaves_nothing_behind_not_even_the_parent_folders_it_made(tmp
 
 def test_an_existing_folder_is_kept_on_failure_and_replaced_on_success(tmp_path):
     out = tmp_path / "result"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
+    with staged_folder(out) as staging:
+        (staging / "old.txt").write_text("old")
+    assert (out / OUTPUT_MARKER).is_file() and written(out) == ["old.txt"]
     with pytest.raises(OutputFolderError, match="already holds files"), staged_folder(out):
         pass
     with pytest.raises(RuntimeError), staged_folder(out, replace=True) as staging:
         (staging / "new.txt").write_text("new")
         raise RuntimeError("stop")
-    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    assert written(out) == ["old.txt"]
     with staged_folder(out, replace=True) as staging:
         (staging / "new.txt").write_text("new")
-    assert [p.name for p in out.iterdir()] == ["new.txt"]
+    assert written(out) == ["new.txt"] and (out / OUTPUT_MARKER).is_file()
     assert hidden(tmp_path) == []
+
+
+def test_a_folder_unidg_did_not_write_is_never_replaced(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.py").write_text("precious")
+    ran = []
+    with pytest.raises(OutputFolderError, match=f"did not write \\(no {OUTPUT_MARKER} marker\\)"):
+        with staged_folder(out, replace=True):
+            ran.append(True)
+    assert ran == [] and (out / "notes.py").read_text() == "precious" and hidden(tmp_path) == []
+    with pytest.raises(OutputFolderError, match="did not write"):
+        check_output_folder(out, replace=True)
+    # The marker as a link (to a file elsewhere) does not count: only a folder unidg wrote carries it.
+    (tmp_path / "elsewhere").write_text("x")
+    (out / OUTPUT_MARKER).symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(OutputFolderError, match="did not write"):
+        check_output_folder(out, replace=True)
+
+
+def test_the_package_source_tree_is_refused_as_an_output(tmp_path):
+    """check_output_folder writes nothing, so it is asked about the real source folders of the installed package."""
+    sources = package_source_folders()
+    names = {folder.name for folder in sources}
+    assert {"calib", "runtime", "train", "export"} <= names, sources
+    for source in sources:
+        for out in (source, source / "new-output", source / "deeper" / "out"):
+            with pytest.raises(OutputFolderError, match="inside unidg's own source folder"):
+                check_output_folder(out, replace=True)
+    calib = next(folder for folder in sources if folder.name == "calib")
+    os.chdir(calib.parent)
+    try:
+        with pytest.raises(OutputFolderError, match=r"--out calib lies inside unidg's own source folder"):
+            check_output_folder("calib", replace=True)
+    finally:
+        os.chdir(tmp_path)
 
 
 def test_an_empty_folder_is_accepted_and_filled(tmp_path):
@@ -66,7 +118,31 @@ def test_an_empty_folder_is_accepted_and_filled(tmp_path):
     out.mkdir()
     with staged_folder(out) as staging:
         (staging / "a.txt").write_text("a")
-    assert [p.name for p in out.iterdir()] == ["a.txt"]
+    assert written(out) == ["a.txt"]
+
+
+@contextlib.contextmanager
+def immutable(folder: Path) -> Iterator[None]:
+    chattr = shutil.which("chattr")
+    if chattr is None or subprocess.run([chattr, "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i not permitted here (needs root and a filesystem with inode flags)")
+    try:
+        yield
+    finally:
+        subprocess.run([chattr, "-i", str(folder)], check=True)
+
+
+def test_an_immutable_empty_folder_is_refused_before_the_block_runs(tmp_path):
+    out = tmp_path / "frozen"
+    out.mkdir()
+    ran = []
+    with immutable(out):
+        with pytest.raises(
+            OutputFolderError, match=r"--out .*frozen cannot be replaced by the result: it is immutable"
+        ):
+            with staged_folder(out):
+                ran.append(True)
+    assert ran == [] and hidden(tmp_path) == [] and list(out.iterdir()) == []
 
 
 def test_bad_places_are_refused_before_anything_is_written(tmp_path):

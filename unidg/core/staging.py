@@ -4,18 +4,34 @@ Every command that writes a folder (weights, calibration sets, Triton repositori
 through ``staged_folder``. The folder is created before any work starts, so an unwritable place or a file where a
 parent folder should be is reported at once; on failure the staging folder, and any parent folder made for it, are
 removed, so nothing is left behind. Folders get the usual permissions (0777 less the umask), as ``mkdir`` gives them.
+
+Every staged folder carries the marker file ``.unidg-output``. A non-empty folder is replaced (``--overwrite``) only
+when it carries that marker, so no command ever deletes a folder it did not write; and no folder is written inside
+the package's own source tree (``unidg calib build --out calib`` run in a checkout would otherwise name ``calib/``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import importlib.util
 import os
 import secrets
 import shutil
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
 from unidg.core.errors import UniDGError
+
+OUTPUT_MARKER = ".unidg-output"
+_MARKER_TEXT = "This folder was written by unidg; unidg commands may replace it when asked to (--overwrite).\n"
+# The package and its top-level subpackages (each maps to its own source folder in a checkout).
+_PACKAGE_NAMES = ("unidg", "unidg.runtime", "unidg.train", "unidg.export", "unidg.calib")
+# Linux inode flags (FS_IOC_GETFLAGS): a folder with either cannot be renamed over, whatever its permissions.
+_FS_IOC_GETFLAGS = 0x80086601
+_FS_IMMUTABLE_FL = 0x10
+_FS_APPEND_FL = 0x20
 
 
 class OutputFolderError(UniDGError):
@@ -28,18 +44,76 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
+def package_source_folders() -> list[Path]:
+    """The source folders of the installed unidg package (found without importing the subpackages)."""
+    folders = []
+    for name in _PACKAGE_NAMES:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            continue
+        for location in (spec.submodule_search_locations or []) if spec else []:
+            folders.append(Path(location).resolve())
+    return folders
+
+
+def is_unidg_output(folder: Path) -> bool:
+    """Whether ``folder`` was written by a unidg command (it carries the marker every staged folder gets)."""
+    return (folder / OUTPUT_MARKER).is_file() and not (folder / OUTPUT_MARKER).is_symlink()
+
+
+def _replace_blocker(folder: Path) -> str | None:
+    """Why renaming a folder over the existing empty ``folder`` would fail although its parent is writable."""
+    if os.path.ismount(folder):
+        return "it is a mount point"
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            flags = struct.unpack("i", fcntl.ioctl(fd, _FS_IOC_GETFLAGS, bytes(8))[:4])[0]
+        finally:
+            os.close(fd)
+        if flags & _FS_IMMUTABLE_FL:
+            return "it is immutable (chattr +i)"
+        if flags & _FS_APPEND_FL:
+            return "it is append-only (chattr +a)"
+    parent = folder.absolute().parent
+    parent_stat = parent.stat()
+    if parent_stat.st_mode & 0o1000 and os.geteuid() not in (0, parent_stat.st_uid, folder.stat().st_uid):
+        return f"{parent} has the sticky bit and neither it nor the folder is yours"
+    return None
+
+
 def check_output_folder(out: str | Path, *, replace: bool = False, flag: str = "--out") -> Path:
     """Refuse, without writing anything, an ``out`` that cannot become a new folder.
 
-    ``out`` may be missing or an empty folder; a non-empty folder only with ``replace``. Its nearest existing
-    ancestor must be a folder we can write in.
+    ``out`` may be missing or an empty folder; a non-empty folder only with ``replace``, and only when a unidg command
+    wrote it (it carries ``OUTPUT_MARKER``). ``out`` must lie outside the package's source tree, and its nearest
+    existing ancestor must be a folder we can write in.
     """
     out = Path(out)
+    resolved = out.resolve()
+    for source in package_source_folders():
+        if resolved == source or source in resolved.parents:
+            raise OutputFolderError(
+                f"{flag} {out} lies inside unidg's own source folder {source}; pick a folder outside it"
+            )
     if out.exists() or out.is_symlink():
         if not out.is_dir():
             raise OutputFolderError(f"{flag} {out} exists and is not a folder; pick a new folder")
-        if not replace and any(out.iterdir()):
-            raise OutputFolderError(f"{flag} {out} already holds files; pick a new or empty folder")
+        if any(out.iterdir()):
+            if not replace:
+                raise OutputFolderError(f"{flag} {out} already holds files; pick a new or empty folder")
+            if not is_unidg_output(out):
+                raise OutputFolderError(
+                    f"{flag} {out} holds files unidg did not write (no {OUTPUT_MARKER} marker), so it is never "
+                    "replaced; pick a new folder, or empty it yourself"
+                )
+        else:
+            blocker = _replace_blocker(out)
+            if blocker:
+                raise OutputFolderError(
+                    f"{flag} {out} cannot be replaced by the result: {blocker}; pick another folder"
+                )
     parent = out.absolute().parent
     ancestor = _nearest_existing(parent)
     if not ancestor.is_dir():
@@ -103,11 +177,19 @@ def _swap_into_place(staging: Path, out: Path, replace: bool, flag: str) -> None
     try:
         os.replace(staging, out)  # atomic when out is missing or an empty folder
         return
-    except OSError:
+    except OSError as error:
         if not out.is_dir():
             raise
+        if not any(out.iterdir()):
+            raise OutputFolderError(
+                f"{flag} {out}: cannot put the result in place ({error.strerror or error}); pick another folder"
+            ) from error
         if not replace:
             raise OutputFolderError(f"{flag} {out} was filled by someone else meanwhile; pick a new folder") from None
+        if not is_unidg_output(out):
+            raise OutputFolderError(
+                f"{flag} {out} was filled meanwhile with files unidg did not write; it is kept: pick a new folder"
+            ) from None
     retired = _new_hidden_folder(out.parent, out.name)
     os.replace(out, retired / out.name)
     try:
@@ -137,6 +219,7 @@ def staged_folder(out: str | Path, *, replace: bool = False, flag: str = "--out"
             f"{flag} {out}: cannot create it ({error.strerror or error}); pick another folder"
         ) from error
     try:
+        (staging / OUTPUT_MARKER).write_text(_MARKER_TEXT)
         yield staging
         fsync_tree(staging)
         _swap_into_place(staging, out, replace, flag)
@@ -149,4 +232,13 @@ def staged_folder(out: str | Path, *, replace: bool = False, flag: str = "--out"
         raise
 
 
-__all__ = ["OutputFolderError", "check_output_folder", "fsync_folder", "fsync_tree", "staged_folder"]
+__all__ = [
+    "OUTPUT_MARKER",
+    "OutputFolderError",
+    "check_output_folder",
+    "fsync_folder",
+    "fsync_tree",
+    "is_unidg_output",
+    "package_source_folders",
+    "staged_folder",
+]

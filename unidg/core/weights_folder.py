@@ -14,7 +14,7 @@ from pathlib import Path
 
 from unidg.core.manifest import WEIGHTS_KIND, Manifest, ManifestError, WeightsError, read_manifest, verify_files
 from unidg.core.settings import UniDGSettings
-from unidg.core.staging import OutputFolderError
+from unidg.core.staging import OutputFolderError, check_output_folder
 from unidg.core.staging import staged_folder as runtime_staged_folder
 
 Progress = Callable[[str], None]
@@ -62,11 +62,18 @@ def read_weights(folder: str | Path, *, verify: bool = True, progress: Progress 
 
 
 # ------------------------------------------------------------------------------------------------ staging
-@contextlib.contextmanager
-def staged_folder(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """A temporary folder beside ``out`` that becomes ``out`` when the block succeeds (and vanishes when it fails)."""
+def check_output(out: str | Path, *, overwrite: bool = False) -> Path:
+    """Refuse an ``--out`` that cannot be written before any work: an existing one without ``overwrite``, and with it
+    one that a unidg command did not write or that lies in the package's source tree (runtime.staging's rules)."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise OutputFolderError(f"{out} already exists; choose another --out or pass --overwrite")
+    return check_output_folder(out, replace=True)
+
+
+@contextlib.contextmanager
+def staged_folder(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary folder beside ``out`` that becomes ``out`` when the block succeeds (and vanishes when it fails)."""
+    out = check_output(out, overwrite=overwrite)
     with runtime_staged_folder(out, replace=True) as staging:
         yield staging
