@@ -4,6 +4,7 @@ SFT model, a step trains the new LoRA, resume equals an uninterrupted run, merge
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -236,3 +237,37 @@ def test_a_judge_that_goes_down_stops_the_run_clearly_and_it_resumes(udg, tmp_pa
     assert resumed.step == 2
     for name, parameter in whole.trainable.items():
         assert torch.allclose(resumed.trainable[name], parameter, atol=1e-6, rtol=0)
+
+
+def test_an_infinite_lr_or_beta_is_refused_before_training(udg, tmp_path, capsys) -> None:
+    """`unidg train rft --set optim.lr=inf` used to save an all-NaN LoRA, exit 0 and suggest merging it."""
+    config = tmp_path / "rft.toml"
+    config.write_text(
+        f'base = "{NANO}"\noutput = "{tmp_path / "run"}"\n[data]\ntrain = "{udg}"\n[settings]\nresolution = 32\n'
+        '[lora]\nrank = 4\n[optim]\nname = "adamw"\n[rollout]\ngroup_size = 2\nsteps = [1]\nguidance = -1.0\n'
+        "[reward.color]\nweight = 1.0\n[train]\nsteps = 1\nprogress = false\n"
+    )
+    for override in ("optim.lr=inf", "grpo.beta=inf"):
+        assert main(["train", "rft", "--config", str(config), "--set", override]) == 2
+        captured = capsys.readouterr()
+        assert f"{override.split('=')[0]} must be a finite number (got inf)" in captured.err
+        assert "Traceback" not in captured.err and "unidg train merge" not in captured.out
+        assert not (tmp_path / "run").exists()
+
+
+def test_a_step_that_makes_a_weight_non_finite_stops_and_keeps_the_last_finite_checkpoint(udg, tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    from unidg.train.trainer import CHECKPOINTS, TRAINABLE_FILE, TrainingDivergedError
+
+    run = RFTRun(_config(udg, tmp_path / "run", steps=3))
+    run.run(resume=False, stop_after=1)
+    for group in run.optimizer.param_groups:
+        group["lr"] = math.inf  # bypasses the config check: step 2 makes NaN weights (inf * 0)
+    with pytest.raises(TrainingDivergedError, match=r"diverged at step 2: .*(nan|non-finite).*step-000001 is kept"):
+        run.run(resume=False)
+    folder = tmp_path / "run" / CHECKPOINTS
+    assert sorted(p.name for p in folder.iterdir()) == ["step-000001"]
+    kept = load_file(str(folder / "step-000001" / TRAINABLE_FILE))
+    assert kept and all(bool(torch.isfinite(tensor).all()) for tensor in kept.values())
+    assert not (tmp_path / "run" / "lora.safetensors").exists()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from train_fixtures import procedural_udg
 
 from unidg.train.config import DataConfig, LoopConfig, LoraConfig, LossConfig, OptimConfig, SFTConfig
@@ -21,6 +23,8 @@ from unidg.train.trainer import (
     CHECKPOINTS,
     OPTIMIZER_JSON,
     OPTIMIZER_TENSORS,
+    TRAINABLE_FILE,
+    TrainingDivergedError,
     distribution_sequence,
     read_log,
     sample_schedule,
@@ -287,3 +291,18 @@ def test_eval_nano_counts_a_transfer_by_the_nearest_colour(udg: Path) -> None:
     assert to_source == 0.0 and to_reference > 0  # an untouched source never counts
     pairs = evaluation_pairs(udg, 6, seed=0)
     assert [p.distribution for p in pairs].count("defect-fill") == 2 and len(pairs) == 6
+
+
+def test_a_step_that_makes_a_weight_non_finite_stops_and_keeps_the_last_finite_checkpoint(
+    tmp_path: Path, udg: Path, latents: LatentPairs
+) -> None:
+    run_dir = tmp_path / "run"
+    trainer = setup_sft(_config(udg, run_dir, steps=4, checkpoint_every=1), model=_nano(), data=latents).trainer
+    trainer.run(stop_after=1)
+    trainer.base_lrs = [math.inf for _ in trainer.base_lrs]  # bypasses the config check: NaN weights at step 2
+    with pytest.raises(TrainingDivergedError, match=r"diverged at step 2: .*(nan|non-finite).*step-000001 is kept"):
+        trainer.run()
+    assert sorted(p.name for p in (run_dir / CHECKPOINTS).iterdir()) == ["step-000001"]
+    kept = load_file(str(run_dir / CHECKPOINTS / "step-000001" / TRAINABLE_FILE))
+    assert kept and all(bool(torch.isfinite(tensor).all()) for tensor in kept.values())
+    assert [r["step"] for r in read_log(run_dir)] == [1]

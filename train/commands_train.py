@@ -164,6 +164,9 @@ def _reward_recog(args: argparse.Namespace) -> int:
         unet_width=args.unet_width,
         seed=args.seed,
     )
+    config.validate()
+    if args.limit < 0:
+        raise UniDGError(f"--limit {args.limit} must be >= 0 (0: all quadruplets)")
     document = train_reward_recog(
         args.data, args.out, config, args.heldout, args.pretrained_classifier, args.limit, replace=args.overwrite
     )

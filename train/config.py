@@ -10,6 +10,7 @@ message naming the file, the key and the accepted values. Relative paths are tak
 from __future__ import annotations
 
 import json
+import math
 import re
 import types
 import typing
@@ -163,6 +164,7 @@ class SFTConfig:
             raise ConfigError(f"{where}: 'base' is required (a weights folder made by `unidg train base`)")
         if not self.output:
             raise ConfigError(f"{where}: 'output' is required (the run folder for checkpoints and logs)")
+        _check(self.seed >= 0, where, "seed", "must be >= 0", self.seed)
         for section in (self.data, self.lora, self.optim, self.loss, self.train):
             section.validate(where)
         _settings(self.settings, where)
@@ -254,6 +256,7 @@ class BaseConfig:
         _check(self.preset in ("nano", "full"), where, "preset", "must be 'nano' or 'full'", self.preset)
         if not self.output:
             raise ConfigError(f"{where}: 'output' is required (the run folder)")
+        _check(self.seed >= 0, where, "seed", "must be >= 0", self.seed)
         for section in (self.data, self.vae, self.inpainter, self.loss, self.train):
             section.validate(where)
         _settings(self.settings, where)
@@ -338,6 +341,17 @@ def _type_ok(value: Any, annotation: Any) -> tuple[bool, Any]:
     return isinstance(value, annotation), value
 
 
+def _all_finite(value: Any) -> bool:
+    """No NaN or infinity in a config value (a number, or a list or table of them): none is a valid setting."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(_all_finite(item) for item in value)
+    if isinstance(value, dict):
+        return all(_all_finite(item) for item in value.values())
+    return True
+
+
 def _type_name(annotation: Any) -> str:
     if typing.get_origin(annotation) is list:
         return f"a list of {_type_name(typing.get_args(annotation)[0])}"
@@ -365,6 +379,8 @@ def from_dict(cls: type, data: dict, where: str, section: str = "") -> Any:
         ok, coerced = _type_ok(value, annotation)
         if not ok:
             raise ConfigError(f"{where}: {key} must be {_type_name(annotation)} (got {value!r})")
+        if not _all_finite(coerced):
+            raise ConfigError(f"{where}: {key} must be a finite number (got {value!r})")
         values[name] = coerced
     for name, spec in known.items():
         if name not in values and spec.default is MISSING and spec.default_factory is MISSING:

@@ -21,6 +21,7 @@ import base64
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import time
@@ -182,10 +183,19 @@ class JudgeConfig:
         if not self.model:
             raise ConfigError(f"{where}: judge.model must name the model the server serves")
         for key in ("timeout_s", "backoff_s", "max_backoff_s"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"{where}: judge.{key} must be > 0 (got {getattr(self, key)})")
-        if self.retries < 0 or self.concurrency < 1:
-            raise ConfigError(f"{where}: judge.retries must be >= 0 and judge.concurrency >= 1")
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value > 0):  # NaN fails every comparison: test for the good case
+                raise ConfigError(f"{where}: judge.{key} must be a finite number of seconds > 0 (got {value})")
+        if not (math.isfinite(self.weight) and math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ConfigError(
+                f"{where}: judge.weight and judge.temperature must be finite, temperature >= 0 "
+                f"(got {self.weight}, {self.temperature})"
+            )
+        if self.retries < 0 or self.concurrency < 1 or self.max_tokens < 1:
+            raise ConfigError(
+                f"{where}: judge.retries must be >= 0, judge.concurrency >= 1 and judge.max_tokens >= 1 (got "
+                f"{self.retries}, {self.concurrency}, {self.max_tokens})"
+            )
 
 
 class DefectUndJudge:

@@ -15,6 +15,7 @@ size, network widths, training settings, held-out figures), written whole or not
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch
 
 from unidg.core.errors import UniDGError
 from unidg.core.udg import CATEGORIES
+from unidg.train.config import _check
 from unidg.train.reward_interface import RewardError, RewardOutput
 
 NORMAL = "normal"
@@ -42,6 +44,12 @@ class RecogTrainConfig:
     unet_width: int = 16
     unet_depth: int = 3
     seed: int = 0
+
+    def validate(self, where: str = "unidg train reward-recog") -> None:
+        for name in ("size", "epochs", "batch", "resnet_width", "unet_width", "unet_depth"):
+            _check(getattr(self, name) >= 1, where, f"--{name.replace('_', '-')}", "must be >= 1", getattr(self, name))
+        _check(math.isfinite(self.lr) and self.lr > 0, where, "--lr", "must be a finite number > 0", self.lr)
+        _check(self.seed >= 0, where, "--seed", "must be >= 0", self.seed)
 
 
 def labelled_set(folder: str | Path, size: int, limit: int = 0):

@@ -166,6 +166,7 @@ class RFTConfig:
             raise ConfigError(f"{where}: 'base' is required (the merged SFT weights folder of `unidg train merge`)")
         if not self.output:
             raise ConfigError(f"{where}: 'output' is required (the run folder for checkpoints and logs)")
+        _check(self.seed >= 0, where, "seed", "must be >= 0", self.seed)
         for section in (self.data, self.lora, self.optim, self.rollout, self.grpo, self.train):
             section.validate(where)
         self.reward.validate(f"{where} [reward]")
@@ -604,6 +605,12 @@ class RFTRun:
         for old in sorted(folder.glob("step-*"))[: -self.config.train.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
 
+    def latest_checkpoint(self) -> Path | None:
+        from unidg.train.trainer import CHECKPOINTS
+
+        found = sorted((self.run_dir / CHECKPOINTS).glob("step-*"))
+        return found[-1] if found else None
+
     def load_latest(self) -> bool:
         from safetensors.torch import load_file
 
@@ -662,7 +669,7 @@ class RFTRun:
     def run(self, resume: bool = True, stop_after: int | None = None) -> list[dict]:
         from tqdm import tqdm
 
-        from unidg.train.trainer import LOG_FILE, barrier
+        from unidg.train.trainer import LOG_FILE, barrier, check_step_finite
 
         main = self.placement.is_main
         if main:
@@ -699,10 +706,13 @@ class RFTRun:
                 if every and self.step % every == 0 and main:
                     record["heldout_reward"] = self.evaluate()
                 record["time"] = time.time()
-                if not math.isfinite(record["policy_loss"]):
-                    raise FloatingPointError(
-                        f"RFT loss became {record['policy_loss']} at step {self.step}; lower the lr"
-                    )
+                check_step_finite(
+                    self.step,
+                    {"policy_loss": record["policy_loss"], "kl": record["kl"]},
+                    {**self.trainable, **{f"ema.{name}": value for name, value in self.ema.items()}},
+                    self.latest_checkpoint(),
+                    "lower optim.lr or grpo.beta and train into a new output folder",
+                )
                 if log is not None:
                     log.write(json.dumps(record) + "\n")
                     log.flush()

@@ -59,6 +59,33 @@ class DeviceError(UniDGError):
     """The requested training device does not exist on this machine."""
 
 
+class TrainingDivergedError(UniDGError):
+    """A training step produced a non-finite loss or weight; the run stops and its last checkpoint stays finite."""
+
+
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first tensor holding a NaN or an infinity, or None."""
+    for name, tensor in tensors.items():
+        if not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
+def check_step_finite(
+    step: int, losses: dict[str, float], tensors: dict[str, torch.Tensor], checkpoint: Path | None, advice: str
+) -> None:
+    """Stop a run whose step ``step`` made a loss or a trainable weight non-finite, before anything of it is saved."""
+    bad_loss = next((f"{key} became {value}" for key, value in losses.items() if not math.isfinite(value)), None)
+    bad_weight = first_non_finite(tensors)
+    if bad_loss is None and bad_weight is None:
+        return
+    kept = f"the last finite checkpoint {checkpoint} is kept" if checkpoint else "no checkpoint was saved yet"
+    raise TrainingDivergedError(
+        f"training diverged at step {step}: {bad_loss or f'weight {bad_weight} became non-finite'}; nothing of "
+        f"this step was saved and {kept}; {advice}"
+    )
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where this process trains: its device, its rank and the number of processes."""
@@ -503,8 +530,13 @@ class FlowTrainer:
                 self.step += 1
                 elapsed = time.perf_counter() - started
                 record = {"step": self.step, **parts, "it_s": 1.0 / max(elapsed, 1e-9), "time": time.time()}
-                if not math.isfinite(record["loss"]):
-                    raise FloatingPointError(f"loss became {record['loss']} at step {self.step}; lower the lr")
+                check_step_finite(
+                    self.step,
+                    {"loss": record["loss"]},
+                    self.trainable,
+                    self.latest_checkpoint(),
+                    "lower optim.lr (or raise optim.warmup_steps) and train into a new output folder",
+                )
                 if log is not None:
                     log.write(json.dumps(record) + "\n")
                     log.flush()

@@ -5,6 +5,7 @@ Unknown keys, wrong types and out-of-range values are refused naming the file an
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +39,10 @@ class EvalDataConfig:
         _check(bool(self.path), where, "data.path", "is required (the dataset root)", self.path)
         _check(self.kind != "visa" or bool(self.split_csv), where, "data.split_csv", "is required for visa", "")
         _check(self.reference_shots >= 1, where, "data.reference_shots", "must be >= 1", self.reference_shots)
-        _check(self.max_objects >= 0 and self.synth_count >= 0, where, "data.max_objects/synth_count", ">= 0", 0)
+        _check(self.max_objects >= 0, where, "data.max_objects", "must be >= 0 (0: all)", self.max_objects)
+        _check(self.synth_count >= 0, where, "data.synth_count", "must be >= 0", self.synth_count)
+        _check(self.synth_seed >= 0, where, "data.synth_seed", "must be >= 0", self.synth_seed)
+        _check(self.synth_size >= 32, where, "data.synth_size", "must be >= 32 pixels", self.synth_size)
 
 
 @dataclass
@@ -88,7 +92,9 @@ class DetectorConfig:
             _check(getattr(self, name) >= 1, where, f"detectors.{name}", "must be >= 1", getattr(self, name))
         _check(self.resnet_width >= 1, where, "detectors.resnet_width", "must be >= 1", self.resnet_width)
         _check(self.defects_per_set >= 0, where, "detectors.defects_per_set", "must be >= 0", self.defects_per_set)
-        _check(self.lr > 0, where, "detectors.lr", "must be > 0", self.lr)
+        _check(self.unet_depth >= 1, where, "detectors.unet_depth", "must be >= 1", self.unet_depth)
+        _check(self.threads >= 0, where, "detectors.threads", "must be >= 0 (0: the default)", self.threads)
+        _check(math.isfinite(self.lr) and self.lr > 0, where, "detectors.lr", "must be a finite number > 0", self.lr)
 
 
 @dataclass
@@ -115,6 +121,7 @@ class EvalConfig:
     def validate(self, where: str) -> None:
         _check(bool(self.output), where, "output", "is required (the report folder)", self.output)
         _check(bool(self.seeds), where, "seeds", "must list at least one seed", self.seeds)
+        _check(all(seed >= 0 for seed in self.seeds), where, "seeds", "must be >= 0", self.seeds)
         unknown = [s for s in self.sets if s not in TRAINING_SETS]
         _check(bool(self.sets) and not unknown, where, "sets", f"must be among {', '.join(TRAINING_SETS)}", self.sets)
         self.data.validate(where)

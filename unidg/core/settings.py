@@ -35,6 +35,14 @@ class UniDGSettings:
     fold_text_tokens: bool = True  # K identical zero text tokens -> one key with bias log K (exact)
 
     def __post_init__(self) -> None:
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            if spec.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+                raise UniDGError(f"{spec.name} must be an integer (got {value!r})")
+            if spec.type == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise UniDGError(f"{spec.name} must be a number (got {value!r})")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UniDGError(f"{spec.name} must be a finite number (got {value!r})")
         if self.alpha <= 0:
             raise UniDGError(f"alpha must be > 0 (got {self.alpha})")
         if not 0 < self.beta <= 1:
@@ -47,6 +55,13 @@ class UniDGSettings:
             raise UniDGError(f"text_tokens must be >= 1 (got {self.text_tokens})")
         if self.steps < 1:
             raise UniDGError(f"steps must be >= 1 (got {self.steps})")
+        if self.guidance < 0:
+            raise UniDGError(f"guidance must be >= 0 (got {self.guidance})")
+        if self.dilate_kernel < 1 or self.dilate_iterations < 0:
+            raise UniDGError(
+                f"dilate_kernel must be >= 1 and dilate_iterations >= 0 (got {self.dilate_kernel}, "
+                f"{self.dilate_iterations})"
+            )
 
     @property
     def log_alpha(self) -> float:
