@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -42,10 +43,10 @@ class FakeJudge(BaseHTTPRequestHandler):
         if action == "slow":
             threading.Event().wait(1.0)
             action = "ok"
-        if action in ("429", "500", "401"):
-            self.send_response(int(action))
-            if action == "429":
-                self.send_header("Retry-After", "0")
+        if action in ("429", "500", "401", "429nan"):
+            self.send_response(int(action[:3]))
+            if action.startswith("429"):
+                self.send_header("Retry-After", "nan" if action == "429nan" else "0")
             self.end_headers()
             self.wfile.write(b'{"error": "busy"}')
             return
@@ -185,3 +186,91 @@ def test_config_errors_name_the_key() -> None:
         DefectUndJudge(JudgeConfig(weight=1.0, url="localhost:8000", model="m"))
     with pytest.raises(ConfigError, match="judge.model"):
         DefectUndJudge(JudgeConfig(weight=1.0, url="http://127.0.0.1:1/v1"))
+
+
+class HostileJudge(BaseHTTPRequestHandler):
+    """A judge that answers 200 and then either trickles one byte a second or sends a body without end (both bounded
+    here: 30 bytes, 1 GiB), on 127.0.0.1 only."""
+
+    mode = "trickle"
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()  # no Content-Length: the body runs until the connection closes
+        try:
+            if HostileJudge.mode == "trickle":
+                for _ in range(30):
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                    time.sleep(1.0)
+            else:
+                chunk = b" " * 65536
+                for _ in range(16384):
+                    self.wfile.write(chunk)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up: what is asked of it
+            pass
+
+
+@pytest.fixture()
+def hostile():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), HostileJudge)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_a_judge_that_trickles_one_byte_a_second_is_cut_at_the_total_deadline(hostile) -> None:
+    HostileJudge.mode = "trickle"
+    judge = _judge(hostile, timeout_s=1.5, retries=1)
+    started = time.monotonic()
+    with pytest.raises(JudgeError, match=r"after 2 attempts: no answer within 1.5 s \(judge.timeout_s"):
+        judge.score(_inputs((10,)))
+    assert time.monotonic() - started < 2 * 1.5 + 1.0  # two attempts of 1.5 s and the backoff, not 30 s each
+    judge.close()
+
+
+def test_an_endless_answer_is_cut_at_the_size_cap(hostile) -> None:
+    HostileJudge.mode = "endless"
+    judge = _judge(hostile, retries=1, max_response_bytes=1 << 16)
+    started = time.monotonic()
+    with pytest.raises(JudgeError, match=r"over judge.max_response_bytes=65536"):
+        judge.score(_inputs((10,)))
+    assert time.monotonic() - started < 5.0
+    judge.close()
+
+
+def test_retry_after_nan_uses_the_backoff(server) -> None:
+    waits: list[float] = []
+    FakeJudge.script = ["429nan"]
+    config = JudgeConfig(weight=1.0, url=server, model="m", backoff_s=0.25, retries=1, timeout_s=5.0)
+    judge = DefectUndJudge(config, sleep=waits.append)
+    assert judge.score(_inputs((102,))).scores.tolist() == pytest.approx([0.4], abs=1e-3)
+    assert waits == [0.25]
+    judge.close()
+
+
+def test_bad_timeouts_and_a_cache_dir_that_is_a_file_are_refused(server, tmp_path) -> None:
+    for key, value in (("timeout_s", float("nan")), ("timeout_s", float("inf")), ("backoff_s", float("nan"))):
+        with pytest.raises(ConfigError, match=f"judge.{key} must be a finite number of seconds > 0"):
+            _judge(server, **{key: value})
+    blocker = tmp_path / "cache.txt"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match=r"judge.cache_dir .*cache.txt is a file; name a folder"):
+        _judge(server, cache_dir=str(blocker))
+
+
+def test_a_damaged_cache_entry_is_asked_again(server, tmp_path) -> None:
+    judge = _judge(server, cache_dir=str(tmp_path / "cache"))
+    first = judge.score(_inputs((77,)))
+    (entry,) = (tmp_path / "cache").rglob("*.json")
+    entry.write_bytes(b"\xff\x00 not json")
+    assert judge.score(_inputs((77,))).scores.tolist() == first.scores.tolist()
+    assert len(FakeJudge.seen) == 2 and json.loads(entry.read_text())["Analysis"] == "ok"
+    judge.close()

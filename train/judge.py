@@ -7,7 +7,9 @@ JSON object (``Analysis`` plus the four scores in [0, 5], a bare number or a one
 validated with pydantic, whose JSON schema is also sent as ``response_format`` where the server supports structured
 output. The score is the mean of the four scores / 5.
 
-Robustness: a request that times out, fails to connect, gets 429 or 5xx, or gets an answer that is not valid rubric
+Robustness: every attempt has a total deadline of ``timeout_s`` (a server that trickles bytes cannot hold a run) and
+its answer may not pass ``max_response_bytes`` (an endless body cannot fill the memory). A request that times out,
+fails to connect, gets 429 or 5xx, or gets an answer that is not valid rubric
 JSON is retried ``retries`` times with exponential backoff (``backoff_s``, doubled each time, or the server's
 Retry-After when it sends one); after that the sample raises ``JudgeError`` naming the server and the last problem
 (never a silent zero). 4xx other than 429 is not retried. ``concurrency`` requests run at once. Valid answers are
@@ -23,7 +25,9 @@ import io
 import json
 import math
 import os
+import queue
 import re
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -166,7 +170,8 @@ class JudgeConfig:
     url: str = ""  # base URL of the API, e.g. http://127.0.0.1:8000/v1 (POSTs go to URL/chat/completions)
     model: str = ""  # model name the server serves (e.g. a Defect-Und Qwen3-VL checkpoint)
     api_key_env: str = "UNIDG_JUDGE_API_KEY"  # environment variable holding the key ("" or unset: no key sent)
-    timeout_s: float = 60.0  # per request
+    timeout_s: float = 60.0  # per attempt, in total (connecting, sending, waiting and reading the whole answer)
+    max_response_bytes: int = 1 << 20  # a rubric answer is a few KB; a larger body is abandoned
     retries: int = 4  # extra attempts after the first
     backoff_s: float = 1.0  # first wait between attempts; doubled each time (or the server's Retry-After)
     max_backoff_s: float = 30.0
@@ -191,11 +196,28 @@ class JudgeConfig:
                 f"{where}: judge.weight and judge.temperature must be finite, temperature >= 0 "
                 f"(got {self.weight}, {self.temperature})"
             )
+        if self.max_response_bytes < 1024:
+            raise ConfigError(f"{where}: judge.max_response_bytes must be >= 1024 (got {self.max_response_bytes})")
+        if self.cache_dir and Path(self.cache_dir).exists() and not Path(self.cache_dir).is_dir():
+            raise ConfigError(f'{where}: judge.cache_dir {self.cache_dir} is a file; name a folder (or "": no cache)')
         if self.retries < 0 or self.concurrency < 1 or self.max_tokens < 1:
             raise ConfigError(
                 f"{where}: judge.retries must be >= 0, judge.concurrency >= 1 and judge.max_tokens >= 1 (got "
                 f"{self.retries}, {self.concurrency}, {self.max_tokens})"
             )
+
+
+class _AnswerTooLarge(Exception):
+    pass
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """A Retry-After header as seconds, or None when absent, an HTTP date or not a finite number >= 0."""
+    try:
+        seconds = float(value or "")
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 class DefectUndJudge:
@@ -253,13 +275,55 @@ class DefectUndJudge:
         digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
         return Path(self.config.cache_dir) / digest[:2] / f"{digest}.json"
 
+    def _read_capped(self, body: dict, abandoned: threading.Event) -> tuple[int, dict, bytes] | None:
+        """POST ``body`` and read the whole answer, refusing one over ``max_response_bytes``."""
+        cap = self.config.max_response_bytes
+        with self.client.stream("POST", self.endpoint, json=body) as response:
+            declared = response.headers.get("Content-Length", "")
+            if declared.isdigit() and int(declared) > cap:
+                raise _AnswerTooLarge(int(declared))
+            chunks, size = [], 0
+            for chunk in response.iter_bytes():
+                if abandoned.is_set():
+                    return None
+                size += len(chunk)
+                if size > cap:
+                    raise _AnswerTooLarge(size)
+                chunks.append(chunk)
+            return response.status_code, dict(response.headers), b"".join(chunks)
+
+    def _post(self, body: dict) -> tuple[int, dict, bytes]:
+        """One attempt within ``timeout_s`` in total: the read runs in its own thread, abandoned at the deadline (it
+        then stops at its next chunk, or at httpx's per-read timeout if the server falls silent)."""
+        outcome: queue.Queue = queue.Queue(maxsize=1)
+        abandoned = threading.Event()
+
+        def attempt() -> None:
+            try:
+                outcome.put((True, self._read_capped(body, abandoned)))
+            except BaseException as error:  # handed to the waiting thread
+                outcome.put((False, error))
+
+        threading.Thread(target=attempt, name="unidg-judge-request", daemon=True).start()
+        try:
+            ok, value = outcome.get(timeout=self.config.timeout_s)
+        except queue.Empty:
+            abandoned.set()
+            raise TimeoutError from None
+        if not ok:
+            raise value
+        return value
+
     def ask(self, body: dict, sample: str = "") -> RubricAnswer:
         """One rubric answer for a request body: from the cache, or from the server with retries."""
         import httpx
 
         cache = self._cache_path(body)
         if cache is not None and cache.is_file():
-            return RubricAnswer.model_validate(json.loads(cache.read_text()))
+            try:
+                return RubricAnswer.model_validate(json.loads(cache.read_bytes()))
+            except (ValueError, ValidationError):  # a damaged cache entry is asked again and rewritten
+                pass
         config = self.config
         problem = ""
         retry_after: float | None = None
@@ -270,34 +334,43 @@ class DefectUndJudge:
             retry_after = None
             try:
                 self.requests_sent += 1
-                response = self.client.post(self.endpoint, json=body)
-            except httpx.TimeoutException:
-                problem = f"no answer within {config.timeout_s} s"
+                status, headers, data = self._post(body)
+            except (httpx.TimeoutException, TimeoutError):
+                problem = f"no answer within {config.timeout_s} s (judge.timeout_s, for the whole answer)"
+                continue
+            except _AnswerTooLarge as error:
+                problem = (
+                    f"an answer of {error} bytes or more, over judge.max_response_bytes={config.max_response_bytes}"
+                )
                 continue
             except httpx.TransportError as error:
                 problem = f"cannot reach the server ({type(error).__name__}: {error})"
                 continue
-            if response.status_code == 429 or response.status_code >= 500:
-                problem = f"HTTP {response.status_code}"
-                try:
-                    retry_after = max(float(response.headers.get("Retry-After", "")), 0.0)
-                except ValueError:  # absent, or an HTTP date: use the backoff
-                    retry_after = None
+            if status == 429 or status >= 500:
+                problem = f"HTTP {status}"
+                retry_after = retry_after_seconds(headers.get("retry-after"))  # absent, a date, nan: the backoff
                 continue
-            if response.status_code >= 400:
+            if status >= 400:
                 raise JudgeError(
-                    f"judge {self.endpoint} refused sample {sample!r}: HTTP {response.status_code} "
-                    f"{response.text[:200]!r}; check judge.model, judge.url and the key in ${config.api_key_env}"
+                    f"judge {self.endpoint} refused sample {sample!r}: HTTP {status} "
+                    f"{data[:200].decode(errors='replace')!r}; check judge.model, judge.url and the key in "
+                    f"${config.api_key_env}"
                 )
             try:
-                content = response.json()["choices"][0]["message"]["content"]
+                content = json.loads(data)["choices"][0]["message"]["content"]
                 answer = parse_answer(content)
             except (ValueError, KeyError, IndexError, TypeError) as error:
                 problem = f"malformed answer: {error}"
                 continue
             if cache is not None:
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(cache, json.dumps(answer.model_dump(by_alias=True)) + "\n")
+                try:
+                    cache.parent.mkdir(parents=True, exist_ok=True)
+                    atomic_write_text(cache, json.dumps(answer.model_dump(by_alias=True)) + "\n")
+                except OSError as error:
+                    raise JudgeError(
+                        f"judge.cache_dir {config.cache_dir}: cannot write {cache} ({error.strerror or error}); "
+                        'name a writable folder, or "" for no cache'
+                    ) from error
             return answer
         raise JudgeError(
             f"judge {self.endpoint} could not score sample {sample!r} after {config.retries + 1} attempts: {problem}. "
