@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -271,3 +273,24 @@ def test_a_step_that_makes_a_weight_non_finite_stops_and_keeps_the_last_finite_c
     kept = load_file(str(folder / "step-000001" / TRAINABLE_FILE))
     assert kept and all(bool(torch.isfinite(tensor).all()) for tensor in kept.values())
     assert not (tmp_path / "run" / "lora.safetensors").exists()
+
+
+def test_an_output_that_is_a_file_or_unwritable_is_refused_before_training(udg, tmp_path, capsys) -> None:
+    blocker = tmp_path / "run.txt"
+    blocker.write_text("mine")
+    with pytest.raises(ConfigError, match=r"output .*run.txt is a file; name a run folder"):
+        train_rft(_config(udg, blocker))
+    with pytest.raises(ConfigError, match=r"output .*run.txt/run: .*run.txt is a file, not a folder"):
+        train_rft(_config(udg, blocker / "run"))
+    assert blocker.read_text() == "mine"
+    frozen = tmp_path / "frozen"
+    frozen.mkdir()
+    chattr = shutil.which("chattr")
+    if chattr is None or subprocess.run([chattr, "+i", str(frozen)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i not permitted here (needs root and a filesystem with inode flags)")
+    try:
+        with pytest.raises(ConfigError, match=r"output .*frozen/run: .*frozen is not writable"):
+            train_rft(_config(udg, frozen / "run"))
+    finally:
+        subprocess.run([chattr, "-i", str(frozen)], check=True)
+    assert list(frozen.iterdir()) == []

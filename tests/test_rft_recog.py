@@ -5,6 +5,7 @@ bad inputs are refused instead of scored zero."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -109,3 +110,58 @@ def test_local_torchvision_layout_checkpoint_initialises_the_backbone(tmp_path: 
     assert classifier.fc.out_features == len(CLASSES)
     with pytest.raises(ValueError, match="resnet_width = 64"):
         load_pretrained_backbone(ResNet34(len(CLASSES), width=8), path)
+
+
+def _broken_copy(recog: Path, folder: Path, damage) -> Path:
+    copy = folder / "reward"
+    shutil.copytree(recog, copy)
+    damage(copy)
+    return copy
+
+
+def _write_json(path: Path, change) -> None:
+    document = json.loads(path.read_text())
+    change(document)
+    path.write_text(json.dumps(document))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _replace_by_folder(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
+BROKEN_FOLDERS = {
+    "garbage recog.json": (lambda f: (f / "recog.json").write_bytes(b"\xff\x00 garbage"), "recog.json is not what"),
+    "recog.json a list": (lambda f: (f / "recog.json").write_text("[1, 2]"), "recog.json is not what"),
+    "unknown train key": (
+        lambda f: _write_json(f / "recog.json", lambda d: d["train"].update(depth=3)),
+        "recog.json is not what",
+    ),
+    "bad train value": (
+        lambda f: _write_json(f / "recog.json", lambda d: d["train"].update(lr=-1.0)),
+        "recog.json is not what",
+    ),
+    "other classes": (
+        lambda f: _write_json(f / "recog.json", lambda d: d.update(classes=["crack", "dent"])),
+        r"classifies \['crack', 'dent'\]",
+    ),
+    "truncated classifier": (lambda f: _truncate(f / "classifier.safetensors"), "classifier.safetensors cannot be"),
+    "truncated segmenter": (lambda f: _truncate(f / "segmenter.safetensors"), "segmenter.safetensors cannot be"),
+    "segmenter a folder": (lambda f: _replace_by_folder(f / "segmenter.safetensors"), "segmenter.safetensors cannot"),
+    "other widths": (
+        lambda f: _write_json(f / "recog.json", lambda d: d["train"].update(resnet_width=16)),
+        "classifier.safetensors cannot be loaded",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_FOLDERS))
+def test_a_broken_reward_folder_is_refused_naming_the_file_and_the_fix(recog: Path, tmp_path: Path, case: str) -> None:
+    damage, message = BROKEN_FOLDERS[case]
+    with pytest.raises(UniDGError, match=message) as refused:
+        DefectRecogReward(_broken_copy(recog, tmp_path, damage))
+    assert "unidg train reward-recog" in str(refused.value) and "\n" not in str(refused.value)

@@ -159,24 +159,44 @@ class DefectRecogReward:
     name = "recog"
 
     def __init__(self, folder: str | Path, device: str | torch.device = "cpu") -> None:
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         from unidg.train.detectors import ResNet34, UNet
 
         folder = Path(folder)
+        retrain = f"train it again with `unidg train reward-recog --data UDG_FOLDER --out {folder} --force`"
         if not (folder / RECOG_JSON).is_file():
             raise UniDGError(
                 f"Defect-Recog checkpoint {folder} has no {RECOG_JSON}; train one with "
                 f"`unidg train reward-recog --data UDG_FOLDER --out {folder}`"
             )
-        document = json.loads((folder / RECOG_JSON).read_text())
-        self.classes = list(document["classes"])
-        train = RecogTrainConfig(**document["train"])
+        try:
+            document = json.loads((folder / RECOG_JSON).read_bytes())
+            self.classes = list(document["classes"])
+            train = RecogTrainConfig(**document["train"])
+            train.validate(str(folder / RECOG_JSON))
+        except (ValueError, KeyError, TypeError) as error:  # not JSON / UTF-8, keys missing, other keys or types
+            raise UniDGError(
+                f"Defect-Recog checkpoint {folder}: {RECOG_JSON} is not what `unidg train reward-recog` writes "
+                f"({type(error).__name__}: {error}); {retrain}"
+            ) from error
+        if self.classes != list(CLASSES):
+            raise UniDGError(
+                f"Defect-Recog checkpoint {folder} classifies {self.classes}, this unidg scores {list(CLASSES)}; "
+                f"{retrain}"
+            )
         self.size = train.size
         self.classifier = ResNet34(len(self.classes), train.resnet_width)
-        self.classifier.load_state_dict(load_file(str(folder / CLASSIFIER_FILE)))
         self.segmenter = UNet(1, train.unet_width, train.unet_depth)
-        self.segmenter.load_state_dict(load_file(str(folder / SEGMENTER_FILE)))
+        for network, file in ((self.classifier, CLASSIFIER_FILE), (self.segmenter, SEGMENTER_FILE)):
+            try:
+                network.load_state_dict(load_file(str(folder / file)))
+            except (OSError, RuntimeError, SafetensorError) as error:  # missing, truncated, other shapes or keys
+                reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+                raise UniDGError(
+                    f"Defect-Recog checkpoint {folder}: {file} cannot be loaded ({reason}); {retrain}"
+                ) from error
         self.device = torch.device(device)
         self.classifier.to(self.device).eval()
         self.segmenter.to(self.device).eval()

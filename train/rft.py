@@ -745,10 +745,10 @@ class RFTRun:
 
 def train_rft(config: RFTConfig, resume: bool = True, model=None, reward=None) -> RFTRun:
     """``unidg train rft``: train, then write OUTPUT/lora.safetensors + lora.json (+ config.json, log.jsonl)."""
-    from unidg.train.trainer import distributed
+    from unidg.train.trainer import check_run_folder, distributed
 
     with distributed(config.train.device) as placement:
-        output = Path(config.output)
+        output = check_run_folder(config.output)
         if placement.is_main:
             output.mkdir(parents=True, exist_ok=True)
             atomic_write_text(output / "config.json", json.dumps(to_dict(config), indent=2) + "\n")

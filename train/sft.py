@@ -22,7 +22,15 @@ from unidg.train.config import SFTConfig, settings_of, to_dict
 from unidg.train.latent_cache import open_cache
 from unidg.train.lora import add_lora, save_lora
 from unidg.train.pairs import pools_of, prepare_pairs, select_pairs
-from unidg.train.trainer import FlowTrainer, Placement, build_optimizer, distributed, run_options, sample_schedule
+from unidg.train.trainer import (
+    FlowTrainer,
+    Placement,
+    build_optimizer,
+    check_run_folder,
+    distributed,
+    run_options,
+    sample_schedule,
+)
 
 
 def training_guidance(configured: float, settings: UniDGSettings) -> float:
@@ -126,7 +134,7 @@ def train_sft(config: SFTConfig, resume: bool = True, model=None, data=None) -> 
 
     Under ``torchrun`` every process runs this; rank 0 writes the files."""
     with distributed(config.train.device) as placement:
-        output = Path(config.output)
+        output = check_run_folder(config.output)
         if placement.is_main:
             output.mkdir(parents=True, exist_ok=True)
             atomic_write_text(output / "config.json", json.dumps(to_dict(config), indent=2) + "\n")

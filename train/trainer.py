@@ -35,7 +35,7 @@ from unidg.core.errors import UniDGError
 from unidg.core.layout import DiptychLayout
 from unidg.core.manifest import atomic_write_text
 from unidg.core.settings import UniDGSettings
-from unidg.train.config import LoopConfig, LossConfig, OptimConfig
+from unidg.train.config import ConfigError, LoopConfig, LossConfig, OptimConfig
 from unidg.train.flow import (
     FlowObjective,
     combine_terms,
@@ -57,6 +57,21 @@ DEVICE_PATTERN = re.compile(r"^(cpu|cuda|cuda:\d+)$")
 # ============================================================================ device and processes
 class DeviceError(UniDGError):
     """The requested training device does not exist on this machine."""
+
+
+def check_run_folder(output: str | Path) -> Path:
+    """Refuse, before any work, a run folder (``output``) that is a file or that cannot be created or written."""
+    path = Path(output)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output {path} is a file; name a run folder (new, or a run to resume)")
+    place = path
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    if not place.is_dir():
+        raise ConfigError(f"output {path}: {place} is a file, not a folder; name a run folder inside a folder")
+    if not os.access(place, os.W_OK | os.X_OK):
+        raise ConfigError(f"output {path}: {place} is not writable; name a run folder you can write in")
+    return path
 
 
 class TrainingDivergedError(UniDGError):
