@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
+import numpy as np
 import pytest
 import torch
 
 from unidg.train.detectors import ResNet34, UNet
+from unidg.train.evaluation.detector_training import as_input
 
 
 def test_resnet34_matches_torchvision_layout_by_construction() -> None:
@@ -40,3 +46,31 @@ def test_resnet34_and_unet_forward_shapes() -> None:
     assert unet(torch.zeros(1, 3, 32, 40)).shape == (1, 4, 32, 40)
     with pytest.raises(ValueError, match="multiples of 8"):
         unet(torch.zeros(1, 3, 30, 32))
+
+
+NARROW_RESNET_STRESS = """
+import numpy as np, torch
+from unidg.train.detectors import ResNet34
+from unidg.train.evaluation.detector_training import as_input
+torch.set_num_threads(2)
+torch.manual_seed(0)
+model = ResNet34(2, 4)
+x = as_input(np.random.default_rng(0).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8))
+with torch.no_grad():
+    stem = model.layer1(model.maxpool(model.relu(model.bn1(model.conv1(x)))))
+for _ in range(20):  # layer2's first block: its 4 -> 8 stride-2 1x1 downsample is where channels-last input crashed
+    model.layer2[0](stem.clone().requires_grad_(True)).sum().backward()
+print("ok")
+"""
+
+
+def test_a_width_4_resnet_trains_on_contiguous_input_without_corrupting_the_heap() -> None:
+    """With the channels-last view as_input used to return, this crashed within 7 backward passes in every run
+    (SIGSEGV or "corrupted double-linked list"); run in a subprocess so a crash fails the test, not pytest."""
+    images = np.zeros((2, 8, 8, 3), dtype=np.uint8)
+    assert as_input(images).is_contiguous()
+    env = {**os.environ, "MALLOC_CHECK_": "3"}  # glibc aborts at the first heap inconsistency
+    result = subprocess.run(
+        [sys.executable, "-c", NARROW_RESNET_STRESS], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", (result.returncode, result.stderr[-500:])

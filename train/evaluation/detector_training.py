@@ -32,7 +32,10 @@ def seeded(seed: int, build: Callable[[], T]) -> T:
 
 
 def as_input(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1], contiguous: the permuted view is channels-last, and
+    torch 2.13's CPU convolution backward corrupts the heap on channels-last input at narrow widths (a 4 -> 8
+    stride-2 1x1 convolution, ResNet-34 at width 4, aborts with "corrupted double-linked list")."""
+    return (torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0).contiguous()
 
 
 def fit(
@@ -53,6 +56,7 @@ def fit(
     target_tuple = targets if many else (targets,)
     spatial = spatial_target if isinstance(spatial_target, tuple) else (spatial_target,) * len(target_tuple)
     forward = forward or model
+    inputs = inputs.contiguous()  # see as_input: never a channels-last tensor into the CPU convolution
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)

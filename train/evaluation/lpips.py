@@ -103,7 +103,7 @@ def lpips_distance(network: LpipsAlex, a: np.ndarray, b: np.ndarray) -> float:
     bilinearly to it first: AlexNet's last layer would otherwise see no pixels."""
 
     def tensor(image: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+        x = (torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 127.5 - 1.0).contiguous()
         h, w = x.shape[2:]
         if min(h, w) < MIN_SIDE:
             factor = MIN_SIDE / min(h, w)
