@@ -13,7 +13,7 @@ from pathlib import Path
 
 from unidg.core.latents import LATENT_CHANNELS, VAE_SCALE, VAE_SHIFT
 from unidg.core.manifest import Manifest, tool_versions, write_manifest
-from unidg.core.settings import UniDGSettings
+from unidg.core.settings import MAX_RESOLUTION, UniDGSettings
 from unidg.core.weights_folder import (
     OutputFolderError,
     WeightsError,
@@ -28,6 +28,7 @@ from unidg.export.onnx_export import (
     ModelFacts,
     Progress,
     cast_for_precision,
+    check_max_batch,
     export_graphs,
     print_progress,
     torch_program_file,
@@ -123,6 +124,9 @@ def export_bundle(
     ``torch_programs`` also saves each graph as a ``torch.export`` program (``torch/<graph>.pt2``, listed in the
     manifest's files and its ``torch_programs`` table) for ``--backend torch``; without it the bundle is unchanged."""
     check_output(out, overwrite=overwrite)  # refused before the weights are read and the graphs exported
+    check_max_batch(max_batch)
+    if resolution is not None:
+        check_resolution(resolution)
     weights = read_weights(weights_folder, verify=verify_weights, progress=progress)
     resolution = check_resolution(weights.settings.resolution if resolution is None else resolution)
     settings = replace(weights.settings, resolution=resolution)
@@ -162,9 +166,14 @@ def export_bundle(
 
 
 def check_resolution(resolution: int, name: str = "--resolution") -> int:
-    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 16 or resolution % 16:
+    if (
+        isinstance(resolution, bool)
+        or not isinstance(resolution, int)
+        or not 16 <= resolution <= MAX_RESOLUTION
+        or resolution % 16
+    ):
         raise OutputFolderError(
-            f"{name} {resolution!r} is not a positive multiple of 16 (the diptych is cut into 16-pixel tokens); "
-            "use e.g. 256, 512 or 768"
+            f"{name} {resolution!r}: supported are multiples of 16 from 16 to {MAX_RESOLUTION} (the diptych is cut "
+            "into 16-pixel tokens); use e.g. 256, 512 or 768"
         )
     return resolution

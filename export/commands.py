@@ -392,6 +392,14 @@ def run_parity(args: argparse.Namespace) -> int:
     print(format_report(data))
     if args.json:
         Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
+    failed = [name for name, parity in graphs.items() if parity.polygraphy_passed is False]
+    if failed:
+        print(
+            f"error: parity FAILED for {failed}: bundle {args.bundle} does not compute what --weights {args.weights} "
+            "computes; check that it was exported from these weights, or re-export it",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -14,6 +14,7 @@ table the runtime's TensorRT backend reads (TensorRT version, GPU compute capabi
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ import onnx
 
 from unidg.core.errors import UniDGError
 from unidg.core.manifest import atomic_write_bytes, read_manifest, sha256_file, write_manifest
+from unidg.core.settings import MAX_RESOLUTION
 from unidg.export.onnx_export import Progress, print_progress
 from unidg.export.tensorrt_graphs import ATTENTION_MASKS, GraphDerivation, derive_graph_file
 from unidg.runtime.backends.tensorrt_backend import MIN_TENSORRT_VERSION, tensorrt_version_problem
@@ -98,6 +100,18 @@ class EngineRequest:
         unknown = [g for g in self.graphs if g not in GRAPH_NAMES]
         if unknown:
             raise EngineError(f"unknown graphs {unknown}; a bundle has {list(GRAPH_NAMES)}")
+        if self.workspace_gb is not None and not (math.isfinite(self.workspace_gb) and self.workspace_gb > 0):
+            raise EngineError(f"--workspace-gb {self.workspace_gb}: give a finite number of GiB > 0 (e.g. 8)")
+        for flag, value in (
+            ("--min-batch", self.min_batch),
+            ("--opt-batch", self.opt_batch),
+            ("--max-batch", self.max_batch),
+        ):
+            if value is not None and value < 1:
+                raise EngineError(f"{flag} {value}: must be >= 1")
+        for flag, value in (("--min-resolution", self.min_resolution), ("--max-resolution", self.max_resolution)):
+            if value is not None and not (16 <= value <= MAX_RESOLUTION and value % 16 == 0):
+                raise EngineError(f"{flag} {value}: must be a multiple of 16 in 16..{MAX_RESOLUTION}")
 
 
 def installed_tensorrt_major() -> int | None:

@@ -34,6 +34,7 @@ import torch
 from unidg.core.errors import UniDGError
 from unidg.core.latents import LATENT_CHANNELS, MASK_CHANNELS
 from unidg.core.layout import DiptychLayout
+from unidg.core.settings import MAX_RESOLUTION
 from unidg.export.step_model import ImageEncoderModel, StepModel, VaeDecoderModel, VaeEncoderModel, float32_rope
 from unidg.runtime.bundle import GRAPH_INPUTS, GRAPH_NAMES, GRAPH_OUTPUTS, STEP_INPUTS
 from unidg.train.attention import KeyBiasAttnProcessor, flux_attention_modules
@@ -62,6 +63,12 @@ class ExportError(UniDGError):
     """The model cannot be exported as asked; the message names the option and the fix."""
 
 
+def check_max_batch(max_batch: int) -> int:
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise ExportError(f"--max-batch {max_batch!r}: the upper bound of a dynamic batch must be an integer >= 1")
+    return max_batch
+
+
 @dataclass(frozen=True)
 class ExportOptions:
     resolution: int
@@ -74,10 +81,10 @@ class ExportOptions:
     max_batch: int = 16  # upper bound of a dynamic batch axis (export-time constraint)
 
     def __post_init__(self) -> None:
-        if self.resolution < 16 or self.resolution % 16:
+        if not 16 <= self.resolution <= MAX_RESOLUTION or self.resolution % 16:
             raise ExportError(
-                f"--resolution {self.resolution} is not a positive multiple of 16 (each diptych half is split into "
-                "16-pixel tokens); use e.g. 256, 512 or 768"
+                f"--resolution {self.resolution}: supported are multiples of 16 from 16 to {MAX_RESOLUTION} (each "
+                "diptych half is split into 16-pixel tokens); use e.g. 256, 512 or 768"
             )
         if self.precision not in PRECISIONS:
             raise ExportError(f"--precision {self.precision!r}: choose one of {list(PRECISIONS)}")
@@ -89,6 +96,7 @@ class ExportOptions:
             raise ExportError(f"--batch {self.batch!r}: give a positive integer or 'dynamic'")
         if isinstance(self.batch, int) and self.batch < 1:
             raise ExportError(f"--batch {self.batch}: must be >= 1")
+        check_max_batch(self.max_batch)
         if self.opset < 23:
             raise ExportError(f"opset {self.opset}: the portable attention needs opset >= 23 (ONNX Attention)")
 

@@ -201,3 +201,37 @@ def test_fold_form_step_graph_matches_the_training_fold_and_zeroes_fully_masked_
     actual = ort.InferenceSession(str(tmp_path / "step.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     assert np.isfinite(actual).all()
     assert np.abs(actual - expected).max() < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        (["--batch", "dynamic", "--max-batch", "0"], "--max-batch 0: the upper bound of a dynamic batch"),
+        (["--max-batch", "-3"], "--max-batch -3"),
+        (["--resolution", "100000"], "--resolution 100000: supported are multiples of 16 from 16 to 1024"),
+        (["--resolution", "1040"], "from 16 to 1024"),
+    ],
+)
+def test_export_onnx_refuses_bad_sizes_before_reading_the_weights(tmp_path, capsys, extra, named):
+    args = ["export", "onnx", "--weights", str(tmp_path / "no-weights"), "--out", str(tmp_path / "b"), *extra]
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert named in error and "no-weights" not in error and "Traceback" not in error
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        (["--workspace-gb", "nan"], "--workspace-gb nan: give a finite number of GiB > 0"),
+        (["--workspace-gb", "inf"], "--workspace-gb inf"),
+        (["--workspace-gb", "0"], "--workspace-gb 0.0"),
+        (["--max-batch", "0"], "--max-batch 0: must be >= 1"),
+        (["--min-batch", "-1"], "--min-batch -1"),
+        (["--max-resolution", "100000"], "--max-resolution 100000: must be a multiple of 16 in 16..1024"),
+    ],
+)
+def test_engine_options_are_checked(capsys, extra, named):
+    assert main(["export", "trtexec", "--bundle", str(nano_bundle()), *extra]) == 2
+    error = capsys.readouterr().err
+    assert named in error and "Traceback" not in error

@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from export_fixtures import load_nano_model, nano_bundle, single_thread, workspace
+from export_fixtures import load_nano_model, nano_bundle, other_weights, single_thread, workspace
 
+from unidg.cli import main
 from unidg.export.parity import ParityError, check_model_matches, format_report, graph_parity, report, trajectory_parity
 from unidg.runtime.bundle import GRAPH_NAMES, load_bundle
 
@@ -66,3 +67,12 @@ def test_parity_refuses_a_model_the_bundle_was_not_exported_from():
         check_model_matches(load_bundle(nano_bundle()), unfolded)
     with pytest.raises(ParityError, match="static with batch 1"):
         graph_parity(nano_bundle(), load_nano_model(), batch=2)
+
+
+def test_parity_against_other_weights_fails_with_exit_1(tmp_path, capsys):
+    args = ["export", "parity", "--bundle", str(nano_bundle()), "--weights", str(other_weights()), "--no-trajectory"]
+    with single_thread():
+        code = main(args)
+    captured = capsys.readouterr()
+    assert "FAIL" in captured.out
+    assert code == 1 and "parity FAILED for ['step'" in captured.err and "re-export" in captured.err

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from .geometry import Diptych
 
 SETTINGS_FILE = "unidg.json"
+# Largest diptych half S: the S x 2S diptych stays within the ~2 MP FLUX.1 is made for (1024 x 2048 = 2.1 MP).
+MAX_RESOLUTION = 1024
 
 
 @dataclass(frozen=True)
@@ -49,8 +51,8 @@ class UniDGSettings:
             raise UniDGError(f"beta must be in (0, 1] (got {self.beta})")
         if not 0 < self.threshold <= 1:
             raise UniDGError(f"threshold must be in (0, 1] (got {self.threshold})")
-        if self.resolution <= 0 or self.resolution % 16:
-            raise UniDGError(f"resolution must be a positive multiple of 16 (got {self.resolution})")
+        if not 16 <= self.resolution <= MAX_RESOLUTION or self.resolution % 16:
+            raise UniDGError(f"resolution must be a multiple of 16 from 16 to {MAX_RESOLUTION} (got {self.resolution})")
         if self.text_tokens < 1:
             raise UniDGError(f"text_tokens must be >= 1 (got {self.text_tokens})")
         if self.steps < 1:
