@@ -455,3 +455,22 @@ def test_a_client_that_disconnects_frees_its_worker(bundle):
         _wait_for(lambda: _metric(url, "unidg_inflight") == 0, timeout=3.0)
         assert 'unidg_errors_total{kind="client_gone"} 1' in get(url, "/metrics").body.decode()
         assert get(url, "/nothing-here").json()["error"] == "not_found"
+
+
+@pytest.mark.parametrize("media_type", ["multipart/form-data", "MULTIPART/FORM-DATA", "Multipart/Form-Data"])
+def test_the_multipart_media_type_is_matched_without_regard_to_case(media_type):
+    import asyncio
+
+    from starlette.datastructures import Headers
+
+    from unidg.runtime.serve.app import parse_multipart
+
+    files = sample_inputs(32)
+    body, content_type = encode_multipart(files, {"params": "{}"})
+    boundary = content_type.split(";", 1)[1]  # the boundary itself is case-sensitive and kept as sent
+    fields = asyncio.run(parse_multipart(Headers({"content-type": f"{media_type};{boundary}"}), body))
+    assert fields["source"] == files["source"] and fields["params"] == "{}"
+    for other in ("multipart/form-datax;" + boundary, "text/plain"):
+        with pytest.raises(ServiceError) as refused:
+            asyncio.run(parse_multipart(Headers({"content-type": other}), body))
+        assert refused.value.status == 415

@@ -187,7 +187,7 @@ def uploads_full(config: ServeConfig) -> ServiceError:
 
 async def parse_multipart(headers: Any, body: bytes) -> dict[str, bytes | str]:
     content_type = headers.get("content-type", "")
-    if not content_type.startswith("multipart/form-data"):
+    if content_type.split(";", 1)[0].strip().lower() != "multipart/form-data":  # media types are case-insensitive
         raise ServiceError(
             415,
             "unsupported_media_type",
