@@ -273,6 +273,8 @@ def test_a_step_that_makes_a_weight_non_finite_stops_and_keeps_the_last_finite_c
     kept = load_file(str(folder / "step-000001" / TRAINABLE_FILE))
     assert kept and all(bool(torch.isfinite(tensor).all()) for tensor in kept.values())
     assert not (tmp_path / "run" / "lora.safetensors").exists()
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (folder / "step-000001").iterdir()}
+    assert len(set(modes.values())) == 1, modes  # safetensors' 0600 made like the JSON files beside them
 
 
 def test_an_output_that_is_a_file_or_unwritable_is_refused_before_training(udg, tmp_path, capsys) -> None:

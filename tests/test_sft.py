@@ -305,4 +305,6 @@ def test_a_step_that_makes_a_weight_non_finite_stops_and_keeps_the_last_finite_c
     assert sorted(p.name for p in (run_dir / CHECKPOINTS).iterdir()) == ["step-000001"]
     kept = load_file(str(run_dir / CHECKPOINTS / "step-000001" / TRAINABLE_FILE))
     assert kept and all(bool(torch.isfinite(tensor).all()) for tensor in kept.values())
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (run_dir / CHECKPOINTS / "step-000001").iterdir()}
+    assert len(set(modes.values())) == 1, modes  # safetensors' 0600 made like the JSON files beside them
     assert [r["step"] for r in read_log(run_dir)] == [1]

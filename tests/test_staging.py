@@ -113,6 +113,17 @@ def test_the_package_source_tree_is_refused_as_an_output(tmp_path):
         os.chdir(tmp_path)
 
 
+def test_private_files_get_the_usual_mode(tmp_path):
+    out = tmp_path / "result"
+    with staged_folder(out) as staging:
+        (staging / "weights.safetensors").write_bytes(b"x")
+        os.chmod(staging / "weights.safetensors", 0o600)  # what safetensors' save_file gives
+        (staging / "tool").write_bytes(b"x")
+        os.chmod(staging / "tool", 0o755)
+    assert stat.S_IMODE((out / "weights.safetensors").stat().st_mode) == usual_folder_mode() & 0o666
+    assert stat.S_IMODE((out / "tool").stat().st_mode) == 0o755  # other modes are left as they were made
+
+
 def test_an_empty_folder_is_accepted_and_filled(tmp_path):
     out = tmp_path / "empty"
     out.mkdir()

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from unidg.core.manifest import atomic_write_text
+from unidg.core.staging import give_usual_mode
 from unidg.train.config import LoraConfig
 
 LORA_FILE = "lora.safetensors"
@@ -95,6 +96,7 @@ def save_lora(folder: str | Path, transformer: nn.Module, lora: LoraConfig, modu
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{LORA_FILE}.tmp"
     save_file(lora_state_dict(transformer), str(tmp), metadata={"format": "unidg-lora"})
+    give_usual_mode(tmp)
     tmp.replace(folder / LORA_FILE)
     document = {"rank": lora.rank, "alpha": lora.scale_alpha, "targets": list(lora.targets), "modules": modules}
     atomic_write_text(folder / LORA_CONFIG_FILE, json.dumps({**document, **extra}, indent=2) + "\n")

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from unidg.core.manifest import atomic_write_text
+from unidg.core.staging import give_usual_mode
 from unidg.train.config import (
     ConfigError,
     DataConfig,
@@ -600,6 +601,8 @@ class RFTRun:
         (tmp / OPTIMIZER_JSON).write_text(json.dumps(document, indent=1) + "\n")
         state = {"step": self.step, "seed": self.config.seed, "fingerprint": self.fingerprint}
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        for file in tmp.iterdir():
+            give_usual_mode(file)
         shutil.rmtree(final, ignore_errors=True)
         tmp.replace(final)
         for old in sorted(folder.glob("step-*"))[: -self.config.train.keep_checkpoints]:

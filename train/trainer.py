@@ -35,6 +35,7 @@ from unidg.core.errors import UniDGError
 from unidg.core.layout import DiptychLayout
 from unidg.core.manifest import atomic_write_text
 from unidg.core.settings import UniDGSettings
+from unidg.core.staging import give_usual_mode
 from unidg.train.config import ConfigError, LoopConfig, LossConfig, OptimConfig
 from unidg.train.flow import (
     FlowObjective,
@@ -425,6 +426,8 @@ class FlowTrainer:
         state = {"step": self.step, "seed": self.seed, "fingerprint": self.fingerprint}
         state["world_size"] = self.placement.world_size  # informative: any world size resumes it
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        for file in tmp.iterdir():
+            give_usual_mode(file)
         shutil.rmtree(final, ignore_errors=True)
         tmp.replace(final)
         kept = sorted((self.run_dir / CHECKPOINTS).glob("step-*"))

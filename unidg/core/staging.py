@@ -18,6 +18,7 @@ import importlib.util
 import os
 import secrets
 import shutil
+import stat
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -150,13 +151,24 @@ def _new_hidden_folder(parent: Path, name: str) -> Path:
         return candidate
 
 
+def give_usual_mode(path: str | Path) -> None:
+    """A private file (0600) gets the permissions a plain ``open()`` gives (0666 less the umask): safetensors writes
+    0600, which left weights and checkpoints unreadable to the group beside 0644 JSON files."""
+    if stat.S_IMODE(os.stat(path).st_mode) == 0o600:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(path, 0o666 & ~umask)
+
+
 def fsync_tree(folder: Path) -> None:
-    """Flush every file and folder under ``folder`` (and ``folder`` itself) to disk."""
+    """Flush every file and folder under ``folder`` (and ``folder`` itself) to disk; private files (0600) get the
+    usual mode first."""
     for root, dirs, files in os.walk(folder):
         for name in files:
             path = os.path.join(root, name)
             if os.path.islink(path):
                 continue
+            give_usual_mode(path)
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
         for name in (*dirs, "."):
@@ -238,6 +250,7 @@ __all__ = [
     "check_output_folder",
     "fsync_folder",
     "fsync_tree",
+    "give_usual_mode",
     "is_unidg_output",
     "package_source_folders",
     "staged_folder",
