@@ -265,3 +265,39 @@ def test_selection_settings_retrain_only_the_fifth_set() -> None:
     assert _set_key(config, "generated") == _set_key(other, "generated") == "generated"
     other.report.bootstrap = 50
     assert config_hash(config) == config_hash(other)  # intervals rescore, never retrain
+
+
+EVAL_REFUSALS = {
+    "UDG folder without an index": ([], "data.path udg holds no UDG index (index.jsonl)"),
+    "non-UTF-8 VisA CSV": (
+        ["data.kind=visa", "data.path=visa", "data.split_csv=split.csv"],
+        "split.csv is not UTF-8 text (byte 30: invalid start byte); save VisA's split CSV as UTF-8",
+    ),
+    "output a file": (["output=taken.txt"], "output taken.txt is a file; name a report folder"),
+    "one image kept for the two-stage detector": (
+        ["generation.per_object=2"],
+        "keeps 1 image per object for the two-stage detector, which needs at least 2 (BatchNorm)",
+    ),
+    "one generated image": (
+        ['sets=["generated"]', "generation.per_object=1"],
+        "generation.per_object (or detectors.defects_per_set) 1 gives one generated image per object",
+    ),
+    "infinite lr": (["detectors.lr=inf"], "detectors.lr must be a finite number (got inf)"),
+}
+
+
+@pytest.mark.parametrize("case", list(EVAL_REFUSALS))
+def test_bad_eval_inputs_are_refused_in_one_line_and_leave_nothing(tmp_path, monkeypatch, capsys, case) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "udg").mkdir()
+    (tmp_path / "visa").mkdir()
+    (tmp_path / "split.csv").write_bytes(b"object,split,label,image,mask\n\xff\xfe bad,train,normal,a.png,\n")
+    (tmp_path / "taken.txt").write_text("mine")
+    (tmp_path / "e.toml").write_text('output = "out"\nseeds = [0]\n[data]\nkind = "udg"\npath = "udg"\n')
+    before = sorted(p.name for p in tmp_path.iterdir())
+    overrides, message = EVAL_REFUSALS[case]
+    args = ["eval", "run", "--config", "e.toml"] + [part for o in overrides for part in ("--set", o)]
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error and len(error.strip().splitlines()) == 1, error
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and (tmp_path / "taken.txt").read_text() == "mine"

@@ -60,18 +60,18 @@ class DeviceError(UniDGError):
     """The requested training device does not exist on this machine."""
 
 
-def check_run_folder(output: str | Path) -> Path:
-    """Refuse, before any work, a run folder (``output``) that is a file or that cannot be created or written."""
+def check_run_folder(output: str | Path, what: str = "run folder") -> Path:
+    """Refuse, before any work, an ``output`` folder that is a file or that cannot be created or written."""
     path = Path(output)
     if path.exists() and not path.is_dir():
-        raise ConfigError(f"output {path} is a file; name a run folder (new, or a run to resume)")
+        raise ConfigError(f"output {path} is a file; name a {what} (new, or one to resume)")
     place = path
     while not place.exists() and place != place.parent:
         place = place.parent
     if not place.is_dir():
-        raise ConfigError(f"output {path}: {place} is a file, not a folder; name a run folder inside a folder")
+        raise ConfigError(f"output {path}: {place} is a file, not a folder; name a {what} inside a folder")
     if not os.access(place, os.W_OK | os.X_OK):
-        raise ConfigError(f"output {path}: {place} is not writable; name a run folder you can write in")
+        raise ConfigError(f"output {path}: {place} is not writable; name a {what} you can write in")
     return path
 
 

@@ -42,6 +42,7 @@ from unidg.train.evaluation.training_sets import (
     round_robin,
     rule_set,
 )
+from unidg.train.trainer import check_run_folder
 
 SET_TITLES = {
     "rule": "(i) rule-based (cut-paste + Perlin)",
@@ -61,8 +62,9 @@ def load_splits(config: EvalConfig, progress: bool = True) -> list[InspectionSpl
         folder = Path(data.path)
         if not (folder / "index.jsonl").exists():
             if not data.synth_count:
-                raise ValueError(
-                    f"{folder} holds no UDG index; make it with `unidg data synth` or set data.synth_count"
+                raise DatasetLayoutError(
+                    f"data.path {folder} holds no UDG index (index.jsonl); make it with `unidg data synth --out "
+                    f"{folder}` or set data.synth_count"
                 )
             from unidg.train.procedural import synthesize
 
@@ -175,11 +177,11 @@ def _run_benchmark(config: EvalConfig, progress: bool) -> dict:
     from unidg.train.evaluation import detector_training as dt
 
     started = time.time()
-    out = Path(config.output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_run_folder(config.output, what="report folder")
     cfg = config.detectors
+    splits = load_splits(config, progress)  # a missing or unreadable dataset is refused before out is made
+    out.mkdir(parents=True, exist_ok=True)
     cache = Cache(out / "cache", config_hash(config))
-    splits = load_splits(config, progress)
     size, sets = cfg.size, config.sets
     needs_generation = bool({"generated", "two_stage", "selected"} & set(sets))
     synthesizer = None

@@ -128,6 +128,20 @@ class EvalConfig:
         self.generation.validate(where)
         self.detectors.validate(where)
         self.report.validate(where)
+        # A detector trains with BatchNorm, which needs two images: each generated training set must hold two.
+        generation, count = self.generation, generated_count(self)
+        if {"generated", "two_stage"} & set(self.sets) and count < 2:
+            raise ConfigError(
+                f"{where}: generation.per_object (or detectors.defects_per_set) {count} gives one generated image per "
+                "object; the detectors need at least 2 (BatchNorm): raise it"
+            )
+        kept = max(1, int(round(generation.keep_fraction * count)))  # as retrieval_filter keeps
+        if "two_stage" in self.sets and kept < 2:
+            raise ConfigError(
+                f"{where}: {count} generated images x keep_fraction {generation.keep_fraction} "
+                f"keeps {kept} image per object for the two-stage detector, which needs at least 2 (BatchNorm): raise "
+                "generation.per_object or generation.keep_fraction"
+            )
 
 
 def rule_count(config: EvalConfig) -> int:

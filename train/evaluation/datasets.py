@@ -158,8 +158,13 @@ def read_visa(root: str | Path, split_csv: str | Path, objects: list[str] | None
     root, split_csv = Path(root), Path(split_csv)
     if not split_csv.is_file():
         raise DatasetLayoutError(f"{split_csv} does not exist; pass VisA's split CSV (e.g. split_csv/1cls.csv)")
-    with open(split_csv, newline="") as handle:
-        rows = list(csv.DictReader(handle))
+    try:
+        with open(split_csv, newline="", encoding="utf-8-sig") as handle:
+            rows = list(csv.DictReader(handle))
+    except UnicodeDecodeError as error:
+        raise DatasetLayoutError(
+            f"{split_csv} is not UTF-8 text (byte {error.start}: {error.reason}); save VisA's split CSV as UTF-8"
+        ) from error
     columns = set(rows[0]) if rows else set()
     missing = [c for c in VISA_COLUMNS if c not in columns]
     if missing:
