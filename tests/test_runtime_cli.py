@@ -114,6 +114,22 @@ def test_generate_refuses_an_output_folder_holding_other_files(tmp_path, toy, sa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
 
 
+def test_generate_refuses_an_immutable_empty_out_before_running(tmp_path, toy, samples, capsys):
+    """It was refused only after every step, as "filled by someone else meanwhile"."""
+    frozen = tmp_path / "frozen"
+    frozen.mkdir()
+    chattr = shutil.which("chattr")
+    if chattr is None or subprocess.run([chattr, "+i", str(frozen)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i not permitted here (needs root and a filesystem with inode flags)")
+    try:
+        assert main(generate_args(toy, samples, frozen, "--steps", "200000")) == 2  # refused before any step
+    finally:
+        subprocess.run([chattr, "-i", str(frozen)], check=True)
+    error = capsys.readouterr().err
+    assert "cannot be replaced by the result: it is immutable (chattr +i)" in error and "meanwhile" not in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["frozen"] and list(frozen.iterdir()) == []
+
+
 def test_generate_refuses_a_file_as_parent_before_running(tmp_path, toy, samples, capsys):
     blocker = tmp_path / "file.txt"
     blocker.write_text("x")
