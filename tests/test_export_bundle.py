@@ -72,7 +72,7 @@ def test_export_refuses_changed_weights_and_bad_resolution(tmp_path):
     (folder / "unidg.json").write_text(json.dumps({**settings, "alpha": 3.0}))
     with pytest.raises(WeightsError, match="unidg.json does not match its manifest"):
         export_bundle(folder, tmp_path / "out", progress=None)
-    with pytest.raises(OutputFolderError, match="--resolution 72 is not a positive multiple of 16"):
+    with pytest.raises(OutputFolderError, match="--resolution 72: supported are multiples of 16 from 16 to 1024"):
         export_bundle(nano_weights(), tmp_path / "out", resolution=72, progress=None)
     with pytest.raises(ExportError, match="--precision"):
         ExportOptions(resolution=64, precision="fp64")
@@ -231,7 +231,8 @@ def test_export_onnx_refuses_bad_sizes_before_reading_the_weights(tmp_path, caps
         (["--max-resolution", "100000"], "--max-resolution 100000: must be a multiple of 16 in 16..1024"),
     ],
 )
-def test_engine_options_are_checked(capsys, extra, named):
-    assert main(["export", "trtexec", "--bundle", str(nano_bundle()), *extra]) == 2
+def test_engine_options_are_checked(tmp_path, capsys, extra, named):
+    assert main(["export", "trtexec", "--bundle", str(nano_bundle()), "--out", str(tmp_path / "t"), *extra]) == 2
     error = capsys.readouterr().err
     assert named in error and "Traceback" not in error
+    assert list(tmp_path.iterdir()) == []

@@ -165,7 +165,7 @@ class DefectRecogReward:
         from unidg.train.detectors import ResNet34, UNet
 
         folder = Path(folder)
-        retrain = f"train it again with `unidg train reward-recog --data UDG_FOLDER --out {folder} --force`"
+        retrain = f"train it again with `unidg train reward-recog --data UDG_FOLDER --out {folder} --overwrite`"
         if not (folder / RECOG_JSON).is_file():
             raise UniDGError(
                 f"Defect-Recog checkpoint {folder} has no {RECOG_JSON}; train one with "
