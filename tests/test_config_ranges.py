@@ -75,7 +75,12 @@ ZERO_MEANS_SOMETHING = {
     "reward.recog.weight",
     "reward.color.weight",
     "generation.steps",  # the bundle's
+    "generation.consistency_threshold",  # in [0, 1]
+    "generation.consistency_floor",
     "detectors.threads",
+    "detectors.defects_per_set",  # each set's own count
+    "report.bootstrap",  # no intervals
+    "report.bootstrap_seed",
 }
 NEGATIVE_MEANS_SOMETHING = {
     "loss.logit_mean",  # mu of the logit-normal

@@ -105,6 +105,7 @@ class ReportConfig:
 
     def validate(self, where: str) -> None:
         _check(self.bootstrap >= 0, where, "report.bootstrap", "must be >= 0 (0: no intervals)", self.bootstrap)
+        _check(self.bootstrap_seed >= 0, where, "report.bootstrap_seed", "must be >= 0", self.bootstrap_seed)
         _check(0 < self.confidence < 1, where, "report.confidence", "must be in (0, 1)", self.confidence)
 
 
