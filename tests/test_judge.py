@@ -272,5 +272,5 @@ def test_a_damaged_cache_entry_is_asked_again(server, tmp_path) -> None:
     (entry,) = (tmp_path / "cache").rglob("*.json")
     entry.write_bytes(b"\xff\x00 not json")
     assert judge.score(_inputs((77,))).scores.tolist() == first.scores.tolist()
-    assert len(FakeJudge.seen) == 2 and json.loads(entry.read_text())["Analysis"] == "ok"
+    assert len(FakeJudge.seen) == 2 and parse_answer(json.loads(entry.read_text())["content"]).analysis == "ok"
     judge.close()

@@ -19,26 +19,17 @@ The API key is read from the environment variable named by ``api_key_env`` (sent
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import io
-import json
 import math
-import os
-import queue
-import re
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from unidg.core.errors import UniDGError
-from unidg.core.manifest import atomic_write_text
+from unidg.train.chat_client import ChatClient, connection_problems, parse_json_answer, png_data_url
 from unidg.train.config import ConfigError
 from unidg.train.reward_interface import RewardOutput
 
@@ -138,30 +129,11 @@ def answer_schema() -> dict:
 
 def parse_answer(content: str) -> RubricAnswer:
     """The rubric JSON of a chat answer (a ```json fence around it is tolerated); ValueError when it is not valid."""
-    text = content.strip()
-    fenced = re.match(r"^```(?:json)?\s*(.*?)\s*```$", text, re.S)
-    if fenced:
-        text = fenced.group(1)
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"answer is not JSON ({error}): {content[:120]!r}") from error
+    document = parse_json_answer(content)
     try:
         return RubricAnswer.model_validate(document)
     except ValidationError as error:
         raise ValueError(f"answer does not follow the rubric schema: {error.errors()[0]['msg']}") from error
-
-
-def png_data_url(image: np.ndarray) -> str:
-    """uint8 (H, W, 3) image or bool (H, W) mask -> data:image/png;base64,..."""
-    from PIL import Image
-
-    array = np.asarray(image)
-    if array.dtype == np.bool_:
-        array = array.astype(np.uint8) * 255
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 @dataclass
@@ -183,41 +155,16 @@ class JudgeConfig:
     scenario: str = "industrial surface inspection: a defect from the reference is transferred into the target"
 
     def validate(self, where: str) -> None:
-        if not re.match(r"^https?://", self.url):
-            raise ConfigError(f"{where}: judge.url must be the API's http(s) base URL, e.g. http://127.0.0.1:8000/v1")
-        if not self.model:
-            raise ConfigError(f"{where}: judge.model must name the model the server serves")
-        for key in ("timeout_s", "backoff_s", "max_backoff_s"):
-            value = getattr(self, key)
-            if not (math.isfinite(value) and value > 0):  # NaN fails every comparison: test for the good case
-                raise ConfigError(f"{where}: judge.{key} must be a finite number of seconds > 0 (got {value})")
+        problems = connection_problems(self, "judge")
         if not (math.isfinite(self.weight) and math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ConfigError(
-                f"{where}: judge.weight and judge.temperature must be finite, temperature >= 0 "
-                f"(got {self.weight}, {self.temperature})"
+            problems.append(
+                f"judge.weight and judge.temperature must be finite, temperature >= 0 (got {self.weight}, "
+                f"{self.temperature})"
             )
-        if self.max_response_bytes < 1024:
-            raise ConfigError(f"{where}: judge.max_response_bytes must be >= 1024 (got {self.max_response_bytes})")
-        if self.cache_dir and Path(self.cache_dir).exists() and not Path(self.cache_dir).is_dir():
-            raise ConfigError(f'{where}: judge.cache_dir {self.cache_dir} is a file; name a folder (or "": no cache)')
-        if self.retries < 0 or self.concurrency < 1 or self.max_tokens < 1:
-            raise ConfigError(
-                f"{where}: judge.retries must be >= 0, judge.concurrency >= 1 and judge.max_tokens >= 1 (got "
-                f"{self.retries}, {self.concurrency}, {self.max_tokens})"
-            )
-
-
-class _AnswerTooLarge(Exception):
-    pass
-
-
-def retry_after_seconds(value: str | None) -> float | None:
-    """A Retry-After header as seconds, or None when absent, an HTTP date or not a finite number >= 0."""
-    try:
-        seconds = float(value or "")
-    except ValueError:
-        return None
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+        if self.max_tokens < 1:
+            problems.append(f"judge.max_tokens must be >= 1 (got {self.max_tokens})")
+        if problems:
+            raise ConfigError(f"{where}: {problems[0]}")
 
 
 class DefectUndJudge:
@@ -226,22 +173,17 @@ class DefectUndJudge:
     name = "judge"
 
     def __init__(self, config: JudgeConfig, sleep=time.sleep) -> None:
-        import httpx
-
         config.validate("judge")
         self.config = config
-        self.endpoint = config.url.rstrip("/") + "/chat/completions"
-        headers = {"Content-Type": "application/json"}
-        key = os.environ.get(config.api_key_env, "") if config.api_key_env else ""
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        limits = httpx.Limits(max_connections=config.concurrency)
-        self.client = httpx.Client(timeout=config.timeout_s, headers=headers, limits=limits)
-        self.sleep = sleep
-        self.requests_sent = 0
+        self.chat = ChatClient(config, role="judge", error=JudgeError, sleep=sleep)
+        self.endpoint = self.chat.endpoint
+
+    @property
+    def requests_sent(self) -> int:
+        return self.chat.requests_sent
 
     def close(self) -> None:
-        self.client.close()
+        self.chat.close()
 
     # ------------------------------------------------------------------ one sample
     def request_body(self, reference, reference_mask, generated, target_mask) -> dict:
@@ -269,113 +211,9 @@ class DefectUndJudge:
             }
         return body
 
-    def _cache_path(self, body: dict) -> Path | None:
-        if not self.config.cache_dir:
-            return None
-        digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-        return Path(self.config.cache_dir) / digest[:2] / f"{digest}.json"
-
-    def _read_capped(self, body: dict, abandoned: threading.Event) -> tuple[int, dict, bytes] | None:
-        """POST ``body`` and read the whole answer, refusing one over ``max_response_bytes``."""
-        cap = self.config.max_response_bytes
-        with self.client.stream("POST", self.endpoint, json=body) as response:
-            declared = response.headers.get("Content-Length", "")
-            if declared.isdigit() and int(declared) > cap:
-                raise _AnswerTooLarge(int(declared))
-            chunks, size = [], 0
-            for chunk in response.iter_bytes():
-                if abandoned.is_set():
-                    return None
-                size += len(chunk)
-                if size > cap:
-                    raise _AnswerTooLarge(size)
-                chunks.append(chunk)
-            return response.status_code, dict(response.headers), b"".join(chunks)
-
-    def _post(self, body: dict) -> tuple[int, dict, bytes]:
-        """One attempt within ``timeout_s`` in total: the read runs in its own thread, abandoned at the deadline (it
-        then stops at its next chunk, or at httpx's per-read timeout if the server falls silent)."""
-        outcome: queue.Queue = queue.Queue(maxsize=1)
-        abandoned = threading.Event()
-
-        def attempt() -> None:
-            try:
-                outcome.put((True, self._read_capped(body, abandoned)))
-            except BaseException as error:  # handed to the waiting thread
-                outcome.put((False, error))
-
-        threading.Thread(target=attempt, name="unidg-judge-request", daemon=True).start()
-        try:
-            ok, value = outcome.get(timeout=self.config.timeout_s)
-        except queue.Empty:
-            abandoned.set()
-            raise TimeoutError from None
-        if not ok:
-            raise value
-        return value
-
     def ask(self, body: dict, sample: str = "") -> RubricAnswer:
         """One rubric answer for a request body: from the cache, or from the server with retries."""
-        import httpx
-
-        cache = self._cache_path(body)
-        if cache is not None and cache.is_file():
-            try:
-                return RubricAnswer.model_validate(json.loads(cache.read_bytes()))
-            except (ValueError, ValidationError):  # a damaged cache entry is asked again and rewritten
-                pass
-        config = self.config
-        problem = ""
-        retry_after: float | None = None
-        for attempt in range(config.retries + 1):
-            if attempt:
-                backoff = config.backoff_s * 2 ** (attempt - 1)
-                self.sleep(min(backoff if retry_after is None else retry_after, config.max_backoff_s))
-            retry_after = None
-            try:
-                self.requests_sent += 1
-                status, headers, data = self._post(body)
-            except (httpx.TimeoutException, TimeoutError):
-                problem = f"no answer within {config.timeout_s} s (judge.timeout_s, for the whole answer)"
-                continue
-            except _AnswerTooLarge as error:
-                problem = (
-                    f"an answer of {error} bytes or more, over judge.max_response_bytes={config.max_response_bytes}"
-                )
-                continue
-            except httpx.TransportError as error:
-                problem = f"cannot reach the server ({type(error).__name__}: {error})"
-                continue
-            if status == 429 or status >= 500:
-                problem = f"HTTP {status}"
-                retry_after = retry_after_seconds(headers.get("retry-after"))  # absent, a date, nan: the backoff
-                continue
-            if status >= 400:
-                raise JudgeError(
-                    f"judge {self.endpoint} refused sample {sample!r}: HTTP {status} "
-                    f"{data[:200].decode(errors='replace')!r}; check judge.model, judge.url and the key in "
-                    f"${config.api_key_env}"
-                )
-            try:
-                content = json.loads(data)["choices"][0]["message"]["content"]
-                answer = parse_answer(content)
-            except (ValueError, KeyError, IndexError, TypeError) as error:
-                problem = f"malformed answer: {error}"
-                continue
-            if cache is not None:
-                try:
-                    cache.parent.mkdir(parents=True, exist_ok=True)
-                    atomic_write_text(cache, json.dumps(answer.model_dump(by_alias=True)) + "\n")
-                except OSError as error:
-                    raise JudgeError(
-                        f"judge.cache_dir {config.cache_dir}: cannot write {cache} ({error.strerror or error}); "
-                        'name a writable folder, or "" for no cache'
-                    ) from error
-            return answer
-        raise JudgeError(
-            f"judge {self.endpoint} could not score sample {sample!r} after {config.retries + 1} attempts: {problem}. "
-            "Check that the server is up and answers the rubric JSON; the run can be resumed"
-        )
+        return self.chat.ask(body, parse_answer, sample)
 
     # ------------------------------------------------------------------ the reward
     def score(self, inputs):
