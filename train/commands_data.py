@@ -133,6 +133,22 @@ def _references(args: argparse.Namespace) -> int:
     return 0
 
 
+def _curate(args: argparse.Namespace) -> int:
+    import json
+
+    from unidg.train.curation import curate, load_curate_config
+
+    overrides = list(args.overrides)
+    for key, value in (("input", args.input), ("output", args.out), ("format", args.format)):
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value)}")
+    config = load_curate_config(args.config, overrides)
+    counts = curate(config, progress=not args.quiet)
+    print(f"{config.output}: " + ", ".join(f"{count} {what}" for what, count in sorted(counts.items())))
+    print(f"every decision and its reason: {config.output}/curation.jsonl")
+    return 1 if any(what.startswith("error") for what in counts) else 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("data", help="UDG datasets: procedural quadruplets, validation")
     commands = parser.add_subparsers(dest="data_command", metavar="ACTION")
@@ -202,3 +218,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     references.add_argument("--quiet", action="store_true", help="no progress bar")
     add_backend_options(references)
     references.set_defaults(handler=_references)
+
+    curate = commands.add_parser(
+        "curate",
+        help="a factory's defect photos -> UDG quadruplets by the Inpainting, Captioner and Verifier agents (App. A.1)",
+    )
+    curate.add_argument("--config", required=True, help="curation config (.toml), e.g. configs/curate.toml")
+    curate.add_argument("--in", dest="input", help="folder of abnormal images and masks (overrides 'input')")
+    curate.add_argument("--out", help="UDG folder to write or resume (overrides 'output')")
+    curate.add_argument("--format", choices=("folder", "mvtec", "visa"), help="layout of --in (overrides 'format')")
+    curate.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value"
+    )
+    curate.add_argument("--quiet", action="store_true", help="no progress bar")
+    curate.set_defaults(handler=_curate)
