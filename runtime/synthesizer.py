@@ -67,6 +67,8 @@ class SynthesisRequest:
     guidance: float | None = None
     category: str | None = None
     name: str = "request"  # names the request in errors and metadata (job id, file name)
+    # Set by DefectSynthesizer.check (the one validation of a request): the layers inside trust a checked request.
+    checked: bool = field(default=False, repr=False)
 
     @classmethod
     def from_files(
@@ -214,7 +216,10 @@ class DefectSynthesizer:
 
     # ------------------------------------------------------------------------------------------------ checking
     def check(self, request: SynthesisRequest) -> SynthesisRequest:
-        """Validate a request completely without running the model; returns it with defaults filled in."""
+        """Validate a request completely without running the model; returns it with defaults filled in, marked
+        checked (a checked request is not checked again)."""
+        if request.checked:
+            return request
         images.validate_request(request.reference, request.reference_mask, request.source, request.target_mask)
         dilated_target_mask(request.target_mask, self.settings.dilate_kernel, self.settings.dilate_iterations)
         checked = check_request_options(request, self.settings)
@@ -223,7 +228,7 @@ class DefectSynthesizer:
                 self.step_cache.check_steps(checked.steps)
             except StepCacheError as error:
                 raise RequestError(f"{checked.name}: {error}", "steps") from error
-        return checked
+        return replace(checked, checked=True)
 
     def cache_for(self, steps: int) -> StepCache:
         """The cache setting a batch of ``steps`` steps runs with: a bundle's default schedule only at its length."""
@@ -275,7 +280,10 @@ class DefectSynthesizer:
         timings: dict[str, float] = {}
         started = time.perf_counter()
 
-        diptychs = [settings.diptych(r.reference, r.reference_mask, r.source, r.target_mask, size) for r in requests]
+        diptychs = [
+            settings.diptych(r.reference, r.reference_mask, r.source, r.target_mask, size, validated=True)
+            for r in requests
+        ]
         count = len(requests)
         padded = count if bundle.batch is None else bundle.batch  # a static graph needs exactly its batch
         order = list(range(count)) + [count - 1] * (padded - count)

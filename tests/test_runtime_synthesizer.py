@@ -213,3 +213,28 @@ def test_sampler_walks_the_flux_schedule(tmp_path):
     x = denoise(EulerCheck(bundle), noise, conditioning, sigmas)
     factor = np.prod(1 + np.diff(sigmas.astype(np.float64)))
     np.testing.assert_allclose(x, target[..., :64] + factor * (noise - target[..., :64]), atol=1e-5)
+
+
+def test_a_request_is_validated_once(synth, monkeypatch):
+    """The synthesizer's check is the one validation of a request's arrays: generating a checked request, and
+    building its diptych, trust it (the reference was validated five times on its way in before)."""
+    from unidg.core import geometry, images
+
+    calls = []
+    original = images.validate_request
+
+    def counting(*arrays):
+        calls.append(1)
+        return original(*arrays)
+
+    monkeypatch.setattr(images, "validate_request", counting)
+    monkeypatch.setattr(geometry, "validate_request", counting)
+    monkeypatch.setattr(geometry, "validate_mask", lambda *a, **k: calls.append("reference mask"))
+    request = synth.check(_request(steps=2))
+    assert request.checked and calls == [1]
+    assert synth.check(request) is request
+    synth.generate(request)
+    synth.generate_batch([request, request])
+    assert calls == [1]
+    synth.generate(_request(steps=2))  # an unchecked request is checked (once) on its way in
+    assert calls == [1, 1]

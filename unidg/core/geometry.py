@@ -274,11 +274,19 @@ class ReferenceCrop:
 
 
 def adaptive_reference_crop(
-    reference: np.ndarray, reference_mask: np.ndarray, size: int, beta: float = 0.6, threshold: float = 0.1
+    reference: np.ndarray,
+    reference_mask: np.ndarray,
+    size: int,
+    beta: float = 0.6,
+    threshold: float = 0.1,
+    *,
+    validated: bool = False,
 ) -> ReferenceCrop:
-    """Alg. 1 lines 1-12: the defect of ``reference`` (marked by ``reference_mask``) with adaptive context, S x S."""
-    validate_image(reference, REFERENCE_IMAGE)
-    validate_mask(reference_mask, REFERENCE_MASK, image_shape=reference.shape, image_name=REFERENCE_IMAGE)
+    """Alg. 1 lines 1-12: the defect of ``reference`` (marked by ``reference_mask``) with adaptive context, S x S.
+    ``validated``: the caller checked the two arrays already."""
+    if not validated:
+        validate_image(reference, REFERENCE_IMAGE)
+        validate_mask(reference_mask, REFERENCE_MASK, image_shape=reference.shape, image_name=REFERENCE_IMAGE)
     if size < 1:
         raise ValueError(f"size must be >= 1, got {size}")
     height, width = reference_mask.shape
@@ -329,12 +337,15 @@ def build_diptych(
     dilate_kernel: int = 7,
     dilate_iterations: int = 2,
     masked_value: int = 0,
+    *,
+    validated: bool = False,
 ) -> Diptych:
     """Alg. 1: the S x 2S diptych of a request. ``masked_value`` fills the dilated region of the masked source
-    (0 as in Alg. 1 line 16, ``I_src * not(M_src)``)."""
-    validate_request(reference, reference_mask, source, target_mask)
+    (0 as in Alg. 1 line 16, ``I_src * not(M_src)``). ``validated``: the caller checked the four arrays already."""
+    if not validated:
+        validate_request(reference, reference_mask, source, target_mask)
     _check_diptych_size(size)
-    crop = adaptive_reference_crop(reference, reference_mask, size, beta, threshold)
+    crop = adaptive_reference_crop(reference, reference_mask, size, beta, threshold, validated=True)
     return _diptych_with(crop, source, target_mask, size, dilate_kernel, dilate_iterations, masked_value)
 
 

@@ -84,8 +84,11 @@ class UniDGSettings:
         source: np.ndarray,
         target_mask: np.ndarray,
         size: int | None = None,
+        *,
+        validated: bool = False,
     ) -> Diptych:
-        """The Alg. 1 diptych of a request with these settings' beta, T and dilation, at ``size`` (default S)."""
+        """The Alg. 1 diptych of a request with these settings' beta, T and dilation, at ``size`` (default S).
+        ``validated``: the arrays were checked where the request came in (DefectSynthesizer.check)."""
         from .geometry import build_diptych
 
         return build_diptych(
@@ -98,6 +101,7 @@ class UniDGSettings:
             threshold=self.threshold,
             dilate_kernel=self.dilate_kernel,
             dilate_iterations=self.dilate_iterations,
+            validated=validated,
         )
 
     def to_dict(self) -> dict:
