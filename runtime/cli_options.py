@@ -6,10 +6,10 @@ Only argparse at import time, so building the whole CLI stays light (``unidg --h
 from __future__ import annotations
 
 import argparse
-import os
 import weakref
 
 from unidg.core.errors import OptionError
+from unidg.runtime.cpu_cores import available_cores
 
 BACKEND_CHOICES = ("onnxruntime", "tensorrt", "torch")
 CACHE_CHOICES = ("off", "static", "dynamic")  # unidg.runtime.step_cache.CACHE_MODES (argparse-only import here)
@@ -82,7 +82,18 @@ def add_backend_options(parser: argparse.ArgumentParser) -> None:
         "comma-separated in order of preference (cuda and tensorrt need onnxruntime-gpu); tensorrt: CUDA device "
         "index (default 0); torch: cpu (default), cuda or cuda:N",
     )
-    parser.add_argument("--threads", type=int, default=None, help="onnxruntime CPU threads (default: all cores)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="onnxruntime CPU threads (default: the cores this process may use: affinity and cgroup CPU quota)",
+    )
+    parser.add_argument(
+        "--spin",
+        action="store_true",
+        help="onnxruntime: idle threads busy-wait for work (faster on a dedicated machine; off, the default, on cores "
+        "shared with other programs)",
+    )
     parser.add_argument(
         "--cuda-graph", action="store_true", help="tensorrt, torch: capture the denoising loop as one CUDA graph"
     )
@@ -122,13 +133,16 @@ def backend_options(args: argparse.Namespace, *, workers: int = 1) -> dict:
     options (``cache``, ``cache_threshold``) that ``DefectSynthesizer.from_bundle`` takes.
 
     With ``workers`` > 1 (the service's synthesis threads) onnxruntime on the CPU defaults to cores / workers threads
-    each, so the workers share the cores instead of each starting one thread per core.
+    each (the cores this process may use), so the workers share the cores instead of each starting one thread per
+    core.
     """
     device = args.device
     if args.threads is not None and args.threads < 1:
         raise OptionError(f"--threads {args.threads}: give a thread count >= 1, or leave it out to use all cores")
     if args.threads and args.backend != "onnxruntime":
         raise OptionError(f"--threads sets onnxruntime's CPU threads; it does not apply to --backend {args.backend}")
+    if args.spin and args.backend != "onnxruntime":
+        raise OptionError(f"--spin sets onnxruntime's thread pools; it does not apply to --backend {args.backend}")
     if args.cuda_graph and args.backend not in ("tensorrt", "torch"):
         raise OptionError(f"--cuda-graph is a tensorrt and torch option; it does not apply to --backend {args.backend}")
     torch_only = [flag for flag in TORCH_SPEED_OPTIONS if getattr(args, flag, False)]
@@ -141,10 +155,11 @@ def backend_options(args: argparse.Namespace, *, workers: int = 1) -> dict:
     options = cache_options(getattr(args, "cache", None), getattr(args, "cache_threshold", None))
     options |= device_options(args.backend, device)
     if args.backend == "onnxruntime":
+        options["spin"] = bool(args.spin)
         if args.threads:
             options["threads"] = args.threads
         elif workers > 1 and options["providers"] == ["cpu"]:
-            options["threads"] = max(1, (os.cpu_count() or 1) // workers)
+            options["threads"] = max(1, available_cores() // workers)
         return options
     options["cuda_graph"] = bool(args.cuda_graph)
     if args.backend == "torch":

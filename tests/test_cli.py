@@ -196,14 +196,13 @@ def test_one_device_word_for_every_backend(argv: list[str], options: dict) -> No
 
 
 def test_serve_workers_share_the_cpu_cores() -> None:
-    import os
-
     from unidg.core.errors import UniDGError
     from unidg.runtime.cli_options import ArgumentParser, add_backend_options, backend_options
+    from unidg.runtime.cpu_cores import available_cores
 
     parser = ArgumentParser()
     add_backend_options(parser)
-    assert backend_options(parser.parse_args([]), workers=2)["threads"] == max(1, (os.cpu_count() or 1) // 2)
+    assert backend_options(parser.parse_args([]), workers=2)["threads"] == max(1, available_cores() // 2)
     with pytest.raises(UniDGError, match="--device 'gpu0': the tensorrt backend takes a CUDA device index"):
         backend_options(parser.parse_args(["--backend", "tensorrt", "--device", "gpu0"]))
 

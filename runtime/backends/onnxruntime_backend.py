@@ -28,6 +28,7 @@ from unidg.runtime.bundle import (
     expected_shapes,
     shape_mismatch,
 )
+from unidg.runtime.cpu_cores import available_cores
 
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
@@ -81,7 +82,15 @@ class OnnxRuntimeBackend(Backend):
         providers: Sequence[str] | str = ("cpu",),
         threads: int | None = None,
         provider_options: Sequence[dict] | None = None,
+        spin: bool = False,
     ) -> OnnxRuntimeBackend:
+        """Sessions for the bundle's four graphs.
+
+        ``threads``: intra-op threads (default: the cores this process may use, see ``available_cores``). ``spin``:
+        let idle pool threads busy-wait for the next kernel. Off by default: on cores shared with other work (cameras,
+        the inspection model) spinning threads steal the time the working ones need (1.8-2x slower at 2 threads
+        under load, docs/runtime.md); on a dedicated machine it saves the wake-up latency between small kernels.
+        """
         resolved = resolve_providers(providers, ort.get_available_providers())
         computes_bf16 = (
             bundle.precision == "bf16" or bundle.metadata.get("quantization", {}).get("high_precision") == "bf16"
@@ -93,8 +102,9 @@ class OnnxRuntimeBackend(Backend):
                 "(`unidg export onnx --precision fp32`, `unidg export quantize --high-precision fp32`)"
             )
         options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = int(threads)
+        options.intra_op_num_threads = int(threads) if threads else available_cores()
+        for pool in ("intra_op", "inter_op"):
+            options.add_session_config_entry(f"session.{pool}.allow_spinning", "1" if spin else "0")
         options.log_severity_level = 3
         extra: dict = {}
         if bundle.precision == "fp8":

@@ -82,7 +82,7 @@ typedef struct unidg_options {
     const char* device;        /* where the model runs, as the command line's --device: onnxruntime: execution
                                   providers, "cpu" (NULL), "cuda", "tensorrt" or several comma-separated;
                                   tensorrt: a CUDA device index ("0" when NULL); torch: "cpu" (NULL), "cuda[:N]" */
-    int32_t threads;           /* onnxruntime only: intra-op threads; 0 = onnxruntime's default */
+    int32_t threads;           /* onnxruntime only: intra-op threads; 0 = the cores this process may use */
     int32_t verify_bundle;     /* 1 (default): re-hash every bundle file (sha256) at create; 0: skip */
     /* Added after the first version of the struct (a struct_size that ends before them gets the defaults): */
     const char* cache;         /* step caching, as --cache: NULL = the setting the bundle's gate recorded (off
