@@ -9,6 +9,7 @@
 #include <math.h>
 #include <stddef.h>
 #include <pthread.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -212,6 +213,33 @@ int main(int argc, char** argv) {
     unidg_status_free(status);
 
     unidg_options options;
+    unidg_options_init(&options);
+    CHECK(options.spin == 0, "unidg_options_init leaves spinning off");
+    /* spin is an onnxruntime option: refused by name for another backend. */
+    options.backend = "tensorrt";
+    options.spin = 1;
+    status = unidg_synth_create(bundle_dir, &options, &synth);
+    CHECK(unidg_status_code(status) == UNIDG_INVALID_ARGUMENT && strstr(unidg_status_message(status), "options.spin") &&
+              synth == NULL,
+          "spin with the tensorrt backend is refused naming it: %s", unidg_status_message(status));
+    unidg_status_free(status);
+    /* A host built against the first header passes the struct without cache and spin: accepted, spin left unread. */
+    options.struct_size = (uint32_t)offsetof(unidg_options, cache);
+    status = unidg_synth_create(bundle_dir, &options, &synth);
+    CHECK(unidg_status_code(status) != UNIDG_INVALID_ARGUMENT || !strstr(unidg_status_message(status), "spin"),
+          "a first-version options struct is accepted and spin past its end is not read: %s",
+          unidg_status_message(status));
+    unidg_status_free(status);
+    if (synth != NULL) {
+        unidg_synth_destroy(synth);
+        synth = NULL;
+    }
+    options.struct_size = (uint32_t)offsetof(unidg_options, cache) - 4;
+    status = unidg_synth_create(bundle_dir, &options, &synth);
+    CHECK(unidg_status_code(status) == UNIDG_INVALID_ARGUMENT && strstr(unidg_status_message(status), "struct_size"),
+          "an options struct shorter than the first version is refused: %s", unidg_status_message(status));
+    unidg_status_free(status);
+
     unidg_options_init(&options);
     options.threads = 1;
 

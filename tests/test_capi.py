@@ -97,6 +97,14 @@ def test_c_host_runs_the_nano_bundle_end_to_end_and_the_error_paths(built, pytes
     assert "ok   a NaN guidance is refused, not run with the default: request.guidance is nan" in result.stdout
     assert "ok   a non-UTF-8 bundle_dir is refused naming it: bundle_dir is not valid UTF-8" in result.stdout
     assert "ok   a non-UTF-8 category is refused naming it: request.category is not valid UTF-8" in result.stdout
+    # options.spin: onnxruntime only, and a host built before it existed (shorter struct) still works.
+    assert "ok   spin with the tensorrt backend is refused naming it: options.spin applies to the onnxruntime" in (
+        result.stdout
+    )
+    assert "ok   a first-version options struct is accepted and spin past its end is not read" in result.stdout
+    assert "ok   an options struct shorter than the first version is refused: options.struct_size is 28" in (
+        result.stdout
+    )
 
 
 def test_a_library_whose_python_cannot_start_reports_a_status(built, tmp_path):

@@ -179,11 +179,12 @@ def c_string(ffi: Any, pointer: Any, name: str) -> str:
 def _options(ffi: Any, options: Any) -> dict:
     if options == ffi.NULL:
         return {"backend": "onnxruntime", "verify": True, "backend_options": {}}
-    expected = ffi.offsetof("unidg_options", "cache")  # the first version of the struct ends here
-    if int(options.struct_size) < expected:
+    first_version = ffi.offsetof("unidg_options", "cache")  # the first version of the struct ends here
+    struct_size = int(options.struct_size)
+    if struct_size < first_version:
         raise AbiError(
             UNIDG_INVALID_ARGUMENT,
-            f"options.struct_size is {int(options.struct_size)}, expected >= {expected}: call unidg_options_init()",
+            f"options.struct_size is {struct_size}, expected >= {first_version}: call unidg_options_init()",
         )
     backend = c_string(ffi, options.backend, "options.backend") if options.backend != ffi.NULL else "onnxruntime"
     device = c_string(ffi, options.device, "options.device") if options.device != ffi.NULL else None
@@ -200,8 +201,15 @@ def _options(ffi: Any, options: Any) -> dict:
                 f"options.threads applies to the onnxruntime backend only (backend is {backend!r})",
             )
         backend_options["threads"] = int(options.threads)
-    if int(options.struct_size) >= ffi.sizeof("unidg_options"):  # a caller built against the step-cache fields
+    if struct_size >= ffi.sizeof("unidg_options"):  # a caller built against the fields added after it
         backend_options |= _cache_options(ffi, options)
+        if int(options.spin):
+            if backend != "onnxruntime":
+                raise AbiError(
+                    UNIDG_INVALID_ARGUMENT,
+                    f"options.spin applies to the onnxruntime backend only (backend is {backend!r})",
+                )
+            backend_options["spin"] = True
     return {"backend": backend, "verify": bool(options.verify_bundle), "backend_options": backend_options}
 
 

@@ -88,6 +88,8 @@ typedef struct unidg_options {
     const char* cache;         /* step caching, as --cache: NULL = the setting the bundle's gate recorded (off
                                   without one), "off", "static" (the bundle's schedule) or "dynamic" */
     float cache_threshold;     /* dynamic caching, as --cache-threshold: > 0; 0 = the bundle's calibrated threshold */
+    int32_t spin;              /* onnxruntime only: 1 = idle threads busy-wait for work (a dedicated machine);
+                                  0 (default) = they sleep, for cores shared with other programs */
 } unidg_options;
 
 typedef struct unidg_request {
