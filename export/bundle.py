@@ -143,6 +143,8 @@ def export_bundle(
     if progress:
         progress(f"loading {weights.path} (fingerprint {weights.fingerprint[:12]})")
     model = cast_for_precision(load_weights_model(weights, settings), precision)
+    # Q, K and V (and the context stream's) as one matmul per block: fewer, larger kernels, the same graph interface.
+    model.transformer.fuse_qkv_projections()
     facts = ModelFacts.of(model, resolution)
     with staged_folder(out, overwrite=overwrite) as staging:
         records = export_graphs(model, staging, options, torch_programs=torch_programs, progress=progress)

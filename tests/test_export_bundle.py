@@ -54,6 +54,16 @@ def test_bundle_from_nano_weights_has_the_v1_manifest():
     assert "Expand" in step["op_counts"] and not any("DOUBLE" in k for k in step["op_counts"])
     model = onnx.load(str(bundle.path / "step.onnx"))
     assert not [n for n in model.graph.node if n.op_type == "Cast" and n.attribute[0].i == onnx.TensorProto.DOUBLE]
+    # Q, K and V as one matmul per attention stream (fused projections): 2 per double block, 1 per single block.
+    config = json.loads((nano_weights() / "transformer" / "config.json").read_text())
+    inner = config["num_attention_heads"] * config["attention_head_dim"]
+    shapes = {tensor.name: tuple(tensor.dims) for tensor in model.graph.initializer}
+    qkv = [
+        node
+        for node in model.graph.node
+        if node.op_type in ("MatMul", "Gemm") and any(shapes.get(x) == (inner, 3 * inner) for x in node.input)
+    ]
+    assert len(qkv) == 2 * config["num_layers"] + config["num_single_layers"]
 
 
 def test_export_refuses_weights_without_manifest(tmp_path):
