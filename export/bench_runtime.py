@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass, field, replace
@@ -91,7 +92,8 @@ def bench_cpu(args: argparse.Namespace) -> dict:
     bundle_path = Path(args.bundle) if args.bundle else DEFAULT_BUNDLE
     if not bundle_path.exists():
         raise OptionError(f"bundle {bundle_path} not found; pass --bundle (a bundle from `unidg export onnx`)")
-    synth = DefectSynthesizer.from_bundle(bundle_path, threads=threads, cache="off")  # as the torch loop: 28 full
+    # cache off: 28 full steps, as the torch loop
+    synth = DefectSynthesizer.from_bundle(bundle_path, threads=threads, spin=args.spin, cache="off")
     bundle = synth.bundle
     weights = _weights_folder(bundle, args.weights)
     model = load_model(weights)
@@ -141,6 +143,180 @@ def bench_cpu(args: argparse.Namespace) -> dict:
     print(
         f"torch reference / runtime: {result['speedup']:.2f}x   (output PSNR between them: {result['psnr_db']:.1f} dB)"
     )
+    return result
+
+
+# ------------------------------------------------------------------------------------ CPU, against stock diffusers
+# scheduler/scheduler_config.json of FLUX.1-Fill-dev: what a stock FluxFillPipeline is loaded with.
+FILL_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+    "time_shift_type": "exponential",
+}
+VS_DIFFUSERS_SIDES = (
+    "diffusers FluxFillPipeline + bias",
+    "diffusers FluxFillPipeline",
+    "torch reference (train.sampler)",
+    "runtime (onnxruntime)",
+)
+
+
+def _diffusers_fill(model):
+    """A stock diffusers FluxFillPipeline on the model's transformer and VAE (no text encoders: the text branch is the
+    zero tokens UniDG's reference mode feeds, passed as prompt embeddings with the Redux tokens)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxFillPipeline
+
+    pipeline = FluxFillPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**FILL_SCHEDULER_CONFIG),
+        vae=model.vae,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=model.transformer,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def _run_diffusers(pipeline, model, request: SynthesisRequest, bias: bool) -> np.ndarray:
+    """One request through the stock pipeline: the Alg. 1 diptych, the Redux tokens and the starting noise as the
+    runtime makes them (so the outputs are comparable), then FluxFillPipeline with the per-key bias (``bias``; the
+    key-bias processor installed) or diffusers' own attention (FluxAttnProcessor swapped back in); the result pasted
+    back into the source."""
+    import torch
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+    from PIL import Image
+
+    from unidg.core.attention_bias import build_key_bias
+    from unidg.core.geometry import defect_token_mask, paste_back, right_half
+    from unidg.core.latents import pixels_to_model
+    from unidg.runtime.sampler import initial_noise
+    from unidg.runtime.synthesizer import resize_reference
+    from unidg.train.attention import install_key_bias_processor
+
+    settings = model.settings
+    diptych = settings.diptych(request.reference, request.reference_mask, request.source, request.target_mask)
+    size = settings.resolution
+    reference = resize_reference(np.ascontiguousarray(diptych.image[:, :size]), model.reference_size)
+    with torch.no_grad():
+        tokens = model.encode_reference(torch.from_numpy(pixels_to_model(reference[None])).to(model.device))
+        ctx, _ = model.context(tokens)
+    if bias:
+        install_key_bias_processor(model.transformer)
+        key_bias = build_key_bias(
+            defect_token_mask(diptych)[None],
+            model.reference_tokens,
+            settings.text_tokens,
+            settings.alpha,
+            settings.fold_text_tokens,
+        )
+        attention_kwargs = {"key_bias": torch.from_numpy(key_bias)}
+    else:
+        model.transformer.set_attn_processor(FluxAttnProcessor())
+        attention_kwargs = None
+    output = pipeline(
+        image=Image.fromarray(diptych.image),
+        mask_image=Image.fromarray(diptych.mask.astype(np.uint8) * 255),
+        height=settings.layout.pixel_hw[0],
+        width=settings.layout.pixel_hw[1],
+        num_inference_steps=request.steps or settings.steps,
+        guidance_scale=settings.guidance if request.guidance is None else request.guidance,
+        prompt_embeds=ctx,
+        pooled_prompt_embeds=ctx.new_zeros(1, model.transformer.config.pooled_projection_dim),
+        generator=torch.Generator().manual_seed(request.seed),
+        latents=torch.from_numpy(initial_noise([request.seed], settings.image_tokens)),  # the runtime's noise
+        output_type="np",
+        joint_attention_kwargs=attention_kwargs,
+    )
+    install_key_bias_processor(model.transformer)  # leave the model as the torch reference expects it
+    image = np.clip(np.round(output.images[0] * 255), 0, 255).astype(np.uint8)
+    return paste_back(diptych, right_half(image), request.source)
+
+
+def _vs_diffusers_row(bundle_path: Path, threads: int, args: argparse.Namespace) -> dict:
+    """One table row: the four sides at one resolution (the bundle's) and thread count, interleaved round by round."""
+    import torch
+
+    from unidg.train.loading import load_model
+    from unidg.train.sampler import sample_request
+
+    torch.set_num_threads(threads)
+    # cache off: 28 full steps on every side (step caching is a separate comparison)
+    synth = DefectSynthesizer.from_bundle(bundle_path, threads=threads, spin=args.spin, cache="off")
+    bundle = synth.bundle
+    model = load_model(_weights_folder(bundle, args.weights))
+    model.settings = replace(model.settings, resolution=bundle.resolution)
+    pipeline = _diffusers_fill(model)
+    request = synth.check(replace(bench_request(), steps=args.steps))
+    runs = {
+        VS_DIFFUSERS_SIDES[0]: lambda: _run_diffusers(pipeline, model, request, bias=True),
+        VS_DIFFUSERS_SIDES[1]: lambda: _run_diffusers(pipeline, model, request, bias=False),
+        VS_DIFFUSERS_SIDES[2]: lambda: sample_request(model, request).image,
+        VS_DIFFUSERS_SIDES[3]: lambda: synth.generate(request).image,
+    }
+    images = {name: run() for name, run in runs.items()}  # warm-up, and the outputs to compare
+    load_before = os.getloadavg()[0]
+    timings = {name: Timing(name) for name in runs}
+    for _ in range(args.repeats):  # interleaved, so drifts in machine load hit every side alike
+        for name, run in runs.items():
+            started = time.perf_counter()
+            run()
+            timings[name].seconds.append(time.perf_counter() - started)
+    synth.close()
+    medians = {name: timing.median for name, timing in timings.items()}
+    runtime, diffusers_bias = VS_DIFFUSERS_SIDES[3], VS_DIFFUSERS_SIDES[0]
+    return {
+        "resolution": bundle.resolution,
+        "threads": threads,
+        "steps": request.steps,
+        "load_average": [load_before, os.getloadavg()[0]],
+        "seconds": {name: timing.seconds for name, timing in timings.items()},
+        "median_s": medians,
+        "runtime_over_diffusers_bias": medians[runtime] / medians[diffusers_bias],
+        "psnr_runtime_vs_diffusers_bias_db": psnr(images[runtime], images[diffusers_bias]),
+    }
+
+
+def bench_vs_diffusers(args: argparse.Namespace) -> dict:
+    """Per bundle (resolution) and thread count: the four sides interleaved round by round, load average recorded."""
+    import torch
+
+    from unidg.core.errors import OptionError
+    from unidg.runtime.demo import DEFAULT_BUNDLE
+
+    if args.repeats < 3:
+        raise OptionError(f"--repeats must be >= 3 for a median worth reporting (got {args.repeats})")
+    thread_counts = args.threads or [1, 2]
+    if min(thread_counts) < 1:
+        raise OptionError(f"--threads {thread_counts}: give thread counts >= 1")
+    bundle_paths = [Path(path) for path in args.bundle] if args.bundle else [DEFAULT_BUNDLE]
+    for path in bundle_paths:
+        if not path.exists():
+            raise OptionError(f"bundle {path} not found; pass --bundle (a bundle from `unidg export onnx`)")
+    rows = [_vs_diffusers_row(path, threads, args) for path in bundle_paths for threads in thread_counts]
+    result = {
+        "mode": "vs-diffusers",
+        "repeats": args.repeats,
+        "spin": bool(args.spin),
+        "torch": torch.__version__,
+        "rows": rows,
+    }
+    print(f"unidg bench runtime --vs-diffusers: end-to-end s per sample, median of {args.repeats} interleaved rounds")
+    columns = ["S", "threads", *VS_DIFFUSERS_SIDES, "runtime / diffusers + bias", "load average", "PSNR vs + bias"]
+    print("| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|")
+    for row in rows:
+        medians = " | ".join(f"{row['median_s'][name]:.3f}" for name in VS_DIFFUSERS_SIDES)
+        load = "–".join(f"{value:.1f}" for value in row["load_average"])
+        print(
+            f"| {row['resolution']} | {row['threads']} | {medians} | {row['runtime_over_diffusers_bias']:.2f} | "
+            f"{load} | {row['psnr_runtime_vs_diffusers_bias_db']:.1f} dB |"
+        )
     return result
 
 
@@ -259,7 +435,20 @@ def bench_gpu(args: argparse.Namespace) -> dict:
 
 
 def bench_runtime(args: argparse.Namespace) -> int:
-    result = bench_gpu(args) if args.gpu else bench_cpu(args)
+    from unidg.core.errors import OptionError
+
+    if args.gpu and args.vs_diffusers:
+        raise OptionError("--gpu and --vs-diffusers are separate benchmarks; pick one")
+    if args.vs_diffusers:
+        result = bench_vs_diffusers(args)
+    elif args.gpu:
+        result = bench_gpu(args)
+    else:
+        if len(args.bundle or []) > 1 or len(args.threads or []) > 1:
+            raise OptionError("several --bundle or --threads values need --vs-diffusers; give one of each")
+        args.bundle = args.bundle[0] if args.bundle else None
+        args.threads = args.threads[0] if args.threads else None
+        result = bench_cpu(args)
     if args.json:
         from unidg.core.manifest import atomic_write_text
 

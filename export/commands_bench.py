@@ -59,16 +59,36 @@ def _register_bench_runtime(subparsers: argparse._SubParsersAction) -> None:
         help="end-to-end time per sample: this runtime vs the torch reference sampler (CPU), or the torch backend "
         "at the full preset on a GPU (--gpu)",
     )
-    add_bundle_option(parser, required=False, help="bundle to time (default: the shipped UniDG-nano bundle)")
+    parser.add_argument(
+        "--bundle",
+        action="append",
+        default=None,
+        help="bundle to time (default: the shipped UniDG-nano bundle); --vs-diffusers takes one per resolution",
+    )
     parser.add_argument(
         "--weights",
         default=None,
         help="weights folder the bundle was exported from, for the torch reference (default: the manifest's "
         "weights path next to the bundle)",
     )
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per side (median reported; >= 5)")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed runs per side (median reported; >= 5, --vs-diffusers >= 3)"
+    )
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the bundle's, 28)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for both sides (default: torch's)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=None,
+        help="CPU threads for every side (default: torch's; --vs-diffusers: 1 2, one table row each)",
+    )
+    parser.add_argument("--spin", action="store_true", help="onnxruntime's idle threads busy-wait (see unidg generate)")
+    parser.add_argument(
+        "--vs-diffusers",
+        action="store_true",
+        help="stock diffusers FluxFillPipeline with and without the key bias, the torch reference and this runtime, "
+        "interleaved, per --bundle and --threads, with the load average (docs/performance.md)",
+    )
     parser.add_argument("--gpu", action="store_true", help="torch backend, full preset, random weights, on CUDA")
     parser.add_argument("--resolution", type=int, default=768, help="--gpu: diptych half size S")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")

@@ -114,3 +114,31 @@ def test_bench_gpu_refuses_without_cuda(capsys):
         pytest.skip("a CUDA GPU is present")
     assert main(["bench", "runtime", "--gpu"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_bench_runtime_vs_stock_diffusers_on_the_shipped_bundle(tmp_path, capsys):
+    """Four sides on one request; the stock FluxFillPipeline with the key bias computes what the runtime computes."""
+    pytest.importorskip("diffusers")
+    report = tmp_path / "vs.json"
+    args = ["bench", "runtime", "--vs-diffusers", "--steps", "1", "--repeats", "3", "--threads", "1"]
+    assert main([*args, "--json", str(report)]) == 0
+    printed = capsys.readouterr().out
+    assert "| S | threads | diffusers FluxFillPipeline + bias | diffusers FluxFillPipeline |" in printed
+    (row,) = json.loads(report.read_text())["rows"]
+    assert row["resolution"] == 128 and row["threads"] == 1 and row["steps"] == 1
+    assert sorted(row["seconds"]) == sorted(
+        [
+            "diffusers FluxFillPipeline + bias",
+            "diffusers FluxFillPipeline",
+            "torch reference (train.sampler)",
+            "runtime (onnxruntime)",
+        ]
+    )
+    assert all(len(seconds) == 3 for seconds in row["seconds"].values())
+    assert len(row["load_average"]) == 2 and min(row["load_average"]) >= 0
+    assert row["psnr_runtime_vs_diffusers_bias_db"] >= 40.0
+
+
+def test_bench_runtime_takes_several_bundles_and_thread_counts_only_with_vs_diffusers(capsys):
+    assert main(["bench", "runtime", "--threads", "1", "2"]) == 2
+    assert "several --bundle or --threads values need --vs-diffusers" in capsys.readouterr().err
