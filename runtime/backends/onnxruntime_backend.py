@@ -88,8 +88,9 @@ class OnnxRuntimeBackend(Backend):
 
         ``threads``: intra-op threads (default: the cores this process may use, see ``available_cores``). ``spin``:
         let idle pool threads busy-wait for the next kernel. Off by default: on cores shared with other work (cameras,
-        the inspection model) spinning threads steal the time the working ones need (1.8-2x slower at 2 threads
-        under load, docs/runtime.md); on a dedicated machine it saves the wake-up latency between small kernels.
+        the inspection model) spinning threads steal the time the working ones need (1.7-4.9x slower at 2 threads
+        on a loaded 2-core machine, docs/runtime.md); on a dedicated machine it saves the wake-up latency between
+        small kernels.
         """
         resolved = resolve_providers(providers, ort.get_available_providers())
         computes_bf16 = (
