@@ -84,7 +84,7 @@ class OnnxRuntimeBackend(Backend):
         provider_options: Sequence[dict] | None = None,
         spin: bool = False,
     ) -> OnnxRuntimeBackend:
-        """Sessions for the bundle's four graphs.
+        """Sessions for the bundle's graphs (the four of the format, and its step-cache graphs when it has them).
 
         ``threads``: intra-op threads (default: the cores this process may use, see ``available_cores``). ``spin``:
         let idle pool threads busy-wait for the next kernel. Off by default: on cores shared with other work (cameras,
