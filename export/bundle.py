@@ -117,12 +117,15 @@ def export_bundle(
     overwrite: bool = False,
     verify_weights: bool = True,
     torch_programs: bool = False,
+    fuse_qkv: bool = False,
     progress: Progress | None = print_progress,
 ) -> Manifest:
     """``unidg export onnx``: weights folder -> bundle folder (atomically). Returns the bundle manifest.
 
     ``torch_programs`` also saves each graph as a ``torch.export`` program (``torch/<graph>.pt2``, listed in the
-    manifest's files and its ``torch_programs`` table) for ``--backend torch``; without it the bundle is unchanged."""
+    manifest's files and its ``torch_programs`` table) for ``--backend torch``; without it the bundle is unchanged.
+    ``fuse_qkv``: Q, K and V (and the single blocks' projections) as one matmul per attention stream: fewer, larger
+    kernels behind the same graph interface; outputs differ from the unfused graph by float rounding only."""
     check_output(out, overwrite=overwrite)  # refused before the weights are read and the graphs exported
     check_max_batch(max_batch)
     if resolution is not None:
@@ -143,8 +146,8 @@ def export_bundle(
     if progress:
         progress(f"loading {weights.path} (fingerprint {weights.fingerprint[:12]})")
     model = cast_for_precision(load_weights_model(weights, settings), precision)
-    # Q, K and V (and the context stream's) as one matmul per block: fewer, larger kernels, the same graph interface.
-    model.transformer.fuse_qkv_projections()
+    if fuse_qkv:
+        model.transformer.fuse_qkv_projections()
     facts = ModelFacts.of(model, resolution)
     with staged_folder(out, overwrite=overwrite) as staging:
         records = export_graphs(model, staging, options, torch_programs=torch_programs, progress=progress)

@@ -32,6 +32,7 @@ NOT_USER_ERRORS = {
     "AotCompileError",  # Triton could not compile the kernel: a toolchain failure with its log
     "JudgeError",  # the judge service failed after its retries
     "RewardError",  # a reward could not be computed
+    "_AnswerTooLarge",  # a chat answer over its size cap: retried, then reported as the agent's own error
 }
 
 

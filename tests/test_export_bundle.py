@@ -54,16 +54,6 @@ def test_bundle_from_nano_weights_has_the_v1_manifest():
     assert "Expand" in step["op_counts"] and not any("DOUBLE" in k for k in step["op_counts"])
     model = onnx.load(str(bundle.path / "step.onnx"))
     assert not [n for n in model.graph.node if n.op_type == "Cast" and n.attribute[0].i == onnx.TensorProto.DOUBLE]
-    # Q, K and V as one matmul per attention stream (fused projections): 2 per double block, 1 per single block.
-    config = json.loads((nano_weights() / "transformer" / "config.json").read_text())
-    inner = config["num_attention_heads"] * config["attention_head_dim"]
-    shapes = {tensor.name: tuple(tensor.dims) for tensor in model.graph.initializer}
-    qkv = [
-        node
-        for node in model.graph.node
-        if node.op_type in ("MatMul", "Gemm") and any(shapes.get(x) == (inner, 3 * inner) for x in node.input)
-    ]
-    assert len(qkv) == 2 * config["num_layers"] + config["num_single_layers"]
 
 
 def test_export_refuses_weights_without_manifest(tmp_path):
@@ -123,6 +113,30 @@ def _nano_model():
     from export_fixtures import load_nano_model
 
     return load_nano_model()
+
+
+def test_fused_qkv_step_graph_has_one_matmul_per_stream_and_the_same_outputs(tmp_path):
+    """``export onnx --fuse-qkv``: Q, K and V as one matmul per attention stream (2 per double block, 1 per single
+    block), the same graph interface and the unfused model's outputs to float rounding."""
+    model = _nano_model()
+    feeds = graph_example_inputs("step", ModelFacts.of(model, RESOLUTION), 1)
+    with torch.no_grad(), float32_rope(model):
+        expected = graph_module("step", model)(*[torch.from_numpy(a) for a in feeds.values()]).numpy()
+    model.transformer.fuse_qkv_projections()
+    with single_thread():
+        export_graph("step", model, tmp_path, ExportOptions(resolution=RESOLUTION), progress=None)
+    graph = onnx.load(str(tmp_path / "step.onnx"))
+    config = model.transformer.config
+    inner = config.num_attention_heads * config.attention_head_dim
+    shapes = {tensor.name: tuple(tensor.dims) for tensor in graph.graph.initializer}
+    qkv = [
+        node
+        for node in graph.graph.node
+        if node.op_type in ("MatMul", "Gemm") and any(shapes.get(x) == (inner, 3 * inner) for x in node.input)
+    ]
+    assert len(qkv) == 2 * config.num_layers + config.num_single_layers
+    session = ort.InferenceSession(str(tmp_path / "step.onnx"), providers=["CPUExecutionProvider"])
+    assert np.abs(session.run(None, feeds)[0] - expected).max() < 1e-4
 
 
 def test_dynamic_batch_and_sequence_step_graph_runs_at_other_shapes(tmp_path):
