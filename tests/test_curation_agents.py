@@ -214,3 +214,34 @@ def test_the_data_curate_command(server, factory, tmp_path, capsys) -> None:
     assert "curation.jsonl" in out and ("kept" in out or "rejected" in out)
     assert main([*argv, "--set", "min_confidence=2"]) == 2  # out of range: one line, before any work
     assert "min_confidence" in capsys.readouterr().err
+
+
+def test_the_bundle_inpainter_paints_a_defect_free_patch_over_the_defect(server, factory, tmp_path) -> None:
+    from unidg.core.geometry import dilate_mask
+    from unidg.train.curation import clean_reference_box
+
+    mask = np.zeros((64, 64), bool)
+    mask[20:30, 24:36] = True
+    box = clean_reference_box(mask)
+    region = dilate_mask(mask, 7, 2)
+    assert box is not None and not (box & region).any()
+    assert box.sum() == region.any(axis=1).sum() * region.any(axis=0).sum()  # the dilated defect's box size
+    assert clean_reference_box(np.ones((64, 64), bool)) is None
+
+    bundle = Path(__file__).resolve().parents[1] / "runtime" / "assets" / "unidg-nano-bundle"
+    out = tmp_path / "udg"
+    options = {"limit": 3, "inpainter": "bundle", "inpaint_bundle": str(bundle)}
+    curate(config(server, factory, out, ["cap-good"], **options), progress=False)
+    kept = read_index(out)
+    assert kept
+    for q in kept:
+        normal, abnormal, defect = q.load_normal(), q.load_abnormal(), q.load_mask()
+        outside = ~dilate_mask(defect, 7, 2)
+        assert np.array_equal(normal[outside], abnormal[outside])  # only the defect region is repainted
+        assert not np.array_equal(normal[defect], abnormal[defect])
+    with pytest.raises(ConfigError, match="inpaint_bundle"):
+        CurateConfig(
+            inpainter="bundle",
+            captioner=AgentConfig(url=server, models=["m"]),
+            verifier=AgentConfig(url=server, model="v"),
+        ).validate("c.toml")

@@ -1,9 +1,12 @@
 """``unidg data curate``: a factory's own defect photos -> UDG quadruplets, by the paper's agents (App. A.1).
 
 For every abnormal image with its defect mask (a plain folder, MVTec-AD or VisA):
-1. **Inpainting Agent** — the normal counterpart: the defect region removed. ``biharmonic`` (scikit-image's
-   ``inpaint_biharmonic`` over the dilated mask) runs offline with no model; it is a stand-in for the paper's
-   defect-removal FLUX.1-Fill, good on smooth surfaces and visibly blurred on textured ones.
+1. **Inpainting Agent** — the normal counterpart: the defect region removed. ``bundle`` runs a UniDG bundle (the
+   user's weights) with a defect-free patch of the same image as the reference: the box of the defect's size nearest
+   to it that stays clear of the dilated defect, so the model paints that surface over the defect (our bundles are
+   reference-based; the paper's agent is a FLUX.1-Fill fine-tuned to remove defects, which is not built here).
+   ``biharmonic`` (scikit-image's ``inpaint_biharmonic`` over the dilated mask) needs no model: good on smooth
+   surfaces, visibly blurred on textured ones.
 2. **Captioner Agent** — each model of ``[captioner].models`` (one OpenAI-compatible server, e.g. a router in front of
    several MLLMs) describes the triplet with the Fig. 7 prompt; answers that break the caption schema are retried,
    candidates with confidence below ``min_confidence`` (0.8) are dropped.
@@ -41,7 +44,7 @@ from unidg.train.config import ConfigError, load_config
 PROMPTS = Path(__file__).parent / "prompts"
 LOG_FILE = "curation.jsonl"
 VERIFIER_DIMENSIONS = ("Consistency", "Defect Existence", "Normality")
-INPAINTERS = ("biharmonic",)
+INPAINTERS = ("biharmonic", "bundle")
 FORMATS = ("folder", "mvtec", "visa")
 # Original defect names of MVTec-AD / VisA and common factory words -> the 28 UDG categories (exact names map to
 # themselves; anything else is "unknown" and says so in the log).
@@ -125,7 +128,8 @@ class CurateConfig:
     input: str = ""  # folder of abnormal images and masks (see `format`)
     format: str = "folder"  # folder | mvtec | visa
     output: str = ""  # UDG folder to write (resumable)
-    inpainter: str = "biharmonic"
+    inpainter: str = "biharmonic"  # biharmonic | bundle
+    inpaint_bundle: str = ""  # inpainter "bundle": the bundle folder that paints the defect-free patch
     min_confidence: float = 0.8  # captions below it are dropped before verification (paper: 0.8)
     min_verifier_score: float = 4.2  # mean verifier score of an accurate caption (paper: 4.2)
     limit: int = 0  # the first N items only (0: all)
@@ -145,6 +149,8 @@ class CurateConfig:
             problems.append(f"format must be one of {', '.join(FORMATS)} (got {self.format!r})")
         if self.inpainter not in INPAINTERS:
             problems.append(f"inpainter must be one of {', '.join(INPAINTERS)} (got {self.inpainter!r})")
+        if self.inpainter == "bundle" and not self.inpaint_bundle:
+            problems.append('inpainter "bundle" needs inpaint_bundle = a bundle folder (unidg export onnx)')
         if not 0 <= self.min_confidence <= 1 or not 0 <= self.min_verifier_score <= 5 or self.limit < 0:
             problems.append("min_confidence must be in [0, 1], min_verifier_score in [0, 5] and limit >= 0")
         if problems:
@@ -239,6 +245,47 @@ def inpaint_biharmonic(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     patch = np.clip(np.rint(filled * 255.0), 0, 255).astype(np.uint8)
     out[top:bottom, left:right][region[top:bottom, left:right]] = patch[region[top:bottom, left:right]]
     return out
+
+
+def clean_reference_box(mask: np.ndarray) -> np.ndarray | None:
+    """A bool box of the dilated defect's bounding-box size that does not touch the dilated defect, nearest to it
+    (the eight neighbouring positions first, then a scan), or None when the image has no such place."""
+    region = dilate_mask(mask, 7, 2)
+    top, bottom, left, right = mask_bbox(region)
+    height, width = bottom - top, right - left
+    rows, columns = mask.shape
+    candidates = [(top + dy * height, left + dx * width) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
+    step_y, step_x = max(height // 2, 1), max(width // 2, 1)
+    scan = [(y, x) for y in range(0, rows - height + 1, step_y) for x in range(0, columns - width + 1, step_x)]
+    scan.sort(key=lambda corner: (corner[0] - top) ** 2 + (corner[1] - left) ** 2)
+    for y, x in candidates + scan:
+        if 0 <= y <= rows - height and 0 <= x <= columns - width and not region[y : y + height, x : x + width].any():
+            box = np.zeros_like(mask)
+            box[y : y + height, x : x + width] = True
+            return box
+    return None
+
+
+class BundleInpainter:
+    """The ``bundle`` Inpainting Agent: a UniDG bundle paints a defect-free patch of the image over its defect."""
+
+    def __init__(self, bundle: str | Path, seed: int = 0) -> None:
+        from unidg.runtime.synthesizer import DefectSynthesizer
+
+        self.synth = DefectSynthesizer.from_bundle(bundle)
+        self.seed = seed
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        from unidg.runtime.synthesizer import SynthesisRequest
+
+        box = clean_reference_box(mask)
+        if box is None:
+            raise CurationError("no defect-free area of the defect's size for the bundle inpainter")
+        request = SynthesisRequest(image, box, image, mask, seed=self.seed, name="inpainting")
+        return self.synth.generate(request).image
+
+    def close(self) -> None:
+        self.synth.close()
 
 
 Score = Annotated[float, Field(ge=0.0, le=5.0)]
@@ -355,6 +402,7 @@ def curate(config: CurateConfig, *, progress: bool = True) -> dict[str, int]:
         for model in captioner.models
     ]
     verifier = ChatClient(config.verifier, role="verifier", error=CurationError)
+    inpainter = BundleInpainter(config.inpaint_bundle) if config.inpainter == "bundle" else inpaint_biharmonic
     caption_prompt = (PROMPTS / "captioner.md").read_text(encoding="utf-8")
     verify_prompt = (PROMPTS / "verifier.md").read_text(encoding="utf-8")
     counts: dict[str, int] = {}
@@ -363,12 +411,14 @@ def curate(config: CurateConfig, *, progress: bool = True) -> dict[str, int]:
             for item in tqdm(items, desc="curate", unit="image", disable=not progress):
                 if item.id in decided:
                     continue
-                agents = (captioners, verifier, caption_prompt, verify_prompt)
+                agents = (captioners, verifier, caption_prompt, verify_prompt, inpainter)
                 entry = _curate_item(item, config, agents, writer, existing)
                 _append_log(out, entry)
                 key = entry["decision"] + (f": {entry['reason']}" if entry["decision"] != "kept" else "")
                 counts[key] = counts.get(key, 0) + 1
     finally:
+        if isinstance(inpainter, BundleInpainter):
+            inpainter.close()
         for client in [*captioners, verifier]:
             client.close()
     (out / INDEX_FILE).touch()  # a run that kept nothing still leaves a (empty) UDG folder
@@ -385,7 +435,7 @@ def _summary(out: Path) -> dict:
 
 
 def _curate_item(item: CurationItem, config: CurateConfig, agents: tuple, writer: UDGWriter, existing: set) -> dict:
-    captioners, verifier, caption_prompt, verify_prompt = agents
+    captioners, verifier, caption_prompt, verify_prompt, inpainter = agents
     entry: dict = {"item": item.id, "image": str(item.image), "defect_type": item.defect_type}
     try:
         abnormal = load_image(item.image, "abnormal image")
@@ -394,7 +444,15 @@ def _curate_item(item: CurationItem, config: CurateConfig, agents: tuple, writer
             raise CurationError(f"defect mask {item.mask} is {mask.shape[::-1]}, the image {abnormal.shape[1::-1]}")
     except UniDGError as error:
         return {**entry, "decision": "rejected", "reason": "unreadable input", "detail": str(error)}
-    normal = inpaint_biharmonic(abnormal, mask)
+    try:
+        normal = inpainter(abnormal, mask)
+    except CurationError as error:
+        return {
+            **entry,
+            "decision": "rejected",
+            "reason": "the inpainter found no defect-free area",
+            "detail": str(error),
+        }
     candidates, notes = [], []
     for client in captioners:
         body = _body(
