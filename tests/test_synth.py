@@ -217,6 +217,11 @@ def test_existing_folder_needs_force(tmp_path):
     synthesize(tmp_path / "udg", 2, seed=1, size=48, progress=False, overwrite=True)
     assert len(read_index(tmp_path / "udg")) == 2
     assert len(list((tmp_path / "udg" / "mask").iterdir())) == 2
+    # A UDG folder synth did not write (a curated one: no dataset.json) is never cleared, even with --overwrite.
+    (tmp_path / "udg" / "dataset.json").unlink()
+    with pytest.raises(ValueError, match="did not write"):
+        synthesize(tmp_path / "udg", 2, seed=1, size=48, progress=False, overwrite=True)
+    assert len(list((tmp_path / "udg" / "mask").iterdir())) == 2
     with pytest.raises(ValueError, match="count must be >= 1"):
         synthesize(tmp_path / "x", 0)
     with pytest.raises(ValueError, match="size must be >= 32"):

@@ -11,6 +11,7 @@ import numpy as np
 
 from unidg.core.errors import UniDGError
 from unidg.core.manifest import atomic_write_text
+from unidg.core.staging import OUTPUT_MARKER, is_unidg_output
 from unidg.core.udg import CATEGORIES, INDEX_FILE, UDGWriter
 from unidg.train.procedural.defects import COMBINED, DEFECTS, defect_category
 from unidg.train.procedural.samples import make_sample
@@ -86,6 +87,12 @@ def synthesize(
     if (out / INDEX_FILE).exists():
         if not overwrite:
             raise UniDGError(f"{out} already holds a UDG index; choose a new folder or pass --overwrite to replace it")
+        # Only a folder this command wrote is cleared: a curated or hand-made UDG folder keeps its images.
+        if not (is_unidg_output(out) or (out / DATASET_FILE).is_file()):
+            raise UniDGError(
+                f"{out} holds a UDG index that `unidg data synth` did not write (no {DATASET_FILE}, no "
+                f"{OUTPUT_MARKER}), so --overwrite never clears it; choose a new folder, or empty it yourself"
+            )
         for name in (INDEX_FILE, DATASET_FILE):
             (out / name).unlink(missing_ok=True)
         for name in ("normal", "abnormal", "mask"):
