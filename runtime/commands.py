@@ -218,7 +218,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "batch",
         help="run many generation jobs from a JSON-lines file (resumable)",
         description="Each line: reference, reference_mask, source, mask, seed, optional id, category, steps, "
-        "guidance, object_name; relative paths resolve against the jobs file's folder. Re-run the same command "
+        "guidance, object_name; instead of mask, mask_template: {library, category} places a template of a "
+        "`unidg data templates` library (seeded by seed); relative paths resolve against the jobs file's "
+        "folder. Re-run the same command "
         "after an interruption: finished jobs are kept, the rest are generated once.",
     )
     add_bundle_option(batch)

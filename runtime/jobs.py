@@ -7,7 +7,11 @@ are skipped); a UTF-16/32 or binary file is refused naming its encoding:
      "seed": 7, "id": "b-scratch", "category": "scratch", "steps": 28, "guidance": 30.0, "object_name": "bottle"}
 
 ``reference``, ``reference_mask``, ``source``, ``mask`` and ``seed`` are required; relative paths resolve against the
-jobs file's folder. ``id`` defaults to the line number (``line-000012``).
+jobs file's folder. ``id`` defaults to the line number (``line-000012``). Instead of ``mask`` a job may give
+``"mask_template": {"library": "templates", "category": "scratch"}`` (exactly one of the two): the target region is a
+template of the mask-template library (runtime.mask_templates; ``category`` defaults to the job's) placed on the
+source's foreground with ``np.random.default_rng(seed)``, so a rerun or resume places the same mask. Each library
+folder is loaded once per run; the job's metadata names the template id and cluster.
 
 Output folder (a UDG folder, runtime.udg): ``normal/`` (the source), ``abnormal/`` (the result), ``mask/`` (the dilated
 target mask), ``metadata/<id>.json`` and ``index.jsonl``. The index is the journal: a job is done exactly when its line
@@ -38,10 +42,23 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from unidg.core.errors import UniDGError
-from unidg.core.images import InputError
+from unidg.core.images import (
+    REFERENCE_IMAGE,
+    REFERENCE_MASK,
+    SOURCE_IMAGE,
+    TARGET_MASK,
+    InputError,
+    check_mask_coverage,
+    load_image,
+    load_mask,
+    validate_request,
+)
 from unidg.core.manifest import atomic_write_text
 from unidg.core.udg import INDEX_FILE, SAMPLE_ID_PATTERN, UDGWriter, caption_stub, check_category
+from unidg.runtime.mask_templates import TemplateError, TemplateLibrary, place_template
 from unidg.runtime.synthesizer import DefectSynthesizer, SynthesisRequest, SynthesisResult
 
 BATCH_STATE_FILE = "batch.json"
@@ -53,10 +70,24 @@ DEFAULT_CATEGORY = "unknown"  # UDG needs one of the 28 categories; "unknown" is
 DEFAULT_OBJECT = "object"
 REQUIRED_KEYS = ("reference", "reference_mask", "source", "mask", "seed")
 OPTIONAL_KEYS = ("id", "category", "steps", "guidance", "object_name")
+MASK_TEMPLATE_KEY = "mask_template"  # replaces "mask": {"library": folder, "category": optional, default the job's}
+TEMPLATE_KEYS = ("library", "category")
 
 
 class JobsError(UniDGError):
     """The jobs file, one of its jobs, or the output folder cannot be used; the message names the line or folder."""
+
+
+@dataclass(frozen=True)
+class TemplateSpec:
+    """A job's ``mask_template``: the library folder (resolved) and the category whose templates are placed."""
+
+    library: Path
+    category: str
+
+
+# Template libraries of one run, loaded once per folder (resolved path).
+Libraries = dict[Path, TemplateLibrary]
 
 
 @dataclass(frozen=True)
@@ -66,12 +97,13 @@ class Job:
     reference: Path
     reference_mask: Path
     source: Path
-    mask: Path
+    mask: Path | None
     seed: int
     category: str | None = None
     steps: int | None = None
     guidance: float | None = None
     object_name: str = DEFAULT_OBJECT
+    mask_template: TemplateSpec | None = None
 
     @property
     def where(self) -> str:
@@ -79,33 +111,87 @@ class Job:
 
     def spec(self) -> dict:
         """What defines the job's output (recorded in its metadata, compared on resume)."""
-        return {
+        spec = {
             "id": self.id,
             "reference": str(self.reference),
             "reference_mask": str(self.reference_mask),
             "source": str(self.source),
-            "mask": str(self.mask),
+            "mask": None if self.mask is None else str(self.mask),
             "seed": self.seed,
             "category": self.category,
             "steps": self.steps,
             "guidance": self.guidance,
         }
+        if self.mask_template is not None:  # only then: specs of mask-file jobs stay as earlier runs recorded them
+            spec[MASK_TEMPLATE_KEY] = {
+                "library": str(self.mask_template.library),
+                "category": self.mask_template.category,
+            }
+        return spec
 
-    def request(self) -> SynthesisRequest:
+    def request(self, libraries: Libraries | None = None) -> SynthesisRequest:
+        return self.prepare(libraries)[0]
+
+    def prepare(self, libraries: Libraries | None = None) -> tuple[SynthesisRequest, dict | None]:
+        """The job's request, and for a ``mask_template`` job the placement record (library, category, template id,
+        cluster) for its metadata. ``libraries`` caches template libraries across the jobs of a run."""
+        options = {
+            "seed": self.seed,
+            "steps": self.steps,
+            "guidance": self.guidance,
+            "category": self.category,
+            "name": self.where,
+        }
         try:
-            return SynthesisRequest.from_files(
-                self.reference,
-                self.reference_mask,
-                self.source,
-                self.mask,
-                seed=self.seed,
-                steps=self.steps,
-                guidance=self.guidance,
-                category=self.category,
-                name=self.where,
-            )
+            if self.mask_template is None:
+                return SynthesisRequest.from_files(
+                    self.reference, self.reference_mask, self.source, self.mask, **options
+                ), None
+            reference = load_image(self.reference, REFERENCE_IMAGE)
+            reference_mask = load_mask(self.reference_mask, REFERENCE_MASK)
+            source = load_image(self.source, SOURCE_IMAGE)
+            target_mask, placement = self._place(source, {} if libraries is None else libraries)
+            check_mask_coverage(target_mask, TARGET_MASK, allow_full=False)
+            validate_request(reference, reference_mask, source, target_mask)
         except InputError as error:
             raise JobsError(f"{self.where}: {error}") from error
+        return SynthesisRequest(reference, reference_mask, source, target_mask, **options), placement
+
+    def _place(self, source: np.ndarray, libraries: Libraries) -> tuple[np.ndarray, dict]:
+        spec = self.mask_template
+        assert spec is not None
+        key = spec.library.resolve()
+        if key not in libraries:
+            if not spec.library.is_dir():
+                raise JobsError(
+                    f"{self.where}: 'mask_template' library {spec.library} is not a folder; give the folder "
+                    "`unidg data templates` wrote"
+                )
+            try:
+                libraries[key] = TemplateLibrary.load(spec.library)
+            except TemplateError as error:
+                raise JobsError(
+                    f"{self.where}: 'mask_template' library {spec.library} is not a usable mask-template library "
+                    f"({error.__cause__ or error}); build it with `unidg data templates`"
+                ) from error
+        library = libraries[key]
+        if spec.category not in library.clusters:
+            raise JobsError(
+                f"{self.where}: 'mask_template' category {spec.category!r} has no templates in {spec.library} "
+                f"(it has: {', '.join(library.categories)}); pick one of those or rebuild the library with "
+                f"{spec.category!r} masks"
+            )
+        try:
+            mask, template = place_template(library, spec.category, source, np.random.default_rng(self.seed))
+        except TemplateError as error:
+            raise JobsError(f"{self.where}: 'mask_template': {error}") from error
+        placement = {
+            "library": str(spec.library),
+            "category": spec.category,
+            "template": template.id,
+            "cluster": template.cluster,
+        }
+        return mask, placement
 
 
 def _parse_job(folder: Path, number: int, text: str) -> Job:
@@ -115,14 +201,26 @@ def _parse_job(folder: Path, number: int, text: str) -> Job:
         raise JobsError(f"line {number} is not valid JSON ({error.msg} at column {error.colno})") from None
     if not isinstance(data, dict):
         raise JobsError(f"line {number} must be a JSON object, got {type(data).__name__}")
-    missing = [key for key in REQUIRED_KEYS if key not in data]
+    if "mask" in data and MASK_TEMPLATE_KEY in data:
+        raise JobsError(
+            f"line {number} has both 'mask' and {MASK_TEMPLATE_KEY!r}; give exactly one: a mask file, or a template "
+            "library to place a mask from"
+        )
+    missing = [key for key in REQUIRED_KEYS if key not in data and not (key == "mask" and MASK_TEMPLATE_KEY in data)]
     if missing:
-        raise JobsError(f"line {number} lacks {missing} (each job needs {list(REQUIRED_KEYS)})")
-    unknown = sorted(set(data) - set(REQUIRED_KEYS) - set(OPTIONAL_KEYS))
+        raise JobsError(
+            f"line {number} lacks {missing} (each job needs {list(REQUIRED_KEYS)}, with "
+            f'"{MASK_TEMPLATE_KEY}": {{"library": ..., "category": ...}} allowed instead of "mask")'
+        )
+    known = REQUIRED_KEYS + OPTIONAL_KEYS + (MASK_TEMPLATE_KEY,)
+    unknown = sorted(set(data) - set(known))
     if unknown:
-        raise JobsError(f"line {number} has unknown keys {unknown} (known: {list(REQUIRED_KEYS + OPTIONAL_KEYS)})")
+        raise JobsError(f"line {number} has unknown keys {unknown} (known: {list(known)})")
     paths = {}
     for key in ("reference", "reference_mask", "source", "mask"):
+        if key not in data:
+            paths[key] = None
+            continue
         value = data[key]
         if not isinstance(value, str) or not value:
             raise JobsError(f"line {number}: {key!r} must be a non-empty path string (got {value!r})")
@@ -143,6 +241,9 @@ def _parse_job(folder: Path, number: int, text: str) -> Job:
     object_name = data.get("object_name", DEFAULT_OBJECT)
     if not isinstance(object_name, str) or not object_name.strip():
         raise JobsError(f"line {number}: 'object_name' must be a non-empty string (got {object_name!r})")
+    mask_template = None
+    if MASK_TEMPLATE_KEY in data:
+        mask_template = _parse_template_spec(folder, number, data[MASK_TEMPLATE_KEY], category)
     return Job(
         id=job_id,
         line=number,
@@ -151,8 +252,38 @@ def _parse_job(folder: Path, number: int, text: str) -> Job:
         steps=data.get("steps"),
         guidance=data.get("guidance"),
         object_name=object_name,
+        mask_template=mask_template,
         **paths,
     )
+
+
+def _parse_template_spec(folder: Path, number: int, value: object, job_category: str | None) -> TemplateSpec:
+    example = '{"library": "templates", "category": "scratch"}'
+    if not isinstance(value, dict):
+        raise JobsError(f"line {number}: {MASK_TEMPLATE_KEY!r} must be an object like {example} (got {value!r})")
+    unknown = sorted(set(value) - set(TEMPLATE_KEYS))
+    if unknown:
+        raise JobsError(
+            f"line {number}: {MASK_TEMPLATE_KEY!r} has unknown keys {unknown} (known: {list(TEMPLATE_KEYS)})"
+        )
+    library = value.get("library")
+    if not isinstance(library, str) or not library:
+        raise JobsError(
+            f"line {number}: {MASK_TEMPLATE_KEY!r} needs 'library', the folder `unidg data templates` wrote "
+            f"(got {library!r})"
+        )
+    category = value.get("category", job_category)
+    if category is None:
+        raise JobsError(
+            f"line {number}: {MASK_TEMPLATE_KEY!r} needs a 'category' (in it or the job's 'category') to pick "
+            "templates from"
+        )
+    try:
+        check_category(category)
+    except ValueError as error:
+        raise JobsError(f"line {number}: {MASK_TEMPLATE_KEY!r}: {error}") from None
+    path = Path(library).expanduser()
+    return TemplateSpec(library=path if path.is_absolute() else folder / path, category=category)
 
 
 BYTE_ORDER_MARKS = (  # UTF-32 first: its little-endian mark starts with UTF-16's
@@ -452,9 +583,10 @@ def run_batch(
     pending = [job for job in jobs if job.id not in done]
     failed: list[dict] = []
     runnable = []
+    libraries: Libraries = {}  # mask-template libraries, loaded once per folder for the whole run
     for job in pending:  # decode and check everything first: a bad job must not stop the run halfway
         try:
-            synth.check(job.request())
+            synth.check(job.request(libraries))
         except ValueError as error:
             if not keep_going:
                 raise
@@ -483,8 +615,10 @@ def run_batch(
         with UDGWriter(folder) as writer, bar:
             for start in range(0, len(runnable), size):
                 chunk = runnable[start : start + size]
-                for job, request, result in _generate_chunk(synth, chunk, keep_going, failed):
+                for job, request, result, placement in _generate_chunk(synth, chunk, keep_going, failed, libraries):
                     metadata = {**result.metadata, "job": job.spec()}
+                    if placement is not None:
+                        metadata[MASK_TEMPLATE_KEY] = placement
                     write_result(
                         writer,
                         folder,
@@ -510,19 +644,25 @@ def run_batch(
 
 
 def _generate_chunk(
-    synth: DefectSynthesizer, chunk: list[Job], keep_going: bool, failed: list[dict]
-) -> list[tuple[Job, SynthesisRequest, SynthesisResult]]:
+    synth: DefectSynthesizer,
+    chunk: list[Job],
+    keep_going: bool,
+    failed: list[dict],
+    libraries: Libraries | None = None,
+) -> list[tuple[Job, SynthesisRequest, SynthesisResult, dict | None]]:
     """Results of one model pass; with ``keep_going``, a failed pass is rerun one job at a time to find the culprit."""
-    requests = [job.request() for job in chunk]
+    prepared = [job.prepare(libraries) for job in chunk]
+    requests = [request for request, _ in prepared]
+    placements = [placement for _, placement in prepared]
     try:
-        return list(zip(chunk, requests, synth.generate_batch(requests)))
+        return list(zip(chunk, requests, synth.generate_batch(requests), placements))
     except Exception as error:
         if not keep_going:
             raise
         if len(chunk) == 1:
             failed.append(_failure(chunk[0], error))
             return []
-    return [item for job in chunk for item in _generate_chunk(synth, [job], keep_going, failed)]
+    return [item for job in chunk for item in _generate_chunk(synth, [job], keep_going, failed, libraries)]
 
 
 def record_failures(folder: Path, failed: list[dict]) -> None:

@@ -418,3 +418,109 @@ def test_a_full_disk_stops_with_a_clear_error_and_the_resume_completes(tmp_path,
     monkeypatch.setattr(UDGWriter, "add", real_add)
     assert _run_cli(toy, jobs, out) == 0
     assert _committed(out) == ["job-00", "job-01", "job-02"]
+
+
+# --------------------------------------------------------------------------------------------- mask_template jobs
+SAMPLES = Path(__file__).resolve().parents[1] / "runtime" / "assets" / "samples"
+NANO_BUNDLE = Path(__file__).resolve().parents[1] / "runtime" / "assets" / "unidg-nano-bundle"
+
+
+@pytest.fixture(scope="module")
+def template_jobs(tmp_path_factory) -> tuple[Path, str]:
+    """A tiny mask-template library (2 clusters) beside a jobs folder; returns the folder and a category it holds."""
+    from unidg.runtime.mask_templates import TemplateLibrary
+    from unidg.train.mask_library import build_template_library
+    from unidg.train.procedural import synthesize
+
+    folder = tmp_path_factory.mktemp("template-jobs")
+    synthesize(folder / "udg", 12, seed=1, size=64, progress=False)
+    build_template_library(folder / "udg", folder / "templates", clusters=2, progress=False)
+    return folder, TemplateLibrary.load(folder / "templates").categories[0]
+
+
+def _template_line(job_id: str, seed: int, **extra: object) -> str:
+    case = "black-spot-tile-to-fruit"
+    line = {
+        "reference": str(SAMPLES / f"{case}_reference.png"),
+        "reference_mask": str(SAMPLES / f"{case}_reference_mask.png"),
+        "source": str(SAMPLES / f"{case}_source.png"),
+        "seed": seed,
+        "id": job_id,
+        "steps": 2,
+        **extra,
+    }
+    return json.dumps(line)
+
+
+def test_mask_template_jobs_place_a_seeded_mask_on_the_foreground(tmp_path, template_jobs):
+    from unidg.runtime.mask_templates import otsu_foreground
+
+    folder, category = template_jobs
+    jobs = folder / "template-jobs.jsonl"
+    jobs.write_text(
+        _template_line("a", 3, category=category, mask_template={"library": "templates"})  # category: the job's
+        + "\n"
+        + _template_line("b", 4, mask_template={"library": "templates", "category": category})
+        + "\n"
+    )
+    source = np.asarray(Image.open(SAMPLES / "black-spot-tile-to-fruit_source.png").convert("RGB"))
+    foreground = otsu_foreground(source)
+    for job in read_jobs(jobs):  # the placed (undilated) target mask lies on the source's Otsu foreground
+        request, placement = job.prepare()
+        assert request.target_mask.any() and not (request.target_mask & ~foreground).any()
+        again, placement_again = job.prepare()
+        assert np.array_equal(request.target_mask, again.target_mask) and placement == placement_again
+    for run in ("first", "again"):
+        with DefectSynthesizer.from_bundle(NANO_BUNDLE) as synth:
+            report = run_batch(synth, jobs, tmp_path / run, progress=False)
+        assert report.generated == 2
+    for job_id in ("a", "b"):  # a rerun places the same template at the same place: the same outputs
+        first = json.loads((tmp_path / "first" / "metadata" / f"{job_id}.json").read_text())
+        again = json.loads((tmp_path / "again" / "metadata" / f"{job_id}.json").read_text())
+        placed = first["mask_template"]
+        assert placed["category"] == category and isinstance(placed["cluster"], int) and placed["template"]
+        assert placed == again["mask_template"]
+        assert first["job"]["mask_template"] == {"library": str(folder / "templates"), "category": category}
+        for kind in ("mask", "abnormal"):
+            name = f"{kind}/{job_id}.png"
+            assert (tmp_path / "first" / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
+    with DefectSynthesizer.from_bundle(NANO_BUNDLE) as synth:  # a resume recognises the done jobs
+        assert run_batch(synth, jobs, tmp_path / "first", progress=False).already_done == 2
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"mask": "m.png", "mask_template": {"library": "templates"}}, "has both 'mask' and 'mask_template'"),
+        ({}, "lacks ['mask']"),
+        ({"mask_template": {"library": "templates"}}, "needs a 'category'"),
+        ({"mask_template": "templates"}, "'mask_template' must be an object"),
+    ],
+)
+def test_bad_mask_template_lines_are_refused(tmp_path, extra, message):
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("# header\n" + _template_line("a", 1, **extra) + "\n")
+    with pytest.raises(JobsError) as caught:
+        read_jobs(jobs)
+    assert message in str(caught.value) and "line 2" in str(caught.value)
+
+
+def test_mask_template_library_and_category_errors_name_the_job(tmp_path, template_jobs):
+    folder, _ = template_jobs
+    from unidg.core.udg import CATEGORIES
+    from unidg.runtime.mask_templates import TemplateLibrary
+
+    missing = next(name for name in CATEGORIES if name not in TemplateLibrary.load(folder / "templates").clusters)
+    cases = [
+        ({"library": str(folder / "udg"), "category": missing}, "is not a usable mask-template library"),
+        ({"library": str(tmp_path / "nowhere"), "category": missing}, "is not a folder"),
+        ({"library": str(folder / "templates"), "category": missing}, f"category {missing!r} has no templates"),
+    ]
+    with DefectSynthesizer.from_bundle(NANO_BUNDLE) as synth:
+        for number, (spec, message) in enumerate(cases):
+            jobs = tmp_path / f"jobs{number}.jsonl"
+            jobs.write_text(_template_line("a", 1, mask_template=spec) + "\n")
+            with pytest.raises(JobsError) as caught:
+                run_batch(synth, jobs, tmp_path / f"out{number}", progress=False)
+            assert message in str(caught.value) and "job 'a' (line 1)" in str(caught.value), caught.value
+            assert not (tmp_path / f"out{number}").exists()  # refused before anything is written
