@@ -265,6 +265,35 @@ def test_selection_settings_retrain_only_the_fifth_set() -> None:
     assert _set_key(config, "generated") == _set_key(other, "generated") == "generated"
     other.report.bootstrap = 50
     assert config_hash(config) == config_hash(other)  # intervals rescore, never retrain
+    other.generation.compare_bundle, other.generation.compare_cache = "out/rft-bundle", "off"
+    assert config_hash(config) == config_hash(other)  # the compare arm keys itself: (i)-(v) stay cached
+    assert _set_key(config, "compare") != _set_key(other, "compare")
+    other.generation.cache = "off"
+    assert config_hash(config) != config_hash(other)  # (ii)'s own cache setting changes what it learns from
+
+
+def test_compare_arm_runs_the_same_requests_with_another_cache_setting(tmp_path: Path, monkeypatch) -> None:
+    """(ii') = (ii)'s requests with the step cache off: same sources, regions and labels; images that differ only by
+    the caching error; and a paired (ii') - (ii) difference in the report."""
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "eval"
+    args = ["eval", "run", "--config", "configs/eval-tiny.toml", "--out", str(out), "--quiet"]
+    args += ["--set", f'data.path="{tmp_path / "data"}"', "--set", 'sets=["generated", "compare"]']
+    args += ["--set", "generation.steps=28", "--set", "generation.per_object=2", "--set", "data.max_objects=1"]
+    args += ["--set", 'generation.compare_cache="off"', "--set", 'generation.compare_label="step cache off"']
+    assert main(args) == 0
+    arrays = [np.load(p) for p in sorted((out / "cache" / "generated").iterdir())]
+    assert len(arrays) == 2  # one file per arm: the cache setting is part of the key
+    first, second = arrays
+    np.testing.assert_array_equal(first["masks"], second["masks"])
+    assert list(first["defects"]) == list(second["defects"])
+    difference = np.abs(first["images"].astype(int) - second["images"].astype(int))
+    assert 0 < difference.max() and difference.mean() < 2.0  # the gated cache: different bits, the same images
+    report = json.loads((out / "report.json").read_text())
+    assert [(d["minuend"], d["subtrahend"]) for d in report["differences"]] == [("compare", "generated")]
+    markdown = (out / "report.md").read_text()
+    assert "| (ii') − (ii) |" in markdown
+    assert "(ii') step cache off: bundle `runtime/assets/unidg-nano-bundle`, step cache off" in markdown
 
 
 EVAL_REFUSALS = {
@@ -283,6 +312,14 @@ EVAL_REFUSALS = {
         "generation.per_object (or detectors.defects_per_set) 1 gives one generated image per object",
     ),
     "infinite lr": (["detectors.lr=inf"], "detectors.lr must be a finite number (got inf)"),
+    "a compare arm equal to (ii)": (
+        ['sets=["generated", "compare"]'],
+        "the compare set needs generation.compare_bundle or generation.compare_cache",
+    ),
+    "an unknown cache setting": (
+        ['generation.cache="fast"'],
+        "generation.cache must be off, static, dynamic or \"\" (got 'fast')",
+    ),
 }
 
 

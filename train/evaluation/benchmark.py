@@ -44,13 +44,6 @@ from unidg.train.evaluation.training_sets import (
 )
 from unidg.train.trainer import check_run_folder
 
-SET_TITLES = {
-    "rule": "(i) rule-based (cut-paste + Perlin)",
-    "generated": "(ii) UniDG-generated",
-    "two_stage": "(iii) two-stage (i) -> filtered (ii)",
-    "real": "(iv) real defects",
-    "selected": "(v) category-consistent (ii) + multi-task discriminator (seed 004)",
-}
 BINARY_METRICS = ("auroc_i", "ap_i", "auroc_p", "ap_p", "pro")
 TABLE_METRICS = (*BINARY_METRICS, "accuracy", "miou", "bg_miou", "fg_miou")
 
@@ -100,10 +93,23 @@ def _check_synthesized(folder: Path, count: int, seed: int, size: int) -> None:
 
 
 def _set_key(config: EvalConfig, set_name: str) -> str:
-    """A set's name in cache keys: (v)'s carries its selection settings, so changing them retrains (v) alone."""
-    if set_name != "selected":
-        return set_name
-    return f"selected@{config.generation.consistency_threshold},{config.generation.consistency_floor}"
+    """A set's name in cache keys: (v)'s carries its selection settings and the compare arm its bundle and cache, so
+    changing them retrains that set alone."""
+    generation = config.generation
+    if set_name == "selected":
+        return f"selected@{generation.consistency_threshold},{generation.consistency_floor}"
+    if set_name == "compare":
+        return f"compare@{generation.compare_bundle},{generation.compare_cache}"
+    return set_name
+
+
+def _synthesizer(config: EvalConfig, bundle: str, cache: str):
+    """A synthesizer for ``bundle`` with the step-cache setting ``cache`` ("": the bundle's gated default)."""
+    from unidg.runtime.synthesizer import DefectSynthesizer
+
+    generation, threads = config.generation, config.detectors.threads
+    options = {"threads": threads} if threads and generation.backend == "onnxruntime" else {}
+    return DefectSynthesizer.from_bundle(bundle, generation.backend, cache=cache or None, **options)
 
 
 def config_hash(config: EvalConfig) -> str:
@@ -113,7 +119,8 @@ def config_hash(config: EvalConfig) -> str:
     data.pop("sets")
     data.pop("report")  # intervals are computed from a model's predictions: the models stay valid
     data["detectors"].pop("threads")  # how many threads train a detector does not change what it learns
-    for key in ("consistency_threshold", "consistency_floor"):  # they shape (v) only: in its keys (_set_key)
+    # They shape (v) or the compare arm only: in those sets' keys (_set_key).
+    for key in ("consistency_threshold", "consistency_floor", "compare_bundle", "compare_cache", "compare_label"):
         data["generation"].pop(key)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -183,13 +190,15 @@ def _run_benchmark(config: EvalConfig, progress: bool) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     cache = Cache(out / "cache", config_hash(config))
     size, sets = cfg.size, config.sets
+    generation = config.generation
     needs_generation = bool({"generated", "two_stage", "selected"} & set(sets))
-    synthesizer = None
+    synthesizers = {}
     if needs_generation:
-        from unidg.runtime.synthesizer import DefectSynthesizer
-
-        options = {"threads": cfg.threads} if cfg.threads and config.generation.backend == "onnxruntime" else {}
-        synthesizer = DefectSynthesizer.from_bundle(config.generation.bundle, config.generation.backend, **options)
+        synthesizers["generated"] = _synthesizer(config, generation.bundle, generation.cache)
+    if "compare" in sets:
+        synthesizers["compare"] = _synthesizer(
+            config, generation.compare_bundle or generation.bundle, generation.compare_cache
+        )
     goods = {s.object_name: load_good(s.train_good, size) for s in splits}
     refs = {s.object_name: load_samples(references(s, config.data.reference_shots), size) for s in splits}
     tests = {s.object_name: load_samples(s.test, size) for s in splits}
@@ -208,15 +217,15 @@ def _run_benchmark(config: EvalConfig, progress: bool) -> dict:
     total = len(config.seeds) * (len(splits) + 1) * len(sets)
     bar = tqdm(total=total, desc="eval", disable=not progress)
     generation_bar = tqdm(
-        total=len(config.seeds) * len(splits) * generated_count(config) if needs_generation else 0,
+        total=len(config.seeds) * len(splits) * generated_count(config) * len(synthesizers),
         desc="generate",
-        disable=not (progress and needs_generation),
+        disable=not (progress and synthesizers),
     )
     runs: list[dict] = []
     samples_for_grid: list[tuple[np.ndarray, np.ndarray, str]] = []
     for seed in config.seeds:
         per_set_data: dict[str, dict[str, LabelledSet]] = {
-            name: {} for name in ("rule", "generated", "filtered", "real", "selected")
+            name: {} for name in ("rule", "generated", "filtered", "real", "selected", "compare")
         }
         for split in splits:
             name = split.object_name
@@ -224,19 +233,20 @@ def _run_benchmark(config: EvalConfig, progress: bool) -> dict:
             data = per_set_data
             if {"rule", "two_stage"} & set(sets):
                 data["rule"][name] = rule_set(good, textures, rule_count(config), seed)
-            if needs_generation:
-                generated = generated_set(
+            for arm, synthesizer in synthesizers.items():  # the same requests for both arms: paired images
+                data[arm][name] = generated_set(
                     synthesizer,
                     split,
                     config.data.reference_shots,
                     generated_count(config),
-                    config.generation.steps,
+                    generation.steps,
                     seed,
                     size,
                     cache=out / "cache" / "generated",
                     progress=generation_bar.update,
                 )
-                data["generated"][name] = generated
+            if needs_generation:
+                generated = data["generated"][name]
                 data["filtered"][name] = retrieval_filter(generated, refs[name], config.generation.keep_fraction)
                 if "selected" in sets:
                     scores = dt.category_consistency(generated, refs[name], cfg, seed)
@@ -307,7 +317,7 @@ def _run_benchmark(config: EvalConfig, progress: bool) -> dict:
             bar.update(1)
     bar.close()
     generation_bar.close()
-    if synthesizer is not None:
+    for synthesizer in synthesizers.values():
         synthesizer.close()
     report = summarize(config, runs, splits, time.time() - started)
     from unidg.train.evaluation.report import write_report

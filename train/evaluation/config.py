@@ -13,7 +13,9 @@ from unidg.train.config import ConfigError, load_config
 
 DEFAULT_SETS: tuple[str, ...] = ("rule", "generated", "two_stage", "real")
 # "selected": seed 004's arm, (ii) filtered by category consistency and learnt by a multi-task discriminator.
-TRAINING_SETS: tuple[str, ...] = (*DEFAULT_SETS, "selected")
+# "compare": (ii) again from another bundle or cache setting (generation.compare_*), paired with (ii) image by image.
+TRAINING_SETS: tuple[str, ...] = (*DEFAULT_SETS, "selected", "compare")
+CACHE_SETTINGS: tuple[str, ...] = ("", "off", "static", "dynamic")  # "": the bundle's gated default
 DATA_KINDS: tuple[str, ...] = ("udg", "mvtec", "visa")
 
 
@@ -56,9 +58,18 @@ class GenerationConfig:
     # at least this probability; and at least the best consistency_floor share whatever the classifier says.
     consistency_threshold: float = 0.5
     consistency_floor: float = 0.25
+    cache: str = ""  # step caching: "" the bundle's gated default, or off | static | dynamic
+    # "compare": the same requests (sources, references, regions, seeds) as (ii), run by another bundle (e.g. the
+    # RFT-merged weights) and/or cache setting (e.g. off): its difference to (ii) is paired image by image.
+    compare_bundle: str = ""  # "": generation.bundle
+    compare_cache: str = ""  # "": the compare bundle's gated default
+    compare_label: str = ""  # how the report names the arm, e.g. "RFT-merged" or "cache off"
 
     def validate(self, where: str) -> None:
         _check(self.per_object >= 1, where, "generation.per_object", "must be >= 1", self.per_object)
+        for key in ("cache", "compare_cache"):
+            value = getattr(self, key)
+            _check(value in CACHE_SETTINGS, where, f"generation.{key}", 'must be off, static, dynamic or ""', value)
         _check(self.steps >= 0, where, "generation.steps", "must be >= 0", self.steps)
         _check(0 < self.keep_fraction <= 1, where, "generation.keep_fraction", "must be in (0, 1]", self.keep_fraction)
         for key in ("consistency_threshold", "consistency_floor"):
@@ -125,13 +136,19 @@ class EvalConfig:
         _check(all(seed >= 0 for seed in self.seeds), where, "seeds", "must be >= 0", self.seeds)
         unknown = [s for s in self.sets if s not in TRAINING_SETS]
         _check(bool(self.sets) and not unknown, where, "sets", f"must be among {', '.join(TRAINING_SETS)}", self.sets)
+        generation = self.generation
+        if "compare" in self.sets and not (generation.compare_bundle or generation.compare_cache):
+            raise ConfigError(
+                f"{where}: the compare set needs generation.compare_bundle or generation.compare_cache (another "
+                "bundle or cache setting than (ii)'s); without either it would repeat (ii)"
+            )
         self.data.validate(where)
         self.generation.validate(where)
         self.detectors.validate(where)
         self.report.validate(where)
         # A detector trains with BatchNorm, which needs two images: each generated training set must hold two.
-        generation, count = self.generation, generated_count(self)
-        if {"generated", "two_stage"} & set(self.sets) and count < 2:
+        count = generated_count(self)
+        if {"generated", "two_stage", "compare"} & set(self.sets) and count < 2:
             raise ConfigError(
                 f"{where}: generation.per_object (or detectors.defects_per_set) {count} gives one generated image per "
                 "object; the detectors need at least 2 (BatchNorm): raise it"

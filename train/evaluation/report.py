@@ -21,6 +21,7 @@ TITLES = {
     "two_stage": "(iii) two-stage: (i), then filtered (ii)",
     "real": "(iv) real defects (upper bound)",
     "selected": "(v) category-consistent (ii) + multi-task discriminator",
+    "compare": "(ii') (ii)'s requests, compare arm",
 }
 COLUMNS = {
     "auroc_i": "AUROC-I",
@@ -35,7 +36,14 @@ COLUMNS = {
 }
 
 
-SHORT = {"rule": "(i)", "generated": "(ii)", "two_stage": "(iii)", "real": "(iv)", "selected": "(v)"}
+SHORT = {
+    "rule": "(i)",
+    "generated": "(ii)",
+    "two_stage": "(iii)",
+    "real": "(iv)",
+    "selected": "(v)",
+    "compare": "(ii')",
+}
 OBJECT_COLUMNS = ("auroc_i", "ap_i", "auroc_p", "ap_p", "pro", "accuracy")
 
 
@@ -68,6 +76,25 @@ def _table(rows: dict, keys) -> list[str]:
     return lines
 
 
+def _generation_arms(config: dict) -> list[str]:
+    """What generated (ii) and the compare arm (ii'), when the report has one: the two differ only there."""
+    if "compare" not in config.get("sets", ()):
+        return []
+    generation = config["generation"]
+    label = generation.get("compare_label") or "compare arm"
+
+    def arm(bundle: str, cache: str) -> str:
+        return f"bundle `{bundle}`, step cache {cache or 'the bundle default'}"
+
+    compare_bundle = generation.get("compare_bundle") or generation["bundle"]
+    return [
+        "",
+        f"(ii) {arm(generation['bundle'], generation.get('cache', ''))}; (ii') {label}: "
+        f"{arm(compare_bundle, generation.get('compare_cache', ''))}. Both ran the same requests (sources, "
+        "references, regions, seeds), so (ii') − (ii) is paired image by image.",
+    ]
+
+
 def markdown(report: dict) -> str:
     config = report["config"]
     confidence = config.get("report", {}).get("confidence", 0.95)
@@ -89,6 +116,7 @@ def markdown(report: dict) -> str:
         "types (rule-based) or the split has none.",
         "",
         *_table(report["table"], list(COLUMNS)),
+        *_generation_arms(config),
     ]
     differences = report.get("differences") or []
     if differences:

@@ -121,6 +121,7 @@ def generated_set(
             json.dumps(
                 [
                     synthesizer.bundle.fingerprint,
+                    _cache_description(synthesizer),
                     split.object_name,
                     [str(p) for p in split.train_good],
                     [str(r.image) for r in references(split, shots)],
@@ -169,6 +170,12 @@ def generated_set(
         np.savez_compressed(buffer, images=out.images, masks=out.masks, defects=np.array(out.defects))
         atomic_write_bytes(path, buffer.getvalue())
     return out
+
+
+def _cache_description(synthesizer) -> list:
+    """The step-cache setting a synthesizer runs with: images generated with and without the cache differ."""
+    cache = synthesizer.step_cache
+    return [cache.mode, cache.threshold, None if cache.schedule is None else [int(v) for v in cache.schedule]]
 
 
 def region_descriptor(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
