@@ -11,6 +11,7 @@ before giving up with an error. Numpy and Pillow only, so batch jobs and station
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from unidg.core.errors import UniDGError
-from unidg.core.manifest import ManifestError, read_manifest, verify_files
+from unidg.core.manifest import MANIFEST_FILE, ManifestError, read_manifest, verify_files
 from unidg.core.udg import CATEGORIES
 
 TEMPLATES_KIND = "mask-templates"
@@ -60,9 +61,10 @@ def category_folder(category: str) -> str:
 class TemplateLibrary:
     """A checked library folder: templates by category and cluster."""
 
-    def __init__(self, path: Path, templates: list[MaskTemplate]) -> None:
+    def __init__(self, path: Path, templates: list[MaskTemplate], fingerprint: str = "") -> None:
         self.path = path
         self.templates = templates
+        self.fingerprint = fingerprint  # the sha256 of its manifest (every file's hash): what a cache keys on
         self.clusters: dict[str, dict[int, list[MaskTemplate]]] = {}
         for template in templates:
             self.clusters.setdefault(template.category, {}).setdefault(template.cluster, []).append(template)
@@ -84,7 +86,7 @@ class TemplateLibrary:
                 raise TemplateError(f"{folder / TEMPLATES_FILE} line {number}: {error}; rebuild the library") from error
         if not templates:
             raise TemplateError(f"--templates {folder} holds no templates; build it from a UDG folder with masks")
-        return cls(folder, templates)
+        return cls(folder, templates, hashlib.sha256((folder / MANIFEST_FILE).read_bytes()).hexdigest())
 
     @property
     def categories(self) -> list[str]:

@@ -296,6 +296,40 @@ def test_compare_arm_runs_the_same_requests_with_another_cache_setting(tmp_path:
     assert "(ii') step cache off: bundle `runtime/assets/unidg-nano-bundle`, step cache off" in markdown
 
 
+def test_mask_templates_give_the_generated_sets_target_regions_of_the_references_categories(
+    tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.chdir(ROOT)
+    base = ["eval", "run", "--config", "configs/eval-tiny.toml", "--quiet", "--set", f'data.path="{tmp_path / "data"}"']
+    base += ["--set", 'sets=["generated"]', "--set", "data.max_objects=1", "--set", "generation.per_object=4"]
+    assert main([*base, "--out", str(tmp_path / "shapes")]) == 0
+    library = tmp_path / "templates"
+    assert main(["data", "templates", "--udg", str(tmp_path / "data"), "--out", str(library), "--quiet"]) == 0
+    args = [*base, "--out", str(tmp_path / "templated"), "--set", f'generation.mask_templates="{library}"']
+    assert main(args) == 0
+    (shapes,) = (tmp_path / "shapes" / "cache" / "generated").iterdir()
+    (templated,) = (tmp_path / "templated" / "cache" / "generated").iterdir()
+    with np.load(shapes) as a, np.load(templated) as b:
+        assert list(a["defects"]) == list(b["defects"])  # the same references in the same order
+        assert all(mask.any() for mask in b["masks"])
+        assert not np.array_equal(a["masks"], b["masks"])  # the regions come from the library, not the shapes
+
+
+def test_a_template_library_without_a_references_category_is_refused_before_generating(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    monkeypatch.chdir(ROOT)
+    other = tmp_path / "other"
+    assert main(["data", "synth", "--out", str(other), "--count", "3", "--seed", "5", "--size", "32", "--quiet"]) == 0
+    assert main(["data", "templates", "--udg", str(other), "--out", str(tmp_path / "t"), "--quiet"]) == 0
+    args = ["eval", "run", "--config", "configs/eval-tiny.toml", "--quiet", "--out", str(tmp_path / "eval")]
+    args += ["--set", f'data.path="{tmp_path / "data"}"', "--set", f'generation.mask_templates="{tmp_path / "t"}"']
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert "generation.mask_templates" in error and "has no templates of" in error, error
+    assert not (tmp_path / "eval").exists()
+
+
 EVAL_REFUSALS = {
     "UDG folder without an index": ([], "data.path udg holds no UDG index (index.jsonl)"),
     "non-UTF-8 VisA CSV": (

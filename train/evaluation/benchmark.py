@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from unidg.core.manifest import atomic_write_bytes, atomic_write_text
-from unidg.train.config import to_dict
+from unidg.runtime.mask_templates import TemplateError, TemplateLibrary
+from unidg.train.config import ConfigError, to_dict
 from unidg.train.evaluation import bootstrap
 from unidg.train.evaluation.config import EvalConfig, generated_count, rule_count
 from unidg.train.evaluation.datasets import (
@@ -103,6 +104,27 @@ def _set_key(config: EvalConfig, set_name: str) -> str:
     return set_name
 
 
+def _template_library(config: EvalConfig, splits: list[InspectionSplit]) -> TemplateLibrary | None:
+    """generation.mask_templates, loaded and checked to hold every reference's category (before anything runs)."""
+    folder = config.generation.mask_templates
+    if not folder:
+        return None
+    try:
+        library = TemplateLibrary.load(folder)
+    except TemplateError as error:
+        raise ConfigError(f"generation.mask_templates: {error}") from error
+    shots = config.data.reference_shots
+    wanted = {r.template_category for split in splits for r in references(split, shots)}
+    missing = sorted(wanted - set(library.clusters))
+    if missing:
+        raise ConfigError(
+            f"generation.mask_templates {folder} has no templates of {', '.join(missing)} (the references' "
+            f"categories); build the library from a UDG folder with those categories (`unidg data templates`) or "
+            'set generation.mask_templates = "" for random shapes'
+        )
+    return library
+
+
 def _synthesizer(config: EvalConfig, bundle: str, cache: str):
     """A synthesizer for ``bundle`` with the step-cache setting ``cache`` ("": the bundle's gated default)."""
     from unidg.runtime.synthesizer import DefectSynthesizer
@@ -122,6 +144,8 @@ def config_hash(config: EvalConfig) -> str:
     # They shape (v) or the compare arm only: in those sets' keys (_set_key).
     for key in ("consistency_threshold", "consistency_floor", "compare_bundle", "compare_cache", "compare_label"):
         data["generation"].pop(key)
+    if not data["generation"]["mask_templates"]:  # unset: runs from before the option keep their cached detectors
+        data["generation"].pop("mask_templates")
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -187,6 +211,8 @@ def _run_benchmark(config: EvalConfig, progress: bool) -> dict:
     out = check_run_folder(config.output, what="report folder")
     cfg = config.detectors
     splits = load_splits(config, progress)  # a missing or unreadable dataset is refused before out is made
+    generating = bool({"generated", "two_stage", "selected", "compare"} & set(config.sets))
+    templates = _template_library(config, splits) if generating else None  # refused before out is made, too
     out.mkdir(parents=True, exist_ok=True)
     cache = Cache(out / "cache", config_hash(config))
     size, sets = cfg.size, config.sets
@@ -244,6 +270,7 @@ def _run_benchmark(config: EvalConfig, progress: bool) -> dict:
                     size,
                     cache=out / "cache" / "generated",
                     progress=generation_bar.update,
+                    templates=templates,
                 )
             if needs_generation:
                 generated = data["generated"][name]

@@ -59,6 +59,9 @@ class GenerationConfig:
     consistency_threshold: float = 0.5
     consistency_floor: float = 0.25
     cache: str = ""  # step caching: "" the bundle's gated default, or off | static | dynamic
+    # Target regions: "" random UniADC shapes (small or medium); a mask-template library folder (`unidg data
+    # templates`): a template of the reference's category placed on the good image's foreground, as batch jobs do.
+    mask_templates: str = ""
     # "compare": the same requests (sources, references, regions, seeds) as (ii), run by another bundle (e.g. the
     # RFT-merged weights) and/or cache setting (e.g. off): its difference to (ii) is paired image by image.
     compare_bundle: str = ""  # "": generation.bundle

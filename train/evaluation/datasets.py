@@ -41,6 +41,11 @@ class InspectionSample:
     mask: Path | None  # None for a good image
     defect: str  # defect type, or "good"
     object_name: str
+    category: str = ""  # the UDG category (mask templates are grouped by it); "": the defect type stands in
+
+    @property
+    def template_category(self) -> str:
+        return self.category or self.defect
 
     @property
     def is_defect(self) -> bool:
@@ -239,7 +244,7 @@ def read_udg(folder: str | Path, objects: list[str] | None = None) -> list[Inspe
             lots = sorted({str(q.extra.get("lot", q.id)) for q in group})
             for index, q in enumerate(group):
                 rank = lots.index(str(q.extra.get("lot", q.id))) if len(lots) > 1 else index
-                defect_sample = InspectionSample(q.path("abnormal"), q.path("mask"), defect, name)
+                defect_sample = InspectionSample(q.path("abnormal"), q.path("mask"), defect, name, q.category)
                 if rank % 2:
                     split.test += [InspectionSample(q.path("normal"), None, GOOD, name), defect_sample]
                 else:

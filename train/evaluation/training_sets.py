@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from unidg.core.manifest import atomic_write_bytes
+from unidg.runtime.mask_templates import TemplateLibrary, place_template
 from unidg.train.evaluation.datasets import InspectionSample, InspectionSplit, resize_pair
 from unidg.train.evaluation.rule_defects import rule_defect
 
@@ -109,8 +110,12 @@ def generated_set(
     size: int,
     cache: Path | None = None,
     progress=None,
+    templates: TemplateLibrary | None = None,
 ) -> LabelledSet:
-    """``count`` generated defect images (native size, resized to ``size``), cached as one .npz under ``cache``."""
+    """``count`` generated defect images (native size, resized to ``size``), cached as one .npz under ``cache``.
+
+    Target regions are random UniADC shapes, or with ``templates`` a template of the reference's category placed on
+    the good image's foreground."""
     from unidg.core import images
     from unidg.runtime.synthesizer import SynthesisRequest
     from unidg.train.shape_masks import random_shape_mask
@@ -122,6 +127,7 @@ def generated_set(
                 [
                     synthesizer.bundle.fingerprint,
                     _cache_description(synthesizer),
+                    None if templates is None else templates.fingerprint,
                     split.object_name,
                     [str(p) for p in split.train_good],
                     [str(r.image) for r in references(split, shots)],
@@ -147,7 +153,10 @@ def generated_set(
         source = images.load_image(split.train_good[int(rng.integers(len(split.train_good)))], "good image")
         reference = refs[int(rng.integers(len(refs)))]
         ref_image, ref_mask = reference.load()
-        target, _kind, _size = random_shape_mask(source.shape[:2], rng, sizes=("small", "medium"))
+        if templates is None:
+            target, _kind, _size = random_shape_mask(source.shape[:2], rng, sizes=("small", "medium"))
+        else:
+            target, _template = place_template(templates, reference.template_category, source, rng)
         request = SynthesisRequest(
             ref_image,
             ref_mask,
