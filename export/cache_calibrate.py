@@ -31,7 +31,7 @@ from unidg.runtime.backends.base import StepConditioning
 from unidg.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 from unidg.runtime.bundle import Bundle, load_bundle
 from unidg.runtime.sampler import denoise, denoise_cached, sampling_sigmas
-from unidg.runtime.step_cache import StepCache, StepCacheError, check_schedule, check_threshold
+from unidg.runtime.step_cache import StepCache, StepCacheError, check_threshold, parse_setting, schedule_name
 
 DEFAULT_MIN_DEFECT_PSNR = 35.0  # docs/step-cache.md: why 35 and not the 30 dB started from
 DEFAULT_THRESHOLDS = (0.04, 0.08, 0.12, 0.16, 0.24, 0.32)
@@ -86,26 +86,6 @@ class CandidateResult:
             f"PSNR {self.psnr_min:5.1f}/{self.psnr_mean:5.1f} dB  defect {self.defect_psnr_min:5.1f}/"
             f"{self.defect_psnr_mean:5.1f} dB  latent {self.latent_max_abs:.4f}  {verdict}"
         )
-
-
-def schedule_name(schedule: Sequence[int]) -> str:
-    return "static:" + "".join(str(int(v)) for v in schedule)
-
-
-def parse_setting(text: str, steps: int) -> StepCache:
-    """``dynamic:0.08`` or ``static:1101...`` (one 0/1 per step) -> a checked StepCache."""
-    mode, _, value = text.partition(":")
-    if mode == "dynamic":
-        try:
-            threshold = float(value)
-        except ValueError:
-            raise StepCacheError(f"--setting {text!r}: dynamic takes a threshold, e.g. dynamic:0.08") from None
-        return StepCache("dynamic", threshold=check_threshold(threshold, f"--setting {text!r}"))
-    if mode == "static":
-        if not value or set(value) - {"0", "1"}:
-            raise StepCacheError(f"--setting {text!r}: static takes one 0/1 per step, e.g. static:1101...")
-        return StepCache("static", schedule=check_schedule([int(c) for c in value], steps, f"--setting {text!r}"))
-    raise StepCacheError(f"--setting {text!r}: write dynamic:THRESHOLD or static:SCHEDULE")
 
 
 def unpack_mask(cond: np.ndarray, latent_hw: tuple[int, int], vae_downsample: int = 8) -> np.ndarray:

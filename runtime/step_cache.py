@@ -106,6 +106,31 @@ class StepCache:
 OFF = StepCache()
 
 
+def cache_setting(text: str, steps: int, option: str = "--cache") -> StepCache:
+    """``off``, ``dynamic:0.08`` or ``static:1101...`` -> a checked StepCache for a run of ``steps`` steps."""
+    return OFF if text == "off" else parse_setting(text, steps, option)
+
+
+def schedule_name(schedule: Sequence[int]) -> str:
+    return "static:" + "".join(str(int(v)) for v in schedule)
+
+
+def parse_setting(text: str, steps: int, option: str = "--setting") -> StepCache:
+    """``dynamic:0.08`` or ``static:1101...`` (one 0/1 per step) -> a checked StepCache; ``option`` names the flag."""
+    mode, _, value = text.partition(":")
+    if mode == "dynamic":
+        try:
+            threshold = float(value)
+        except ValueError:
+            raise StepCacheError(f"{option} {text!r}: dynamic takes a threshold, e.g. dynamic:0.08") from None
+        return StepCache("dynamic", threshold=check_threshold(threshold, f"{option} {text!r}"))
+    if mode == "static":
+        if not value or set(value) - {"0", "1"}:
+            raise StepCacheError(f"{option} {text!r}: static takes one 0/1 per step, e.g. static:1101...")
+        return StepCache("static", schedule=check_schedule([int(c) for c in value], steps, f"{option} {text!r}"))
+    raise StepCacheError(f"{option} {text!r}: write dynamic:THRESHOLD or static:SCHEDULE")
+
+
 def relative_l1(current: np.ndarray, reference: np.ndarray) -> float:
     """The largest over the batch of ``mean|current - reference| / mean|reference|`` (float64 sums)."""
     current = np.asarray(current, dtype=np.float64).reshape(current.shape[0], -1)

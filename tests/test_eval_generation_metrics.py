@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -184,3 +185,46 @@ def test_diversity_with_a_local_lpips_checkpoint(tmp_path: Path) -> None:
     )
     assert report["inputs"] == 2 and report["il_lpips"] > 0 and report["il_a_lpips"] > 0
     assert "il_ssim" not in report and report["distance"].startswith("LPIPS (AlexNet, local checkpoint")
+
+
+def test_paired_transfer_counts_changed_pairs_over_colour_carrying_references() -> None:
+    from unidg.train.evaluation.generation_metrics import paired_transfer
+
+    def run(outcomes: list[bool]) -> list[dict]:
+        return [{"reference": f"r{i}", "target": f"t{i}", "transfer": t} for i, t in enumerate(outcomes)]
+
+    types = {"r0": "stain", "r1": "stain", "r2": "rust", "r3": "stain", "r4": "fold"}  # fold: shading, left out
+    first, second = run([True, False, True, True, False]), run([True, True, False, True, True])
+    paired = paired_transfer(first, second, types)
+    assert (paired["pairs"], paired["gained"], paired["lost"]) == (4, 1, 1)
+    assert paired["difference"] == 0.0 and paired["difference_se"] == pytest.approx(np.std([0, 1, -1, 0], ddof=1) / 2)
+    with pytest.raises(ValueError, match="same pairs"):
+        paired_transfer(first, second[::-1], types)
+
+
+def test_transfer_with_and_without_the_bundles_gated_cache_on_the_same_pairs(tmp_path: Path, capsys) -> None:
+    from unidg.cli import main
+    from unidg.runtime.bundle import load_bundle
+    from unidg.runtime.step_cache import bundle_step_cache, schedule_name
+    from unidg.train.procedural import synthesize
+
+    root = Path(__file__).resolve().parents[1]
+    schedule = bundle_step_cache(load_bundle(root / "runtime/assets/unidg-nano-bundle"), None, None).schedule
+    synthesize(tmp_path / "held", count=30, seed=5, size=32, progress=False)
+    args = ["eval", "transfer", "--weights", str(root / "runtime/assets/unidg-nano"), "--data", str(tmp_path / "held")]
+    args += ["--count", "2", "--min-pairs", "2", "--out-json", str(tmp_path / "t.json")]
+    assert main([*args, "--compare-cache", schedule_name(schedule)]) == 0
+    capsys.readouterr()
+    figure = json.loads((tmp_path / "t.json").read_text())
+    assert figure["cache"] == {"mode": "off"}
+    compare = figure["compare"]
+    assert compare["cache"] == {"mode": "static", "schedule": [int(v) for v in schedule]}
+    assert compare["round_trip_ceiling"] == figure["round_trip_ceiling"]  # the ceilings do not depend on the cache
+    paired = compare["paired"]
+    assert paired["pairs"] == figure["pairs"] == 2
+    assert paired["difference"] == pytest.approx(compare["transfer_rate"] - figure["transfer_rate"])
+    # A schedule of the wrong length, or one that skips step 0, is refused naming the option.
+    assert main([*args, "--cache", "static:0" + "1" * (len(schedule) - 1)]) == 2
+    assert "--cache 'static:0" in capsys.readouterr().err
+    assert main([*args, "--compare-cache", "static:11"]) == 2
+    assert "--compare-cache 'static:11' has 2 entries for 28 steps" in capsys.readouterr().err

@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw
 
 from unidg.core.manifest import atomic_write_bytes, atomic_write_text
 from unidg.runtime.demo import mask_outline
+from unidg.runtime.step_cache import OFF, StepCache
 
 if TYPE_CHECKING:
     from unidg.train.pairs import TrainingPair
@@ -118,11 +119,12 @@ def evaluate_transfer(
     progress: bool = True,
     keep: Callable[[TrainingPair], bool] | None = None,
     pairs: list[TrainingPair] | None = None,
+    cache: StepCache = OFF,
 ) -> dict:
     """Transfer rate of ``weights`` on ``count`` held-out pairs; optional contact sheet PNG and JSON report, and
     optionally the ground-truth and autoencoder-round-trip ceilings (module docstring). ``progress``: a bar over the
     pairs on stderr; ``keep``: only pairs it accepts are drawn (``evaluation_pairs``); ``pairs``: these pairs
-    instead of drawing."""
+    instead of drawing; ``cache``: the step-cache setting the samples are generated with."""
     import torch
     from tqdm import tqdm
 
@@ -139,7 +141,9 @@ def evaluate_transfer(
         reference, reference_mask = pair.reference.load_abnormal(), pair.reference.load_mask()
         source, target_mask = pair.target.load_normal(), pair.target.load_mask()
         with torch.no_grad():
-            output = generate(model, reference, reference_mask, source, target_mask, seed=seed + i, steps=steps)
+            output = generate(
+                model, reference, reference_mask, source, target_mask, seed=seed + i, steps=steps, cache=cache
+            )
         reference_color = mean_color(reference, reference_mask)
         to_reference, to_source = transfer_scores(output, source, target_mask, reference_color)
         sample = {

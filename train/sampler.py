@@ -22,7 +22,7 @@ from unidg.core.geometry import Diptych, defect_token_mask, paste_back, right_ha
 from unidg.core.latents import model_to_pixels, pixels_to_model
 from unidg.core.layout import PATCH, DiptychLayout
 from unidg.runtime.sampler import initial_noise, sampling_sigmas
-from unidg.runtime.step_cache import CacheDecider, StepCache
+from unidg.runtime.step_cache import OFF, CacheDecider, StepCache
 from unidg.runtime.synthesizer import SynthesisRequest, SynthesisResult, resize_reference
 from unidg.train.model import UniDGModel, image_ids, unpack_latents
 from unidg.train.split_transformer import transformer_head, transformer_tail, velocity_out
@@ -176,27 +176,32 @@ def sample(
     steps: int | None = None,
     guidance: float | None = None,
     noise: torch.Tensor | None = None,
+    cache: StepCache = OFF,
 ) -> np.ndarray:
     """Result diptychs (B, S, 2S, 3) uint8 from seeds (or explicit noise (B, N, 64)); settings' steps/guidance
-    unless given."""
+    unless given; ``cache``: step caching (off: the plain loop, bit for bit)."""
     if noise is None:
         if len(seeds) != inputs.batch:
             raise ValueError(f"{len(seeds)} seeds for a batch of {inputs.batch}; pass one seed per diptych")
         noise = get_noise(seeds, inputs.image_tokens, model.device)
     sigmas = sampling_sigmas(model.settings.steps if steps is None else steps, inputs.image_tokens)
     guidance = model.settings.guidance if guidance is None else guidance
-    x = denoise(model, noise, inputs, sigmas.tolist(), guidance)
+    if cache.enabled:
+        x, _ = denoise_cached(model, noise, inputs, sigmas.tolist(), guidance, cache)
+    else:
+        x = denoise(model, noise, inputs, sigmas.tolist(), guidance)
     return decode(model, x, inputs)
 
 
-def sample_request(model: UniDGModel, request: SynthesisRequest) -> SynthesisResult:
+def sample_request(model: UniDGModel, request: SynthesisRequest, cache: StepCache = OFF) -> SynthesisResult:
     """One runtime request through the torch model: Alg. 1 diptych, sampling, paste-back into the source.
 
     The torch counterpart of ``DefectSynthesizer.generate`` (same diptych, noise, schedule and reference resize);
     steps/guidance left as None take the model's settings.
     """
     diptych = model.settings.diptych(request.reference, request.reference_mask, request.source, request.target_mask)
-    result = sample(model, prepare_diptych(model, diptych), [request.seed], request.steps, request.guidance)[0]
+    inputs = prepare_diptych(model, diptych)
+    result = sample(model, inputs, [request.seed], request.steps, request.guidance, cache=cache)[0]
     return SynthesisResult(
         image=paste_back(diptych, right_half(result), request.source),
         mask=diptych.dilated_mask.copy(),
@@ -214,9 +219,10 @@ def generate(
     seed: int = 0,
     steps: int | None = None,
     guidance: float | None = None,
+    cache: StepCache = OFF,
 ) -> np.ndarray:
     """The source-sized uint8 result; pixels outside the dilated target mask are the source's, bit for bit."""
     request = SynthesisRequest(
         reference, reference_mask, source, target_mask, seed=seed, steps=steps, guidance=guidance
     )
-    return sample_request(model, request).image
+    return sample_request(model, request, cache).image

@@ -22,12 +22,15 @@ def _run(args: argparse.Namespace) -> int:
 def _transfer(args: argparse.Namespace) -> int:
     from unidg.core.errors import UniDGError
     from unidg.core.manifest import atomic_write_text
+    from unidg.runtime.step_cache import cache_setting
     from unidg.train.eval_nano import evaluate_transfer, evaluation_pairs
     from unidg.train.evaluation.generation_metrics import (
         defect_types_of,
+        paired_transfer,
         reference_carries_colour,
         revised_transfer,
     )
+    from unidg.train.loading import load_model
 
     if args.count < args.min_pairs:
         raise UniDGError(f"--count {args.count} is below --min-pairs {args.min_pairs}; raise --count")
@@ -38,9 +41,31 @@ def _transfer(args: argparse.Namespace) -> int:
             f"--data {args.data} yields {len(pairs)} pairs with a colour-carrying reference, fewer than --min-pairs "
             f"{args.min_pairs}; synthesize a larger held-out set (`unidg data synth --count ...`)"
         )
-    report = evaluate_transfer(args.weights, args.data, count=len(pairs), seed=args.seed, ceilings=True, pairs=pairs)
-    figure = revised_transfer(report["samples"], defect_types_of(args.data), min_pairs=args.min_pairs)
-    figure.update(weights=str(args.weights), data=str(args.data), count=report["count"], seconds=report["seconds"])
+    model = load_model(args.weights)
+    steps = model.settings.steps
+    caches = [cache_setting(args.cache, steps, "--cache")]
+    if args.compare_cache:
+        caches.append(cache_setting(args.compare_cache, steps, "--compare-cache"))
+    defect_types = defect_types_of(args.data)
+    figures, samples = [], []
+    for cache in caches:  # the same pairs, noise and model for both settings
+        report = evaluate_transfer(
+            args.weights,
+            args.data,
+            count=len(pairs),
+            seed=args.seed,
+            ceilings=True,
+            pairs=pairs,
+            model=model,
+            cache=cache,
+        )
+        figure = revised_transfer(report["samples"], defect_types, min_pairs=args.min_pairs)
+        figure.update(cache=cache.describe(), count=report["count"], seconds=report["seconds"])
+        figures.append(figure)
+        samples.append(report["samples"])
+    figure = {"weights": str(args.weights), "data": str(args.data), **figures[0]}
+    if args.compare_cache:
+        figure["compare"] = {**figures[1], "paired": paired_transfer(samples[0], samples[1], defect_types)}
     text = json.dumps(figure, indent=2)
     if args.out_json:
         atomic_write_text(args.out_json, text + "\n")
@@ -93,6 +118,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     transfer.add_argument("--min-pairs", type=int, default=200, help="colour-carrying pairs required")
     transfer.add_argument("--seed", type=int, default=0, help="seed of the pairs and the sampling noise")
+    transfer.add_argument(
+        "--cache",
+        default="off",
+        metavar="SETTING",
+        help="step caching of the samples: off, static:SCHEDULE (one 0/1 per step, e.g. a bundle's gated schedule) "
+        "or dynamic:THRESHOLD",
+    )
+    transfer.add_argument(
+        "--compare-cache",
+        metavar="SETTING",
+        help="also generate the same pairs with the same noise under this setting; adds its figure and the paired "
+        "difference of the transfer rates",
+    )
     transfer.add_argument("--out-json", help="also write the figure here")
     transfer.set_defaults(handler=_transfer)
 

@@ -82,6 +82,23 @@ def revised_transfer(samples: list[dict], defect_types: dict[str, str], min_pair
     }
 
 
+def paired_transfer(first: list[dict], second: list[dict], defect_types: dict[str, str]) -> dict:
+    """The second run's transfer rate minus the first's over the same colour-carrying pairs (same noise), with the
+    standard error of the paired difference and how many pairs changed outcome either way."""
+    if [(s["reference"], s["target"]) for s in first] != [(s["reference"], s["target"]) for s in second]:
+        raise ValueError("the two transfer runs did not generate the same pairs in the same order")
+    kept = [i for i, s in enumerate(first) if colour_carrying(defect_types[s["reference"]])]
+    differences = np.array([int(second[i]["transfer"]) - int(first[i]["transfer"]) for i in kept], dtype=np.float64)
+    n = len(differences)
+    return {
+        "pairs": n,
+        "difference": float(differences.mean()) if n else float("nan"),
+        "difference_se": float(differences.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan"),
+        "gained": int((differences > 0).sum()),
+        "lost": int((differences < 0).sum()),
+    }
+
+
 def defect_types_of(folder: str | Path) -> dict[str, str]:
     """Quadruplet id -> defect type (the ``defect_type`` key of ``unidg data synth``, else the category)."""
     from unidg.core.udg import read_index
