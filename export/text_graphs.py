@@ -25,7 +25,7 @@ from unidg.core.text import (
     TEXT_GRAPH_IO,
 )
 from unidg.export.onnx_export import BATCH_AXIS, OPSET, ExportError, GraphRecord, Progress, export_module
-from unidg.train.text_encoders import TextEncoders
+from unidg.train.text_encoders import TextEncoders, save_tokenizer
 
 T5_LENGTH_AXIS = "text_tokens"
 
@@ -102,6 +102,6 @@ def export_text_encoders(
                 f"{list(TEXT_GRAPH_IO[name][0])} / {list(TEXT_GRAPH_IO[name][1])}"
             )
         records[name] = record
-    encoders.clip_tokenizer.save_pretrained(folder / CLIP_TOKENIZER_FOLDER)
-    encoders.t5_tokenizer.save_pretrained(folder / T5_TOKENIZER_FOLDER)
+    save_tokenizer(encoders.clip_tokenizer, folder / CLIP_TOKENIZER_FOLDER)
+    save_tokenizer(encoders.t5_tokenizer, folder / T5_TOKENIZER_FOLDER)
     return records

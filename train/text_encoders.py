@@ -289,9 +289,17 @@ def save_text_encoders(encoders: TextEncoders, folder: str | Path) -> Path:
     clip_folder, t5_folder, clip_tok_folder, t5_tok_folder = (folder / name for name in FLUX_TEXT_FOLDERS)
     encoders.clip.save_pretrained(clip_folder, safe_serialization=True)
     encoders.t5.save_pretrained(t5_folder, safe_serialization=True)
-    encoders.clip_tokenizer.save_pretrained(clip_tok_folder)
-    encoders.t5_tokenizer.save_pretrained(t5_tok_folder)
+    save_tokenizer(encoders.clip_tokenizer, clip_tok_folder)
+    save_tokenizer(encoders.t5_tokenizer, t5_tok_folder)
     return folder
+
+
+def save_tokenizer(tokenizer: CLIPTokenizer | T5Tokenizer, folder: Path) -> None:
+    """``save_pretrained`` without the padding and truncation of the last call, which tokenizer.json would keep
+    (transformers sets both again on every call, so clearing them changes nothing for it)."""
+    tokenizer.backend_tokenizer.no_padding()
+    tokenizer.backend_tokenizer.no_truncation()
+    tokenizer.save_pretrained(folder)
 
 
 def _model_type(folder: Path, expected: str, what: str) -> None:

@@ -42,6 +42,7 @@ EXTRA_OF_MODULE: dict[str, str] = {
     **dict.fromkeys(("onnxconverter_common", "onnxslim", "lief", "cppimport"), "export"),
     **dict.fromkeys(("fastapi", "uvicorn", "multipart", "python_multipart"), "serve"),
     "cffi": "capi",
+    "tokenizers": "text",
     **dict.fromkeys(("tensorrt", "cuda"), "tensorrt"),
     "tritonclient": "dev",
 }
