@@ -5,6 +5,7 @@ Everything the trainer, the exporter and the reference sampler need, in one plac
     model = UniDGModel.from_preset("nano")
     cond = model.build_condition(diptych_pixels, diptych_mask)      # (B, N, 320) masked latents 64 + mask 256
     ctx, txt_ids = model.context(model.encode_reference(ref_pixels))  # [K zero text tokens (or 1 folded); Redux]
+    # UniDG-Text: model.context(reference, fold_text=False, text_states=t5_hidden) and velocity(..., pooled=clip)
     v = model.velocity(x, cond, ctx, key_bias, sigma, guidance, img_ids, txt_ids)  # (B, N, 64)
 
 Pixels are NCHW float in [-1, 1]; latents are normalized ``(z - shift) * scale``; token order is [context; image].
@@ -23,6 +24,7 @@ from torch import nn
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from unidg.core.attention_bias import build_key_bias
+from unidg.core.errors import UniDGError
 from unidg.core.latents import COND_CHANNELS as CONDITION_CHANNELS
 from unidg.core.latents import LATENT_CHANNELS, MASK_CHANNELS, PACKED_CHANNELS
 from unidg.core.settings import UniDGSettings
@@ -234,16 +236,35 @@ class UniDGModel(nn.Module):
         return self.redux(features.to(next(self.redux.parameters()).dtype)).image_embeds
 
     def context(
-        self, reference_tokens: torch.Tensor, fold_text: bool | None = None
+        self,
+        reference_tokens: torch.Tensor,
+        fold_text: bool | None = None,
+        text_states: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """[zero text tokens ; Redux tokens] and their (all-zero) RoPE ids.
+        """[text tokens ; Redux tokens] and their (all-zero) RoPE ids.
 
-        K zero text tokens, or one when folded (its key bias must then carry log K; see runtime.attention_bias).
+        Reference mode (``text_states`` None): K zero text tokens, or one when folded (its key bias must then carry
+        log K; see runtime.attention_bias). UniDG-Text: ``text_states`` (B, L, joint_dim), T5's hidden states of the
+        instruction (``unidg.train.text_encoders``), take the zeros' place; they differ from one another, so they
+        are never folded (build their key bias with ``fold_text=False``).
         """
         batch, _, width = reference_tokens.shape
         if width != self.joint_dim:
             raise ValueError(f"reference tokens have width {width}; the transformer expects {self.joint_dim}")
-        text = reference_tokens.new_zeros(batch, self.text_token_count(fold_text), width)
+        if text_states is None:
+            text = reference_tokens.new_zeros(batch, self.text_token_count(fold_text), width)
+        else:
+            if fold_text:
+                raise UniDGError(
+                    "fold_text=True with text_states: folding is exact only for the zero text tokens of reference "
+                    "mode; pass fold_text=False (or None) with an instruction's text states"
+                )
+            if text_states.ndim != 3 or text_states.shape[0] != batch or text_states.shape[2] != width:
+                raise UniDGError(
+                    f"text states of shape {tuple(text_states.shape)}: expected ({batch}, L, {width}), T5 hidden "
+                    "states of the same batch in the transformer's joint_attention_dim"
+                )
+            text = text_states.to(device=reference_tokens.device, dtype=reference_tokens.dtype)
         context = torch.cat([text, reference_tokens], dim=1)
         txt_ids = torch.zeros(context.shape[1], 3, device=context.device, dtype=context.dtype)
         return context, txt_ids
@@ -276,10 +297,13 @@ class UniDGModel(nn.Module):
         guidance: torch.Tensor | float,
         img_ids: torch.Tensor,
         txt_ids: torch.Tensor | None = None,
+        pooled: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Flow velocity (B, N, 64), in the transformer's dtype, of packed latents x (B, N, 64) at noise level sigma.
 
         key_bias: (B, N_ctx + N_img) additive per-key attention bias (None: plain attention).
+        pooled: (B, pooled_projection_dim) CLIP pooled output of an instruction (UniDG-Text); None: zeros, as
+        reference mode has no prompt.
         """
         batch = x.shape[0]
         config = self.transformer.config
@@ -290,12 +314,18 @@ class UniDGModel(nn.Module):
         if txt_ids is None:
             txt_ids = torch.zeros(ctx.shape[1], 3, device=x.device)
         dtype = self.dtype  # inputs may be float32 around a bf16/fp16 transformer; the output is in its dtype
-        pooled = torch.zeros(batch, config.pooled_projection_dim, device=x.device, dtype=dtype)  # no CLIP prompt
+        if pooled is None:
+            pooled = torch.zeros(batch, config.pooled_projection_dim, device=x.device, dtype=dtype)  # no CLIP prompt
+        elif tuple(pooled.shape) != (batch, config.pooled_projection_dim):
+            raise UniDGError(
+                f"pooled of shape {tuple(pooled.shape)}: expected ({batch}, {config.pooled_projection_dim}), the CLIP "
+                "pooled output of the same batch"
+            )
         attention_kwargs = None if key_bias is None else {"key_bias": key_bias}
         return self.transformer(
             hidden_states=torch.cat([x.to(dtype), cond.to(dtype)], dim=2),
             encoder_hidden_states=ctx.to(dtype),
-            pooled_projections=pooled,
+            pooled_projections=pooled.to(device=x.device, dtype=dtype),
             timestep=sigma,
             img_ids=img_ids,
             txt_ids=txt_ids,
