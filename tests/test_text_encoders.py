@@ -10,11 +10,12 @@ import pytest
 import torch
 from diffusers import FluxPipeline
 from text_fixtures import tiny_text_folder, tokenizer_texts
+from transformers import CLIPTextModel, T5EncoderModel
 
 from unidg.core.manifest import WeightsError
 from unidg.core.text import CLIP_MAX_LENGTH, T5_MAX_LENGTH
 from unidg.train.presets import FULL, NANO
-from unidg.train.text_encoders import TextEncoderError, TextEncoders, load_text_encoders
+from unidg.train.text_encoders import FULL_TEXT, TextEncoderError, TextEncoders, load_text_encoders
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -102,3 +103,14 @@ def test_folders_that_are_not_flux_text_encoders_are_refused(folder: Path, tmp_p
         load_text_encoders(swapped)
     with pytest.raises(TextEncoderError, match="non-empty list"):
         load_text_encoders(folder).tokenize("one string")
+
+
+def test_the_full_preset_has_flux_text_encoder_shapes() -> None:
+    """CLIP-L's text tower and T5-XXL v1.1's encoder, counted on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        clip = CLIPTextModel(FULL_TEXT.clip_config())
+        t5 = T5EncoderModel(FULL_TEXT.t5_config())
+    assert sum(p.numel() for p in clip.parameters()) == 123_060_480
+    assert sum(p.numel() for p in t5.parameters()) == 4_762_310_656
+    assert clip.config.hidden_size == FULL.transformer.pooled_projection_dim
+    assert t5.config.d_model == FULL.transformer.joint_attention_dim
