@@ -3,7 +3,7 @@
 Layout (docs/triton.md):
 
     REPO/unidg/config.pbtxt             Python-backend model (inputs: UINT8 images + masks, SEED/STEPS/GUIDANCE...)
-    REPO/unidg/1/model.py               wraps the runtime's DefectSynthesizer (export/triton_model.py, copied)
+    REPO/unidg/1/model.py               wraps the runtime's DefectSynthesizer (runtime/backends/triton_model.py, copied)
     REPO/unidg/1/bundle/                the bundle (ONNX graphs + manifest), or only its manifest for an engine repo
     REPO/unidg_<graph>/config.pbtxt     for a bundle with TensorRT engines: one ``tensorrt_plan`` model per graph
     REPO/unidg_<graph>/1/model.plan     (step, vae_encoder, vae_decoder, image_encoder), called from model.py by BLS
@@ -24,10 +24,12 @@ from unidg.core.errors import UniDGError
 from unidg.core.manifest import MANIFEST_FILE
 from unidg.core.settings import SETTINGS_FILE
 from unidg.core.staging import staged_folder
+from unidg.runtime import backends as runtime_backends
 from unidg.runtime.bundle import GRAPH_INPUTS, GRAPH_OUTPUTS, Bundle, expected_shapes, load_bundle
 from unidg.runtime.step_cache import StepCacheError, bundle_step_cache
 
-MODEL_TEMPLATE = Path(__file__).with_name("triton_model.py")
+# The Python-backend model is runtime code (it runs the lean runtime inside Triton); the repository gets a copy.
+MODEL_TEMPLATE = Path(runtime_backends.__file__).with_name("triton_model.py")
 INSTANCE_KINDS = {"gpu": "KIND_GPU", "cpu": "KIND_CPU"}
 
 # The Python-backend model's tensors: (name, Triton data type, dims, optional).
