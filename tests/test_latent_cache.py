@@ -108,8 +108,8 @@ def test_cache_matches_the_in_memory_latents_and_trains(built: SFTConfig, base: 
     assert streamed.keys == memory.keys
     np.testing.assert_array_equal(streamed.indices_of("intra-object"), memory.indices_of("intra-object"))
 
+    from unidg.train.checkpoints import read_log
     from unidg.train.sft import setup_sft
-    from unidg.train.trainer import read_log
 
     run = setup_sft(built, model=_model(base, built))
     assert isinstance(run.trainer.data, StreamedLatents)

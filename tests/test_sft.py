@@ -12,6 +12,14 @@ import torch
 from safetensors.torch import load_file
 from train_fixtures import procedural_udg
 
+from unidg.train.checkpoints import (
+    CHECKPOINTS,
+    OPTIMIZER_JSON,
+    OPTIMIZER_TENSORS,
+    TRAINABLE_FILE,
+    TrainingDivergedError,
+    read_log,
+)
 from unidg.train.config import DataConfig, LoopConfig, LoraConfig, LossConfig, OptimConfig, SFTConfig
 from unidg.train.dataset import LatentPairs, build_example, target_token_mask
 from unidg.train.flow import flow_matching_loss, normal_regularization, step_generator, step_inputs
@@ -19,16 +27,7 @@ from unidg.train.lora import lora_module_names
 from unidg.train.model import UniDGModel
 from unidg.train.pairs import DISTRIBUTIONS, prepare_pairs
 from unidg.train.sft import setup_sft, train_sft
-from unidg.train.trainer import (
-    CHECKPOINTS,
-    OPTIMIZER_JSON,
-    OPTIMIZER_TENSORS,
-    TRAINABLE_FILE,
-    TrainingDivergedError,
-    distribution_sequence,
-    read_log,
-    sample_schedule,
-)
+from unidg.train.trainer import distribution_sequence, sample_schedule
 
 SETTINGS = {"resolution": 64, "text_tokens": 8, "guidance": 1.0}
 

@@ -14,13 +14,14 @@ import pytest
 import torch
 from train_fixtures import checkpoint_weights, procedural_udg
 
-from unidg.runtime.serve_bench import free_loopback_port
+from unidg.runtime.serve_client import free_loopback_port
+from unidg.train.checkpoints import CHECKPOINTS, read_log
 from unidg.train.config import DataConfig, LoopConfig, LoraConfig, LossConfig, OptimConfig, SFTConfig, from_dict
 from unidg.train.config import to_dict as config_to_dict
 from unidg.train.dataset import LatentPairs
 from unidg.train.model import UniDGModel
 from unidg.train.sft import setup_sft, train_sft
-from unidg.train.trainer import CHECKPOINTS, DeviceError, Placement, read_log, resolve_device
+from unidg.train.trainer import DeviceError, Placement, resolve_device
 
 SETTINGS = {"resolution": 64, "text_tokens": 8, "guidance": 1.0}
 CACHE_KEY = "distributed-test"

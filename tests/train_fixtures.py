@@ -20,6 +20,6 @@ def checkpoint_weights(run: Path, step: int) -> dict:
     """The trainable weights a training run saved at ``step``."""
     from safetensors.torch import load_file
 
-    from unidg.train.trainer import CHECKPOINTS, TRAINABLE_FILE
+    from unidg.train.checkpoints import CHECKPOINTS, TRAINABLE_FILE
 
     return load_file(str(run / CHECKPOINTS / f"step-{step:06d}" / TRAINABLE_FILE))

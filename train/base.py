@@ -444,9 +444,9 @@ def train_base(config: BaseConfig, resume: bool = True, model=None) -> Path:
 def _train_base(config: BaseConfig, resume: bool, model, placement: Placement) -> Path:
     from safetensors.torch import load_file
 
+    from unidg.train.checkpoints import read_log
     from unidg.train.loading import save_model
     from unidg.train.model import UniDGModel
-    from unidg.train.trainer import read_log
 
     if config.train.threads:
         torch.set_num_threads(config.train.threads)

@@ -2,8 +2,9 @@
 by flow matching on the Fill layout with normal regularization (Eq. 9) and defect attention, over the three pair
 distributions of ``unidg.train.pairs``.
 
-The pieces live in their own modules: the objective in ``unidg.train.flow``, the loop (device, precision, optimizer,
-checkpoints, torch.distributed) in ``unidg.train.trainer``, the adapters in ``unidg.train.lora``, the cached
+The pieces live in their own modules: the objective in ``unidg.train.flow``, the setup shared with RFT (frozen
+base, LoRA, run folder) in ``unidg.train.run_setup``, the loop (device, precision, optimizer, torch.distributed) in
+``unidg.train.trainer``, checkpoints in ``unidg.train.checkpoints``, the adapters in ``unidg.train.lora``, the cached
 training tensors in ``unidg.train.dataset`` (in memory) and ``unidg.train.latent_cache`` (sharded, streamed).
 """
 
@@ -14,19 +15,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from unidg.core.manifest import atomic_write_text
 from unidg.core.settings import UniDGSettings
 from unidg.train.config import SFTConfig, settings_of, to_dict
+from unidg.train.dataset import LatentPairs
 from unidg.train.latent_cache import open_cache
-from unidg.train.lora import add_lora, save_lora
+from unidg.train.lora import save_lora
 from unidg.train.pairs import pools_of, prepare_pairs, select_pairs
+from unidg.train.run_setup import attach_lora, frozen_model, limit_threads, open_run_folder
 from unidg.train.trainer import (
     FlowTrainer,
     Placement,
     build_optimizer,
-    check_run_folder,
+    current_placement,
     distributed,
     run_options,
     sample_schedule,
@@ -37,16 +37,9 @@ def training_guidance(configured: float, settings: UniDGSettings) -> float:
     return settings.guidance if configured < 0 else configured
 
 
-def training_dtype(config: SFTConfig, placement: Placement) -> torch.dtype:
-    """Frozen weights load in bf16 for bf16 training on CUDA (a 12B transformer does not fit in fp32)."""
-    return torch.bfloat16 if placement.device.type == "cuda" and config.train.precision == "bf16" else torch.float32
-
-
 def load_training_data(config: SFTConfig, model, settings: UniDGSettings, placement: Placement):
     """The streamed latent cache of ``data.latent_cache`` (checked against this model, data and settings), or the
     in-memory latents of the run folder."""
-    from unidg.train.dataset import LatentPairs
-
     if config.data.latent_cache:
         return open_cache(config, model, settings)  # the pair list is the cache's: no image is read
     pairs = select_pairs(prepare_pairs(config.data.train, config.seed, config.data.limit), config.train.mix)
@@ -72,29 +65,16 @@ class SFTRun:
 
 def setup_sft(config: SFTConfig, model=None, data=None, placement: Placement | None = None) -> SFTRun:
     """Model (base + LoRA), cached data, optimizer and trainer of an SFT config (``model``/``data`` for tests)."""
-    from unidg.train.model import UniDGModel
-    from unidg.train.trainer import current_placement
-
-    if config.train.threads:
-        torch.set_num_threads(config.train.threads)
+    limit_threads(config.train.threads)
     placement = placement or current_placement()
     settings = settings_of(config)
-    if model is None:
-        from unidg.train.loading import load_model
-
-        model = load_model(config.base, dtype=training_dtype(config, placement))
-    if not isinstance(model, UniDGModel):
-        raise TypeError("model must be a UniDGModel")
+    model = frozen_model(config.base, model, config.train.precision, placement)
     model.settings = settings
-    model.requires_grad_(False)
     if data is None:
         data = load_training_data(config, model, settings, placement)
     if data.resolution != settings.resolution:
         raise ValueError(f"latents are at S={data.resolution} but settings.resolution is {settings.resolution}")
-    modules = add_lora(model.transformer, config.lora, seed=config.seed)
-    if config.train.gradient_checkpointing:
-        model.transformer.enable_gradient_checkpointing()
-    trainable = {f"transformer.{k}": p for k, p in model.transformer.named_parameters() if p.requires_grad}
+    modules, trainable = attach_lora(model, config.lora, config.seed, config.train.gradient_checkpointing)
     optimizer = build_optimizer(list(trainable.values()), config.optim)
     schedule = sample_schedule(
         pools_of(data), config.train.mix, config.train.steps, config.train.batch_size, config.seed
@@ -134,10 +114,7 @@ def train_sft(config: SFTConfig, resume: bool = True, model=None, data=None) -> 
 
     Under ``torchrun`` every process runs this; rank 0 writes the files."""
     with distributed(config.train.device) as placement:
-        output = check_run_folder(config.output)
-        if placement.is_main:
-            output.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(output / "config.json", json.dumps(to_dict(config), indent=2) + "\n")
+        output = open_run_folder(config, placement)
         run = setup_sft(config, model=model, data=data, placement=placement)
         started = time.time()
         run.trainer.run(resume=resume)

@@ -9,18 +9,16 @@ loss is normalised by the global batch's totals, so a run gives the same loss cu
 and accumulation (up to the order of float sums) and a checkpoint written at one world size resumes at another.
 Only rank 0 writes the log, the progress bar and checkpoints.
 
-Checkpoints hold the trainable weights, the optimizer state (safetensors tensors + JSON scalars, no pickle) and the
-step; a resumed run reproduces the uninterrupted run's losses.
+Checkpoints (``unidg.train.checkpoints``) hold the trainable weights, the optimizer state and the step; a resumed run
+reproduces the uninterrupted run's losses.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import re
-import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -30,12 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from unidg.core.errors import UniDGError
 from unidg.core.layout import DiptychLayout
-from unidg.core.manifest import atomic_write_text
 from unidg.core.settings import UniDGSettings
-from unidg.core.staging import give_usual_mode
+from unidg.train.checkpoints import LOG_FILE, CheckpointFolder, check_step_finite, trim_log
 from unidg.train.config import ConfigError, LoopConfig, LossConfig, OptimConfig
 from unidg.train.flow import (
     FlowObjective,
@@ -45,13 +43,8 @@ from unidg.train.flow import (
     step_inputs,
     token_weights,
 )
+from unidg.train.model import image_ids
 
-CHECKPOINTS = "checkpoints"
-LOG_FILE = "log.jsonl"
-TRAINABLE_FILE = "trainable.safetensors"
-OPTIMIZER_TENSORS = "optimizer.safetensors"
-OPTIMIZER_JSON = "optimizer.json"
-STATE_FILE = "state.json"
 DEVICE_PATTERN = re.compile(r"^(cpu|cuda|cuda:\d+)$")
 
 
@@ -73,33 +66,6 @@ def check_run_folder(output: str | Path, what: str = "run folder") -> Path:
     if not os.access(place, os.W_OK | os.X_OK):
         raise ConfigError(f"output {path}: {place} is not writable; name a {what} you can write in")
     return path
-
-
-class TrainingDivergedError(UniDGError):
-    """A training step produced a non-finite loss or weight; the run stops and its last checkpoint stays finite."""
-
-
-def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
-    """The name of the first tensor holding a NaN or an infinity, or None."""
-    for name, tensor in tensors.items():
-        if not bool(torch.isfinite(tensor).all()):
-            return name
-    return None
-
-
-def check_step_finite(
-    step: int, losses: dict[str, float], tensors: dict[str, torch.Tensor], checkpoint: Path | None, advice: str
-) -> None:
-    """Stop a run whose step ``step`` made a loss or a trainable weight non-finite, before anything of it is saved."""
-    bad_loss = next((f"{key} became {value}" for key, value in losses.items() if not math.isfinite(value)), None)
-    bad_weight = first_non_finite(tensors)
-    if bad_loss is None and bad_weight is None:
-        return
-    kept = f"the last finite checkpoint {checkpoint} is kept" if checkpoint else "no checkpoint was saved yet"
-    raise TrainingDivergedError(
-        f"training diverged at step {step}: {bad_loss or f'weight {bad_weight} became non-finite'}; nothing of "
-        f"this step was saved and {kept}; {advice}"
-    )
 
 
 @dataclass(frozen=True)
@@ -179,7 +145,7 @@ def place_model(model: nn.Module, device: torch.device, precision: str) -> None:
                 parameter.data = parameter.data.to(torch.bfloat16)
 
 
-def _all_reduce_sum(values: torch.Tensor, placement: Placement) -> torch.Tensor:
+def all_reduce_sum(values: torch.Tensor, placement: Placement) -> torch.Tensor:
     if placement.world_size == 1:
         return values
     import torch.distributed as dist
@@ -276,39 +242,6 @@ def lr_factor(step: int, warmup_steps: int) -> float:
     return 1.0 if warmup_steps <= 0 else min(1.0, step / warmup_steps)
 
 
-def optimizer_state_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split ``optimizer.state_dict()`` into tensors (for safetensors) and JSON-able scalars, without pickle."""
-    state = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict] = {}
-    for param_id, entries in state["state"].items():
-        kept = {}
-        for name, value in entries.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{param_id}.{name}"] = value.detach().cpu().contiguous()
-            else:
-                kept[name] = value
-        scalars[str(param_id)] = kept
-    groups = [
-        {k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items()} for group in state["param_groups"]
-    ]
-    return tensors, {"state": scalars, "param_groups": groups, "class": type(optimizer).__name__}
-
-
-def optimizer_state_from_files(tensors: dict[str, torch.Tensor], document: dict) -> dict:
-    state: dict[int, dict] = {int(k): dict(v) for k, v in document["state"].items()}
-    for key, tensor in tensors.items():
-        param_id, name = key.split(".", 1)
-        state.setdefault(int(param_id), {})[name] = tensor
-    groups = []
-    for group in document["param_groups"]:
-        group = dict(group)
-        if isinstance(group.get("betas"), list):
-            group["betas"] = tuple(group["betas"])
-        groups.append(group)
-    return {"state": state, "param_groups": groups}
-
-
 # ============================================================================ the loop
 class FlowTrainer:
     """The flow-matching loop shared by ``unidg train base`` (inpainter stage) and ``unidg train sft``.
@@ -343,8 +276,6 @@ class FlowTrainer:
         placement: Placement | None = None,
         micro_batch: int = 0,
     ) -> None:
-        from unidg.train.model import image_ids
-
         self.model = model
         self.data = data
         self.trainable = trainable
@@ -391,6 +322,7 @@ class FlowTrainer:
             # device_ids=None: inputs are already on this process's device (and CPU modules need None).
             objective = DistributedDataParallel(objective, device_ids=None, gradient_as_bucket_view=True)
         self.objective = objective
+        self.checkpoints = CheckpointFolder(self.run_dir, keep_checkpoints)
         self.step = 0
 
     @property
@@ -403,7 +335,7 @@ class FlowTrainer:
 
     # -------------------------------------------------------------- checkpoints
     def checkpoint_dir(self, step: int) -> Path:
-        return self.run_dir / CHECKPOINTS / f"step-{step:06d}"
+        return self.checkpoints.path(step)
 
     def save_checkpoint(self) -> Path:
         """Rank 0 writes (temp folder, then rename); every process waits for it."""
@@ -414,56 +346,18 @@ class FlowTrainer:
         return final
 
     def _write_checkpoint(self, final: Path) -> None:
-        from safetensors.torch import save_file
-
-        tmp = final.with_name(f".{final.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file({k: p.detach().cpu().contiguous() for k, p in self.trainable.items()}, str(tmp / TRAINABLE_FILE))
-        tensors, document = optimizer_state_to_files(self.optimizer)
-        save_file(tensors, str(tmp / OPTIMIZER_TENSORS))
-        (tmp / OPTIMIZER_JSON).write_text(json.dumps(document, indent=1) + "\n")
         state = {"step": self.step, "seed": self.seed, "fingerprint": self.fingerprint}
         state["world_size"] = self.placement.world_size  # informative: any world size resumes it
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-        for file in tmp.iterdir():
-            give_usual_mode(file)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.replace(final)
-        kept = sorted((self.run_dir / CHECKPOINTS).glob("step-*"))
-        for old in kept[: -self.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+        self.checkpoints.write(self.step, self.trainable, self.optimizer, state)
 
     def latest_checkpoint(self) -> Path | None:
-        found = sorted((self.run_dir / CHECKPOINTS).glob("step-*"))
-        return found[-1] if found else None
+        return self.checkpoints.latest()
 
     def load_checkpoint(self, folder: str | Path) -> None:
-        from safetensors.torch import load_file
-
-        folder = Path(folder)
-        state = json.loads((folder / STATE_FILE).read_text())
-        if state.get("seed") != self.seed or state.get("fingerprint") != self.fingerprint:
-            raise UniDGError(
-                f"checkpoint {folder} was made by a different run (seed, data or settings differ); "
-                "resume with the same config, or start a new output folder"
-            )
-        if state["step"] > self.steps:
-            raise UniDGError(
-                f"checkpoint {folder} is at step {state['step']}, past this run's {self.steps} steps; "
-                "raise the steps to continue it, or start a new output folder"
-            )
-        weights = load_file(str(folder / TRAINABLE_FILE))
-        if set(weights) != set(self.trainable):
-            raise UniDGError(f"checkpoint {folder} holds other trainable weights than this run; use the same config")
-        with torch.no_grad():
-            for name, parameter in self.trainable.items():
-                parameter.copy_(weights[name])
-        document = json.loads((folder / OPTIMIZER_JSON).read_text())
-        tensors = load_file(str(folder / OPTIMIZER_TENSORS))
-        self.optimizer.load_state_dict(optimizer_state_from_files(tensors, document))
+        self.step = self.checkpoints.restore(
+            folder, self.seed, self.fingerprint, self.steps, self.trainable, self.optimizer
+        )
         self.base_lrs = [group.get("initial_lr", group["lr"]) for group in self.optimizer.param_groups]
-        self.step = int(state["step"])
 
     # -------------------------------------------------------------- one step
     def train_step(self, step: int) -> dict[str, float]:
@@ -475,7 +369,7 @@ class FlowTrainer:
         inputs = step_inputs(batch, self.model, self.settings, self.defect_attention).to(device)
         noise, t = draw_noise_and_t(step_generator(self.seed, step), (self.global_batch, *inputs.x0.shape[1:]), loss)
         local_weight = token_weights(inputs.target_tokens, loss.mask_weight).sum().double().cpu()
-        weight_total = float(_all_reduce_sum(local_weight.reshape(1), placement)[0])
+        weight_total = float(all_reduce_sum(local_weight.reshape(1), placement)[0])
         factor = lr_factor(step, self.warmup_steps)
         for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
             group["initial_lr"] = base_lr
@@ -494,7 +388,7 @@ class FlowTrainer:
                 # DDP averages gradients over processes; each process holds 1/world of the global loss.
                 (share * placement.world_size).backward()
             sums += torch.tensor([float(terms.velocity.detach()), float(terms.hinge.detach())], dtype=torch.float64)
-        sums = _all_reduce_sum(sums, placement)
+        sums = all_reduce_sum(sums, placement)
         velocity, normal_reg = float(sums[0]) / weight_total, float(sums[1]) / self.global_batch
         parts = {"velocity": velocity}
         if loss.normal_reg_weight > 0:
@@ -510,17 +404,8 @@ class FlowTrainer:
             parts["prodigy_d"] = float(self.optimizer.param_groups[0]["d"])
         return parts
 
-    def _trim_log(self, upto: int) -> None:
-        path = self.run_dir / LOG_FILE
-        if not path.is_file():
-            return
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= upto]
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
-
     def run(self, resume: bool = False, stop_after: int | None = None, on_step: Callable | None = None) -> list[dict]:
         """Train to the end of the schedule (or ``stop_after`` steps, for tests); returns this call's log records."""
-        from tqdm import tqdm
-
         main = self.placement.is_main
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -530,7 +415,7 @@ class FlowTrainer:
             if latest is not None:
                 self.load_checkpoint(latest)
         if main:
-            self._trim_log(self.step)
+            trim_log(self.run_dir, self.step)
         records = []
         last = self.steps if stop_after is None else min(self.steps, stop_after)
         self.model.train()
@@ -570,8 +455,3 @@ class FlowTrainer:
             self.save_checkpoint()
         self.model.eval()
         return records
-
-
-def read_log(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / LOG_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
