@@ -17,7 +17,7 @@ from unidg.train.config import BaseConfig, ConfigError, SFTConfig, from_dict, lo
 from unidg.train.evaluation.config import EvalConfig
 from unidg.train.judge import JudgeConfig
 from unidg.train.reward_recog import RecogTrainConfig
-from unidg.train.rft import RFTConfig
+from unidg.train.rft_config import RFTConfig
 
 JUDGE = {"url": "http://127.0.0.1:9/v1", "model": "m", "weight": 0.5}
 ROOTS: dict[str, tuple[type, dict]] = {

@@ -21,16 +21,9 @@ from unidg.train.config import ConfigError, DataConfig, LoraConfig, OptimConfig
 from unidg.train.loading import load_model
 from unidg.train.merge import merge_lora, probe_inputs, probe_velocity
 from unidg.train.rewards import ColorConfig, RewardConfig
-from unidg.train.rft import (
-    GRPOConfig,
-    RFTConfig,
-    RFTLoopConfig,
-    RFTRun,
-    RolloutConfig,
-    adapters_disabled,
-    load_rft_config,
-    train_rft,
-)
+from unidg.train.rft import RFTRun, train_rft
+from unidg.train.rft_config import GRPOConfig, RFTConfig, RFTLoopConfig, RolloutConfig, load_rft_config
+from unidg.train.rft_policy import adapters_disabled
 
 NANO = Path(__file__).resolve().parents[1] / "runtime" / "assets" / "unidg-nano"
 SETTINGS = {"resolution": 32}  # 2 x 4 image tokens
@@ -80,13 +73,13 @@ def test_rollouts_use_the_deployed_guidance_and_the_kl_scale_is_delta_t(udg, tmp
     """Defaults: rollouts at the weights' own guidance (what SFT trained at and inference uses), the KL on Flow-GRPO's
     scale (each transition's KL times its sigma - sigma_next), the paper's clip 1e-5, which one update per rollout
     batch never reaches in fp32: the ratio differs from 1 by recomputation rounding only."""
-    from unidg.train import grpo, rft
+    from unidg.train import rft
 
     defaults = RFTConfig(base="b", output="o")
     assert defaults.rollout.guidance < 0 and defaults.grpo.clip_range == 1e-5
     assert defaults.grpo.kl_variance == "flow_grpo"
     guidances, scales = [], []
-    real_velocity, real_loss = rft.guided_velocity, grpo.grpo_loss
+    real_velocity, real_loss = rft.guided_velocity, rft.grpo_loss
 
     def velocity_spy(model, x, sigma, prompts, guidance, *args):
         guidances.append(guidance)
@@ -97,7 +90,7 @@ def test_rollouts_use_the_deployed_guidance_and_the_kl_scale_is_delta_t(udg, tmp
         return real_loss(*args, kl_scale=kl_scale, **kwargs)
 
     monkeypatch.setattr(rft, "guided_velocity", velocity_spy)
-    monkeypatch.setattr(grpo, "grpo_loss", loss_spy)
+    monkeypatch.setattr(rft, "grpo_loss", loss_spy)
     config = _config(udg, tmp_path / "run", steps=1)
     config.rollout.steps, config.rollout.guidance = [2], -1.0
     config.grpo = GRPOConfig(beta=0.01, inner_epochs=1)
@@ -260,7 +253,7 @@ def test_an_infinite_lr_or_beta_is_refused_before_training(udg, tmp_path, capsys
 def test_a_step_that_makes_a_weight_non_finite_stops_and_keeps_the_last_finite_checkpoint(udg, tmp_path) -> None:
     from safetensors.torch import load_file
 
-    from unidg.train.trainer import CHECKPOINTS, TRAINABLE_FILE, TrainingDivergedError
+    from unidg.train.checkpoints import CHECKPOINTS, TRAINABLE_FILE, TrainingDivergedError
 
     run = RFTRun(_config(udg, tmp_path / "run", steps=3))
     run.run(resume=False, stop_after=1)

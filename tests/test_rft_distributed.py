@@ -13,10 +13,11 @@ import torch
 from test_rft import NANO, _config
 from train_fixtures import checkpoint_weights, procedural_udg
 
-from unidg.runtime.serve_bench import free_loopback_port
+from unidg.runtime.serve_client import free_loopback_port
+from unidg.train.checkpoints import read_log
 from unidg.train.config import to_dict
-from unidg.train.rft import RFTConfig, train_rft
-from unidg.train.trainer import read_log
+from unidg.train.rft import train_rft
+from unidg.train.rft_config import RFTConfig
 
 TOLERANCE = 1e-5
 

@@ -140,7 +140,8 @@ def _eval_nano(args: argparse.Namespace) -> int:
 
 
 def _rft(args: argparse.Namespace) -> int:
-    from unidg.train.rft import load_rft_config, train_rft
+    from unidg.train.rft import train_rft
+    from unidg.train.rft_config import load_rft_config
 
     config = load_rft_config(args.config, _overrides(args))
     train_rft(config, resume=not args.restart)
