@@ -18,7 +18,8 @@ from runtime_fixtures import make_toy_bundle, write_sample_files
 
 from unidg.cli import main
 from unidg.core.udg import read_index
-from unidg.runtime.jobs import JobsError, read_jobs, repair_torn_index, run_batch
+from unidg.runtime.jobs import repair_torn_index, run_batch
+from unidg.runtime.jobs_file import JobsError, read_jobs
 from unidg.runtime.synthesizer import DefectSynthesizer
 
 JOBS = 12

@@ -25,9 +25,9 @@ from PIL import Image
 from surface_fixtures import masked_equal_outside, nano_bundle, toy_bundle
 
 from unidg.runtime.serve import ServeConfig, ServiceError, create_app, parse_params
-from unidg.runtime.serve_bench import (
+from unidg.runtime.serve_bench import fire
+from unidg.runtime.serve_client import (
     encode_multipart,
-    fire,
     free_loopback_port,
     get,
     png_bytes,

@@ -25,7 +25,7 @@ from test_serve import SlowedSynthesizer, _metric, _wait_for, serve_in_thread
 from unidg.core import images
 from unidg.runtime.serve import ServeConfig, ServiceError, create_app, parse_params
 from unidg.runtime.serve import protocol as serve_protocol
-from unidg.runtime.serve_bench import (
+from unidg.runtime.serve_client import (
     encode_multipart,
     get,
     post,
