@@ -15,6 +15,7 @@ import hmac
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
+from unidg import __version__
 from unidg.core.images import InputError
 from unidg.runtime.serve.config import API_KEY_HEADER, ServeConfig, host_header_is_loopback
 from unidg.runtime.serve.metrics import Metrics
@@ -239,6 +241,18 @@ def redact_paths(text: str, config: ServeConfig) -> str:
     return text
 
 
+@dataclass
+class Service:
+    """What the routes of one app share (``app.state.service``): its config, worker pool, metrics, the slots of
+    concurrent decodes before the queue and the upload budget."""
+
+    config: ServeConfig
+    pool: SynthesisPool
+    metrics: Metrics
+    decode_slots: asyncio.Semaphore
+    budget: UploadBudget
+
+
 def create_app(config: ServeConfig, factory: SynthesizerFactory | None = None) -> Any:
     """The FastAPI app. ``factory`` makes one synthesizer per worker (default: from ``config.bundle``)."""
     metrics = Metrics()
@@ -250,166 +264,176 @@ def create_app(config: ServeConfig, factory: SynthesizerFactory | None = None) -
         warmup=config.warmup,
         max_image_pixels=config.max_image_pixels,
     )
-    decode_slots = asyncio.Semaphore(config.workers)  # concurrent decodes before the queue
-    budget = UploadBudget(config.upload_budget_bytes)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Any) -> Any:
-        pool.start()
-        try:
-            yield
-        finally:
-            await run_in_threadpool(pool.stop)
-
-    app = FastAPI(title="unidg", version=_package_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="unidg", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.service = Service(
+        config, pool, metrics, asyncio.Semaphore(config.workers), UploadBudget(config.upload_budget_bytes)
+    )
     app.state.pool = pool
     app.state.metrics = metrics
     app.state.config = config
-
-    def check_key(request: Request) -> None:
-        if config.api_key is None:
-            return
-        given = request.headers.get(API_KEY_HEADER, "")
-        if not hmac.compare_digest(given.encode(), config.api_key.encode()):
-            raise ServiceError(401, "unauthorized", f"missing or wrong {API_KEY_HEADER} header", API_KEY_HEADER)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        # 404/405/...: the same JSON shape as every other error of this service.
-        code = str(error.detail).lower().replace(" ", "_")
-        return JSONResponse(
-            {"error": code, "message": f"{request.method} {request.url.path}: {error.detail}"},
-            status_code=error.status_code,
-            headers=getattr(error, "headers", None),
-        )
-
+    app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_middleware(RequestGuard, metrics=metrics, config=config)
+    app.get("/healthz")(healthz)
+    app.get("/readyz")(readyz)
+    app.get("/metrics")(prometheus)
+    app.post("/v1/synthesize")(synthesize)
+    return app
 
-    @app.get("/healthz")
-    async def healthz() -> Any:
-        return {"status": "ok"}
 
-    @app.get("/readyz")
-    async def readyz() -> Any:
-        if pool.load_error is not None:
-            return JSONResponse({"ready": False, "error": redact_paths(pool.load_error, config)}, status_code=503)
+@contextlib.asynccontextmanager
+async def lifespan(app: Any) -> Any:
+    pool = app.state.service.pool
+    pool.start()
+    try:
+        yield
+    finally:
+        await run_in_threadpool(pool.stop)
+
+
+def check_key(request: Request, config: ServeConfig) -> None:
+    if config.api_key is None:
+        return
+    given = request.headers.get(API_KEY_HEADER, "")
+    if not hmac.compare_digest(given.encode(), config.api_key.encode()):
+        raise ServiceError(401, "unauthorized", f"missing or wrong {API_KEY_HEADER} header", API_KEY_HEADER)
+
+
+async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    # 404/405/...: the same JSON shape as every other error of this service.
+    code = str(error.detail).lower().replace(" ", "_")
+    return JSONResponse(
+        {"error": code, "message": f"{request.method} {request.url.path}: {error.detail}"},
+        status_code=error.status_code,
+        headers=getattr(error, "headers", None),
+    )
+
+
+async def healthz() -> Any:
+    return {"status": "ok"}
+
+
+async def readyz(request: Request) -> Any:
+    service: Service = request.app.state.service
+    pool, config = service.pool, service.config
+    if pool.load_error is not None:
+        return JSONResponse({"ready": False, "error": redact_paths(pool.load_error, config)}, status_code=503)
+    if not pool.ready:
+        return JSONResponse(
+            {"ready": False, "reason": "loading the bundle and warming up"},
+            status_code=503,
+            headers={"Retry-After": "5"},
+        )
+    return {
+        "ready": True,
+        "bundle_fingerprint": pool.bundle_fingerprint,
+        "workers": config.workers,
+        "warmup_s": pool.ready_after_s,
+    }
+
+
+async def prometheus(request: Request) -> Any:
+    service: Service = request.app.state.service
+    config = service.config
+    try:
+        check_key(request, config)
+    except ServiceError as error:
+        return json_error(error)
+    text = service.metrics.render(service.pool.ready, config.max_queue, config.workers)
+    return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+
+async def synthesize(request: Request) -> Any:
+    service: Service = request.app.state.service
+    config, pool, metrics, budget = service.config, service.pool, service.metrics, service.budget
+    started = time.monotonic()
+    request_id = ""
+    job: Job | None = None
+    admission = None
+    reserved = [0]  # body bytes drawn from the upload budget
+
+    def failed(error: ServiceError) -> JSONResponse:
+        metrics.count_error(error.code)
+        metrics.observe_request("/v1/synthesize", error.status, time.monotonic() - started)
+        return json_error(error, request_id)
+
+    try:
+        request_id = request_id_from(request.headers.get("x-request-id"))
+        check_key(request, config)
         if not pool.ready:
-            return JSONResponse(
-                {"ready": False, "reason": "loading the bundle and warming up"},
-                status_code=503,
+            raise ServiceError(
+                503,
+                "not_ready",
+                redact_paths(pool.load_error, config)
+                if pool.load_error
+                else "the bundle is still loading; retry shortly (see GET /readyz)",
                 headers={"Retry-After": "5"},
             )
-        return {
-            "ready": True,
-            "bundle_fingerprint": pool.bundle_fingerprint,
-            "workers": config.workers,
-            "warmup_s": pool.ready_after_s,
-        }
-
-    @app.get("/metrics")
-    async def prometheus(request: Request) -> Any:
+        if not pool.has_room():  # a full service refuses before reading the body: it costs nothing more
+            raise queue_full(metrics, config)
+        body = await read_body_limited(request, config, budget, reserved)
         try:
-            check_key(request)
-        except ServiceError as error:
-            return json_error(error)
-        text = metrics.render(pool.ready, config.max_queue, config.workers)
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
-
-    @app.post("/v1/synthesize")
-    async def synthesize(request: Request) -> Any:
-        started = time.monotonic()
-        request_id = ""
-        job: Job | None = None
-        admission = None
-        reserved = [0]  # body bytes drawn from the upload budget
-
-        def failed(error: ServiceError) -> JSONResponse:
-            metrics.count_error(error.code)
-            metrics.observe_request("/v1/synthesize", error.status, time.monotonic() - started)
-            return json_error(error, request_id)
-
-        try:
-            request_id = request_id_from(request.headers.get("x-request-id"))
-            check_key(request)
-            if not pool.ready:
-                raise ServiceError(
-                    503,
-                    "not_ready",
-                    redact_paths(pool.load_error, config)
-                    if pool.load_error
-                    else "the bundle is still loading; retry shortly (see GET /readyz)",
-                    headers={"Retry-After": "5"},
-                )
-            if not pool.has_room():  # a full service refuses before reading the body: it costs nothing more
-                raise queue_full(metrics, config)
-            body = await read_body_limited(request, config, budget, reserved)
-            try:
-                admission = pool.admit()  # after the body: a slow upload holds no place
-            except QueueFull as error:
-                raise queue_full(metrics, config) from error
-            fields = await parse_multipart(request.headers, body)
-            del body
-            params = parse_params(text_field(fields, "params"), config.max_steps)
-            files = upload_files(fields)
-            async with decode_slots:
-                params = await run_in_threadpool(checked_params, files, params, pool, config, request_id)
-            queued = Job(
-                files=files,
-                params=params,
-                deadline=started + config.timeout_s,
-                admission=admission,
-                request_id=request_id,
-            )
-            del fields
-            pool.submit(queued)
-            job = queued
-            output = await wait_for_result(request, job, config.timeout_s)
-            if output is None:
-                raise ClientGone
-        except ServiceError as error:
-            return failed(error)
-        except ClientGone:
-            metrics.count_error("client_gone")
-            metrics.observe_request("/v1/synthesize", 499, time.monotonic() - started)
-            return JSONResponse({"error": "client_gone", "request_id": request_id}, status_code=499)
-        except SynthesisTimeout as error:
-            return failed(
-                ServiceError(504, "timeout", f"{error}; the synthesis was cancelled (limit {config.timeout_s:g} s)")
-            )
-        except InputError as error:  # the runtime's own checks (e.g. a mask too small for the crop)
-            return failed(input_error(error))
-        except asyncio.CancelledError:
-            if job is not None:
-                job.cancel.set()  # the client went away: stop the synthesis at its next step
-            raise
-        except Exception as error:
-            # Details (which may name server files) go to the log, under the request id the client was given.
-            logger.exception("request %s failed", request_id)
-            return failed(
-                ServiceError(
-                    500, "internal", f"synthesis failed ({type(error).__name__}); the server log has the details"
-                )
-            )
-        finally:
-            if admission is not None and job is None:
-                admission.release()  # never reached the queue; the worker releases queued ones
-            budget.release(reserved[0])
-        elapsed = time.monotonic() - started
-        metrics.observe_request("/v1/synthesize", 200, elapsed)
-        return JSONResponse(
-            {
-                "request_id": request_id,
-                "width": output.width,
-                "height": output.height,
-                "image_png": base64.b64encode(output.image_png).decode("ascii"),
-                "mask_png": base64.b64encode(output.mask_png).decode("ascii"),
-                "metadata": output.metadata,
-                "timing": {"synthesis_s": round(output.synthesis_s, 4), "total_s": round(elapsed, 4)},
-            },
-            headers={"X-Request-ID": request_id},
+            admission = pool.admit()  # after the body: a slow upload holds no place
+        except QueueFull as error:
+            raise queue_full(metrics, config) from error
+        fields = await parse_multipart(request.headers, body)
+        del body
+        params = parse_params(text_field(fields, "params"), config.max_steps)
+        files = upload_files(fields)
+        async with service.decode_slots:
+            params = await run_in_threadpool(checked_params, files, params, pool, config, request_id)
+        queued = Job(
+            files=files,
+            params=params,
+            deadline=started + config.timeout_s,
+            admission=admission,
+            request_id=request_id,
         )
-
-    return app
+        del fields
+        pool.submit(queued)
+        job = queued
+        output = await wait_for_result(request, job, config.timeout_s)
+        if output is None:
+            raise ClientGone
+    except ServiceError as error:
+        return failed(error)
+    except ClientGone:
+        metrics.count_error("client_gone")
+        metrics.observe_request("/v1/synthesize", 499, time.monotonic() - started)
+        return JSONResponse({"error": "client_gone", "request_id": request_id}, status_code=499)
+    except SynthesisTimeout as error:
+        return failed(
+            ServiceError(504, "timeout", f"{error}; the synthesis was cancelled (limit {config.timeout_s:g} s)")
+        )
+    except InputError as error:  # the runtime's own checks (e.g. a mask too small for the crop)
+        return failed(input_error(error))
+    except asyncio.CancelledError:
+        if job is not None:
+            job.cancel.set()  # the client went away: stop the synthesis at its next step
+        raise
+    except Exception as error:
+        # Details (which may name server files) go to the log, under the request id the client was given.
+        logger.exception("request %s failed", request_id)
+        return failed(
+            ServiceError(500, "internal", f"synthesis failed ({type(error).__name__}); the server log has the details")
+        )
+    finally:
+        if admission is not None and job is None:
+            admission.release()  # never reached the queue; the worker releases queued ones
+        budget.release(reserved[0])
+    elapsed = time.monotonic() - started
+    metrics.observe_request("/v1/synthesize", 200, elapsed)
+    return JSONResponse(
+        {
+            "request_id": request_id,
+            "width": output.width,
+            "height": output.height,
+            "image_png": base64.b64encode(output.image_png).decode("ascii"),
+            "mask_png": base64.b64encode(output.mask_png).decode("ascii"),
+            "metadata": output.metadata,
+            "timing": {"synthesis_s": round(output.synthesis_s, 4), "total_s": round(elapsed, 4)},
+        },
+        headers={"X-Request-ID": request_id},
+    )
 
 
 async def wait_for_result(request: Any, job: Job, timeout_s: float) -> SynthesisOutput | None:
@@ -444,9 +468,3 @@ def queue_full(metrics: Metrics, config: ServeConfig) -> ServiceError:
 def _retry_after(metrics: Metrics, config: ServeConfig) -> int:
     """Seconds a client should wait: about one synthesis per queued request per worker, at least 1."""
     return max(1, math.ceil(metrics.mean_synthesis_s() * max(config.max_queue, 1) / config.workers))
-
-
-def _package_version() -> str:
-    from unidg import __version__
-
-    return __version__

@@ -21,6 +21,7 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from unidg.runtime.serve.app import create_app
 from unidg.runtime.serve.config import ServeConfig
 
 HEAD_END = b"\r\n\r\n"
@@ -167,7 +168,5 @@ def uvicorn_config(app: Any, config: ServeConfig, log_level: str = "info") -> uv
 
 def serve(config: ServeConfig, log_level: str = "info") -> None:
     """Run the service in the foreground (uvicorn, one process; synthesis parallelism is ``config.workers``)."""
-    from unidg.runtime.serve.app import create_app
-
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.Server(uvicorn_config(create_app(config), config, log_level)).run()
