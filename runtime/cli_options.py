@@ -149,6 +149,7 @@ def backend_options(args: argparse.Namespace, *, workers: int = 1) -> dict:
     if torch_only and args.backend != "torch":
         flags = ", ".join("--" + flag.replace("_", "-") for flag in torch_only)
         raise OptionError(f"{flags}: torch backend options; add --backend torch or leave them out")
+    # numpy and the bundle reader load when a command runs: building the parser (`unidg --help`) stays light.
     from unidg.runtime.backends.base import device_options
     from unidg.runtime.step_cache import cache_options
 

@@ -13,6 +13,7 @@ from unidg.runtime.cli_options import add_backend_options, add_bundle_option, ba
 
 
 def _load_synthesizer(args: argparse.Namespace, **extra: object):
+    # The runtime (numpy, Pillow, onnxruntime) loads when a command runs: `unidg --help` stays light.
     from unidg.runtime.synthesizer import DefectSynthesizer
 
     return DefectSynthesizer.from_bundle(

@@ -81,6 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    # The service, the load test and the C API builder load when their command runs: `unidg --help` stays light.
     from unidg.runtime.serve import ServeConfig, api_key_from_env, serve
 
     config = ServeConfig(

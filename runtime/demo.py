@@ -19,12 +19,14 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
 
 from unidg.core.errors import UniDGError
 from unidg.core.images import InputError
 from unidg.core.manifest import atomic_write_bytes
 from unidg.core.staging import staged_folder
-from unidg.core.udg import SAMPLE_ID_PATTERN
+from unidg.core.udg import SAMPLE_ID_PATTERN, UDGWriter
+from unidg.runtime.jobs import write_result
 from unidg.runtime.synthesizer import DefectSynthesizer, SynthesisRequest, SynthesisResult
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -162,11 +164,6 @@ def run_demo(
     progress: bool = True,
 ) -> tuple[Path, list[SynthesisResult]]:
     """Generate every sample case, write them as a UDG folder + contact sheet into ``out``; returns the sheet path."""
-    from tqdm import tqdm
-
-    from unidg.core.udg import UDGWriter
-    from unidg.runtime.jobs import write_result
-
     out = Path(out)
     if out.exists() and not (out / DEMO_MARKER).is_file():
         raise DemoError(f"--out {out} exists and was not written by `unidg demo`; pick another folder")

@@ -24,7 +24,7 @@ from PIL import Image
 from unidg import __version__
 from unidg.core import images
 from unidg.core.attention_bias import build_key_bias
-from unidg.core.errors import UniDGError
+from unidg.core.errors import OptionError, UniDGError
 from unidg.core.geometry import Diptych, defect_token_mask, dilated_target_mask, paste_back, right_half
 from unidg.core.latents import (
     fill_condition,
@@ -164,7 +164,7 @@ class DefectSynthesizer:
         self.step_cache = step_cache
         self.cache_chosen = cache_chosen
         if max_batch is not None and max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1 (got {max_batch})")
+            raise OptionError(f"max_batch (--batch-size) {max_batch}: give a batch size >= 1")
         # A static bundle runs exactly its batch; a dynamic one up to max_batch (default 4) within the backend's limit.
         if bundle.batch is not None:
             self.batch_size = bundle.batch

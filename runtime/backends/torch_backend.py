@@ -286,6 +286,7 @@ def biased_attention_op():
         schema="(Tensor q, Tensor k, Tensor v, Tensor key_bias, float scale) -> Tensor",
     )
     def biased_attention(q, k, v, key_bias, scale):
+        # The Triton kernel (an optional dependency) loads only with --fused-attention.
         from unidg.runtime.attention_kernel import biased_attention as kernel
 
         return kernel(q, k, v, key_bias, scale)

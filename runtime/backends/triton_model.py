@@ -28,7 +28,7 @@ import triton_python_backend_utils as pb_utils
 from unidg.core import images
 from unidg.core.images import InputError
 from unidg.runtime.backends import create_backend
-from unidg.runtime.backends.base import Backend, StepConditioning, step_feeds
+from unidg.runtime.backends.base import Backend, BackendError, StepConditioning, step_feeds
 from unidg.runtime.bundle import GRAPH_OUTPUTS, Bundle, load_bundle
 from unidg.runtime.sampler import DEFAULT_SEED, GenerationCancelled
 from unidg.runtime.serve import jsonable
@@ -54,7 +54,10 @@ class TritonBLSBackend(Backend):
         super().__init__(bundle)
         missing = [graph for graph in GRAPH_OUTPUTS if graph not in models]
         if missing:
-            raise ValueError(f"engine_models lacks the graphs {missing}")
+            raise BackendError(
+                f"the engine_models parameter lacks the graphs {missing}; regenerate the repository with "
+                "`unidg export triton`"
+            )
         self.models = models
 
     @classmethod

@@ -25,6 +25,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from unidg import __version__
 from unidg.core.errors import UniDGError
 
 HEADER = Path(__file__).with_name("unidg.h")
@@ -253,8 +254,6 @@ def build_library(out: str | Path, *, verbose: bool = False) -> BuiltLibrary:
         raise ModuleNotFoundError(
             "building libunidg needs cffi: install it with `pip install 'unidg[capi]'`", name="cffi"
         ) from error
-
-    from unidg import __version__
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
