@@ -31,9 +31,12 @@ import torch.nn.functional as F
 
 from unidg.core.manifest import atomic_write_text
 from unidg.core.settings import UniDGSettings
+from unidg.train.checkpoints import read_log
 from unidg.train.config import BaseConfig, LossConfig, OptimConfig, settings_of, to_dict
 from unidg.train.dataset import LatentPairs, build_example, to_model_pixels
 from unidg.train.flow import step_generator
+from unidg.train.loading import save_model
+from unidg.train.model import UniDGModel
 from unidg.train.pairs import pools_of, prepare_pairs, select_pairs
 from unidg.train.sft import training_guidance
 from unidg.train.trainer import (
@@ -443,10 +446,6 @@ def train_base(config: BaseConfig, resume: bool = True, model=None) -> Path:
 
 def _train_base(config: BaseConfig, resume: bool, model, placement: Placement) -> Path:
     from safetensors.torch import load_file
-
-    from unidg.train.checkpoints import read_log
-    from unidg.train.loading import save_model
-    from unidg.train.model import UniDGModel
 
     if config.train.threads:
         torch.set_num_threads(config.train.threads)

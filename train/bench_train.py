@@ -26,6 +26,16 @@ from pathlib import Path
 
 import torch
 
+from unidg.core.attention_bias import build_key_bias
+from unidg.core.errors import OptionError
+from unidg.core.manifest import atomic_write_text
+from unidg.train.config import load_sft_config, settings_of
+from unidg.train.flow import FlowObjective, StepInputs, combine_terms, draw_noise_and_t, token_weights
+from unidg.train.lora import add_lora
+from unidg.train.model import UniDGModel, image_ids
+from unidg.train.presets import get_preset
+from unidg.train.trainer import DeviceError, build_optimizer, place_model, resolve_device
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DRY_RUN_FULL = ["settings.resolution=64", "lora.rank=4", "lora.alpha=4.0"]
 DRY_RUN_NANO = ["settings.resolution=64", "train.batch_size=2"]
@@ -60,8 +70,6 @@ class TrainBenchResult:
 
 def slice_preset(blocks: tuple[int, int] = (1, 1), width_of: str = "full"):
     """``width_of``'s preset with its transformer cut to (double, single) blocks."""
-    from unidg.train.presets import get_preset
-
     preset = get_preset(width_of)
     transformer = replace(preset.transformer, num_layers=blocks[0], num_single_layers=blocks[1])
     return replace(preset, name=f"{preset.name}-slice-{blocks[0]}+{blocks[1]}", transformer=transformer)
@@ -70,14 +78,6 @@ def slice_preset(blocks: tuple[int, int] = (1, 1), width_of: str = "full"):
 def time_sft_step(config, label: str, preset, device: str, steps: int, warmup: int, seed: int = 0) -> TrainRow:
     """Median time of one SFT optimizer step (forward, backward, clip, optimizer) of an SFT ``config``'s recipe on
     ``preset`` with random inputs of the cached-batch shapes; micro-batch ``train.micro_batch`` (or the batch)."""
-    from unidg.core.attention_bias import build_key_bias
-    from unidg.train.config import settings_of
-    from unidg.train.flow import FlowObjective, StepInputs, combine_terms, draw_noise_and_t, token_weights
-    from unidg.train.lora import add_lora
-    from unidg.train.model import UniDGModel, image_ids
-    from unidg.train.presets import get_preset
-    from unidg.train.trainer import build_optimizer, place_model, resolve_device
-
     preset = get_preset(preset)
     target = resolve_device(device)
     precision = config.train.precision if target.type == "cuda" else "fp32"
@@ -160,12 +160,12 @@ def run_train_bench(dry_run: bool = False, steps: int = 5, warmup: int = 2) -> T
     """Both rows (module docstring); the dry run uses the nano width for the slice and the CPU for everything."""
     cuda = not dry_run
     if cuda and not torch.cuda.is_available():
-        raise ValueError(
+        raise DeviceError(
             f"`unidg bench train` needs a CUDA GPU: torch {torch.__version__} sees none; run it on a GPU machine, or "
             "add --dry-run to check the harness on the CPU"
         )
     if steps < 1 or warmup < 0:
-        raise ValueError(f"--steps must be >= 1 and --warmup >= 0 (got {steps}, {warmup})")
+        raise OptionError(f"--steps {steps} --warmup {warmup}: give --steps >= 1 and --warmup >= 0")
     result = TrainBenchResult(
         device_name=torch.cuda.get_device_name() if cuda else "cpu",
         date=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
@@ -174,7 +174,6 @@ def run_train_bench(dry_run: bool = False, steps: int = 5, warmup: int = 2) -> T
         versions={"torch": torch.__version__, "python": sys.version.split()[0]},
         note=DRY_RUN_NOTE if dry_run else "",
     )
-    from unidg.train.config import load_sft_config
 
     device = "cuda" if cuda else "cpu"
     # The dry run keeps every option of the recipes and shrinks what sets the size.
@@ -216,8 +215,6 @@ def format_markdown(result: TrainBenchResult) -> str:
 
 
 def write_report(result: TrainBenchResult, out: Path) -> tuple[Path, Path]:
-    from unidg.core.manifest import atomic_write_text
-
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / "bench_train.json", out / "bench_train.md"
     atomic_write_text(json_path, json.dumps(asdict(result), indent=2) + "\n")

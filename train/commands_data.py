@@ -6,12 +6,13 @@ import argparse
 import io
 import sys
 
-from unidg.runtime.cli_options import add_backend_options, add_bundle_option
+from unidg.runtime.cli_options import add_backend_options, add_bundle_option, backend_options
 
 
 def _synth(args: argparse.Namespace) -> int:
     import time
 
+    # The data tools (torch, scipy, the runtime) load when the command runs: `unidg --help` stays light.
     from unidg.train.procedural import synthesize
 
     start = time.perf_counter()
@@ -123,7 +124,6 @@ def _place(args: argparse.Namespace) -> int:
 
 
 def _references(args: argparse.Namespace) -> int:
-    from unidg.runtime.cli_options import backend_options
     from unidg.runtime.reference_library import build_reference_library
     from unidg.runtime.synthesizer import DefectSynthesizer
 

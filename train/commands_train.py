@@ -48,6 +48,7 @@ def _is_main_process() -> bool:
 
 
 def _base(args: argparse.Namespace) -> int:
+    # torch-heavy modules load when the command runs: `unidg --help` and the lean install stay light.
     from unidg.train.base import train_base
     from unidg.train.config import load_base_config
 

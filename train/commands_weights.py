@@ -48,6 +48,7 @@ def _print_licenses(licenses: dict | None, folder: str) -> None:
 
 
 def _import(args: argparse.Namespace) -> int:
+    # torch-heavy modules load when the command runs: `unidg --help` and the lean install stay light.
     import torch
 
     from unidg.train.weights_import import ImportSources, import_weights

@@ -38,6 +38,7 @@ from unidg.core.geometry import dilate_mask, mask_bbox
 from unidg.core.images import load_image, load_mask
 from unidg.core.manifest import atomic_write_text
 from unidg.core.udg import CATEGORIES, INDEX_FILE, UDGWriter, caption_problems
+from unidg.runtime.synthesizer import DefectSynthesizer, SynthesisRequest
 from unidg.train.chat_client import ChatClient, connection_problems, parse_json_answer, png_data_url
 from unidg.train.config import ConfigError, load_config
 
@@ -270,14 +271,10 @@ class BundleInpainter:
     """The ``bundle`` Inpainting Agent: a UniDG bundle paints a defect-free patch of the image over its defect."""
 
     def __init__(self, bundle: str | Path, seed: int = 0) -> None:
-        from unidg.runtime.synthesizer import DefectSynthesizer
-
         self.synth = DefectSynthesizer.from_bundle(bundle)
         self.seed = seed
 
     def __call__(self, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        from unidg.runtime.synthesizer import SynthesisRequest
-
         box = clean_reference_box(mask)
         if box is None:
             raise CurationError("no defect-free area of the defect's size for the bundle inpainter")

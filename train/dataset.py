@@ -27,10 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from unidg.core.errors import UniDGError
 from unidg.core.geometry import defect_token_mask, result_diptych
 from unidg.core.layout import DiptychLayout
 from unidg.core.settings import UniDGSettings
 from unidg.runtime.synthesizer import resize_reference
+from unidg.train.model import pack_latents
 from unidg.train.pairs import DISTRIBUTIONS, TrainingPair
 
 CACHE_VERSION = 2  # 2: the Eq. 9 region (latent pixels where the defect is)
@@ -161,7 +163,7 @@ class LatentPairs:
     def __init__(self, tensors: dict[str, torch.Tensor], keys: list[str], resolution: int) -> None:
         missing = [name for name in self.FIELDS if name not in tensors and name not in self.OPTIONAL]
         if missing:
-            raise ValueError(f"latent cache lacks {missing}; delete it and train again to rebuild it")
+            raise UniDGError(f"latent cache lacks {missing}; delete it and train again to rebuild it")
         self.tensors = tensors
         self.keys = keys
         self.resolution = resolution
@@ -212,10 +214,11 @@ class LatentPairs:
     ) -> LatentPairs:
         from tqdm import tqdm
 
-        from unidg.train.model import pack_latents
-
         if not pairs:
-            raise ValueError("no training pairs: the UDG folder yielded none for the selected distributions")
+            raise UniDGError(
+                "no training pairs: the UDG folder yielded none for the selected distributions; check data.train "
+                "and train.mix"
+            )
         images: dict = {}
         parts: dict[str, list[torch.Tensor]] = {name: [] for name in cls.FIELDS}
         bar = tqdm(total=len(pairs), desc="caching latents", unit="pair", disable=not progress)

@@ -18,24 +18,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from unidg.core.errors import OptionError
+from unidg.core.udg import UDGError, read_index
+from unidg.train.dataset import build_example, defect_pixels, latent_region, normal_region_pixels, to_model_pixels
+from unidg.train.flow import normal_hinges, region_cosine
+from unidg.train.loading import load_model
+from unidg.train.model import pack_latents
+from unidg.train.pairs import diversity_sft_pairs, mix_pairs
+
 REGIONS = ("dilated-tokens", "mask-latent", "defect-latent", "mask-and-defect-latent")
 
 
 @torch.no_grad()
 def eq9_separation(model, pairs, tau: float = 0.5, batch_size: int = 8) -> dict:
     """Mean hinge at the ground truth and at the normal copy, and the ground truth's mean cosine, per region."""
-    from unidg.train.dataset import (
-        build_example,
-        defect_pixels,
-        latent_region,
-        normal_region_pixels,
-        to_model_pixels,
-    )
-    from unidg.train.flow import normal_hinges, region_cosine
-    from unidg.train.model import pack_latents
-
     if not pairs:
-        raise ValueError("no pairs to measure; pass a UDG folder with quadruplets")
+        raise UDGError("no pairs to measure; pass a UDG folder with quadruplets")
     settings = model.settings
     sums = {name: np.zeros(3) for name in REGIONS}
     images: dict = {}
@@ -75,14 +73,12 @@ def eq9_separation(model, pairs, tau: float = 0.5, batch_size: int = 8) -> dict:
 
 def measure(weights: str | Path, data: str | Path, count: int = 100, seed: int = 0, tau: float = 0.5) -> dict:
     """``count`` pairs of a UDG folder (the three distributions mixed 1:1:1) with a weights folder's autoencoder."""
-    from unidg.core.udg import read_index
-    from unidg.train.loading import load_model
-    from unidg.train.pairs import diversity_sft_pairs, mix_pairs
-
     model = load_model(weights)
     pairs = mix_pairs(diversity_sft_pairs(list(read_index(data)), seed), seed, allow_missing=True)
     if len(pairs) < count:
-        raise ValueError(f"{data} yields {len(pairs)} mixed pairs, fewer than --count {count}; synthesize more")
+        raise OptionError(
+            f"--count {count}: {data} yields only {len(pairs)} mixed pairs; lower --count or synthesize more"
+        )
     report = eq9_separation(model, pairs[:count], tau)
     report.update(weights=str(weights), data=str(data), resolution=model.settings.resolution)
     return report

@@ -19,17 +19,18 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from unidg.core.errors import OptionError
+from unidg.core.geometry import paste_back, result_diptych, right_half
+from unidg.core.latents import model_to_pixels, pixels_to_model
 from unidg.core.manifest import atomic_write_bytes, atomic_write_text
+from unidg.core.udg import UDGError, read_index
 from unidg.runtime.demo import mask_outline
 from unidg.runtime.step_cache import OFF, StepCache
-
-if TYPE_CHECKING:
-    from unidg.train.pairs import TrainingPair
+from unidg.train.pairs import DISTRIBUTIONS, TrainingPair, diversity_sft_pairs
 
 
 def mean_color(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -50,10 +51,9 @@ def _closer_to_reference(image: np.ndarray, source: np.ndarray, target_mask: np.
 def autoencoder_round_trip(model, pair, truth: np.ndarray) -> np.ndarray:
     """The ground-truth target as the model's autoencoder can return it: the Alg. 1 result diptych at S, encoded,
     decoded, pasted back into the source (source-sized uint8)."""
+    # torch and the model load only where a model runs: ``evaluation_pairs`` and the scores stay light for the
+    # evaluation commands that only read images.
     import torch
-
-    from unidg.core.geometry import paste_back, result_diptych, right_half
-    from unidg.core.latents import model_to_pixels, pixels_to_model
 
     diptych = model.settings.diptych(
         pair.reference.load_abnormal(), pair.reference.load_mask(), pair.target.load_normal(), pair.target.load_mask()
@@ -68,12 +68,9 @@ def autoencoder_round_trip(model, pair, truth: np.ndarray) -> np.ndarray:
 def evaluation_pairs(folder: str | Path, count: int, seed: int, keep: Callable[[TrainingPair], bool] | None = None):
     """``count`` pairs, equal parts of the three distributions (as available), deterministic for ``seed``; with
     ``keep``, drawn from the pairs it accepts only (so nothing is generated for a pair a figure would drop)."""
-    from unidg.core.udg import read_index
-    from unidg.train.pairs import DISTRIBUTIONS, diversity_sft_pairs
-
     quadruplets = list(read_index(folder))
     if not quadruplets:
-        raise ValueError(f"{folder} holds no quadruplets; make a held-out set with `unidg data synth`")
+        raise UDGError(f"{folder} holds no quadruplets; make a held-out set with `unidg data synth`")
     pairs = diversity_sft_pairs(quadruplets, seed)
     if keep is not None:
         pairs = [pair for pair in pairs if keep(pair)]
@@ -132,7 +129,7 @@ def evaluate_transfer(
     from unidg.train.sampler import generate
 
     if count < 1:
-        raise ValueError(f"--count must be >= 1 (got {count})")
+        raise OptionError(f"--count {count}: give a count >= 1")
     model = load_model(weights) if model is None else model
     pairs = evaluation_pairs(data, count, seed, keep) if pairs is None else pairs
     samples, rows, labels = [], [], []

@@ -30,7 +30,7 @@ from torch import nn
 
 from unidg.core.attention_bias import build_key_bias
 from unidg.core.settings import UniDGSettings
-from unidg.train.config import LossConfig
+from unidg.train.config import ConfigError, LossConfig
 
 LATENT_PIXELS_PER_TOKEN = 4  # 2 x 2 latent pixels packed into one token (channel c * 4 + dy * 2 + dx)
 
@@ -195,7 +195,10 @@ class FlowObjective(nn.Module):
         hinge = velocity.new_zeros(())
         if loss.normal_reg_weight > 0:
             if inputs.normal is None:
-                raise ValueError("normal regularization needs the normal-counterpart latents; rebuild the latent cache")
+                raise ConfigError(
+                    "loss.normal_reg_weight > 0 needs the normal-counterpart latents; rebuild the latent cache "
+                    "with them, or set loss.normal_reg_weight = 0"
+                )
             z0_pred = x_t - t_tokens * v_pred
             hinge = normal_hinges(z0_pred, inputs.normal, inputs.eq9_region, loss.normal_reg_tau).sum()
         return LossTerms(velocity, hinge)

@@ -39,6 +39,13 @@ import torch
 from unidg.core.errors import UniDGError
 from unidg.core.manifest import atomic_write_text, sha256_file
 from unidg.core.settings import UniDGSettings
+from unidg.core.udg import INDEX_FILE, read_index
+from unidg.train.config import settings_of
+from unidg.train.dataset import build_example, latent_region, normal_region_pixels, pair_key, to_model_pixels
+from unidg.train.loading import load_model
+from unidg.train.model import pack_latents, pack_mask
+from unidg.train.pairs import DISTRIBUTIONS, prepare_pairs, select_pairs
+from unidg.train.trainer import barrier, current_placement, distributed
 
 FORMAT = "unidg-latent-cache"
 VERSION = 1
@@ -81,8 +88,6 @@ def data_digest(config) -> str:
     """Hash of what the pair list is drawn from: the UDG index's bytes, the size and modification time of every image
     it names (no image is decoded), and the seed, limit and mix that select the pairs. Checking a cache therefore
     never recomputes the pairs (whose Alg. 2 statistics read every image)."""
-    from unidg.core.udg import INDEX_FILE, read_index
-
     folder = Path(config.data.train)
     digest = hashlib.sha256((folder / INDEX_FILE).read_bytes())
     quadruplets = read_index(folder, check_files=False)
@@ -228,10 +233,6 @@ def write_shard(folder: Path, index: int, tensors: dict[str, torch.Tensor]) -> d
 @torch.no_grad()
 def shard_tensors(model, pairs, settings: UniDGSettings, with_normal: bool, batch_size: int = 8) -> dict:
     """The cached tensors of ``pairs`` (one shard), computed on the model's device."""
-    from unidg.train.dataset import build_example, latent_region, normal_region_pixels, to_model_pixels
-    from unidg.train.model import pack_latents
-    from unidg.train.pairs import DISTRIBUTIONS
-
     parts: dict[str, list[torch.Tensor]] = defaultdict(list)
     images: dict = {}
     device = model.device
@@ -258,9 +259,6 @@ def shard_tensors(model, pairs, settings: UniDGSettings, with_normal: bool, batc
 
 
 def _latents(model, images: np.ndarray) -> torch.Tensor:
-    from unidg.train.dataset import to_model_pixels
-    from unidg.train.model import pack_latents
-
     pixels = to_model_pixels(images).to(model.device)
     return pack_latents(model.encode_images(pixels)).to(torch.bfloat16).cpu()
 
@@ -285,9 +283,6 @@ def build_cache(
     size). A damaged manifest is replaced (its shards are rewritten); ``verify`` re-hashes every finished shard and
     rewrites those whose sha256 differs."""
     from tqdm import tqdm
-
-    from unidg.train.dataset import pair_key
-    from unidg.train.trainer import barrier, current_placement
 
     placement = placement or current_placement()
     folder = Path(folder)
@@ -419,8 +414,6 @@ class StreamedLatents:
         self.keys = list(manifest["keys"])
         self.resolution = int(manifest["resolution"])
         self.shard_size = int(manifest["shard_size"])
-        from unidg.train.pairs import DISTRIBUTIONS
-
         self.distribution = np.array([DISTRIBUTIONS.index(name) for name in manifest["distribution"]], np.int64)
 
     def __len__(self) -> int:
@@ -431,8 +424,6 @@ class StreamedLatents:
         return bool(self.manifest["key"]["settings"]["normal"])
 
     def indices_of(self, distribution: str) -> np.ndarray:
-        from unidg.train.pairs import DISTRIBUTIONS
-
         return np.flatnonzero(self.distribution == DISTRIBUTIONS.index(distribution))
 
     def _open(self, index: int):
@@ -465,8 +456,6 @@ class StreamedLatents:
             ) from error
 
     def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        from unidg.train.model import pack_mask
-
         indices = [int(i) for i in indices]
         by_shard: dict[int, list[int]] = defaultdict(list)
         for position, index in enumerate(indices):
@@ -526,8 +515,6 @@ WRITE_FAILURES = {
 def cache_for_config(config, progress: bool = True, verify: bool = False) -> dict:
     """``unidg train cache``: build (or finish) the latent cache of an SFT config (under torchrun: the shards
     split over the processes). ``verify`` (``--verify``): re-hash the finished shards and rewrite damaged ones."""
-    from unidg.train.trainer import distributed
-
     if not config.data.latent_cache:
         raise LatentCacheError("set data.latent_cache (a folder) in the config to build a latent cache")
     folder = Path(config.data.latent_cache)
@@ -546,10 +533,6 @@ def cache_for_config(config, progress: bool = True, verify: bool = False) -> dic
 
 
 def _cache_for_config(config, placement, progress: bool, verify: bool) -> dict:
-    from unidg.train.config import settings_of
-    from unidg.train.loading import load_model
-    from unidg.train.pairs import prepare_pairs, select_pairs
-
     device = placement.device
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if config.train.threads:

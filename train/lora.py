@@ -16,7 +16,7 @@ from torch import nn
 
 from unidg.core.manifest import atomic_write_text
 from unidg.core.staging import give_usual_mode
-from unidg.train.config import LoraConfig
+from unidg.train.config import ConfigError, LoraConfig
 
 LORA_FILE = "lora.safetensors"
 LORA_CONFIG_FILE = "lora.json"
@@ -34,7 +34,10 @@ def lora_module_names(transformer: nn.Module, targets: Sequence[str]) -> list[st
         if any(name == t or name.endswith("." + t) for t in targets):
             names.append(name)
     if not names:
-        raise ValueError(f"lora.targets {list(targets)} match no linear layer of the transformer's blocks")
+        raise ConfigError(
+            f"lora.targets {list(targets)} match no linear layer of the transformer's blocks; name layers of its "
+            "double and single blocks (e.g. to_q, to_k, to_v)"
+        )
     return names
 
 

@@ -14,10 +14,14 @@ from pathlib import Path
 
 import torch
 
+from unidg.core.attention_bias import build_key_bias
 from unidg.core.errors import UniDGError
+from unidg.core.manifest import read_manifest
 from unidg.core.settings import UniDGSettings
 from unidg.train.config import LoraConfig
+from unidg.train.loading import load_model, save_model
 from unidg.train.lora import LORA_CONFIG_FILE, LORA_FILE, add_lora, load_lora_state_dict
+from unidg.train.model import image_ids
 
 MERGE_TOLERANCE = 1e-4
 
@@ -54,9 +58,6 @@ def merged_state_dict(
 
 def probe_inputs(model, seed: int = 0, batch: int = 2) -> dict:
     """A fixed random probe (noisy latents, condition, reference, key bias) at the model's resolution."""
-    from unidg.core.attention_bias import build_key_bias
-    from unidg.train.model import image_ids
-
     tokens = model.settings.layout.image_tokens
     generator = torch.Generator().manual_seed(seed)
     defect = torch.rand(batch, tokens, generator=generator) < 0.2
@@ -98,8 +99,6 @@ def merge_lora(
     Settings: the base's unidg.json, then the settings the LoRA was trained with, then ``settings_overrides``.
     Returns a report (max abs velocity difference merged vs. unmerged, file sizes).
     """
-    from unidg.train.loading import load_model, save_model
-
     out = Path(out)
     if out.exists() and not overwrite:
         raise UniDGError(f"{out} already exists; choose a new folder or pass --overwrite to replace it")
@@ -130,8 +129,6 @@ def merge_lora(
     lora_effect = float((reference - probe_velocity(load_model(base).eval(), probe, guidance)).abs().max())
     if not max_abs_diff <= tolerance:
         raise UniDGError(f"merged model differs from the LoRA model by {max_abs_diff:.3g} > {tolerance}; not written")
-
-    from unidg.core.manifest import read_manifest
 
     report = {
         "merge": {

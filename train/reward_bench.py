@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from unidg.core.errors import UniDGError
+from unidg.core.manifest import atomic_write_text
+from unidg.train.rewards import RewardInputs, build_reward, checked, load_reward_config
 
 TOLERANCE = 0.3
 INDEX = "bench.jsonl"
@@ -74,8 +76,6 @@ def read_bench(folder: str | Path) -> list[dict]:
 
 
 def pair_inputs(folder: Path, record: dict):
-    from unidg.train.rewards import RewardInputs
-
     where = record["_where"]
     reference = _image(folder, record, "reference", where)
     reference_mask = _image(folder, record, "reference_mask", where, mask=True)
@@ -107,9 +107,6 @@ def agreement(predicted: dict[str, list[float]], human: dict[str, list[float]], 
 
 
 def run_reward_bench(reward_config: str | Path, bench: str | Path, out_json: str | Path | None = None) -> dict:
-    from unidg.core.manifest import atomic_write_text
-    from unidg.train.rewards import build_reward, checked, load_reward_config
-
     folder = Path(bench)
     records = read_bench(folder)
     reward = build_reward(load_reward_config(reward_config))

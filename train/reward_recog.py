@@ -23,8 +23,15 @@ import numpy as np
 import torch
 
 from unidg.core.errors import UniDGError
-from unidg.core.udg import CATEGORIES
+from unidg.core.manifest import atomic_write_text
+from unidg.core.staging import check_output_folder, staged_folder
+from unidg.core.udg import CATEGORIES, read_index
 from unidg.train.config import _check
+from unidg.train.detectors import ResNet34, UNet
+from unidg.train.evaluation import metrics
+from unidg.train.evaluation.datasets import resize_pair
+from unidg.train.evaluation.detector_training import as_input, predict_probability, train_binary_unet, train_classifier
+from unidg.train.evaluation.training_sets import LabelledSet
 from unidg.train.reward_interface import RewardError, RewardOutput
 
 NORMAL = "normal"
@@ -55,10 +62,6 @@ class RecogTrainConfig:
 def labelled_set(folder: str | Path, size: int, limit: int = 0):
     """Every quadruplet of a UDG folder as two examples: the abnormal image with its mask and category, and the
     normal image with an empty mask, class ``normal``."""
-    from unidg.core.udg import read_index
-    from unidg.train.evaluation.datasets import resize_pair
-    from unidg.train.evaluation.training_sets import LabelledSet
-
     quadruplets = list(read_index(folder))[: limit or None]
     if not quadruplets:
         raise UniDGError(f"{folder} holds no quadruplets; make some with `unidg data synth --out {folder}`")
@@ -105,11 +108,6 @@ def train_reward_recog(
     """``unidg train reward-recog``: train both networks and write the reward folder ``out``."""
     from safetensors.torch import save_file
 
-    from unidg.core.manifest import atomic_write_text
-    from unidg.core.staging import check_output_folder, staged_folder
-    from unidg.train.detectors import ResNet34, UNet
-    from unidg.train.evaluation.detector_training import train_binary_unet, train_classifier
-
     if config.size % 2**config.unet_depth:
         raise UniDGError(f"--size {config.size} must be a multiple of {2**config.unet_depth} (the U-Net's depth)")
     check_output_folder(out, replace=replace)
@@ -139,9 +137,6 @@ def train_reward_recog(
 
 @torch.no_grad()
 def evaluate_recog(classifier, segmenter, data) -> dict:
-    from unidg.train.evaluation import metrics
-    from unidg.train.evaluation.detector_training import as_input, predict_probability
-
     predicted = classifier.eval()(as_input(data.images)).argmax(dim=1).numpy()
     target = np.array([CLASSES.index(d) for d in data.defects])
     probability = predict_probability(segmenter.eval(), data.images)
@@ -161,8 +156,6 @@ class DefectRecogReward:
     def __init__(self, folder: str | Path, device: str | torch.device = "cpu") -> None:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
-
-        from unidg.train.detectors import ResNet34, UNet
 
         folder = Path(folder)
         retrain = f"train it again with `unidg train reward-recog --data UDG_FOLDER --out {folder} --overwrite`"
@@ -203,10 +196,6 @@ class DefectRecogReward:
 
     @torch.no_grad()
     def score(self, inputs):
-        from unidg.train.evaluation import metrics
-        from unidg.train.evaluation.datasets import resize_pair
-        from unidg.train.evaluation.detector_training import as_input
-
         if len(inputs.categories) != inputs.batch or not all(inputs.categories):
             raise RewardError("reward 'recog' needs the reference defect's category of every sample")
         pairs = [resize_pair(inputs.generated[b], inputs.target_mask[b], self.size) for b in range(inputs.batch)]

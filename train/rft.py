@@ -336,7 +336,7 @@ class RFTRun:
         """Mean reward on the held-out prompts: one deterministic (ODE) sample each at the first rollout step
         count, with the EMA weights (what the merged folder will hold)."""
         if not self.heldout:
-            raise ValueError("no held-out prompts: set data.heldout and train.eval_every")
+            raise ConfigError("no held-out prompts: set data.heldout and train.eval_every")
         with self.ema_weights(use_ema):
             diptychs = [self._diptych(pair) for pair in self.heldout]
             inputs = [self._inputs(d) for d in diptychs]

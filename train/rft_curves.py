@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from unidg.core.errors import UniDGError
+
 
 def plot_rft_log(log_path: str | Path, out: str | Path) -> Path | None:
     """A PNG of an RFT log: the held-out reward at its evaluation steps, the rollouts' mean reward and the KL to the SFT
@@ -19,7 +21,7 @@ def plot_rft_log(log_path: str | Path, out: str | Path) -> Path | None:
 
     records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
     if not records:
-        raise ValueError(f"{log_path} holds no records: run `unidg train rft` first")
+        raise UniDGError(f"{log_path} holds no records: run `unidg train rft` first")
     evaluated = [(r["step"], r["heldout_reward"]) for r in records if "heldout_reward" in r]
     trained = [r for r in records if "reward_mean" in r]
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))

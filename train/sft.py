@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from unidg.core.settings import UniDGSettings
-from unidg.train.config import SFTConfig, settings_of, to_dict
+from unidg.train.config import ConfigError, SFTConfig, settings_of, to_dict
 from unidg.train.dataset import LatentPairs
 from unidg.train.latent_cache import open_cache
 from unidg.train.lora import save_lora
@@ -73,7 +73,10 @@ def setup_sft(config: SFTConfig, model=None, data=None, placement: Placement | N
     if data is None:
         data = load_training_data(config, model, settings, placement)
     if data.resolution != settings.resolution:
-        raise ValueError(f"latents are at S={data.resolution} but settings.resolution is {settings.resolution}")
+        raise ConfigError(
+            f"latents are at S={data.resolution} but settings.resolution is {settings.resolution}; use a latent "
+            "cache built for these settings, or set settings.resolution to match it"
+        )
     modules, trainable = attach_lora(model, config.lora, config.seed, config.train.gradient_checkpointing)
     optimizer = build_optimizer(list(trainable.values()), config.optim)
     schedule = sample_schedule(
