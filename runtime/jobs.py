@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm import tqdm
+
 from unidg.core.manifest import atomic_write_text
 from unidg.core.udg import INDEX_FILE, UDGWriter, caption_stub
 from unidg.runtime.jobs_file import (
@@ -275,8 +277,6 @@ def run_batch(
     All jobs are read and checked (files, sizes, masks, options) before anything is written. ``keep_going``: a job
     that fails is recorded in ``failed.jsonl`` and skipped instead of stopping the run.
     """
-    from tqdm import tqdm
-
     started = time.perf_counter()
     if batch_size is not None and batch_size < 1:
         raise JobsError(f"--batch-size must be >= 1 (got {batch_size})")

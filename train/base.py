@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 from unidg.core.manifest import atomic_write_text
 from unidg.core.settings import UniDGSettings
@@ -300,9 +302,6 @@ def train_vae(
 ) -> dict:
     """Stage 1 on ``device``; returns a summary (losses, seconds). Writes run_dir/vae/{vae.safetensors, log.jsonl}
     (from every process: each trains the same autoencoder from the same seed, so they write the same bytes)."""
-    from safetensors.torch import save_file
-    from tqdm import tqdm
-
     stage = config.vae
     vae = model.vae.to(device or torch.device("cpu"))
     if stage.color_path:
@@ -445,8 +444,6 @@ def train_base(config: BaseConfig, resume: bool = True, model=None) -> Path:
 
 
 def _train_base(config: BaseConfig, resume: bool, model, placement: Placement) -> Path:
-    from safetensors.torch import load_file
-
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     settings = settings_of(config)

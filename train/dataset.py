@@ -26,6 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 from unidg.core.errors import UniDGError
 from unidg.core.geometry import defect_token_mask, result_diptych
@@ -212,8 +215,6 @@ class LatentPairs:
         batch_size: int = 8,
         progress: bool = False,
     ) -> LatentPairs:
-        from tqdm import tqdm
-
         if not pairs:
             raise UniDGError(
                 "no training pairs: the UDG folder yielded none for the selected distributions; check data.train "
@@ -251,8 +252,6 @@ class LatentPairs:
         return cls(tensors, [pair_key(pair) for pair in pairs], settings.resolution)
 
     def save(self, path: str | Path, fingerprint: str) -> None:
-        from safetensors.torch import save_file
-
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         metadata = {"fingerprint": fingerprint, "keys": json.dumps(self.keys), "resolution": str(self.resolution)}
@@ -263,9 +262,6 @@ class LatentPairs:
     @classmethod
     def load(cls, path: str | Path, fingerprint: str) -> LatentPairs | None:
         """The cache at ``path`` if it was made for ``fingerprint``; None when absent or stale."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
         path = Path(path)
         if not path.is_file():
             return None

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 from unidg.core.errors import OptionError
 from unidg.core.geometry import paste_back, result_diptych, right_half
@@ -123,7 +124,6 @@ def evaluate_transfer(
     pairs on stderr; ``keep``: only pairs it accepts are drawn (``evaluation_pairs``); ``pairs``: these pairs
     instead of drawing; ``cache``: the step-cache setting the samples are generated with."""
     import torch
-    from tqdm import tqdm
 
     from unidg.train.loading import load_model
     from unidg.train.sampler import generate

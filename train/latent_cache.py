@@ -35,6 +35,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
 
 from unidg.core.errors import UniDGError
 from unidg.core.manifest import atomic_write_text, sha256_file
@@ -218,8 +221,6 @@ def shard_path(folder: Path, name: str) -> Path:
 
 def write_shard(folder: Path, index: int, tensors: dict[str, torch.Tensor]) -> dict:
     """Write one shard (temporary name, then rename); returns its manifest entry (pairs, bytes, sha256)."""
-    from safetensors.torch import save_file
-
     name = shard_name(index)
     target = shard_path(folder, name)
     tmp = folder / f".{name}.tmp"
@@ -282,8 +283,6 @@ def build_cache(
     its own progress file; rank 0 merges those into the manifest at the end (and on a later resume, at any world
     size). A damaged manifest is replaced (its shards are rewritten); ``verify`` re-hashes every finished shard and
     rewrites those whose sha256 differs."""
-    from tqdm import tqdm
-
     placement = placement or current_placement()
     folder = Path(folder)
     if not pairs:
@@ -378,8 +377,6 @@ def _refuse_other_key(folder: Path, manifest: dict, key: dict, shard_size: int) 
 
 
 def _shard_intact(folder: Path, name: str, entry: object, verify: bool = False) -> bool:
-    from safetensors import safe_open
-
     if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int):
         return False
     path = shard_path(folder, name)
@@ -427,8 +424,6 @@ class StreamedLatents:
         return np.flatnonzero(self.distribution == DISTRIBUTIONS.index(distribution))
 
     def _open(self, index: int):
-        from safetensors import safe_open
-
         name = shard_name(index)
         path = self.folder / name
         entry = self.manifest["shards"].get(name)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from unidg.core.manifest import atomic_write_text
@@ -93,8 +94,6 @@ def load_lora_state_dict(transformer: nn.Module, tensors: dict[str, torch.Tensor
 
 
 def save_lora(folder: str | Path, transformer: nn.Module, lora: LoraConfig, modules: list[str], extra: dict) -> Path:
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{LORA_FILE}.tmp"

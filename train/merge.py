@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from unidg.core.attention_bias import build_key_bias
 from unidg.core.errors import UniDGError
@@ -28,8 +29,6 @@ MERGE_TOLERANCE = 1e-4
 
 def read_lora(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """LoRA tensors and lora.json of an SFT run folder."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     if not (folder / LORA_FILE).is_file() or not (folder / LORA_CONFIG_FILE).is_file():
         raise FileNotFoundError(

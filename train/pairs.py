@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from unidg.core.errors import UniDGError
 from unidg.core.udg import Quadruplet, read_index
@@ -139,8 +140,6 @@ def reference_quality_images(
 
 def compute_stats(quadruplets: Sequence[Quadruplet], progress: bool = False) -> dict[str, DefectStats]:
     """Load every quadruplet's abnormal image and mask once and keep its Alg. 2 statistics, keyed by id."""
-    from tqdm import tqdm
-
     stats = {}
     for quadruplet in tqdm(quadruplets, desc="defect statistics", disable=not progress, unit="sample"):
         stats[quadruplet.id] = DefectStats.from_arrays(quadruplet.load_abnormal(), quadruplet.load_mask())

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from unidg.core.errors import UniDGError
 from unidg.core.manifest import atomic_write_text
@@ -78,8 +80,6 @@ def labelled_set(folder: str | Path, size: int, limit: int = 0):
 def load_pretrained_backbone(model, path: str | Path) -> int:
     """Copy a torchvision ``resnet34`` state dict (safetensors) into ``model`` except its ``fc`` layer (other
     classes); returns the tensors loaded. Any other missing, extra or mis-shaped key is refused by name."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise UniDGError(f"pretrained classifier {path} not found (a torchvision resnet34 state dict)")
@@ -106,8 +106,6 @@ def train_reward_recog(
     replace: bool = False,
 ) -> dict:
     """``unidg train reward-recog``: train both networks and write the reward folder ``out``."""
-    from safetensors.torch import save_file
-
     if config.size % 2**config.unet_depth:
         raise UniDGError(f"--size {config.size} must be a multiple of {2**config.unet_depth} (the U-Net's depth)")
     check_output_folder(out, replace=replace)
@@ -154,9 +152,6 @@ class DefectRecogReward:
     name = "recog"
 
     def __init__(self, folder: str | Path, device: str | torch.device = "cpu") -> None:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         folder = Path(folder)
         retrain = f"train it again with `unidg train reward-recog --data UDG_FOLDER --out {folder} --overwrite`"
         if not (folder / RECOG_JSON).is_file():
