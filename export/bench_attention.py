@@ -1,5 +1,5 @@
 """Benchmark of the biased attention: the Triton kernel vs torch SDPA (no bias, float mask, head-dim fold) and the
-exact key-group form (``unidg.runtime.key_group_attention``: unbiased SDPA per bias level, merged by log-sum-exp).
+exact key-group form (``unidg.export.key_group_attention``: unbiased SDPA per bias level, merged by log-sum-exp).
 
 Real shape: one FLUX step's attention at S = 768 (B = 1, H = 24, D = 128) over N = 5849 tokens (512 text + 729 Redux +
 4608 image) or N = 5338 with the text tokens folded, bf16. Each variant is timed ``repeats`` times after warm-up and
@@ -222,7 +222,7 @@ def run_attention_bench(
 ) -> BenchResult:
     """Time the kernel and the SDPA variants at both token counts; see the module docstring."""
     from unidg.export.plugins.attention_kernel import INTERPRETER_CONFIG, KernelConfig, biased_attention
-    from unidg.runtime.key_group_attention import (
+    from unidg.export.key_group_attention import (
         contiguous_key_order,
         key_group_attention,
         key_range_attention,

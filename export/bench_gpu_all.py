@@ -444,7 +444,7 @@ def _flex_processor(compiled: bool):
 
 
 def _key_range_processor(bounds):
-    from unidg.runtime.key_group_attention import key_range_attention
+    from unidg.export.key_group_attention import key_range_attention
     from unidg.train.attention import KeyBiasAttnProcessor
 
     class KeyRangeProcessor(KeyBiasAttnProcessor):
@@ -541,7 +541,7 @@ class GpuSession:
         )
 
     def _order(self, key_bias, context: int):
-        from unidg.runtime.key_group_attention import contiguous_key_order
+        from unidg.export.key_group_attention import contiguous_key_order
 
         return self.torch.tensor(contiguous_key_order(key_bias[0, context:].cpu().numpy()), device=self.device)
 
@@ -560,7 +560,7 @@ class GpuSession:
         )
 
     def _bounds(self, key_bias):
-        from unidg.runtime.key_group_attention import key_range_bounds
+        from unidg.export.key_group_attention import key_range_bounds
 
         return key_range_bounds(key_bias)
 

@@ -1,4 +1,4 @@
-"""Biased attention as unbiased attention over key groups (runtime/key_group_attention.py) against the explicit
+"""Biased attention as unbiased attention over key groups (export/key_group_attention.py) against the explicit
 float32 definition, on the CPU (flash attention for CPU supplies the log-sum-exp)."""
 
 from __future__ import annotations
@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from unidg.core.attention_bias import build_key_bias, pad_key_bias
-from unidg.runtime.key_group_attention import MAX_KEY_GROUPS, attention_with_lse, key_group_attention
+from unidg.export.key_group_attention import (
+    MAX_KEY_GROUPS,
+    attention_with_lse,
+    contiguous_key_order,
+    key_group_attention,
+    key_range_attention,
+    key_range_bounds,
+)
 
 
 def explicit_biased_attention(q, k, v, key_bias, scale=None):
@@ -81,15 +88,11 @@ def test_one_group_no_finite_key_and_too_many_levels():
 
 def permuted_to_ranges(bias: torch.Tensor, context: int) -> torch.Tensor:
     """Key order [context | image tokens by bias level] (what contiguous_key_order does once per request)."""
-    from unidg.runtime.key_group_attention import contiguous_key_order
-
     order = [*range(context), *(context + i for i in contiguous_key_order(bias[0, context:].numpy()))]
     return torch.tensor(order)
 
 
 def test_key_ranges_equal_the_biased_softmax_and_need_no_gather():
-    from unidg.runtime.key_group_attention import key_range_attention, key_range_bounds
-
     gen = torch.Generator().manual_seed(3)
     bias = unidg_bias(batch=1, image_tokens=40, seed=3)  # 1 text + 6 reference + 40 image
     order = permuted_to_ranges(bias, 7)
@@ -103,8 +106,6 @@ def test_key_ranges_equal_the_biased_softmax_and_need_no_gather():
 
 
 def test_key_ranges_with_padding_need_a_fourth_range_and_refuse_unsorted_biases():
-    from unidg.runtime.key_group_attention import key_range_attention, key_range_bounds
-
     bias = unidg_bias(batch=1, image_tokens=30, seed=4, padding=5)  # ... | -inf x 5
     ranged = bias[:, torch.cat([permuted_to_ranges(bias[:, :37], 7), torch.arange(37, 42)])]
     with pytest.raises(ValueError, match="more than 3"):

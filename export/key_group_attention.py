@@ -21,18 +21,15 @@ flash-attention call of fixed shape. ``unidg bench attention`` times both agains
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import torch
+import numpy as np
+import torch
 
 MAX_KEY_GROUPS = 8  # distinct finite bias values per sample; UniDG's bias has at most three
 
 
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
     """Unbiased attention and the float32 log-sum-exp [B, H, S_q] of its scaled scores (natural log)."""
-    import torch
-
     if q.device.type == "cuda":
         try:
             out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, scale=scale)[:2]
@@ -53,8 +50,6 @@ def key_group_attention(
     """softmax(scale * q k^T + key_bias[:, None, None, :]) v for q [B, H, S_q, D], k and v [B, H, S_k, D] and
     key_bias [B, S_k]; output in q's dtype. Raises ValueError for other shapes or more than ``MAX_KEY_GROUPS``
     distinct finite bias values in one sample."""
-    import torch
-
     if q.dim() != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
         raise ValueError(
             f"query must be [B, H, S_q, D] and key/value [B, H, S_k, D] alike; got query {tuple(q.shape)}, "
@@ -101,8 +96,6 @@ def contiguous_key_order(image_bias) -> list[int]:
     result unchanged while the key bias becomes [log K | 0 ... 0 | log alpha ...]: ranges that ``key_range_bounds``
     describes with a fixed number of device-side boundaries.
     """
-    import numpy as np
-
     values = np.asarray(image_bias, dtype=np.float64).reshape(-1)
     return np.argsort(values, kind="stable").tolist()
 
@@ -114,8 +107,6 @@ def key_range_bounds(key_bias, ranges: int = KEY_RANGES):
     Found once per request on the host; unused ranges are empty at the end, so the attention call has fixed shapes
     whatever the defect size. Raises ValueError when a sample has more than ``ranges`` runs.
     """
-    import torch
-
     rows = key_bias.detach().float().cpu()
     bounds = torch.empty(rows.shape[0], ranges + 1, dtype=torch.int32)
     for b, row in enumerate(rows):
@@ -134,7 +125,6 @@ def key_range_bounds(key_bias, ranges: int = KEY_RANGES):
 def _range_attention_cuda(q, k, v, bounds, scale: float):
     """Every (sample, range) pair as one sequence of a variable-length flash-attention call: the queries repeated
     per range, the keys in place (ranges are contiguous), boundaries read on the device: capturable."""
-    import torch
     from torch.nn.attention.varlen import AuxRequest, varlen_attn
 
     batch, heads, queries, dim = q.shape
@@ -161,8 +151,6 @@ def _range_attention_cuda(q, k, v, bounds, scale: float):
 
 def _range_attention_reference(q, k, v, bounds, scale: float):
     """The same per-range outputs and log-sum-exps with host-side boundaries (CPU; not capturable)."""
-    import torch
-
     batch, heads, queries, dim = q.shape
     ranges = bounds.shape[1] - 1
     out = q.new_zeros(batch, ranges, heads, queries, dim)
@@ -184,8 +172,6 @@ def key_range_attention(q, k, v, key_bias, bounds, scale: float | None = None):
     no gather and no host synchronisation on CUDA (one variable-length flash-attention call with device-side
     boundaries), so a CUDA graph can capture it. q [B, H, S_q, D], k and v [B, H, S_k, D], key_bias [B, S_k].
     Empty ranges and -inf ranges contribute nothing; a query row with no finite key gets zeros."""
-    import torch
-
     if q.dim() != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or key_bias.shape != (q.shape[0], k.shape[2]):
         raise ValueError(
             f"key_range_attention needs q [B, H, S_q, D], k/v [B, H, S_k, D] and key_bias [B, S_k]; got q "
