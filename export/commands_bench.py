@@ -8,10 +8,10 @@ first use), so registration order does not matter. Only argparse at import time.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 from unidg.core.errors import OptionError
+from unidg.core.manifest import atomic_write_text
+from unidg.export.bench_cli import command_line, use_triton_interpreter
 from unidg.runtime.cli_options import add_bundle_option
 from unidg.runtime.commands import bench_subparsers
 
@@ -21,14 +21,11 @@ def _bench_attention(args: argparse.Namespace) -> int:
     interpret = args.interpret or device == "cpu"
     shape = args.shape or ("tiny" if interpret else "real")
     if interpret:
-        # Triton reads TRITON_INTERPRET when it is first imported: set it before anything imports triton.
-        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-            raise OptionError("triton is already imported without TRITON_INTERPRET=1; run the command in a new process")
-        os.environ["TRITON_INTERPRET"] = "1"
+        use_triton_interpreter()
     if args.repeats < 1:
         raise OptionError(f"--repeats must be >= 1, got {args.repeats}")
 
-    from unidg.core.manifest import atomic_write_text
+    # torch-heavy modules load when the command runs: `unidg --help` and the lean runtime install stay light
     from unidg.export.bench_attention import format_table, run_attention_bench, to_json
 
     result = run_attention_bench(
@@ -39,7 +36,7 @@ def _bench_attention(args: argparse.Namespace) -> int:
         interpret=interpret,
         tile_sweep=args.tile_sweep,
     )
-    result.command = "unidg " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "unidg bench attention"
+    result.command = command_line("unidg bench attention")
     print(format_table(result))
     if args.json:
         atomic_write_text(args.json, to_json(result) + "\n")

@@ -16,15 +16,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from unidg.export.bench_gpu import (  # noqa: E402
-    GpuBenchResult,
-    Row,
-    _floor_fraction,
-    attention_flops_per_step,
-    format_markdown,
-    gpu_peaks,
-    matmul_flops_per_token,
-)
+from unidg.export.bench_gpu_report import GpuBenchResult, Row, format_markdown  # noqa: E402
+from unidg.export.bench_gpu_rows import _floor_fraction, _reporting, run_gpu_bench  # noqa: E402
+from unidg.export.flop_floor import attention_flops_per_step, gpu_peaks, matmul_flops_per_token  # noqa: E402
 
 
 def test_flop_floor_is_the_design_count():
@@ -62,8 +56,6 @@ def replace_rows(result: GpuBenchResult, rows: list[Row]) -> GpuBenchResult:
 
 
 def test_a_failed_row_is_recorded_and_the_partial_report_says_so():
-    from unidg.export.bench_gpu import _reporting
-
     result = GpuBenchResult("cuda", "NVIDIA H100", "d", False, "full", 768, 28, 1)
     reports = []
     attempt = _reporting(result.rows, lambda: reports.append(format_markdown(result)))
@@ -84,8 +76,6 @@ def test_a_failed_row_is_recorded_and_the_partial_report_says_so():
 
 
 def test_without_a_gpu_the_bench_says_how_to_dry_run():
-    from unidg.export.bench_gpu import run_gpu_bench
-
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is present")
     with pytest.raises(ValueError, match="--dry-run"):

@@ -17,18 +17,11 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from unidg.core.errors import OptionError  # noqa: E402
-from unidg.export.bench_gpu_all import (  # noqa: E402
-    JSON_NAME,
-    MARKDOWN_NAME,
-    AllResult,
-    Budget,
-    GpuSession,
-    Plan,
-    StepConfig,
-    machine_record,
-    read_full_step_fraction,
-    write_all_report,
-)
+from unidg.export.bench_gpu_all_plan import STOCK_STEP_ROW, AllResult, Budget, Plan  # noqa: E402
+from unidg.export.bench_gpu_all_report import JSON_NAME, MARKDOWN_NAME, write_all_report  # noqa: E402
+from unidg.export.bench_gpu_all_session import GpuSession, StepConfig  # noqa: E402
+from unidg.export.machine_record import machine_record  # noqa: E402
+from unidg.export.step_cache_fraction import read_full_step_fraction  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -240,8 +233,6 @@ def test_fp8_failing_half_way_puts_every_weight_back(session, monkeypatch):
 
 
 def test_only_runs_the_selected_rows_and_always_the_stock_reference():
-    from unidg.export.bench_gpu_all import STOCK_STEP_ROW
-
     result = empty_result()
     plan = Plan(result, Budget(100.0), lambda: None, dry_run=True, only=("Tile Sweep",))
     for name in (STOCK_STEP_ROW, "base + torch.compile", "attention: Triton tile sweep"):
