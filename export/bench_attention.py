@@ -26,6 +26,14 @@ from datetime import datetime, timezone
 import torch
 import torch.nn.functional as F
 
+from unidg.export.key_group_attention import (
+    contiguous_key_order,
+    key_group_attention,
+    key_range_attention,
+    key_range_bounds,
+)
+from unidg.train.headdim_fold import fold_key_bias
+
 
 @dataclass(frozen=True)
 class TokenLayout:
@@ -208,28 +216,8 @@ def _best_sdpa(call: Callable[[], torch.Tensor], timer, repeats: int, warmup: in
     return best
 
 
-def run_attention_bench(
-    device: str = "cuda",
-    shape: str = "real",
-    repeats: int = 20,
-    dtype: str = "bf16",
-    interpret: bool = False,
-    warmup: int = 3,
-    seed: int = 0,
-    tile_sweep: bool = False,
-    sweep: tuple[tuple[int, int, int, int], ...] = SWEEP_TILES,
-    all_forms: bool = True,
-) -> BenchResult:
-    """Time the kernel and the SDPA variants at both token counts; see the module docstring."""
-    from unidg.export.plugins.attention_kernel import INTERPRETER_CONFIG, KernelConfig, biased_attention
-    from unidg.export.key_group_attention import (
-        contiguous_key_order,
-        key_group_attention,
-        key_range_attention,
-        key_range_bounds,
-    )
-    from unidg.train.headdim_fold import fold_key_bias
-
+def _check_arguments(device: str, shape: str, dtype: str, repeats: int, interpret: bool) -> bool:
+    """Refuse what cannot run; returns whether the kernel runs under Triton's interpreter."""
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be cpu or cuda, got {device!r}")
     if shape not in ("real", "tiny"):
@@ -244,13 +232,142 @@ def run_attention_bench(
     interpreter = interpret or not on_gpu
     if interpreter and shape == "real":
         raise ValueError("the interpreter at the real shape would run for hours; use --shape tiny or a CUDA GPU")
+    return interpreter
 
+
+def _biased_forms(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    layout: TokenLayout,
+    on_gpu: bool,
+    interpreter: bool,
+    biased: Callable,
+    flex: Callable,
+) -> dict[str, tuple[Callable[[], torch.Tensor], str]]:
+    """Every attention form at one token count, by name: the call and the note its row carries. ``biased(q, k, v,
+    bias)`` is the Triton kernel, ``flex`` the FlexAttention call."""
+    tokens, head_dim = q.shape[2], q.shape[3]
+    mask = bias[:, None, None, :].to(q.dtype)
+    q_fold, k_fold, v_fold, fold_scale = fold_key_bias(q, k, v, bias)
+
+    def kernel(q=q, k=k, v=v, bias=bias):
+        return biased(q, k, v, bias)
+
+    def sdpa_plain(q=q, k=k, v=v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+    def sdpa_mask(q=q, k=k, v=v, mask=mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    def sdpa_fold(q=q_fold, k=k_fold, v=v_fold, scale=fold_scale, d=head_dim):
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)[..., :d]
+
+    def sdpa_groups(q=q, k=k, v=v, bias=bias):
+        return key_group_attention(q, k, v, bias)
+
+    # keys permuted once (a request's token permutation) so each bias level is one contiguous range
+    context = tokens - layout.image
+    order = torch.tensor([*range(context), *(context + i for i in contiguous_key_order(bias[0, context:].cpu()))])
+    order = order.to(q.device)
+    k_ranges, v_ranges, bias_ranges = k[:, :, order], v[:, :, order], bias[:, order]
+    bounds = key_range_bounds(bias_ranges)
+
+    def sdpa_ranges(q=q, k=k_ranges, v=v_ranges, bias=bias_ranges, bounds=bounds):
+        return key_range_attention(q, k, v, bias, bounds)
+
+    def flex_bias(q=q, k=k, v=v, bias=bias, flex=flex):
+        return flex(q, k, v, bias)
+
+    groups = len(torch.unique(bias[0][torch.isfinite(bias[0])]))
+    on_sdpa = "cuDNN/flash" if on_gpu else "CPU flash"
+    return {
+        "triton_biased": (kernel, "Triton interpreter" if interpreter else "Triton, autotuned"),
+        "sdpa_no_bias": (sdpa_plain, "(no bias: a speed bound, not the same output)"),
+        "sdpa_float_mask": (sdpa_mask, ""),
+        "sdpa_headdim_fold": (sdpa_fold, ""),
+        "sdpa_key_groups": (sdpa_groups, f"{groups} key groups, {on_sdpa} with log-sum-exp, merged (exact)"),
+        "sdpa_key_ranges": (
+            sdpa_ranges,
+            f"{KEY_RANGES_NOTE} ({'varlen flash, device-side bounds' if on_gpu else 'CPU reference per range'})",
+        ),
+        "flex_score_mod": (
+            flex_bias,
+            "FlexAttention, score_mod adds bias[kv]" + (", torch.compile'd" if on_gpu else ", eager (unfused)"),
+        ),
+    }
+
+
+def _measure_forms(
+    forms: dict[str, tuple[Callable[[], torch.Tensor], str]],
+    reference: torch.Tensor,
+    timer: Callable,
+    repeats: int,
+    warmup: int,
+    on_gpu: bool,
+    interpreter: bool,
+    tokens: int,
+    flops: float,
+) -> tuple[list[BenchRow], float]:
+    """One row per form (a form that fails records why) and the unbiased SDPA median every ratio divides by."""
+    measured: list[tuple[str, list[float], float, str] | BenchRow] = []
+    for name, (fn, note) in forms.items():
+        try:
+            if name.startswith("sdpa_") and name not in ("sdpa_key_groups", "sdpa_key_ranges") and on_gpu:
+                times, backend = _best_sdpa(fn, timer, repeats, warmup)
+                note = f"{backend} {note}".strip()
+            elif name == "triton_biased":
+                times = timer(fn, repeats, 1 if interpreter else warmup)
+                note = note if interpreter else f"{note}: {_autotuned_choice()}"
+            else:
+                times = timer(fn, repeats, warmup)
+                note = note or "cpu"
+            diff = (fn().float() - reference).abs().max().item()
+        except Exception as error:  # noqa: BLE001 - a form this torch/GPU rejects is that row's finding
+            reason = f"{type(error).__name__}: {error}".splitlines()[0][:160]
+            nan = float("nan")
+            measured.append(BenchRow(name, tokens, nan, nan, nan, nan, nan, f"failed: {reason}"))
+            continue
+        measured.append((name, times, diff, note))
+    unbiased = [m[1] for m in measured if isinstance(m, tuple) and m[0] == "sdpa_no_bias"]
+    baseline = statistics.median(unbiased[0]) if unbiased else float("nan")
+    rows = [
+        entry if isinstance(entry, BenchRow) else _timed_row(entry[0], tokens, entry[1], flops, baseline, *entry[2:])
+        for entry in measured
+    ]
+    return rows, baseline
+
+
+def run_attention_bench(
+    device: str = "cuda",
+    shape: str = "real",
+    repeats: int = 20,
+    dtype: str = "bf16",
+    interpret: bool = False,
+    warmup: int = 3,
+    seed: int = 0,
+    tile_sweep: bool = False,
+    sweep: tuple[tuple[int, int, int, int], ...] = SWEEP_TILES,
+    all_forms: bool = True,
+) -> BenchResult:
+    """Time the kernel and the SDPA variants at both token counts; see the module docstring."""
+    # The Triton kernel loads here, not with this module: a torch without triton still imports it (time_call).
+    from unidg.export.plugins.attention_kernel import INTERPRETER_CONFIG, KernelConfig, biased_attention
+
+    interpreter = _check_arguments(device, shape, dtype, repeats, interpret)
+    on_gpu = device == "cuda"
     layout = REAL_LAYOUT if shape == "real" else TINY_LAYOUT
     heads, head_dim = (REAL_HEADS, REAL_HEAD_DIM) if shape == "real" else (TINY_HEADS, TINY_HEAD_DIM)
     torch_dtype = DTYPES[dtype]
 
     def timer(fn: Callable[[], object], repeats: int, warmup: int) -> list[float]:
         return time_call(fn, repeats, warmup, on_gpu)
+
+    kernel_config = INTERPRETER_CONFIG if interpreter else None
+
+    def kernel(q, k, v, bias):
+        return biased_attention(q, k, v, bias, interpret=interpreter, config=kernel_config)
 
     generator = torch.Generator().manual_seed(seed)
     result = BenchResult(
@@ -279,87 +396,13 @@ def run_attention_bench(
             for _ in range(3)
         )
         bias = flux_key_bias(layout, folded, generator).to(device)
-        mask = bias[:, None, None, :].to(torch_dtype)
-        q_fold, k_fold, v_fold, fold_scale = fold_key_bias(q, k, v, bias)
-        kernel_config = INTERPRETER_CONFIG if interpreter else None
-
-        def kernel(q=q, k=k, v=v, bias=bias, kernel_config=kernel_config):
-            return biased_attention(q, k, v, bias, interpret=interpreter, config=kernel_config)
-
-        def sdpa_plain(q=q, k=k, v=v):
-            return F.scaled_dot_product_attention(q, k, v)
-
-        def sdpa_mask(q=q, k=k, v=v, mask=mask):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-        def sdpa_fold(q=q_fold, k=k_fold, v=v_fold, scale=fold_scale, d=head_dim):
-            return F.scaled_dot_product_attention(q, k, v, scale=scale)[..., :d]
-
-        def sdpa_groups(q=q, k=k, v=v, bias=bias):
-            return key_group_attention(q, k, v, bias)
-
-        # keys permuted once (a request's token permutation) so each bias level is one contiguous range
-        context = tokens - layout.image
-        order = torch.tensor([*range(context), *(context + i for i in contiguous_key_order(bias[0, context:].cpu()))])
-        order = order.to(device)
-        k_ranges, v_ranges, bias_ranges = k[:, :, order], v[:, :, order], bias[:, order]
-        bounds = key_range_bounds(bias_ranges)
-
-        def sdpa_ranges(q=q, k=k_ranges, v=v_ranges, bias=bias_ranges, bounds=bounds):
-            return key_range_attention(q, k, v, bias, bounds)
-
-        def flex_bias(q=q, k=k, v=v, bias=bias, flex=flex):
-            return flex(q, k, v, bias)
-
-        reference = sdpa_mask().float()
-        groups = len(torch.unique(bias[0][torch.isfinite(bias[0])]))
-        on_sdpa = "cuDNN/flash" if on_gpu else "CPU flash"
-        forms: dict[str, tuple[Callable[[], torch.Tensor], str]] = {
-            "triton_biased": (kernel, "Triton interpreter" if interpreter else "Triton, autotuned"),
-            "sdpa_no_bias": (sdpa_plain, "(no bias: a speed bound, not the same output)"),
-            "sdpa_float_mask": (sdpa_mask, ""),
-            "sdpa_headdim_fold": (sdpa_fold, ""),
-            "sdpa_key_groups": (sdpa_groups, f"{groups} key groups, {on_sdpa} with log-sum-exp, merged (exact)"),
-            "sdpa_key_ranges": (
-                sdpa_ranges,
-                f"{KEY_RANGES_NOTE} ({'varlen flash, device-side bounds' if on_gpu else 'CPU reference per range'})",
-            ),
-            "flex_score_mod": (
-                flex_bias,
-                "FlexAttention, score_mod adds bias[kv]" + (", torch.compile'd" if on_gpu else ", eager (unfused)"),
-            ),
-        }
+        forms = _biased_forms(q, k, v, bias, layout, on_gpu, interpreter, kernel, flex)
+        reference = forms["sdpa_float_mask"][0]().float()
         if not all_forms:  # the tile sweep alone: its rows need only the unbiased baseline
             forms = {"sdpa_no_bias": forms["sdpa_no_bias"]}
-        measured: list[tuple[str, list[float], float, str] | BenchRow] = []
         flops = attention_flops(1, heads, tokens, tokens, head_dim)
-        for name, (fn, note) in forms.items():
-            try:
-                if name.startswith("sdpa_") and name not in ("sdpa_key_groups", "sdpa_key_ranges") and on_gpu:
-                    times, backend = _best_sdpa(fn, timer, repeats, warmup)
-                    note = f"{backend} {note}".strip()
-                elif name == "triton_biased":
-                    times = timer(fn, repeats, 1 if interpreter else warmup)
-                    note = note if interpreter else f"{note}: {_autotuned_choice()}"
-                else:
-                    times = timer(fn, repeats, warmup)
-                    note = note or "cpu"
-                diff = (fn().float() - reference).abs().max().item()
-            except Exception as error:  # noqa: BLE001 - a form this torch/GPU rejects is that row's finding
-                reason = f"{type(error).__name__}: {error}".splitlines()[0][:160]
-                nan = float("nan")
-                measured.append(BenchRow(name, tokens, nan, nan, nan, nan, nan, f"failed: {reason}"))
-                continue
-            measured.append((name, times, diff, note))
-        unbiased = [m[1] for m in measured if isinstance(m, tuple) and m[0] == "sdpa_no_bias"]
-        baseline = statistics.median(unbiased[0]) if unbiased else float("nan")
-        for entry in measured:
-            row = (
-                entry
-                if isinstance(entry, BenchRow)
-                else _timed_row(entry[0], tokens, entry[1], flops, baseline, *entry[2:])
-            )
-            result.rows.append(row)
+        rows, baseline = _measure_forms(forms, reference, timer, repeats, warmup, on_gpu, interpreter, tokens, flops)
+        result.rows += rows
         if tile_sweep:
             for tiles in sweep:
                 config = KernelConfig(*tiles)
