@@ -410,7 +410,7 @@ def run_parity(args: argparse.Namespace) -> int:
 
 
 def run_slice(args: argparse.Namespace) -> int:
-    from unidg.export.onnx_export import export_slice
+    from unidg.export.preset_slice import export_slice
 
     record = export_slice(
         args.out,

@@ -19,9 +19,9 @@ resolution that is a multiple of 16). All graph inputs and outputs are float32.
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,11 +30,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from diffusers.utils import logging as diffusers_logging
 
+from unidg.core.attention_bias import build_key_bias
 from unidg.core.errors import UniDGError
-from unidg.core.latents import LATENT_CHANNELS, MASK_CHANNELS
+from unidg.core.latents import LATENT_CHANNELS, MASK_CHANNELS, text_ids
 from unidg.core.layout import DiptychLayout
+from unidg.core.schedule import flux_sigmas
 from unidg.core.settings import MAX_RESOLUTION
+from unidg.export.plugins.onnx_rewrite import rewrite_attention_file
 from unidg.export.step_model import ImageEncoderModel, StepModel, VaeDecoderModel, VaeEncoderModel, float32_rope
 from unidg.runtime.bundle import GRAPH_INPUTS, GRAPH_NAMES, GRAPH_OUTPUTS, STEP_INPUTS
 from unidg.train.attention import KeyBiasAttnProcessor, flux_attention_modules
@@ -191,10 +195,6 @@ class GraphRecord:
 # ------------------------------------------------------------------------------------------------ example inputs
 def step_example_inputs(facts: ModelFacts, batch: int, seed: int = 0, resolution: int | None = None) -> dict:
     """Realistic step inputs: noise, a Fill condition with a binary mask, Redux-like tokens, the real key bias."""
-    from unidg.core.attention_bias import build_key_bias
-    from unidg.core.latents import text_ids
-    from unidg.core.schedule import flux_sigmas
-
     layout = DiptychLayout(resolution or facts.resolution)
     h_tokens, w_tokens = layout.token_hw
     tokens = layout.image_tokens
@@ -405,8 +405,6 @@ def export_module(
 
 @contextlib.contextmanager
 def warnings_quiet() -> Iterator[None]:
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
@@ -430,8 +428,6 @@ def cast_for_precision(model: UniDGModel, precision: str) -> UniDGModel:
     parts = [model.transformer, model.image_encoder, model.redux]
     if not (precision == "fp16" and getattr(model.vae.config, "force_upcast", False)):
         parts.append(model.vae)
-    from diffusers.utils import logging as diffusers_logging
-
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # it warns about casting after loading; the cast is deliberate here
     try:
@@ -532,8 +528,6 @@ def export_torch_program(
 
 
 def _rewrite_to_plugin(path: Path, record: GraphRecord, progress: Progress | None) -> GraphRecord:
-    from unidg.export.plugins.onnx_rewrite import rewrite_attention_file
-
     if progress:
         progress("step: replacing Attention nodes by the TensorRT biased-attention plugin node")
     report = rewrite_attention_file(path, path)
@@ -577,80 +571,3 @@ def export_graphs(
 def torch_program_file(name: str) -> str:
     """Where a bundle keeps the torch program of a graph (the runtime's torch backend reads this layout)."""
     return f"{TORCH_PROGRAM_DIR}/{name}.pt2"
-
-
-# ------------------------------------------------------------------------------------------------ preset slices
-def preset_slice(
-    preset: str = "full",
-    *,
-    double_blocks: int = 1,
-    single_blocks: int = 1,
-    heads: int | None = None,
-    seed: int = 0,
-) -> UniDGModel:
-    """A preset's model built on the meta device (no memory), with only the first ``double_blocks`` double and
-    ``single_blocks`` single blocks of its transformer materialised on the CPU with random weights.
-
-    The other networks stay on the meta device: the step graph needs the transformer only. ``heads`` narrows the
-    transformer (same head size, embedders and RoPE axes) to test the export mechanics cheaply.
-    """
-    from dataclasses import replace as dataclass_replace
-
-    from unidg.train.presets import get_preset
-
-    spec = get_preset(preset)
-    if heads is not None:
-        spec = dataclass_replace(spec, transformer=dataclass_replace(spec.transformer, num_attention_heads=heads))
-    if double_blocks < 0 or single_blocks < 0 or double_blocks + single_blocks < 1:
-        raise ExportError("a slice needs at least one block (--double-blocks / --single-blocks)")
-    model = UniDGModel.from_preset(spec, device="meta")
-    transformer = model.transformer
-    if double_blocks > len(transformer.transformer_blocks) or single_blocks > len(
-        transformer.single_transformer_blocks
-    ):
-        raise ExportError(
-            f"preset {preset!r} has {len(transformer.transformer_blocks)} double and "
-            f"{len(transformer.single_transformer_blocks)} single blocks"
-        )
-    transformer.transformer_blocks = torch.nn.ModuleList(list(transformer.transformer_blocks)[:double_blocks])
-    transformer.single_transformer_blocks = torch.nn.ModuleList(
-        list(transformer.single_transformer_blocks)[:single_blocks]
-    )
-    transformer.to_empty(device="cpu")
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in transformer.named_parameters():
-            if parameter.ndim >= 2:
-                fan_in = parameter.shape[1]
-                parameter.normal_(0.0, 1.0 / math.sqrt(fan_in), generator=generator)
-            elif "norm" in name and name.endswith("weight"):
-                parameter.fill_(1.0)
-            else:
-                parameter.normal_(0.0, 0.02, generator=generator)
-    return model
-
-
-def export_slice(
-    out: str | Path,
-    *,
-    preset: str = "full",
-    double_blocks: int = 1,
-    single_blocks: int = 1,
-    heads: int | None = None,
-    resolution: int = 768,
-    external_data: bool | None = None,
-    progress: Progress | None = print_progress,
-) -> GraphRecord:
-    """Export the step graph of a preset slice (random weights) into ``out``; returns its manifest facts."""
-    started = time.perf_counter()
-    model = preset_slice(preset, double_blocks=double_blocks, single_blocks=single_blocks, heads=heads)
-    options = ExportOptions(resolution=resolution)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if progress:
-        size = parameter_bytes(model.transformer) / 2**30
-        progress(
-            f"{preset} slice: {double_blocks} double + {single_blocks} single blocks, {size:.2f} GiB of weights, "
-            f"materialised in {time.perf_counter() - started:.1f} s"
-        )
-    return export_graph("step", model, out, options, progress=progress, external_data=external_data)

@@ -24,11 +24,11 @@ from unidg.export.onnx_export import (
     ExportOptions,
     ModelFacts,
     export_graph,
-    export_slice,
     float32_rope,
     graph_example_inputs,
     graph_module,
 )
+from unidg.export.preset_slice import export_slice
 from unidg.runtime.bundle import GRAPH_INPUTS, GRAPH_NAMES, BundleError, load_bundle
 
 
