@@ -26,7 +26,18 @@ def _batch(text: str) -> int | str:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     export = export_subparsers(subparsers)
+    _register_onnx(export)
+    _register_quantize(export)
+    _register_engine(export)
+    _register_trtexec(export)
+    _register_adopt(export)
+    _register_check(export)
+    _register_parity(export)
+    _register_slice(export)
+    register_cache_commands(export)
 
+
+def _register_onnx(export: argparse._SubParsersAction) -> None:
     onnx = export.add_parser(
         "onnx",
         help="bundle of ONNX graphs (step, VAE encoder/decoder, image encoder) from a merged weights folder",
@@ -71,6 +82,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     onnx.set_defaults(handler=run_onnx)
 
+
+def _register_quantize(export: argparse._SubParsersAction) -> None:
     quantize = export.add_parser(
         "quantize",
         help="FP8 / INT8 bundle with NVIDIA ModelOpt, gated by an accuracy report",
@@ -106,6 +119,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     quantize.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     quantize.set_defaults(handler=run_quantize)
 
+
+def _register_engine(export: argparse._SubParsersAction) -> None:
     engine = export.add_parser(
         "engine",
         help="TensorRT plans for a bundle (TensorRT Python API; needs tensorrt and a GPU)",
@@ -115,6 +130,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _engine_arguments(engine)
     engine.set_defaults(handler=run_engine)
 
+
+def _register_trtexec(export: argparse._SubParsersAction) -> None:
     trtexec = export.add_parser(
         "trtexec",
         help="print the equivalent trtexec build and profiling commands for a bundle",
@@ -135,6 +152,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     trtexec.set_defaults(handler=run_trtexec)
 
+
+def _register_adopt(export: argparse._SubParsersAction) -> None:
     adopt = export.add_parser(
         "adopt",
         help="a new bundle with the plans trtexec built from `unidg export trtexec --out DIR`",
@@ -148,6 +167,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     adopt.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     adopt.set_defaults(handler=run_adopt)
 
+
+def _register_check(export: argparse._SubParsersAction) -> None:
     check = export.add_parser(
         "check",
         help="polygraphy comparison of each graph on onnxruntime vs TensorRT, with the accuracy gate's thresholds",
@@ -170,6 +191,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument("--run", action="store_true", help="run the commands; exit 1 if a comparison fails")
     check.set_defaults(handler=run_check)
 
+
+def _register_parity(export: argparse._SubParsersAction) -> None:
     parity = export.add_parser(
         "parity",
         help="per-graph and 28-step trajectory parity of a bundle with the torch model (onnxruntime, polygraphy)",
@@ -182,6 +205,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parity.add_argument("--seed", type=int, default=0, help="seed of the probe inputs and the trajectory noise")
     parity.set_defaults(handler=run_parity)
 
+
+def _register_slice(export: argparse._SubParsersAction) -> None:
     slice_parser = export.add_parser(
         "slice",
         help="export the step graph of a preset with only a few blocks, random weights (size/time/memory checks)",
@@ -193,8 +218,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     slice_parser.add_argument("--resolution", type=int, default=768, help="diptych half size S")
     slice_parser.add_argument("--heads", type=int, help="narrow the transformer to this many heads")
     slice_parser.set_defaults(handler=run_slice)
-
-    register_cache_commands(export)
 
 
 def _engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -258,6 +281,7 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _engine_request(args: argparse.Namespace):
+    # the export modules (torch, onnx, TensorRT) load when the command runs: `unidg --help` stays light
     from unidg.export.engine import EngineRequest
     from unidg.runtime.bundle import GRAPH_NAMES
 
