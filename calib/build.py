@@ -31,8 +31,11 @@ import numpy as np
 from unidg.core.errors import UniDGError
 from unidg.core.manifest import Manifest, ManifestError, read_manifest, tool_versions, verify_files, write_manifest
 from unidg.core.settings import UniDGSettings
+from unidg.core.udg import read_index
 from unidg.core.weights_folder import Progress, check_output, read_weights, staged_folder
+from unidg.runtime.sampler import sampling_sigmas
 from unidg.train.loading import load_weights_model
+from unidg.train.sampler import denoise, get_noise, prepare_diptych
 
 CALIB_KIND = "calib"
 CALIB_FORMAT = "unidg-calib"
@@ -232,10 +235,6 @@ def build_calib(
 ) -> Manifest:
     """``unidg calib build``: capture step inputs of ``samples`` requests along their ``steps``-step trajectories."""
     from safetensors.numpy import save_file
-
-    from unidg.core.udg import read_index
-    from unidg.runtime.sampler import sampling_sigmas
-    from unidg.train.sampler import denoise, get_noise, prepare_diptych
 
     if samples < 2:
         raise CalibError(f"--samples {samples}: need at least 2 (calibration samples plus held-out ones)")

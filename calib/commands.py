@@ -35,6 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
+    # torch-heavy modules load when the command runs: `unidg --help` and the lean runtime install stay light
     from unidg.calib.build import build_calib
 
     def progress(message: str) -> None:

@@ -22,8 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
+from unidg.core.attention_bias import build_key_bias
+from unidg.core.errors import OptionError
+from unidg.core.geometry import defect_token_mask, paste_back, right_half
+from unidg.core.latents import pixels_to_model
+from unidg.core.manifest import atomic_write_text
 from unidg.runtime.bundle import Bundle
-from unidg.runtime.synthesizer import DefectSynthesizer, SynthesisRequest, SynthesisResult
+from unidg.runtime.demo import DEFAULT_BUNDLE
+from unidg.runtime.sampler import initial_noise
+from unidg.runtime.synthesizer import DefectSynthesizer, SynthesisRequest, SynthesisResult, resize_reference
 
 
 @dataclass
@@ -60,8 +67,6 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _weights_folder(bundle: Bundle, weights: str | None) -> Path:
-    from unidg.core.errors import OptionError
-
     if weights:
         return Path(weights)
     recorded = (bundle.metadata.get("weights") or {}).get("path")
@@ -77,10 +82,9 @@ def _weights_folder(bundle: Bundle, weights: str | None) -> Path:
 
 # ------------------------------------------------------------------------------------------------------------ CPU
 def bench_cpu(args: argparse.Namespace) -> dict:
+    # torch and the training stage load in the measurement that needs them, not with this module.
     import torch
 
-    from unidg.core.errors import OptionError
-    from unidg.runtime.demo import DEFAULT_BUNDLE
     from unidg.train.loading import load_model
     from unidg.train.sampler import sample_request  # the torch reference (FluxFillPipeline-style loop)
 
@@ -193,11 +197,6 @@ def _run_diffusers(pipeline, model, request: SynthesisRequest, bias: bool) -> np
     from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
     from PIL import Image
 
-    from unidg.core.attention_bias import build_key_bias
-    from unidg.core.geometry import defect_token_mask, paste_back, right_half
-    from unidg.core.latents import pixels_to_model
-    from unidg.runtime.sampler import initial_noise
-    from unidg.runtime.synthesizer import resize_reference
     from unidg.train.attention import install_key_bias_processor
 
     settings = model.settings
@@ -287,9 +286,6 @@ def bench_vs_diffusers(args: argparse.Namespace) -> dict:
     """Per bundle (resolution) and thread count: the four sides interleaved round by round, load average recorded."""
     import torch
 
-    from unidg.core.errors import OptionError
-    from unidg.runtime.demo import DEFAULT_BUNDLE
-
     if args.repeats < 3:
         raise OptionError(f"--repeats must be >= 3 for a median worth reporting (got {args.repeats})")
     thread_counts = args.threads or [1, 2]
@@ -369,8 +365,6 @@ def _torch_modules(model) -> dict:
 def bench_gpu(args: argparse.Namespace) -> dict:
     import torch
 
-    from unidg.core.errors import OptionError
-
     if not torch.cuda.is_available():
         raise OptionError(
             "`unidg bench runtime --gpu` needs a CUDA GPU: torch.cuda.is_available() is False here "
@@ -435,8 +429,6 @@ def bench_gpu(args: argparse.Namespace) -> dict:
 
 
 def bench_runtime(args: argparse.Namespace) -> int:
-    from unidg.core.errors import OptionError
-
     if args.gpu and args.vs_diffusers:
         raise OptionError("--gpu and --vs-diffusers are separate benchmarks; pick one")
     if args.vs_diffusers:
@@ -450,8 +442,6 @@ def bench_runtime(args: argparse.Namespace) -> int:
         args.threads = args.threads[0] if args.threads else None
         result = bench_cpu(args)
     if args.json:
-        from unidg.core.manifest import atomic_write_text
-
         atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0

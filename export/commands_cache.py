@@ -62,6 +62,7 @@ def register_cache_commands(export: argparse._SubParsersAction) -> None:
 
 
 def run_cache_graphs(args: argparse.Namespace) -> int:
+    # torch-heavy modules load when the command runs: `unidg --help` and the lean runtime install stay light
     from unidg.export.cache_graphs import add_cache_graphs
 
     add_cache_graphs(args.bundle, args.weights, args.out, overwrite=args.overwrite)

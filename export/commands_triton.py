@@ -6,6 +6,7 @@ import argparse
 
 from unidg.core.errors import OptionError
 from unidg.runtime.cli_options import add_bundle_option, command_group
+from unidg.runtime.commands import bench_subparsers
 
 
 def export_subparsers(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
@@ -50,6 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_export_triton(args: argparse.Namespace) -> int:
+    # numpy- and TensorRT-side modules load when the command runs: `unidg --help` stays light
     from unidg.export.triton_repo import TritonRepoOptions, write_triton_repo
 
     try:
@@ -80,8 +82,6 @@ def run_export_triton(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------------------------- bench
 def register_bench(subparsers: argparse._SubParsersAction) -> None:
-    from unidg.runtime.commands import bench_subparsers
-
     parser = bench_subparsers(subparsers).add_parser(
         "triton",
         help="latency of a running Triton server (gRPC) against the runtime in-process, side by side",

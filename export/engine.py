@@ -25,6 +25,7 @@ from unidg.core.errors import UniDGError
 from unidg.core.manifest import atomic_write_bytes, read_manifest, sha256_file, write_manifest
 from unidg.core.settings import MAX_RESOLUTION
 from unidg.export.onnx_export import Progress, print_progress
+from unidg.export.plugins.trt_plugin import register_plugin
 from unidg.export.tensorrt_graphs import ATTENTION_MASKS, GraphDerivation, derive_graph_file
 from unidg.runtime.backends.tensorrt_backend import MIN_TENSORRT_VERSION, tensorrt_version_problem
 from unidg.runtime.bundle import GRAPH_INPUTS, GRAPH_NAMES, Bundle, expected_shapes, load_bundle
@@ -474,8 +475,6 @@ def refit_engine(trt, engine, onnx_path: Path, logger) -> None:
 def build_plan(trt, build: GraphBuild, logger, timing_cache_bytes: bytes | None, progress: Progress | None):
     """Build one serialized plan; returns (plan bytes, serialized timing cache)."""
     if build.uses_plugin:
-        from unidg.export.plugins.trt_plugin import register_plugin
-
         register_plugin(max_shared_bytes=build.plugin_max_shared_bytes)  # found by op type + namespace
     builder = trt.Builder(logger)
     network = builder.create_network(_network_flags(trt, build.strongly_typed))

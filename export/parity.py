@@ -25,8 +25,16 @@ import onnxruntime as ort
 import torch
 
 from unidg.core.errors import UniDGError
-from unidg.export.onnx_export import ModelFacts, graph_example_inputs, graph_module
+from unidg.core.geometry import paste_back, right_half
+from unidg.export.bf16_emulation import emulated_bf16_file
+from unidg.export.onnx_export import ModelFacts, cast_for_precision, graph_example_inputs, graph_module
+from unidg.runtime.backends.base import StepConditioning
+from unidg.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 from unidg.runtime.bundle import GRAPH_NAMES, GRAPH_OUTPUTS, Bundle, load_bundle
+from unidg.runtime.sampler import sampling_sigmas
+from unidg.runtime.synthesizer import DefectSynthesizer, SynthesisRequest
+from unidg.train.model import pack_latents
+from unidg.train.sampler import decode, denoise, get_noise, prepare_diptych
 
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-3
@@ -193,9 +201,6 @@ def graph_parity(
         import copy
         import tempfile
 
-        from unidg.export.bf16_emulation import emulated_bf16_file
-        from unidg.export.onnx_export import cast_for_precision
-
         model = cast_for_precision(copy.deepcopy(model), "bf16")
         scratch = Path(tempfile.mkdtemp(prefix=".unidg-bf16-emulation."))
     default_atol, default_rtol = TOLERANCES.get(bundle.precision, TOLERANCES["fp32"])
@@ -301,14 +306,6 @@ def trajectory_parity(
 
 
 def _trajectory(bundle: Bundle, model, settings, seed: int, steps: int, request) -> TrajectoryParity:
-    from unidg.core.geometry import paste_back, right_half
-    from unidg.runtime.backends.base import StepConditioning
-    from unidg.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
-    from unidg.runtime.sampler import sampling_sigmas
-    from unidg.runtime.synthesizer import DefectSynthesizer, SynthesisRequest
-    from unidg.train.model import pack_latents
-    from unidg.train.sampler import decode, denoise, get_noise, prepare_diptych
-
     reference, reference_mask, source, target_mask = request or synthetic_request(seed=seed)
     diptych = settings.diptych(reference, reference_mask, source, target_mask)
     inputs = prepare_diptych(model, diptych)

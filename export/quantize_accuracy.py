@@ -15,9 +15,13 @@ import numpy as np
 import torch
 
 from unidg.calib.build import CalibSet
+from unidg.core.latents import model_to_pixels
+from unidg.export.bf16_emulation import emulated_bf16_file
 from unidg.export.parity import compare, cosine, onnx_session, psnr
 from unidg.export.quantize_modelopt import QuantizationError
 from unidg.runtime.bundle import STEP_INPUTS, STEP_POSITION_INPUTS, Bundle
+from unidg.runtime.sampler import sampling_sigmas
+from unidg.train.model import unpack_latents
 
 DEFAULT_MIN_COSINE = 0.995
 DEFAULT_MIN_PSNR = 30.0
@@ -71,8 +75,6 @@ class AccuracyReport:
 def _session(path: Path, precision: str, bf16: bool, scratch: Path):
     """An onnxruntime CPU session of ``path``; a bf16 graph as its float32 emulation (written into ``scratch``)."""
     if bf16:
-        from unidg.export.bf16_emulation import emulated_bf16_file
-
         emulated = scratch / f"{len(list(scratch.iterdir()))}-{path.name}"
         emulated_bf16_file(path, emulated)
         path = emulated
@@ -92,9 +94,6 @@ def accuracy_report(
 ) -> AccuracyReport:
     """Quantized vs unquantized step graph (onnxruntime) on the calibration set's held-out samples. With a bf16
     ``high_precision`` (and a bf16 reference bundle) every graph runs as its float32 emulation with bf16 rounding."""
-    from unidg.core.latents import model_to_pixels
-    from unidg.train.model import unpack_latents
-
     scratch = Path(tempfile.mkdtemp(prefix=".unidg-accuracy."))
     try:
         quantized = _session(quantized_step, fmt, high_precision == "bf16", scratch)
@@ -124,8 +123,6 @@ def accuracy_report(
         if samples is not None and count >= samples:
             break
         if sigmas is None:
-            from unidg.runtime.sampler import sampling_sigmas
-
             sigmas = sampling_sigmas(int(calib.metadata["steps"]), sample["noise"].shape[1])
         conditioning = {name: sample[name] for name in STEP_INPUTS if name in sample}  # all but x and the sigmas
         finals = []

@@ -25,6 +25,7 @@ from unidg.core.manifest import MANIFEST_FILE
 from unidg.core.settings import SETTINGS_FILE
 from unidg.core.staging import staged_folder
 from unidg.runtime import backends as runtime_backends
+from unidg.runtime.backends.tensorrt_backend import parse_engines
 from unidg.runtime.bundle import GRAPH_INPUTS, GRAPH_OUTPUTS, Bundle, expected_shapes, load_bundle
 from unidg.runtime.step_cache import StepCacheError, bundle_step_cache
 
@@ -180,8 +181,6 @@ def write_triton_repo(bundle_path: str | Path, out: str | Path, options: TritonR
     bundle = load_bundle(bundle_path, verify=True)
     engines: dict = {}
     if options.use_engines and bundle.engines:
-        from unidg.runtime.backends.tensorrt_backend import parse_engines
-
         engines = parse_engines(bundle)
     if engines and options.bundle_reference is not None:
         raise TritonRepoError("a bundle with engines is copied into the repository; drop --reference-bundle")

@@ -27,6 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
+from unidg.runtime.backends.tensorrt_backend import tensorrt_version_problem
+
 PLUGIN_NAMESPACE = "unidg"
 PLUGIN_NAME = "biased_attention"
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
@@ -77,6 +79,7 @@ def static_head_dim(q_dims: Sequence[int]) -> int:
 def tactic_configs(configs=None) -> dict:
     """Custom tactic id (1, 2, ...) -> KernelConfig. Tactic 0 (TensorRT's default) maps to the first config."""
     if configs is None:
+        # The Triton kernel's modules import triton: they load when a plan is built, not with this module.
         from unidg.export.plugins.attention_kernel import AUTOTUNE_CONFIGS
 
         configs = AUTOTUNE_CONFIGS
@@ -196,7 +199,6 @@ def register_plugin(
         import tensorrt.plugin as trtp
     except ImportError as error:
         raise ImportError(f"{PLUGIN_ID} needs TensorRT >= 10.15 (`pip install 'unidg[tensorrt]'`): {error}") from error
-    from unidg.runtime.backends.tensorrt_backend import tensorrt_version_problem
 
     problem = tensorrt_version_problem(trt.__version__)
     if problem or not hasattr(trtp, "aot_impl"):
