@@ -17,6 +17,7 @@ from unidg.export.bench_attention import (
     REAL_LAYOUT,
     SWEEP_TILES,
     TINY_LAYOUT,
+    BenchResult,
     best_biased_form,
     run_attention_bench,
 )
@@ -151,15 +152,22 @@ class AllRun:
         self.step_rows[replace(self.base, fp8=True)] = row
 
     # ---------------------------------------------------------------- attention rows
-    def attention_alone(self, row: PlanRow) -> None:
-        dry_run, result = self.dry_run, self.result
-        bench = run_attention_bench(
+    def attention_bench(self, repeats: int, warmup: int, **options) -> BenchResult:
+        """``unidg bench attention``'s measurement: at the real shape on the GPU, interpreted at the tiny one on the
+        CPU in a dry run (one timed call, one warm-up)."""
+        dry_run = self.dry_run
+        return run_attention_bench(
             device="cpu" if dry_run else "cuda",
             shape="tiny" if dry_run else "real",
-            repeats=1 if dry_run else 20,
+            repeats=1 if dry_run else repeats,
             interpret=dry_run,
-            warmup=1 if dry_run else 3,
+            warmup=1 if dry_run else warmup,
+            **options,
         )
+
+    def attention_alone(self, row: PlanRow) -> None:
+        dry_run, result = self.dry_run, self.result
+        bench = self.attention_bench(20, 3)
         result.attention = bench.to_dict()
         folded = (TINY_LAYOUT if dry_run else REAL_LAYOUT).tokens(True)
         best = best_biased_form(bench, folded, capturable=True)
@@ -183,17 +191,8 @@ class AllRun:
         )
 
     def tile_sweep(self, row: PlanRow) -> None:
-        dry_run = self.dry_run
-        bench = run_attention_bench(
-            device="cpu" if dry_run else "cuda",
-            shape="tiny" if dry_run else "real",
-            repeats=1 if dry_run else 10,
-            interpret=dry_run,
-            warmup=1 if dry_run else 2,
-            tile_sweep=True,
-            sweep=SWEEP_TILES[:2] if dry_run else SWEEP_TILES,
-            all_forms=False,
-        )
+        sweep = SWEEP_TILES[:2] if self.dry_run else SWEEP_TILES
+        bench = self.attention_bench(10, 2, tile_sweep=True, sweep=sweep, all_forms=False)
         self.result.tile_sweep = bench.to_dict()
         pinned = [r for r in bench.rows if r.variant.startswith("triton m") and r.median_ms == r.median_ms]
         if not pinned:

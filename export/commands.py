@@ -10,6 +10,7 @@ from pathlib import Path
 
 from unidg.export.commands_cache import register_cache_commands
 from unidg.export.commands_triton import export_subparsers
+from unidg.runtime.cli_options import add_bundle_option
 
 
 def _batch(text: str) -> int | str:
@@ -161,7 +162,7 @@ def _register_adopt(export: argparse._SubParsersAction) -> None:
         "in DIR/trtexec.json) and write a new bundle: the source bundle's files, the plans and the graphs they were "
         "parsed from, and a manifest whose engines table the TensorRT backend reads. Source and DIR are only read.",
     )
-    adopt.add_argument("--bundle", required=True, help="the bundle the trtexec commands were written for")
+    add_bundle_option(adopt, help="the bundle the trtexec commands were written for")
     adopt.add_argument("--plans", required=True, help="the --out folder of `unidg export trtexec`, plans built")
     adopt.add_argument("--out", required=True, help="the new bundle folder")
     adopt.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -176,7 +177,7 @@ def _register_check(export: argparse._SubParsersAction) -> None:
         "onnxruntime saves inputs and outputs, TensorRT compares with them (cosine >= 0.995; VAE decoder PSNR >= 30 "
         "dB). --run executes them (the TensorRT half only where tensorrt is installed).",
     )
-    check.add_argument("--bundle", required=True, help="bundle folder whose graphs are compared")
+    add_bundle_option(check, help="bundle folder whose graphs are compared")
     check.add_argument("--out", required=True, help="folder for the graphs, inputs and outputs (not the bundle)")
     check.add_argument(
         "--attention-mask",
@@ -197,7 +198,7 @@ def _register_parity(export: argparse._SubParsersAction) -> None:
         "parity",
         help="per-graph and 28-step trajectory parity of a bundle with the torch model (onnxruntime, polygraphy)",
     )
-    parity.add_argument("--bundle", required=True, help="bundle folder to check")
+    add_bundle_option(parity, help="bundle folder to check")
     parity.add_argument("--weights", required=True, help="the weights folder the bundle was exported from")
     parity.add_argument("--no-trajectory", action="store_true", help="per-graph figures only")
     parity.add_argument("--save", help="folder for polygraphy inputs/outputs JSON (re-run with `polygraphy run`)")
@@ -221,7 +222,7 @@ def _register_slice(export: argparse._SubParsersAction) -> None:
 
 
 def _engine_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bundle", required=True, help="bundle folder")
+    add_bundle_option(parser, help="bundle folder")
     precision = parser.add_mutually_exclusive_group()
     for flag in ("fp8", "int8", "bf16", "fp16"):
         precision.add_argument(

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from unidg.runtime.cli_options import add_bundle_option
+
 
 def _thresholds(text: str) -> list[float]:
     try:
@@ -24,7 +26,7 @@ def register_cache_commands(export: argparse._SubParsersAction) -> None:
         "bundle's weights and write the bundle again, atomically, with them; step.onnx is copied unchanged, so "
         "--cache off runs what it ran before. Caching stays off by default until cache-calibrate records a setting.",
     )
-    graphs.add_argument("--bundle", required=True, help="bundle folder (unidg export onnx)")
+    add_bundle_option(graphs, help="bundle folder (unidg export onnx)")
     graphs.add_argument("--weights", required=True, help="the merged weights folder the bundle was exported from")
     graphs.add_argument("--out", required=True, help="bundle folder to write")
     graphs.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -38,7 +40,7 @@ def register_cache_commands(export: argparse._SubParsersAction) -> None:
         "candidate; record the fastest candidate per mode whose worst defect-region PSNR reaches the bar in a new "
         "bundle folder. A --setting that fails is refused by name.",
     )
-    calibrate.add_argument("--bundle", required=True, help="bundle with step-cache graphs (unidg export cache-graphs)")
+    add_bundle_option(calibrate, help="bundle with step-cache graphs (unidg export cache-graphs)")
     calibrate.add_argument("--calib", required=True, help="calibration set of the bundle's weights (unidg calib build)")
     calibrate.add_argument("--out", required=True, help="bundle folder to write (never the input bundle)")
     calibrate.add_argument(
