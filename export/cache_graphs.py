@@ -7,6 +7,9 @@ The three graphs are the step graph cut after its first block (unidg.runtime.ste
 the host where a static schedule needs none. The bundle's own ``step.onnx`` is copied unchanged, so ``--cache off``
 runs exactly what it ran before. The new bundle is format_version 2 (a runtime that reads only 1 refuses it by name);
 caching stays off by default until ``unidg export cache-calibrate`` records a setting that passed its gate.
+
+A bundle that carries torch programs (``unidg export onnx --torch-programs``) gets the three graphs as torch programs
+too (``torch/step_head.pt2`` ...), from the same modules and example inputs, so ``--backend torch`` runs the cache.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from unidg.export.onnx_export import (
     portable_attention,
     print_progress,
     step_example_inputs,
+    torch_program_file,
+    warnings_quiet,
 )
 from unidg.export.step_model import StepCachedModel, StepHeadModel, StepTailModel
 from unidg.runtime.bundle import (
@@ -126,6 +131,33 @@ def export_cache_graphs(
     return records
 
 
+def export_cache_programs(
+    model: UniDGModel, folder: Path, options: ExportOptions, progress: Progress | None = print_progress
+) -> dict[str, str]:
+    """Save ``step_head``, ``step_tail`` and ``step_cached`` as ``torch.export`` programs for the torch backend;
+    returns graph -> file (relative to ``folder``). The modules and example inputs the ONNX graphs are exported from,
+    with the model's own key-bias attention (as the step's torch program keeps it)."""
+    facts = ModelFacts.of(model, options.resolution)
+    examples = cache_example_inputs(model, facts, options.example_batch)
+    files = {}
+    for name in CACHE_GRAPH_NAMES:
+        args = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in examples[name].values())
+        spec = _cache_dynamic_shapes(name, facts, options)
+        with float32_rope(model), torch.no_grad(), warnings_quiet():
+            program = torch.export.export(
+                CACHE_MODULES[name](model).eval(),
+                args,
+                dynamic_shapes=tuple(spec[t] for t in CACHE_GRAPH_INPUTS[name]) if spec else None,
+            )
+        files[name] = torch_program_file(name)
+        path = Path(folder) / files[name]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.export.save(program, str(path))
+        if progress:
+            progress(f"{name}: torch program {path.name}")
+    return files
+
+
 def bundle_export_options(bundle: Bundle) -> ExportOptions:
     """The export options a bundle was written with (from its manifest)."""
     meta = bundle.metadata
@@ -174,6 +206,9 @@ def add_cache_graphs(
             shutil.copy2(bundle.file_path(relative), target)
         records = export_cache_graphs(model, staging, options, progress)
         metadata = dict(bundle.metadata)
+        if isinstance(metadata.get("torch_programs"), dict):  # the torch backend runs this bundle: cache it there too
+            programs = export_cache_programs(model, staging, options, progress)
+            metadata["torch_programs"] = {**metadata["torch_programs"], **programs}
         metadata["format_version"] = BUNDLE_FORMAT_VERSION_STEP_CACHE
         metadata["step_cache"] = {
             "signal": SIGNAL,

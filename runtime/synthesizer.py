@@ -130,12 +130,11 @@ def resolve_step_cache(
     gated default, which turns off on a backend that cannot run the cache graphs; a chosen mode is refused there."""
     step_cache = bundle_step_cache(bundle, mode, threshold)
     chosen = mode is not None or threshold is not None
-    if step_cache.enabled and type(backend).step_head is Backend.step_head:
+    problem = backend.step_cache_problem() if step_cache.enabled else None
+    if problem:
         if not chosen:
             return OFF, False
-        raise StepCacheError(
-            f"the {backend.name} backend does not run step caching yet; use --backend onnxruntime, or --cache off"
-        )
+        raise StepCacheError(problem)
     return step_cache, chosen
 
 

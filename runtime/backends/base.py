@@ -134,9 +134,20 @@ class Backend(ABC):
         """Step caching, a cached step: the head's output + a kept tail residual -> x at ``sigma_next``."""
         raise self._no_step_cache()
 
+    def step_cache_problem(self) -> str | None:
+        """Why this backend cannot run this bundle's step-cache graphs (a message naming the fix), or None when it can.
+
+        A synthesizer turns the bundle's default cache setting off where this is not None and refuses a chosen one
+        with this message. The default: a backend runs step caching when it implements the three step-cache calls.
+        """
+        if type(self).step_head is Backend.step_head:
+            return f"the {self.name} backend does not run step caching; use --backend onnxruntime, or --cache off"
+        return None
+
     def _no_step_cache(self) -> BackendError:
+        problem = self.step_cache_problem()
         return BackendError(
-            f"the {self.name} backend does not run step caching yet; use --backend onnxruntime, or --cache off"
+            problem or f"the {self.name} backend cannot run step caching with bundle {self.bundle.path}"
         )
 
     def denoise_all(

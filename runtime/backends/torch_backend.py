@@ -6,8 +6,15 @@ the manifest's files and named in its metadata:
     "torch_programs": {"step": "torch/step.pt2", "vae_encoder": "torch/vae_encoder.pt2", ...}
 
 (without that table, ``torch/<graph>.pt2`` files in the manifest are used). Each program takes the graph's inputs
-positionally in Bundle-format-v1 order (float32) and returns its one output, exactly like the ONNX graph. The loop
+positionally in Bundle-format-v1 order (float32) and returns its outputs, exactly like the ONNX graph. The loop
 keeps x and the conditioning on the device between steps.
+
+Step caching (docs/step-cache.md): a format-2 bundle whose table also names ``step_head``, ``step_tail`` and
+``step_cached`` programs (``unidg export cache-graphs`` writes them when its input bundle has torch programs) runs
+the static and dynamic modes through them, the same calls as the onnxruntime backend. Arrays the sampler hands back
+unchanged (the head's outputs, the kept tail residual, x) are not uploaded again: the backend keeps their device
+copies. The speed options below apply to the uncached step program only, so with any of them set the backend
+declines step caching (``step_cache_problem``).
 
 Speed options (``TorchOptions``; ``unidg generate|batch|serve --backend torch --compile --fp8 --fused-attention
 --cuda-graph``), applied to the step program, which takes 28 of the ~30 launches of a sample:
@@ -44,9 +51,10 @@ from unidg.runtime.backends.base import (
     BackendUnavailable,
     GenerationCancelled,
     StepConditioning,
+    StepHead,
     step_feeds,
 )
-from unidg.runtime.bundle import GRAPH_INPUTS, GRAPH_NAMES, Bundle
+from unidg.runtime.bundle import CACHE_GRAPH_INPUTS, CACHE_GRAPH_NAMES, GRAPH_INPUTS, GRAPH_NAMES, Bundle
 
 PROGRAM_DIR = "torch"
 CONDITIONING_INPUTS = ("cond", "ctx", "key_bias", "guidance", "img_ids", "txt_ids")
@@ -73,6 +81,20 @@ def torch_program_files(bundle: Bundle) -> dict[str, str]:
     if unlisted:
         raise BackendError(f"bundle {bundle.path}: torch programs {unlisted} are not listed in the manifest's files")
     return {name: table[name] for name in GRAPH_NAMES}
+
+
+def torch_cache_program_files(bundle: Bundle) -> dict[str, str]:
+    """Step-cache graph name -> program file; empty when the bundle has no step-cache graphs or no programs of them
+    (the backend then declines step caching, naming the fix)."""
+    if not bundle.cache_graphs:
+        return {}
+    table = bundle.metadata.get("torch_programs")
+    if not isinstance(table, dict):
+        table = {name: f"{PROGRAM_DIR}/{name}.pt2" for name in CACHE_GRAPH_NAMES}
+    files = {name: table.get(name) for name in CACHE_GRAPH_NAMES}
+    if any(file is None or file not in bundle.files for file in files.values()):
+        return {}
+    return files
 
 
 def _import_torch():
@@ -475,6 +497,7 @@ class TorchBackend(Backend):
         self._resident: dict = {}
         self._last_x: np.ndarray | None = None
         self._last_x_device = None
+        self._kept: dict[str, tuple[np.ndarray, object]] = {}  # step-cache arrays handed out -> their device copies
 
     @classmethod
     def from_bundle(
@@ -492,7 +515,7 @@ class TorchBackend(Backend):
         if options.fused_attention:
             check_fused_attention_available(resolved)  # before loading gigabytes of programs
         programs = {}
-        for graph, file in torch_program_files(bundle).items():
+        for graph, file in {**torch_program_files(bundle), **torch_cache_program_files(bundle)}.items():
             path = bundle.file_path(file)
             try:
                 module = torch.export.load(str(path)).module()
@@ -550,6 +573,92 @@ class TorchBackend(Backend):
         self._last_x = output.float().cpu().numpy()
         return self._last_x
 
+    # ------------------------------------------------------------------------------------------------ step caching
+    def step_cache_problem(self) -> str | None:
+        if not self.bundle.cache_graphs:
+            return (
+                f"bundle {self.bundle.path} has no step-cache graphs; add them with `unidg export cache-graphs`, "
+                "or run with --cache off"
+            )
+        missing = [name for name in CACHE_GRAPH_NAMES if name not in self.programs]
+        if missing:
+            return (
+                f"bundle {self.bundle.path} has no torch programs for the step-cache graphs {missing}: run "
+                "`unidg export cache-graphs` on a bundle exported with --torch-programs, or use --backend "
+                "onnxruntime, or --cache off"
+            )
+        if self.options != TorchOptions():
+            return (
+                "the torch backend's --compile, --fp8, --fused-attention and --cuda-graph apply to the uncached step "
+                "program only; drop them to run step caching, or run with --cache off"
+            )
+        return None
+
+    def _device(self, role: str, array: np.ndarray):
+        """The device tensor of ``array``: the kept copy when the sampler hands back what this backend returned."""
+        kept = self._kept.get(role)
+        if kept is not None and kept[0] is array:
+            return kept[1]
+        return self._tensor(array)
+
+    def _run_cache(self, graph: str, arrays: dict, batch: int, sigma: float, sigma_next: float) -> list:
+        problem = self.step_cache_problem()
+        if problem:
+            raise BackendError(problem)
+        inputs = []
+        for name in CACHE_GRAPH_INPUTS[graph]:
+            if name in ("sigma", "sigma_next"):
+                value = sigma if name == "sigma" else sigma_next
+                inputs.append(self._tensor(np.full((batch,), value, dtype=np.float32)))
+            else:
+                inputs.append(arrays[name])
+        with self.torch.inference_mode():
+            outputs = self.programs[graph](*inputs)
+        return list(outputs) if isinstance(outputs, tuple | list) else [outputs]
+
+    def _keep(self, role: str, tensor) -> np.ndarray:
+        array = tensor.float().cpu().numpy()
+        self._kept[role] = (array, tensor)
+        return array
+
+    def _x_device(self, x: np.ndarray):
+        kept = self._kept.get("x")
+        if kept is not None and kept[0] is x:
+            return kept[1]
+        if x is self._last_x and self._last_x_device is not None:
+            return self._last_x_device
+        return self._tensor(x)
+
+    def step_head(self, x: np.ndarray, conditioning: StepConditioning, sigma: float) -> StepHead:
+        resident = self._upload_conditioning(x, conditioning)
+        x_device = self._x_device(x)
+        outputs = self._run_cache("step_head", {**resident, "x": x_device}, x.shape[0], sigma, sigma)
+        self._kept["x"] = (x, x_device)
+        roles = ("hidden", "encoder_hidden", "temb", "first_residual")
+        return StepHead(*(self._keep(role, tensor) for role, tensor in zip(roles, outputs, strict=True)))
+
+    def _head_arrays(self, head: StepHead) -> dict:
+        return {role: self._device(role, getattr(head, role)) for role in ("hidden", "encoder_hidden", "temb")}
+
+    def step_tail(
+        self, head: StepHead, x: np.ndarray, conditioning: StepConditioning, sigma: float, sigma_next: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        resident = self._upload_conditioning(x, conditioning)
+        arrays = {**resident, **self._head_arrays(head), "x": self._x_device(x)}
+        x_next, tail_residual = self._run_cache("step_tail", arrays, x.shape[0], sigma, sigma_next)
+        return self._keep("x", x_next), self._keep("tail_residual", tail_residual)
+
+    def step_cached(
+        self, head: StepHead, tail_residual: np.ndarray, x: np.ndarray, sigma: float, sigma_next: float
+    ) -> np.ndarray:
+        arrays = {
+            **self._head_arrays(head),
+            "tail_residual": self._device("tail_residual", tail_residual),
+            "x": self._x_device(x),
+        }
+        (x_next,) = self._run_cache("step_cached", arrays, x.shape[0], sigma, sigma_next)
+        return self._keep("x", x_next)
+
     def denoise_all(
         self,
         noise: np.ndarray,
@@ -576,5 +685,5 @@ class TorchBackend(Backend):
         return result
 
     def close(self) -> None:
-        self.programs, self._resident, self._loop = {}, {}, None
+        self.programs, self._resident, self._loop, self._kept = {}, {}, None, {}
         self._conditioning = self._last_x = self._last_x_device = None
