@@ -23,7 +23,7 @@ from unidg.export.engine import EngineError
 from unidg.export.tensorrt_graphs import link_or_copy
 from unidg.export.trtexec import TRTEXEC_DESCRIPTION, TRTEXEC_FORMAT
 from unidg.runtime.backends.tensorrt_backend import parse_compute_capability, tensorrt_version_problem
-from unidg.runtime.bundle import GRAPH_NAMES, load_bundle
+from unidg.runtime.bundle import CACHE_GRAPH_NAMES, GRAPH_NAMES, load_bundle
 
 # trtexec's log lines (sampleDevice / sampleOptions / sampleReporting).
 _VERSION = re.compile(r"TensorRT version: (\d+(?:\.\d+)*)")
@@ -118,8 +118,10 @@ def adopt_plans(bundle_path: str | Path, plans_dir: str | Path, out: str | Path,
             f"--plans {plans_dir} has no plans for {missing}; the runtime needs all of {list(GRAPH_NAMES)} "
             "(print the commands without --graphs)"
         )
+    # the step-cache graphs' plans come along where the commands built them (a bundle with step-cache graphs)
+    adopted = (*GRAPH_NAMES, *(g for g in CACHE_GRAPH_NAMES if g in description["plans"] and bundle.cache_graphs))
     plan_files, facts = {}, {}
-    for graph in GRAPH_NAMES:
+    for graph in adopted:
         entry = description["plans"][graph]
         plan_files[graph] = plans_dir / entry["file"]
         if not plan_files[graph].is_file():
@@ -137,7 +139,7 @@ def adopt_plans(bundle_path: str | Path, plans_dir: str | Path, out: str | Path,
     with staged_folder(out, replace=replace) as staging:
         for relative in bundle.files:
             link_or_copy(bundle.path / relative, staging / relative)
-        for graph in GRAPH_NAMES:
+        for graph in adopted:
             entry = dict(description["plans"][graph])
             link_or_copy(plan_files[graph], staging / entry["file"])
             if entry.pop("derived"):

@@ -254,7 +254,11 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
         help="GPUs other than the building one that may run the plans",
     )
     parser.add_argument("--workspace-gb", type=float, help="builder workspace limit in GiB (default: TensorRT's)")
-    parser.add_argument("--graphs", help="comma-separated subset of step,vae_encoder,vae_decoder,image_encoder")
+    parser.add_argument(
+        "--graphs",
+        help="comma-separated subset of step,vae_encoder,vae_decoder,image_encoder (and step_head,step_tail,"
+        "step_cached of a bundle with step-cache graphs); default: all of the bundle's",
+    )
     parser.add_argument(
         "--attention",
         choices=("native", "plugin"),
@@ -284,9 +288,9 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
 def _engine_request(args: argparse.Namespace):
     # the export modules (torch, onnx, TensorRT) load when the command runs: `unidg --help` stays light
     from unidg.export.engine import EngineRequest
-    from unidg.runtime.bundle import GRAPH_NAMES
 
-    graphs = tuple(g.strip() for g in args.graphs.split(",")) if args.graphs else GRAPH_NAMES
+    # no --graphs: every graph of the bundle, its step-cache graphs included
+    graphs = tuple(g.strip() for g in args.graphs.split(",")) if args.graphs else None
     return EngineRequest(
         precision=args.precision,
         dynamic=args.dynamic,

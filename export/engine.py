@@ -9,6 +9,10 @@ hardware compatibility) -> ``build_serialized_network``. ``tensorrt`` is importe
 Everything that does not need TensorRT is plain Python: which precision mode a bundle allows, the optimization
 profile (min/opt/max shape of every input) computed from the manifest, plan names, and the manifest ``engines``
 table the runtime's TensorRT backend reads (TensorRT version, GPU compute capability, plan sha256).
+
+A bundle with step-cache graphs (format 2, ``unidg export cache-graphs``) gets plans for them too by default:
+``step_head`` and ``step_tail`` hold attention and take the step graph's attention form (native with the key-only
+mask, or the plugin), ``step_cached`` has none.
 """
 
 from __future__ import annotations
@@ -28,7 +32,15 @@ from unidg.export.onnx_export import Progress, print_progress
 from unidg.export.plugins.trt_plugin import register_plugin
 from unidg.export.tensorrt_graphs import ATTENTION_MASKS, GraphDerivation, derive_graph_file
 from unidg.runtime.backends.tensorrt_backend import MIN_TENSORRT_VERSION, tensorrt_version_problem
-from unidg.runtime.bundle import GRAPH_INPUTS, GRAPH_NAMES, Bundle, expected_shapes, load_bundle
+from unidg.runtime.bundle import (
+    ALL_GRAPH_INPUTS,
+    CACHE_GRAPH_NAMES,
+    GRAPH_NAMES,
+    Bundle,
+    bundle_graph_names,
+    bundle_shapes,
+    load_bundle,
+)
 
 ENGINE_DIR = "engines"
 PRECISION_FLAGS = ("fp8", "int8", "bf16", "fp16")
@@ -45,6 +57,8 @@ PLUGIN_DEFAULT_MAX_SHARED_BYTES = 49152
 # How the step graph's attention reaches TensorRT: "native" = opset-23 Attention with a key-only [B, 1, 1, S] mask
 # (TensorRT's attention layer broadcasts it), "plugin" = the unidg::biased_attention node.
 ATTENTION_BUILDS = ("native", "plugin")
+# The graphs whose attention a TensorRT build derives: the step, and the step-cache graphs that hold its blocks.
+ATTENTION_GRAPHS = ("step", "step_head", "step_tail")
 
 
 class EngineError(UniDGError):
@@ -71,7 +85,7 @@ class EngineRequest:
     version_compatible: bool = False
     hardware_compatibility: str = "none"
     workspace_gb: float | None = None
-    graphs: tuple[str, ...] = GRAPH_NAMES
+    graphs: tuple[str, ...] | None = None  # None: every graph of the bundle (its step-cache graphs included)
     plugin_large_shared_memory: bool = False  # also offer plugin tactics above 48 KiB of dynamic shared memory
     trtexec_major: int | None = None  # dialect of the printed trtexec commands; None: the installed TensorRT's
     attention: str | None = None  # None: "native", or "plugin" for a bundle exported with the plugin node
@@ -98,9 +112,10 @@ class EngineRequest:
                 "--attention-mask full with --attention plugin: the plugin takes a per-key bias [B, S], no mask; "
                 "drop one of the two"
             )
-        unknown = [g for g in self.graphs if g not in GRAPH_NAMES]
+        known = (*GRAPH_NAMES, *CACHE_GRAPH_NAMES)
+        unknown = [g for g in self.graphs or () if g not in known]
         if unknown:
-            raise EngineError(f"unknown graphs {unknown}; a bundle has {list(GRAPH_NAMES)}")
+            raise EngineError(f"unknown graphs {unknown}; a bundle has {list(known)}")
         if self.workspace_gb is not None and not (math.isfinite(self.workspace_gb) and self.workspace_gb > 0):
             raise EngineError(f"--workspace-gb {self.workspace_gb}: give a finite number of GiB > 0 (e.g. 8)")
         for flag, value in (
@@ -243,8 +258,10 @@ def profile_for(bundle: Bundle, graph: str, request: EngineRequest) -> Profile:
     corners = []
     for batch, resolution in zip(batches, resolutions):
         meta = {**bundle.metadata, "resolution": resolution}
-        corners.append(expected_shapes(meta, batch)[graph])
-    shapes = {name: tuple(tuple(int(d) for d in corner[name]) for corner in corners) for name in GRAPH_INPUTS[graph]}
+        corners.append(bundle_shapes(meta, batch)[graph])
+    shapes = {
+        name: tuple(tuple(int(d) for d in corner[name]) for corner in corners) for name in ALL_GRAPH_INPUTS[graph]
+    }
     return Profile(shapes=shapes, batch=(batches[0], batches[2]), resolution=(resolutions[0], resolutions[2]))
 
 
@@ -299,6 +316,20 @@ def _derived_name(source: Path, derivation: GraphDerivation) -> str:
     return f"{source.stem}.{derivation.suffix()}.onnx"
 
 
+def requested_graphs(bundle: Bundle, request: EngineRequest) -> tuple[str, ...]:
+    """The graphs a build makes plans for: the request's, or every graph of the bundle; refuses a step-cache graph
+    the bundle does not have."""
+    if request.graphs is None:
+        return bundle_graph_names(bundle)
+    absent = [g for g in request.graphs if g in CACHE_GRAPH_NAMES and not bundle.cache_graphs]
+    if absent:
+        raise EngineError(
+            f"--graphs {','.join(absent)}: bundle {bundle.path.name} has no step-cache graphs; add them with "
+            "`unidg export cache-graphs`, or leave them out of --graphs"
+        )
+    return tuple(request.graphs)
+
+
 def plan_builds(bundle: Bundle, request: EngineRequest, graph_dir: Path | None = None) -> list[GraphBuild]:
     """What to build for each requested graph (no TensorRT needed). Graphs TensorRT needs in another form than the
     bundle's (``unidg.export.tensorrt_graphs``) are planned in ``graph_dir`` (default: beside the bundle's)."""
@@ -306,12 +337,12 @@ def plan_builds(bundle: Bundle, request: EngineRequest, graph_dir: Path | None =
     graph_dir = Path(graph_dir) if graph_dir is not None else bundle.path
     attention_form = bundle.metadata.get("attention_form")
     builds = []
-    for graph in request.graphs:
+    for graph in requested_graphs(bundle, request):
         graph_flags = list(flags) + refit_flags(request.refit, request.strip_weights)
         if request.version_compatible:
             graph_flags.append("VERSION_COMPATIBLE")
         attention, rewrite = (None, None)
-        if graph == "step":
+        if graph in ATTENTION_GRAPHS:
             attention, rewrite = step_attention(bundle, request.attention)
         uses_plugin = attention == "plugin"
         _check_hardware_compatibility(bundle, request, uses_plugin)

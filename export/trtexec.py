@@ -209,7 +209,8 @@ def render(bundle_path: str | Path, request: EngineRequest, out: str | Path, trt
             f"TRT_decomposable {figures['decomposable']}, plugin nodes {figures['plugin_nodes']}"
         )
     if any(build.uses_plugin for build in builds):
-        engine = f"unidg export engine --bundle {shlex.quote(str(bundle.path))} --graphs step"
+        plugin_graphs = ",".join(build.graph for build in builds if build.uses_plugin)
+        engine = f"unidg export engine --bundle {shlex.quote(str(bundle.path))} --graphs {plugin_graphs}"
         if request.plugin_large_shared_memory:
             engine += " --plugin-large-shared-memory"
         lines.append(

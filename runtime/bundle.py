@@ -58,6 +58,11 @@ CACHE_GRAPH_OUTPUTS = {
 }
 
 
+# Every graph a bundle may hold (the four of format 1, then the step-cache graphs of format 2): inputs and outputs.
+ALL_GRAPH_INPUTS = {**GRAPH_INPUTS, **CACHE_GRAPH_INPUTS}
+ALL_GRAPH_OUTPUTS = {**GRAPH_OUTPUTS, **CACHE_GRAPH_OUTPUTS}
+
+
 class BundleError(ManifestError):
     """A bundle folder cannot be used: not a bundle, wrong version, changed files, inconsistent or foreign settings."""
 
@@ -398,6 +403,20 @@ def expected_cache_shapes(meta: dict, hidden_dim: int, batch: Dim) -> dict[str, 
         name: {t: tables[name][t] for t in (*CACHE_GRAPH_INPUTS[name], *CACHE_GRAPH_OUTPUTS[name])}
         for name in CACHE_GRAPH_NAMES
     }
+
+
+def bundle_graph_names(bundle: Bundle) -> tuple[str, ...]:
+    """The graphs ``bundle`` holds: the four of format 1, plus the step-cache graphs when it has them."""
+    return (*GRAPH_NAMES, *(CACHE_GRAPH_NAMES if bundle.cache_graphs else ()))
+
+
+def bundle_shapes(meta: dict, batch: Dim) -> dict[str, dict[str, tuple[Dim, ...]]]:
+    """``expected_shapes`` plus, for a manifest with a step-cache table, the step-cache graphs' shapes."""
+    shapes = expected_shapes(meta, batch)
+    table = meta.get("step_cache")
+    if isinstance(table, dict) and table.get("hidden_dim"):
+        shapes.update(expected_cache_shapes(meta, int(table["hidden_dim"]), batch))
+    return shapes
 
 
 def _parse_step_cache(

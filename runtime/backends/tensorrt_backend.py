@@ -15,6 +15,12 @@ Manifest ``engines`` table (written beside the ONNX graphs when engines are buil
 Per-plan entries may override any top-level key; ``batch`` is the optimization profile's [min, max] batch (absent:
 the bundle's static batch); ``weight_stripped`` plans are refitted from the bundle's ONNX graph when loaded.
 
+Step caching (docs/step-cache.md): a format-2 bundle's table may also hold plans for ``step_head``, ``step_tail`` and
+``step_cached`` (``unidg export engine`` builds them for such a bundle). With all three the backend runs the static
+and dynamic modes through them, host in and host out per call like the one-shot graphs (the arrays cross the
+interface as numpy, the same calls as the onnxruntime backend); without them, or with ``cuda_graph`` (which captures
+the uncached loop only), it declines step caching by name (``step_cache_problem``).
+
 The denoising loop keeps x on the GPU (two buffers, ping-pong); with ``cuda_graph=True`` all steps of one batch are
 captured once as one CUDA graph and replayed per request, with an event after every step so progress is still
 reported (cancelling takes effect when the graph finishes).
@@ -35,9 +41,18 @@ from unidg.runtime.backends.base import (
     BackendUnavailable,
     GenerationCancelled,
     StepConditioning,
+    StepHead,
+    cache_feeds,
     step_feeds,
 )
-from unidg.runtime.bundle import GRAPH_INPUTS, GRAPH_NAMES, GRAPH_OUTPUTS, Bundle, expected_shapes
+from unidg.runtime.bundle import (
+    ALL_GRAPH_INPUTS,
+    ALL_GRAPH_OUTPUTS,
+    CACHE_GRAPH_NAMES,
+    GRAPH_NAMES,
+    Bundle,
+    bundle_shapes,
+)
 
 HARDWARE_LEVELS = ("none", "same_compute_capability", "ampere_plus")
 # Cross-major runs NVIDIA supports for version-compatible plans (builder major -> runtime major).
@@ -95,7 +110,10 @@ def parse_compute_capability(value: object) -> tuple[int, int]:
 
 
 def parse_engines(bundle: Bundle) -> dict[str, EngineSpec]:
-    """The bundle's TensorRT plans, one per graph; refuses a bundle without a complete, well-formed table."""
+    """The bundle's TensorRT plans, one per graph; refuses a bundle without a complete, well-formed table.
+
+    The four graphs of format 1 need plans; the step-cache graphs' plans are optional (without all three the backend
+    declines step caching), and refused on a bundle that has no step-cache graphs."""
     table = bundle.engines
     if not table:
         raise BackendError(
@@ -106,8 +124,14 @@ def parse_engines(bundle: Bundle) -> dict[str, EngineSpec]:
     missing = [name for name in GRAPH_NAMES if name not in plans]
     if missing:
         raise BackendError(f"bundle {bundle.path}: manifest 'engines' lacks plans for {missing}")
+    cache_plans = [name for name in CACHE_GRAPH_NAMES if name in plans]
+    if cache_plans and not bundle.cache_graphs:
+        raise BackendError(
+            f"bundle {bundle.path}: manifest 'engines' has plans for {cache_plans} but the bundle has no step-cache "
+            "graphs (format_version 1); rebuild the engines for this bundle"
+        )
     specs = {}
-    for name in GRAPH_NAMES:
+    for name in (*GRAPH_NAMES, *cache_plans):
         entry = {**{k: v for k, v in table.items() if k != "plans"}, **plans[name]}
         where = f"bundle {bundle.path}: engine '{name}'"
         try:
@@ -221,9 +245,9 @@ def check_batch(spec: EngineSpec, bundle: Bundle, batch: int) -> None:
 
 
 def binding_shapes(bundle: Bundle, graph: str, batch: int) -> dict[str, tuple[int, ...]]:
-    """Concrete shape of every input and output tensor of ``graph`` for ``batch`` requests (Bundle format v1)."""
-    shapes = expected_shapes(bundle.metadata, batch)[graph]
-    return {name: tuple(int(d) for d in shapes[name]) for name in (*GRAPH_INPUTS[graph], *GRAPH_OUTPUTS[graph])}
+    """Concrete shape of every input and output tensor of ``graph`` (a step-cache graph too) for ``batch`` requests."""
+    shapes = bundle_shapes(bundle.metadata, batch)[graph]
+    return {name: tuple(int(d) for d in shapes[name]) for name in (*ALL_GRAPH_INPUTS[graph], *ALL_GRAPH_OUTPUTS[graph])}
 
 
 def binding_bytes(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
@@ -258,6 +282,28 @@ def loop_plan(steps: int) -> list[tuple[int, int, int]]:
     step reads sigma row i and sigma_next row i + 1 of the (steps + 1, B) sigma table. The result is in buffer
     ``steps % 2``."""
     return [(i % 2, (i + 1) % 2, i) for i in range(steps)]
+
+
+def tensorrt_step_cache_problem(bundle: Bundle, engines: set[str], cuda_graph: bool = False) -> str | None:
+    """Why the TensorRT backend with plans for ``engines`` cannot run ``bundle``'s step caching, or None."""
+    if not bundle.cache_graphs:
+        return (
+            f"bundle {bundle.path} has no step-cache graphs; add them with `unidg export cache-graphs`, or run with "
+            "--cache off"
+        )
+    missing = [name for name in CACHE_GRAPH_NAMES if name not in engines]
+    if missing:
+        return (
+            f"bundle {bundle.path} has no TensorRT plans for the step-cache graphs {missing}: build them with "
+            f"`unidg export engine --bundle {bundle.path}` (it builds every graph of a bundle with step-cache "
+            "graphs), or use --backend onnxruntime, or --cache off"
+        )
+    if cuda_graph:
+        return (
+            "--cuda-graph captures the uncached loop only; drop it to run step caching with the tensorrt backend, or "
+            "run with --cache off"
+        )
+    return None
 
 
 # --------------------------------------------------------------------------------------------------- library imports
@@ -348,9 +394,9 @@ class _Engine:
     def _check_io(self) -> None:
         trt = self.backend.trt
         names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
-        wanted = set(GRAPH_INPUTS[self.spec.graph]) | set(GRAPH_OUTPUTS[self.spec.graph])
+        wanted = set(ALL_GRAPH_INPUTS[self.spec.graph]) | set(ALL_GRAPH_OUTPUTS[self.spec.graph])
         # The builder may drop an input the network does not read (e.g. constant ids); everything else must match.
-        required = set(GRAPH_OUTPUTS[self.spec.graph]) | {GRAPH_INPUTS[self.spec.graph][0]}
+        required = set(ALL_GRAPH_OUTPUTS[self.spec.graph]) | {ALL_GRAPH_INPUTS[self.spec.graph][0]}
         if not names <= wanted or not required <= names:
             raise BackendError(f"engine {self.spec.file} has tensors {sorted(names)}, expected {sorted(wanted)}")
         self.names = names
@@ -366,14 +412,14 @@ class _Engine:
         cuda = self.backend.cuda
         self.release()
         self.shapes = binding_shapes(self.backend.bundle, self.spec.graph, batch)
-        for name in GRAPH_INPUTS[self.spec.graph]:
+        for name in ALL_GRAPH_INPUTS[self.spec.graph]:
             if name in self.names and not self.context.set_input_shape(name, self.shapes[name]):
                 raise BackendError(f"engine {self.spec.file} rejects input {name} of shape {self.shapes[name]}")
         self.buffers = {name: cuda.malloc(n) for name, n in binding_bytes(self.shapes).items()}
         self.batch = batch
 
     def bind(self, addresses: dict[str, int]) -> None:
-        for name in (*GRAPH_INPUTS[self.spec.graph], *GRAPH_OUTPUTS[self.spec.graph]):
+        for name in (*ALL_GRAPH_INPUTS[self.spec.graph], *ALL_GRAPH_OUTPUTS[self.spec.graph]):
             if name not in self.names:
                 continue
             if not self.context.set_tensor_address(name, addresses.get(name, self.buffers.get(name))):
@@ -385,14 +431,23 @@ class _Engine:
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """Host in, host out: for the one-shot graphs (VAE, image encoder)."""
+        (output,) = self.run_all(feeds)
+        return output
+
+    def run_all(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Host in, host out, every output in the graph's order (the step-cache graphs have several)."""
         batch = next(iter(feeds.values())).shape[0]
         self.prepare(batch)
         for name, array in feeds.items():
-            self.backend.cuda.upload(self.buffers[name], array, self.backend.stream)
+            if name in self.names:  # an input the builder dropped takes no copy
+                self.backend.cuda.upload(self.buffers[name], array, self.backend.stream)
         self.bind({})
         self.enqueue()
-        (output,) = GRAPH_OUTPUTS[self.spec.graph]
-        return self.backend.cuda.download(self.buffers[output], self.shapes[output], self.backend.stream)
+        stream = self.backend.stream
+        return [
+            self.backend.cuda.download(self.buffers[name], self.shapes[name], stream)
+            for name in ALL_GRAPH_OUTPUTS[self.spec.graph]
+        ]
 
     def release(self) -> None:
         for pointer in self.buffers.values():
@@ -464,6 +519,36 @@ class TensorRTBackend(Backend):
 
     def encode_reference(self, pixels: np.ndarray) -> np.ndarray:
         return self.engines["image_encoder"].run({"pixels": pixels})
+
+    # ------------------------------------------------------------------------------------------------ step caching
+    def step_cache_problem(self) -> str | None:
+        return tensorrt_step_cache_problem(self.bundle, set(self.engines), self.cuda_graph)
+
+    def _run_cache(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        problem = self.step_cache_problem()
+        if problem:
+            raise BackendError(problem)
+        return self.engines[graph].run_all(feeds)
+
+    def step_head(self, x: np.ndarray, conditioning: StepConditioning, sigma: float) -> StepHead:
+        feeds = cache_feeds("step_head", x.shape[0], step_feeds(x, conditioning, sigma, sigma), sigma, sigma)
+        return StepHead(*self._run_cache("step_head", feeds))
+
+    def step_tail(
+        self, head: StepHead, x: np.ndarray, conditioning: StepConditioning, sigma: float, sigma_next: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        arrays = {**step_feeds(x, conditioning, sigma, sigma_next), **vars(head)}
+        x_next, tail_residual = self._run_cache(
+            "step_tail", cache_feeds("step_tail", x.shape[0], arrays, sigma, sigma_next)
+        )
+        return x_next, tail_residual
+
+    def step_cached(
+        self, head: StepHead, tail_residual: np.ndarray, x: np.ndarray, sigma: float, sigma_next: float
+    ) -> np.ndarray:
+        arrays = {"hidden": head.hidden, "tail_residual": tail_residual, "temb": head.temb, "x": x}
+        (x_next,) = self._run_cache("step_cached", cache_feeds("step_cached", x.shape[0], arrays, sigma, sigma_next))
+        return x_next
 
     # ------------------------------------------------------------------------------------------------ the loop
     def _load_conditioning(self, conditioning: StepConditioning, batch: int) -> _Engine:
