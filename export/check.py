@@ -30,7 +30,7 @@ from unidg.export.bf16_emulation import emulated_bf16_file
 from unidg.export.engine import EngineRequest, GraphBuild, plan_builds
 from unidg.export.quantize_accuracy import DEFAULT_MIN_COSINE, DEFAULT_MIN_PSNR
 from unidg.export.trtexec import check_out_folder
-from unidg.runtime.bundle import GRAPH_OUTPUTS, Bundle, load_bundle
+from unidg.runtime.bundle import GRAPH_NAMES, GRAPH_OUTPUTS, Bundle, load_bundle
 
 POLYGRAPHY = "polygraphy"
 # polygraphy's console script, run by this Python (the one unidg is installed in).
@@ -95,7 +95,8 @@ def check_commands(bundle_path: str | Path, out: str | Path, request: EngineRequ
     out = check_out_folder(bundle, Path(out))
     out.mkdir(parents=True, exist_ok=True)
     checks = []
-    for build in plan_builds(bundle, request or EngineRequest(), graph_dir=out):
+    # the four graphs of format 1: the per-graph comparisons and thresholds are defined for them
+    for build in plan_builds(bundle, request or EngineRequest(graphs=GRAPH_NAMES), graph_dir=out):
         build.prepare_graph()
         graph_file = bundle.graph_path(build.graph)
         if _bf16_graphs(bundle):

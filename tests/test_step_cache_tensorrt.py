@@ -104,6 +104,12 @@ def test_trtexec_script_builds_and_profiles_the_cache_graphs(tmp_path):
     assert (out / "step_head.native.onnx").is_file() and (out / "step_tail.native.onnx").is_file()
 
 
+def test_export_check_compares_the_four_graphs_it_has_thresholds_for(tmp_path):
+    from unidg.export.check import check_commands
+
+    assert tuple(check.graph for check in check_commands(SHIPPED, tmp_path / "check")) == GRAPH_NAMES
+
+
 # ------------------------------------------------------------------------------------------------- the runtime side
 def test_the_runtime_reads_the_cache_plans_and_their_binding_shapes():
     bundle = _with_plans(_shipped())
