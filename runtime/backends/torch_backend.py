@@ -634,8 +634,13 @@ class TorchBackend(Backend):
         x_device = self._x_device(x)
         outputs = self._run_cache("step_head", {**resident, "x": x_device}, x.shape[0], sigma, sigma)
         self._kept["x"] = (x, x_device)
-        roles = ("hidden", "encoder_hidden", "temb", "first_residual")
-        return StepHead(*(self._keep(role, tensor) for role, tensor in zip(roles, outputs, strict=True)))
+        hidden, encoder_hidden, temb, first_residual = outputs
+        return StepHead(
+            self._keep("hidden", hidden),
+            self._keep("encoder_hidden", encoder_hidden),
+            self._keep("temb", temb),
+            first_residual.float().cpu().numpy(),  # read on the host only (the dynamic decision)
+        )
 
     def _head_arrays(self, head: StepHead) -> dict:
         return {role: self._device(role, getattr(head, role)) for role in ("hidden", "encoder_hidden", "temb")}
