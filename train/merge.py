@@ -125,7 +125,9 @@ def merge_lora(
     merged_model.transformer.load_state_dict(merged, strict=True)
     merged_velocity = probe_velocity(merged_model.eval(), probe, guidance)
     max_abs_diff = float((merged_velocity - reference).abs().max())
-    lora_effect = float((reference - probe_velocity(load_model(base).eval(), probe, guidance)).abs().max())
+    # The base under the merged settings: the probe's key bias is built for them (K and folding may differ).
+    plain = load_model(base, settings=model.settings).eval()
+    lora_effect = float((reference - probe_velocity(plain, probe, guidance)).abs().max())
     if not max_abs_diff <= tolerance:
         raise UniDGError(f"merged model differs from the LoRA model by {max_abs_diff:.3g} > {tolerance}; not written")
 
@@ -141,6 +143,8 @@ def merge_lora(
             "sft_steps": info.get("steps"),
         }
     }
+    if "text" in info:  # a UniDG-Text LoRA (unidg train text): the merged folder is an instruction-mode model
+        report["text"] = info["text"]
     folder = save_model(merged_model, out, metadata={"stage": "merged", **report}, overwrite=overwrite)
     report["folder"] = str(folder)
     report["bytes"] = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
