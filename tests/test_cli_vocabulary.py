@@ -74,7 +74,7 @@ def test_restart_only_where_a_run_resumes() -> None:
     with_restart = {
         " ".join(path) for path, parser, _ in ALL if any("--restart" in a.option_strings for a in options(parser))
     }
-    assert with_restart == {"unidg train base", "unidg train sft", "unidg train rft"}
+    assert with_restart == {"unidg train base", "unidg train sft", "unidg train text", "unidg train rft"}
 
 
 @pytest.mark.parametrize("path", [("train", "merge"), ("generate",), ("export", "onnx")])

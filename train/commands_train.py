@@ -1,4 +1,4 @@
-"""``unidg train base|sft|rft|reward-recog|cache|plan|merge|eval-nano|eq9`` and ``unidg eval reward-bench``
+"""``unidg train base|sft|text|rft|reward-recog|cache|plan|merge|eval-nano|eq9`` and ``unidg eval reward-bench``
 (registered by unidg.cli)."""
 
 from __future__ import annotations
@@ -68,6 +68,20 @@ def _sft(args: argparse.Namespace) -> int:
     train_sft(config, resume=not args.restart)
     if _is_main_process():
         print(f"LoRA: {config.output}/{LORA_FILE} (log: {config.output}/log.jsonl)")
+    return 0
+
+
+def _text(args: argparse.Namespace) -> int:
+    from unidg.train.lora import LORA_FILE
+    from unidg.train.text_sft import load_text_config, train_text
+
+    config = load_text_config(args.config, _overrides(args))
+    train_text(config, resume=not args.restart)
+    if _is_main_process():
+        print(
+            f"LoRA (UniDG-Text): {config.output}/{LORA_FILE} (log: {config.output}/log.jsonl); fold it into the SFT "
+            f"weights with `unidg train merge --base {config.base} --lora {config.output} --out OUT`"
+        )
     return 0
 
 
@@ -231,6 +245,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sft = commands.add_parser("sft", help="Diversity-SFT: LoRA on a base weights folder (flow matching + Eq. 9)")
     _add_config_arguments(sft)
     sft.set_defaults(handler=_sft)
+
+    text = commands.add_parser(
+        "text", help="UniDG-Text: instruction-editing LoRA on merged SFT weights (with and without a reference)"
+    )
+    _add_config_arguments(text)
+    text.set_defaults(handler=_text)
 
     rft = commands.add_parser(
         "rft", help="Consistency-RFT: Flow-GRPO with a new LoRA on merged SFT weights, rewards from [reward]"

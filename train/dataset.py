@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from unidg.core.errors import UniDGError
-from unidg.core.geometry import defect_token_mask, result_diptych
+from unidg.core.geometry import build_text_diptych, defect_token_mask, result_diptych
 from unidg.core.layout import DiptychLayout
 from unidg.core.settings import UniDGSettings
 from unidg.runtime.synthesizer import resize_reference
@@ -102,12 +102,21 @@ def build_example(
         return images[key]
 
     size = settings.resolution
-    diptych = settings.diptych(
-        load(pair.reference, "abnormal"),
-        load(pair.reference, "mask"),
-        load(pair.target, "normal"),
-        load(pair.target, "mask"),
-    )
+    if getattr(pair, "with_reference", True):
+        diptych = settings.diptych(
+            load(pair.reference, "abnormal"),
+            load(pair.reference, "mask"),
+            load(pair.target, "normal"),
+            load(pair.target, "mask"),
+        )
+    else:  # UniDG-Text without a reference (unidg.train.text_sft.TextPair): black left half
+        diptych = build_text_diptych(
+            load(pair.target, "normal"),
+            load(pair.target, "mask"),
+            size,
+            settings.dilate_kernel,
+            settings.dilate_iterations,
+        )
     result = result_diptych(diptych, load(pair.target, "abnormal"))
     defect_tokens = defect_token_mask(diptych)
     return PairExample(
@@ -131,6 +140,8 @@ def to_model_pixels(images: np.ndarray) -> torch.Tensor:
 
 
 def pair_key(pair: TrainingPair) -> str:
+    if not getattr(pair, "with_reference", True):  # UniDG-Text's no-reference sample of a target
+        return f"no-reference:{pair.target.id}"
     return f"{pair.distribution}:{pair.reference.id}->{pair.target.id}"
 
 

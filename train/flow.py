@@ -114,6 +114,11 @@ class StepInputs:
     normal: torch.Tensor | None
     normal_region: torch.Tensor | None = None  # (B, N, 4) latent pixels of Eq. 9 (None: the target tokens)
     reference_tokens: torch.Tensor | None = None  # ... or cached Redux tokens (frozen encoders)
+    # UniDG-Text (unidg.train.text_sft): the instruction's T5 states (B, K, D) and CLIP pooled output (B, P), and
+    # which rows have a reference (the others' Redux tokens are zeroed, paper B.3). None: reference mode.
+    text_states: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
+    with_reference: torch.Tensor | None = None
 
     def rows(self, start: int, stop: int) -> StepInputs:
         return StepInputs(**{f.name: _rows(getattr(self, f.name), start, stop) for f in fields(self)})
@@ -156,6 +161,9 @@ def step_inputs(batch: dict[str, torch.Tensor], model, settings: UniDGSettings, 
         normal=batch.get("normal"),
         normal_region=batch.get("normal_region"),
         reference_tokens=batch.get("reference_tokens"),
+        text_states=batch.get("text_states"),
+        pooled=batch.get("pooled"),
+        with_reference=batch.get("with_reference"),
     )
 
 
@@ -187,8 +195,12 @@ class FlowObjective(nn.Module):
             reference = inputs.reference_tokens
             if reference is None:
                 reference = model.encode_reference(inputs.reference)
-            ctx, txt_ids = model.context(reference)
-            v_pred = model.velocity(x_t, inputs.cond, ctx, inputs.key_bias, t, self.guidance, self.img_ids, txt_ids)
+            if inputs.with_reference is not None:
+                reference = reference * inputs.with_reference.to(reference.dtype)[:, None, None]
+            ctx, txt_ids = model.context(reference, text_states=inputs.text_states)
+            v_pred = model.velocity(
+                x_t, inputs.cond, ctx, inputs.key_bias, t, self.guidance, self.img_ids, txt_ids, pooled=inputs.pooled
+            )
         v_pred = v_pred.float()
         error = (v_pred - (noise - inputs.x0)).pow(2).mean(dim=-1)
         velocity = (error * token_weights(inputs.target_tokens, loss.mask_weight)).sum()

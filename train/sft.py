@@ -79,9 +79,11 @@ def setup_sft(config: SFTConfig, model=None, data=None, placement: Placement | N
         )
     modules, trainable = attach_lora(model, config.lora, config.seed, config.train.gradient_checkpointing)
     optimizer = build_optimizer(list(trainable.values()), config.optim)
-    schedule = sample_schedule(
-        pools_of(data), config.train.mix, config.train.steps, config.train.batch_size, config.seed
+    # A dataset with other pools than the three distributions (UniDG-Text's two forms) says how to draw from them.
+    pools, weights = (
+        data.schedule_pools(config.train.mix) if hasattr(data, "schedule_pools") else (pools_of(data), config.train.mix)
     )
+    schedule = sample_schedule(pools, weights, config.train.steps, config.train.batch_size, config.seed)
     # Not the step count: the schedule's prefix and the lr (constant after warm-up) do not depend on it, so a finished
     # run resumed with more steps continues exactly as a longer run from scratch would. Not the [train] table
     # either: device, micro-batch and world size change how a step is computed, not what it computes.
@@ -112,10 +114,10 @@ def setup_sft(config: SFTConfig, model=None, data=None, placement: Placement | N
     return SFTRun(model, trainer, modules, settings)
 
 
-def train_sft(config: SFTConfig, resume: bool = True, model=None, data=None) -> SFTRun:
+def train_sft(config: SFTConfig, resume: bool = True, model=None, data=None, extra: dict | None = None) -> SFTRun:
     """``unidg train sft``: train, then write OUTPUT/lora.safetensors + lora.json (+ config.json, log.jsonl).
 
-    Under ``torchrun`` every process runs this; rank 0 writes the files."""
+    Under ``torchrun`` every process runs this; rank 0 writes the files. ``extra``: more lora.json entries."""
     with distributed(config.train.device) as placement:
         output = open_run_folder(config, placement)
         run = setup_sft(config, model=model, data=data, placement=placement)
@@ -129,6 +131,7 @@ def train_sft(config: SFTConfig, resume: bool = True, model=None, data=None) -> 
                 "steps": run.trainer.step,
                 "seconds": round(time.time() - started, 1),
                 "world_size": placement.world_size,
+                **(extra or {}),
             }
             save_lora(output, run.model.transformer, config.lora, run.lora_modules, extra)
         return run
