@@ -428,7 +428,7 @@ def text_training_data(
         text_encoders.check_transformer(
             model.transformer.config.pooled_projection_dim, model.transformer.config.joint_attention_dim
         )
-        tensors, texts = encode_features(samples, text_encoders, settings.text_tokens, torch.float32)
+        tensors, texts = encode_features(samples, text_encoders, settings.text_tokens, dtype)
         del text_encoders
         if placement.device.type == "cuda":
             torch.cuda.empty_cache()
