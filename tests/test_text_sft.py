@@ -34,7 +34,7 @@ from unidg.train.config import (
     to_dict,
 )
 from unidg.train.dataset import build_example
-from unidg.train.latent_cache import read_manifest
+from unidg.train.latent_cache import LatentCacheError, open_cache, read_manifest
 from unidg.train.loading import load_model, save_model
 from unidg.train.merge import merge_lora
 from unidg.train.model import UniDGModel
@@ -245,6 +245,10 @@ def test_streamed_cache_holds_the_text_features(tmp_path: Path, udg, merged, enc
     assert (tmp_path / "latents" / TEXT_FEATURES_FILE).is_file()
     batch = data.batch(data.no_reference_indices()[:2])
     assert batch["reference_tokens"].shape[0] == 2 and batch["with_reference"].tolist() == [0.0, 0.0]
+    # Diversity-SFT reading this folder is refused by name (its samples are not SFT's pairs).
+    config = with_base_settings(config)
+    with pytest.raises(LatentCacheError, match=r"other settings \(text_forms 'reference\+no-reference/1' -> None\)"):
+        open_cache(config, load_model(config.base), settings_of(config))
 
 
 # ---------------------------------------------------------------------------------------------- bad input
