@@ -20,11 +20,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+from safetensors.torch import load_file, save
+from tqdm import tqdm
 
 from unidg.core.manifest import atomic_write_bytes, atomic_write_text
 from unidg.runtime.mask_templates import TemplateError, TemplateLibrary
+from unidg.runtime.synthesizer import DefectSynthesizer
 from unidg.train.config import ConfigError, to_dict
+from unidg.train.detectors import MultiTaskUNet, ResNet34, UNet
 from unidg.train.evaluation import bootstrap
+from unidg.train.evaluation import detector_training as dt
 from unidg.train.evaluation.config import EvalConfig, generated_count, rule_count
 from unidg.train.evaluation.datasets import (
     DatasetLayoutError,
@@ -33,6 +38,7 @@ from unidg.train.evaluation.datasets import (
     read_udg,
     read_visa,
 )
+from unidg.train.evaluation.report import write_report
 from unidg.train.evaluation.training_sets import (
     LabelledSet,
     generated_set,
@@ -127,8 +133,6 @@ def _template_library(config: EvalConfig, splits: list[InspectionSplit]) -> Temp
 
 def _synthesizer(config: EvalConfig, bundle: str, cache: str):
     """A synthesizer for ``bundle`` with the step-cache setting ``cache`` ("": the bundle's gated default)."""
-    from unidg.runtime.synthesizer import DefectSynthesizer
-
     generation, threads = config.generation, config.detectors.threads
     options = {"threads": threads} if threads and generation.backend == "onnxruntime" else {}
     return DefectSynthesizer.from_bundle(bundle, generation.backend, cache=cache or None, **options)
@@ -164,8 +168,6 @@ class Cache:
         atomic_write_text(self.folder / "results" / f"{key}.json", json.dumps(result) + "\n")
 
     def model(self, key: str, model):
-        from safetensors.torch import load_file
-
         path = self.folder / "models" / f"{key}.safetensors"
         if not path.is_file():
             return None
@@ -173,8 +175,6 @@ class Cache:
         return model.eval()
 
     def store_model(self, key: str, model) -> None:
-        from safetensors.torch import save
-
         state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
         atomic_write_bytes(self.folder / "models" / f"{key}.safetensors", save(state))
 
@@ -202,155 +202,167 @@ def run_benchmark(config: EvalConfig, progress: bool = True) -> dict:
 
 
 def _run_benchmark(config: EvalConfig, progress: bool) -> dict:
-    from tqdm import tqdm
-
-    from unidg.train.detectors import ResNet34, UNet
-    from unidg.train.evaluation import detector_training as dt
-
     started = time.time()
     out = check_run_folder(config.output, what="report folder")
-    cfg = config.detectors
     splits = load_splits(config, progress)  # a missing or unreadable dataset is refused before out is made
     generating = bool({"generated", "two_stage", "selected", "compare"} & set(config.sets))
     templates = _template_library(config, splits) if generating else None  # refused before out is made, too
     out.mkdir(parents=True, exist_ok=True)
-    cache = Cache(out / "cache", config_hash(config))
-    size, sets = cfg.size, config.sets
-    generation = config.generation
-    needs_generation = bool({"generated", "two_stage", "selected"} & set(sets))
-    synthesizers = {}
-    if needs_generation:
-        synthesizers["generated"] = _synthesizer(config, generation.bundle, generation.cache)
-    if "compare" in sets:
-        synthesizers["compare"] = _synthesizer(
-            config, generation.compare_bundle or generation.bundle, generation.compare_cache
+    run = BenchmarkRun(config, out, splits, templates, progress)
+    try:
+        runs = [result for seed in config.seeds for result in run.seed_runs(seed)]
+    finally:
+        run.close()
+    report = summarize(config, runs, splits, time.time() - started)
+    write_report(out, report, runs, run.samples_for_grid)
+    return report
+
+
+class BenchmarkRun:
+    """What one ``unidg eval run`` shares across seeds: the loaded images, the bootstrap draws, the synthesizers of
+    the generated arms, the cache and the progress bars."""
+
+    def __init__(
+        self,
+        config: EvalConfig,
+        out: Path,
+        splits: list[InspectionSplit],
+        templates: TemplateLibrary | None,
+        progress: bool,
+    ) -> None:
+        self.config, self.out, self.splits, self.templates = config, out, splits, templates
+        self.cache = Cache(out / "cache", config_hash(config))
+        size, generation, sets = config.detectors.size, config.generation, config.sets
+        self.needs_generation = bool({"generated", "two_stage", "selected"} & set(sets))
+        self.synthesizers = {}
+        if self.needs_generation:
+            self.synthesizers["generated"] = _synthesizer(config, generation.bundle, generation.cache)
+        if "compare" in sets:
+            self.synthesizers["compare"] = _synthesizer(
+                config, generation.compare_bundle or generation.bundle, generation.compare_cache
+            )
+        self.goods = {s.object_name: load_good(s.train_good, size) for s in splits}
+        self.refs = {s.object_name: load_samples(references(s, config.data.reference_shots), size) for s in splits}
+        self.tests = {s.object_name: load_samples(s.test, size) for s in splits}
+        # One draw of test images per object and replicate, shared by every set and seed: differences are paired.
+        report_cfg = config.report
+        self.counts = {
+            name: bootstrap.resample_counts(
+                [d != "good" for d in test.defects], report_cfg.bootstrap, report_cfg.bootstrap_seed, name
+            )
+            if report_cfg.bootstrap
+            else None
+            for name, test in self.tests.items()
+        }
+        self.interval_tag = (report_cfg.bootstrap, report_cfg.bootstrap_seed)
+        self.textures = [g.images[0] for g in self.goods.values()]
+        self.samples_for_grid: list[tuple[np.ndarray, np.ndarray, str]] = []
+        self.bar = tqdm(total=len(config.seeds) * (len(splits) + 1) * len(sets), desc="eval", disable=not progress)
+        self.generation_bar = tqdm(
+            total=len(config.seeds) * len(splits) * generated_count(config) * len(self.synthesizers),
+            desc="generate",
+            disable=not (progress and self.synthesizers),
         )
-    goods = {s.object_name: load_good(s.train_good, size) for s in splits}
-    refs = {s.object_name: load_samples(references(s, config.data.reference_shots), size) for s in splits}
-    tests = {s.object_name: load_samples(s.test, size) for s in splits}
-    # One draw of test images per object and replicate, shared by every set and seed: differences are paired.
-    report_cfg = config.report
-    counts = {
-        name: bootstrap.resample_counts(
-            [d != "good" for d in test.defects], report_cfg.bootstrap, report_cfg.bootstrap_seed, name
-        )
-        if report_cfg.bootstrap
-        else None
-        for name, test in tests.items()
-    }
-    interval_tag = (report_cfg.bootstrap, report_cfg.bootstrap_seed)
-    textures = [g.images[0] for g in goods.values()]
-    total = len(config.seeds) * (len(splits) + 1) * len(sets)
-    bar = tqdm(total=total, desc="eval", disable=not progress)
-    generation_bar = tqdm(
-        total=len(config.seeds) * len(splits) * generated_count(config) * len(synthesizers),
-        desc="generate",
-        disable=not (progress and synthesizers),
-    )
-    runs: list[dict] = []
-    samples_for_grid: list[tuple[np.ndarray, np.ndarray, str]] = []
-    for seed in config.seeds:
-        per_set_data: dict[str, dict[str, LabelledSet]] = {
+
+    def close(self) -> None:
+        self.bar.close()
+        self.generation_bar.close()
+        for synthesizer in self.synthesizers.values():
+            synthesizer.close()
+
+    def seed_runs(self, seed: int) -> list[dict]:
+        """Every object's detectors on every set, then the multi-class U-Nets over all objects, for one seed."""
+        data: dict[str, dict[str, LabelledSet]] = {
             name: {} for name in ("rule", "generated", "filtered", "real", "selected", "compare")
         }
-        for split in splits:
-            name = split.object_name
-            good, test = goods[name], tests[name]
-            data = per_set_data
-            if {"rule", "two_stage"} & set(sets):
-                data["rule"][name] = rule_set(good, textures, rule_count(config), seed)
-            for arm, synthesizer in synthesizers.items():  # the same requests for both arms: paired images
-                data[arm][name] = generated_set(
-                    synthesizer,
-                    split,
-                    config.data.reference_shots,
-                    generated_count(config),
-                    generation.steps,
-                    seed,
-                    size,
-                    cache=out / "cache" / "generated",
-                    progress=generation_bar.update,
-                    templates=templates,
+        runs = []
+        for split in self.splits:
+            self._training_sets(seed, split, data)
+            runs += self._object_runs(seed, split.object_name, data)
+        return runs + self._multiclass_runs(seed, data)
+
+    def _training_sets(self, seed: int, split: InspectionSplit, data: dict[str, dict[str, LabelledSet]]) -> None:
+        """Fill ``data[set][object]`` for one object and seed: the rule-based, generated (both arms), filtered,
+        selected and real training defects the configured sets need."""
+
+        config, cfg, sets, name = self.config, self.config.detectors, self.config.sets, split.object_name
+        generation = config.generation
+        if {"rule", "two_stage"} & set(sets):
+            data["rule"][name] = rule_set(self.goods[name], self.textures, rule_count(config), seed)
+        for arm, synthesizer in self.synthesizers.items():  # the same requests for both arms: paired images
+            data[arm][name] = generated_set(
+                synthesizer,
+                split,
+                config.data.reference_shots,
+                generated_count(config),
+                generation.steps,
+                seed,
+                cfg.size,
+                cache=self.out / "cache" / "generated",
+                progress=self.generation_bar.update,
+                templates=self.templates,
+            )
+        if self.needs_generation:
+            generated, refs = data["generated"][name], self.refs[name]
+            data["filtered"][name] = retrieval_filter(generated, refs, generation.keep_fraction)
+            if "selected" in sets:
+                scores = dt.category_consistency(generated, refs, cfg, seed)
+                data["selected"][name] = dt.consistent_subset(
+                    generated, scores, generation.consistency_threshold, generation.consistency_floor
                 )
-            if needs_generation:
-                generated = data["generated"][name]
-                data["filtered"][name] = retrieval_filter(generated, refs[name], config.generation.keep_fraction)
-                if "selected" in sets:
-                    scores = dt.category_consistency(generated, refs[name], cfg, seed)
-                    data["selected"][name] = dt.consistent_subset(
-                        generated, scores, config.generation.consistency_threshold, config.generation.consistency_floor
-                    )
-                if seed == config.seeds[0]:
-                    samples_for_grid += [
-                        (generated.images[i], generated.masks[i], f"{name}: {generated.defects[i]}")
-                        for i in range(min(4, len(generated)))
-                    ]
-            if "real" in sets:
-                real = split.train_defects
-                if cfg.defects_per_set:
-                    real = round_robin(real, cfg.defects_per_set)
-                data["real"][name] = load_samples(real, size)
-            classes = sorted({d for d in refs[name].defects})
-            for set_name in sets:
-                key = cache.key(seed, name, _set_key(config, set_name), "object", interval_tag)
-                result = cache.result(key)
-                if result is None:
-                    result = _object_run(
-                        cache,
-                        seed,
-                        name,
-                        set_name,
-                        _set_key(config, set_name),
-                        data,
-                        good,
-                        test,
-                        counts[name],
-                        classes,
-                        cfg,
-                        dt,
-                        UNet,
-                        ResNet34,
-                    )
-                    cache.store_result(key, result)
-                runs.append({"seed": seed, "object": name, "set": set_name, **result})
-                bar.update(1)
+            if seed == config.seeds[0]:
+                self.samples_for_grid += [
+                    (generated.images[i], generated.masks[i], f"{name}: {generated.defects[i]}")
+                    for i in range(min(4, len(generated)))
+                ]
+        if "real" in sets:
+            real = split.train_defects
+            if cfg.defects_per_set:
+                real = round_robin(real, cfg.defects_per_set)
+            data["real"][name] = load_samples(real, cfg.size)
+
+    def _object_runs(self, seed: int, name: str, data: dict[str, dict[str, LabelledSet]]) -> list[dict]:
+
+        config, cache, runs = self.config, self.cache, []
+        classes = sorted({d for d in self.refs[name].defects})
+        for set_name in config.sets:
+            set_key = _set_key(config, set_name)
+            key = cache.key(seed, name, set_key, "object", self.interval_tag)
+            result = cache.result(key)
+            if result is None:
+                good, test, counts = self.goods[name], self.tests[name], self.counts[name]
+                result = _object_run(
+                    cache, seed, name, set_name, set_key, data, good, test, counts, classes, config.detectors, dt,
+                    UNet, ResNet34,
+                )  # fmt: skip
+                cache.store_result(key, result)
+            runs.append({"seed": seed, "object": name, "set": set_name, **result})
+            self.bar.update(1)
+        return runs
+
+    def _multiclass_runs(self, seed: int, data: dict[str, dict[str, LabelledSet]]) -> list[dict]:
+
+        config, cache, splits, runs = self.config, self.cache, self.splits, []
         all_classes = ["background"] + sorted(
-            {f"{s.object_name}/{d}" for s in splits for d in refs[s.object_name].defects}
+            {f"{s.object_name}/{d}" for s in splits for d in self.refs[s.object_name].defects}
         )
-        test_all = LabelledSet.concat(*(_qualified(tests[s.object_name], s.object_name) for s in splits))
+        test_all = LabelledSet.concat(*(_qualified(self.tests[s.object_name], s.object_name) for s in splits))
         all_counts = None
-        if report_cfg.bootstrap:
-            all_counts = np.concatenate([counts[s.object_name] for s in splits], axis=1)
-        for set_name in sets:
-            key = cache.key(seed, "*", _set_key(config, set_name), "multiclass", interval_tag)
+        if config.report.bootstrap:
+            all_counts = np.concatenate([self.counts[s.object_name] for s in splits], axis=1)
+        for set_name in config.sets:
+            set_key = _set_key(config, set_name)
+            key = cache.key(seed, "*", set_key, "multiclass", self.interval_tag)
             result = cache.result(key)
             if result is None:
                 result = _multiclass_run(
-                    cache,
-                    seed,
-                    set_name,
-                    _set_key(config, set_name),
-                    per_set_data,
-                    splits,
-                    test_all,
-                    all_counts,
-                    all_classes,
-                    cfg,
-                    dt,
-                    UNet,
-                )
+                    cache, seed, set_name, set_key, data, splits, test_all, all_counts, all_classes, config.detectors,
+                    dt, UNet,
+                )  # fmt: skip
                 cache.store_result(key, result)
             runs.append({"seed": seed, "object": "*", "set": set_name, **result})
-            bar.update(1)
-    bar.close()
-    generation_bar.close()
-    for synthesizer in synthesizers.values():
-        synthesizer.close()
-    report = summarize(config, runs, splits, time.time() - started)
-    from unidg.train.evaluation.report import write_report
-
-    write_report(out, report, runs, samples_for_grid)
-    return report
+            self.bar.update(1)
+        return runs
 
 
 def _qualified(data: LabelledSet, object_name: str) -> LabelledSet:
@@ -429,8 +441,6 @@ def _object_run(
 
 def _multitask_run(cache, key, seed, selected, good, test, counts, classes, cfg, dt) -> dict:
     """Seed 004's arm: the multi-task discriminator trained on the category-consistent generated images."""
-    from unidg.train.detectors import MultiTaskUNet
-
     typed = selected.subset([i for i, d in enumerate(selected.defects) if d in classes])
     train = LabelledSet.concat(typed, good)
     model = _cached_model(
