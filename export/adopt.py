@@ -22,7 +22,7 @@ from unidg.core.staging import staged_folder
 from unidg.export.engine import EngineError
 from unidg.export.tensorrt_graphs import link_or_copy
 from unidg.export.trtexec import TRTEXEC_DESCRIPTION, TRTEXEC_FORMAT
-from unidg.runtime.backends.tensorrt_backend import parse_compute_capability, tensorrt_version_problem
+from unidg.runtime.backends.tensorrt_engines import parse_compute_capability, tensorrt_version_problem
 from unidg.runtime.bundle import CACHE_GRAPH_NAMES, GRAPH_NAMES, load_bundle
 
 # trtexec's log lines (sampleDevice / sampleOptions / sampleReporting).

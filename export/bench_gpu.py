@@ -7,7 +7,7 @@ in bf16 (speed does not depend on weight values), at the UniDG workload: a 768 x
 1. per step (folded), cumulative: bf16 eager (SDPA with the key bias as a float mask) -> ``torch.compile`` (regional:
    each transformer block, so the 57 identical blocks compile as two) -> + the fused biased attention (the project's
    Triton kernel, ``unidg::biased_attention``) -> + FP8 matmuls (``fp8_linear``: E4M3 row-wise, ``torch._scaled_mm``;
-   why not torchao: see ``unidg.runtime.backends.torch_backend``) -> + the 28-step loop captured as one CUDA graph
+   why not torchao: see ``unidg.runtime.backends.torch_step_options``) -> + the 28-step loop captured as one CUDA graph
    (``GraphRunner``, the wrapper the torch backend uses; per step = loop / 28). Also bf16 eager at 5849 (unfolded).
 2. VAE encode (768 x 1536), VAE decode, the image encoder (SigLIP + Redux), and end to end per sample through the
    runtime (``DefectSynthesizer`` on the torch backend with the fastest configuration), with peak GPU memory.

@@ -17,7 +17,7 @@ from unidg.export.bench_gpu_all_plan import PlanRow
 from unidg.export.bench_gpu_model import compile_blocks, dry_run_preset, fused_key_bias_processor
 from unidg.export.fp8_transformer import Fp8Transformer
 from unidg.export.key_group_attention import contiguous_key_order, key_range_attention, key_range_bounds
-from unidg.runtime.backends.torch_backend import GraphRunner, euler_loop
+from unidg.runtime.backends.torch_step_options import GraphRunner, euler_loop
 from unidg.train.attention import KeyBiasAttnProcessor, flux_attention_modules
 from unidg.train.model import UniDGModel, unpack_latents
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from unidg.core.layout import DiptychLayout
-from unidg.runtime.backends.torch_backend import fused_sdpa
+from unidg.runtime.backends.torch_step_options import fused_sdpa
 from unidg.train.attention import KeyBiasAttnProcessor, _key_bias_mask, flux_attention_modules
 from unidg.train.model import image_ids
 from unidg.train.presets import NANO

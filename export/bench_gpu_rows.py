@@ -28,8 +28,9 @@ from unidg.export.bench_gpu_model import (
 from unidg.export.bench_gpu_report import GpuBenchResult, Row
 from unidg.export.bench_runtime import _full_preset_bundle, _torch_modules, bench_request
 from unidg.export.flop_floor import attention_flops_per_step, gpu_peaks, matmul_flops_per_token
-from unidg.runtime.backends.torch_backend import GraphRunner, TorchBackend, TorchOptions, euler_loop
-from unidg.runtime.backends.torch_backend import quantize_linear_modules as fp8_modules
+from unidg.runtime.backends.torch_backend import TorchBackend
+from unidg.runtime.backends.torch_step_options import GraphRunner, TorchOptions, euler_loop
+from unidg.runtime.backends.torch_step_options import quantize_linear_modules as fp8_modules
 from unidg.runtime.synthesizer import DefectSynthesizer
 from unidg.train.model import UniDGModel
 

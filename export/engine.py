@@ -31,7 +31,7 @@ from unidg.core.settings import MAX_RESOLUTION
 from unidg.export.onnx_export import Progress, print_progress
 from unidg.export.plugins.trt_plugin import register_plugin
 from unidg.export.tensorrt_graphs import ATTENTION_MASKS, GraphDerivation, derive_graph_file
-from unidg.runtime.backends.tensorrt_backend import MIN_TENSORRT_VERSION, tensorrt_version_problem
+from unidg.runtime.backends.tensorrt_engines import MIN_TENSORRT_VERSION, tensorrt_version_problem
 from unidg.runtime.bundle import (
     ALL_GRAPH_INPUTS,
     CACHE_GRAPH_NAMES,
@@ -398,7 +398,7 @@ def engines_table(
     plans: dict[str, dict], tensorrt_version: str, compute_capability: tuple[int, int], device_name: str,
     request: EngineRequest,
 ) -> dict:  # fmt: skip
-    """The manifest ``engines`` table (read by unidg.runtime.backends.tensorrt_backend.parse_engines)."""
+    """The manifest ``engines`` table (read by unidg.runtime.backends.tensorrt_engines.parse_engines)."""
     return {
         "tensorrt_version": tensorrt_version,
         "compute_capability": list(compute_capability),

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from unidg.runtime.backends.torch_backend import _module_fp8_linear_class
+from unidg.runtime.backends.torch_step_options import _module_fp8_linear_class
 
 # Modules of a block that FP8 leaves in bf16: AdaLN modulation (one row per sample: reading the weight is the cost,
 # and a per-call dequantization would cost more than FP8 saves).

@@ -25,7 +25,7 @@ from unidg.core.manifest import MANIFEST_FILE
 from unidg.core.settings import SETTINGS_FILE
 from unidg.core.staging import staged_folder
 from unidg.runtime import backends as runtime_backends
-from unidg.runtime.backends.tensorrt_backend import parse_engines
+from unidg.runtime.backends.tensorrt_engines import parse_engines
 from unidg.runtime.bundle import GRAPH_INPUTS, GRAPH_OUTPUTS, Bundle, expected_shapes, load_bundle
 from unidg.runtime.step_cache import StepCacheError, bundle_step_cache
 

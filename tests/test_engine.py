@@ -108,7 +108,7 @@ def test_precision_modes():
 
 
 def test_plan_flags_and_engines_table_match_the_runtime_reader():
-    from unidg.runtime.backends.tensorrt_backend import parse_engines
+    from unidg.runtime.backends.tensorrt_engines import parse_engines
 
     request = EngineRequest(strip_weights=True, version_compatible=True, hardware_compatibility="ampere_plus")
     bundle = _dynamic()

@@ -12,11 +12,10 @@ import pytest
 from runtime_fixtures import make_toy_bundle, rewrite_manifest
 
 from unidg.runtime.backends import BackendError, BackendUnavailable, create_backend
-from unidg.runtime.backends.tensorrt_backend import (
+from unidg.runtime.backends.tensorrt_backend import TensorRTBackend, _Cuda
+from unidg.runtime.backends.tensorrt_engines import (
     EngineMismatchError,
     EngineSpec,
-    TensorRTBackend,
-    _Cuda,
     binding_bytes,
     binding_shapes,
     check_batch,

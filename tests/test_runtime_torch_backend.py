@@ -243,7 +243,7 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def test_fp8_linear_matches_fp32_within_e4m3_rounding():
-    from unidg.runtime.backends.torch_backend import fp8_linear, fp8_quantize
+    from unidg.runtime.backends.torch_step_options import fp8_linear, fp8_quantize
 
     gen = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(96, 128, generator=gen), torch.randn(96, generator=gen)
@@ -266,7 +266,7 @@ def test_fp8_modules_keep_no_autograd_graph_and_free_the_high_precision_weights(
     import gc
     import weakref
 
-    from unidg.runtime.backends.torch_backend import quantize_linear_modules
+    from unidg.runtime.backends.torch_step_options import quantize_linear_modules
 
     model = nn.Sequential(nn.Linear(64, 32), nn.GELU(), nn.Linear(32, 48))
     assert all(p.requires_grad for p in model.parameters())
@@ -281,7 +281,7 @@ def test_fp8_modules_keep_no_autograd_graph_and_free_the_high_precision_weights(
 
 def test_the_cuda_scaled_mm_call_agrees_with_the_cpu_emulation():
     """The exact torch._scaled_mm call of the CUDA path, run by torch's CPU kernel, against the float32 emulation."""
-    from unidg.runtime.backends.torch_backend import fp8_quantize, scaled_mm_rowwise
+    from unidg.runtime.backends.torch_step_options import fp8_quantize, scaled_mm_rowwise
 
     gen = torch.Generator().manual_seed(1)
     x_fp8, x_scale = fp8_quantize(torch.randn(48, 64, generator=gen).bfloat16())
@@ -296,7 +296,7 @@ def test_the_cuda_scaled_mm_call_agrees_with_the_cpu_emulation():
 
 
 def test_fp8_rewrite_quantizes_the_blocks_and_keeps_embedders_and_proj_out(attention_bundle):
-    from unidg.runtime.backends.torch_backend import fp8_keeps_precision, quantize_graph_linears
+    from unidg.runtime.backends.torch_step_options import fp8_keeps_precision, quantize_graph_linears
 
     assert fp8_keeps_precision("proj_out.weight") and fp8_keeps_precision("transformer.proj_out.weight")
     assert not fp8_keeps_precision("single_transformer_blocks.3.proj_out.weight")
@@ -356,7 +356,7 @@ def test_cuda_graph_loop_on_cpu_equals_the_step_loop_and_is_deterministic(attent
 
 
 def test_graph_runner_copies_new_inputs_into_its_static_buffers():
-    from unidg.runtime.backends.torch_backend import GraphRunner
+    from unidg.runtime.backends.torch_step_options import GraphRunner
 
     runner = GraphRunner(lambda a, b: a * 2 + b, torch.device("cpu"))
     assert torch.equal(runner(torch.ones(3), torch.zeros(3)), torch.full((3,), 2.0))

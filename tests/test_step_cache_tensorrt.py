@@ -21,7 +21,7 @@ from unidg.export.engine import EngineError, EngineRequest, engine_entry, engine
 from unidg.export.plugins.onnx_rewrite import attention_mask_shapes
 from unidg.export.trtexec import render
 from unidg.runtime.backends import BackendError
-from unidg.runtime.backends.tensorrt_backend import binding_shapes, parse_engines, tensorrt_step_cache_problem
+from unidg.runtime.backends.tensorrt_engines import binding_shapes, parse_engines, tensorrt_step_cache_problem
 from unidg.runtime.bundle import CACHE_GRAPH_INPUTS, CACHE_GRAPH_NAMES, GRAPH_NAMES, bundle_shapes, load_bundle
 
 SHIPPED = demo.DEFAULT_BUNDLE

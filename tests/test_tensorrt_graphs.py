@@ -149,7 +149,7 @@ def test_trtexec_writes_to_out_and_adopt_makes_a_bundle_the_runtime_accepts(tmp_
     No TensorRT here: the plan files are stand-in bytes (adopt hashes them; it does not read them without TensorRT)
     and the logs hold the lines trtexec prints; the plans are not deserialized (tensorrt not installed)."""
     from unidg.cli import main
-    from unidg.runtime.backends.tensorrt_backend import (
+    from unidg.runtime.backends.tensorrt_engines import (
         EngineMismatchError,
         check_engine_compatibility,
         parse_engines,

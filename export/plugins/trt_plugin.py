@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-from unidg.runtime.backends.tensorrt_backend import tensorrt_version_problem
+from unidg.runtime.backends.tensorrt_engines import tensorrt_version_problem
 
 PLUGIN_NAMESPACE = "unidg"
 PLUGIN_NAME = "biased_attention"
