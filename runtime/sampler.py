@@ -8,15 +8,14 @@ step i maps x at sigma_i to x at sigma_{i+1} inside the step graph: x + (sigma_{
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from unidg.core.schedule import flux_sigmas
-from unidg.runtime.backends.base import Backend, GenerationCancelled, StepConditioning, check_finite
+from unidg.runtime.backends.base import Backend, GenerationCancelled, ProgressCallback, StepConditioning, check_finite
 from unidg.runtime.step_cache import CacheDecider, StepCache
 
-ProgressCallback = Callable[[int, int], "bool | None"]  # (step done, total) -> False cancels
 NOISE_CHANNELS = 64
 MAX_SEED = 2**63 - 1
 

@@ -16,6 +16,8 @@ import numpy as np
 from unidg.core.errors import UniDGError
 from unidg.runtime.bundle import CACHE_GRAPH_INPUTS, Bundle
 
+ProgressCallback = Callable[[int, int], "bool | None"]  # (step done, total) -> False cancels
+
 
 class BackendUnavailable(UniDGError):
     """The backend cannot run here: its package, device or execution provider is missing."""
@@ -155,14 +157,25 @@ class Backend(ABC):
         noise: np.ndarray,
         conditioning: StepConditioning,
         sigmas: np.ndarray,
-        callback: Callable[[int, int], bool | None] | None = None,
+        callback: ProgressCallback | None = None,
     ) -> np.ndarray | None:
-        """Run every step in one call (TensorRT: one captured CUDA graph); None: the sampler loops over ``step``.
+        """Run every step in one call where the backend captures the loop (``captures_loop``: TensorRT or torch with
+        ``cuda_graph``, one CUDA graph); None: the sampler loops over ``step``."""
+        if not self.captures_loop:
+            return None
+        return self.run_captured_loop(noise, conditioning, sigmas, callback)
 
-        An implementation reports progress through ``callback`` as steps finish and raises
-        ``GenerationCancelled`` when it returns False.
-        """
-        return None
+    @property
+    def captures_loop(self) -> bool:
+        """Whether ``denoise_all`` runs the loop in one call (``run_captured_loop``)."""
+        return False
+
+    def run_captured_loop(
+        self, noise: np.ndarray, conditioning: StepConditioning, sigmas: np.ndarray, callback: ProgressCallback | None
+    ) -> np.ndarray:
+        """Every step of the flow in one call: reports progress through ``callback`` as steps finish and raises
+        ``GenerationCancelled`` when it returns False."""
+        raise BackendError(f"the {self.name} backend does not capture the denoising loop; call step() per step")
 
     def close(self) -> None:  # noqa: B027 - optional hook: most backends hold nothing to release
         """Release device memory and sessions (the backend is unusable afterwards)."""

@@ -20,7 +20,6 @@ reported (cancelling takes effect when the graph finishes).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,7 @@ from unidg.runtime.backends.base import (
     BackendError,
     BackendUnavailable,
     GenerationCancelled,
+    ProgressCallback,
     StepConditioning,
     StepHead,
     cache_feeds,
@@ -328,15 +328,14 @@ class TensorRTBackend(Backend):
         del queued
         return self._last_x
 
-    def denoise_all(
-        self,
-        noise: np.ndarray,
-        conditioning: StepConditioning,
-        sigmas: np.ndarray,
-        callback: Callable[[int, int], bool | None] | None = None,
-    ) -> np.ndarray | None:
-        if not self.cuda_graph:
-            return None
+    @property
+    def captures_loop(self) -> bool:
+        return self.cuda_graph
+
+    def run_captured_loop(
+        self, noise: np.ndarray, conditioning: StepConditioning, sigmas: np.ndarray, callback: ProgressCallback | None
+    ) -> np.ndarray:
+        """With ``cuda_graph``: every step of one batch as one captured CUDA graph, an event after each for progress."""
         rt, cuda = self.cuda.rt, self.cuda
         batch, steps = noise.shape[0], len(sigmas) - 1
         step = self._load_conditioning(conditioning, batch)

@@ -29,6 +29,7 @@ from unidg.runtime.backends.base import (
     BackendError,
     BackendUnavailable,
     GenerationCancelled,
+    ProgressCallback,
     StepConditioning,
     StepHead,
     step_feeds,
@@ -288,16 +289,14 @@ class TorchBackend(Backend):
         (x_next,) = self._run_cache("step_cached", arrays, x.shape[0], sigma, sigma_next)
         return self._keep("x", x_next)
 
-    def denoise_all(
-        self,
-        noise: np.ndarray,
-        conditioning: StepConditioning,
-        sigmas: np.ndarray,
-        callback: Callable[[int, int], bool | None] | None = None,
-    ) -> np.ndarray | None:
+    @property
+    def captures_loop(self) -> bool:
+        return self._loop is not None
+
+    def run_captured_loop(
+        self, noise: np.ndarray, conditioning: StepConditioning, sigmas: np.ndarray, callback: ProgressCallback | None
+    ) -> np.ndarray:
         """With ``cuda_graph``: the whole loop as one captured CUDA graph (GraphRunner); progress comes at its end."""
-        if self._loop is None:
-            return None
         resident = self._upload_conditioning(noise, conditioning)
         with self.torch.inference_mode():
             x = self._loop(
