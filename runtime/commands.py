@@ -9,6 +9,7 @@ import argparse
 from pathlib import Path
 
 from unidg.core.errors import OptionError
+from unidg.core.staging import check_output_folder, staged_folder
 from unidg.runtime.cli_options import add_backend_options, add_bundle_option, backend_options, command_group
 
 
@@ -38,7 +39,6 @@ def step_progress_bar(total: int, description: str, *, quiet: bool = False):
 # ------------------------------------------------------------------------------------------------------------ generate
 def _check_generate_options(args: argparse.Namespace) -> None:
     """Everything about the command line that can be refused without reading a file or loading the model."""
-    from unidg.core.staging import check_output_folder
     from unidg.core.udg import SAMPLE_ID_PATTERN, check_category
 
     if not SAMPLE_ID_PATTERN.match(args.id):
@@ -84,7 +84,6 @@ def _generate(args: argparse.Namespace) -> int:
     import json
     import time
 
-    from unidg.core.staging import staged_folder
     from unidg.core.udg import UDGWriter
     from unidg.runtime.jobs import write_result
     from unidg.runtime.reference_library import ReferenceLibrary

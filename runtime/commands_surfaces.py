@@ -6,6 +6,7 @@ import argparse
 import json
 
 from unidg.core.errors import OptionError
+from unidg.core.manifest import atomic_write_text
 from unidg.runtime.cli_options import add_backend_options, add_bundle_option, backend_options
 from unidg.runtime.commands import bench_subparsers
 
@@ -137,8 +138,6 @@ def run_serve_bench(args: argparse.Namespace) -> int:
     )
     print(report.summary())
     if args.json_out:
-        from unidg.core.manifest import atomic_write_text
-
         atomic_write_text(args.json_out, json.dumps(report.to_dict(), indent=2) + "\n")
     if args.scenario in ("oversized", "overload"):  # refusals are the point there; a dead server is not
         return 0 if report.server_alive is not False else 1

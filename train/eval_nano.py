@@ -123,6 +123,7 @@ def evaluate_transfer(
     optionally the ground-truth and autoencoder-round-trip ceilings (module docstring). ``progress``: a bar over the
     pairs on stderr; ``keep``: only pairs it accepts are drawn (``evaluation_pairs``); ``pairs``: these pairs
     instead of drawing; ``cache``: the step-cache setting the samples are generated with."""
+    # torch and the model load here: drawing and scoring pairs (evaluation_pairs, the eval commands) need numpy alone.
     import torch
 
     from unidg.train.loading import load_model

@@ -33,6 +33,7 @@ __all__ = [
 
 def create_app(config: ServeConfig, factory: Any = None) -> Any:
     """The FastAPI app (see unidg.runtime.serve.app.create_app)."""
+    # FastAPI and uvicorn (the [serve] extra) load when called: the lean runtime imports this package without them.
     from unidg.runtime.serve.app import create_app as create
 
     return create(config, factory)

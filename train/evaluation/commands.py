@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
+from unidg.core.errors import UniDGError
+from unidg.core.manifest import atomic_write_text
+
 
 def _run(args: argparse.Namespace) -> int:
+    # torch-heavy modules load when the command runs: `unidg --help` and the lean install stay light.
     from unidg.train.evaluation.benchmark import run_benchmark
     from unidg.train.evaluation.config import load_eval_config
 
@@ -20,8 +24,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _transfer(args: argparse.Namespace) -> int:
-    from unidg.core.errors import UniDGError
-    from unidg.core.manifest import atomic_write_text
     from unidg.runtime.step_cache import cache_setting
     from unidg.train.eval_nano import evaluate_transfer, evaluation_pairs
     from unidg.train.evaluation.generation_metrics import (

@@ -25,6 +25,7 @@ from PIL import Image
 
 from unidg.core import images
 from unidg.core.errors import UniDGError
+from unidg.core.udg import read_index
 
 GOOD = "good"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".JPG", ".PNG")
@@ -224,8 +225,6 @@ def read_udg(folder: str | Path, objects: list[str] | None = None) -> list[Inspe
     product, the same normal image flipped, is then in both; the defect instances differ). A type seen once goes to
     training only. A test quadruplet gives a good image (its normal) and a defect image (abnormal + mask).
     """
-    from unidg.core.udg import read_index
-
     quadruplets = read_index(folder)
     if not quadruplets:
         raise DatasetLayoutError(f"{folder} holds no quadruplets; make one with `unidg data synth`")

@@ -24,9 +24,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
+
+from unidg.core.udg import read_index
+from unidg.runtime.synthesizer import DefectSynthesizer, SynthesisRequest
+from unidg.train.eval_nano import evaluation_pairs
 
 SHADING_DEFECT_TYPES: tuple[str, ...] = ("fold", "wrinkle", "dent", "bump", "warp", "blur")
 MIN_TRANSFER_PAIRS = 200
@@ -101,8 +107,6 @@ def paired_transfer(first: list[dict], second: list[dict], defect_types: dict[st
 
 def defect_types_of(folder: str | Path) -> dict[str, str]:
     """Quadruplet id -> defect type (the ``defect_type`` key of ``unidg data synth``, else the category)."""
-    from unidg.core.udg import read_index
-
     return {q.id: str(q.extra.get("defect_type", q.category)) for q in read_index(folder)}
 
 
@@ -158,17 +162,11 @@ def diversity(
     """IL and IL-a of a bundle: ``inputs`` held-out pairs (the Diversity-SFT mix), ``samples`` seeds each. With
     ``lpips`` (a local LPIPS AlexNet checkpoint, ``unidg.train.evaluation.lpips``) the paper's LPIPS distance
     (``il_lpips``, ``il_a_lpips``), else the 1 - SSIM substitute (``il_ssim``, ``il_a_ssim``)."""
-    from tqdm import tqdm
-
-    from unidg.runtime.synthesizer import DefectSynthesizer, SynthesisRequest
-    from unidg.train.eval_nano import evaluation_pairs
-
     if samples < 2:
         raise ValueError(f"--samples must be >= 2 (got {samples}); IL compares samples of one input")
     distance, name, label = ssim_distance, "ssim", "1 - SSIM (LPIPS substitute: no local LPIPS checkpoint given)"
     if lpips is not None:
-        from functools import partial
-
+        # LPIPS loads torch: only with a checkpoint given (the SSIM substitute needs numpy alone).
         from unidg.train.evaluation.lpips import load_lpips, lpips_distance
 
         distance = partial(lpips_distance, load_lpips(lpips))  # loaded (and checked) before anything is generated

@@ -22,10 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
+from unidg.core import images
 from unidg.core.manifest import atomic_write_bytes
 from unidg.runtime.mask_templates import TemplateLibrary, place_template
+from unidg.runtime.synthesizer import SynthesisRequest
 from unidg.train.evaluation.datasets import InspectionSample, InspectionSplit, resize_pair
 from unidg.train.evaluation.rule_defects import rule_defect
+from unidg.train.shape_masks import random_shape_mask
 
 
 @dataclass
@@ -53,8 +56,6 @@ class LabelledSet:
 
 
 def load_good(paths: list[Path], size: int) -> LabelledSet:
-    from unidg.core import images
-
     loaded = [resize_pair(images.load_image(p, "good image"), np.zeros((1, 1), bool), size)[0] for p in paths]
     return LabelledSet(np.stack(loaded), np.zeros((len(loaded), size, size), bool), ["good"] * len(loaded))
 
@@ -116,10 +117,6 @@ def generated_set(
 
     Target regions are random UniADC shapes, or with ``templates`` a template of the reference's category placed on
     the good image's foreground."""
-    from unidg.core import images
-    from unidg.runtime.synthesizer import SynthesisRequest
-    from unidg.train.shape_masks import random_shape_mask
-
     path = None
     if cache is not None:
         key = hashlib.sha256(

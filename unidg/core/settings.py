@@ -6,15 +6,13 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+import numpy as np
 
 from unidg.core.errors import UniDGError
+from unidg.core.geometry import Diptych, build_diptych
 from unidg.core.layout import DiptychLayout
-
-if TYPE_CHECKING:
-    import numpy as np
-
-    from .geometry import Diptych
+from unidg.core.manifest import atomic_write_text
 
 SETTINGS_FILE = "unidg.json"
 # Largest diptych half S: the S x 2S diptych stays within the ~2 MP FLUX.1 is made for (1024 x 2048 = 2.1 MP).
@@ -89,8 +87,6 @@ class UniDGSettings:
     ) -> Diptych:
         """The Alg. 1 diptych of a request with these settings' beta, T and dilation, at ``size`` (default S).
         ``validated``: the arrays were checked where the request came in (DefectSynthesizer.check)."""
-        from .geometry import build_diptych
-
         return build_diptych(
             reference,
             reference_mask,
@@ -116,8 +112,6 @@ class UniDGSettings:
         return cls(**data)
 
     def save(self, folder: str | Path) -> Path:
-        from unidg.core.manifest import atomic_write_text
-
         path = Path(folder) / SETTINGS_FILE
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
         return path
