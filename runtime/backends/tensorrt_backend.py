@@ -6,11 +6,11 @@ Thin by design and written against NVIDIA's documented Python API (``tensorrt.Ru
 manifest's ``engines`` table, the version and GPU checks, binding shapes, the sigma table) is plain Python in
 ``unidg.runtime.backends.tensorrt_engines``, tested without a GPU.
 
-Step caching (docs/step-cache.md): a format-2 bundle's table may also hold plans for ``step_head``, ``step_tail`` and
-``step_cached`` (``unidg export engine`` builds them for such a bundle). With all three the backend runs the static
-and dynamic modes through them, host in and host out per call like the one-shot graphs (the arrays cross the
-interface as numpy, the same calls as the onnxruntime backend); without them, or with ``cuda_graph`` (which captures
-the uncached loop only), it declines step caching by name (``step_cache_problem``).
+Step caching (docs/step-cache.md): a format-2 bundle's ``engines`` table may also hold plans for ``step_head``,
+``step_tail`` and ``step_cached`` (``unidg export engine`` builds them for such a bundle). With all three the backend
+runs the static and dynamic modes through them, host in and host out per call like the one-shot graphs (the arrays
+cross the interface as numpy, the same calls as the onnxruntime backend); without them, or with ``cuda_graph`` (which
+captures the uncached loop only), it declines step caching by name (``step_cache_problem``).
 
 The denoising loop keeps x on the GPU (two buffers, ping-pong); with ``cuda_graph=True`` all steps of one batch are
 captured once as one CUDA graph and replayed per request, with an event after every step so progress is still
