@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from unidg.runtime.cli_options import add_overwrite_option, add_seed_option
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     calib = subparsers.add_parser("calib", help="calibration sets (step inputs along real trajectories)")
@@ -26,11 +28,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--step-subset",
         help="steps to capture: '0,7,14,21,27', ranges '0-3', 'every:4' (default: all)",
     )
-    build.add_argument("--seed", type=int, default=0, help="seed of the sample choice and the sampling noise")
+    add_seed_option(build, "seed of the sample choice and the sampling noise")
     build.add_argument("--held-out", type=int, help="samples kept for the accuracy report (default samples/4)")
     build.add_argument("--resolution", type=int, help="diptych half size S (default: the weights' unidg.json)")
     build.add_argument("--samples-per-shard", type=int, default=8, help="calibration samples per safetensors shard")
-    build.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_overwrite_option(build)
     build.set_defaults(handler=run_build)
 
 

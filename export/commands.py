@@ -10,7 +10,7 @@ from pathlib import Path
 
 from unidg.export.commands_cache import register_cache_commands
 from unidg.export.commands_triton import export_subparsers
-from unidg.runtime.cli_options import add_bundle_option
+from unidg.runtime.cli_options import add_bundle_option, add_json_option, add_overwrite_option, add_seed_option
 
 
 def _batch(text: str) -> int | str:
@@ -69,7 +69,7 @@ def _register_onnx(export: argparse._SubParsersAction) -> None:
         default=None,
         help="form of the key bias in portable attention (default expand; see docs/export.md)",
     )
-    onnx.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_overwrite_option(onnx)
     onnx.add_argument("--no-verify", action="store_true", help="skip re-hashing the weight files")
     onnx.add_argument(
         "--torch-programs",
@@ -117,7 +117,7 @@ def _register_quantize(export: argparse._SubParsersAction) -> None:
         default=1.0,
         help="multiply the calibrated ranges (diagnostics; 0 gives an all-zero calibration that the gate rejects)",
     )
-    quantize.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_overwrite_option(quantize)
     quantize.set_defaults(handler=run_quantize)
 
 
@@ -165,7 +165,7 @@ def _register_adopt(export: argparse._SubParsersAction) -> None:
     add_bundle_option(adopt, help="the bundle the trtexec commands were written for")
     adopt.add_argument("--plans", required=True, help="the --out folder of `unidg export trtexec`, plans built")
     adopt.add_argument("--out", required=True, help="the new bundle folder")
-    adopt.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_overwrite_option(adopt)
     adopt.set_defaults(handler=run_adopt)
 
 
@@ -202,8 +202,8 @@ def _register_parity(export: argparse._SubParsersAction) -> None:
     parity.add_argument("--weights", required=True, help="the weights folder the bundle was exported from")
     parity.add_argument("--no-trajectory", action="store_true", help="per-graph figures only")
     parity.add_argument("--save", help="folder for polygraphy inputs/outputs JSON (re-run with `polygraphy run`)")
-    parity.add_argument("--json", help="write the figures to this JSON file")
-    parity.add_argument("--seed", type=int, default=0, help="seed of the probe inputs and the trajectory noise")
+    add_json_option(parity, "write the figures to this JSON file")
+    add_seed_option(parity, "seed of the probe inputs and the trajectory noise")
     parity.set_defaults(handler=run_parity)
 
 

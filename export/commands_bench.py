@@ -12,7 +12,7 @@ import argparse
 from unidg.core.errors import OptionError
 from unidg.core.manifest import atomic_write_text
 from unidg.export.bench_cli import command_line, use_triton_interpreter
-from unidg.runtime.cli_options import add_bundle_option
+from unidg.runtime.cli_options import add_bundle_option, add_json_option, add_seed_option
 from unidg.runtime.commands import bench_subparsers
 
 
@@ -88,7 +88,7 @@ def _register_bench_runtime(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--gpu", action="store_true", help="torch backend, full preset, random weights, on CUDA")
     parser.add_argument("--resolution", type=int, default=768, help="--gpu: diptych half size S")
-    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    add_json_option(parser, "also write the figures to this JSON file")
     parser.set_defaults(handler=_bench_runtime)
 
 
@@ -103,7 +103,7 @@ def _register_bench_cache(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of every request per mode")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime CPU threads (default: all cores)")
     parser.add_argument("--cache-threshold", type=float, default=None, help="dynamic threshold (default: the gate's)")
-    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    add_json_option(parser, "also write the figures to this JSON file")
     parser.set_defaults(handler=_bench_cache)
 
 
@@ -171,7 +171,7 @@ def _register_bench_gpu(subparsers: argparse._SubParsersAction) -> None:
         "--steps", type=int, default=None, help="denoising steps of the captured loop (default 28; dry run 2)"
     )
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per row; the median is reported")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
+    add_seed_option(parser, "seed of the random weights and inputs")
     parser.add_argument(
         "--compile-backend",
         default="inductor",
@@ -213,5 +213,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also time the kernel pinned to each tile configuration (data for choosing the autotuned set)",
     )
-    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    add_json_option(parser, "also write the results to this JSON file")
     parser.set_defaults(handler=_bench_attention)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from unidg.runtime.cli_options import add_bundle_option
+from unidg.runtime.cli_options import add_bundle_option, add_json_option, add_overwrite_option
 
 
 def _thresholds(text: str) -> list[float]:
@@ -29,7 +29,7 @@ def register_cache_commands(export: argparse._SubParsersAction) -> None:
     add_bundle_option(graphs, help="bundle folder (unidg export onnx)")
     graphs.add_argument("--weights", required=True, help="the merged weights folder the bundle was exported from")
     graphs.add_argument("--out", required=True, help="bundle folder to write")
-    graphs.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_overwrite_option(graphs)
     graphs.set_defaults(handler=run_cache_graphs)
 
     calibrate = export.add_parser(
@@ -58,8 +58,8 @@ def register_cache_commands(export: argparse._SubParsersAction) -> None:
     calibrate.add_argument("--min-defect-psnr", type=float, default=None, help="the gate's bar in dB (default 35)")
     calibrate.add_argument("--samples", type=int, help="use at most this many held-out samples")
     calibrate.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
-    calibrate.add_argument("--json", help="also write the table to this JSON file")
-    calibrate.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_json_option(calibrate, "also write the table to this JSON file")
+    add_overwrite_option(calibrate)
     calibrate.set_defaults(handler=run_cache_calibrate)
 
 

@@ -72,6 +72,31 @@ def add_bundle_option(parser: argparse.ArgumentParser, *, required: bool = True,
     )
 
 
+def add_overwrite_option(parser: argparse.ArgumentParser) -> None:
+    """``--overwrite``: replace an existing ``--out`` (docs/cli.md)."""
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+
+def add_quiet_option(parser: argparse.ArgumentParser, *, help: str = "no progress bar") -> None:
+    """``--quiet``: a switch that turns the progress bar off."""
+    parser.add_argument("--quiet", action="store_true", help=help)
+
+
+def add_seed_option(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--seed N`` (default 0, the one seed default of docs/cli.md); ``help`` says what it seeds."""
+    parser.add_argument("--seed", type=int, default=0, help=help)
+
+
+def add_json_option(parser: argparse.ArgumentParser, help: str, **kwargs) -> None:
+    """``--json FILE``: also write the figures or report as JSON to FILE."""
+    parser.add_argument("--json", help=help, **kwargs)
+
+
+def option_values(args: argparse.Namespace, *names: str) -> dict:
+    """The parsed options ``names`` by name, for a function whose keywords are the options' dests."""
+    return {name: getattr(args, name) for name in names}
+
+
 def add_backend_options(parser: argparse.ArgumentParser) -> None:
     """``--backend`` and its options, the same for generate, batch, demo and serve."""
     parser.add_argument("--backend", choices=BACKEND_CHOICES, default="onnxruntime", help="runtime backend")

@@ -10,7 +10,14 @@ from pathlib import Path
 
 from unidg.core.errors import OptionError
 from unidg.core.staging import check_output_folder, staged_folder
-from unidg.runtime.cli_options import add_backend_options, add_bundle_option, backend_options, command_group
+from unidg.runtime.cli_options import (
+    add_backend_options,
+    add_bundle_option,
+    add_quiet_option,
+    add_seed_option,
+    backend_options,
+    command_group,
+)
 
 
 def _load_synthesizer(args: argparse.Namespace, **extra: object):
@@ -203,14 +210,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     generate.add_argument("--source", required=True, help="image to paint the defect into")
     generate.add_argument("--mask", required=True, help="target region in the source (white)")
-    generate.add_argument("--seed", type=int, default=0, help="noise seed; same seed + inputs -> same image")
+    add_seed_option(generate, "noise seed; same seed + inputs -> same image")
     generate.add_argument("--steps", type=int, default=None, help="denoising steps (default: the bundle's, 28)")
     generate.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the bundle's)")
     generate.add_argument("--category", default=None, help="defect category for the caption (one of the 28)")
     generate.add_argument("--object-name", default="object", help="object name for the caption stub")
     generate.add_argument("--id", default="000000", help="sample id of the quadruplet (file names)")
     generate.add_argument("--out", required=True, help="output folder (new, or empty)")
-    generate.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet_option(generate)
     add_backend_options(generate)
     generate.set_defaults(handler=_generate)
 
@@ -227,7 +234,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     batch.add_argument("--jobs", required=True, help="jobs file (JSON lines)")
     batch.add_argument("--out", required=True, help="output UDG folder (created, or resumed)")
     batch.add_argument("--batch-size", type=int, default=None, help="requests per model pass (default: bundle's)")
-    batch.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet_option(batch)
     batch.add_argument(
         "--keep-going",
         action="store_true",
@@ -239,7 +246,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     demo = subparsers.add_parser("demo", help="run the shipped UniDG-nano model on the sample images")
     demo.add_argument("--out", default="out/demo", help="output folder")
-    demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet_option(demo)
     add_bundle_option(demo, required=False, help="bundle to run (default: the shipped UniDG-nano bundle)")
     demo.add_argument("--samples", default=None, help="folder with samples.json (default: the shipped samples)")
     demo.add_argument("--steps", type=int, default=None, help="denoising steps (default: the bundle's)")

@@ -7,7 +7,7 @@ import json
 
 from unidg.core.errors import OptionError
 from unidg.core.manifest import atomic_write_text
-from unidg.runtime.cli_options import add_backend_options, add_bundle_option, backend_options
+from unidg.runtime.cli_options import add_backend_options, add_bundle_option, add_json_option, backend_options
 from unidg.runtime.commands import bench_subparsers
 
 
@@ -65,7 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bench.add_argument("--slow-interval", type=float, default=10.0, help="slow-body: seconds between 100-byte pieces")
     bench.add_argument("--server-pythonpath", help="PYTHONPATH of the started server only (measure another checkout)")
     bench.add_argument("--server-nofile", type=int, help="file-descriptor limit of the started server (ulimit -n)")
-    bench.add_argument("--json", dest="json_out", help="also write the report as JSON to this file")
+    add_json_option(bench, "also write the report as JSON to this file", dest="json_out")
     bench.set_defaults(handler=run_serve_bench)
 
     capi = subparsers.add_parser("capi", help="C ABI: build libunidg.so + unidg.h (docs/capi.md)")

@@ -6,7 +6,14 @@ import argparse
 import io
 import sys
 
-from unidg.runtime.cli_options import add_backend_options, add_bundle_option, backend_options
+from unidg.runtime.cli_options import (
+    add_backend_options,
+    add_bundle_option,
+    add_overwrite_option,
+    add_quiet_option,
+    add_seed_option,
+    backend_options,
+)
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -162,7 +169,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     synth.add_argument("--out", required=True, help="UDG folder to create")
     synth.add_argument("--count", type=int, required=True, help="number of quadruplets")
-    synth.add_argument("--seed", type=int, default=0, help="seed (default 0); use another seed for held-out data")
+    add_seed_option(synth, "seed (default 0); use another seed for held-out data")
     synth.add_argument("--size", type=int, default=256, help="image side in pixels; some images are 4:5 or 5:4")
     synth.add_argument(
         "--non-square",
@@ -172,7 +179,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="share of 4:5 / 5:4 images, to exercise pad-to-square",
     )
     synth.add_argument("--overwrite", action="store_true", help="replace the quadruplets of an existing UDG folder")
-    synth.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet_option(synth)
     synth.set_defaults(handler=_synth)
 
     check = commands.add_parser(
@@ -193,9 +200,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     templates.add_argument(
         "--clusters", type=int, default=100, help="k-means clusters per category (fewer masks: fewer)"
     )
-    templates.add_argument("--seed", type=int, default=0, help="seed of the k-means++ initialisation")
-    templates.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    templates.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_seed_option(templates, "seed of the k-means++ initialisation")
+    add_overwrite_option(templates)
+    add_quiet_option(templates)
     templates.set_defaults(handler=_templates)
 
     place = commands.add_parser(
@@ -205,7 +212,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     place.add_argument("--image", required=True, help="normal image to place the mask on")
     place.add_argument("--category", required=True, help="defect category of the template")
     place.add_argument("--out", required=True, help="mask PNG to write (0/255, the image's size)")
-    place.add_argument("--seed", type=int, default=0, help="seed of the cluster, template and position choice")
+    add_seed_option(place, "seed of the cluster, template and position choice")
     place.set_defaults(handler=_place)
 
     references = commands.add_parser(
@@ -214,8 +221,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     references.add_argument("--udg", required=True, help="UDG folder whose abnormal images become references")
     add_bundle_option(references, help="bundle whose image encoder embeds the references")
     references.add_argument("--out", required=True, help="repository folder to write")
-    references.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    references.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_overwrite_option(references)
+    add_quiet_option(references)
     add_backend_options(references)
     references.set_defaults(handler=_references)
 
@@ -230,5 +237,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     curate.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value"
     )
-    curate.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet_option(curate)
     curate.set_defaults(handler=_curate)

@@ -9,7 +9,13 @@ import os
 
 from unidg.core.errors import OptionError, UniDGError
 from unidg.core.manifest import atomic_write_text
-from unidg.runtime.cli_options import command_group
+from unidg.runtime.cli_options import (
+    add_json_option,
+    add_overwrite_option,
+    add_quiet_option,
+    add_seed_option,
+    command_group,
+)
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser, *, resumable: bool = True) -> None:
@@ -270,19 +276,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     recog.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     recog.add_argument("--resnet-width", type=int, default=64, help="ResNet-34 stem width (64: torchvision's)")
     recog.add_argument("--unet-width", type=int, default=16, help="U-Net base width")
-    recog.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order")
+    add_seed_option(recog, "seed of the weights and the data order")
     recog.add_argument("--limit", type=int, default=0, help="use the first N quadruplets (0: all)")
     recog.add_argument(
         "--pretrained-classifier", help="local torchvision resnet34 state dict (.safetensors) for the backbone"
     )
-    recog.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_overwrite_option(recog)
     recog.set_defaults(handler=_reward_recog)
 
     cache = commands.add_parser(
         "cache", help="precompute an SFT config's latents into the sharded cache of data.latent_cache (resumable)"
     )
     _add_config_arguments(cache, resumable=False)
-    cache.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet_option(cache)
     cache.add_argument(
         "--verify", action="store_true", help="re-hash every finished shard (sha256) and rewrite the damaged ones"
     )
@@ -292,7 +298,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_config_arguments(plan, resumable=False)
     plan.add_argument("--gpus", type=int, default=1, help="data-parallel GPUs (processes)")
     plan.add_argument("--preset", default="full", choices=("full", "nano"), help="model shapes to plan for")
-    plan.add_argument("--json", metavar="FILE", help="write the plan as JSON to FILE ('-': standard output)")
+    add_json_option(plan, "write the plan as JSON to FILE ('-': standard output)", metavar="FILE")
     plan.set_defaults(handler=_plan)
 
     eq9 = commands.add_parser(
@@ -301,7 +307,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     eq9.add_argument("--weights", required=True, help="weights folder whose autoencoder encodes the pairs")
     eq9.add_argument("--data", required=True, help="UDG folder")
     eq9.add_argument("--count", type=int, default=100, help="pairs, the three distributions mixed 1:1:1")
-    eq9.add_argument("--seed", type=int, default=0, help="seed of the pairs")
+    add_seed_option(eq9, "seed of the pairs")
     eq9.add_argument("--tau", type=float, default=0.5, help="the margin of Eq. 9")
     eq9.set_defaults(handler=_eq9)
 
@@ -316,7 +322,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="UniDG setting written to unidg.json (alpha, beta, threshold, resolution, text_tokens, steps, guidance)",
     )
-    merge.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_overwrite_option(merge)
     merge.set_defaults(handler=_merge)
 
     evaluate = commands.add_parser(
@@ -325,11 +331,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--weights", required=True, help="weights folder (e.g. runtime/assets/unidg-nano)")
     evaluate.add_argument("--data", required=True, help="held-out UDG folder (a seed not used in training)")
     evaluate.add_argument("--count", type=int, default=60, help="evaluation pairs")
-    evaluate.add_argument("--seed", type=int, default=0, help="seed of the pairs and the sampling noise")
+    add_seed_option(evaluate, "seed of the pairs and the sampling noise")
     evaluate.add_argument("--steps", type=int, default=None, help="sampling steps (default: unidg.json's)")
     evaluate.add_argument("--contact-sheet", help="write a PNG: reference | source + mask | output, one row a pair")
     evaluate.add_argument("--sheet-rows", type=int, default=8, help="rows of the contact sheet")
-    evaluate.add_argument("--json", help="write the full per-sample report here")
+    add_json_option(evaluate, "write the full per-sample report here")
     evaluate.add_argument(
         "--ceilings",
         action="store_true",
@@ -345,5 +351,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     bench.add_argument("--reward", required=True, help="reward config (.toml with [judge] / [color] tables)")
     bench.add_argument("--bench", required=True, help="bench folder holding bench.jsonl and its images")
-    bench.add_argument("--json", help="also write the per-pair predictions here")
+    add_json_option(bench, "also write the per-pair predictions here")
     bench.set_defaults(handler=_reward_bench)

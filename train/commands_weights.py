@@ -7,6 +7,7 @@ import argparse
 import json
 
 from unidg.core.manifest import atomic_write_text
+from unidg.runtime.cli_options import add_json_option, add_overwrite_option, add_quiet_option
 
 DTYPES = ("keep", "bfloat16", "float16", "float32")
 
@@ -176,8 +177,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--shard-mb", metavar="MIB", type=_megabytes, default=2048, help="largest shard (MiB): bounds the memory"
     )
     imp.add_argument("--no-source-hashes", action="store_true", help="do not sha256 the source files (faster)")
-    imp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    imp.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_overwrite_option(imp)
+    add_quiet_option(imp)
     imp.set_defaults(handler=_import)
 
     lora = commands.add_parser(
@@ -196,8 +197,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lora.add_argument(
         "--shard-mb", metavar="MIB", type=_megabytes, default=2048, help="largest safetensors shard written"
     )
-    lora.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    lora.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_overwrite_option(lora)
+    add_quiet_option(lora)
     lora.set_defaults(handler=_lora)
 
     info = commands.add_parser(
@@ -208,5 +209,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     info.add_argument("folder", help="weights folder")
     info.add_argument("--verify", action="store_true", help="also check every file's sha256 against the manifest")
-    info.add_argument("--json", metavar="FILE", help="also write it as JSON to FILE ('-': standard output instead)")
+    add_json_option(info, "also write it as JSON to FILE ('-': standard output instead)", metavar="FILE")
     info.set_defaults(handler=_info)

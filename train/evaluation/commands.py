@@ -7,6 +7,7 @@ import json
 
 from unidg.core.errors import UniDGError
 from unidg.core.manifest import atomic_write_text
+from unidg.runtime.cli_options import add_quiet_option, add_seed_option
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -103,7 +104,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="override one config value (TOML syntax), e.g. --set detectors.seg_epochs=4; repeatable",
     )
     run.add_argument("--out", help="report folder (overrides the config's 'output')")
-    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_quiet_option(run, help="no progress bars")
     run.set_defaults(handler=_run)
 
     transfer = commands.add_parser(
@@ -119,7 +120,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="pairs to generate, all with a colour-carrying reference (shading-type references are not drawn)",
     )
     transfer.add_argument("--min-pairs", type=int, default=200, help="colour-carrying pairs required")
-    transfer.add_argument("--seed", type=int, default=0, help="seed of the pairs and the sampling noise")
+    add_seed_option(transfer, "seed of the pairs and the sampling noise")
     transfer.add_argument(
         "--cache",
         default="off",
@@ -143,7 +144,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     spread.add_argument("--data", required=True, help="held-out UDG folder")
     spread.add_argument("--inputs", type=int, default=32, help="inputs (pairs) to generate for")
     spread.add_argument("--samples", type=int, default=4, help="seeds per input")
-    spread.add_argument("--seed", type=int, default=0, help="seed of the held-out pairs and of the sampling noise")
+    add_seed_option(spread, "seed of the held-out pairs and of the sampling noise")
     spread.add_argument("--steps", type=int, default=0, help="denoising steps (0: the bundle's)")
     spread.add_argument(
         "--lpips",
