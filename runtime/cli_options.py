@@ -6,6 +6,7 @@ Only argparse at import time, so building the whole CLI stays light (``unidg --h
 from __future__ import annotations
 
 import argparse
+import json
 import weakref
 
 from unidg.core.errors import OptionError
@@ -70,6 +71,29 @@ def add_bundle_option(parser: argparse.ArgumentParser, *, required: bool = True,
     parser.add_argument(
         "--bundle", required=required, default=None, help=help or "bundle folder written by `unidg export onnx`"
     )
+
+
+def add_config_options(parser: argparse.ArgumentParser, *, config: str, example: str, out: str) -> None:
+    """``--config FILE``, the repeatable ``--set SECTION.KEY=VALUE`` overrides and ``--out`` (the config's
+    'output'); ``config`` describes the file, ``example`` is one override, ``out`` describes the output folder."""
+    parser.add_argument("--config", required=True, help=config)
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help=f"override one config value (TOML syntax), e.g. --set {example}; repeatable",
+    )
+    parser.add_argument("--out", help=f"{out} (overrides the config's 'output')")
+
+
+def config_overrides(args: argparse.Namespace) -> list[str]:
+    """The ``--set`` overrides of ``add_config_options``, ``--out`` last as the config's 'output'."""
+    overrides = list(args.overrides)
+    if args.out:
+        overrides.append(f"output={json.dumps(args.out)}")
+    return overrides
 
 
 def add_overwrite_option(parser: argparse.ArgumentParser) -> None:

@@ -10,25 +10,23 @@ import os
 from unidg.core.errors import OptionError, UniDGError
 from unidg.core.manifest import atomic_write_text
 from unidg.runtime.cli_options import (
+    add_config_options,
     add_json_option,
     add_overwrite_option,
     add_quiet_option,
     add_seed_option,
     command_group,
+    config_overrides,
 )
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser, *, resumable: bool = True) -> None:
-    parser.add_argument("--config", required=True, help="training config (.toml or .json), e.g. configs/nano-sft.toml")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one config value (TOML syntax), e.g. --set train.steps=20; repeatable",
+    add_config_options(
+        parser,
+        config="training config (.toml or .json), e.g. configs/nano-sft.toml",
+        example="train.steps=20",
+        out="run folder",
     )
-    parser.add_argument("--out", help="run folder (overrides the config's 'output')")
     parser.add_argument(
         "--device",
         help="cpu, cuda (under torchrun: each process's cuda:LOCAL_RANK) or cuda:N (overrides train.device)",
@@ -40,9 +38,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser, *, resumable: bool = 
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
-    overrides = list(args.overrides)
-    if args.out:
-        overrides.append(f"output={json.dumps(args.out)}")
+    overrides = config_overrides(args)
     if getattr(args, "device", None):
         overrides.append(f"train.device={json.dumps(args.device)}")
     return overrides
@@ -53,16 +49,22 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def _train_run(args: argparse.Namespace, load, train, done) -> int:
+    """Load ``--config`` with the command line's overrides, train (resuming unless ``--restart``), and let rank 0
+    print ``done(config, result)``: where the run wrote its output."""
+    config = load(args.config, _overrides(args))
+    result = train(config, resume=not args.restart)
+    if _is_main_process():
+        print(done(config, result))
+    return 0
+
+
 def _base(args: argparse.Namespace) -> int:
     # torch-heavy modules load when the command runs: `unidg --help` and the lean install stay light.
     from unidg.train.base import train_base
     from unidg.train.config import load_base_config
 
-    config = load_base_config(args.config, _overrides(args))
-    folder = train_base(config, resume=not args.restart)
-    if _is_main_process():
-        print(f"base weights: {folder}")
-    return 0
+    return _train_run(args, load_base_config, train_base, lambda config, folder: f"base weights: {folder}")
 
 
 def _sft(args: argparse.Namespace) -> int:
@@ -70,25 +72,32 @@ def _sft(args: argparse.Namespace) -> int:
     from unidg.train.lora import LORA_FILE
     from unidg.train.sft import train_sft
 
-    config = load_sft_config(args.config, _overrides(args))
-    train_sft(config, resume=not args.restart)
-    if _is_main_process():
-        print(f"LoRA: {config.output}/{LORA_FILE} (log: {config.output}/log.jsonl)")
-    return 0
+    return _train_run(
+        args,
+        load_sft_config,
+        train_sft,
+        lambda config, _: f"LoRA: {config.output}/{LORA_FILE} (log: {config.output}/log.jsonl)",
+    )
+
+
+def _merge_hint(config) -> str:
+    return (
+        f"fold it into the SFT weights with `unidg train merge --base {config.base} --lora {config.output} --out OUT`"
+    )
 
 
 def _text(args: argparse.Namespace) -> int:
     from unidg.train.lora import LORA_FILE
     from unidg.train.text_sft import load_text_config, train_text
 
-    config = load_text_config(args.config, _overrides(args))
-    train_text(config, resume=not args.restart)
-    if _is_main_process():
-        print(
-            f"LoRA (UniDG-Text): {config.output}/{LORA_FILE} (log: {config.output}/log.jsonl); fold it into the SFT "
-            f"weights with `unidg train merge --base {config.base} --lora {config.output} --out OUT`"
-        )
-    return 0
+    return _train_run(
+        args,
+        load_text_config,
+        train_text,
+        lambda config, _: (
+            f"LoRA (UniDG-Text): {config.output}/{LORA_FILE} (log: {config.output}/log.jsonl); " + _merge_hint(config)
+        ),
+    )
 
 
 def _cache(args: argparse.Namespace) -> int:
@@ -164,14 +173,14 @@ def _rft(args: argparse.Namespace) -> int:
     from unidg.train.rft import train_rft
     from unidg.train.rft_config import load_rft_config
 
-    config = load_rft_config(args.config, _overrides(args))
-    train_rft(config, resume=not args.restart)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(
-            f"LoRA (EMA): {config.output}/lora.safetensors (log: {config.output}/log.jsonl); fold it into the SFT "
-            f"weights with `unidg train merge --base {config.base} --lora {config.output} --out OUT`"
-        )
-    return 0
+    return _train_run(
+        args,
+        load_rft_config,
+        train_rft,
+        lambda config, _: (
+            f"LoRA (EMA): {config.output}/lora.safetensors (log: {config.output}/log.jsonl); " + _merge_hint(config)
+        ),
+    )
 
 
 def _reward_recog(args: argparse.Namespace) -> int:

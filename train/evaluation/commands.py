@@ -7,7 +7,7 @@ import json
 
 from unidg.core.errors import UniDGError
 from unidg.core.manifest import atomic_write_text
-from unidg.runtime.cli_options import add_quiet_option, add_seed_option
+from unidg.runtime.cli_options import add_config_options, add_quiet_option, add_seed_option, config_overrides
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -15,10 +15,7 @@ def _run(args: argparse.Namespace) -> int:
     from unidg.train.evaluation.benchmark import run_benchmark
     from unidg.train.evaluation.config import load_eval_config
 
-    overrides = list(args.overrides)
-    if args.out:
-        overrides.append(f"output={json.dumps(args.out)}")
-    config = load_eval_config(args.config, overrides)
+    config = load_eval_config(args.config, config_overrides(args))
     report = run_benchmark(config, progress=not args.quiet)
     print(f"report: {config.output}/report.md ({report['seconds']:.0f} s)")
     return 0
@@ -94,16 +91,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Run the benchmark of --config (e.g. configs/eval-nano.toml). Trained detectors are cached by "
         "config hash under OUTPUT/cache: rerunning resumes.",
     )
-    run.add_argument("--config", required=True, help="benchmark config (.toml or .json), e.g. configs/eval-nano.toml")
-    run.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one config value (TOML syntax), e.g. --set detectors.seg_epochs=4; repeatable",
+    add_config_options(
+        run,
+        config="benchmark config (.toml or .json), e.g. configs/eval-nano.toml",
+        example="detectors.seg_epochs=4",
+        out="report folder",
     )
-    run.add_argument("--out", help="report folder (overrides the config's 'output')")
     add_quiet_option(run, help="no progress bars")
     run.set_defaults(handler=_run)
 
