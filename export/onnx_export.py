@@ -35,7 +35,7 @@ from diffusers.utils import logging as diffusers_logging
 from unidg.core.attention_bias import build_key_bias
 from unidg.core.errors import UniDGError
 from unidg.core.latents import LATENT_CHANNELS, MASK_CHANNELS, text_ids
-from unidg.core.layout import DiptychLayout
+from unidg.core.layout import DiptychLayout, HasLayout
 from unidg.core.schedule import flux_sigmas
 from unidg.core.settings import MAX_RESOLUTION
 from unidg.export.plugins.onnx_rewrite import rewrite_attention_file
@@ -120,7 +120,7 @@ class ExportOptions:
 
 
 @dataclass(frozen=True)
-class ModelFacts:
+class ModelFacts(HasLayout):
     """The shape facts of a model + settings that a bundle manifest records."""
 
     resolution: int
@@ -145,18 +145,6 @@ class ModelFacts:
             reference_size=model.reference_size,
             guidance_embeds=bool(model.transformer.config.guidance_embeds),
         )
-
-    @property
-    def layout(self) -> DiptychLayout:
-        return DiptychLayout(self.resolution)
-
-    @property
-    def image_tokens(self) -> int:
-        return self.layout.image_tokens
-
-    @property
-    def latent_hw(self) -> tuple[int, int]:
-        return self.layout.latent_hw
 
     def metadata(self) -> dict:
         return {

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from unidg.core.latents import COND_CHANNELS, LATENT_CHANNELS, PACKED_CHANNELS, VAE_SCALE, VAE_SHIFT
-from unidg.core.layout import DiptychLayout
+from unidg.core.layout import DiptychLayout, HasLayout
 from unidg.core.manifest import ManifestError, read_manifest, verify_files
 from unidg.core.settings import UniDGSettings
 
@@ -85,7 +85,7 @@ class GraphSpec:
 
 
 @dataclass(frozen=True)
-class Bundle:
+class Bundle(HasLayout):
     """A checked bundle: its folder, manifest, settings and the shapes every backend needs."""
 
     path: Path
@@ -144,18 +144,6 @@ class Bundle:
     @property
     def vae_shift(self) -> float:
         return float(self.metadata.get("vae_shift", VAE_SHIFT))
-
-    @property
-    def layout(self) -> DiptychLayout:
-        return DiptychLayout(self.resolution)
-
-    @property
-    def image_tokens(self) -> int:
-        return self.layout.image_tokens
-
-    @property
-    def latent_hw(self) -> tuple[int, int]:
-        return self.layout.latent_hw
 
     def file_path(self, relative: str) -> Path:
         return self.path / relative

@@ -55,3 +55,21 @@ class DiptychLayout:
     def image_ids(self) -> np.ndarray:
         """float32 (image_tokens, 3) token positions [0, row, column], row-major."""
         return image_ids(*self.token_hw)
+
+
+class HasLayout:
+    """The diptych shapes of an object with a ``resolution`` (S): settings, a bundle, the facts an export records."""
+
+    resolution: int
+
+    @property
+    def layout(self) -> DiptychLayout:
+        return DiptychLayout(self.resolution)
+
+    @property
+    def image_tokens(self) -> int:
+        return self.layout.image_tokens
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        return self.layout.latent_hw

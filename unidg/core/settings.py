@@ -11,7 +11,7 @@ import numpy as np
 
 from unidg.core.errors import UniDGError
 from unidg.core.geometry import Diptych, build_diptych
-from unidg.core.layout import DiptychLayout
+from unidg.core.layout import HasLayout
 from unidg.core.manifest import atomic_write_text
 
 SETTINGS_FILE = "unidg.json"
@@ -20,7 +20,7 @@ MAX_RESOLUTION = 1024
 
 
 @dataclass(frozen=True)
-class UniDGSettings:
+class UniDGSettings(HasLayout):
     """What a trained UniDG model was made for and how it samples by default."""
 
     alpha: float = 2.0  # defect-attention amplification (paper Eq. 11): bias log(alpha)
@@ -66,14 +66,6 @@ class UniDGSettings:
     @property
     def log_alpha(self) -> float:
         return math.log(self.alpha)
-
-    @property
-    def layout(self) -> DiptychLayout:
-        return DiptychLayout(self.resolution)
-
-    @property
-    def image_tokens(self) -> int:
-        return self.layout.image_tokens
 
     def diptych(
         self,
