@@ -170,9 +170,10 @@ VS_DIFFUSERS_SIDES = (
 )
 
 
-def _diffusers_fill(model):
-    """A stock diffusers FluxFillPipeline on the model's transformer and VAE (no text encoders: the text branch is the
-    zero tokens UniDG's reference mode feeds, passed as prompt embeddings with the Redux tokens)."""
+def stock_fill_pipeline(model):
+    """A stock diffusers FluxFillPipeline on the model's transformer and VAE with FLUX.1-Fill-dev's scheduler (no text
+    encoders: the text branch is the zero tokens UniDG's reference mode feeds, passed as prompt embeddings with the
+    Redux tokens)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxFillPipeline
 
     pipeline = FluxFillPipeline(
@@ -251,7 +252,7 @@ def _vs_diffusers_row(bundle_path: Path, threads: int, args: argparse.Namespace)
     bundle = synth.bundle
     model = load_model(_weights_folder(bundle, args.weights))
     model.settings = replace(model.settings, resolution=bundle.resolution)
-    pipeline = _diffusers_fill(model)
+    pipeline = stock_fill_pipeline(model)
     request = synth.check(replace(bench_request(), steps=args.steps))
     runs = {
         VS_DIFFUSERS_SIDES[0]: lambda: _run_diffusers(pipeline, model, request, bias=True),

@@ -7,12 +7,12 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import numpy as np
 import pytest
+from chat_fixtures import chat_server, reply_chat
 
 from unidg.core.udg import caption_stub, read_index
 from unidg.train.config import ConfigError
@@ -61,21 +61,13 @@ class StandIn(BaseHTTPRequestHandler):
             content = json.dumps(
                 {"Analysis": "ok", **{k: [score] for k in ("Consistency", "Defect Existence", "Normality")}}
             )
-        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+        reply_chat(self, content)
 
 
 @pytest.fixture(scope="module")
 def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), StandIn)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    httpd.shutdown()
+    with chat_server(StandIn) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

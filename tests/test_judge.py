@@ -8,10 +8,11 @@ import io
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import numpy as np
 import pytest
+from chat_fixtures import chat_server, reply_chat
 from PIL import Image
 
 from unidg.train.config import ConfigError
@@ -57,23 +58,14 @@ class FakeJudge(BaseHTTPRequestHandler):
         content = {"garbage": "Sure! The scores are great.", "schema": json.dumps({"Analysis": "x"})}.get(
             action, "```json\n" + json.dumps(answer) + "\n```"
         )
-        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+        reply_chat(self, content)
 
 
 @pytest.fixture()
 def server():
     FakeJudge.script, FakeJudge.seen = [], []
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeJudge)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    httpd.shutdown()
-    httpd.server_close()
+    with chat_server(FakeJudge) as url:
+        yield url
 
 
 def _inputs(levels=(51, 204)) -> RewardInputs:
@@ -218,12 +210,8 @@ class HostileJudge(BaseHTTPRequestHandler):
 
 @pytest.fixture()
 def hostile():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), HostileJudge)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    httpd.shutdown()
-    httpd.server_close()
+    with chat_server(HostileJudge, daemon_threads=True) as url:
+        yield url
 
 
 def test_a_judge_that_trickles_one_byte_a_second_is_cut_at_the_total_deadline(hostile) -> None:

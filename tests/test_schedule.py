@@ -6,22 +6,11 @@ import numpy as np
 import pytest
 
 from unidg.core.schedule import flux_mu, flux_sigmas
+from unidg.export.bench_runtime import FILL_SCHEDULER_CONFIG
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers not installed")
 from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 from diffusers.pipelines.flux.pipeline_flux_fill import calculate_shift, retrieve_timesteps  # noqa: E402
-
-# scheduler/scheduler_config.json of FLUX.1-Fill-dev
-FILL_SCHEDULER_CONFIG = {
-    "num_train_timesteps": 1000,
-    "shift": 3.0,
-    "use_dynamic_shifting": True,
-    "base_shift": 0.5,
-    "max_shift": 1.15,
-    "base_image_seq_len": 256,
-    "max_image_seq_len": 4096,
-    "time_shift_type": "exponential",
-}
 
 
 def diffusers_sigmas(num_steps: int, size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -162,6 +162,17 @@ def pb_utils(tmp_path, monkeypatch):
     return triton_python_backend_utils
 
 
+def sample_request_tensors(pb_utils) -> list:
+    """The four required inputs of the sample request, as the Python model receives them."""
+    reference, reference_mask, source, target_mask = sample_request_arrays()
+    return [
+        pb_utils.Tensor("REFERENCE", reference),
+        pb_utils.Tensor("REFERENCE_MASK", reference_mask.astype(np.uint8)),
+        pb_utils.Tensor("SOURCE", source),
+        pb_utils.Tensor("TARGET_MASK", target_mask.astype(np.uint8)),
+    ]
+
+
 def load_model(repo: Path, name: str = "unidg", kind: str = "CPU"):
     spec = importlib.util.spec_from_file_location(f"triton_model_{abs(hash(repo))}", repo / name / "1" / "model.py")
     module = importlib.util.module_from_spec(spec)
@@ -287,14 +298,7 @@ def test_engine_repository_model_uses_bls(engine_bundle, tmp_path, pb_utils):
     module, model = load_model(tmp_path / "repo", kind="GPU")
     assert isinstance(model.synthesizer.backend, module.TritonBLSBackend)
     assert model.synthesizer.backend.models["step"] == "unidg_step"
-    reference, reference_mask, source, target_mask = sample_request_arrays()
-    tensors = [
-        pb_utils.Tensor("REFERENCE", reference),
-        pb_utils.Tensor("REFERENCE_MASK", reference_mask.astype(np.uint8)),
-        pb_utils.Tensor("SOURCE", source),
-        pb_utils.Tensor("TARGET_MASK", target_mask.astype(np.uint8)),
-    ]
-    (response,) = model.execute([pb_utils.Request(tensors)])
+    (response,) = model.execute([pb_utils.Request(sample_request_tensors(pb_utils))])
     # The first graph call goes out through BLS; with no server behind the stand-in it fails, as one response error.
     assert response.has_error() and "BLS call to unidg_vae_encoder" in response.error().message()
 
@@ -372,14 +376,7 @@ def test_step_cache_parameters_reach_the_python_model(tmp_path, pb_utils):
     assert config.parameters["cache"].string_value == "dynamic"
     assert float(config.parameters["cache_threshold"].string_value) == 0.12
     _, model = load_model(tmp_path / "repo")
-    reference, reference_mask, source, target_mask = sample_request_arrays()
-    tensors = [
-        pb_utils.Tensor("REFERENCE", reference),
-        pb_utils.Tensor("REFERENCE_MASK", reference_mask.astype(np.uint8)),
-        pb_utils.Tensor("SOURCE", source),
-        pb_utils.Tensor("TARGET_MASK", target_mask.astype(np.uint8)),
-    ]
-    (response,) = model.execute([pb_utils.Request(tensors)])
+    (response,) = model.execute([pb_utils.Request(sample_request_tensors(pb_utils))])
     assert not response.has_error(), response.error() and response.error().message()
     metadata = json.loads({t.name(): t.as_numpy() for t in response.output_tensors()}["METADATA"][0])
     assert metadata["step_cache"]["mode"] == "dynamic" and metadata["step_cache"]["threshold"] == 0.12

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxFillPipeline, FluxPriorReduxPipeline
+from diffusers import FluxPriorReduxPipeline
 from safetensors.torch import load_file, save_file
 from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
 from weights_fixtures import assert_same_model, random_nano
 
 from unidg.cli import main
 from unidg.core.manifest import WeightsError, read_manifest, sha256_file, verify_files
+from unidg.export.bench_runtime import stock_fill_pipeline
 from unidg.train.loading import (
     BFL_REDUX_FILE,
     BFL_TRANSFORMER_FILE,
@@ -66,15 +67,7 @@ def downloads(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("downloads")
     model = random_nano(seed=11)
     fill = root / "FLUX.1-Fill-dev"
-    pipeline = FluxFillPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=model.vae,
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
-        transformer=model.transformer,
-    )
+    pipeline = stock_fill_pipeline(model)
     pipeline.save_pretrained(fill, max_shard_size="2MB")  # sharded, as the real transformer is (3 shards)
     (fill / "LICENSE.md").write_text(LICENSE_TEXT)
     (fill / "README.md").write_text(MODEL_CARD)
