@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from fs_fixtures import immutable
 from PIL import Image
 from test_judge import server  # noqa: F401  (the local judge server fixture)
 from train_fixtures import procedural_udg
@@ -280,12 +279,6 @@ def test_an_output_that_is_a_file_or_unwritable_is_refused_before_training(udg, 
     assert blocker.read_text() == "mine"
     frozen = tmp_path / "frozen"
     frozen.mkdir()
-    chattr = shutil.which("chattr")
-    if chattr is None or subprocess.run([chattr, "+i", str(frozen)], capture_output=True).returncode != 0:
-        pytest.skip("chattr +i not permitted here (needs root and a filesystem with inode flags)")
-    try:
-        with pytest.raises(ConfigError, match=r"output .*frozen/run: .*frozen is not writable"):
-            train_rft(_config(udg, frozen / "run"))
-    finally:
-        subprocess.run([chattr, "-i", str(frozen)], check=True)
+    with immutable(frozen), pytest.raises(ConfigError, match=r"output .*frozen/run: .*frozen is not writable"):
+        train_rft(_config(udg, frozen / "run"))
     assert list(frozen.iterdir()) == []

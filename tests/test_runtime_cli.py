@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fs_fixtures import immutable
 from PIL import Image
 from runtime_fixtures import make_toy_bundle, write_sample_files
 
@@ -118,13 +119,8 @@ def test_generate_refuses_an_immutable_empty_out_before_running(tmp_path, toy, s
     """It was refused only after every step, as "filled by someone else meanwhile"."""
     frozen = tmp_path / "frozen"
     frozen.mkdir()
-    chattr = shutil.which("chattr")
-    if chattr is None or subprocess.run([chattr, "+i", str(frozen)], capture_output=True).returncode != 0:
-        pytest.skip("chattr +i not permitted here (needs root and a filesystem with inode flags)")
-    try:
+    with immutable(frozen):
         assert main(generate_args(toy, samples, frozen, "--steps", "200000")) == 2  # refused before any step
-    finally:
-        subprocess.run([chattr, "-i", str(frozen)], check=True)
     error = capsys.readouterr().err
     assert "cannot be replaced by the result: it is immutable (chattr +i)" in error and "meanwhile" not in error
     assert sorted(p.name for p in tmp_path.iterdir()) == ["frozen"] and list(frozen.iterdir()) == []

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
 import stat
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fs_fixtures import immutable
 
 from unidg.core.staging import (
     OUTPUT_MARKER,
@@ -130,17 +127,6 @@ def test_an_empty_folder_is_accepted_and_filled(tmp_path):
     with staged_folder(out) as staging:
         (staging / "a.txt").write_text("a")
     assert written(out) == ["a.txt"]
-
-
-@contextlib.contextmanager
-def immutable(folder: Path) -> Iterator[None]:
-    chattr = shutil.which("chattr")
-    if chattr is None or subprocess.run([chattr, "+i", str(folder)], capture_output=True).returncode != 0:
-        pytest.skip("chattr +i not permitted here (needs root and a filesystem with inode flags)")
-    try:
-        yield
-    finally:
-        subprocess.run([chattr, "-i", str(folder)], check=True)
 
 
 def test_an_immutable_empty_folder_is_refused_before_the_block_runs(tmp_path):
