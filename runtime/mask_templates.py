@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from unidg.core.errors import UniDGError
-from unidg.core.manifest import MANIFEST_FILE, ManifestError, read_manifest, verify_files
+from unidg.core.manifest import MANIFEST_FILE, read_library
 from unidg.core.udg import CATEGORIES
 
 TEMPLATES_KIND = "mask-templates"
@@ -72,12 +72,14 @@ class TemplateLibrary:
     @classmethod
     def load(cls, folder: str | Path, *, verify: bool = True) -> TemplateLibrary:
         folder = Path(folder)
-        try:
-            manifest = read_manifest(folder, kind=TEMPLATES_KIND)
-            if verify:
-                verify_files(folder, manifest)
-        except ManifestError as error:
-            raise TemplateError(f"--templates {folder}: {error}; build it with `unidg data templates`") from error
+        read_library(
+            folder,
+            TEMPLATES_KIND,
+            verify=verify,
+            option="--templates",
+            build="unidg data templates",
+            error=TemplateError,
+        )
         templates = []
         for number, line in enumerate((folder / TEMPLATES_FILE).read_text(encoding="utf-8").splitlines(), 1):
             try:

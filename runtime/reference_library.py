@@ -23,7 +23,11 @@ from unidg.core.errors import UniDGError
 from unidg.core.geometry import adaptive_reference_crop
 from unidg.core.images import load_image, load_mask
 from unidg.core.latents import pixels_to_model
-from unidg.core.manifest import ManifestError, atomic_write_text, read_manifest, verify_files, write_manifest
+from unidg.core.manifest import (
+    atomic_write_text,
+    read_library,
+    write_manifest,
+)
 from unidg.core.staging import staged_folder
 from unidg.core.udg import check_category, read_index
 from unidg.runtime.synthesizer import DefectSynthesizer, resize_reference
@@ -110,14 +114,14 @@ class ReferenceLibrary:
     @classmethod
     def load(cls, folder: str | Path, *, verify: bool = True) -> ReferenceLibrary:
         folder = Path(folder)
-        try:
-            manifest = read_manifest(folder, kind=REFERENCES_KIND)
-            if verify:
-                verify_files(folder, manifest)
-        except ManifestError as error:
-            raise ReferenceLibraryError(
-                f"--zero-shot {folder}: {error}; build it with `unidg data references`"
-            ) from error
+        manifest = read_library(
+            folder,
+            REFERENCES_KIND,
+            verify=verify,
+            option="--zero-shot",
+            build="unidg data references",
+            error=ReferenceLibraryError,
+        )
         lines = (folder / REFERENCES_FILE).read_text(encoding="utf-8").splitlines()
         entries = [ReferenceEntry(**json.loads(line)) for line in lines]
         embeddings = np.load(folder / EMBEDDINGS_FILE, allow_pickle=False)

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from train_fixtures import procedural_udg
+from train_fixtures import SETTINGS, nano_sft_config, procedural_udg
 
-from unidg.train.config import DataConfig, LoopConfig, LoraConfig, LossConfig, OptimConfig, SFTConfig, settings_of
+from unidg.train.config import DataConfig, LossConfig, SFTConfig, settings_of
 from unidg.train.latent_cache import (
     FORMAT,
     MANIFEST,
@@ -28,9 +28,6 @@ from unidg.train.latent_cache import (
     write_shard,
 )
 from unidg.train.model import UniDGModel
-
-SETTINGS = {"resolution": 64, "text_tokens": 8, "guidance": 1.0}
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -50,15 +47,10 @@ def base(tmp_path_factory) -> Path:
 
 
 def _config(udg: Path, base: Path, tmp: Path, **settings) -> SFTConfig:
-    return SFTConfig(
-        base=str(base),
-        output=str(tmp / "run"),
-        data=DataConfig(train=str(udg), latent_cache=str(tmp / "cache"), shard_size=5),
-        lora=LoraConfig(rank=4, alpha=4.0),
-        optim=OptimConfig(name="adamw", lr=3e-3),
-        loss=LossConfig(normal_reg_weight=0.5),
-        train=LoopConfig(steps=2, batch_size=4, progress=False, checkpoint_every=0),
-        settings={**SETTINGS, **settings},
+    data = DataConfig(train=str(udg), latent_cache=str(tmp / "cache"), shard_size=5)
+    loss = LossConfig(normal_reg_weight=0.5)
+    return nano_sft_config(
+        udg, tmp / "run", base=base, data=data, loss=loss, settings=settings, steps=2, batch_size=4, checkpoint_every=0
     )
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_fixtures import procedural_udg
+from train_fixtures import SETTINGS, nano_sft_config, procedural_udg
 
 from unidg.train.checkpoints import (
     CHECKPOINTS,
@@ -20,7 +20,7 @@ from unidg.train.checkpoints import (
     TrainingDivergedError,
     read_log,
 )
-from unidg.train.config import DataConfig, LoopConfig, LoraConfig, LossConfig, OptimConfig, SFTConfig
+from unidg.train.config import LoraConfig, LossConfig, OptimConfig, SFTConfig
 from unidg.train.dataset import LatentPairs, build_example, target_token_mask
 from unidg.train.flow import flow_matching_loss, normal_regularization, step_generator, step_inputs
 from unidg.train.lora import lora_module_names
@@ -28,9 +28,6 @@ from unidg.train.model import UniDGModel
 from unidg.train.pairs import DISTRIBUTIONS, prepare_pairs
 from unidg.train.sft import setup_sft, train_sft
 from unidg.train.trainer import distribution_sequence, sample_schedule
-
-SETTINGS = {"resolution": 64, "text_tokens": 8, "guidance": 1.0}
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -51,18 +48,7 @@ def latents(udg: Path) -> LatentPairs:
 
 
 def _config(udg: Path, output: Path, **loop) -> SFTConfig:
-    optim = loop.pop("optim", OptimConfig(name="adamw", lr=3e-3))
-    return SFTConfig(
-        base="in-memory",
-        output=str(output),
-        seed=0,
-        data=DataConfig(train=str(udg)),
-        lora=LoraConfig(rank=4, alpha=4.0),
-        optim=optim,
-        loss=LossConfig(normal_reg_weight=0.1, mask_weight=2.0),
-        train=LoopConfig(**{"steps": 20, "batch_size": 3, "progress": False, "checkpoint_every": 0, **loop}),
-        settings=dict(SETTINGS),
-    )
+    return nano_sft_config(udg, output, **{"steps": 20, "batch_size": 3, "checkpoint_every": 0, **loop})
 
 
 def _nano() -> UniDGModel:

@@ -12,33 +12,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from train_fixtures import checkpoint_weights, procedural_udg
+from train_fixtures import checkpoint_weights, nano_sft_config, procedural_udg
 
 from unidg.runtime.serve_client import free_loopback_port
 from unidg.train.checkpoints import CHECKPOINTS, read_log
-from unidg.train.config import DataConfig, LoopConfig, LoraConfig, LossConfig, OptimConfig, SFTConfig, from_dict
+from unidg.train.config import LossConfig, SFTConfig, from_dict
 from unidg.train.config import to_dict as config_to_dict
 from unidg.train.dataset import LatentPairs
 from unidg.train.model import UniDGModel
 from unidg.train.sft import setup_sft, train_sft
 from unidg.train.trainer import DeviceError, Placement, resolve_device
 
-SETTINGS = {"resolution": 64, "text_tokens": 8, "guidance": 1.0}
 CACHE_KEY = "distributed-test"
 TOLERANCE = 1e-5
 
 
 def _config(udg: Path, output: Path, **loop) -> SFTConfig:
-    return SFTConfig(
-        base="in-memory",
-        output=str(output),
-        seed=0,
-        data=DataConfig(train=str(udg)),
-        lora=LoraConfig(rank=4, alpha=4.0),
-        optim=OptimConfig(name="adamw", lr=3e-3),
-        loss=LossConfig(normal_reg_weight=0.5, mask_weight=2.0),
-        train=LoopConfig(**{"batch_size": 4, "progress": False, "checkpoint_every": 1, "keep_checkpoints": 8, **loop}),
-        settings=dict(SETTINGS),
+    loss = LossConfig(normal_reg_weight=0.5, mask_weight=2.0)
+    return nano_sft_config(
+        udg, output, loss=loss, **{"batch_size": 4, "checkpoint_every": 1, "keep_checkpoints": 8, **loop}
     )
 
 

@@ -166,6 +166,18 @@ def verify_files(folder: str | Path, manifest: Manifest) -> None:
             )
 
 
+def read_library(folder: Path, kind: str, *, verify: bool, option: str, build: str, error: type[Exception]) -> Manifest:
+    """The manifest of a library folder (``kind``), its files re-hashed with ``verify``; a folder that is not one
+    raises ``error`` naming ``option``, the folder and the ``build`` command that makes it."""
+    try:
+        manifest = read_manifest(folder, kind=kind)
+        if verify:
+            verify_files(folder, manifest)
+    except ManifestError as problem:
+        raise error(f"{option} {folder}: {problem}; build it with `{build}`") from problem
+    return manifest
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temporary file beside ``path`` and rename it into place: readers never see a partial file."""
     path = Path(path)
