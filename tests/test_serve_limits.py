@@ -8,6 +8,7 @@ p50/p95) are measured by `unidg bench serve --scenario ...` (docs/service.md), n
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -15,6 +16,7 @@ import socket
 import threading
 import time
 import urllib.parse
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -45,15 +47,16 @@ def bundle(tmp_path_factory):
 @pytest.fixture(scope="module")
 def service(bundle):
     """A keyless loopback service with short read timeouts and few connections, so the limits show quickly."""
-    config = ServeConfig(
-        bundle=str(bundle),
-        workers=1,
-        max_queue=2,
-        header_timeout_s=0.5,
-        body_timeout_s=0.5,
-        max_connections=16,
-        timeout_s=30.0,
-    )
+    with serving(
+        bundle, max_queue=2, header_timeout_s=0.5, body_timeout_s=0.5, max_connections=16, timeout_s=30.0
+    ) as served:
+        yield served
+
+
+@contextlib.contextmanager
+def serving(bundle, **limits) -> Iterator[tuple[str, ServeConfig]]:
+    """A keyless loopback service of one worker on ``bundle`` with ``limits``, ready: (URL, its config)."""
+    config = ServeConfig(bundle=str(bundle), workers=1, **limits)
     with serve_in_thread(create_app(config)) as url:
         wait_ready(url, timeout=60)
         yield url, config
@@ -145,10 +148,8 @@ def test_concurrent_decodes_are_bounded_by_the_workers(bundle, monkeypatch):
                 active[0] -= 1
 
     monkeypatch.setattr(serve_protocol, "decode_upload", counting)
-    config = ServeConfig(bundle=str(bundle), workers=1, max_queue=8, timeout_s=60.0)
     body, content_type = encode_multipart(sample_inputs(64), {"params": json.dumps({"steps": 1})})
-    with serve_in_thread(create_app(config)) as url:
-        wait_ready(url, timeout=60)
+    with serving(bundle, max_queue=8, timeout_s=60.0) as (url, config):
         replies = []
         threads = [
             threading.Thread(target=lambda: replies.append(post(url, body, content_type)), daemon=True)
@@ -359,10 +360,8 @@ def _slow_body_sockets(url: str, count: int, content_type: str) -> list[socket.s
 
 def test_slow_bodies_hold_no_admission_place(bundle):
     # More slow uploads than the service has places (1 worker + queue 1): valid requests must still be served.
-    config = ServeConfig(bundle=str(bundle), workers=1, max_queue=1, body_timeout_s=8.0, timeout_s=30.0)
     body, content_type = encode_multipart(sample_inputs(64), {"params": json.dumps({"steps": 1})})
-    with serve_in_thread(create_app(config)) as url:
-        wait_ready(url, timeout=60)
+    with serving(bundle, max_queue=1, body_timeout_s=8.0, timeout_s=30.0) as (url, _):
         slow = _slow_body_sockets(url, 5, content_type)
         try:
             time.sleep(0.3)  # their heads are in and their bodies are being read
@@ -375,17 +374,8 @@ def test_slow_bodies_hold_no_admission_place(bundle):
 
 
 def test_a_body_slower_than_the_minimum_rate_is_answered_408_early(bundle):
-    config = ServeConfig(
-        bundle=str(bundle),
-        workers=1,
-        max_queue=1,
-        header_timeout_s=1.0,
-        body_timeout_s=30.0,
-        min_body_rate_kib_s=1.0,
-        timeout_s=30.0,
-    )
-    with serve_in_thread(create_app(config)) as url:
-        wait_ready(url, timeout=60)
+    limits = {"max_queue": 1, "header_timeout_s": 1.0, "body_timeout_s": 30.0, "min_body_rate_kib_s": 1.0}
+    with serving(bundle, timeout_s=30.0, **limits) as (url, _):
         started = time.monotonic()
         (sock,) = _slow_body_sockets(url, 1, encode_multipart(sample_inputs(64))[1])
         status, reply = _read_reply(sock)
@@ -417,9 +407,7 @@ def test_a_request_refused_after_decoding_frees_its_pictures_at_once(bundle):
     full = np.full((side, side), 255, dtype=np.uint8)  # a full target mask: decoded, then refused
     files = {"reference": _png(image), "reference_mask": _png(full), "source": _png(image), "mask": _png(full)}
     body, content_type = encode_multipart(files)
-    config = ServeConfig(bundle=str(bundle), workers=1, max_queue=2, timeout_s=30.0)
-    with serve_in_thread(create_app(config)) as url:
-        wait_ready(url, timeout=60)
+    with serving(bundle, max_queue=2, timeout_s=30.0) as (url, _):
         assert post(url, body, content_type).status == 422  # first-time imports and caches outside the measure
         gc.collect()
         gc.disable()

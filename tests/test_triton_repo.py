@@ -173,6 +173,12 @@ def sample_request_tensors(pb_utils) -> list:
     ]
 
 
+def export_triton(bundle: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """``unidg export triton --bundle BUNDLE --out OUT EXTRA...`` in a new process."""
+    command = [sys.executable, "-m", "unidg.cli", "export", "triton", "--bundle", str(bundle), "--out", str(out)]
+    return subprocess.run([*command, *extra], capture_output=True, text=True, timeout=60)
+
+
 def load_model(repo: Path, name: str = "unidg", kind: str = "CPU"):
     spec = importlib.util.spec_from_file_location(f"triton_model_{abs(hash(repo))}", repo / name / "1" / "model.py")
     module = importlib.util.module_from_spec(spec)
@@ -318,22 +324,7 @@ def test_configs_are_refused_when_malformed_and_bad_bundles_are_not_exported(bun
     changed = tmp_path / "changed"
     toy_bundle(changed)
     (changed / "step.onnx").write_bytes((changed / "step.onnx").read_bytes() + b"\0")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "unidg.cli",
-            "export",
-            "triton",
-            "--bundle",
-            str(changed),
-            "--out",
-            str(tmp_path / "r2"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = export_triton(changed, tmp_path / "r2")
     assert result.returncode == 2 and "does not match its manifest" in result.stderr
     assert not (tmp_path / "r2").exists()
     write_manifest(changed, "bundle", {})  # re-signed but no longer a bundle
@@ -342,26 +333,7 @@ def test_configs_are_refused_when_malformed_and_bad_bundles_are_not_exported(bun
 
 
 def test_cli_writes_a_repository(bundle, tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "unidg.cli",
-            "export",
-            "triton",
-            "--bundle",
-            str(bundle),
-            "--out",
-            str(tmp_path / "repo"),
-            "--kind",
-            "cpu",
-            "--instances",
-            "3",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = export_triton(bundle, tmp_path / "repo", "--kind", "cpu", "--instances", "3")
     assert result.returncode == 0, result.stderr
     assert "tritonserver --model-repository" in result.stdout
     config = parse_config(tmp_path / "repo" / "unidg" / "config.pbtxt")
