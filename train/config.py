@@ -160,11 +160,7 @@ class SFTConfig:
     settings: dict = field(default_factory=dict)  # UniDGSettings overrides written to the merged unidg.json
 
     def validate(self, where: str) -> None:
-        if not self.base:
-            raise ConfigError(f"{where}: 'base' is required (a weights folder made by `unidg train base`)")
-        if not self.output:
-            raise ConfigError(f"{where}: 'output' is required (the run folder for checkpoints and logs)")
-        _check(self.seed >= 0, where, "seed", "must be >= 0", self.seed)
+        check_fine_tuning_run(self, where, "a weights folder made by `unidg train base`")
         for section in (self.data, self.lora, self.optim, self.loss, self.train):
             section.validate(where)
         _settings(self.settings, where)
@@ -229,13 +225,7 @@ class InpainterStageConfig:
         _check(self.weight_decay >= 0, where, "inpainter.weight_decay", "must be >= 0", self.weight_decay)
         _check(self.warmup_steps >= 0, where, "inpainter.warmup_steps", "must be >= 0", self.warmup_steps)
         _check(self.grad_clip >= 0, where, "inpainter.grad_clip", "must be >= 0", self.grad_clip)
-        _check(
-            len(self.mix) == 3 and all(w >= 0 for w in self.mix) and sum(self.mix) > 0,
-            where,
-            "inpainter.mix",
-            f"must be three weights >= 0 (not all 0) for {list(DISTRIBUTIONS)}",
-            self.mix,
-        )
+        _check_mix(self.mix, where, "inpainter.mix")
 
 
 @dataclass
@@ -277,19 +267,34 @@ def check_run_options(train: Any, where: str) -> None:
     _check(train.precision in ("fp32", "bf16"), where, "train.precision", "must be 'fp32' or 'bf16'", train.precision)
     _check(train.checkpoint_every >= 0, where, "train.checkpoint_every", "must be >= 0", train.checkpoint_every)
     _check(train.keep_checkpoints >= 1, where, "train.keep_checkpoints", "must be >= 1", train.keep_checkpoints)
-    _check(
-        len(train.mix) == 3 and all(w >= 0 for w in train.mix) and sum(train.mix) > 0,
-        where,
-        "train.mix",
-        f"must be three weights >= 0 (not all 0) for {list(DISTRIBUTIONS)}",
-        train.mix,
-    )
+    _check_mix(train.mix, where, "train.mix")
     _check(train.threads >= 0, where, "train.threads", "must be >= 0", train.threads)
 
 
 def _check(ok: bool, where: str, key: str, rule: str, value: Any) -> None:
     if not ok:
         raise ConfigError(f"{where}: {key} {rule} (got {value!r})")
+
+
+def _check_mix(mix: list[float], where: str, key: str) -> None:
+    """A distribution mix: three weights >= 0, not all 0, one per pair distribution."""
+    rule = f"must be three weights >= 0 (not all 0) for {list(DISTRIBUTIONS)}"
+    _check(len(mix) == 3 and all(w >= 0 for w in mix) and sum(mix) > 0, where, key, rule, mix)
+
+
+def check_choice(value: str, choices: tuple[str, ...], where: str, key: str) -> None:
+    """``value`` is one of ``choices``; the refusal lists them."""
+    _check(value in choices, where, key, f"must be one of {list(choices)}", value)
+
+
+def check_fine_tuning_run(config: Any, where: str, base: str) -> None:
+    """The top-level keys of a fine-tuning run (SFT, RFT): its input weights folder 'base' (``base`` says which
+    one), its run folder 'output' and its seed."""
+    if not config.base:
+        raise ConfigError(f"{where}: 'base' is required ({base})")
+    if not config.output:
+        raise ConfigError(f"{where}: 'output' is required (the run folder for checkpoints and logs)")
+    _check(config.seed >= 0, where, "seed", "must be >= 0", config.seed)
 
 
 def _settings(overrides: dict, where: str) -> UniDGSettings:

@@ -13,6 +13,8 @@ from unidg.train.config import (
     OptimConfig,
     _check,
     _settings,
+    check_choice,
+    check_fine_tuning_run,
     check_run_options,
     load_config,
 )
@@ -45,13 +47,7 @@ class RolloutConfig:
             "must be > 0 (1: no CFG)",
             self.cfg_scales,
         )
-        _check(
-            self.negative_reference in NEGATIVE_REFERENCES,
-            where,
-            "rollout.negative_reference",
-            f"must be one of {list(NEGATIVE_REFERENCES)}",
-            self.negative_reference,
-        )
+        check_choice(self.negative_reference, NEGATIVE_REFERENCES, where, "rollout.negative_reference")
         _check(self.noise_level > 0, where, "rollout.noise_level", "must be > 0", self.noise_level)
         _check(self.micro_batch >= 0, where, "rollout.micro_batch", "must be >= 0", self.micro_batch)
 
@@ -73,13 +69,7 @@ class GRPOConfig:
     def validate(self, where: str) -> None:
         _check(self.beta >= 0, where, "grpo.beta", "must be >= 0", self.beta)
         _check(self.clip_range > 0, where, "grpo.clip_range", "must be > 0", self.clip_range)
-        _check(
-            self.kl_variance in KL_VARIANCES,
-            where,
-            "grpo.kl_variance",
-            f"must be one of {list(KL_VARIANCES)}",
-            self.kl_variance,
-        )
+        check_choice(self.kl_variance, KL_VARIANCES, where, "grpo.kl_variance")
         _check(self.adv_eps > 0, where, "grpo.adv_eps", "must be > 0", self.adv_eps)
         _check(self.adv_clip >= 0, where, "grpo.adv_clip", "must be >= 0", self.adv_clip)
         _check(self.inner_epochs >= 1, where, "grpo.inner_epochs", "must be >= 1", self.inner_epochs)
@@ -126,11 +116,7 @@ class RFTConfig:
     settings: dict = field(default_factory=dict)  # overrides of the base's unidg.json settings
 
     def validate(self, where: str) -> None:
-        if not self.base:
-            raise ConfigError(f"{where}: 'base' is required (the merged SFT weights folder of `unidg train merge`)")
-        if not self.output:
-            raise ConfigError(f"{where}: 'output' is required (the run folder for checkpoints and logs)")
-        _check(self.seed >= 0, where, "seed", "must be >= 0", self.seed)
+        check_fine_tuning_run(self, where, "the merged SFT weights folder of `unidg train merge`")
         for section in (self.data, self.lora, self.optim, self.rollout, self.grpo, self.train):
             section.validate(where)
         self.reward.validate(f"{where} [reward]")

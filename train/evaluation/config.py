@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from unidg.train.config import ConfigError, load_config
+from unidg.train.config import ConfigError, _check, load_config
 
 DEFAULT_SETS: tuple[str, ...] = ("rule", "generated", "two_stage", "real")
 # "selected": seed 004's arm, (ii) filtered by category consistency and learnt by a multi-task discriminator.
@@ -17,11 +17,6 @@ DEFAULT_SETS: tuple[str, ...] = ("rule", "generated", "two_stage", "real")
 TRAINING_SETS: tuple[str, ...] = (*DEFAULT_SETS, "selected", "compare")
 CACHE_SETTINGS: tuple[str, ...] = ("", "off", "static", "dynamic")  # "": the bundle's gated default
 DATA_KINDS: tuple[str, ...] = ("udg", "mvtec", "visa")
-
-
-def _check(ok: bool, where: str, key: str, rule: str, value: object) -> None:
-    if not ok:
-        raise ConfigError(f"{where}: {key} {rule} (got {value!r})")
 
 
 @dataclass
