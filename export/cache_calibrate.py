@@ -26,7 +26,7 @@ from unidg.core.manifest import Manifest
 from unidg.core.staging import OutputFolderError
 from unidg.core.weights_folder import staged_folder
 from unidg.export.bundle import write_bundle_manifest
-from unidg.export.parity import psnr
+from unidg.export.parity import json_figures, psnr
 from unidg.runtime.backends.base import StepConditioning
 from unidg.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 from unidg.runtime.bundle import Bundle, load_bundle
@@ -77,7 +77,7 @@ class CandidateResult:
         data = asdict(self)
         data["schedule"] = list(self.schedule) if self.schedule is not None else None
         data.update(passed=self.passed, saved_fraction=round(self.saved_fraction, 4))
-        return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in data.items()}
+        return json_figures(data)
 
     def row(self) -> str:
         verdict = "PASS" if self.passed else "FAIL"

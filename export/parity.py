@@ -85,6 +85,11 @@ def psnr(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
     return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
 
 
+def json_figures(data: dict) -> dict:
+    """``data`` for a JSON report: an infinite figure (the PSNR of identical images) becomes null."""
+    return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in data.items()}
+
+
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
     denominator = float(np.linalg.norm(a) * np.linalg.norm(b))

@@ -17,7 +17,7 @@ import torch
 from unidg.calib.build import CalibSet
 from unidg.core.latents import model_to_pixels
 from unidg.export.bf16_emulation import emulated_bf16_file
-from unidg.export.parity import compare, cosine, onnx_session, psnr
+from unidg.export.parity import compare, cosine, json_figures, onnx_session, psnr
 from unidg.export.quantize_modelopt import QuantizationError
 from unidg.runtime.bundle import STEP_INPUTS, STEP_POSITION_INPUTS, Bundle
 from unidg.runtime.sampler import sampling_sigmas
@@ -60,7 +60,7 @@ class AccuracyReport:
     def to_dict(self) -> dict:
         data = asdict(self)
         data["passed"] = self.passed
-        return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in data.items()}
+        return json_figures(data)
 
     def __str__(self) -> str:
         verdict = "PASS" if self.passed else "FAIL"

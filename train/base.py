@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from unidg.core.manifest import atomic_write_text
 from unidg.core.settings import UniDGSettings
-from unidg.train.checkpoints import read_log
+from unidg.train.checkpoints import append_record, read_log
 from unidg.train.config import BaseConfig, LossConfig, OptimConfig, settings_of, to_dict
 from unidg.train.dataset import LatentPairs, build_example, to_model_pixels
 from unidg.train.flow import step_generator
@@ -354,8 +354,7 @@ def train_vae(
             torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
             optimizer.step()
             record = {"step": step, **parts, "phase": "autoencoder" if step <= stage.steps else "decoder"}
-            log.write(json.dumps(record) + "\n")
-            records.append(record)
+            append_record(log, records, record)
             bar.set_postfix(loss=f"{parts['loss']:.4f}")
             bar.update(1)
     if finetune_steps == 0:

@@ -12,6 +12,7 @@ import json
 import math
 import shutil
 from pathlib import Path
+from typing import TextIO
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -59,6 +60,15 @@ def check_step_finite(
 
 
 # ============================================================================ the log
+def append_record(log: TextIO | None, records: list[dict], record: dict) -> None:
+    """Keep one step's ``record`` and, on the process that writes the log (``log`` open), append it to the log as
+    one JSON line, flushed so that a run killed afterwards keeps it."""
+    if log is not None:
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+    records.append(record)
+
+
 def read_log(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / LOG_FILE
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []

@@ -43,7 +43,7 @@ from tqdm import tqdm
 from unidg.core.geometry import defect_token_mask
 from unidg.core.settings import UniDGSettings
 from unidg.runtime.sampler import sampling_sigmas
-from unidg.train.checkpoints import LOG_FILE, CheckpointFolder, check_step_finite, trim_log
+from unidg.train.checkpoints import LOG_FILE, CheckpointFolder, append_record, check_step_finite, trim_log
 from unidg.train.config import ConfigError, to_dict
 from unidg.train.grpo import group_advantages, grpo_loss
 from unidg.train.lora import save_lora
@@ -424,8 +424,7 @@ class RFTRun:
         with open(log_path, "a") if main else contextlib.nullcontext() as log:
             if every and self.step == 0 and main:
                 record = {"step": 0, "heldout_reward": self.evaluate(use_ema=False), "time": time.time()}
-                log.write(json.dumps(record) + "\n")
-                records.append(record)
+                append_record(log, records, record)
             while self.step < last:
                 started = time.perf_counter()
                 parts = self.train_step(self.step + 1)
@@ -441,10 +440,7 @@ class RFTRun:
                     self.latest_checkpoint(),
                     "lower optim.lr or grpo.beta and train into a new output folder",
                 )
-                if log is not None:
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-                records.append(record)
+                append_record(log, records, record)
                 bar.set_postfix(reward=f"{record['reward_mean']:.3f}", kl=f"{record['kl']:.2e}")
                 bar.update(1)
                 every_ckpt = self.config.train.checkpoint_every

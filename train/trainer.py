@@ -16,7 +16,6 @@ reproduces the uninterrupted run's losses.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import time
@@ -33,7 +32,7 @@ from tqdm import tqdm
 from unidg.core.errors import UniDGError
 from unidg.core.layout import DiptychLayout
 from unidg.core.settings import UniDGSettings
-from unidg.train.checkpoints import LOG_FILE, CheckpointFolder, check_step_finite, trim_log
+from unidg.train.checkpoints import LOG_FILE, CheckpointFolder, append_record, check_step_finite, trim_log
 from unidg.train.config import ConfigError, LoopConfig, LossConfig, OptimConfig
 from unidg.train.flow import (
     FlowObjective,
@@ -440,10 +439,7 @@ class FlowTrainer:
                     self.latest_checkpoint(),
                     "lower optim.lr (or raise optim.warmup_steps) and train into a new output folder",
                 )
-                if log is not None:
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-                records.append(record)
+                append_record(log, records, record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", it_s=f"{record['it_s']:.2f}")
                 bar.update(1)
                 if on_step is not None and main:
