@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from unidg.runtime.cli_options import add_overwrite_option, add_seed_option
+from unidg.runtime.cli_options import add_overwrite_option, add_seed_option, option_values
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,6 +36,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.set_defaults(handler=run_build)
 
 
+# The options of `unidg calib build` that build_calib takes as they are, by the same name.
+BUILD_OPTIONS = ("samples", "steps", "step_subset", "seed", "held_out", "resolution", "samples_per_shard", "overwrite")
+
+
 def run_build(args: argparse.Namespace) -> int:
     # torch-heavy modules load when the command runs: `unidg --help` and the lean runtime install stay light
     from unidg.calib.build import build_calib
@@ -47,14 +51,7 @@ def run_build(args: argparse.Namespace) -> int:
         args.data,
         args.weights,
         args.out,
-        samples=args.samples,
-        steps=args.steps,
-        step_subset=args.step_subset,
-        seed=args.seed,
-        held_out=args.held_out,
-        resolution=args.resolution,
-        samples_per_shard=args.samples_per_shard,
-        overwrite=args.overwrite,
+        **option_values(args, *BUILD_OPTIONS),
         progress=progress,
     )
     meta = manifest.metadata

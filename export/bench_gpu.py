@@ -32,6 +32,7 @@ from pathlib import Path
 from unidg.core.errors import OptionError
 from unidg.export.bench_cli import command_line, use_triton_interpreter
 from unidg.export.bench_gpu_report import GpuBenchResult, format_markdown, write_report
+from unidg.runtime.cli_options import option_values
 
 
 def bench_gpu(args: argparse.Namespace) -> int:
@@ -48,12 +49,7 @@ def bench_gpu(args: argparse.Namespace) -> int:
 
     try:
         result = run_gpu_bench(
-            dry_run=args.dry_run,
-            resolution=args.resolution,
-            steps=args.steps,
-            repeats=args.repeats,
-            seed=args.seed,
-            compile_backend=args.compile_backend,
+            **option_values(args, "dry_run", "resolution", "steps", "repeats", "seed", "compile_backend"),
             compile=not args.no_compile,
             on_row=report,
         )

@@ -39,6 +39,7 @@ from unidg.export.bench_cli import command_line, use_triton_interpreter
 from unidg.export.bench_gpu_all_plan import AllResult
 from unidg.export.bench_gpu_all_report import format_markdown, write_all_report
 from unidg.export.step_cache_fraction import read_full_step_fraction
+from unidg.runtime.cli_options import option_values
 
 
 def bench_gpu_all(args: argparse.Namespace) -> int:
@@ -58,16 +59,9 @@ def bench_gpu_all(args: argparse.Namespace) -> int:
     from unidg.export.bench_gpu_all_rows import run_all
 
     try:
+        options = ("dry_run", "budget_s", "resolution", "steps", "repeats", "seed", "compile_backend")
         result = run_all(
-            dry_run=args.dry_run,
-            budget_s=args.budget_s,
-            resolution=args.resolution,
-            steps=args.steps,
-            repeats=args.repeats,
-            seed=args.seed,
-            compile_backend=args.compile_backend,
-            cache_full_steps=args.cache_full_steps,
-            cache_manifest=args.cache_manifest,
+            **option_values(args, *options, "cache_full_steps", "cache_manifest"),
             report=report,
             only=tuple(word.strip() for word in (args.only or "").split(",") if word.strip()),
         )

@@ -10,7 +10,13 @@ from pathlib import Path
 
 from unidg.export.commands_cache import register_cache_commands
 from unidg.export.commands_triton import export_subparsers
-from unidg.runtime.cli_options import add_bundle_option, add_json_option, add_overwrite_option, add_seed_option
+from unidg.runtime.cli_options import (
+    add_bundle_option,
+    add_json_option,
+    add_overwrite_option,
+    add_seed_option,
+    option_values,
+)
 
 
 def _batch(text: str) -> int | str:
@@ -285,6 +291,29 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# The options of _engine_arguments that EngineRequest takes as they are, by the same name.
+ENGINE_OPTIONS = (
+    "precision",
+    "dynamic",
+    "min_batch",
+    "opt_batch",
+    "max_batch",
+    "min_resolution",
+    "max_resolution",
+    "optimization_level",
+    "timing_cache",
+    "refit",
+    "strip_weights",
+    "version_compatible",
+    "hardware_compatibility",
+    "workspace_gb",
+    "plugin_large_shared_memory",
+    "attention",
+    "attention_mask",
+    "decomposable",
+)
+
+
 def _engine_request(args: argparse.Namespace):
     # the export modules (torch, onnx, TensorRT) load when the command runs: `unidg --help` stays light
     from unidg.export.engine import EngineRequest
@@ -292,25 +321,8 @@ def _engine_request(args: argparse.Namespace):
     # no --graphs: every graph of the bundle, its step-cache graphs included
     graphs = tuple(g.strip() for g in args.graphs.split(",")) if args.graphs else None
     return EngineRequest(
-        precision=args.precision,
-        dynamic=args.dynamic,
-        min_batch=args.min_batch,
-        opt_batch=args.opt_batch,
-        max_batch=args.max_batch,
-        min_resolution=args.min_resolution,
-        max_resolution=args.max_resolution,
-        optimization_level=args.optimization_level,
-        timing_cache=args.timing_cache,
-        refit=args.refit,
-        strip_weights=args.strip_weights,
-        version_compatible=args.version_compatible,
-        hardware_compatibility=args.hardware_compatibility,
-        workspace_gb=args.workspace_gb,
+        **option_values(args, *ENGINE_OPTIONS),
         graphs=graphs,
-        plugin_large_shared_memory=args.plugin_large_shared_memory,
-        attention=args.attention,
-        attention_mask=args.attention_mask,
-        decomposable=args.decomposable,
         trtexec_major=getattr(args, "tensorrt_major", None),
     )
 

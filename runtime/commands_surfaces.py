@@ -7,7 +7,13 @@ import json
 
 from unidg.core.errors import OptionError
 from unidg.core.manifest import atomic_write_text
-from unidg.runtime.cli_options import add_backend_options, add_bundle_option, add_json_option, backend_options
+from unidg.runtime.cli_options import (
+    add_backend_options,
+    add_bundle_option,
+    add_json_option,
+    backend_options,
+    option_values,
+)
 from unidg.runtime.commands import bench_subparsers
 
 
@@ -86,11 +92,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from unidg.runtime.serve import ServeConfig, api_key_from_env, serve
 
     config = ServeConfig(
-        bundle=args.bundle,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        max_queue=args.max_queue,
+        **option_values(args, "bundle", "host", "port", "workers", "max_queue"),
         timeout_s=args.timeout,
         max_upload_mb=args.max_upload_mb,
         max_steps=args.max_steps,

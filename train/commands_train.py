@@ -17,6 +17,7 @@ from unidg.runtime.cli_options import (
     add_seed_option,
     command_group,
     config_overrides,
+    option_values,
 )
 
 
@@ -187,13 +188,7 @@ def _reward_recog(args: argparse.Namespace) -> int:
     from unidg.train.reward_recog import RecogTrainConfig, train_reward_recog
 
     config = RecogTrainConfig(
-        size=args.size,
-        epochs=args.epochs,
-        batch=args.batch,
-        lr=args.lr,
-        resnet_width=args.resnet_width,
-        unet_width=args.unet_width,
-        seed=args.seed,
+        **option_values(args, "size", "epochs", "batch", "lr", "resnet_width", "unet_width", "seed")
     )
     config.validate()
     if args.limit < 0:

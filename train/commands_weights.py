@@ -7,7 +7,7 @@ import argparse
 import json
 
 from unidg.core.manifest import atomic_write_text
-from unidg.runtime.cli_options import add_json_option, add_overwrite_option, add_quiet_option
+from unidg.runtime.cli_options import add_json_option, add_overwrite_option, add_quiet_option, option_values
 
 DTYPES = ("keep", "bfloat16", "float16", "float32")
 
@@ -56,13 +56,7 @@ def _import(args: argparse.Namespace) -> int:
 
     dtype = None if args.dtype == "keep" else getattr(torch, args.dtype)
     sources = ImportSources(
-        fill=args.fill,
-        redux=args.redux,
-        transformer=args.transformer,
-        vae=args.vae,
-        image_encoder=args.image_encoder,
-        image_embedder=args.image_embedder,
-        hf_cache=args.hf_cache,
+        **option_values(args, "fill", "redux", "transformer", "vae", "image_encoder", "image_embedder", "hf_cache")
     )
     report = import_weights(
         args.out,
