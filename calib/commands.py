@@ -5,13 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from unidg.runtime.cli_options import add_overwrite_option, add_seed_option, option_values
+from unidg.runtime.cli_options import add_overwrite_option, add_seed_option, command_group, option_values
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    calib = subparsers.add_parser("calib", help="calibration sets (step inputs along real trajectories)")
-    calib.set_defaults(handler=lambda args: calib.print_help() or 2)
-    commands = calib.add_subparsers(dest="calib_command", metavar="CALIB")
+    commands = command_group(subparsers, "calib", "calibration sets (step inputs along real trajectories)")
     build = commands.add_parser(
         "build",
         help="capture step-graph inputs of N requests along their 28-step trajectories",

@@ -56,13 +56,21 @@ class ArgumentParser(argparse.ArgumentParser):
         self.register("action", "parsers", CommandSet)
 
 
-def command_group(subparsers: argparse._SubParsersAction, name: str, help: str) -> argparse._SubParsersAction:
-    """The sub-commands of group ``name`` (e.g. ``unidg bench``): created on first use, shared afterwards."""
+def command_group(
+    subparsers: argparse._SubParsersAction,
+    name: str,
+    help: str,
+    *,
+    metavar: str | None = None,
+    description: str | None = None,
+) -> argparse._SubParsersAction:
+    """The sub-commands of group ``name`` (e.g. ``unidg bench``): created on first use, shared afterwards. The group
+    alone prints its help; ``metavar`` names its sub-commands in that help (default: NAME)."""
     groups = _GROUPS.setdefault(subparsers, {})
     if name not in groups:
-        parser = subparsers.add_parser(name, help=help)
+        parser = subparsers.add_parser(name, help=help, description=description)
         parser.set_defaults(handler=lambda args: parser.print_help() or 2)
-        groups[name] = parser.add_subparsers(dest=f"{name}_command", metavar=name.upper())
+        groups[name] = parser.add_subparsers(dest=f"{name}_command", metavar=metavar or name.upper())
     return groups[name]
 
 

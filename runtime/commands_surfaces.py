@@ -12,6 +12,7 @@ from unidg.runtime.cli_options import (
     add_bundle_option,
     add_json_option,
     backend_options,
+    command_group,
     option_values,
 )
 from unidg.runtime.commands import bench_subparsers
@@ -74,8 +75,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_json_option(bench, "also write the report as JSON to this file", dest="json_out")
     bench.set_defaults(handler=run_serve_bench)
 
-    capi = subparsers.add_parser("capi", help="C ABI: build libunidg.so + unidg.h (docs/capi.md)")
-    capi_commands = capi.add_subparsers(dest="capi_command", metavar="COMMAND")
+    capi_commands = command_group(
+        subparsers, "capi", "C ABI: build libunidg.so + unidg.h (docs/capi.md)", metavar="COMMAND"
+    )
     build = capi_commands.add_parser(
         "build",
         help="compile libunidg.so (cffi embedding mode) and copy unidg.h into --out",
@@ -84,7 +86,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--out", required=True, help="output folder for libunidg.so and unidg.h")
     build.add_argument("--verbose", action="store_true", help="show the compiler commands")
     build.set_defaults(handler=run_capi_build)
-    capi.set_defaults(handler=lambda args: capi.print_help() or 2)
 
 
 def run_serve(args: argparse.Namespace) -> int:

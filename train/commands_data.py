@@ -13,6 +13,7 @@ from unidg.runtime.cli_options import (
     add_quiet_option,
     add_seed_option,
     backend_options,
+    command_group,
 )
 
 
@@ -157,9 +158,7 @@ def _curate(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("data", help="UDG datasets: procedural quadruplets, validation")
-    commands = parser.add_subparsers(dest="data_command", metavar="ACTION")
-    parser.set_defaults(handler=lambda args: parser.print_help() or 2)
+    commands = command_group(subparsers, "data", "UDG datasets: procedural quadruplets, validation", metavar="ACTION")
 
     synth = commands.add_parser(
         "synth",

@@ -244,9 +244,9 @@ def _register_bench_train(subparsers: argparse._SubParsersAction) -> None:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     _register_bench_train(subparsers)
-    parser = subparsers.add_parser("train", help="train: base model, Diversity-SFT LoRA, merge, nano evaluation")
-    commands = parser.add_subparsers(dest="train_command", metavar="STAGE")
-    parser.set_defaults(handler=lambda args: parser.print_help() or 2)
+    commands = command_group(
+        subparsers, "train", "train: base model, Diversity-SFT LoRA, merge, nano evaluation", metavar="STAGE"
+    )
 
     base = commands.add_parser("base", help="train a base model from scratch: autoencoder, then diptych inpainter")
     _add_config_arguments(base)

@@ -7,7 +7,13 @@ import argparse
 import json
 
 from unidg.core.manifest import atomic_write_text
-from unidg.runtime.cli_options import add_json_option, add_overwrite_option, add_quiet_option, option_values
+from unidg.runtime.cli_options import (
+    add_json_option,
+    add_overwrite_option,
+    add_quiet_option,
+    command_group,
+    option_values,
+)
 
 DTYPES = ("keep", "bfloat16", "float16", "float32")
 
@@ -122,14 +128,14 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+    commands = command_group(
+        subparsers,
         "weights",
-        help="weights folders: import FLUX.1-Fill/Redux downloads, merge a LoRA file, describe",
+        "weights folders: import FLUX.1-Fill/Redux downloads, merge a LoRA file, describe",
+        metavar="ACTION",
         description="The weights folder every later stage reads (docs/weights.md): made from downloaded checkpoints "
         "(import), with a published LoRA folded in (lora), described (info).",
     )
-    commands = parser.add_subparsers(dest="weights_command", metavar="ACTION")
-    parser.set_defaults(handler=lambda args: parser.print_help() or 2)
 
     imp = commands.add_parser(
         "import",
