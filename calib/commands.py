@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from unidg.runtime.cli_options import add_overwrite_option, add_seed_option, command_group, option_values
+from unidg.runtime.cli_options import (
+    add_data_option,
+    add_out_option,
+    add_overwrite_option,
+    add_seed_option,
+    add_weights_option,
+    command_group,
+    option_values,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,9 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "reference sampler of the weights, and store the step inputs at the chosen steps as safetensors shards with "
         "a manifest tied to the weights fingerprint. Deterministic for a seed.",
     )
-    build.add_argument("--data", required=True, help="UDG folder (index.jsonl + images), e.g. from `unidg data synth`")
-    build.add_argument("--weights", required=True, help="merged weights folder (unidg train merge)")
-    build.add_argument("--out", required=True, help="calibration folder to write")
+    add_data_option(build, "UDG folder (index.jsonl + images), e.g. from `unidg data synth`")
+    add_weights_option(build, "merged weights folder (unidg train merge)")
+    add_out_option(build, "calibration folder to write")
     build.add_argument("--samples", type=int, default=32, help="requests")
     build.add_argument("--steps", type=int, default=28, help="denoising steps per request")
     build.add_argument(

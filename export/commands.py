@@ -13,8 +13,10 @@ from unidg.export.commands_triton import export_subparsers
 from unidg.runtime.cli_options import (
     add_bundle_option,
     add_json_option,
+    add_out_option,
     add_overwrite_option,
     add_seed_option,
+    add_weights_option,
     option_values,
 )
 
@@ -51,8 +53,8 @@ def _register_onnx(export: argparse._SubParsersAction) -> None:
         description="Export the four graphs of Bundle format v1 with torch's dynamo exporter (opset 23) and write "
         "manifest.json; the folder appears atomically (docs/export.md).",
     )
-    onnx.add_argument("--weights", required=True, help="merged weights folder (unidg train merge)")
-    onnx.add_argument("--out", required=True, help="bundle folder to write")
+    add_weights_option(onnx, "merged weights folder (unidg train merge)")
+    add_out_option(onnx, "bundle folder to write")
     onnx.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32", help="precision of the graphs")
     onnx.add_argument("--resolution", type=int, help="diptych half size S (default: the weights' unidg.json)")
     onnx.add_argument("--batch", type=_batch, default=1, help="static batch size or 'dynamic'")
@@ -98,10 +100,10 @@ def _register_quantize(export: argparse._SubParsersAction) -> None:
         "Q/DQ step graph, measure velocity cosine and final-image PSNR against the unquantized bundle on the held-out "
         "samples, and write the bundle only if the gate passes.",
     )
-    quantize.add_argument("--weights", required=True, help="merged weights folder")
+    add_weights_option(quantize, "merged weights folder")
     quantize.add_argument("--calib", required=True, help="calibration set of these weights (unidg calib build)")
     quantize.add_argument("--format", choices=("fp8", "int8"), required=True, help="quantized format of the Linears")
-    quantize.add_argument("--out", required=True, help="bundle folder to write")
+    add_out_option(quantize, "bundle folder to write")
     quantize.add_argument(
         "--high-precision",
         choices=("bf16", "fp32"),
@@ -170,7 +172,7 @@ def _register_adopt(export: argparse._SubParsersAction) -> None:
     )
     add_bundle_option(adopt, help="the bundle the trtexec commands were written for")
     adopt.add_argument("--plans", required=True, help="the --out folder of `unidg export trtexec`, plans built")
-    adopt.add_argument("--out", required=True, help="the new bundle folder")
+    add_out_option(adopt, "the new bundle folder")
     add_overwrite_option(adopt)
     adopt.set_defaults(handler=run_adopt)
 
@@ -184,7 +186,7 @@ def _register_check(export: argparse._SubParsersAction) -> None:
         "dB). --run executes them (the TensorRT half only where tensorrt is installed).",
     )
     add_bundle_option(check, help="bundle folder whose graphs are compared")
-    check.add_argument("--out", required=True, help="folder for the graphs, inputs and outputs (not the bundle)")
+    add_out_option(check, "folder for the graphs, inputs and outputs (not the bundle)")
     check.add_argument(
         "--attention-mask",
         choices=("key", "full"),
@@ -205,7 +207,7 @@ def _register_parity(export: argparse._SubParsersAction) -> None:
         help="per-graph and 28-step trajectory parity of a bundle with the torch model (onnxruntime, polygraphy)",
     )
     add_bundle_option(parity, help="bundle folder to check")
-    parity.add_argument("--weights", required=True, help="the weights folder the bundle was exported from")
+    add_weights_option(parity, "the weights folder the bundle was exported from")
     parity.add_argument("--no-trajectory", action="store_true", help="per-graph figures only")
     parity.add_argument("--save", help="folder for polygraphy inputs/outputs JSON (re-run with `polygraphy run`)")
     add_json_option(parity, "write the figures to this JSON file")
@@ -218,7 +220,7 @@ def _register_slice(export: argparse._SubParsersAction) -> None:
         "slice",
         help="export the step graph of a preset with only a few blocks, random weights (size/time/memory checks)",
     )
-    slice_parser.add_argument("--out", required=True, help="folder for step.onnx (+ step.onnx.data)")
+    add_out_option(slice_parser, "folder for step.onnx (+ step.onnx.data)")
     slice_parser.add_argument("--preset", default="full", help="model shapes (full: FLUX.1-Fill; nano)")
     slice_parser.add_argument("--double-blocks", type=int, default=1, help="double-stream blocks kept")
     slice_parser.add_argument("--single-blocks", type=int, default=1, help="single-stream blocks kept")

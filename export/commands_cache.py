@@ -6,7 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from unidg.runtime.cli_options import add_bundle_option, add_json_option, add_overwrite_option
+from unidg.runtime.cli_options import (
+    add_bundle_option,
+    add_json_option,
+    add_out_option,
+    add_overwrite_option,
+    add_weights_option,
+)
 
 
 def _thresholds(text: str) -> list[float]:
@@ -27,8 +33,8 @@ def register_cache_commands(export: argparse._SubParsersAction) -> None:
         "--cache off runs what it ran before. Caching stays off by default until cache-calibrate records a setting.",
     )
     add_bundle_option(graphs, help="bundle folder (unidg export onnx)")
-    graphs.add_argument("--weights", required=True, help="the merged weights folder the bundle was exported from")
-    graphs.add_argument("--out", required=True, help="bundle folder to write")
+    add_weights_option(graphs, "the merged weights folder the bundle was exported from")
+    add_out_option(graphs, "bundle folder to write")
     add_overwrite_option(graphs)
     graphs.set_defaults(handler=run_cache_graphs)
 
@@ -42,7 +48,7 @@ def register_cache_commands(export: argparse._SubParsersAction) -> None:
     )
     add_bundle_option(calibrate, help="bundle with step-cache graphs (unidg export cache-graphs)")
     calibrate.add_argument("--calib", required=True, help="calibration set of the bundle's weights (unidg calib build)")
-    calibrate.add_argument("--out", required=True, help="bundle folder to write (never the input bundle)")
+    add_out_option(calibrate, "bundle folder to write (never the input bundle)")
     calibrate.add_argument(
         "--thresholds",
         type=_thresholds,

@@ -104,6 +104,21 @@ def config_overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
+def add_out_option(parser: argparse.ArgumentParser, help: str, *, default: str | None = None) -> None:
+    """``--out``: what the command writes (docs/cli.md); required unless it has a ``default``."""
+    parser.add_argument("--out", required=default is None, default=default, help=help)
+
+
+def add_weights_option(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--weights``: a weights folder (``unidg train merge``, ``unidg weights import``); ``help`` says which."""
+    parser.add_argument("--weights", required=True, help=help)
+
+
+def add_data_option(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--data``: a UDG folder (``unidg data synth``); ``help`` says which."""
+    parser.add_argument("--data", required=True, help=help)
+
+
 def add_overwrite_option(parser: argparse.ArgumentParser) -> None:
     """``--overwrite``: replace an existing ``--out`` (docs/cli.md)."""
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")

@@ -13,6 +13,7 @@ from unidg.core.staging import check_output_folder, staged_folder
 from unidg.runtime.cli_options import (
     add_backend_options,
     add_bundle_option,
+    add_out_option,
     add_quiet_option,
     add_seed_option,
     backend_options,
@@ -216,7 +217,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     generate.add_argument("--category", default=None, help="defect category for the caption (one of the 28)")
     generate.add_argument("--object-name", default="object", help="object name for the caption stub")
     generate.add_argument("--id", default="000000", help="sample id of the quadruplet (file names)")
-    generate.add_argument("--out", required=True, help="output folder (new, or empty)")
+    add_out_option(generate, "output folder (new, or empty)")
     add_quiet_option(generate)
     add_backend_options(generate)
     generate.set_defaults(handler=_generate)
@@ -232,7 +233,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_bundle_option(batch)
     batch.add_argument("--jobs", required=True, help="jobs file (JSON lines)")
-    batch.add_argument("--out", required=True, help="output UDG folder (created, or resumed)")
+    add_out_option(batch, "output UDG folder (created, or resumed)")
     batch.add_argument("--batch-size", type=int, default=None, help="requests per model pass (default: bundle's)")
     add_quiet_option(batch)
     batch.add_argument(
@@ -245,7 +246,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     batch.set_defaults(handler=_batch)
 
     demo = subparsers.add_parser("demo", help="run the shipped UniDG-nano model on the sample images")
-    demo.add_argument("--out", default="out/demo", help="output folder")
+    add_out_option(demo, "output folder", default="out/demo")
     add_quiet_option(demo)
     add_bundle_option(demo, required=False, help="bundle to run (default: the shipped UniDG-nano bundle)")
     demo.add_argument("--samples", default=None, help="folder with samples.json (default: the shipped samples)")

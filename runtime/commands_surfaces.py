@@ -11,6 +11,7 @@ from unidg.runtime.cli_options import (
     add_backend_options,
     add_bundle_option,
     add_json_option,
+    add_out_option,
     backend_options,
     command_group,
     option_values,
@@ -83,7 +84,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="compile libunidg.so (cffi embedding mode) and copy unidg.h into --out",
         description="Compile libunidg.so, which embeds this environment's Python and finds unidg in its site-packages.",
     )
-    build.add_argument("--out", required=True, help="output folder for libunidg.so and unidg.h")
+    add_out_option(build, "output folder for libunidg.so and unidg.h")
     build.add_argument("--verbose", action="store_true", help="show the compiler commands")
     build.set_defaults(handler=run_capi_build)
 

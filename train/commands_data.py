@@ -9,6 +9,7 @@ import sys
 from unidg.runtime.cli_options import (
     add_backend_options,
     add_bundle_option,
+    add_out_option,
     add_overwrite_option,
     add_quiet_option,
     add_seed_option,
@@ -166,7 +167,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Write COUNT normal/abnormal/mask/caption quadruplets (index.jsonl + PNGs + dataset.json) to "
         "OUT. Deterministic for (count, seed, size): sample i depends only on the seed, i and the size.",
     )
-    synth.add_argument("--out", required=True, help="UDG folder to create")
+    add_out_option(synth, "UDG folder to create")
     synth.add_argument("--count", type=int, required=True, help="number of quadruplets")
     add_seed_option(synth, "seed (default 0); use another seed for held-out data")
     synth.add_argument("--size", type=int, default=256, help="image side in pixels; some images are 4:5 or 5:4")
@@ -195,7 +196,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "templates", help="mask-template library: the masks of a UDG folder clustered per category (paper App. A.1)"
     )
     templates.add_argument("--udg", required=True, help="UDG folder whose masks become templates")
-    templates.add_argument("--out", required=True, help="library folder to write")
+    add_out_option(templates, "library folder to write")
     templates.add_argument(
         "--clusters", type=int, default=100, help="k-means clusters per category (fewer masks: fewer)"
     )
@@ -210,7 +211,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     place.add_argument("--templates", required=True, help="library folder (unidg data templates)")
     place.add_argument("--image", required=True, help="normal image to place the mask on")
     place.add_argument("--category", required=True, help="defect category of the template")
-    place.add_argument("--out", required=True, help="mask PNG to write (0/255, the image's size)")
+    add_out_option(place, "mask PNG to write (0/255, the image's size)")
     add_seed_option(place, "seed of the cluster, template and position choice")
     place.set_defaults(handler=_place)
 
@@ -219,7 +220,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     references.add_argument("--udg", required=True, help="UDG folder whose abnormal images become references")
     add_bundle_option(references, help="bundle whose image encoder embeds the references")
-    references.add_argument("--out", required=True, help="repository folder to write")
+    add_out_option(references, "repository folder to write")
     add_overwrite_option(references)
     add_quiet_option(references)
     add_backend_options(references)

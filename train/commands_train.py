@@ -11,10 +11,13 @@ from unidg.core.errors import OptionError, UniDGError
 from unidg.core.manifest import atomic_write_text
 from unidg.runtime.cli_options import (
     add_config_options,
+    add_data_option,
     add_json_option,
+    add_out_option,
     add_overwrite_option,
     add_quiet_option,
     add_seed_option,
+    add_weights_option,
     command_group,
     config_overrides,
     option_values,
@@ -238,7 +241,7 @@ def _register_bench_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dry-run", action="store_true", help="CPU, nano width, tiny size: check the harness")
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per row (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before (allocator, autotuning)")
-    parser.add_argument("--out", default="out/bench-train", help="folder for bench_train.json and bench_train.md")
+    add_out_option(parser, "folder for bench_train.json and bench_train.md", default="out/bench-train")
     parser.set_defaults(handler=_bench_train)
 
 
@@ -271,8 +274,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     recog = commands.add_parser(
         "reward-recog", help="Defect-Recog reward: ResNet-34 classifier + U-Net segmenter trained on a UDG folder"
     )
-    recog.add_argument("--data", required=True, help="UDG folder to train on")
-    recog.add_argument("--out", required=True, help="reward folder to write (recog.json + two safetensors)")
+    add_data_option(recog, "UDG folder to train on")
+    add_out_option(recog, "reward folder to write (recog.json + two safetensors)")
     recog.add_argument("--heldout", help="UDG folder to report category accuracy, AUROC-P, AP-P and PRO on")
     recog.add_argument("--size", type=int, default=64, help="input side of both networks")
     recog.add_argument("--epochs", type=int, default=5, help="epochs (paper: 5)")
@@ -308,8 +311,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     eq9 = commands.add_parser(
         "eq9", help="Eq. 9 hinge at the ground truth and at a copy of the normal image, per candidate region"
     )
-    eq9.add_argument("--weights", required=True, help="weights folder whose autoencoder encodes the pairs")
-    eq9.add_argument("--data", required=True, help="UDG folder")
+    add_weights_option(eq9, "weights folder whose autoencoder encodes the pairs")
+    add_data_option(eq9, "UDG folder")
     eq9.add_argument("--count", type=int, default=100, help="pairs, the three distributions mixed 1:1:1")
     add_seed_option(eq9, "seed of the pairs")
     eq9.add_argument("--tau", type=float, default=0.5, help="the margin of Eq. 9")
@@ -318,7 +321,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     merge = commands.add_parser("merge", help="fold a LoRA into its base -> merged weights folder (unidg.json)")
     merge.add_argument("--base", required=True, help="base weights folder (unidg train base output: RUN/model)")
     merge.add_argument("--lora", required=True, help="SFT run folder holding lora.safetensors + lora.json")
-    merge.add_argument("--out", required=True, help="merged weights folder to write")
+    add_out_option(merge, "merged weights folder to write")
     merge.add_argument(
         "--setting",
         action="append",
@@ -332,8 +335,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate = commands.add_parser(
         "eval-nano", help="reference-colour transfer rate of a weights folder on held-out quadruplets"
     )
-    evaluate.add_argument("--weights", required=True, help="weights folder (e.g. runtime/assets/unidg-nano)")
-    evaluate.add_argument("--data", required=True, help="held-out UDG folder (a seed not used in training)")
+    add_weights_option(evaluate, "weights folder (e.g. runtime/assets/unidg-nano)")
+    add_data_option(evaluate, "held-out UDG folder (a seed not used in training)")
     evaluate.add_argument("--count", type=int, default=60, help="evaluation pairs")
     add_seed_option(evaluate, "seed of the pairs and the sampling noise")
     evaluate.add_argument("--steps", type=int, default=None, help="sampling steps (default: unidg.json's)")

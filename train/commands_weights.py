@@ -9,6 +9,7 @@ import json
 from unidg.core.manifest import atomic_write_text
 from unidg.runtime.cli_options import (
     add_json_option,
+    add_out_option,
     add_overwrite_option,
     add_quiet_option,
     command_group,
@@ -145,7 +146,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "all. Sources mix freely; a component option wins over --fill / --redux. With only --hf-cache, the two "
         "FLUX repos are looked up in that cache.",
     )
-    imp.add_argument("--out", required=True, help="weights folder to write (e.g. weights/flux-fill-redux)")
+    add_out_option(imp, "weights folder to write (e.g. weights/flux-fill-redux)")
     imp.add_argument(
         "--fill",
         metavar="SRC",
@@ -193,7 +194,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         required=True,
         help="LoRA .safetensors file, or a folder with adapter_model.safetensors (peft) or lora.safetensors (unidg)",
     )
-    lora.add_argument("--out", required=True, help="merged weights folder to write")
+    add_out_option(lora, "merged weights folder to write")
     lora.add_argument(
         "--shard-mb", metavar="MIB", type=_megabytes, default=2048, help="largest safetensors shard written"
     )

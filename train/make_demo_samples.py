@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from unidg.core.manifest import atomic_write_bytes, atomic_write_text
+from unidg.runtime.cli_options import add_out_option
 from unidg.train.procedural import DEFECTS, SURFACES, Sample, defect_category, make_sample, sample_shapes
 
 HELD_OUT_SEED = 7  # training data: seed 1 (configs/nano-base.toml)
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m unidg.train.make_demo_samples",
         description="Write the demo's sample cases (held-out procedural quadruplets) and samples.json to --out.",
     )
-    parser.add_argument("--out", default="runtime/assets/samples", help="samples folder (default: the shipped one)")
+    add_out_option(parser, "samples folder (default: the shipped one)", default="runtime/assets/samples")
     parser.add_argument("--size", type=int, default=IMAGE_SIZE, help=f"image side in pixels (default {IMAGE_SIZE})")
     args = parser.parse_args(argv)
     entries = make_demo_samples(args.out, size=args.size)

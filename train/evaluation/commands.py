@@ -7,7 +7,14 @@ import json
 
 from unidg.core.errors import UniDGError
 from unidg.core.manifest import atomic_write_text
-from unidg.runtime.cli_options import add_config_options, add_quiet_option, add_seed_option, config_overrides
+from unidg.runtime.cli_options import (
+    add_config_options,
+    add_data_option,
+    add_quiet_option,
+    add_seed_option,
+    add_weights_option,
+    config_overrides,
+)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -104,8 +111,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "transfer",
         help="revised reference-colour transfer: colour-carrying defect types, relative to the round-trip ceiling",
     )
-    transfer.add_argument("--weights", required=True, help="merged weights folder, e.g. runtime/assets/unidg-nano")
-    transfer.add_argument("--data", required=True, help="held-out UDG folder (a synth seed never used in training)")
+    add_weights_option(transfer, "merged weights folder, e.g. runtime/assets/unidg-nano")
+    add_data_option(transfer, "held-out UDG folder (a synth seed never used in training)")
     transfer.add_argument(
         "--count",
         type=int,
@@ -134,7 +141,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "diversity", help="IL / IL-a: LPIPS from a local checkpoint, else the 1 - SSIM substitute (docs/eval.md)"
     )
     spread.add_argument("--bundle", default="runtime/assets/unidg-nano-bundle", help="UniDG bundle folder")
-    spread.add_argument("--data", required=True, help="held-out UDG folder")
+    add_data_option(spread, "held-out UDG folder")
     spread.add_argument("--inputs", type=int, default=32, help="inputs (pairs) to generate for")
     spread.add_argument("--samples", type=int, default=4, help="seeds per input")
     add_seed_option(spread, "seed of the held-out pairs and of the sampling noise")
