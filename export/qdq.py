@@ -16,7 +16,7 @@ Q/DQ run in onnxruntime and TensorRT.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -244,6 +244,20 @@ def finish_qdq_graph(path: Path, fmt: str, progress: Progress | None) -> dict:
     return dict(sorted(counts.items()))
 
 
+def dequantized_operand(graph: onnx.GraphProto) -> Callable[[onnx.NodeProto], bool]:
+    """Whether a node of ``graph`` takes a DequantizeLinear output (directly or through a Transpose): a quantized
+    (FP8/INT8) operand."""
+    producer = {output: node for node in graph.node for output in node.output}
+
+    def dequantized(name: str) -> bool:
+        node = producer.get(name)
+        if node is not None and node.op_type == "Transpose":
+            node = producer.get(node.input[0])
+        return node is not None and node.op_type == "DequantizeLinear"
+
+    return lambda node: any(dequantized(name) for name in node.input)
+
+
 def precision_census(model: onnx.ModelProto) -> dict:
     """Where a step graph keeps float32: initializers by type; MatMul/Gemm that take a dequantized (FP8/INT8) operand
     and those that run in float32 without one; attention as fused nodes (opset-23 ``Attention`` or the plugin node)
@@ -254,20 +268,13 @@ def precision_census(model: onnx.ModelProto) -> dict:
         value.name: value.type.tensor_type.elem_type
         for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]
     }
-    producer = {output: node for node in inferred.graph.node for output in node.output}
-
-    def dequantized(name: str) -> bool:
-        node = producer.get(name)
-        if node is not None and node.op_type == "Transpose":
-            node = producer.get(node.input[0])
-        return node is not None and node.op_type == "DequantizeLinear"
-
+    takes_dequantized = dequantized_operand(inferred.graph)
     initializers: dict[str, int] = {}
     for tensor in inferred.graph.initializer:
         name = onnx.TensorProto.DataType.Name(tensor.data_type)
         initializers[name] = initializers.get(name, 0) + 1
     matmuls = [node for node in inferred.graph.node if node.op_type in ("MatMul", "Gemm")]
-    quantized = [node for node in matmuls if any(dequantized(i) for i in node.input)]
+    quantized = [node for node in matmuls if takes_dequantized(node)]
     float32 = [
         node for node in matmuls if node not in quantized and types.get(node.output[0]) == onnx.TensorProto.FLOAT
     ]

@@ -21,6 +21,7 @@ from export_fixtures import (
 from unidg.calib.build import CalibError
 from unidg.core.manifest import read_manifest
 from unidg.export.parity import psnr, synthetic_request
+from unidg.export.qdq import dequantized_operand
 from unidg.export.quantize import (
     HIGH_PRECISION_MODULES,
     AccuracyGateError,
@@ -56,19 +57,8 @@ def quantized():
 
 def _matmul_inputs_from_dequantize(model: onnx.ModelProto) -> dict[str, bool]:
     """For every MatMul/Gemm: is one of its inputs a DequantizeLinear output (directly or through a Transpose)?"""
-    producer = {output: node for node in model.graph.node for output in node.output}
-
-    def dequantized(name: str) -> bool:
-        node = producer.get(name)
-        if node is not None and node.op_type == "Transpose":
-            node = producer.get(node.input[0])
-        return node is not None and node.op_type == "DequantizeLinear"
-
-    return {
-        node.name: any(dequantized(i) for i in node.input)
-        for node in model.graph.node
-        if node.op_type in ("MatMul", "Gemm")
-    }
+    takes_dequantized = dequantized_operand(model.graph)
+    return {node.name: takes_dequantized(node) for node in model.graph.node if node.op_type in ("MatMul", "Gemm")}
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "int8"])
