@@ -14,3 +14,11 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """The runtime's toy bundle (tests/runtime_fixtures.py) at S = 64."""
+    from runtime_fixtures import make_toy_bundle
+
+    return make_toy_bundle(tmp_path_factory.mktemp("bundle") / "toy", resolution=64)

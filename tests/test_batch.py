@@ -26,11 +26,6 @@ JOBS = 12
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory) -> Path:
-    return make_toy_bundle(tmp_path_factory.mktemp("bundle") / "toy", resolution=64)
-
-
-@pytest.fixture(scope="module")
 def jobs_file(tmp_path_factory) -> Path:
     """12 jobs over 3 input sets, relative paths; 400 steps each so a run lasts long enough to be killed midway."""
     folder = tmp_path_factory.mktemp("jobs")

@@ -14,16 +14,11 @@ import numpy as np
 import pytest
 from fs_fixtures import immutable
 from PIL import Image
-from runtime_fixtures import make_toy_bundle, write_sample_files
+from runtime_fixtures import write_sample_files
 
 from unidg.cli import main
 from unidg.core.geometry import dilate_mask
 from unidg.core.udg import read_index
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory) -> Path:
-    return make_toy_bundle(tmp_path_factory.mktemp("bundle") / "toy", resolution=64)
 
 
 @pytest.fixture(scope="module")

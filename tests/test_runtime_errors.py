@@ -16,11 +16,6 @@ from unidg.cli import main
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory) -> Path:
-    return make_toy_bundle(tmp_path_factory.mktemp("bundle") / "toy", resolution=64)
-
-
-@pytest.fixture(scope="module")
 def samples(tmp_path_factory) -> dict[str, Path]:
     return write_sample_files(tmp_path_factory.mktemp("inputs"))
 
