@@ -27,10 +27,9 @@ import json
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 from tqdm import tqdm
 
 from unidg.core.errors import UniDGError
@@ -41,6 +40,7 @@ from unidg.core.udg import CATEGORIES, INDEX_FILE, UDGWriter, caption_problems
 from unidg.runtime.synthesizer import DefectSynthesizer, SynthesisRequest
 from unidg.train.chat_client import ChatClient, connection_problems, parse_json_answer, png_data_url
 from unidg.train.config import ConfigError, load_config
+from unidg.train.judge import Score, ScoredAnswer
 
 PROMPTS = Path(__file__).parent / "prompts"
 LOG_FILE = "curation.jsonl"
@@ -285,15 +285,9 @@ class BundleInpainter:
         self.synth.close()
 
 
-Score = Annotated[float, Field(ge=0.0, le=5.0)]
-
-
-class VerifierAnswer(BaseModel):
+class VerifierAnswer(ScoredAnswer):
     """The Fig. 8 answer."""
 
-    model_config = ConfigDict(populate_by_name=True, extra="ignore")
-
-    analysis: str = Field(alias="Analysis")
     consistency: Score = Field(alias="Consistency")
     defect_existence: Score = Field(alias="Defect Existence")
     normality: Score = Field(alias="Normality")

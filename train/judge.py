@@ -94,12 +94,18 @@ def _one_score(value: object) -> object:
 Score = Annotated[float, Field(ge=0.0, le=5.0)]
 
 
-class RubricAnswer(BaseModel):
-    """The Fig. 12 answer."""
+class ScoredAnswer(BaseModel):
+    """A vision-language model's JSON answer (judge, verifier): its 'Analysis' and scores 0..5 under their display
+    names; other keys are ignored."""
 
     model_config = ConfigDict(populate_by_name=True, extra="ignore")
 
     analysis: str = Field(alias="Analysis")
+
+
+class RubricAnswer(ScoredAnswer):
+    """The Fig. 12 answer."""
+
     reference_adherence: Score = Field(alias="Reference Adherence")
     consistency: Score = Field(alias="Consistency")
     reasonability: Score = Field(alias="Reasonability")

@@ -174,6 +174,17 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def _write_figure(figure, path: Path) -> None:
+    """Lay ``figure`` out, write it as a PNG (atomically) and close it."""
+    from matplotlib import pyplot as plt
+
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def _whiskers(entries: list[dict | None], value_key: str) -> tuple[list[float], list[float], list[float]]:
     """Bar heights, whisker centres and half-lengths in %: the whisker spans the bootstrap interval exactly (which
     need not be centred on the bar: the redrawn figures can be skewed), else mean +- the seed std."""
@@ -234,11 +245,7 @@ def plots(out: Path, report: dict, runs: list[dict]) -> list[str]:
         axis.set_ylabel("points (%)")
         axis.set_title(f"difference from {TITLES.get(base, base)}; whiskers: paired interval", fontsize=8)
         axis.legend(fontsize=7)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
-    atomic_write_bytes(out / "metrics.png", buffer.getvalue())
+    _write_figure(figure, out / "metrics.png")
     figure, (roc_axis, pr_axis) = plt.subplots(1, 2, figsize=(8, 3.5))
     first_seed = report["config"]["seeds"][0]
     for name in names:
@@ -256,11 +263,7 @@ def plots(out: Path, report: dict, runs: list[dict]) -> list[str]:
     roc_axis.set(xlabel="false-positive rate", ylabel="true-positive rate", title="image-level ROC (pooled objects)")
     pr_axis.set(xlabel="recall", ylabel="precision", title="image-level PR (pooled objects)")
     roc_axis.legend(fontsize=6)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
-    atomic_write_bytes(out / "curves.png", buffer.getvalue())
+    _write_figure(figure, out / "curves.png")
     return ["metrics.png", "curves.png"]
 
 
