@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from unidg.runtime.cli_options import (
+    add_command,
     add_data_option,
     add_out_option,
     add_overwrite_option,
@@ -18,7 +19,9 @@ from unidg.runtime.cli_options import (
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     commands = command_group(subparsers, "calib", "calibration sets (step inputs along real trajectories)")
-    build = commands.add_parser(
+    build = add_command(
+        commands,
+        run_build,
         "build",
         help="capture step-graph inputs of N requests along their 28-step trajectories",
         description="Make N synthesis requests from a UDG folder (runtime geometry), run them with the torch "
@@ -39,7 +42,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--resolution", type=int, help="diptych half size S (default: the weights' unidg.json)")
     build.add_argument("--samples-per-shard", type=int, default=8, help="calibration samples per safetensors shard")
     add_overwrite_option(build)
-    build.set_defaults(handler=run_build)
 
 
 # The options of `unidg calib build` that build_calib takes as they are, by the same name.

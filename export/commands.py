@@ -12,6 +12,7 @@ from unidg.export.commands_cache import register_cache_commands
 from unidg.export.commands_triton import export_subparsers
 from unidg.runtime.cli_options import (
     add_bundle_option,
+    add_command,
     add_json_option,
     add_out_option,
     add_overwrite_option,
@@ -47,7 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _register_onnx(export: argparse._SubParsersAction) -> None:
-    onnx = export.add_parser(
+    onnx = add_command(
+        export,
+        run_onnx,
         "onnx",
         help="bundle of ONNX graphs (step, VAE encoder/decoder, image encoder) from a merged weights folder",
         description="Export the four graphs of Bundle format v1 with torch's dynamo exporter (opset 23) and write "
@@ -89,11 +92,12 @@ def _register_onnx(export: argparse._SubParsersAction) -> None:
         action="store_true",
         help="Q, K and V as one matmul per attention stream (594 -> 554 kernels on the nano step; same interface)",
     )
-    onnx.set_defaults(handler=run_onnx)
 
 
 def _register_quantize(export: argparse._SubParsersAction) -> None:
-    quantize = export.add_parser(
+    quantize = add_command(
+        export,
+        run_quantize,
         "quantize",
         help="FP8 / INT8 bundle with NVIDIA ModelOpt, gated by an accuracy report",
         description="Calibrate the transformer on a calibration set (unidg calib build) with ModelOpt, export the "
@@ -126,22 +130,24 @@ def _register_quantize(export: argparse._SubParsersAction) -> None:
         help="multiply the calibrated ranges (diagnostics; 0 gives an all-zero calibration that the gate rejects)",
     )
     add_overwrite_option(quantize)
-    quantize.set_defaults(handler=run_quantize)
 
 
 def _register_engine(export: argparse._SubParsersAction) -> None:
-    engine = export.add_parser(
+    engine = add_command(
+        export,
+        run_engine,
         "engine",
         help="TensorRT plans for a bundle (TensorRT Python API; needs tensorrt and a GPU)",
         description="Build one serialized plan per graph with optimization profiles from the manifest shapes and "
         "record them (TensorRT version, compute capability, sha256) in the bundle's manifest.",
     )
     _engine_arguments(engine)
-    engine.set_defaults(handler=run_engine)
 
 
 def _register_trtexec(export: argparse._SubParsersAction) -> None:
-    trtexec = export.add_parser(
+    trtexec = add_command(
+        export,
+        run_trtexec,
         "trtexec",
         help="print the equivalent trtexec build and profiling commands for a bundle",
     )
@@ -159,11 +165,12 @@ def _register_trtexec(export: argparse._SubParsersAction) -> None:
         choices=(10, 11),
         help="trtexec dialect of the commands (default: the installed TensorRT's major, else 10)",
     )
-    trtexec.set_defaults(handler=run_trtexec)
 
 
 def _register_adopt(export: argparse._SubParsersAction) -> None:
-    adopt = export.add_parser(
+    adopt = add_command(
+        export,
+        run_adopt,
         "adopt",
         help="a new bundle with the plans trtexec built from `unidg export trtexec --out DIR`",
         description="Check each plan's build log (trtexec passed; TensorRT version, GPU and input shapes as recorded "
@@ -174,11 +181,12 @@ def _register_adopt(export: argparse._SubParsersAction) -> None:
     adopt.add_argument("--plans", required=True, help="the --out folder of `unidg export trtexec`, plans built")
     add_out_option(adopt, "the new bundle folder")
     add_overwrite_option(adopt)
-    adopt.set_defaults(handler=run_adopt)
 
 
 def _register_check(export: argparse._SubParsersAction) -> None:
-    check = export.add_parser(
+    check = add_command(
+        export,
+        run_check,
         "check",
         help="polygraphy comparison of each graph on onnxruntime vs TensorRT, with the accuracy gate's thresholds",
         description="Write the graphs both sides run into --out and print two `polygraphy run` commands per graph: "
@@ -198,11 +206,12 @@ def _register_check(export: argparse._SubParsersAction) -> None:
     )
     check.add_argument("--graphs", help="comma-separated subset of step,vae_encoder,vae_decoder,image_encoder")
     check.add_argument("--run", action="store_true", help="run the commands; exit 1 if a comparison fails")
-    check.set_defaults(handler=run_check)
 
 
 def _register_parity(export: argparse._SubParsersAction) -> None:
-    parity = export.add_parser(
+    parity = add_command(
+        export,
+        run_parity,
         "parity",
         help="per-graph and 28-step trajectory parity of a bundle with the torch model (onnxruntime, polygraphy)",
     )
@@ -212,11 +221,12 @@ def _register_parity(export: argparse._SubParsersAction) -> None:
     parity.add_argument("--save", help="folder for polygraphy inputs/outputs JSON (re-run with `polygraphy run`)")
     add_json_option(parity, "write the figures to this JSON file")
     add_seed_option(parity, "seed of the probe inputs and the trajectory noise")
-    parity.set_defaults(handler=run_parity)
 
 
 def _register_slice(export: argparse._SubParsersAction) -> None:
-    slice_parser = export.add_parser(
+    slice_parser = add_command(
+        export,
+        run_slice,
         "slice",
         help="export the step graph of a preset with only a few blocks, random weights (size/time/memory checks)",
     )
@@ -226,7 +236,6 @@ def _register_slice(export: argparse._SubParsersAction) -> None:
     slice_parser.add_argument("--single-blocks", type=int, default=1, help="single-stream blocks kept")
     slice_parser.add_argument("--resolution", type=int, default=768, help="diptych half size S")
     slice_parser.add_argument("--heads", type=int, help="narrow the transformer to this many heads")
-    slice_parser.set_defaults(handler=run_slice)
 
 
 def _engine_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,7 +12,7 @@ import argparse
 from unidg.core.errors import OptionError
 from unidg.core.manifest import atomic_write_text
 from unidg.export.bench_cli import command_line, use_triton_interpreter
-from unidg.runtime.cli_options import add_bundle_option, add_json_option, add_seed_option
+from unidg.runtime.cli_options import add_bundle_option, add_command, add_json_option, add_seed_option
 from unidg.runtime.commands import bench_subparsers
 
 
@@ -51,7 +51,9 @@ def _bench_runtime(args: argparse.Namespace) -> int:
 
 
 def _register_bench_runtime(subparsers: argparse._SubParsersAction) -> None:
-    parser = bench_subparsers(subparsers).add_parser(
+    parser = add_command(
+        bench_subparsers(subparsers),
+        _bench_runtime,
         "runtime",
         help="end-to-end time per sample: this runtime vs the torch reference sampler (CPU), or the torch backend "
         "at the full preset on a GPU (--gpu)",
@@ -89,11 +91,12 @@ def _register_bench_runtime(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--gpu", action="store_true", help="torch backend, full preset, random weights, on CUDA")
     parser.add_argument("--resolution", type=int, default=768, help="--gpu: diptych half size S")
     add_json_option(parser, "also write the figures to this JSON file")
-    parser.set_defaults(handler=_bench_runtime)
 
 
 def _register_bench_cache(subparsers: argparse._SubParsersAction) -> None:
-    parser = bench_subparsers(subparsers).add_parser(
+    parser = add_command(
+        bench_subparsers(subparsers),
+        _bench_cache,
         "cache",
         help="step caching side by side (CPU): evaluations and time per sample, PSNR vs uncached, off/static/dynamic",
     )
@@ -104,7 +107,6 @@ def _register_bench_cache(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime CPU threads (default: all cores)")
     parser.add_argument("--cache-threshold", type=float, default=None, help="dynamic threshold (default: the gate's)")
     add_json_option(parser, "also write the figures to this JSON file")
-    parser.set_defaults(handler=_bench_cache)
 
 
 def _bench_cache(args: argparse.Namespace) -> int:
@@ -126,7 +128,9 @@ def _bench_gpu(args: argparse.Namespace) -> int:
 
 
 def _register_bench_gpu(subparsers: argparse._SubParsersAction) -> None:
-    parser = bench_subparsers(subparsers).add_parser(
+    parser = add_command(
+        bench_subparsers(subparsers),
+        _bench_gpu,
         "gpu",
         help="the full-scale step on one CUDA GPU: eager -> compile -> fused biased attention -> FP8 -> CUDA graph, "
         "VAE, image encoder, end to end, attention alone, against the FLOP floor",
@@ -185,14 +189,15 @@ def _register_bench_gpu(subparsers: argparse._SubParsersAction) -> None:
         default="out/bench-gpu",
         help="folder for bench_gpu.json and bench_gpu.md (bench_gpu_all.* with --all), rewritten after every row",
     )
-    parser.set_defaults(handler=_bench_gpu)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     _register_bench_runtime(subparsers)
     _register_bench_cache(subparsers)
     _register_bench_gpu(subparsers)
-    parser = bench_subparsers(subparsers).add_parser(
+    parser = add_command(
+        bench_subparsers(subparsers),
+        _bench_attention,
         "attention",
         help="biased-attention kernel vs torch SDPA (no bias, float mask, head-dim fold) at the FLUX shapes",
         description="Times the Triton biased-attention kernel against torch SDPA without bias (best fused backend), "
@@ -214,4 +219,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="also time the kernel pinned to each tile configuration (data for choosing the autotuned set)",
     )
     add_json_option(parser, "also write the results to this JSON file")
-    parser.set_defaults(handler=_bench_attention)

@@ -8,6 +8,7 @@ import json
 
 from unidg.runtime.cli_options import (
     add_bundle_option,
+    add_command,
     add_json_option,
     add_out_option,
     add_overwrite_option,
@@ -25,7 +26,9 @@ def _thresholds(text: str) -> list[float]:
 
 
 def register_cache_commands(export: argparse._SubParsersAction) -> None:
-    graphs = export.add_parser(
+    graphs = add_command(
+        export,
+        run_cache_graphs,
         "cache-graphs",
         help="a copy of a bundle plus the step-cache graphs (head, tail, cached step); format_version 2",
         description="Export the step graph cut after its first block (step_head, step_tail, step_cached) from the "
@@ -36,9 +39,10 @@ def register_cache_commands(export: argparse._SubParsersAction) -> None:
     add_weights_option(graphs, "the merged weights folder the bundle was exported from")
     add_out_option(graphs, "bundle folder to write")
     add_overwrite_option(graphs)
-    graphs.set_defaults(handler=run_cache_graphs)
 
-    calibrate = export.add_parser(
+    calibrate = add_command(
+        export,
+        run_cache_calibrate,
         "cache-calibrate",
         help="the step-cache accuracy gate: measure thresholds/schedules, record the fastest passing one",
         description="Run the held-out samples of a calibration set cached and uncached (onnxruntime, same noise); "
@@ -66,7 +70,6 @@ def register_cache_commands(export: argparse._SubParsersAction) -> None:
     calibrate.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
     add_json_option(calibrate, "also write the table to this JSON file")
     add_overwrite_option(calibrate)
-    calibrate.set_defaults(handler=run_cache_calibrate)
 
 
 def run_cache_graphs(args: argparse.Namespace) -> int:

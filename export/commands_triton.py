@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from unidg.core.errors import OptionError
-from unidg.runtime.cli_options import add_bundle_option, command_group
+from unidg.runtime.cli_options import add_bundle_option, add_command, command_group
 from unidg.runtime.commands import bench_subparsers
 
 
@@ -15,7 +15,9 @@ def export_subparsers(subparsers: argparse._SubParsersAction) -> argparse._SubPa
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = export_subparsers(subparsers).add_parser(
+    parser = add_command(
+        export_subparsers(subparsers),
+        run_export_triton,
         "triton",
         help="Triton Inference Server model repository for a bundle (docs/triton.md)",
         description="Write a model repository: a Python-backend model wrapping DefectSynthesizer, the bundle, and "
@@ -46,7 +48,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--cache-threshold", type=float, default=None, help="dynamic step caching threshold (> 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    parser.set_defaults(handler=run_export_triton)
     register_bench(subparsers)
 
 
@@ -82,7 +83,9 @@ def run_export_triton(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------------------------- bench
 def register_bench(subparsers: argparse._SubParsersAction) -> None:
-    parser = bench_subparsers(subparsers).add_parser(
+    parser = add_command(
+        bench_subparsers(subparsers),
+        run_bench_triton,
         "triton",
         help="latency of a running Triton server (gRPC) against the runtime in-process, side by side",
         description="Sends one demo sample to the unidg model of a running Triton server over gRPC and runs the "
@@ -96,7 +99,6 @@ def register_bench(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--sample", default=None, help="id of the sample to send (default: the first)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the bundle's)")
     parser.add_argument("--requests", type=int, default=20, help="timed requests per side")
-    parser.set_defaults(handler=run_bench_triton)
 
 
 def bench_triton(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import weakref
+from collections.abc import Callable
 
 from unidg.core.errors import OptionError
 from unidg.runtime.cpu_cores import available_cores
@@ -72,6 +73,16 @@ def command_group(
         parser.set_defaults(handler=lambda args: parser.print_help() or 2)
         groups[name] = parser.add_subparsers(dest=f"{name}_command", metavar=metavar or name.upper())
     return groups[name]
+
+
+def add_command(
+    commands: argparse._SubParsersAction, handler: Callable[[argparse.Namespace], int], name: str, **kwargs
+) -> argparse.ArgumentParser:
+    """Sub-command ``name`` of ``commands``, run by ``handler(args)``; ``kwargs`` (help, description) go to
+    ``add_parser``."""
+    parser = commands.add_parser(name, **kwargs)
+    parser.set_defaults(handler=handler)
+    return parser
 
 
 def add_bundle_option(parser: argparse.ArgumentParser, *, required: bool = True, help: str | None = None) -> None:

@@ -13,6 +13,7 @@ from unidg.core.staging import check_output_folder, staged_folder
 from unidg.runtime.cli_options import (
     add_backend_options,
     add_bundle_option,
+    add_command,
     add_out_option,
     add_quiet_option,
     add_seed_option,
@@ -195,7 +196,9 @@ def bench_subparsers(subparsers: argparse._SubParsersAction) -> argparse._SubPar
 
 # ------------------------------------------------------------------------------------------------------------ register
 def register(subparsers: argparse._SubParsersAction) -> None:
-    generate = subparsers.add_parser(
+    generate = add_command(
+        subparsers,
+        _generate,
         "generate",
         help="paint a reference defect into a source image region (one request)",
         description="Writes a UDG quadruplet (normal = source, abnormal = result, mask = dilated target mask, "
@@ -220,9 +223,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_out_option(generate, "output folder (new, or empty)")
     add_quiet_option(generate)
     add_backend_options(generate)
-    generate.set_defaults(handler=_generate)
 
-    batch = subparsers.add_parser(
+    batch = add_command(
+        subparsers,
+        _batch,
         "batch",
         help="run many generation jobs from a JSON-lines file (resumable)",
         description="Each line: reference, reference_mask, source, mask, seed, optional id, category, steps, "
@@ -243,13 +247,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "the others go on; the command then exits with status 1 (default: stop at the first failure)",
     )
     add_backend_options(batch)
-    batch.set_defaults(handler=_batch)
 
-    demo = subparsers.add_parser("demo", help="run the shipped UniDG-nano model on the sample images")
+    demo = add_command(subparsers, _demo, "demo", help="run the shipped UniDG-nano model on the sample images")
     add_out_option(demo, "output folder", default="out/demo")
     add_quiet_option(demo)
     add_bundle_option(demo, required=False, help="bundle to run (default: the shipped UniDG-nano bundle)")
     demo.add_argument("--samples", default=None, help="folder with samples.json (default: the shipped samples)")
     demo.add_argument("--steps", type=int, default=None, help="denoising steps (default: the bundle's)")
     add_backend_options(demo)
-    demo.set_defaults(handler=_demo)

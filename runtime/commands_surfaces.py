@@ -10,6 +10,7 @@ from unidg.core.manifest import atomic_write_text
 from unidg.runtime.cli_options import (
     add_backend_options,
     add_bundle_option,
+    add_command,
     add_json_option,
     add_out_option,
     backend_options,
@@ -20,7 +21,9 @@ from unidg.runtime.commands import bench_subparsers
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    serve = subparsers.add_parser(
+    serve = add_command(
+        subparsers,
+        run_serve,
         "serve",
         help="HTTP service: POST /v1/synthesize, /healthz, /readyz, /metrics (docs/service.md)",
         description="Serve a bundle over HTTP. Binds to loopback unless an API key is given (--api-key-env).",
@@ -42,9 +45,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--no-warmup", action="store_true", help="skip the one-step warm-up run before /readyz is 200")
     levels = ("critical", "error", "warning", "info", "debug")
     serve.add_argument("--log-level", default="info", choices=levels, help="uvicorn log level")
-    serve.set_defaults(handler=run_serve)
 
-    bench = bench_subparsers(subparsers).add_parser(
+    bench = add_command(
+        bench_subparsers(subparsers),
+        run_serve_bench,
         "serve",
         help="load-test the HTTP service on loopback: latency p50/p95 and server memory",
         description="Start `unidg serve` on a free loopback port (or use --url), send --requests synthesize requests "
@@ -74,19 +78,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bench.add_argument("--server-pythonpath", help="PYTHONPATH of the started server only (measure another checkout)")
     bench.add_argument("--server-nofile", type=int, help="file-descriptor limit of the started server (ulimit -n)")
     add_json_option(bench, "also write the report as JSON to this file", dest="json_out")
-    bench.set_defaults(handler=run_serve_bench)
 
     capi_commands = command_group(
         subparsers, "capi", "C ABI: build libunidg.so + unidg.h (docs/capi.md)", metavar="COMMAND"
     )
-    build = capi_commands.add_parser(
+    build = add_command(
+        capi_commands,
+        run_capi_build,
         "build",
         help="compile libunidg.so (cffi embedding mode) and copy unidg.h into --out",
         description="Compile libunidg.so, which embeds this environment's Python and finds unidg in its site-packages.",
     )
     add_out_option(build, "output folder for libunidg.so and unidg.h")
     build.add_argument("--verbose", action="store_true", help="show the compiler commands")
-    build.set_defaults(handler=run_capi_build)
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ import sys
 from unidg.runtime.cli_options import (
     add_backend_options,
     add_bundle_option,
+    add_command,
     add_out_option,
     add_overwrite_option,
     add_quiet_option,
@@ -161,7 +162,9 @@ def _curate(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     commands = command_group(subparsers, "data", "UDG datasets: procedural quadruplets, validation", metavar="ACTION")
 
-    synth = commands.add_parser(
+    synth = add_command(
+        commands,
+        _synth,
         "synth",
         help="write procedural UDG quadruplets: textures + rule-based defects in shape-prior masks",
         description="Write COUNT normal/abnormal/mask/caption quadruplets (index.jsonl + PNGs + dataset.json) to "
@@ -180,9 +183,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     synth.add_argument("--overwrite", action="store_true", help="replace the quadruplets of an existing UDG folder")
     add_quiet_option(synth)
-    synth.set_defaults(handler=_synth)
 
-    check = commands.add_parser(
+    check = add_command(
+        commands,
+        _validate,
         "validate",
         help="check a UDG folder; print counts per category and object; exit 1 listing every bad line",
     )
@@ -190,10 +194,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument(
         "--index-only", action="store_true", help="check index lines and captions only, not the image files"
     )
-    check.set_defaults(handler=_validate)
 
-    templates = commands.add_parser(
-        "templates", help="mask-template library: the masks of a UDG folder clustered per category (paper App. A.1)"
+    templates = add_command(
+        commands,
+        _templates,
+        "templates",
+        help="mask-template library: the masks of a UDG folder clustered per category (paper App. A.1)",
     )
     templates.add_argument("--udg", required=True, help="UDG folder whose masks become templates")
     add_out_option(templates, "library folder to write")
@@ -203,20 +209,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_seed_option(templates, "seed of the k-means++ initialisation")
     add_overwrite_option(templates)
     add_quiet_option(templates)
-    templates.set_defaults(handler=_templates)
 
-    place = commands.add_parser(
-        "place", help="a target mask for an image: a template of a category placed inside its foreground"
+    place = add_command(
+        commands,
+        _place,
+        "place",
+        help="a target mask for an image: a template of a category placed inside its foreground",
     )
     place.add_argument("--templates", required=True, help="library folder (unidg data templates)")
     place.add_argument("--image", required=True, help="normal image to place the mask on")
     place.add_argument("--category", required=True, help="defect category of the template")
     add_out_option(place, "mask PNG to write (0/255, the image's size)")
     add_seed_option(place, "seed of the cluster, template and position choice")
-    place.set_defaults(handler=_place)
 
-    references = commands.add_parser(
-        "references", help="zero-shot reference repository: a UDG folder's defects embedded by a bundle (App. B.4)"
+    references = add_command(
+        commands,
+        _references,
+        "references",
+        help="zero-shot reference repository: a UDG folder's defects embedded by a bundle (App. B.4)",
     )
     references.add_argument("--udg", required=True, help="UDG folder whose abnormal images become references")
     add_bundle_option(references, help="bundle whose image encoder embeds the references")
@@ -224,9 +234,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_overwrite_option(references)
     add_quiet_option(references)
     add_backend_options(references)
-    references.set_defaults(handler=_references)
 
-    curate = commands.add_parser(
+    curate = add_command(
+        commands,
+        _curate,
         "curate",
         help="a factory's defect photos -> UDG quadruplets by the Inpainting, Captioner and Verifier agents (App. A.1)",
     )
@@ -238,4 +249,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value"
     )
     add_quiet_option(curate)
-    curate.set_defaults(handler=_curate)

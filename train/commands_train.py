@@ -10,6 +10,7 @@ import os
 from unidg.core.errors import OptionError, UniDGError
 from unidg.core.manifest import atomic_write_text
 from unidg.runtime.cli_options import (
+    add_command,
     add_config_options,
     add_data_option,
     add_json_option,
@@ -230,7 +231,9 @@ def _bench_train(args: argparse.Namespace) -> int:
 def _register_bench_train(subparsers: argparse._SubParsersAction) -> None:
     from unidg.runtime.commands import bench_subparsers
 
-    parser = bench_subparsers(subparsers).add_parser(
+    parser = add_command(
+        bench_subparsers(subparsers),
+        _bench_train,
         "train",
         help="the SFT training step on a GPU: a full-width slice with the full recipe, and the nano step GPU vs CPU",
         description="Times one Diversity-SFT optimizer step of a full-width slice of the FLUX transformer (1 double + "
@@ -242,7 +245,6 @@ def _register_bench_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per row (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before (allocator, autotuning)")
     add_out_option(parser, "folder for bench_train.json and bench_train.md", default="out/bench-train")
-    parser.set_defaults(handler=_bench_train)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -251,28 +253,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         subparsers, "train", "train: base model, Diversity-SFT LoRA, merge, nano evaluation", metavar="STAGE"
     )
 
-    base = commands.add_parser("base", help="train a base model from scratch: autoencoder, then diptych inpainter")
+    base = add_command(
+        commands, _base, "base", help="train a base model from scratch: autoencoder, then diptych inpainter"
+    )
     _add_config_arguments(base)
-    base.set_defaults(handler=_base)
 
-    sft = commands.add_parser("sft", help="Diversity-SFT: LoRA on a base weights folder (flow matching + Eq. 9)")
+    sft = add_command(
+        commands, _sft, "sft", help="Diversity-SFT: LoRA on a base weights folder (flow matching + Eq. 9)"
+    )
     _add_config_arguments(sft)
-    sft.set_defaults(handler=_sft)
 
-    text = commands.add_parser(
-        "text", help="UniDG-Text: instruction-editing LoRA on merged SFT weights (with and without a reference)"
+    text = add_command(
+        commands,
+        _text,
+        "text",
+        help="UniDG-Text: instruction-editing LoRA on merged SFT weights (with and without a reference)",
     )
     _add_config_arguments(text)
-    text.set_defaults(handler=_text)
 
-    rft = commands.add_parser(
-        "rft", help="Consistency-RFT: Flow-GRPO with a new LoRA on merged SFT weights, rewards from [reward]"
+    rft = add_command(
+        commands,
+        _rft,
+        "rft",
+        help="Consistency-RFT: Flow-GRPO with a new LoRA on merged SFT weights, rewards from [reward]",
     )
     _add_config_arguments(rft)
-    rft.set_defaults(handler=_rft)
 
-    recog = commands.add_parser(
-        "reward-recog", help="Defect-Recog reward: ResNet-34 classifier + U-Net segmenter trained on a UDG folder"
+    recog = add_command(
+        commands,
+        _reward_recog,
+        "reward-recog",
+        help="Defect-Recog reward: ResNet-34 classifier + U-Net segmenter trained on a UDG folder",
     )
     add_data_option(recog, "UDG folder to train on")
     add_out_option(recog, "reward folder to write (recog.json + two safetensors)")
@@ -289,36 +300,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--pretrained-classifier", help="local torchvision resnet34 state dict (.safetensors) for the backbone"
     )
     add_overwrite_option(recog)
-    recog.set_defaults(handler=_reward_recog)
 
-    cache = commands.add_parser(
-        "cache", help="precompute an SFT config's latents into the sharded cache of data.latent_cache (resumable)"
+    cache = add_command(
+        commands,
+        _cache,
+        "cache",
+        help="precompute an SFT config's latents into the sharded cache of data.latent_cache (resumable)",
     )
     _add_config_arguments(cache, resumable=False)
     add_quiet_option(cache)
     cache.add_argument(
         "--verify", action="store_true", help="re-hash every finished shard (sha256) and rewrite the damaged ones"
     )
-    cache.set_defaults(handler=_cache)
 
-    plan = commands.add_parser("plan", help="parameter counts and per-GPU memory of an SFT config (meta device)")
+    plan = add_command(
+        commands, _plan, "plan", help="parameter counts and per-GPU memory of an SFT config (meta device)"
+    )
     _add_config_arguments(plan, resumable=False)
     plan.add_argument("--gpus", type=int, default=1, help="data-parallel GPUs (processes)")
     plan.add_argument("--preset", default="full", choices=("full", "nano"), help="model shapes to plan for")
     add_json_option(plan, "write the plan as JSON to FILE ('-': standard output)", metavar="FILE")
-    plan.set_defaults(handler=_plan)
 
-    eq9 = commands.add_parser(
-        "eq9", help="Eq. 9 hinge at the ground truth and at a copy of the normal image, per candidate region"
+    eq9 = add_command(
+        commands,
+        _eq9,
+        "eq9",
+        help="Eq. 9 hinge at the ground truth and at a copy of the normal image, per candidate region",
     )
     add_weights_option(eq9, "weights folder whose autoencoder encodes the pairs")
     add_data_option(eq9, "UDG folder")
     eq9.add_argument("--count", type=int, default=100, help="pairs, the three distributions mixed 1:1:1")
     add_seed_option(eq9, "seed of the pairs")
     eq9.add_argument("--tau", type=float, default=0.5, help="the margin of Eq. 9")
-    eq9.set_defaults(handler=_eq9)
 
-    merge = commands.add_parser("merge", help="fold a LoRA into its base -> merged weights folder (unidg.json)")
+    merge = add_command(
+        commands, _merge, "merge", help="fold a LoRA into its base -> merged weights folder (unidg.json)"
+    )
     merge.add_argument("--base", required=True, help="base weights folder (unidg train base output: RUN/model)")
     merge.add_argument("--lora", required=True, help="SFT run folder holding lora.safetensors + lora.json")
     add_out_option(merge, "merged weights folder to write")
@@ -330,10 +347,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="UniDG setting written to unidg.json (alpha, beta, threshold, resolution, text_tokens, steps, guidance)",
     )
     add_overwrite_option(merge)
-    merge.set_defaults(handler=_merge)
 
-    evaluate = commands.add_parser(
-        "eval-nano", help="reference-colour transfer rate of a weights folder on held-out quadruplets"
+    evaluate = add_command(
+        commands,
+        _eval_nano,
+        "eval-nano",
+        help="reference-colour transfer rate of a weights folder on held-out quadruplets",
     )
     add_weights_option(evaluate, "weights folder (e.g. runtime/assets/unidg-nano)")
     add_data_option(evaluate, "held-out UDG folder (a seed not used in training)")
@@ -348,9 +367,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also score the ground-truth target and its autoencoder round trip by the same criterion",
     )
-    evaluate.set_defaults(handler=_eval_nano)
 
-    bench = eval_subparsers(subparsers).add_parser(
+    bench = add_command(
+        eval_subparsers(subparsers),
+        _reward_bench,
         "reward-bench",
         help="agreement of a reward with human rubric scores (|delta| <= 0.3 counts, per dimension)",
         description="Scores every pair of a bench folder (BENCH/bench.jsonl; format in unidg.train.reward_bench) "
@@ -359,4 +379,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bench.add_argument("--reward", required=True, help="reward config (.toml with [judge] / [color] tables)")
     bench.add_argument("--bench", required=True, help="bench folder holding bench.jsonl and its images")
     add_json_option(bench, "also write the per-pair predictions here")
-    bench.set_defaults(handler=_reward_bench)

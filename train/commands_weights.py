@@ -8,6 +8,7 @@ import json
 
 from unidg.core.manifest import atomic_write_text
 from unidg.runtime.cli_options import (
+    add_command,
     add_json_option,
     add_out_option,
     add_overwrite_option,
@@ -138,7 +139,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(import), with a published LoRA folded in (lora), described (info).",
     )
 
-    imp = commands.add_parser(
+    imp = add_command(
+        commands,
+        _import,
         "import",
         help="FLUX.1-Fill-dev + FLUX.1-Redux-dev (+ SigLIP) downloads -> a UniDG weights folder",
         description="Checks every source against the preset (keys, shapes, dtypes) before writing, converts BFL "
@@ -180,9 +183,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     imp.add_argument("--no-source-hashes", action="store_true", help="do not sha256 the source files (faster)")
     add_overwrite_option(imp)
     add_quiet_option(imp)
-    imp.set_defaults(handler=_import)
 
-    lora = commands.add_parser(
+    lora = add_command(
+        commands,
+        _lora,
         "lora",
         help="fold a published LoRA file (diffusers/peft, kohya, BFL keys) into a weights folder",
         description="W + alpha/rank * B @ A in float64, as `unidg train merge` does, one transformer block at a time; "
@@ -200,9 +204,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_overwrite_option(lora)
     add_quiet_option(lora)
-    lora.set_defaults(handler=_lora)
 
-    info = commands.add_parser(
+    info = add_command(
+        commands,
+        _info,
         "info",
         help="what a weights folder holds: components, dtypes, sources, license, LoRA",
         description="Reads the manifest and the safetensors headers (nothing is loaded): stage, preset, settings, per "
@@ -211,4 +216,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     info.add_argument("folder", help="weights folder")
     info.add_argument("--verify", action="store_true", help="also check every file's sha256 against the manifest")
     add_json_option(info, "also write it as JSON to FILE ('-': standard output instead)", metavar="FILE")
-    info.set_defaults(handler=_info)

@@ -8,6 +8,7 @@ import json
 from unidg.core.errors import UniDGError
 from unidg.core.manifest import atomic_write_text
 from unidg.runtime.cli_options import (
+    add_command,
     add_config_options,
     add_data_option,
     add_quiet_option,
@@ -92,7 +93,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from unidg.train.commands_train import eval_subparsers
 
     commands = eval_subparsers(subparsers)
-    run = commands.add_parser(
+    run = add_command(
+        commands,
+        _run,
         "run",
         help="run a benchmark config; writes report.md, report.json and plots (resumable)",
         description="Run the benchmark of --config (e.g. configs/eval-nano.toml). Trained detectors are cached by "
@@ -105,9 +108,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         out="report folder",
     )
     add_quiet_option(run, help="no progress bars")
-    run.set_defaults(handler=_run)
 
-    transfer = commands.add_parser(
+    transfer = add_command(
+        commands,
+        _transfer,
         "transfer",
         help="revised reference-colour transfer: colour-carrying defect types, relative to the round-trip ceiling",
     )
@@ -135,10 +139,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "difference of the transfer rates",
     )
     transfer.add_argument("--out-json", help="also write the figure here")
-    transfer.set_defaults(handler=_transfer)
 
-    spread = commands.add_parser(
-        "diversity", help="IL / IL-a: LPIPS from a local checkpoint, else the 1 - SSIM substitute (docs/eval.md)"
+    spread = add_command(
+        commands,
+        _diversity,
+        "diversity",
+        help="IL / IL-a: LPIPS from a local checkpoint, else the 1 - SSIM substitute (docs/eval.md)",
     )
     spread.add_argument("--bundle", default="runtime/assets/unidg-nano-bundle", help="UniDG bundle folder")
     add_data_option(spread, "held-out UDG folder")
@@ -150,4 +156,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--lpips",
         help="local LPIPS AlexNet checkpoint (.safetensors, layout in docs/eval.md); without it: 1 - SSIM substitute",
     )
-    spread.set_defaults(handler=_diversity)
