@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from unidg.core.errors import OptionError
-from unidg.core.manifest import atomic_write_text
 from unidg.export.parity import psnr
+from unidg.runtime.cli_options import write_json_option
 from unidg.runtime.demo import DEFAULT_BUNDLE, DEFAULT_SAMPLES, read_samples
 from unidg.runtime.synthesizer import DefectSynthesizer, SynthesisRequest
 
@@ -101,6 +101,5 @@ def bench_cache(args: argparse.Namespace) -> int:
             f"{row['time_vs_off']:>7.2f} {row['median_denoise_s']:>10.3f} {row['denoise_vs_off']:>7.2f} "
             f"{psnr_text:>9} {defect:>11}"
         )
-    if args.json:
-        atomic_write_text(args.json, json.dumps({"bundle": str(bundle), "rows": rows}, indent=2) + "\n")
+    write_json_option(args.json, json.dumps({"bundle": str(bundle), "rows": rows}, indent=2), say=False)
     return 0

@@ -26,8 +26,8 @@ from unidg.core.attention_bias import build_key_bias
 from unidg.core.errors import OptionError
 from unidg.core.geometry import defect_token_mask, paste_back, right_half
 from unidg.core.latents import pixels_to_model
-from unidg.core.manifest import atomic_write_text
 from unidg.runtime.bundle import Bundle
+from unidg.runtime.cli_options import write_json_option
 from unidg.runtime.demo import DEFAULT_BUNDLE
 from unidg.runtime.sampler import initial_noise
 from unidg.runtime.synthesizer import DefectSynthesizer, SynthesisRequest, SynthesisResult, resize_reference
@@ -442,7 +442,5 @@ def bench_runtime(args: argparse.Namespace) -> int:
         args.bundle = args.bundle[0] if args.bundle else None
         args.threads = args.threads[0] if args.threads else None
         result = bench_cpu(args)
-    if args.json:
-        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_json_option(args.json, json.dumps(result, indent=2))
     return 0

@@ -19,6 +19,7 @@ from unidg.runtime.cli_options import (
     add_seed_option,
     add_weights_option,
     option_values,
+    write_json_option,
 )
 
 
@@ -448,8 +449,7 @@ def run_parity(args: argparse.Namespace) -> int:
     trajectory = None if skip_trajectory else trajectory_parity(args.bundle, model, seed=args.seed)
     data = report(graphs, trajectory)
     print(format_report(data))
-    if args.json:
-        Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
+    write_json_option(args.json, json.dumps(data, indent=2), say=False)
     failed = [name for name, parity in graphs.items() if parity.polygraphy_passed is False]
     if failed:
         print(

@@ -10,9 +10,14 @@ from __future__ import annotations
 import argparse
 
 from unidg.core.errors import OptionError
-from unidg.core.manifest import atomic_write_text
 from unidg.export.bench_cli import command_line, use_triton_interpreter
-from unidg.runtime.cli_options import add_bundle_option, add_command, add_json_option, add_seed_option
+from unidg.runtime.cli_options import (
+    add_bundle_option,
+    add_command,
+    add_json_option,
+    add_seed_option,
+    write_json_option,
+)
 from unidg.runtime.commands import bench_subparsers
 
 
@@ -38,9 +43,7 @@ def _bench_attention(args: argparse.Namespace) -> int:
     )
     result.command = command_line("unidg bench attention")
     print(format_table(result))
-    if args.json:
-        atomic_write_text(args.json, to_json(result) + "\n")
-        print(f"wrote {args.json}")
+    write_json_option(args.json, to_json(result))
     return 0
 
 

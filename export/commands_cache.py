@@ -13,6 +13,7 @@ from unidg.runtime.cli_options import (
     add_out_option,
     add_overwrite_option,
     add_weights_option,
+    write_json_option,
 )
 
 
@@ -97,9 +98,7 @@ def run_cache_calibrate(args: argparse.Namespace) -> int:
         progress=print_progress,
     )
     gate = manifest.metadata["step_cache"]["gate"]
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(gate, handle, indent=2)
+    write_json_option(args.json, json.dumps(gate, indent=2), say=False)
     chosen = {mode: gate[mode]["name"] for mode in ("static", "dynamic") if mode in gate}
     print(f"default --cache {gate['default']}; recorded {chosen}; bundle written to {args.out}")
     return 0

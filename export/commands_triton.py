@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from unidg.core.errors import OptionError
-from unidg.runtime.cli_options import add_bundle_option, add_command, command_group
+from unidg.runtime.cli_options import add_bundle_option, add_command, command_group, option_values
 from unidg.runtime.commands import bench_subparsers
 
 
@@ -60,18 +60,12 @@ def run_export_triton(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise OptionError(f"--gpus must be comma-separated integers (got {args.gpus!r})") from error
     options = TritonRepoOptions(
-        model_name=args.model_name,
+        **option_values(args, "model_name", "instances", "engine_instances", "providers", "execution_env"),
+        **option_values(args, "cache", "cache_threshold", "overwrite"),
         instance_kind=args.kind,
-        instances=args.instances,
         gpus=gpus,
-        engine_instances=args.engine_instances,
         use_engines=not args.no_engines,
         bundle_reference=args.reference_bundle,
-        providers=args.providers,
-        execution_env=args.execution_env,
-        cache=args.cache,
-        cache_threshold=args.cache_threshold,
-        overwrite=args.overwrite,
     )
     repo = write_triton_repo(args.bundle, args.out, options)
     print(f"wrote {repo.path}: models {sorted(repo.configs)}")

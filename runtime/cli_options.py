@@ -150,6 +150,18 @@ def add_json_option(parser: argparse.ArgumentParser, help: str, **kwargs) -> Non
     parser.add_argument("--json", help=help, **kwargs)
 
 
+def write_json_option(path: str | None, text: str, *, say: bool = True) -> None:
+    """``--json FILE``: write ``text`` (a JSON document) to FILE whole or not at all, and with ``say`` print where;
+    nothing without the option."""
+    if not path:
+        return
+    from unidg.core.manifest import atomic_write_text
+
+    atomic_write_text(path, text + "\n")
+    if say:
+        print(f"wrote {path}")
+
+
 def option_values(args: argparse.Namespace, *names: str) -> dict:
     """The parsed options ``names`` by name, for a function whose keywords are the options' dests."""
     return {name: getattr(args, name) for name in names}

@@ -6,7 +6,6 @@ import argparse
 import json
 
 from unidg.core.errors import OptionError
-from unidg.core.manifest import atomic_write_text
 from unidg.runtime.cli_options import (
     add_backend_options,
     add_bundle_option,
@@ -16,6 +15,7 @@ from unidg.runtime.cli_options import (
     backend_options,
     command_group,
     option_values,
+    write_json_option,
 )
 from unidg.runtime.commands import bench_subparsers
 
@@ -125,28 +125,15 @@ def run_serve_bench(args: argparse.Namespace) -> int:
         raise OptionError("give --bundle (to start a server) or --url (to use a running one)")
     report = run_bench_command(
         BenchOptions(
-            bundle=args.bundle,
-            url=args.url,
-            requests=args.requests,
-            concurrency=args.concurrency,
-            workers=args.workers,
-            max_queue=args.max_queue,
-            steps=args.steps,
-            size=args.size,
-            threads=args.threads,
-            scenario=args.scenario,
-            declared_size=args.declared_size,
-            idle_connections=args.idle_connections,
+            **option_values(args, "bundle", "url", "requests", "concurrency", "workers", "max_queue", "steps", "size"),
+            **option_values(args, "threads", "scenario", "declared_size", "idle_connections", "slow_bodies"),
+            **option_values(args, "server_pythonpath", "server_nofile"),
             hold_s=args.hold,
-            slow_bodies=args.slow_bodies,
             slow_interval_s=args.slow_interval,
-            server_pythonpath=args.server_pythonpath,
-            server_nofile=args.server_nofile,
         )
     )
     print(report.summary())
-    if args.json_out:
-        atomic_write_text(args.json_out, json.dumps(report.to_dict(), indent=2) + "\n")
+    write_json_option(args.json_out, json.dumps(report.to_dict(), indent=2), say=False)
     if args.scenario in ("oversized", "overload"):  # refusals are the point there; a dead server is not
         return 0 if report.server_alive is not False else 1
     if args.scenario == "refused":  # the measured peak must stay within the documented bound

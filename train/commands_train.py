@@ -8,7 +8,6 @@ import json
 import os
 
 from unidg.core.errors import OptionError, UniDGError
-from unidg.core.manifest import atomic_write_text
 from unidg.runtime.cli_options import (
     add_command,
     add_config_options,
@@ -22,6 +21,7 @@ from unidg.runtime.cli_options import (
     command_group,
     config_overrides,
     option_values,
+    write_json_option,
 )
 
 
@@ -129,9 +129,7 @@ def _plan(args: argparse.Namespace) -> int:
         print(plan_json(plan))
         return 0
     print(format_plan(plan))
-    if args.json:
-        atomic_write_text(args.json, plan_json(plan) + "\n")
-        print(f"wrote {args.json}")
+    write_json_option(args.json, plan_json(plan))
     return 0
 
 
@@ -162,13 +160,8 @@ def _eval_nano(args: argparse.Namespace) -> int:
     report = evaluate_transfer(
         args.weights,
         args.data,
-        count=args.count,
-        seed=args.seed,
-        steps=args.steps,
-        contact_sheet=args.contact_sheet,
-        sheet_rows=args.sheet_rows,
+        **option_values(args, "count", "seed", "steps", "contact_sheet", "sheet_rows", "ceilings"),
         out_json=args.json,
-        ceilings=args.ceilings,
     )
     print(json.dumps({k: v for k, v in report.items() if k != "samples"}, indent=2))
     return 0

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from unidg.core.manifest import atomic_write_text
 from unidg.runtime.cli_options import (
     add_command,
     add_json_option,
@@ -15,6 +14,7 @@ from unidg.runtime.cli_options import (
     add_quiet_option,
     command_group,
     option_values,
+    write_json_option,
 )
 
 DTYPES = ("keep", "bfloat16", "float16", "float32")
@@ -108,8 +108,7 @@ def _info(args: argparse.Namespace) -> int:
     if args.json == "-":
         print(json.dumps(info, indent=2))
         return 0
-    if args.json:
-        atomic_write_text(args.json, json.dumps(info, indent=2) + "\n")
+    write_json_option(args.json, json.dumps(info, indent=2), say=False)
     settings = info["settings"]
     preset = f", preset {info['preset']}" if info["preset"] else ""
     print(f"{info['folder']}: weights, stage {info['stage']}{preset}")
