@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from unidg.core.manifest import atomic_write_text
+from unidg.core.markdown import table_head
 from unidg.export.bench_gpu_all_plan import AllResult
 from unidg.train.bench_train import TrainBenchResult, TrainRow
 from unidg.train.bench_train import format_markdown as train_markdown
@@ -49,8 +50,9 @@ def format_markdown(result: AllResult) -> str:
         lines += ["", result.note]
     lines += [
         "",
-        "| row | status | tokens | median ms | min ms | × stock eager | peak GiB | configuration | note |",
-        "|---|---|---|---|---|---|---|---|---|",
+        *table_head(
+            "row", "status", "tokens", "median ms", "min ms", "× stock eager", "peak GiB", "configuration", "note"
+        ),
     ]
     for row in result.rows:
         note = (f"FAILED: {row.error}" if row.error else row.note).replace("|", "/")
@@ -69,8 +71,7 @@ def format_markdown(result: AllResult) -> str:
             "",
             f"{title_text} (B = {table['batch']}, H = {table['heads']}, D = {table['head_dim']}, {table['dtype']}):",
             "",
-            "| form | N | median ms | TFLOP/s | × SDPA no bias | max abs diff vs float mask | note |",
-            "|---|---|---|---|---|---|---|",
+            *table_head("form", "N", "median ms", "TFLOP/s", "× SDPA no bias", "max abs diff vs float mask", "note"),
         ]
         for r in table["rows"]:
             if title_text == "Triton tile sweep" and not r["variant"].startswith("triton m"):

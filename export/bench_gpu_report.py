@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from unidg.core.manifest import atomic_write_text
+from unidg.core.markdown import table_head
 
 
 @dataclass
@@ -73,8 +74,7 @@ def format_markdown(result: GpuBenchResult) -> str:
         ]
     lines += [
         "",
-        "| row | tokens | median ms | min ms | floor / measured | peak GiB | note |",
-        "|---|---|---|---|---|---|---|",
+        *table_head("row", "tokens", "median ms", "min ms", "floor / measured", "peak GiB", "note"),
     ]
     for row in result.rows:
         note = f"FAILED: {row.error}" if row.error else row.note
@@ -90,7 +90,7 @@ def format_markdown(result: GpuBenchResult) -> str:
         )
     attention = result.attention or {}
     if attention.get("rows"):
-        lines += ["", "| attention alone | N | median ms | TFLOP/s | x SDPA no bias |", "|---|---|---|---|---|"]
+        lines += ["", *table_head("attention alone", "N", "median ms", "TFLOP/s", "x SDPA no bias")]
         for row in attention["rows"]:
             if not row["variant"].startswith("triton "):  # every form; tile-sweep rows belong to bench attention
                 lines.append(

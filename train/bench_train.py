@@ -29,6 +29,7 @@ import torch
 from unidg.core.attention_bias import build_key_bias
 from unidg.core.errors import OptionError
 from unidg.core.manifest import atomic_write_text
+from unidg.core.markdown import table_head
 from unidg.train.config import load_sft_config, settings_of
 from unidg.train.flow import FlowObjective, StepInputs, combine_terms, draw_noise_and_t, token_weights
 from unidg.train.lora import add_lora
@@ -198,8 +199,18 @@ def format_markdown(result: TrainBenchResult) -> str:
         lines += ["", result.note]
     lines += [
         "",
-        "| model | device | tokens | batch | median ms per step | steps/s | peak GiB | trainable | frozen | recipe |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        *table_head(
+            "model",
+            "device",
+            "tokens",
+            "batch",
+            "median ms per step",
+            "steps/s",
+            "peak GiB",
+            "trainable",
+            "frozen",
+            "recipe",
+        ),
     ]
     for row in result.rows:
         peak = "—" if row.peak_memory_gib is None else f"{row.peak_memory_gib:.1f}"

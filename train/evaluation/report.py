@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from unidg.core.manifest import atomic_write_bytes, atomic_write_text
+from unidg.core.markdown import table_head
 from unidg.train.evaluation import metrics
 
 TITLES = {
@@ -70,7 +71,7 @@ def _difference_cell(value: dict | None) -> str:
 
 
 def _table(rows: dict, keys) -> list[str]:
-    lines = ["| training set | " + " | ".join(COLUMNS[k] for k in keys) + " |", "|---|" + "---|" * len(keys)]
+    lines = table_head("training set", *(COLUMNS[k] for k in keys))
     for name, row in rows.items():
         lines.append(f"| {TITLES.get(name, name)} | " + " | ".join(_cell(row.get(k)) for k in keys) + " |")
     return lines
@@ -127,8 +128,7 @@ def markdown(report: dict) -> str:
             "",
             "Both sets scored on the same redrawn test images. * : the interval excludes zero.",
             "",
-            "| difference | " + " | ".join(COLUMNS[k] for k in keys) + " |",
-            "|---|" + "---|" * len(keys),
+            *table_head("difference", *(COLUMNS[k] for k in keys)),
         ]
         for entry in differences:
             label = f"{_short(entry['minuend'])} − {_short(entry['subtrahend'])}"
