@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from skimage.filters import threshold_otsu
+from train_fixtures import procedural_udg
 
 from unidg.cli import main
 from unidg.core.udg import read_index
@@ -21,7 +22,6 @@ from unidg.runtime.reference_library import (
 )
 from unidg.runtime.synthesizer import DefectSynthesizer
 from unidg.train.mask_library import build_template_library
-from unidg.train.procedural import synthesize
 
 ROOT = Path(__file__).resolve().parents[1]
 NANO_BUNDLE = ROOT / "runtime" / "assets" / "unidg-nano-bundle"
@@ -29,9 +29,7 @@ NANO_BUNDLE = ROOT / "runtime" / "assets" / "unidg-nano-bundle"
 
 @pytest.fixture(scope="module")
 def udg(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("curation") / "udg"
-    synthesize(folder, 48, seed=5, size=64, progress=False)
-    return folder
+    return procedural_udg(tmp_path_factory, 48, seed=5)
 
 
 @pytest.fixture(scope="module")

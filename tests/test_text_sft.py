@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
+from train_fixtures import procedural_udg
 
 from unidg.cli import main
 from unidg.core.instructions import REFERENCE_INSTRUCTION
@@ -39,7 +40,6 @@ from unidg.train.loading import load_model, save_model
 from unidg.train.merge import merge_lora
 from unidg.train.model import UniDGModel
 from unidg.train.pairs import prepare_pairs
-from unidg.train.procedural import synthesize
 from unidg.train.text_encoders import TextEncoderError, make_text_encoders, save_text_encoders
 from unidg.train.text_sft import (
     TEXT_FEATURES_FILE,
@@ -61,9 +61,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def udg(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("udg") / "train"
-    synthesize(folder, 8, seed=3, size=32, progress=False)
-    return folder
+    return procedural_udg(tmp_path_factory, 8, size=32)
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 
 
-def procedural_udg(tmp_path_factory: pytest.TempPathFactory, count: int) -> Path:
-    """A small procedural UDG folder (64 px, seed 3): the training tests' data."""
+def procedural_udg(tmp_path_factory: pytest.TempPathFactory, count: int, *, seed: int = 3, size: int = 64) -> Path:
+    """A small procedural UDG folder (64 px, seed 3 unless told): the training tests' data."""
     from unidg.train.procedural import synthesize
 
     folder = tmp_path_factory.mktemp("udg") / "train"
-    synthesize(folder, count, seed=3, size=64, progress=False)
+    synthesize(folder, count, seed=seed, size=size, progress=False)
     return folder
 
 
