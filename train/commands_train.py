@@ -245,7 +245,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     commands = command_group(
         subparsers, "train", "train: base model, Diversity-SFT LoRA, merge, nano evaluation", metavar="STAGE"
     )
+    _register_stages(commands)
+    _register_reward_recog(commands)
+    _register_tools(commands)
+    _register_evaluations(commands, subparsers)
 
+
+def _register_stages(commands: argparse._SubParsersAction) -> None:
+    """The training stages, each driven by a config: base, sft, text, rft."""
     base = add_command(
         commands, _base, "base", help="train a base model from scratch: autoencoder, then diptych inpainter"
     )
@@ -272,6 +279,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_config_arguments(rft)
 
+
+def _register_reward_recog(commands: argparse._SubParsersAction) -> None:
     recog = add_command(
         commands,
         _reward_recog,
@@ -294,6 +303,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_overwrite_option(recog)
 
+
+def _register_tools(commands: argparse._SubParsersAction) -> None:
+    """What runs beside the stages: the latent cache, the memory plan, the Eq. 9 check, the LoRA merge."""
     cache = add_command(
         commands,
         _cache,
@@ -341,6 +353,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_overwrite_option(merge)
 
+
+def _register_evaluations(commands: argparse._SubParsersAction, subparsers: argparse._SubParsersAction) -> None:
     evaluate = add_command(
         commands,
         _eval_nano,
