@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from unidg.cli import main
-from unidg.train.bench_train import CONFIGS, DRY_RUN_FULL, run_train_bench, slice_preset
+from unidg.train.bench_train import DRY_RUN_FULL, SOURCE_CONFIGS, recipe_folder, run_train_bench, slice_preset
 from unidg.train.config import load_sft_config
 from unidg.train.lora import lora_parameter_count
 from unidg.train.model import UniDGModel
@@ -27,7 +27,7 @@ def test_dry_run_times_both_rows_with_the_recipes_lora(tmp_path, one_torch_threa
     assert report["dry_run"] is True and [row["device"] for row in report["rows"]] == ["cpu", "cpu"]
     assert all(row["median_ms"] > 0 and row["peak_memory_gib"] is None for row in report["rows"])
     # The slice row trains exactly the LoRA that the full recipe puts on a 1 + 1 block transformer.
-    config = load_sft_config(CONFIGS / "full-sft.toml", DRY_RUN_FULL)
+    config = load_sft_config(SOURCE_CONFIGS / "full-sft.toml", DRY_RUN_FULL)
     model = UniDGModel.from_preset(slice_preset(width_of="nano"), device="meta")
     assert report["rows"][0]["trainable_parameters"] == lora_parameter_count(model.transformer, config.lora)
     assert "gradient checkpointing" in report["rows"][0]["note"]
@@ -38,3 +38,24 @@ def test_dry_run_times_both_rows_with_the_recipes_lora(tmp_path, one_torch_threa
 def test_without_a_gpu_the_real_run_is_refused_with_the_fix():
     with pytest.raises(ValueError, match="needs a CUDA GPU.*--dry-run"):
         run_train_bench(dry_run=False)
+
+
+def test_the_recipes_come_from_configs_or_the_source_checkout_and_a_folder_without_them_is_refused(
+    tmp_path, monkeypatch
+) -> None:
+    import shutil
+
+    from unidg.core.errors import OptionError
+
+    assert recipe_folder() == SOURCE_CONFIGS  # a source checkout: its own configs/
+    for name in ("full-sft.toml", "nano-sft.toml"):
+        shutil.copy(SOURCE_CONFIGS / name, tmp_path / name)
+    assert recipe_folder(tmp_path) == tmp_path
+    (tmp_path / "nano-sft.toml").unlink()
+    with pytest.raises(OptionError, match=r"--configs .* hold\(s\) no such pair: pass --configs DIR"):
+        recipe_folder(tmp_path)
+    # An installed wheel: no configs beside the package, none in the working folder either.
+    monkeypatch.setattr("unidg.train.bench_train.SOURCE_CONFIGS", tmp_path / "absent")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OptionError, match="the configs/ folder of a unidg source checkout"):
+        run_train_bench(dry_run=True)

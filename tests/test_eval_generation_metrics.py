@@ -212,7 +212,7 @@ def test_transfer_with_and_without_the_bundles_gated_cache_on_the_same_pairs(tmp
     schedule = bundle_step_cache(load_bundle(root / "runtime/assets/unidg-nano-bundle"), None, None).schedule
     synthesize(tmp_path / "held", count=30, seed=5, size=32, progress=False)
     args = ["eval", "transfer", "--weights", str(root / "runtime/assets/unidg-nano"), "--data", str(tmp_path / "held")]
-    args += ["--count", "2", "--min-pairs", "2", "--out-json", str(tmp_path / "t.json")]
+    args += ["--count", "2", "--min-pairs", "2", "--json", str(tmp_path / "t.json")]
     assert main([*args, "--compare-cache", schedule_name(schedule)]) == 0
     capsys.readouterr()
     figure = json.loads((tmp_path / "t.json").read_text())

@@ -37,7 +37,24 @@ from unidg.train.model import UniDGModel, image_ids
 from unidg.train.presets import get_preset
 from unidg.train.trainer import DeviceError, build_optimizer, place_model, resolve_device
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# The recipes it times: the source checkout's configs/ (an installed wheel ships none: pass --configs).
+SOURCE_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+RECIPES = ("full-sft.toml", "nano-sft.toml")
+
+
+def recipe_folder(folder: str | Path | None = None) -> Path:
+    """The folder holding the two SFT recipes: ``folder``, else the source checkout's configs/, else ./configs."""
+    candidates = [Path(folder)] if folder else [SOURCE_CONFIGS, Path("configs")]
+    for candidate in candidates:
+        if all((candidate / name).is_file() for name in RECIPES):
+            return candidate
+    where = "--configs " + str(folder) if folder else f"{SOURCE_CONFIGS} and ./configs"
+    raise OptionError(
+        f"`unidg bench train` times the recipes {' and '.join(RECIPES)}; {where} hold(s) no such pair: pass "
+        "--configs DIR, the configs/ folder of a unidg source checkout"
+    )
+
+
 DRY_RUN_FULL = ["settings.resolution=64", "lora.rank=4", "lora.alpha=4.0"]
 DRY_RUN_NANO = ["settings.resolution=64", "train.batch_size=2"]
 DRY_RUN_NOTE = "CPU dry run at the nano width: a check of the harness, not figures"
@@ -157,8 +174,11 @@ def time_sft_step(config, label: str, preset, device: str, steps: int, warmup: i
     )
 
 
-def run_train_bench(dry_run: bool = False, steps: int = 5, warmup: int = 2) -> TrainBenchResult:
+def run_train_bench(
+    dry_run: bool = False, steps: int = 5, warmup: int = 2, configs: str | Path | None = None
+) -> TrainBenchResult:
     """Both rows (module docstring); the dry run uses the nano width for the slice and the CPU for everything."""
+    recipes = recipe_folder(configs)  # refused before anything is timed
     cuda = not dry_run
     if cuda and not torch.cuda.is_available():
         raise DeviceError(
@@ -178,10 +198,10 @@ def run_train_bench(dry_run: bool = False, steps: int = 5, warmup: int = 2) -> T
 
     device = "cuda" if cuda else "cpu"
     # The dry run keeps every option of the recipes and shrinks what sets the size.
-    full = load_sft_config(CONFIGS / "full-sft.toml", DRY_RUN_FULL if dry_run else [])
+    full = load_sft_config(recipes / "full-sft.toml", DRY_RUN_FULL if dry_run else [])
     slice_ = slice_preset(width_of="nano" if dry_run else "full")
     result.rows.append(time_sft_step(full, "full-sft.toml", slice_, device, steps, warmup))
-    nano = load_sft_config(CONFIGS / "nano-sft.toml", DRY_RUN_NANO if dry_run else [])
+    nano = load_sft_config(recipes / "nano-sft.toml", DRY_RUN_NANO if dry_run else [])
     for where in (device, "cpu") if cuda else ("cpu",):
         result.rows.append(time_sft_step(nano, "nano-sft.toml", "nano", where, steps, warmup))
     return result
@@ -234,7 +254,7 @@ def write_report(result: TrainBenchResult, out: Path) -> tuple[Path, Path]:
 
 
 def bench_train(args) -> int:
-    result = run_train_bench(dry_run=args.dry_run, steps=args.steps, warmup=args.warmup)
+    result = run_train_bench(dry_run=args.dry_run, steps=args.steps, warmup=args.warmup, configs=args.configs)
     result.command = "unidg " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "unidg bench train"
     paths = write_report(result, Path(args.out))
     print(format_markdown(result))

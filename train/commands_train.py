@@ -238,6 +238,11 @@ def _register_bench_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per row (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before (allocator, autotuning)")
     add_out_option(parser, "folder for bench_train.json and bench_train.md", default="out/bench-train")
+    parser.add_argument(
+        "--configs",
+        metavar="DIR",
+        help="folder holding full-sft.toml and nano-sft.toml (default: the source checkout's configs/, else ./configs)",
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -6,15 +6,16 @@ import argparse
 import json
 
 from unidg.core.errors import UniDGError
-from unidg.core.manifest import atomic_write_text
 from unidg.runtime.cli_options import (
     add_command,
     add_config_options,
     add_data_option,
+    add_json_option,
     add_quiet_option,
     add_seed_option,
     add_weights_option,
     config_overrides,
+    write_json_option,
 )
 
 
@@ -75,8 +76,7 @@ def _transfer(args: argparse.Namespace) -> int:
     if args.compare_cache:
         figure["compare"] = {**figures[1], "paired": paired_transfer(samples[0], samples[1], defect_types)}
     text = json.dumps(figure, indent=2)
-    if args.out_json:
-        atomic_write_text(args.out_json, text + "\n")
+    write_json_option(args.json, text, say=False)
     print(text)
     return 0
 
@@ -138,7 +138,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="also generate the same pairs with the same noise under this setting; adds its figure and the paired "
         "difference of the transfer rates",
     )
-    transfer.add_argument("--out-json", help="also write the figure here")
+    add_json_option(transfer, "also write the figure here")
 
     spread = add_command(
         commands,
