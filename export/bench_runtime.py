@@ -66,7 +66,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
-def _weights_folder(bundle: Bundle, weights: str | None) -> Path:
+def weights_folder(bundle: Bundle, weights: str | None) -> Path:
     if weights:
         return Path(weights)
     recorded = (bundle.metadata.get("weights") or {}).get("path")
@@ -99,7 +99,7 @@ def bench_cpu(args: argparse.Namespace) -> dict:
     # cache off: 28 full steps, as the torch loop
     synth = DefectSynthesizer.from_bundle(bundle_path, threads=threads, spin=args.spin, cache="off")
     bundle = synth.bundle
-    weights = _weights_folder(bundle, args.weights)
+    weights = weights_folder(bundle, args.weights)
     model = load_model(weights)
     if model.settings.resolution != bundle.resolution:
         model.settings = replace(model.settings, resolution=bundle.resolution)
@@ -189,7 +189,7 @@ def stock_fill_pipeline(model):
     return pipeline
 
 
-def _run_diffusers(pipeline, model, request: SynthesisRequest, bias: bool) -> np.ndarray:
+def run_stock_diffusers(pipeline, model, request: SynthesisRequest, bias: bool) -> np.ndarray:
     """One request through the stock pipeline: the Alg. 1 diptych, the Redux tokens and the starting noise as the
     runtime makes them (so the outputs are comparable), then FluxFillPipeline with the per-key bias (``bias``; the
     key-bias processor installed) or diffusers' own attention (FluxAttnProcessor swapped back in); the result pasted
@@ -250,13 +250,13 @@ def _vs_diffusers_row(bundle_path: Path, threads: int, args: argparse.Namespace)
     # cache off: 28 full steps on every side (step caching is a separate comparison)
     synth = DefectSynthesizer.from_bundle(bundle_path, threads=threads, spin=args.spin, cache="off")
     bundle = synth.bundle
-    model = load_model(_weights_folder(bundle, args.weights))
+    model = load_model(weights_folder(bundle, args.weights))
     model.settings = replace(model.settings, resolution=bundle.resolution)
     pipeline = stock_fill_pipeline(model)
     request = synth.check(replace(bench_request(), steps=args.steps))
     runs = {
-        VS_DIFFUSERS_SIDES[0]: lambda: _run_diffusers(pipeline, model, request, bias=True),
-        VS_DIFFUSERS_SIDES[1]: lambda: _run_diffusers(pipeline, model, request, bias=False),
+        VS_DIFFUSERS_SIDES[0]: lambda: run_stock_diffusers(pipeline, model, request, bias=True),
+        VS_DIFFUSERS_SIDES[1]: lambda: run_stock_diffusers(pipeline, model, request, bias=False),
         VS_DIFFUSERS_SIDES[2]: lambda: sample_request(model, request).image,
         VS_DIFFUSERS_SIDES[3]: lambda: synth.generate(request).image,
     }

@@ -109,6 +109,13 @@ def _register_bench_cache(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of every request per mode")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime CPU threads (default: all cores)")
     parser.add_argument("--cache-threshold", type=float, default=None, help="dynamic threshold (default: the gate's)")
+    parser.add_argument(
+        "--vs-diffusers",
+        action="store_true",
+        help="add the stock diffusers FluxFillPipeline (key bias, uncached) as a fourth column; needs the training "
+        "extra and the bundle's weights folder",
+    )
+    parser.add_argument("--weights", help="with --vs-diffusers: the weights folder (default: the bundle's record)")
     add_json_option(parser, "also write the figures to this JSON file")
 
 

@@ -295,3 +295,20 @@ def test_the_gate_refuses_a_failing_setting_by_name(tmp_path, one_torch_thread):
     (row,) = caught.value.table
     assert row["full_steps_mean"] == 1 and not row["passed"]
     assert not (tmp_path / "out").exists()
+
+
+def test_bench_cache_puts_the_stock_diffusers_pipeline_beside_the_cache_modes(tmp_path, capsys) -> None:
+    """One interleaved round over the shipped bundle: off / static / dynamic / stock diffusers; the stock pipeline runs
+    the uncached 28 steps on the same noise, so its image equals the runtime's uncached one to float noise."""
+    from unidg.cli import main
+
+    out = tmp_path / "cache.json"
+    args = ["bench", "cache", "--requests", "1", "--repeats", "1", "--threads", "1", "--vs-diffusers"]
+    assert main([*args, "--json", str(out)]) == 0
+    rows = {row["mode"]: row for row in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["off", "static", "dynamic", "diffusers"]
+    assert rows["off"]["evaluations_per_sample"] == rows["diffusers"]["evaluations_per_sample"] == 28
+    assert rows["static"]["evaluations_per_sample"] < 28
+    assert rows["diffusers"]["median_denoise_s"] is None  # the stock pipeline times only the whole call
+    assert rows["diffusers"]["defect_psnr_min_db"] > 45  # the same sample, up to float noise
+    assert "diffusers" in capsys.readouterr().out
