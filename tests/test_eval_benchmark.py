@@ -372,3 +372,18 @@ def test_bad_eval_inputs_are_refused_in_one_line_and_leave_nothing(tmp_path, mon
     error = capsys.readouterr().err
     assert message in error and "Traceback" not in error and len(error.strip().splitlines()) == 1, error
     assert sorted(p.name for p in tmp_path.iterdir()) == before and (tmp_path / "taken.txt").read_text() == "mine"
+
+
+def test_a_difference_the_seeds_disagree_on_is_marked_beside_its_interval() -> None:
+    from unidg.train.evaluation.benchmark import _seed_differences
+    from unidg.train.evaluation.report import markdown
+
+    split = _seed_differences({"per_seed": [0.8, 0.9, 0.7]}, {"per_seed": [0.7, 0.8, 0.75]})
+    assert split["per_seed"] == pytest.approx([0.1, 0.1, -0.05]) and split["seeds_agree"] is False
+    assert _seed_differences({"per_seed": [0.8, 0.9]}, {"per_seed": [0.7, None]}) == {"per_seed": [pytest.approx(0.1)]}
+    assert _seed_differences({"per_seed": [0.8, 0.9]}, {"per_seed": [0.7, 0.6]})["seeds_agree"] is True
+    report, _ = _report_fixture()
+    value = report["differences"][0]["metrics"]["auroc_i"]
+    assert "| +10.0 [+2.0, +19.0] * |" in markdown(report)
+    value["seeds_agree"] = False
+    assert "| +10.0 [+2.0, +19.0] * † |" in markdown(report)

@@ -503,9 +503,22 @@ def _aggregate(runs: list[dict], seeds: list[int], metric: str) -> tuple[dict | 
         if chosen and all(metric in r.get("bootstrap", {}) for r in chosen):
             replicates.append(np.mean([r["bootstrap"][metric] for r in chosen], axis=0))
     entry = _mean_std(per_seed)
+    if entry is not None:
+        entry["per_seed"] = per_seed  # in seed order, None where the seed has no value
     if entry is None or not replicates or len(replicates) != entry["n"]:
         return entry, None
     return entry, np.mean(replicates, axis=0)
+
+
+def _seed_differences(a: dict, b: dict) -> dict:
+    """Seed by seed, the difference of two sets' values, and whether every seed puts it on the same side of zero: a
+    difference the seeds disagree on is within the detectors' training noise, which the interval (over test images,
+    the detectors fixed) does not carry."""
+    pairs = zip(a.get("per_seed") or [], b.get("per_seed") or [])
+    per_seed = [x - y for x, y in pairs if x is not None and y is not None]
+    if len(per_seed) < 2:
+        return {"per_seed": per_seed}
+    return {"per_seed": per_seed, "seeds_agree": all(d > 0 for d in per_seed) or all(d < 0 for d in per_seed)}
 
 
 def _with_interval(entry: dict | None, replicates: np.ndarray | None, confidence: float) -> dict | None:
@@ -547,7 +560,7 @@ def summarize(config: EvalConfig, runs: list[dict], splits: list[InspectionSplit
                 a, b = table[minuend][metric], table[subtrahend][metric]
                 if not (a and b):
                     continue
-                value = {"difference": a["mean"] - b["mean"]}
+                value = {"difference": a["mean"] - b["mean"], **_seed_differences(a, b)}
                 if metric in replicates[minuend] and metric in replicates[subtrahend]:
                     low, high = bootstrap.interval(
                         replicates[minuend][metric] - replicates[subtrahend][metric], confidence

@@ -67,6 +67,8 @@ def _difference_cell(value: dict | None) -> str:
     text = f"{100 * value['difference']:+.1f}"
     if "low" in value:
         text += f" [{100 * value['low']:+.1f}, {100 * value['high']:+.1f}]" + (" *" if value["resolved"] else "")
+    if value.get("seeds_agree") is False:
+        text += " †"
     return text
 
 
@@ -126,7 +128,9 @@ def markdown(report: dict) -> str:
             "",
             f"## Differences between sets, in points [{level} paired bootstrap interval]",
             "",
-            "Both sets scored on the same redrawn test images. * : the interval excludes zero.",
+            "Both sets scored on the same redrawn test images. * : the interval excludes zero. † : the seeds disagree "
+            "on the sign (per-seed differences in report.json): the difference is within the detectors' training "
+            "noise, which the interval does not carry.",
             "",
             *table_head("difference", *(COLUMNS[k] for k in keys)),
         ]
