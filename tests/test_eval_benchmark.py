@@ -382,6 +382,7 @@ def test_a_difference_the_seeds_disagree_on_is_marked_beside_its_interval() -> N
     assert split["per_seed"] == pytest.approx([0.1, 0.1, -0.05]) and split["seeds_agree"] is False
     assert _seed_differences({"per_seed": [0.8, 0.9]}, {"per_seed": [0.7, None]}) == {"per_seed": [pytest.approx(0.1)]}
     assert _seed_differences({"per_seed": [0.8, 0.9]}, {"per_seed": [0.7, 0.6]})["seeds_agree"] is True
+    assert _seed_differences({"per_seed": [0.5, 0.5]}, {"per_seed": [0.5, 0.5]})["seeds_agree"] is True  # no sign
     report, _ = _report_fixture()
     value = report["differences"][0]["metrics"]["auroc_i"]
     assert "| +10.0 [+2.0, +19.0] * |" in markdown(report)

@@ -518,7 +518,7 @@ def _seed_differences(a: dict, b: dict) -> dict:
     per_seed = [x - y for x, y in pairs if x is not None and y is not None]
     if len(per_seed) < 2:
         return {"per_seed": per_seed}
-    return {"per_seed": per_seed, "seeds_agree": all(d > 0 for d in per_seed) or all(d < 0 for d in per_seed)}
+    return {"per_seed": per_seed, "seeds_agree": not (any(d > 0 for d in per_seed) and any(d < 0 for d in per_seed))}
 
 
 def _with_interval(entry: dict | None, replicates: np.ndarray | None, confidence: float) -> dict | None:
