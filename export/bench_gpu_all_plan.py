@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass, field
 STOCK_STEP_ROW = "stock diffusers step, eager"  # the reference of every ratio: it runs whatever --only selects
 
 
-class BudgetSpent(Exception):
-    """Raised inside a row when the run's time budget ends (SIGALRM)."""
+class BudgetSpent(BaseException):
+    """Raised inside a row when the run's time budget ends (SIGALRM). A BaseException, like KeyboardInterrupt, so the
+    ``except Exception`` of a row (or of a library it calls) cannot turn the end of the budget into another error."""
 
 
 class RowSkipped(Exception):
