@@ -11,9 +11,11 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from unidg.core.instructions import REFERENCE_INSTRUCTION
 from unidg.core.latents import LATENT_CHANNELS, VAE_SCALE, VAE_SHIFT
 from unidg.core.manifest import Manifest, tool_versions, write_manifest
 from unidg.core.settings import MAX_RESOLUTION, UniDGSettings
+from unidg.core.text import CLIP_TOKENIZER_FOLDER, T5_TOKENIZER_FOLDER, TEXT_GRAPH_IO
 from unidg.core.weights_folder import (
     OutputFolderError,
     WeightsError,
@@ -33,8 +35,17 @@ from unidg.export.onnx_export import (
     print_progress,
     torch_program_file,
 )
-from unidg.runtime.bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, BUNDLE_KIND, GRAPH_NAMES
+from unidg.export.text_graphs import export_text_encoders
+from unidg.runtime.bundle import (
+    BUNDLE_FORMAT,
+    BUNDLE_FORMAT_VERSION,
+    BUNDLE_FORMAT_VERSION_TEXT,
+    BUNDLE_KIND,
+    GRAPH_NAMES,
+)
 from unidg.train.loading import load_weights_model
+from unidg.train.text_encoders import TextEncoders, load_text_encoders
+from unidg.train.text_sft import encoders_digest
 
 __all__ = ["WeightsError", "OutputFolderError", "export_bundle", "bundle_metadata", "read_weights", "staged_folder"]
 TOOLS = (
@@ -118,6 +129,7 @@ def export_bundle(
     verify_weights: bool = True,
     torch_programs: bool = False,
     fuse_qkv: bool = False,
+    text_encoders: str | Path | None = None,
     progress: Progress | None = print_progress,
 ) -> Manifest:
     """``unidg export onnx``: weights folder -> bundle folder (atomically). Returns the bundle manifest.
@@ -125,7 +137,12 @@ def export_bundle(
     ``torch_programs`` also saves each graph as a ``torch.export`` program (``torch/<graph>.pt2``, listed in the
     manifest's files and its ``torch_programs`` table) for ``--backend torch``; without it the bundle is unchanged.
     ``fuse_qkv``: Q, K and V (and the single blocks' projections) as one matmul per attention stream: fewer, larger
-    kernels behind the same graph interface; outputs differ from the unfused graph by float rounding only."""
+    kernels behind the same graph interface; outputs differ from the unfused graph by float rounding only.
+
+    A UniDG-Text model (its manifest's ``text`` record, ``unidg train text`` + merge) gives a text bundle (format 3):
+    the step takes ``pooled``, and the encoders the model was trained with (``text_encoders``, default: the folder its
+    record names, checked against the record's hash) go in as ``clip_text.onnx``, ``t5_text.onnx`` and their
+    tokenizer folders (``unidg.export.text_graphs``)."""
     check_output(out, overwrite=overwrite)  # refused before the weights are read and the graphs exported
     check_max_batch(max_batch)
     if resolution is not None:
@@ -145,13 +162,22 @@ def export_bundle(
     )
     if progress:
         progress(f"loading {weights.path} (fingerprint {weights.fingerprint[:12]})")
+    record = weights.manifest.metadata.get("text")
+    encoders = load_trained_encoders(weights, record, text_encoders) if record else None
     model = cast_for_precision(load_weights_model(weights, settings), precision)
     if fuse_qkv:
         model.transformer.fuse_qkv_projections()
-    facts = ModelFacts.of(model, resolution)
+    facts = ModelFacts.of(model, resolution, text=encoders is not None)
     with staged_folder(out, overwrite=overwrite) as staging:
-        records = export_graphs(model, staging, options, torch_programs=torch_programs, progress=progress)
-        programs = {"torch_programs": {name: torch_program_file(name) for name in GRAPH_NAMES}}
+        records = export_graphs(
+            model, staging, options, torch_programs=torch_programs, text=encoders is not None, progress=progress
+        )
+        extra = {"torch_programs": {name: torch_program_file(name) for name in GRAPH_NAMES}} if torch_programs else {}
+        if encoders is not None:
+            if progress:
+                progress("text encoders: clip_text.onnx, t5_text.onnx and their tokenizers")
+            text_records = export_text_encoders(encoders, staging, max_batch=max_batch, progress=progress)
+            extra.update(format_version=BUNDLE_FORMAT_VERSION_TEXT, text=text_table(facts, record, text_records))
         metadata = bundle_metadata(
             facts,
             settings,
@@ -160,7 +186,7 @@ def export_bundle(
             weights,
             vae_scale=float(model.vae.config.scaling_factor),
             vae_shift=float(model.vae.config.shift_factor),
-            extra=programs if torch_programs else None,
+            extra=extra or None,
         )
         if progress:
             progress("hashing files and writing manifest.json")
@@ -168,6 +194,35 @@ def export_bundle(
     if progress:
         progress(f"bundle written to {out}")
     return manifest
+
+
+def load_trained_encoders(weights: WeightsInfo, record: dict, folder: str | Path | None) -> TextEncoders:
+    """The text encoders a UniDG-Text model was trained with: ``folder``, or the one its ``text`` record names;
+    refused when their files differ from the record's hash (other encoders would feed features it never saw)."""
+    location = Path(folder if folder is not None else record.get("encoders", ""))
+    fix = "pass the encoders it was trained with: --text-encoders FOLDER (a FLUX.1 folder or the run's text_encoders/)"
+    if not location.is_dir():
+        raise WeightsError(f"--weights {weights.path} is a UniDG-Text model; its text encoders {location} are not a "
+                           f"folder here; {fix}")  # fmt: skip
+    digest = record.get("encoders_sha256")
+    if digest and encoders_digest(location) != digest:
+        raise WeightsError(
+            f"--text-encoders {location}: its files differ from those --weights {weights.path} was trained with "
+            f"(sha256 {digest[:12]}); {fix}"
+        )
+    return load_text_encoders(location)
+
+
+def text_table(facts: ModelFacts, record: dict, graphs: dict[str, GraphRecord]) -> dict:
+    """The bundle manifest's ``text`` table (unidg.runtime.bundle reads it)."""
+    return {
+        "mode": "instruction",
+        "graphs": {name: graphs[name].manifest_entry() for name in TEXT_GRAPH_IO},
+        "tokenizers": {"clip": CLIP_TOKENIZER_FOLDER, "t5": T5_TOKENIZER_FOLDER},
+        "pooled_dim": facts.pooled_dim,
+        "reference_instruction": record.get("reference_instruction", REFERENCE_INSTRUCTION),
+        "training": {k: record.get(k) for k in ("random_encoders", "no_reference", "instruction_seed")},
+    }
 
 
 def check_resolution(resolution: int, name: str = "--resolution") -> int:

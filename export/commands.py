@@ -93,6 +93,11 @@ def _register_onnx(export: argparse._SubParsersAction) -> None:
         action="store_true",
         help="Q, K and V as one matmul per attention stream (594 -> 554 kernels on the nano step; same interface)",
     )
+    onnx.add_argument(
+        "--text-encoders",
+        metavar="FOLDER",
+        help="UniDG-Text weights only: the CLIP/T5 folder it was trained with (default: the one its manifest names)",
+    )
 
 
 def _register_quantize(export: argparse._SubParsersAction) -> None:
@@ -356,11 +361,13 @@ def run_onnx(args: argparse.Namespace) -> int:
         verify_weights=not args.no_verify,
         torch_programs=args.torch_programs,
         fuse_qkv=args.fuse_qkv,
+        text_encoders=args.text_encoders,
     )
     meta = manifest.metadata
     print(
         f"wrote {args.out}: S={meta['resolution']} {meta['precision']} attention {meta['attention']} "
         f"({meta['attention_form']}), batch {meta['batch']}, {len(manifest.files)} files"
+        + (", UniDG-Text (instructions)" if "text" in meta else "")
     )
     return 0
 

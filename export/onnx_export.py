@@ -40,7 +40,7 @@ from unidg.core.schedule import flux_sigmas
 from unidg.core.settings import MAX_RESOLUTION
 from unidg.export.plugins.onnx_rewrite import rewrite_attention_file
 from unidg.export.step_model import ImageEncoderModel, StepModel, VaeDecoderModel, VaeEncoderModel, float32_rope
-from unidg.runtime.bundle import GRAPH_INPUTS, GRAPH_NAMES, GRAPH_OUTPUTS, STEP_INPUTS
+from unidg.runtime.bundle import GRAPH_INPUTS, GRAPH_NAMES, GRAPH_OUTPUTS, STEP_INPUTS, TEXT_STEP_INPUTS
 from unidg.train.attention import KeyBiasAttnProcessor, flux_attention_modules
 from unidg.train.model import UniDGModel
 
@@ -131,9 +131,14 @@ class ModelFacts(HasLayout):
     joint_dim: int  # J
     reference_size: int  # P
     guidance_embeds: bool
+    pooled_dim: int | None = None  # UniDG-Text: CLIP's pooled width, a step input; None in reference mode
+
+    @property
+    def step_inputs(self) -> tuple[str, ...]:
+        return STEP_INPUTS if self.pooled_dim is None else TEXT_STEP_INPUTS
 
     @classmethod
-    def of(cls, model: UniDGModel, resolution: int) -> ModelFacts:
+    def of(cls, model: UniDGModel, resolution: int, text: bool = False) -> ModelFacts:
         settings = model.settings
         return cls(
             resolution=resolution,
@@ -144,6 +149,7 @@ class ModelFacts(HasLayout):
             joint_dim=model.joint_dim,
             reference_size=model.reference_size,
             guidance_embeds=bool(model.transformer.config.guidance_embeds),
+            pooled_dim=int(model.transformer.config.pooled_projection_dim) if text else None,
         )
 
     def metadata(self) -> dict:
@@ -194,7 +200,8 @@ def step_example_inputs(facts: ModelFacts, batch: int, seed: int = 0, resolution
     sigmas = flux_sigmas(28, tokens)
     step = int(rng.integers(0, 27))
     ctx = rng.standard_normal((batch, facts.context_tokens, facts.joint_dim), dtype=np.float32)
-    ctx[:, : facts.context_tokens - facts.reference_tokens] = 0.0  # zero text token(s)
+    if facts.pooled_dim is None:
+        ctx[:, : facts.context_tokens - facts.reference_tokens] = 0.0  # zero text token(s)
     arrays = {
         "x": rng.standard_normal((batch, tokens, 64), dtype=np.float32),
         "cond": np.concatenate([rng.standard_normal((batch, tokens, 64), dtype=np.float32), mask_channels], axis=2),
@@ -208,7 +215,9 @@ def step_example_inputs(facts: ModelFacts, batch: int, seed: int = 0, resolution
         "img_ids": layout.image_ids(),
         "txt_ids": text_ids(facts.context_tokens),
     }
-    return {name: arrays[name] for name in STEP_INPUTS}
+    if facts.pooled_dim is not None:
+        arrays["pooled"] = rng.standard_normal((batch, facts.pooled_dim), dtype=np.float32)
+    return {name: arrays[name] for name in facts.step_inputs}
 
 
 def graph_example_inputs(name: str, facts: ModelFacts, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -252,6 +261,7 @@ def _dynamic_shapes(name: str, facts: ModelFacts, options: ExportOptions) -> dic
             "guidance": _axes(a0=batch),
             "img_ids": _axes(a0=tokens),
             "txt_ids": {},
+            **({"pooled": _axes(a0=batch)} if facts.pooled_dim is not None else {}),
         }
     if name in ("vae_encoder", "vae_decoder"):
         # Pixel sides are 16 * k (one 2x2 token of an 8x VAE), latent sides 2 * k.
@@ -399,6 +409,7 @@ def warnings_quiet() -> Iterator[None]:
 
 
 def graph_module(name: str, model: UniDGModel) -> torch.nn.Module:
+    """The module of one bundle graph (a text bundle's step takes ``pooled`` as its tenth input: the same module)."""
     return {
         "step": StepModel,
         "vae_encoder": VaeEncoderModel,
@@ -469,10 +480,11 @@ def export_graph(
             weight_bytes=parameter_bytes(*graph_parameters(name, model)),
             progress=progress,
         )
-    if tuple(record.inputs) != GRAPH_INPUTS[name] or tuple(record.outputs) != GRAPH_OUTPUTS[name]:
+    wanted = facts.step_inputs if name == "step" else GRAPH_INPUTS[name]
+    if tuple(record.inputs) != wanted or tuple(record.outputs) != GRAPH_OUTPUTS[name]:
         raise ExportError(
-            f"{name}.onnx has inputs {list(record.inputs)} / outputs {list(record.outputs)}; Bundle format v1 needs "
-            f"{list(GRAPH_INPUTS[name])} / {list(GRAPH_OUTPUTS[name])} (an input the graph does not use was dropped "
+            f"{name}.onnx has inputs {list(record.inputs)} / outputs {list(record.outputs)}; the bundle needs "
+            f"{list(wanted)} / {list(GRAPH_OUTPUTS[name])} (an input the graph does not use was dropped "
             "by the exporter)"
         )
     if name == "step" and options.attention == "plugin":
@@ -542,11 +554,13 @@ def export_graphs(
     *,
     graphs: tuple[str, ...] = GRAPH_NAMES,
     torch_programs: bool = False,
+    text: bool = False,
     progress: Progress | None = print_progress,
 ) -> dict[str, GraphRecord]:
     """Export the bundle graphs of ``model`` (already cast to the precision) into ``folder``; with
-    ``torch_programs``, also each graph's ``torch.export`` program as ``folder/torch/<graph>.pt2``."""
-    facts = ModelFacts.of(model, options.resolution)
+    ``torch_programs``, also each graph's ``torch.export`` program as ``folder/torch/<graph>.pt2``; ``text``: the
+    step of a UniDG-Text bundle (``pooled`` input)."""
+    facts = ModelFacts.of(model, options.resolution, text)
     records = {}
     for name in graphs:
         records[name] = export_graph(name, model, folder, options, facts=facts, progress=progress)

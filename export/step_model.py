@@ -2,8 +2,9 @@
 
 ``StepModel`` is one denoising step: the transformer's velocity plus the Euler update, so the 28-step loop is 28
 identical launches with no host math in between. Everything the transformer needs besides the bundle inputs lives in
-the graph: the pooled projection (zeros in reference mode), the RoPE tables (computed from ``img_ids``/``txt_ids``
-in float32) and the casts to the internal precision. All graph inputs and outputs are float32.
+the graph: the pooled projection (zeros in reference mode; a UniDG-Text step's input ``pooled``), the RoPE tables
+(computed from ``img_ids``/``txt_ids`` in float32) and the casts to the internal precision. All graph inputs and
+outputs are float32.
 
 The other three wrap the VAE encoder (normalized posterior mean), the VAE decoder and SigLIP + Redux.
 """
@@ -59,9 +60,11 @@ def float32_rope(model: UniDGModel) -> Iterator[None]:
 
 
 class StepModel(nn.Module):
-    """x_next = x + (sigma_next - sigma) * v(x, cond, ctx, key_bias, sigma, guidance, img_ids, txt_ids).
+    """x_next = x + (sigma_next - sigma) * v(x, cond, ctx, key_bias, sigma, guidance, img_ids, txt_ids[, pooled]).
 
     Inputs are float32 whatever the model's dtype; the transformer runs in its own dtype and the update in float32.
+    ``pooled`` (a UniDG-Text bundle's tenth input): the instruction's CLIP pooled output; absent, zeros as in
+    reference mode.
     """
 
     def __init__(self, model: UniDGModel) -> None:
@@ -79,11 +82,13 @@ class StepModel(nn.Module):
         guidance: torch.Tensor,
         img_ids: torch.Tensor,
         txt_ids: torch.Tensor,
+        pooled: torch.Tensor | None = None,
     ) -> torch.Tensor:
         dtype = self.model.dtype
         velocity = self.model.velocity(
-            x.to(dtype), cond.to(dtype), ctx.to(dtype), key_bias.float(), sigma, guidance, img_ids, txt_ids
-        )
+            x.to(dtype), cond.to(dtype), ctx.to(dtype), key_bias.float(), sigma, guidance, img_ids, txt_ids,
+            pooled=None if pooled is None else pooled.to(dtype),
+        )  # fmt: skip
         step = (sigma_next - sigma).float()[:, None, None]
         return x + step * velocity.float()
 

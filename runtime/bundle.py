@@ -14,6 +14,7 @@ from unidg.core.latents import COND_CHANNELS, LATENT_CHANNELS, PACKED_CHANNELS, 
 from unidg.core.layout import DiptychLayout, HasLayout
 from unidg.core.manifest import ManifestError, read_manifest, verify_files
 from unidg.core.settings import UniDGSettings
+from unidg.core.text import CLIP_GRAPH, T5_GRAPH, TEXT_GRAPH_IO, TOKENIZER_FILE
 
 BUNDLE_KIND = "bundle"
 BUNDLE_FORMAT = "unidg-bundle"
@@ -21,13 +22,17 @@ BUNDLE_FORMAT_VERSION = 1
 # Version 2 adds the optional step-cache graphs and settings (``step_cache``); a runtime that reads only version 1
 # refuses such a bundle by its version. A bundle without cache data is still written as version 1.
 BUNDLE_FORMAT_VERSION_STEP_CACHE = 2
-READABLE_FORMAT_VERSIONS = (1, 2)
+# Version 3 is a UniDG-Text bundle (``text``): the step graph takes CLIP's pooled output as one more input, and the
+# text encoders and tokenizers ride along; a runtime that reads only versions 1-2 refuses it by its version.
+BUNDLE_FORMAT_VERSION_TEXT = 3
+READABLE_FORMAT_VERSIONS = (1, 2, 3)
 GRAPH_NAMES = ("step", "vae_encoder", "vae_decoder", "image_encoder")
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8")
 
 # Inputs and outputs of each graph, in call order (Bundle format v1).
 STEP_INPUTS = ("x", "cond", "ctx", "key_bias", "sigma", "sigma_next", "guidance", "img_ids", "txt_ids")
 STEP_OUTPUTS = ("x_next",)
+TEXT_STEP_INPUTS = (*STEP_INPUTS, "pooled")  # a text bundle's step: CLIP's pooled output feeds pooled_projections
 STEP_POSITION_INPUTS = ("img_ids", "txt_ids")  # token positions: the only step inputs without a batch axis
 GRAPH_INPUTS = {
     "step": STEP_INPUTS,
@@ -97,6 +102,18 @@ class Bundle(HasLayout):
     batch: int | None  # None: dynamic batch
     engines: dict = field(default_factory=dict)
     cache_graphs: dict[str, GraphSpec] = field(default_factory=dict)  # empty: no step-cache graphs (format v1)
+    text_graphs: dict[str, GraphSpec] = field(default_factory=dict)  # clip_text, t5_text: a UniDG-Text bundle
+
+    @property
+    def text(self) -> dict:
+        """The manifest's UniDG-Text table (encoder graphs, tokenizers, pooled width); empty in reference mode."""
+        table = self.metadata.get("text")
+        return table if isinstance(table, dict) else {}
+
+    @property
+    def step_inputs(self) -> tuple[str, ...]:
+        """The step graph's inputs in call order: Bundle format v1's, plus ``pooled`` in a text bundle."""
+        return TEXT_STEP_INPUTS if self.text else STEP_INPUTS
 
     @property
     def step_cache(self) -> dict:
@@ -149,7 +166,7 @@ class Bundle(HasLayout):
         return self.path / relative
 
     def graph_path(self, name: str) -> Path:
-        graph = self.graphs.get(name) or self.cache_graphs[name]
+        graph = self.graphs.get(name) or self.cache_graphs.get(name) or self.text_graphs[name]
         return self.path / graph.file
 
     def describe(self) -> str:
@@ -157,6 +174,7 @@ class Bundle(HasLayout):
         return (
             f"bundle {self.path.name} (S={self.resolution}, {self.precision}, attention "
             f"{self.metadata.get('attention', '?')}, fold={self.fold_text_tokens}, batch {batch}, "
+            f"{'UniDG-Text, ' if self.text else ''}"
             f"fingerprint {self.fingerprint[:12]})"
         )
 
@@ -228,6 +246,7 @@ def expected_shapes(meta: dict, batch: Dim) -> dict[str, dict[str, tuple[Dim, ..
             "img_ids": (n, 3),
             "txt_ids": (c, 3),
             "x_next": (batch, n, PACKED_CHANNELS),
+            **({"pooled": (batch, int(meta["text"]["pooled_dim"]))} if isinstance(meta.get("text"), dict) else {}),
         },
         "vae_encoder": {"pixels": (batch, 3, *pixel_hw), "latents": (batch, LATENT_CHANNELS, h, w)},
         "vae_decoder": {"latents": (batch, LATENT_CHANNELS, h, w), "pixels": (batch, 3, *pixel_hw)},
@@ -350,7 +369,9 @@ def load_bundle(
     missing = [g for g in GRAPH_NAMES if g not in raw_graphs]
     if missing:
         raise _fail(folder, f"manifest lacks graphs {missing} (Bundle format v1 needs {list(GRAPH_NAMES)})")
-    graphs = {name: _parse_graph(folder, name, raw_graphs[name], manifest.files) for name in GRAPH_NAMES}
+    text_graphs = _parse_text(folder, meta, manifest.files, version)
+    inputs = {**GRAPH_INPUTS, "step": TEXT_STEP_INPUTS} if text_graphs else GRAPH_INPUTS
+    graphs = {name: _parse_graph(folder, name, raw_graphs[name], manifest.files, inputs) for name in GRAPH_NAMES}
     _check_shapes(folder, meta, graphs, batch)
     if verify:
         try:
@@ -373,6 +394,7 @@ def load_bundle(
         batch=batch,
         engines=engines,
         cache_graphs=cache_graphs,
+        text_graphs=text_graphs,
     )
 
 
@@ -413,8 +435,8 @@ def _parse_step_cache(
     table = meta.get("step_cache")
     if table is None:
         return {}
-    if version != BUNDLE_FORMAT_VERSION_STEP_CACHE:
-        raise _fail(folder, f"manifest has a 'step_cache' table but format_version {version!r} (needs 2)")
+    if version not in (BUNDLE_FORMAT_VERSION_STEP_CACHE, BUNDLE_FORMAT_VERSION_TEXT):
+        raise _fail(folder, f"manifest has a 'step_cache' table but format_version {version!r} (needs 2 or 3)")
     if not isinstance(table, dict) or not isinstance(table.get("graphs"), dict):
         raise _fail(folder, "manifest 'step_cache' has no 'graphs' table", "re-run `unidg export cache-graphs`")
     hidden_dim = table.get("hidden_dim")
@@ -437,4 +459,46 @@ def _parse_step_cache(
                     f"settings need {list(want[name][tensor])}",
                     "re-run `unidg export cache-graphs`",
                 )
+    return graphs
+
+
+def _parse_text(folder: Path, meta: dict, files: dict[str, str], version: object) -> dict[str, GraphSpec]:
+    """The encoder graphs of a UniDG-Text bundle (its ``text`` table), checked; {} for a reference-mode bundle."""
+    table = meta.get("text")
+    if table is None:
+        return {}
+    if version != BUNDLE_FORMAT_VERSION_TEXT:
+        raise _fail(folder, f"manifest has a 'text' table but format_version {version!r} (needs 3)")
+    if meta.get("fold_text_tokens"):
+        raise _fail(folder, "a UniDG-Text bundle cannot fold its text tokens (fold_text_tokens is true)")
+    if meta.get("step_cache") is not None:
+        raise _fail(folder, "a UniDG-Text bundle with step-cache graphs: their head takes no pooled input yet")
+    if not isinstance(table, dict) or not isinstance(table.get("graphs"), dict):
+        raise _fail(folder, "manifest 'text' has no 'graphs' table")
+    pooled = table.get("pooled_dim")
+    if not isinstance(pooled, int) or isinstance(pooled, bool) or pooled < 1:
+        raise _fail(folder, f"text pooled_dim is {pooled!r}, expected a positive int")
+    tokenizers = table.get("tokenizers")
+    if not isinstance(tokenizers, dict) or set(tokenizers) != {"clip", "t5"}:
+        raise _fail(folder, f"text tokenizers is {tokenizers!r}, expected folders for 'clip' and 't5'")
+    for which, sub in tokenizers.items():
+        if f"{sub}/{TOKENIZER_FILE}" not in files:
+            raise _fail(folder, f"the {which} tokenizer folder {sub}/ has no {TOKENIZER_FILE} in the manifest's files")
+    graphs = {}
+    for name, (inputs, outputs) in TEXT_GRAPH_IO.items():
+        raw = table["graphs"].get(name)
+        if not isinstance(raw, dict) or raw.get("file") not in files:
+            raise _fail(folder, f"text graph '{name}' is missing or its file is not listed in the manifest's files")
+        specs = {}
+        for direction, wanted, dtype in (("inputs", inputs, "int64"), ("outputs", outputs, "float32")):
+            given = raw.get(direction) or {}
+            if tuple(given) != wanted or any(given[t].get("dtype") != dtype for t in wanted):
+                raise _fail(folder, f"text graph '{name}' {direction} are {given!r}, expected {list(wanted)} {dtype}")
+            specs[direction] = {
+                t: TensorSpec(_parse_shape(folder, f"{name}.{t}", given[t].get("shape")), dtype) for t in wanted
+            }
+        graphs[name] = GraphSpec(name, raw["file"], specs["inputs"], specs["outputs"])
+    width = graphs[T5_GRAPH].outputs["hidden"].shape[-1]
+    if width != meta["joint_dim"] or graphs[CLIP_GRAPH].outputs["pooled"].shape[-1] != pooled:
+        raise _fail(folder, "the text graphs' widths do not feed the step graph (T5 width != joint_dim or CLIP's)")
     return graphs

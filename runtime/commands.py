@@ -64,9 +64,10 @@ def _check_generate_options(args: argparse.Namespace) -> None:
             raise OptionError("--zero-shot retrieves the reference: leave out --reference and --reference-mask")
         if args.category is None:
             raise OptionError("--zero-shot needs --category: the reference is retrieved among that category's")
-    elif not (args.reference and args.reference_mask):
+    elif bool(args.reference) != bool(args.reference_mask) or not (args.reference or args.prompt is not None):
         raise OptionError(
-            "--reference and --reference-mask are required (or --zero-shot REPOSITORY with --category to retrieve one)"
+            "--reference and --reference-mask are required (or --zero-shot REPOSITORY with --category to retrieve one; "
+            "with a UniDG-Text bundle, --prompt alone)"
         )
     backend_options(args)
     check_output_folder(args.out)  # new or empty, in a writable folder
@@ -105,6 +106,8 @@ def _generate(args: argparse.Namespace) -> int:
     with staged_folder(out) as staging:
         started = time.perf_counter()
         options = {"seed": args.seed, "steps": args.steps, "guidance": args.guidance, "category": args.category}
+        if args.prompt is not None:
+            options["prompt"] = args.prompt
         if args.zero_shot:
             library = ReferenceLibrary.load(args.zero_shot)
         else:
@@ -128,8 +131,8 @@ def _generate(args: argparse.Namespace) -> int:
             "load_bundle": round(loaded_bundle - loaded_inputs, 6),
         }
         metadata["inputs"] = {
-            "reference": str(args.reference),
-            "reference_mask": str(args.reference_mask),
+            "reference": None if args.reference is None else str(args.reference),
+            "reference_mask": None if args.reference_mask is None else str(args.reference_mask),
             "source": str(args.source),
             "mask": str(args.mask),
         }
@@ -218,6 +221,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     generate.add_argument("--steps", type=int, default=None, help="denoising steps (default: the bundle's, 28)")
     generate.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the bundle's)")
     generate.add_argument("--category", default=None, help="defect category for the caption (one of the 28)")
+    generate.add_argument(
+        "--prompt",
+        help="UniDG-Text bundles: the instruction, e.g. 'Add the small round hole defect to the image.' (without "
+        "--reference); with a reference it defaults to the bundle's reference instruction",
+    )
     generate.add_argument("--object-name", default="object", help="object name for the caption stub")
     generate.add_argument("--id", default="000000", help="sample id of the quadruplet (file names)")
     add_out_option(generate, "output folder (new, or empty)")

@@ -25,7 +25,14 @@ from unidg import __version__
 from unidg.core import images
 from unidg.core.attention_bias import build_key_bias
 from unidg.core.errors import OptionError, UniDGError
-from unidg.core.geometry import Diptych, defect_token_mask, dilated_target_mask, paste_back, right_half
+from unidg.core.geometry import (
+    Diptych,
+    build_text_diptych,
+    defect_token_mask,
+    dilated_target_mask,
+    paste_back,
+    right_half,
+)
 from unidg.core.latents import (
     fill_condition,
     model_to_pixels,
@@ -38,6 +45,7 @@ from unidg.core.udg import check_category
 from unidg.runtime.backends import Backend, StepConditioning, create_backend
 from unidg.runtime.backends.base import check_finite
 from unidg.runtime.bundle import Bundle, load_bundle
+from unidg.runtime.prompt_encoder import PromptEncoder
 from unidg.runtime.sampler import MAX_SEED, ProgressCallback, denoise, denoise_cached, initial_noise, sampling_sigmas
 from unidg.runtime.step_cache import OFF, StepCache, StepCacheError, bundle_step_cache
 
@@ -56,16 +64,21 @@ class RequestError(UniDGError):
 
 @dataclass(frozen=True, eq=False)
 class SynthesisRequest:
-    """Inputs of one generation: uint8 (H, W, 3) RGB images, bool (H, W) masks; options default to the bundle's."""
+    """Inputs of one generation: uint8 (H, W, 3) RGB images, bool (H, W) masks; options default to the bundle's.
 
-    reference: np.ndarray
-    reference_mask: np.ndarray
+    UniDG-Text bundles: ``prompt`` is the instruction (default with a reference: the bundle's reference instruction);
+    without a reference (``reference`` and ``reference_mask`` None) it is required.
+    """
+
+    reference: np.ndarray | None
+    reference_mask: np.ndarray | None
     source: np.ndarray
     target_mask: np.ndarray
     seed: int = 0
     steps: int | None = None
     guidance: float | None = None
     category: str | None = None
+    prompt: str | None = None
     name: str = "request"  # names the request in errors and metadata (job id, file name)
     # Set by DefectSynthesizer.check (the one validation of a request): the layers inside trust a checked request.
     checked: bool = field(default=False, repr=False)
@@ -73,13 +86,13 @@ class SynthesisRequest:
     @classmethod
     def from_files(
         cls,
-        reference: str | Path,
-        reference_mask: str | Path,
+        reference: str | Path | None,
+        reference_mask: str | Path | None,
         source: str | Path,
         target_mask: str | Path,
         **options: object,
     ) -> SynthesisRequest:
-        """Read and check the four files (errors name the input and its file)."""
+        """Read and check the files (errors name the input and its file); no reference pair: an instruction alone."""
         arrays = images.load_request(reference, reference_mask, source, target_mask)
         return cls(*arrays, **options)
 
@@ -160,6 +173,9 @@ class DefectSynthesizer:
         so a static schedule refuses requests of another step count (the bundle's default just turns off for them)."""
         self.bundle = bundle
         self.backend = backend
+        # UniDG-Text: the instruction encoders run in onnxruntime with the backend's providers (CPU otherwise).
+        providers = getattr(backend, "providers", ["CPUExecutionProvider"])
+        self.prompts = PromptEncoder(bundle, providers) if bundle.text else None
         self.step_cache = step_cache
         self.cache_chosen = cache_chosen
         if max_batch is not None and max_batch < 1:
@@ -221,13 +237,43 @@ class DefectSynthesizer:
             return request
         images.validate_request(request.reference, request.reference_mask, request.source, request.target_mask)
         dilated_target_mask(request.target_mask, self.settings.dilate_kernel, self.settings.dilate_iterations)
-        checked = check_request_options(request, self.settings)
+        checked = check_request_options(self._check_prompt(request), self.settings)
         if self.cache_chosen:
             try:
                 self.step_cache.check_steps(checked.steps)
             except StepCacheError as error:
                 raise RequestError(f"{checked.name}: {error}", "steps") from error
         return replace(checked, checked=True)
+
+    def _check_prompt(self, request: SynthesisRequest) -> SynthesisRequest:
+        """A text bundle's instruction (the reference instruction by default with a reference); none elsewhere."""
+        name, prompt = request.name, request.prompt
+        if self.prompts is None:
+            if prompt is not None:
+                raise RequestError(
+                    f"{name}: a prompt was given but {self.bundle.path} is a reference-mode bundle (no text encoders); "
+                    "drop the prompt, or use a UniDG-Text bundle (`unidg train text`, then `unidg export onnx`)",
+                    "prompt",
+                )
+            if request.reference is None:
+                raise RequestError(
+                    f"{name}: no reference image; {self.bundle.path} is a reference-mode bundle and needs the "
+                    "reference image and its defect mask",
+                    "reference",
+                )
+            return request
+        if prompt is None:
+            if request.reference is None:
+                raise RequestError(
+                    f"{name}: without a reference image, say which defect to add: a prompt such as 'Add the scratch "
+                    "defect to the image.'",
+                    "prompt",
+                )
+            prompt = str(self.bundle.text["reference_instruction"])
+        try:
+            return replace(request, prompt=self.prompts.check(prompt, name))
+        except UniDGError as error:
+            raise RequestError(str(error), "prompt") from error
 
     def cache_for(self, steps: int) -> StepCache:
         """The cache setting a batch of ``steps`` steps runs with: a bundle's default schedule only at its length."""
@@ -275,14 +321,10 @@ class DefectSynthesizer:
     def _run_chunk(self, requests: list[SynthesisRequest], callback: Callable[[int, int], bool | None]) -> list:
         bundle, backend = self.bundle, self.backend
         settings = self.settings
-        size = bundle.resolution
         timings: dict[str, float] = {}
         started = time.perf_counter()
 
-        diptychs = [
-            settings.diptych(r.reference, r.reference_mask, r.source, r.target_mask, size, validated=True)
-            for r in requests
-        ]
+        diptychs = [self._diptych(r) for r in requests]
         count = len(requests)
         padded = count if bundle.batch is None else bundle.batch  # a static graph needs exactly its batch
         order = list(range(count)) + [count - 1] * (padded - count)
@@ -305,7 +347,16 @@ class DefectSynthesizer:
         check_finite(reference_tokens, "image encoder graph", bundle)
         timings["encode_reference"] = time.perf_counter() - mark
 
-        text = np.zeros((padded, bundle.context_tokens - bundle.reference_tokens, bundle.joint_dim), np.float32)
+        pooled = None
+        if self.prompts is None:
+            text = np.zeros((padded, bundle.context_tokens - bundle.reference_tokens, bundle.joint_dim), np.float32)
+        else:
+            mark = time.perf_counter()
+            pooled, text = self.prompts.encode([requests[i].prompt for i in order])
+            # As trained: a request without a reference has zero Redux tokens beside its black left half.
+            with_reference = np.array([requests[i].reference is not None for i in order], np.float32)
+            reference_tokens = reference_tokens * with_reference[:, None, None]
+            timings["encode_prompt"] = time.perf_counter() - mark
         conditioning = StepConditioning(
             cond=fill_condition(latents, pixel_mask),
             ctx=np.ascontiguousarray(np.concatenate([text, reference_tokens.astype(np.float32)], axis=1)),
@@ -319,6 +370,7 @@ class DefectSynthesizer:
             guidance=np.array([requests[i].guidance for i in order], dtype=np.float32),
             img_ids=bundle.layout.image_ids(),
             txt_ids=text_ids(bundle.context_tokens),
+            pooled=pooled,
         )
         steps = requests[0].steps
         sigmas = sampling_sigmas(steps, bundle.image_tokens)
@@ -356,15 +408,27 @@ class DefectSynthesizer:
             for request, diptych, diptych_image, image in zip(requests, diptychs, diptych_images, pasted)
         ]
 
+    def _diptych(self, request: SynthesisRequest) -> Diptych:
+        settings, size = self.settings, self.bundle.resolution
+        if request.reference is None:  # UniDG-Text without a reference: black left half
+            return build_text_diptych(
+                request.source, request.target_mask, size, settings.dilate_kernel, settings.dilate_iterations
+            )
+        return settings.diptych(
+            request.reference, request.reference_mask, request.source, request.target_mask, size, validated=True
+        )
+
     def _metadata(self, request: SynthesisRequest, diptych: Diptych, timings: dict, batch: int) -> dict:
         bundle = self.bundle
         crop = diptych.reference
+        text = {"prompt": request.prompt, "with_reference": request.reference is not None} if self.prompts else {}
         return {
             "name": request.name,
             "seed": request.seed,
             "steps": request.steps,
             "guidance": request.guidance,
             "category": request.category,
+            **text,
             "noise": NOISE_RECIPE,
             "source_size": [int(request.source.shape[0]), int(request.source.shape[1])],
             "reference_crop": {

@@ -80,6 +80,13 @@ class TextTokenizer:
         self.tokenizer.enable_padding(
             direction=config.get("padding_side", "right"), pad_id=pad_id, pad_token=pad_token, length=max_length
         )
+        self._unbounded = Tokenizer.from_str(self.tokenizer.to_str())
+        self._unbounded.no_truncation()
+        self._unbounded.no_padding()
+
+    def token_count(self, text: str) -> int:
+        """Tokens of ``text`` before padding and truncation (the end token included)."""
+        return len(self._unbounded.encode(text).ids)
 
     def __call__(self, texts: list[str]) -> TokenIds:
         if isinstance(texts, str) or not texts or not all(isinstance(text, str) for text in texts):

@@ -161,7 +161,7 @@ def _swap_graph(bundle: Path) -> None:
 
 
 def _format_version(bundle: Path) -> None:
-    rewrite_manifest(bundle, lambda meta: meta.update(format_version=3))
+    rewrite_manifest(bundle, lambda meta: meta.update(format_version=4))
 
 
 def _other_settings(bundle: Path) -> None:
@@ -213,7 +213,7 @@ CASES = [
     ("weights-not-bundle", _bundle(_weights_kind), ["'weights'", "'bundle'"]),
     ("tampered-hash", _bundle(_tamper), ["vae_decoder.onnx", "sha256"]),
     ("missing-graph", _bundle(lambda b: (b / "image_encoder.onnx").unlink()), ["image_encoder.onnx", "missing"]),
-    ("format-version", _bundle(_format_version), ["format_version 3"]),
+    ("format-version", _bundle(_format_version), ["format_version 4"]),
     ("other-settings", _bundle(_other_settings), ["shape", "settings"]),
     ("swapped-graph", _bundle(_swap_graph), ["step.onnx", "other settings"]),
     ("nan-weights", _bundle(_nan_weights), ["NaN", "step graph"]),

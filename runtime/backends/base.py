@@ -62,11 +62,12 @@ class StepConditioning:
     """The step graph's inputs that stay fixed over one batch's denoising loop."""
 
     cond: np.ndarray  # [B, N, 320] packed masked-diptych latents (64) + packed fill mask (256)
-    ctx: np.ndarray  # [B, C, J] context tokens: zero text token(s) then reference (Redux) tokens
+    ctx: np.ndarray  # [B, C, J] context tokens: zero text token(s) (UniDG-Text: T5's), then reference (Redux) tokens
     key_bias: np.ndarray  # [B, C + N] additive attention bias per key
     guidance: np.ndarray  # [B] guidance scale
     img_ids: np.ndarray  # [N, 3]
     txt_ids: np.ndarray  # [C, 3]
+    pooled: np.ndarray | None = None  # [B, P] a UniDG-Text bundle's CLIP pooled output (its step's 10th input)
 
     @property
     def batch(self) -> int:
@@ -209,8 +210,9 @@ def cache_feeds(graph: str, batch: int, arrays: dict[str, np.ndarray], sigma: fl
 
 
 def step_feeds(x: np.ndarray, conditioning: StepConditioning, sigma: float, sigma_next: float) -> dict[str, np.ndarray]:
-    """The step graph's named float32 inputs (Bundle format v1) for one call."""
+    """The step graph's named float32 inputs (Bundle format v1; a text bundle's also ``pooled``) for one call."""
     batch = x.shape[0]
+    pooled = {} if conditioning.pooled is None else {"pooled": conditioning.pooled}
     return {
         "x": np.ascontiguousarray(x, dtype=np.float32),
         "cond": conditioning.cond,
@@ -221,4 +223,5 @@ def step_feeds(x: np.ndarray, conditioning: StepConditioning, sigma: float, sigm
         "guidance": conditioning.guidance,
         "img_ids": conditioning.img_ids,
         "txt_ids": conditioning.txt_ids,
+        **pooled,
     }

@@ -187,7 +187,8 @@ def _check_session(bundle: Bundle, graph: str, session: ort.InferenceSession) ->
         tensors = (*CACHE_GRAPH_INPUTS[graph], *CACHE_GRAPH_OUTPUTS[graph])
     else:
         want = expected_shapes(bundle.metadata, batch)[graph]
-        tensors = (*GRAPH_INPUTS[graph], *GRAPH_OUTPUTS[graph])
+        inputs = bundle.step_inputs if graph == "step" else GRAPH_INPUTS[graph]
+        tensors = (*inputs, *GRAPH_OUTPUTS[graph])
     path = bundle.graph_path(graph)
     have = {arg.name: arg for arg in [*session.get_inputs(), *session.get_outputs()]}
     for tensor in tensors:

@@ -209,20 +209,26 @@ def validate_mask(
 
 
 def validate_request(reference: object, reference_mask: object, source: object, target_mask: object) -> None:
-    """Check the four in-memory inputs of a reference-based request (called by the runtime, service and C ABI)."""
-    validate_image(reference, REFERENCE_IMAGE)
-    validate_mask(reference_mask, REFERENCE_MASK, image_shape=reference.shape, image_name=REFERENCE_IMAGE)
+    """Check the in-memory inputs of a request (called by the runtime, service and C ABI). Reference and reference
+    mask come together, or neither (UniDG-Text's form without a reference)."""
+    if (reference is None) != (reference_mask is None):
+        given, missing = (REFERENCE_MASK, REFERENCE_IMAGE) if reference is None else (REFERENCE_IMAGE, REFERENCE_MASK)
+        raise InputError(missing, f"is missing while the {given} is given; pass both, or neither (instruction only)")
+    if reference is not None:
+        validate_image(reference, REFERENCE_IMAGE)
+        validate_mask(reference_mask, REFERENCE_MASK, image_shape=reference.shape, image_name=REFERENCE_IMAGE)
     validate_image(source, SOURCE_IMAGE)
     validate_mask(target_mask, TARGET_MASK, image_shape=source.shape, image_name=SOURCE_IMAGE, allow_full=False)
 
 
 def load_request(
-    reference: str | Path, reference_mask: str | Path, source: str | Path, target_mask: str | Path
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Read and check the four files of a request: (reference, reference_mask, source, target_mask) arrays."""
+    reference: str | Path | None, reference_mask: str | Path | None, source: str | Path, target_mask: str | Path
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray, np.ndarray]:
+    """Read and check the files of a request: (reference, reference_mask, source, target_mask) arrays; the reference
+    pair may be None (both)."""
     arrays = (
-        load_image(reference, REFERENCE_IMAGE),
-        load_mask(reference_mask, REFERENCE_MASK),
+        None if reference is None else load_image(reference, REFERENCE_IMAGE),
+        None if reference_mask is None else load_mask(reference_mask, REFERENCE_MASK),
         load_image(source, SOURCE_IMAGE),
         load_mask(target_mask, TARGET_MASK, allow_full=False),
     )
