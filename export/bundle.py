@@ -35,6 +35,7 @@ from unidg.export.onnx_export import (
     print_progress,
     torch_program_file,
 )
+from unidg.export.shared_graphs import share_graphs
 from unidg.export.text_graphs import export_text_encoders
 from unidg.runtime.bundle import (
     BUNDLE_FORMAT,
@@ -130,6 +131,7 @@ def export_bundle(
     torch_programs: bool = False,
     fuse_qkv: bool = False,
     text_encoders: str | Path | None = None,
+    share_graphs_with: str | Path | None = None,
     progress: Progress | None = print_progress,
 ) -> Manifest:
     """``unidg export onnx``: weights folder -> bundle folder (atomically). Returns the bundle manifest.
@@ -142,7 +144,10 @@ def export_bundle(
     A UniDG-Text model (its manifest's ``text`` record, ``unidg train text`` + merge) gives a text bundle (format 3):
     the step takes ``pooled``, and the encoders the model was trained with (``text_encoders``, default: the folder its
     record names, checked against the record's hash) go in as ``clip_text.onnx``, ``t5_text.onnx`` and their
-    tokenizer folders (``unidg.export.text_graphs``)."""
+    tokenizer folders (``unidg.export.text_graphs``).
+
+    ``share_graphs_with``: another bundle whose VAE / image-encoder graphs are taken byte for byte where they are the
+    same computation (``unidg.export.shared_graphs``), so fine-tunes of one base store them once."""
     check_output(out, overwrite=overwrite)  # refused before the weights are read and the graphs exported
     check_max_batch(max_batch)
     if resolution is not None:
@@ -173,6 +178,10 @@ def export_bundle(
             model, staging, options, torch_programs=torch_programs, text=encoders is not None, progress=progress
         )
         extra = {"torch_programs": {name: torch_program_file(name) for name in GRAPH_NAMES}} if torch_programs else {}
+        if share_graphs_with is not None:
+            records, extra["shared_graphs"] = share_graphs(
+                staging, records, share_graphs_with, facts, options.example_batch, progress
+            )
         if encoders is not None:
             if progress:
                 progress("text encoders: clip_text.onnx, t5_text.onnx and their tokenizers")

@@ -98,6 +98,12 @@ def _register_onnx(export: argparse._SubParsersAction) -> None:
         metavar="FOLDER",
         help="UniDG-Text weights only: the CLIP/T5 folder it was trained with (default: the one its manifest names)",
     )
+    onnx.add_argument(
+        "--share-graphs",
+        metavar="BUNDLE",
+        help="take BUNDLE's VAE and image-encoder graphs byte for byte where they are the same computation (same "
+        "weights and outputs), so fine-tunes of one base store them once",
+    )
 
 
 def _register_quantize(export: argparse._SubParsersAction) -> None:
@@ -362,6 +368,7 @@ def run_onnx(args: argparse.Namespace) -> int:
         torch_programs=args.torch_programs,
         fuse_qkv=args.fuse_qkv,
         text_encoders=args.text_encoders,
+        share_graphs_with=args.share_graphs,
     )
     meta = manifest.metadata
     print(

@@ -15,7 +15,7 @@ import torch
 from export_fixtures import RESOLUTION, nano_bundle, nano_weights, single_thread, workspace
 
 from unidg.cli import main
-from unidg.core.manifest import read_manifest, sha256_file
+from unidg.core.manifest import read_manifest, sha256_file, write_manifest
 from unidg.core.settings import UniDGSettings
 from unidg.core.weights_folder import OutputFolderError, WeightsError
 from unidg.export.bundle import export_bundle
@@ -260,3 +260,48 @@ def test_engine_options_are_checked(tmp_path, capsys, extra, named):
     error = capsys.readouterr().err
     assert named in error and "Traceback" not in error
     assert list(tmp_path.iterdir()) == []
+
+
+def _reserialized(source: Path, target: Path, change_weight: bool = False) -> None:
+    """``source``'s graph saved again with other bytes (producer name), optionally one weight changed."""
+    model = onnx.load(str(source))
+    model.producer_name = "another exporter"
+    if change_weight:
+        from onnx import numpy_helper
+
+        first = model.graph.initializer[0]
+        array = numpy_helper.to_array(first).copy()
+        array.flat[0] += 1.0
+        first.CopyFrom(numpy_helper.from_array(array, first.name))
+    onnx.save(model, str(target))
+
+
+def test_share_graphs_takes_the_other_bundles_identical_graphs_byte_for_byte(tmp_path):
+    from export_fixtures import load_nano_model
+
+    from unidg.export.onnx_export import ExportOptions, ModelFacts, export_graphs
+    from unidg.export.shared_graphs import SHAREABLE_GRAPHS, share_graphs
+
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    options = ExportOptions(resolution=RESOLUTION)
+    with single_thread():
+        model = load_nano_model()
+        records = export_graphs(model, staging, options, graphs=SHAREABLE_GRAPHS, progress=None)
+    other = tmp_path / "other"
+    shutil.copytree(nano_bundle(), other)
+    # The other bundle's VAE encoder: same computation, other bytes; its image encoder: one weight changed.
+    _reserialized(nano_bundle() / "vae_encoder.onnx", other / "vae_encoder.onnx")
+    _reserialized(nano_bundle() / "image_encoder.onnx", other / "image_encoder.onnx", change_weight=True)
+    write_manifest(other, "bundle", read_manifest(nano_bundle()).metadata)
+    before = {name: (staging / f"{name}.onnx").read_bytes() for name in SHAREABLE_GRAPHS}
+    assert before["vae_encoder"] != (other / "vae_encoder.onnx").read_bytes()
+
+    messages = []
+    shared_records, entry = share_graphs(staging, records, other, ModelFacts.of(model, RESOLUTION), 1, messages.append)
+
+    assert (staging / "vae_encoder.onnx").read_bytes() == (other / "vae_encoder.onnx").read_bytes()
+    assert (staging / "image_encoder.onnx").read_bytes() == before["image_encoder"], messages
+    assert entry["graphs"] == ["vae_encoder", "vae_decoder"] and entry["fingerprint"]
+    assert any("image_encoder: kept" in m and "weights differ" in m for m in messages), messages
+    assert shared_records["vae_encoder"].inputs == records["vae_encoder"].inputs
