@@ -172,9 +172,9 @@ def _batch(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------------------- demo
 def _demo(args: argparse.Namespace) -> int:
-    from unidg.runtime.demo import DEFAULT_BUNDLE, DEFAULT_SAMPLES, run_demo
+    from unidg.runtime.demo import DEFAULT_BUNDLE, DEFAULT_SAMPLES, DEFAULT_TEXT_BUNDLE, run_demo
 
-    bundle = Path(args.bundle) if args.bundle else DEFAULT_BUNDLE
+    bundle = Path(args.bundle) if args.bundle else DEFAULT_TEXT_BUNDLE if args.text else DEFAULT_BUNDLE
     samples = Path(args.samples) if args.samples else DEFAULT_SAMPLES
     for what, path, flag in (("bundle", bundle, "--bundle"), ("samples folder", samples, "--samples")):
         if not path.exists():
@@ -183,9 +183,11 @@ def _demo(args: argparse.Namespace) -> int:
                 "a folder with samples.json)"
             )
     args.bundle = str(bundle)
+    if args.text and args.out == "out/demo":  # the default: keep the reference demo's output beside it
+        args.out = "out/demo-text"
     synth = _load_synthesizer(args)
     with synth:
-        sheet, results = run_demo(synth, samples, args.out, steps=args.steps, progress=not args.quiet)
+        sheet, results = run_demo(synth, samples, args.out, steps=args.steps, progress=not args.quiet, text=args.text)
     seconds = sum(r.metadata["timings_s"]["total"] for r in results)
     print(f"wrote {len(results)} result(s) to {Path(args.out)} and the contact sheet {sheet} ({seconds:.1f} s)")
     return 0
@@ -257,9 +259,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_backend_options(batch)
 
     demo = add_command(subparsers, _demo, "demo", help="run the shipped UniDG-nano model on the sample images")
-    add_out_option(demo, "output folder", default="out/demo")
+    add_out_option(demo, "output folder (out/demo-text with --text)", default="out/demo")
     add_quiet_option(demo)
     add_bundle_option(demo, required=False, help="bundle to run (default: the shipped UniDG-nano bundle)")
     demo.add_argument("--samples", default=None, help="folder with samples.json (default: the shipped samples)")
     demo.add_argument("--steps", type=int, default=None, help="denoising steps (default: the bundle's)")
+    demo.add_argument(
+        "--text",
+        action="store_true",
+        help="UniDG-Text: the shipped UniDG-nano-text bundle (or --bundle) on each case with its reference and from "
+        "an instruction alone (needs unidg[text])",
+    )
     add_backend_options(demo)

@@ -8,6 +8,10 @@ A samples folder holds ``samples.json``: a list of cases (or {"cases": [...]}), 
 (paths relative to the samples folder; ``id``, ``seed`` and ``object_name`` optional). The shipped UniDG-nano bundle
 and its samples live in ``unidg/runtime/assets/``. Outputs: a UDG folder (one quadruplet per case, metadata in
 ``metadata/<id>.json``) plus ``contact_sheet.png`` (reference | source + target mask | output, one row per case).
+
+``--text`` runs a UniDG-Text bundle (default: the shipped UniDG-nano-text) on the same cases in both of its forms:
+with the reference (the bundle's reference instruction) and from an instruction alone ("Add the {category} defect to
+the image.", no reference); quadruplets ``<id>`` and ``<id>-instruction``, and a fourth column on the sheet.
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from unidg.core import images
 from unidg.core.errors import UniDGError
-from unidg.core.images import InputError
+from unidg.core.images import SOURCE_IMAGE, TARGET_MASK, InputError
+from unidg.core.instructions import instruction
 from unidg.core.manifest import atomic_write_bytes
 from unidg.core.staging import staged_folder
 from unidg.core.udg import SAMPLE_ID_PATTERN, UDGWriter
@@ -31,10 +37,14 @@ from unidg.runtime.synthesizer import DefectSynthesizer, SynthesisRequest, Synth
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_BUNDLE = ASSETS / "unidg-nano-bundle"
+DEFAULT_TEXT_BUNDLE = ASSETS / "unidg-nano-text-bundle"
 DEFAULT_SAMPLES = ASSETS / "samples"
 SAMPLES_FILE = "samples.json"
 DEMO_MARKER = "demo.json"
 CONTACT_SHEET = "contact_sheet.png"
+COLUMNS = ("reference (defect outlined)", "source + target outlined", "output")
+TEXT_COLUMNS = ("reference (defect outlined)", "source + target outlined", "with the reference", "instruction alone")
+INSTRUCTION_SUFFIX = "-instruction"  # the id of a case's no-reference quadruplet
 
 
 class DemoError(UniDGError):
@@ -66,6 +76,27 @@ class SampleCase:
             )
         except InputError as error:
             raise DemoError(f"sample {self.id!r}: {error}") from error
+
+    def instruction_request(self, steps: int | None = None) -> SynthesisRequest:
+        """UniDG-Text's form without a reference: the source and region of the case, its category as the
+        instruction."""
+        if self.category is None:
+            raise DemoError(f"sample {self.id!r} has no category; --text builds its instruction from the category")
+        try:
+            source, target_mask = images.load_image(self.source, SOURCE_IMAGE), images.load_mask(self.mask, TARGET_MASK)
+        except InputError as error:
+            raise DemoError(f"sample {self.id!r}: {error}") from error
+        return SynthesisRequest(
+            None,
+            None,
+            source,
+            target_mask,
+            seed=self.seed,
+            steps=steps,
+            category=self.category,
+            prompt=instruction({}, self.category, with_reference=False),
+            name=f"sample {self.id!r} (instruction)",
+        )
 
 
 def read_samples(folder: str | Path) -> list[SampleCase]:
@@ -135,11 +166,12 @@ def mask_outline(image: np.ndarray, mask: np.ndarray, color=(255, 0, 255), width
     return outlined
 
 
-def contact_sheet(rows: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], cell: int = 256) -> Image.Image:
-    """One row per (label, reference, source with its outline, output); a header names the columns."""
+def contact_sheet(
+    rows: list[tuple[str, np.ndarray, ...]], cell: int = 256, columns: tuple[str, ...] = COLUMNS
+) -> Image.Image:
+    """One row per (label, reference, source with its outline, output(s)); a header names the columns."""
     font = ImageFont.load_default()
     header, label_height, gap = 24, 20, 6
-    columns = ("reference (defect outlined)", "source + target outlined", "output")
     width = len(columns) * cell + (len(columns) + 1) * gap
     height = header + len(rows) * (cell + label_height + gap) + gap
     sheet = Image.new("RGB", (width, height), (255, 255, 255))
@@ -162,40 +194,48 @@ def run_demo(
     *,
     steps: int | None = None,
     progress: bool = True,
+    text: bool = False,
 ) -> tuple[Path, list[SynthesisResult]]:
-    """Generate every sample case, write them as a UDG folder + contact sheet into ``out``; returns the sheet path."""
+    """Generate every sample case, write them as a UDG folder + contact sheet into ``out``; returns the sheet path.
+    ``text``: a UniDG-Text bundle, each case also from its instruction alone (quadruplet ``<id>-instruction``)."""
     out = Path(out)
     if out.exists() and not (out / DEMO_MARKER).is_file():
         raise DemoError(f"--out {out} exists and was not written by `unidg demo`; pick another folder")
+    if text and not synth.bundle.text:
+        raise DemoError(f"--text needs a UniDG-Text bundle; {synth.bundle.path} is a reference-mode bundle")
     cases = read_samples(samples)
-    requests = [synth.check(case.request(steps)) for case in cases]  # all inputs checked before anything runs
+    # Every input is checked before anything runs: per case its reference request, then with --text the other form.
+    requests = [
+        [synth.check(case.request(steps))] + ([synth.check(case.instruction_request(steps))] if text else [])
+        for case in cases
+    ]
     with staged_folder(out, replace=True) as staging:  # only a folder a demo wrote is replaced (checked above)
         results = []
         rows = []
         with UDGWriter(staging) as writer:
-            for case, request in tqdm(list(zip(cases, requests)), desc="demo", unit="case", disable=not progress):
-                result = synth.generate(request)
-                write_result(
-                    writer,
-                    staging,
-                    case.id,
-                    request,
-                    result,
-                    result.metadata,
-                    f"metadata/{case.id}.json",
-                    case.object_name,
-                )
-                results.append(result)
+            for case, forms in tqdm(list(zip(cases, requests)), desc="demo", unit="case", disable=not progress):
+                outputs = []
+                for request, sample_id in zip(forms, (case.id, f"{case.id}{INSTRUCTION_SUFFIX}")):
+                    result = synth.generate(request)
+                    metadata_path = f"metadata/{sample_id}.json"
+                    write_result(
+                        writer, staging, sample_id, request, result, result.metadata, metadata_path, case.object_name
+                    )
+                    results.append(result)
+                    outputs.append(result.image)
                 label = f"{case.id}  ({case.category or 'no category'}, seed {case.seed})"
+                if text:
+                    label += f'  instruction alone: "{forms[1].prompt}"'
+                reference = forms[0]
                 rows.append(
                     (
                         label,
-                        mask_outline(request.reference, request.reference_mask, (0, 160, 255)),
-                        mask_outline(request.source, request.target_mask),
-                        result.image,
+                        mask_outline(reference.reference, reference.reference_mask, (0, 160, 255)),
+                        mask_outline(reference.source, reference.target_mask),
+                        *outputs,
                     )
                 )
-        sheet = contact_sheet(rows)
+        sheet = contact_sheet(rows, columns=TEXT_COLUMNS if text else COLUMNS)
         buffer = io.BytesIO()
         sheet.save(buffer, format="PNG")
         atomic_write_bytes(staging / CONTACT_SHEET, buffer.getvalue())
