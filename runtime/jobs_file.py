@@ -7,7 +7,9 @@ are skipped); a UTF-16/32 or binary file is refused naming its encoding:
      "seed": 7, "id": "b-scratch", "category": "scratch", "steps": 28, "guidance": 30.0, "object_name": "bottle"}
 
 ``reference``, ``reference_mask``, ``source``, ``mask`` and ``seed`` are required; relative paths resolve against the
-jobs file's folder. ``id`` defaults to the line number (``line-000012``). Instead of ``mask`` a job may give
+jobs file's folder. ``id`` defaults to the line number (``line-000012``). UniDG-Text bundles: ``"prompt"`` is the
+instruction (``"Add the scratch defect to the image."``); with a prompt, ``reference`` and ``reference_mask`` may be
+left out together (the instruction alone). A prompt is part of the job: resuming with a changed one is refused. Instead of ``mask`` a job may give
 ``"mask_template": {"library": "templates", "category": "scratch"}`` (exactly one of the two): the target region is a
 template of the mask-template library (runtime.mask_templates; ``category`` defaults to the job's) placed on the
 source's foreground with ``np.random.default_rng(seed)``, so a rerun or resume places the same mask. Each library
@@ -42,7 +44,8 @@ from unidg.runtime.synthesizer import SynthesisRequest
 DEFAULT_CATEGORY = "unknown"  # UDG needs one of the 28 categories; "unknown" is one of them
 DEFAULT_OBJECT = "object"
 REQUIRED_KEYS = ("reference", "reference_mask", "source", "mask", "seed")
-OPTIONAL_KEYS = ("id", "category", "steps", "guidance", "object_name")
+OPTIONAL_KEYS = ("id", "category", "steps", "guidance", "object_name", "prompt")
+REFERENCE_KEYS = ("reference", "reference_mask")  # optional together when the job gives a prompt (UniDG-Text)
 MASK_TEMPLATE_KEY = "mask_template"  # replaces "mask": {"library": folder, "category": optional, default the job's}
 TEMPLATE_KEYS = ("library", "category")
 
@@ -67,8 +70,8 @@ Libraries = dict[Path, TemplateLibrary]
 class Job:
     id: str
     line: int
-    reference: Path
-    reference_mask: Path
+    reference: Path | None  # None with reference_mask: a UniDG-Text job with its prompt alone
+    reference_mask: Path | None
     source: Path
     mask: Path | None
     seed: int
@@ -77,6 +80,7 @@ class Job:
     guidance: float | None = None
     object_name: str = DEFAULT_OBJECT
     mask_template: TemplateSpec | None = None
+    prompt: str | None = None
 
     @property
     def where(self) -> str:
@@ -86,8 +90,8 @@ class Job:
         """What defines the job's output (recorded in its metadata, compared on resume)."""
         spec = {
             "id": self.id,
-            "reference": str(self.reference),
-            "reference_mask": str(self.reference_mask),
+            "reference": None if self.reference is None else str(self.reference),
+            "reference_mask": None if self.reference_mask is None else str(self.reference_mask),
             "source": str(self.source),
             "mask": None if self.mask is None else str(self.mask),
             "seed": self.seed,
@@ -100,6 +104,8 @@ class Job:
                 "library": str(self.mask_template.library),
                 "category": self.mask_template.category,
             }
+        if self.prompt is not None:  # likewise: only then, and a changed prompt is another job
+            spec["prompt"] = self.prompt
         return spec
 
     def request(self, libraries: Libraries | None = None) -> SynthesisRequest:
@@ -113,6 +119,7 @@ class Job:
             "steps": self.steps,
             "guidance": self.guidance,
             "category": self.category,
+            "prompt": self.prompt,
             "name": self.where,
         }
         try:
@@ -120,8 +127,8 @@ class Job:
                 return SynthesisRequest.from_files(
                     self.reference, self.reference_mask, self.source, self.mask, **options
                 ), None
-            reference = load_image(self.reference, REFERENCE_IMAGE)
-            reference_mask = load_mask(self.reference_mask, REFERENCE_MASK)
+            reference = None if self.reference is None else load_image(self.reference, REFERENCE_IMAGE)
+            reference_mask = None if self.reference_mask is None else load_mask(self.reference_mask, REFERENCE_MASK)
             source = load_image(self.source, SOURCE_IMAGE)
             target_mask, placement = self._place(source, {} if libraries is None else libraries)
             check_mask_coverage(target_mask, TARGET_MASK, allow_full=False)
@@ -179,11 +186,29 @@ def _parse_job(folder: Path, number: int, text: str) -> Job:
             f"line {number} has both 'mask' and {MASK_TEMPLATE_KEY!r}; give exactly one: a mask file, or a template "
             "library to place a mask from"
         )
-    missing = [key for key in REQUIRED_KEYS if key not in data and not (key == "mask" and MASK_TEMPLATE_KEY in data)]
+    prompt = data.get("prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        raise JobsError(
+            f"line {number}: 'prompt' must be a string, the instruction such as \"Add the scratch defect to the "
+            f'image." (got {prompt!r})'
+        )
+    optional = REFERENCE_KEYS if prompt is not None else ()
+    missing = [
+        key
+        for key in REQUIRED_KEYS
+        if key not in data and key not in optional and not (key == "mask" and MASK_TEMPLATE_KEY in data)
+    ]
     if missing:
         raise JobsError(
             f"line {number} lacks {missing} (each job needs {list(REQUIRED_KEYS)}, with "
-            f'"{MASK_TEMPLATE_KEY}": {{"library": ..., "category": ...}} allowed instead of "mask")'
+            f'"{MASK_TEMPLATE_KEY}": {{"library": ..., "category": ...}} allowed instead of "mask", and the '
+            'reference pair optional with a "prompt" for a UniDG-Text bundle)'
+        )
+    given = [key for key in REFERENCE_KEYS if key in data]
+    if len(given) == 1:
+        (other,) = set(REFERENCE_KEYS) - set(given)
+        raise JobsError(
+            f"line {number} gives {given[0]!r} without {other!r}; give both, or neither (the prompt alone)"
         )
     known = REQUIRED_KEYS + OPTIONAL_KEYS + (MASK_TEMPLATE_KEY,)
     unknown = sorted(set(data) - set(known))
@@ -226,6 +251,7 @@ def _parse_job(folder: Path, number: int, text: str) -> Job:
         guidance=data.get("guidance"),
         object_name=object_name,
         mask_template=mask_template,
+        prompt=prompt,
         **paths,
     )
 

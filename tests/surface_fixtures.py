@@ -5,6 +5,8 @@
 ``toy_bundle``: the runtime's toy bundle (Bundle format v1, four tiny formula graphs; tests/runtime_fixtures.py) --
 loads in milliseconds, for the mechanics of the surfaces (queue, timeouts, readiness, repository layout), which do not
 depend on what the graphs compute.
+``text_bundle``: the shipped UniDG-nano-text bundle (format 3: CLIP/T5 graphs and tokenizers, S = 128, K = 48 T5
+tokens, static batch 1), for the instruction (``prompt``) of each surface; ``TEXT_SAMPLE`` names its sample files.
 """
 
 from __future__ import annotations
@@ -15,9 +17,18 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
+from PIL import Image
 from runtime_fixtures import make_toy_bundle
 
 SURFACE_RESOLUTION = 64
+REPO = Path(__file__).resolve().parent.parent
+TEXT_BUNDLE = REPO / "runtime" / "assets" / "unidg-nano-text-bundle"
+SAMPLES = REPO / "runtime" / "assets" / "samples"
+TEXT_SAMPLE = "hole-on-leather"  # one of the shipped samples
+PROMPT = "Add the hole defect to the image."
+OTHER_PROMPT = "Add the long crack defect to the image."
+LONG_PROMPT = "crack " * 60  # beyond the text bundle's 48 T5 tokens
 _SESSION: dict[str, Path] = {}
 
 
@@ -73,3 +84,25 @@ def toy_bundle(folder: Path) -> Path:
 def masked_equal_outside(result: np.ndarray, source: np.ndarray, mask: np.ndarray) -> bool:
     """Every pixel outside ``mask`` is bit-identical to the source."""
     return result.shape == source.shape and bool(np.array_equal(result[~mask], source[~mask]))
+
+
+def text_bundle() -> Path:
+    """The shipped UniDG-nano-text bundle; the test is skipped where the checkout lacks it."""
+    if not (TEXT_BUNDLE / "manifest.json").is_file():
+        pytest.skip("the UniDG-nano-text bundle is not in this checkout")
+    pytest.importorskip("tokenizers", reason="tokenizers not installed (the [text] extra a text bundle needs)")
+    return TEXT_BUNDLE
+
+
+def sample_path(kind: str, case: str = TEXT_SAMPLE) -> Path:
+    """A shipped sample file: kind is reference, reference_mask, source or mask."""
+    return SAMPLES / f"{case}_{kind}.png"
+
+
+def sample_arrays(case: str = TEXT_SAMPLE) -> dict[str, np.ndarray]:
+    """A shipped sample as uint8 arrays (RGB images, 0/255 masks), keyed reference, reference_mask, source, mask."""
+    arrays = {}
+    for kind in ("reference", "reference_mask", "source", "mask"):
+        image = Image.open(sample_path(kind, case))
+        arrays[kind] = np.asarray(image.convert("L" if kind.endswith("mask") else "RGB"), dtype=np.uint8)
+    return arrays

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from runtime_fixtures import make_toy_bundle, write_sample_files
+from surface_fixtures import LONG_PROMPT, OTHER_PROMPT, PROMPT, sample_path, text_bundle
 
 from unidg.cli import main
 from unidg.core.udg import read_index
@@ -520,3 +521,70 @@ def test_mask_template_library_and_category_errors_name_the_job(tmp_path, templa
                 run_batch(synth, jobs, tmp_path / f"out{number}", progress=False)
             assert message in str(caught.value) and "job 'a' (line 1)" in str(caught.value), caught.value
             assert not (tmp_path / f"out{number}").exists()  # refused before anything is written
+
+
+# ------------------------------------------------------------------------------------ UniDG-Text jobs (the "prompt" key)
+def _text_line(job_id: str, prompt: object = None, with_reference: bool = False, **extra: object) -> str:
+    line: dict = {"source": str(sample_path("source")), "mask": str(sample_path("mask")), "seed": 3, "id": job_id}
+    if with_reference:
+        line |= {"reference": str(sample_path("reference")), "reference_mask": str(sample_path("reference_mask"))}
+    if prompt is not None:
+        line["prompt"] = prompt
+    return json.dumps(line | {"steps": 3} | extra)
+
+
+def test_prompt_jobs_run_with_and_without_a_reference_and_resume_by_prompt(tmp_path):
+    bundle = text_bundle()
+    jobs = tmp_path / "jobs.jsonl"
+    lines = [
+        _text_line("hole", PROMPT),
+        _text_line("crack", OTHER_PROMPT),
+        _text_line("with-reference", with_reference=True),  # the bundle's reference instruction
+        _text_line("both", PROMPT, with_reference=True),
+    ]
+    jobs.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    with DefectSynthesizer.from_bundle(bundle) as synth:
+        assert run_batch(synth, jobs, out, progress=False).generated == 4
+        meta = {job: json.loads((out / "metadata" / f"{job}.json").read_text()) for job in ("hole", "crack", "both")}
+        assert meta["hole"]["prompt"] == PROMPT and meta["hole"]["with_reference"] is False
+        assert meta["hole"]["job"]["prompt"] == PROMPT and meta["hole"]["job"]["reference"] is None
+        assert meta["both"]["with_reference"] is True and meta["both"]["job"]["prompt"] == PROMPT
+        plain = json.loads((out / "metadata" / "with-reference.json").read_text())
+        assert "prompt" not in plain["job"]  # a job without a prompt is recorded as before
+        # Two instructions on the same source, seed and mask: different pixels, and only inside the mask.
+        hole, crack = (np.asarray(Image.open(out / "abnormal" / f"{job}.png")) for job in ("hole", "crack"))
+        mask = np.asarray(Image.open(out / "mask" / "hole.png")) > 127
+        assert not np.array_equal(hole[mask], crack[mask])
+        assert np.array_equal(hole[~mask], crack[~mask])
+        source = np.asarray(Image.open(sample_path("source")).convert("RGB"))
+        assert np.array_equal(hole[~mask], source[~mask])
+
+        assert run_batch(synth, jobs, out, progress=False).already_done == 4  # same prompts: all done
+        jobs.write_text("\n".join([_text_line("hole", OTHER_PROMPT), *lines[1:]]) + "\n")
+        with pytest.raises(JobsError, match="job 'hole' \\(line 1\\) is already done .* other inputs"):
+            run_batch(synth, jobs, out, progress=False)  # a changed prompt is another job
+
+
+@pytest.mark.parametrize(
+    ("line", "words", "reference_bundle"),
+    [
+        (_text_line("a", ""), ["job 'a' (line 2)", "prompt is empty"], False),
+        (_text_line("a", LONG_PROMPT), ["job 'a' (line 2)", "T5 tokens", "at most 48"], False),
+        (_text_line("a"), ["line 2 lacks ['reference', 'reference_mask']", 'optional with a "prompt"'], False),
+        (_text_line("a", PROMPT, reference_mask="m.png"), ["line 2 gives 'reference_mask' without 'reference'"], False),
+        (_text_line("a", PROMPT, reference="r.png"), ["line 2 gives 'reference' without 'reference_mask'"], False),
+        (_text_line("a", 7), ["line 2: 'prompt' must be a string"], False),
+        (_text_line("a", PROMPT), ["job 'a' (line 2)", "a prompt was given", "reference-mode bundle"], True),
+        (_text_line("a", PROMPT, with_reference=True), ["job 'a' (line 2)", "a prompt was given"], True),
+    ],
+)
+def test_bad_prompt_jobs_are_refused_naming_the_line(tmp_path, capsys, line, words, reference_bundle):
+    bundle = NANO_BUNDLE if reference_bundle else text_bundle()
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("# prompt jobs\n" + line + "\n")
+    out = tmp_path / "out"
+    assert main(["batch", "--bundle", str(bundle), "--jobs", str(jobs), "--out", str(out), "--quiet"]) == 2
+    error = capsys.readouterr().err
+    assert all(word in error for word in words), error
+    assert not out.exists()
