@@ -7,13 +7,15 @@ are skipped); a UTF-16/32 or binary file is refused naming its encoding:
      "seed": 7, "id": "b-scratch", "category": "scratch", "steps": 28, "guidance": 30.0, "object_name": "bottle"}
 
 ``reference``, ``reference_mask``, ``source``, ``mask`` and ``seed`` are required; relative paths resolve against the
-jobs file's folder. ``id`` defaults to the line number (``line-000012``). UniDG-Text bundles: ``"prompt"`` is the
-instruction (``"Add the scratch defect to the image."``); with a prompt, ``reference`` and ``reference_mask`` may be
-left out together (the instruction alone). A prompt is part of the job: resuming with a changed one is refused. Instead of ``mask`` a job may give
+jobs file's folder. ``id`` defaults to the line number (``line-000012``). Instead of ``mask`` a job may give
 ``"mask_template": {"library": "templates", "category": "scratch"}`` (exactly one of the two): the target region is a
 template of the mask-template library (runtime.mask_templates; ``category`` defaults to the job's) placed on the
 source's foreground with ``np.random.default_rng(seed)``, so a rerun or resume places the same mask. Each library
 folder is loaded once per run; the job's metadata names the template id and cluster.
+
+UniDG-Text bundles: ``"prompt"`` is the job's instruction (``"Add the scratch defect to the image."``); beside a prompt
+``reference`` and ``reference_mask`` may be left out together (the instruction alone). The prompt is part of the job's
+spec: resuming with a changed prompt is refused like any changed input.
 """
 
 from __future__ import annotations
@@ -207,9 +209,7 @@ def _parse_job(folder: Path, number: int, text: str) -> Job:
     given = [key for key in REFERENCE_KEYS if key in data]
     if len(given) == 1:
         (other,) = set(REFERENCE_KEYS) - set(given)
-        raise JobsError(
-            f"line {number} gives {given[0]!r} without {other!r}; give both, or neither (the prompt alone)"
-        )
+        raise JobsError(f"line {number} gives {given[0]!r} without {other!r}; give both, or neither (the prompt alone)")
     known = REQUIRED_KEYS + OPTIONAL_KEYS + (MASK_TEMPLATE_KEY,)
     unknown = sorted(set(data) - set(known))
     if unknown:

@@ -523,7 +523,7 @@ def test_mask_template_library_and_category_errors_name_the_job(tmp_path, templa
             assert not (tmp_path / f"out{number}").exists()  # refused before anything is written
 
 
-# ------------------------------------------------------------------------------------ UniDG-Text jobs (the "prompt" key)
+# ----------------------------------------------------------------------------------- UniDG-Text jobs (the "prompt" key)
 def _text_line(job_id: str, prompt: object = None, with_reference: bool = False, **extra: object) -> str:
     line: dict = {"source": str(sample_path("source")), "mask": str(sample_path("mask")), "seed": 3, "id": job_id}
     if with_reference:
