@@ -22,7 +22,16 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
-from surface_fixtures import masked_equal_outside, nano_bundle, toy_bundle
+from surface_fixtures import (
+    LONG_PROMPT,
+    OTHER_PROMPT,
+    PROMPT,
+    masked_equal_outside,
+    nano_bundle,
+    sample_path,
+    text_bundle,
+    toy_bundle,
+)
 
 from unidg.runtime.serve import ServeConfig, ServiceError, create_app, parse_params
 from unidg.runtime.serve_bench import fire
@@ -474,3 +483,73 @@ def test_the_multipart_media_type_is_matched_without_regard_to_case(media_type):
         with pytest.raises(ServiceError) as refused:
             asyncio.run(parse_multipart(Headers({"content-type": other}), body))
         assert refused.value.status == 415
+
+
+# ------------------------------------------------------------------------------------- UniDG-Text: the prompt field
+def _sample_files(*kinds: str) -> dict[str, bytes]:
+    field_of = {"reference": "reference", "reference_mask": "reference_mask", "source": "source", "mask": "mask"}
+    return {field_of[kind]: sample_path(kind).read_bytes() for kind in kinds}
+
+
+def _prompt_form(prompt: str | bytes | None, *kinds: str, params: dict | None = None) -> tuple[bytes, str]:
+    """A form with the sample's ``kinds`` files and a prompt (bytes: sent as a file part, as a client may)."""
+    files = _sample_files(*kinds)
+    fields = {"params": json.dumps(params or {"seed": 2, "steps": 3})}
+    if isinstance(prompt, bytes):
+        files["prompt"] = prompt
+    elif prompt is not None:
+        fields["prompt"] = prompt
+    return encode_multipart(files, fields)
+
+
+def test_the_prompt_field_with_and_without_a_reference_on_a_text_bundle():
+    bundle = text_bundle()
+    config = ServeConfig(bundle=str(bundle), workers=1, backend_options={"threads": 1})
+    with serve_in_thread(create_app(config)) as url:
+        wait_ready(url, timeout=60)
+        replies = {}
+        for name, prompt, kinds in [
+            ("hole", PROMPT, ("source", "mask")),
+            ("crack", OTHER_PROMPT, ("source", "mask")),
+            ("with reference", None, ("reference", "reference_mask", "source", "mask")),
+            ("both", PROMPT, ("reference", "reference_mask", "source", "mask")),
+        ]:
+            reply = post(url, *_prompt_form(prompt, *kinds))
+            assert reply.status == 200, (name, reply.body[:300])
+            replies[name] = reply.json()
+        assert replies["hole"]["metadata"]["prompt"] == PROMPT
+        assert replies["hole"]["metadata"]["with_reference"] is False
+        assert replies["both"]["metadata"]["with_reference"] is True
+        assert replies["with reference"]["metadata"]["prompt"]  # the bundle's reference instruction
+        hole, crack = _decode_png(replies["hole"]["image_png"]), _decode_png(replies["crack"]["image_png"])
+        mask = _decode_png(replies["hole"]["mask_png"]) > 127
+        source = np.asarray(Image.open(sample_path("source")).convert("RGB"))
+        assert masked_equal_outside(hole, source, mask) and masked_equal_outside(crack, source, mask)
+        assert not np.array_equal(hole[mask], crack[mask])  # the instruction changes the defect, only inside
+
+        refused = [
+            ("empty prompt", _prompt_form("", "source", "mask"), "prompt", "empty"),
+            ("over-long prompt", _prompt_form(LONG_PROMPT, "source", "mask"), "prompt", "at most 48"),
+            ("prompt not UTF-8", _prompt_form(b"Add the \xff defect.", "source", "mask"), "prompt", "UTF-8"),
+            ("reference without mask", _prompt_form(PROMPT, "reference", "source", "mask"), "reference_mask", ""),
+            ("mask without reference", _prompt_form(PROMPT, "reference_mask", "source", "mask"), "reference", ""),
+            ("no prompt, no reference", _prompt_form(None, "source", "mask"), "reference", "prompt"),
+            ("prompt in params", _prompt_form(None, "source", "mask", params={"prompt": PROMPT}), "params.prompt", ""),
+        ]
+        for name, (body, content_type), field, words in refused:
+            reply = post(url, body, content_type)
+            assert reply.status == 422, (name, reply.status, reply.body[:300])
+            assert reply.json()["field"] == field and words in reply.json()["message"], (name, reply.json())
+        assert post(url, *_prompt_form(PROMPT, "source", "mask")).status == 200  # still serving
+
+
+def test_a_prompt_for_a_reference_mode_bundle_is_refused_naming_the_field(bundle):
+    config = ServeConfig(bundle=str(bundle), workers=1)
+    files = sample_inputs(64)
+    with serve_in_thread(create_app(config)) as url:
+        wait_ready(url, timeout=60)
+        for form in (files, {"source": files["source"], "mask": files["mask"]}):
+            reply = post(url, *encode_multipart(form, {"prompt": PROMPT}))
+            assert reply.status == 422 and reply.json()["field"] == "prompt", reply.body[:300]
+            assert "reference-mode bundle" in reply.json()["message"]
+        assert post(url, *encode_multipart(files)).status == 200  # no prompt: as ever

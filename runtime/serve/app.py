@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import hmac
 import logging
 import math
@@ -50,16 +51,19 @@ from unidg.runtime.serve.protocol import (
     decode_inputs,
     input_error,
     parse_params,
+    prompt_field,
     release_frames,
+    request_error,
     request_id_from,
     text_field,
     upload_files,
 )
+from unidg.runtime.synthesizer import RequestError
 
 logger = logging.getLogger("unidg.serve")
 
 DISCONNECT_POLL_S = 0.25  # how often a waiting request checks whether its client is still there
-MAX_TEXT_PART_BYTES = 64 * 1024  # the params field
+MAX_TEXT_PART_BYTES = 64 * 1024  # the params and prompt fields
 
 
 class ClientGone(Exception):
@@ -194,7 +198,7 @@ async def parse_multipart(headers: Any, body: bytes) -> dict[str, bytes | str]:
             415,
             "unsupported_media_type",
             f"POST /v1/synthesize takes multipart/form-data (got {content_type[:100] or 'no content type'}); send "
-            f"the files {list(UPLOAD_FIELDS)} and an optional JSON field 'params'",
+            f"the files {list(UPLOAD_FIELDS)}, an optional JSON field 'params' and (UniDG-Text) a text field 'prompt'",
         )
 
     async def stream() -> Any:
@@ -223,13 +227,18 @@ def checked_params(
     """Decode and check the uploads and the options as the worker will (errors now, not after the queue); returns the
     params with every default filled and the seed drawn. The decoded pictures are dropped on return."""
     try:
-        checked = check_options(
-            build_request(decode_inputs(files, config.max_image_pixels), params, request_id), pool.settings
-        )
+        request = build_request(decode_inputs(files, config.max_image_pixels), params, request_id)
+        checked = check_options(request, pool.check)
     except Exception as error:
         release_frames(error)  # the decoded pictures go when the refusal is sent, not at the next collection
         raise
-    return SynthesisParams(seed=checked.seed, steps=checked.steps, guidance=checked.guidance, category=checked.category)
+    return SynthesisParams(
+        seed=checked.seed,
+        steps=checked.steps,
+        guidance=checked.guidance,
+        category=checked.category,
+        prompt=params.prompt,  # as sent: the worker's synthesizer fills a text bundle's default again
+    )
 
 
 def redact_paths(text: str, config: ServeConfig) -> str:
@@ -378,6 +387,7 @@ async def synthesize(request: Request) -> Any:
         fields = await parse_multipart(request.headers, body)
         del body
         params = parse_params(text_field(fields, "params"), config.max_steps)
+        params = dataclasses.replace(params, prompt=prompt_field(fields))
         files = upload_files(fields)
         async with service.decode_slots:
             params = await run_in_threadpool(checked_params, files, params, pool, config, request_id)
@@ -406,6 +416,8 @@ async def synthesize(request: Request) -> Any:
         )
     except InputError as error:  # the runtime's own checks (e.g. a mask too small for the crop)
         return failed(input_error(error))
+    except RequestError as error:  # an option or prompt the worker's synthesizer refused
+        return failed(request_error(error))
     except asyncio.CancelledError:
         if job is not None:
             job.cancel.set()  # the client went away: stop the synthesis at its next step

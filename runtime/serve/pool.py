@@ -31,6 +31,7 @@ from unidg.runtime.serve.protocol import (
     build_request,
     decode_inputs,
     encode_png,
+    options_check,
     public_metadata,
     release_frames,
 )
@@ -38,7 +39,9 @@ from unidg.runtime.synthesizer import DefectSynthesizer, SynthesisRequest
 
 logger = logging.getLogger("unidg.serve")
 
-SynthesizerFactory = Callable[[], Any]  # -> an object with .settings and .generate(request, progress=...)
+# -> an object with .settings and .generate(request, progress=...); with .check(request) (DefectSynthesizer's) too,
+# requests are checked with it before they queue (their prompt included), else only their options.
+SynthesizerFactory = Callable[[], Any]
 
 
 def bundle_synthesizer_factory(config: ServeConfig) -> SynthesizerFactory:
@@ -161,6 +164,7 @@ class SynthesisPool:
         self._warmup = warmup
         self.settings: UniDGSettings | None = None  # of the loaded bundle (requests are checked against it)
         self.bundle_fingerprint: str | None = None
+        self._check: Callable[[SynthesisRequest], SynthesisRequest] | None = None  # a loaded synthesizer's check
         self._threads: list[threading.Thread] = []
         self._running = 0
         self._ready_count = 0
@@ -216,6 +220,14 @@ class SynthesisPool:
         self._metrics.set_queue_depth(self.depth)
         return Admission(self._leave)
 
+    def check(self, request: SynthesisRequest) -> SynthesisRequest:
+        """``request`` checked as a worker will check it, before it takes a queue place (RequestError, InputError).
+        DefectSynthesizer.check changes nothing a running generation reads (its prompt cache is only looked up), so
+        request threads call a loaded worker's check beside that worker; a synthesizer without ``check``: the
+        options against the bundle's settings."""
+        check = self._check or options_check(self.settings)
+        return check(request)
+
     def submit(self, job: Job) -> None:
         self._queue.put_nowait(job)
 
@@ -230,6 +242,8 @@ class SynthesisPool:
             synthesizer.generate(warmup_request())
         with self._lock:
             self.settings = synthesizer.settings
+            if self._check is None:
+                self._check = getattr(synthesizer, "check", None)
             bundle = getattr(synthesizer, "bundle", None)
             self.bundle_fingerprint = getattr(bundle, "fingerprint", None)
         return synthesizer

@@ -1,5 +1,6 @@
-"""The request/response protocol of ``POST /v1/synthesize``, free of any web framework: the ``params`` JSON, the four
-uploads (decoded through ``unidg.core.images``), the request id, and the JSON error shape."""
+"""The request/response protocol of ``POST /v1/synthesize``, free of any web framework: the ``params`` JSON, the
+``prompt`` text (UniDG-Text bundles), the four uploads (decoded through ``unidg.core.images``; the reference pair is
+optional beside a prompt), the request id, and the JSON error shape."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import math
 import re
 import secrets
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +39,9 @@ UPLOAD_FIELDS: dict[str, str] = {
     "mask": TARGET_MASK,
 }
 FIELD_OF_INPUT = {name: upload for upload, name in UPLOAD_FIELDS.items()}
+REFERENCE_FIELDS = ("reference", "reference_mask")  # optional together beside a prompt (UniDG-Text)
+PROMPT_FIELD = "prompt"  # a text field of its own: the instruction, UTF-8
+TEXT_FIELDS = ("params", PROMPT_FIELD)
 PARAM_NAMES = ("seed", "steps", "guidance", "category")
 MAX_CATEGORY_CHARS = 64
 MAX_PARAMS_DEPTH = 4  # params is a flat object; anything nested deeper is refused before json.loads sees it
@@ -72,12 +77,13 @@ class SynthesisParams:
     steps: int | None = None
     guidance: float | None = None
     category: str | None = None
+    prompt: str | None = None  # the ``prompt`` field (UniDG-Text bundles)
 
 
 @dataclass
 class SynthesisInputs:
-    reference: np.ndarray
-    reference_mask: np.ndarray
+    reference: np.ndarray | None  # None with reference_mask: a prompt alone
+    reference_mask: np.ndarray | None
     source: np.ndarray
     target_mask: np.ndarray
 
@@ -138,6 +144,13 @@ def parse_params(text: str | None, max_steps: int) -> SynthesisParams:
         ) from error
     if not isinstance(raw, dict):
         raise ServiceError(400, "invalid_params", "params must be a JSON object", "params")
+    if PROMPT_FIELD in raw:
+        raise ServiceError(
+            422,
+            "invalid_params",
+            "the prompt is not a param: send it as its own text field 'prompt'",
+            f"params.{PROMPT_FIELD}",
+        )
     unknown = sorted(set(raw) - set(PARAM_NAMES))
     if unknown:
         raise ServiceError(
@@ -193,22 +206,48 @@ def text_field(fields: dict[str, bytes | str], name: str) -> str | None:
     return value
 
 
+def prompt_field(fields: dict[str, bytes | str]) -> str | None:
+    """The ``prompt`` field: text (a file part must hold UTF-8); None when the form has none."""
+    value = fields.get(PROMPT_FIELD)
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ServiceError(
+                422, "invalid_prompt", "prompt must be UTF-8 text; send the instruction as UTF-8", PROMPT_FIELD
+            ) from error
+    return value
+
+
 def upload_files(fields: dict[str, bytes | str]) -> dict[str, bytes]:
-    """The four uploads of a multipart form, checked for presence, type and unknown fields (nothing decoded)."""
-    unknown = sorted(set(fields) - set(UPLOAD_FIELDS) - {"params"})
+    """The uploads of a multipart form, checked for presence, type and unknown fields (nothing decoded): all four, or
+    with a ``prompt`` field, source and mask with the reference pair optional (both or neither)."""
+    unknown = sorted(set(fields) - set(UPLOAD_FIELDS) - set(TEXT_FIELDS))
     if unknown:
         raise ServiceError(
             422,
             "invalid_input",
-            f"unknown field(s) {unknown}; expected files {list(UPLOAD_FIELDS)} and an optional 'params'",
+            f"unknown field(s) {unknown}; expected files {list(UPLOAD_FIELDS)} and optional text fields "
+            f"{list(TEXT_FIELDS)}",
             unknown[0],
         )
+    prompted = PROMPT_FIELD in fields and not any(name in fields for name in REFERENCE_FIELDS)
     files = {}
     for field_name, name in UPLOAD_FIELDS.items():
         data = fields.get(field_name)
+        if data is None and prompted and field_name in REFERENCE_FIELDS:
+            continue  # an instruction without a reference
         if data is None:
+            alone = ""
+            if PROMPT_FIELD in fields:
+                alone = " (or neither of the reference pair, beside a 'prompt')"
+            elif field_name in REFERENCE_FIELDS and not any(name in fields for name in REFERENCE_FIELDS):
+                alone = " (or, for a UniDG-Text bundle, a text field 'prompt' instead of the reference pair)"
             raise ServiceError(
-                422, "missing_input", f"the {name} is missing: send it as file field '{field_name}'", field_name
+                422,
+                "missing_input",
+                f"the {name} is missing: send it as file field '{field_name}'{alone}",
+                field_name,
             )
         if isinstance(data, str):
             raise ServiceError(
@@ -233,9 +272,10 @@ def decode_field(data: bytes, field_name: str, max_pixels: int) -> np.ndarray:
 
 
 def decode_inputs(files: dict[str, bytes], max_pixels: int) -> SynthesisInputs:
-    """The four uploads decoded and checked together (sizes match, masks not empty, target mask not full)."""
-    arrays = {field_name: decode_field(files[field_name], field_name, max_pixels) for field_name in UPLOAD_FIELDS}
-    inputs = SynthesisInputs(arrays["reference"], arrays["reference_mask"], arrays["source"], arrays["mask"])
+    """The uploads decoded and checked together (sizes match, masks not empty, target mask not full); the reference
+    pair is None where it was not sent (beside a prompt)."""
+    arrays = {name: decode_field(files[name], name, max_pixels) for name in UPLOAD_FIELDS if name in files}
+    inputs = SynthesisInputs(arrays.get("reference"), arrays.get("reference_mask"), arrays["source"], arrays["mask"])
     try:
         validate_request(inputs.reference, inputs.reference_mask, inputs.source, inputs.target_mask)
     except InputError as error:
@@ -267,17 +307,33 @@ def build_request(inputs: SynthesisInputs, params: SynthesisParams, name: str) -
         steps=params.steps,
         guidance=params.guidance,
         category=params.category,
+        prompt=params.prompt,
         name=name,
     )
 
 
-def check_options(request: SynthesisRequest, settings: UniDGSettings) -> SynthesisRequest:
-    """The runtime's own checks of seed/steps/guidance/category, before the request takes a queue place."""
+def options_check(settings: UniDGSettings) -> Callable[[SynthesisRequest], SynthesisRequest]:
+    """The runtime's checks of seed/steps/guidance/category alone (for a synthesizer without ``check``)."""
+    return lambda request: check_request_options(request, settings)
+
+
+def check_options(request: SynthesisRequest, check: Callable[[SynthesisRequest], SynthesisRequest]) -> SynthesisRequest:
+    """The runtime's own checks (``check``: DefectSynthesizer.check, or ``options_check``) before the request takes a
+    queue place; a refused option answers 422 naming its field."""
     try:
-        return check_request_options(request, settings)
+        return check(request)
     except RequestError as error:
-        field_name = f"params.{error.option}" if error.option else "params"
-        raise ServiceError(422, "invalid_params", str(error), field_name) from error
+        raise request_error(error) from error
+
+
+def request_error(error: RequestError) -> ServiceError:
+    """A runtime RequestError as the service's 422: the prompt or an upload by its field, an option as params.NAME."""
+    if error.option == PROMPT_FIELD:
+        return ServiceError(422, "invalid_prompt", str(error), PROMPT_FIELD)
+    if error.option in UPLOAD_FIELDS:
+        return ServiceError(422, "missing_input", str(error), error.option)
+    field_name = f"params.{error.option}" if error.option else "params"
+    return ServiceError(422, "invalid_params", str(error), field_name)
 
 
 def input_error(error: InputError) -> ServiceError:
