@@ -2,6 +2,7 @@
  * A C host program for libunidg (tests/test_capi.py compiles it with the system C compiler and runs it).
  *
  *   capi_host BUNDLE_DIR full        end-to-end run + error paths; exit 0 when every check passes
+ *   capi_host BUNDLE_DIR text        a UniDG-Text bundle: request.prompt with and without a reference, its errors
  *   capi_host BUNDLE_DIR no-python   the library's Python side cannot start: every call must say so, no crash
  *
  * Every check prints one line ("ok ..." or "FAIL ..."); the exit status is the number of failed checks (capped).
@@ -176,14 +177,152 @@ static int no_python(const char* bundle_dir) {
     return failures;
 }
 
+/* Pixels of a and b differing inside `mask` (nonzero), and whether a equals `source` everywhere outside it. */
+static long differ_inside(const unidg_image* a, const unidg_image* b, const unidg_image* mask, const unidg_image* source,
+                          int* outside_is_source) {
+    long changed = 0;
+    *outside_is_source = 1;
+    for (int y = 0; y < a->height; y++) {
+        for (int x = 0; x < a->width; x++) {
+            if (pixel(mask, x, y)[0]) {
+                changed += memcmp(pixel(a, x, y), pixel(b, x, y), 3) != 0;
+            } else if (memcmp(pixel(a, x, y), pixel(source, x, y), 3) != 0) {
+                *outside_is_source = 0;
+            }
+        }
+    }
+    return changed;
+}
+
+static int run_text(const char* bundle_dir) {
+    unidg_options options;
+    unidg_options_init(&options);
+    options.threads = 1;
+    unidg_synth* synth = NULL;
+    unidg_status* status = unidg_synth_create(bundle_dir, &options, &synth);
+    CHECK(status == NULL && synth != NULL, "create the text bundle handle: %s", unidg_status_message(status));
+    if (status != NULL) {
+        unidg_status_free(status);
+        return 1;
+    }
+    owned_image ref = make_image(72, 80, 3, 0), ref_mask = make_image(72, 80, 1, 0);
+    owned_image src = make_image(90, 70, 3, 5), target = make_image(90, 70, 1, 3);
+    fill_inputs(&ref, &ref_mask, &src, &target);
+    owned_image hole = make_image(90, 70, 3, 0), crack = make_image(90, 70, 3, 0), again = make_image(90, 70, 3, 0);
+    owned_image mask = make_image(90, 70, 1, 0);
+
+    unidg_request request;
+    unidg_request_init(&request);
+    CHECK(request.prompt == NULL && request.reference.data == NULL, "unidg_request_init leaves prompt and reference NULL");
+    request.source = src.image;
+    request.target_mask = target.image;
+    request.seed = 7;
+    request.steps = 3;
+
+    /* The instruction alone: no reference (data NULL). */
+    request.prompt = "Add the hole defect to the image.";
+    status = unidg_synth_run(synth, &request, &hole.image, &mask.image);
+    CHECK(status == NULL, "a prompt without a reference runs: %s", unidg_status_message(status));
+    unidg_status_free(status);
+    const char* metadata = unidg_synth_last_metadata(synth);
+    CHECK(strstr(metadata, "\"prompt\": \"Add the hole defect to the image.\"") != NULL &&
+              strstr(metadata, "\"with_reference\": false") != NULL,
+          "... and its metadata carries the prompt, without a reference");
+    request.prompt = "Add the long crack defect to the image.";
+    status = unidg_synth_run(synth, &request, &crack.image, NULL);
+    CHECK(status == NULL, "another prompt runs: %s", unidg_status_message(status));
+    unidg_status_free(status);
+    int hole_outside = 0, crack_outside = 0;
+    long changed = differ_inside(&hole.image, &crack.image, &mask.image, &src.image, &hole_outside);
+    differ_inside(&crack.image, &hole.image, &mask.image, &src.image, &crack_outside);
+    CHECK(changed > 0 && hole_outside && crack_outside,
+          "two prompts differ only inside the mask (%ld pixels differ inside; outside equal to the source: %d %d)",
+          changed, hole_outside, crack_outside);
+    request.prompt = "Add the hole defect to the image.";
+    status = unidg_synth_run(synth, &request, &again.image, NULL);
+    CHECK(status == NULL && differ_inside(&again.image, &hole.image, &mask.image, &src.image, &hole_outside) == 0,
+          "the same prompt and seed give the same pixels: %s", unidg_status_message(status));
+    unidg_status_free(status);
+
+    /* With the reference pair: with the prompt, and without it (the bundle's reference instruction). */
+    request.reference = ref.image;
+    request.reference_mask = ref_mask.image;
+    status = unidg_synth_run(synth, &request, &again.image, NULL);
+    CHECK(status == NULL && strstr(unidg_synth_last_metadata(synth), "\"with_reference\": true") != NULL,
+          "a prompt with a reference runs: %s", unidg_status_message(status));
+    unidg_status_free(status);
+    request.prompt = NULL;
+    status = unidg_synth_run(synth, &request, &again.image, NULL);
+    CHECK(status == NULL, "a reference without a prompt runs: %s", unidg_status_message(status));
+    unidg_status_free(status);
+
+    /* The reference without its mask. */
+    request.prompt = "Add the hole defect to the image.";
+    memset(&request.reference_mask, 0, sizeof(request.reference_mask));
+    status = unidg_synth_run(synth, &request, &again.image, NULL);
+    CHECK(unidg_status_code(status) == UNIDG_INVALID_INPUT && strstr(unidg_status_message(status), "reference mask"),
+          "a reference without its mask is refused naming it: %s", unidg_status_message(status));
+    unidg_status_free(status);
+    memset(&request.reference, 0, sizeof(request.reference));
+
+    /* Prompts refused by name. */
+    const char* bad[][2] = {
+        {"Add the \xff\xfe defect to the image.", "UTF-8"},
+        {"", "empty"},
+        {"crack crack crack crack crack crack crack crack crack crack crack crack crack crack crack crack crack crack "
+         "crack crack crack crack crack crack crack crack crack crack crack crack crack crack crack crack crack crack "
+         "crack crack crack crack crack crack crack crack crack crack crack crack crack crack crack crack crack crack "
+         "crack crack crack crack crack crack",
+         "T5 tokens"},
+    };
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        request.prompt = bad[i][0];
+        status = unidg_synth_run(synth, &request, &again.image, NULL);
+        CHECK(unidg_status_code(status) == UNIDG_INVALID_ARGUMENT &&
+                  strstr(unidg_status_message(status), "request.prompt") &&
+                  strstr(unidg_status_message(status), bad[i][1]),
+              "a bad prompt is refused naming request.prompt (%s): %s", bad[i][1], unidg_status_message(status));
+        unidg_status_free(status);
+    }
+
+    /* No prompt and no reference: the reference is required, as for any request without a prompt. */
+    request.prompt = NULL;
+    status = unidg_synth_run(synth, &request, &again.image, NULL);
+    CHECK(unidg_status_code(status) == UNIDG_INVALID_ARGUMENT && strstr(unidg_status_message(status), "request.reference"),
+          "no prompt and no reference is refused naming the reference: %s", unidg_status_message(status));
+    unidg_status_free(status);
+    /* A host built before the prompt field: the prompt past its struct_size is not read. */
+    request.prompt = "Add the hole defect to the image.";
+    request.struct_size = (uint32_t)offsetof(unidg_request, prompt);
+    status = unidg_synth_run(synth, &request, &again.image, NULL);
+    CHECK(unidg_status_code(status) == UNIDG_INVALID_ARGUMENT && strstr(unidg_status_message(status), "request.reference"),
+          "a first-version request does not read the prompt: %s", unidg_status_message(status));
+    unidg_status_free(status);
+
+    unidg_synth_destroy(synth);
+    free(ref.storage);
+    free(ref_mask.storage);
+    free(src.storage);
+    free(target.storage);
+    free(hole.storage);
+    free(crack.storage);
+    free(again.storage);
+    free(mask.storage);
+    printf("%d check(s) failed\n", failures);
+    return failures > 100 ? 100 : failures;
+}
+
 int main(int argc, char** argv) {
     if (argc != 3) {
-        fprintf(stderr, "usage: %s BUNDLE_DIR full|no-python\n", argv[0]);
+        fprintf(stderr, "usage: %s BUNDLE_DIR full|text|no-python\n", argv[0]);
         return 2;
     }
     const char* bundle_dir = argv[1];
     if (strcmp(argv[2], "no-python") == 0) {
         return no_python(bundle_dir) ? 1 : 0;
+    }
+    if (strcmp(argv[2], "text") == 0) {
+        return run_text(bundle_dir);
     }
 
     printf("unidg %s, ABI %d\n", unidg_version(), unidg_abi_version());
@@ -412,6 +551,21 @@ int main(int argc, char** argv) {
           "a non-UTF-8 category is refused naming it: %s", unidg_status_message(status));
     unidg_status_free(status);
     request.category = NULL;
+    /* A prompt is for UniDG-Text bundles: a reference-mode bundle refuses it by name. */
+    request.prompt = "Add the scratch defect to the image.";
+    status = unidg_synth_run(synth, &request, &again.image, NULL);
+    CHECK(unidg_status_code(status) == UNIDG_INVALID_ARGUMENT && strstr(unidg_status_message(status), "request.prompt") &&
+              strstr(unidg_status_message(status), "reference-mode bundle"),
+          "a prompt for a reference-mode bundle is refused naming it: %s", unidg_status_message(status));
+    unidg_status_free(status);
+    /* A host built before the prompt field passes the shorter struct: accepted, the prompt past its end not read. */
+    unidg_request first = request;
+    first.struct_size = (uint32_t)offsetof(unidg_request, prompt);
+    status = unidg_synth_run(synth, &first, &again.image, NULL);
+    CHECK(status == NULL, "a first-version request struct runs and its prompt past the end is not read: %s",
+          unidg_status_message(status));
+    unidg_status_free(status);
+    request.prompt = NULL;
     unidg_request bad = request;
     bad.struct_size = 8;
     status = unidg_synth_run(synth, &bad, &again.image, NULL);

@@ -3,7 +3,8 @@
 The host checks an end-to-end run (every pixel outside the returned mask equals the source, same seed -> same bytes),
 cancelling from the progress callback, the error statuses (missing bundle named in the message, small output buffer,
 bad inputs, negative steps, NaN guidance, non-UTF-8 strings, re-entrant call -> UNIDG_BUSY, destroyed handle), two
-handles on two threads, and a library whose Python side cannot start. It exits with the number of failed checks.
+handles on two threads, and a library whose Python side cannot start; on the shipped UniDG-nano-text bundle,
+``request.prompt`` with and without a reference and its refusals. It exits with the number of failed checks.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from surface_fixtures import nano_bundle, toy_bundle
+from surface_fixtures import nano_bundle, text_bundle, toy_bundle
 
 from unidg.runtime.capi.build import HEADER, header_cdef
 
@@ -105,6 +106,22 @@ def test_c_host_runs_the_nano_bundle_end_to_end_and_the_error_paths(built, pytes
     assert "ok   an options struct shorter than the first version is refused: options.struct_size is 28" in (
         result.stdout
     )
+    # request.prompt: refused by a reference-mode bundle; a host built before it (shorter struct) still runs.
+    assert "ok   a prompt for a reference-mode bundle is refused naming it: request.prompt" in result.stdout
+    assert "ok   a first-version request struct runs and its prompt past the end is not read" in result.stdout
+
+
+def test_c_host_runs_the_text_bundle_with_a_prompt_and_refuses_bad_prompts(built):
+    result = _run_host(built, text_bundle(), "text")
+    print(result.stdout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 check(s) failed" in result.stdout and "FAIL" not in result.stdout
+    assert "ok   two prompts differ only inside the mask" in result.stdout
+    assert "ok   a bad prompt is refused naming request.prompt (UTF-8): request.prompt" in result.stdout
+    assert "not valid UTF-8" in result.stdout
+    assert "ok   a bad prompt is refused naming request.prompt (empty)" in result.stdout
+    assert "ok   a bad prompt is refused naming request.prompt (T5 tokens)" in result.stdout
+    assert "ok   a reference without its mask is refused naming it" in result.stdout
 
 
 def test_a_library_whose_python_cannot_start_reports_a_status(built, tmp_path):

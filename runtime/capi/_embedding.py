@@ -46,6 +46,8 @@ UNIDG_BACKEND_UNAVAILABLE = 7
 UNIDG_RUNTIME_ERROR = 8
 UNIDG_INTERNAL = 9
 
+REQUEST_NAME = "unidg_synth_run"  # names a request in the runtime's messages
+
 
 class AbiError(Exception):
     """A refused call: ``code`` is the unidg.h status code."""
@@ -87,6 +89,8 @@ def status_code_of(error: BaseException) -> int:
 
 
 def _message(error: BaseException) -> str:
+    if isinstance(error, RequestError) and error.option == "prompt":  # named as the struct's field
+        return f"request.prompt: {str(error).removeprefix(REQUEST_NAME + ': ')}"
     if isinstance(error, AbiError | ValueError | FileNotFoundError | GenerationCancelled):
         return str(error)
     return f"{type(error).__name__}: {error}"
@@ -224,14 +228,22 @@ def _cache_options(ffi: Any, options: Any) -> dict:
 
 
 def _request(ffi: Any, request: Any) -> tuple[SynthesisRequest, Any, Any]:
-    expected = ffi.sizeof("unidg_request")
-    if int(request.struct_size) < expected:
+    first_version = ffi.offsetof("unidg_request", "prompt")  # the first version of the struct ends here
+    struct_size = int(request.struct_size)
+    if struct_size < first_version:
         raise AbiError(
             UNIDG_INVALID_ARGUMENT,
-            f"request.struct_size is {int(request.struct_size)}, expected >= {expected}: call unidg_request_init()",
+            f"request.struct_size is {struct_size}, expected >= {first_version}: call unidg_request_init()",
         )
-    reference = read_image(ffi, request.reference, "request.reference (" + REFERENCE_IMAGE + ")", 3)
-    reference_mask = read_image(ffi, request.reference_mask, "request.reference_mask (" + REFERENCE_MASK + ")", 1)
+    prompt = None
+    if struct_size >= ffi.sizeof("unidg_request") and request.prompt != ffi.NULL:  # a caller built with prompt
+        prompt = c_string(ffi, request.prompt, "request.prompt")
+    reference = reference_mask = None
+    # Beside a prompt the reference pair may be left out (data NULL); one without the other is the runtime's error.
+    if prompt is None or request.reference.data != ffi.NULL:
+        reference = read_image(ffi, request.reference, "request.reference (" + REFERENCE_IMAGE + ")", 3)
+    if prompt is None or request.reference_mask.data != ffi.NULL:
+        reference_mask = read_image(ffi, request.reference_mask, "request.reference_mask (" + REFERENCE_MASK + ")", 1)
     source = read_image(ffi, request.source, "request.source (" + SOURCE_IMAGE + ")", 3)
     target_mask = read_image(ffi, request.target_mask, "request.target_mask (" + TARGET_MASK + ")", 1)
     category = c_string(ffi, request.category, "request.category") if request.category != ffi.NULL else None
@@ -248,14 +260,15 @@ def _request(ffi: Any, request: Any) -> tuple[SynthesisRequest, Any, Any]:
         )
     synthesis = SynthesisRequest(
         reference=reference,
-        reference_mask=reference_mask[..., 0] != 0,
+        reference_mask=None if reference_mask is None else reference_mask[..., 0] != 0,
         source=source,
         target_mask=target_mask[..., 0] != 0,
         seed=int(request.seed),
         steps=steps if steps > 0 else None,
         guidance=guidance if guidance >= 0 else None,
         category=category or None,
-        name="unidg_synth_run",
+        prompt=prompt,  # "" stays "": the runtime refuses an empty instruction
+        name=REQUEST_NAME,
     )
     return synthesis, request.progress, request.progress_user
 

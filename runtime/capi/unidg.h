@@ -1,7 +1,8 @@
 /*
  * unidg.h -- C ABI of the UniDG runtime (libunidg.so).
  *
- * Paints a defect taken from a reference image (its mask marks the defect) into a target region of a source image.
+ * Paints a defect taken from a reference image (its mask marks the defect) into a target region of a source image;
+ * with a UniDG-Text bundle, a defect an instruction describes (request.prompt), with or without a reference.
  * The library embeds the Python interpreter of the environment that built it and runs unidg.runtime's
  * DefectSynthesizer; build it with `unidg capi build --out DIR` (see docs/capi.md).
  *
@@ -11,7 +12,7 @@
  *   - Create/destroy pairs: unidg_synth_create / unidg_synth_destroy.
  *   - Images are caller-owned buffers (unidg_image): the library never keeps or frees them. Inputs are copied
  *     before the call returns; the output is written into the caller's buffer.
- *   - Strings (bundle_dir, category, backend, device) are NUL-terminated UTF-8; other bytes are refused with
+ *   - Strings (bundle_dir, category, prompt, backend, device) are NUL-terminated UTF-8; other bytes are refused with
  *     UNIDG_INVALID_ARGUMENT and a message naming the argument.
  *   - Structs that may grow carry `struct_size`: set it with the matching *_init() function, which also writes
  *     the defaults. A library accepts any struct_size >= the size of the first version of the struct.
@@ -94,7 +95,8 @@ typedef struct unidg_options {
 
 typedef struct unidg_request {
     uint32_t struct_size;        /* sizeof(unidg_request), set by unidg_request_init */
-    unidg_image reference;       /* RGB, 3 channels: the image the defect is taken from */
+    unidg_image reference;       /* RGB, 3 channels: the image the defect is taken from. With a prompt it may be
+                                    left out: data NULL (as unidg_request_init leaves it) with reference_mask's too */
     unidg_image reference_mask;  /* 1 channel, size of reference: nonzero marks the defect */
     unidg_image source;          /* RGB, 3 channels: the image the defect is painted into */
     unidg_image target_mask;     /* 1 channel, size of source: nonzero marks where the defect goes */
@@ -104,6 +106,12 @@ typedef struct unidg_request {
     const char* category;        /* optional defect category (one of the 28 UDG categories, UTF-8) or NULL */
     unidg_progress_fn progress;  /* optional, may be NULL */
     void* progress_user;         /* passed to progress as is */
+    /* Added after the first version of the struct (a struct_size that ends before it gets NULL): */
+    const char* prompt;          /* UniDG-Text bundles: the instruction (UTF-8), e.g. "Add the hole defect to the
+                                    image."; NULL (default): none -- a reference-mode bundle needs NULL, a text
+                                    bundle then uses its reference instruction. Refused (UNIDG_INVALID_ARGUMENT,
+                                    message naming request.prompt) when empty, over the model's T5 tokens, not UTF-8,
+                                    or given to a reference-mode bundle */
 } unidg_request;
 
 /* Library version string, e.g. "0.1.0" (static storage; never free it). */
