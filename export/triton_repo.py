@@ -2,7 +2,8 @@
 
 Layout (docs/triton.md):
 
-    REPO/unidg/config.pbtxt             Python-backend model (inputs: UINT8 images + masks, SEED/STEPS/GUIDANCE...)
+    REPO/unidg/config.pbtxt             Python-backend model (inputs: UINT8 images + masks, SEED/STEPS/GUIDANCE...;
+                                        a UniDG-Text bundle's also PROMPT, with the reference pair optional)
     REPO/unidg/1/model.py               wraps the runtime's DefectSynthesizer (runtime/backends/triton_model.py, copied)
     REPO/unidg/1/bundle/                the bundle (ONNX graphs + manifest), or only its manifest for an engine repo
     REPO/unidg_<graph>/config.pbtxt     for a bundle with TensorRT engines: one ``tensorrt_plan`` model per graph
@@ -44,6 +45,9 @@ PYTHON_INPUTS = (
     ("GUIDANCE", "TYPE_FP32", (1,), True),
     ("CATEGORY", "TYPE_STRING", (1,), True),
 )
+# A UniDG-Text bundle's model: the instruction, and the reference pair optional beside it.
+TEXT_INPUTS = (("PROMPT", "TYPE_STRING", (1,), True),)
+REFERENCE_INPUTS = ("REFERENCE", "REFERENCE_MASK")
 PYTHON_OUTPUTS = (
     ("IMAGE", "TYPE_UINT8", (-1, -1, 3)),
     ("MASK", "TYPE_UINT8", (-1, -1)),
@@ -118,8 +122,17 @@ def _parameters(values: dict[str, str]) -> str:
     return "".join(blocks)
 
 
-def python_model_config(name: str, options: TritonRepoOptions, parameters: dict[str, str]) -> str:
-    inputs = ",\n".join(_tensor(*spec) for spec in PYTHON_INPUTS)
+def python_inputs(text: bool = False) -> tuple[tuple[str, str, tuple, bool], ...]:
+    """The Python model's input tensors; ``text`` (a UniDG-Text bundle): PROMPT too, and the reference pair optional.
+    A reference-mode bundle's inputs are those of every earlier repository."""
+    if not text:
+        return PYTHON_INPUTS
+    specs = tuple((n, dtype, dims, optional or n in REFERENCE_INPUTS) for n, dtype, dims, optional in PYTHON_INPUTS)
+    return specs + TEXT_INPUTS
+
+
+def python_model_config(name: str, options: TritonRepoOptions, parameters: dict[str, str], text: bool = False) -> str:
+    inputs = ",\n".join(_tensor(*spec) for spec in python_inputs(text))
     outputs = ",\n".join(_tensor(*spec) for spec in PYTHON_OUTPUTS)
     return (
         "# UniDG defect synthesis (Python backend; written by `unidg export triton`, see docs/triton.md).\n"
@@ -184,6 +197,11 @@ def write_triton_repo(bundle_path: str | Path, out: str | Path, options: TritonR
         engines = parse_engines(bundle)
     if engines and options.bundle_reference is not None:
         raise TritonRepoError("a bundle with engines is copied into the repository; drop --reference-bundle")
+    if engines and bundle.text:
+        raise TritonRepoError(
+            f"{bundle.path} is a UniDG-Text bundle: its graphs run in onnxruntime inside the Python model (the engine "
+            "models take no instruction features); add --no-engines"
+        )
 
     with staged_folder(out, replace=options.overwrite) as staging:
         repo = TritonRepo(path=out, model_name=options.model_name)
@@ -225,7 +243,7 @@ def write_triton_repo(bundle_path: str | Path, out: str | Path, options: TritonR
             if options.cache_threshold is not None:
                 parameters["cache_threshold"] = repr(float(options.cache_threshold))
         parameters["unidg_bundle_fingerprint"] = bundle.fingerprint
-        text = python_model_config(options.model_name, options, parameters)
+        text = python_model_config(options.model_name, options, parameters, text=bool(bundle.text))
         validate_config(text, f"{options.model_name}/config.pbtxt")
         (staging / options.model_name / "config.pbtxt").write_text(text)
     repo.configs = {p.parent.name: p for p in sorted(out.glob("*/config.pbtxt"))}
@@ -237,6 +255,7 @@ __all__ = [
     "TritonRepoError",
     "TritonRepoOptions",
     "engine_model_config",
+    "python_inputs",
     "python_model_config",
     "validate_config",
     "write_triton_repo",

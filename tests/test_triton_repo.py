@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -21,7 +22,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from runtime_fixtures import rewrite_manifest, sample_request_arrays
-from surface_fixtures import masked_equal_outside, nano_bundle, toy_bundle
+from surface_fixtures import (
+    LONG_PROMPT,
+    OTHER_PROMPT,
+    PROMPT,
+    masked_equal_outside,
+    nano_bundle,
+    sample_arrays,
+    text_bundle,
+    toy_bundle,
+)
 
 from unidg.core.manifest import write_manifest
 from unidg.export.triton_repo import TritonRepoError, TritonRepoOptions, validate_config, write_triton_repo
@@ -359,4 +369,103 @@ def test_step_cache_parameters_reach_the_python_model(tmp_path, pb_utils):
 def test_step_cache_on_a_bundle_without_cache_data_is_refused_when_writing(bundle, tmp_path):
     with pytest.raises(TritonRepoError, match="no step-cache data"):
         write_triton_repo(bundle, tmp_path / "repo", TritonRepoOptions(instance_kind="cpu", cache="static"))
+    assert not (tmp_path / "repo").exists()
+
+
+# --------------------------------------------------------------------------------------- UniDG-Text: the PROMPT input
+def _text_tensors(pb_utils, prompt: object = None, *kinds: str) -> list:
+    """The shipped sample's ``kinds`` (reference, reference_mask, source, mask) as tensors, 3 steps, seed 4, and
+    ``prompt`` (str: UTF-8 encoded; bytes: as they are) as PROMPT."""
+    names = {"reference": "REFERENCE", "reference_mask": "REFERENCE_MASK", "source": "SOURCE", "mask": "TARGET_MASK"}
+    arrays = sample_arrays()
+    tensors = [pb_utils.Tensor(names[kind], arrays[kind]) for kind in kinds]
+    tensors += [pb_utils.Tensor("SEED", np.array([4], np.int64)), pb_utils.Tensor("STEPS", np.array([3], np.int32))]
+    if prompt is not None:
+        value = prompt.encode("utf-8") if isinstance(prompt, str) else prompt
+        tensors.append(pb_utils.Tensor("PROMPT", np.array([value], dtype=np.object_)))
+    return tensors
+
+
+def _outputs(response) -> dict:
+    assert not response.has_error(), response.error().message()
+    return {t.name(): t.as_numpy() for t in response.output_tensors()}
+
+
+def test_a_text_bundle_repository_takes_a_prompt_with_the_reference_optional(tmp_path, pb_utils):
+    write_triton_repo(text_bundle(), tmp_path / "repo", TritonRepoOptions(instance_kind="cpu"))
+    inputs = {i.name: i for i in parse_config(tmp_path / "repo" / "unidg" / "config.pbtxt").input}
+    assert list(inputs)[-1] == "PROMPT" and inputs["PROMPT"].optional
+    assert inputs["PROMPT"].data_type == model_config_pb2.DataType.Value("TYPE_STRING")
+    assert list(inputs["PROMPT"].dims) == [1]
+    assert inputs["REFERENCE"].optional and inputs["REFERENCE_MASK"].optional
+    assert not inputs["SOURCE"].optional and not inputs["TARGET_MASK"].optional
+
+    _, model = load_model(tmp_path / "repo")
+    alone, full = ("source", "mask"), ("reference", "reference_mask", "source", "mask")
+    cases = [
+        _text_tensors(pb_utils, PROMPT, *alone),
+        _text_tensors(pb_utils, OTHER_PROMPT, *alone),
+        _text_tensors(pb_utils, PROMPT, *full),
+        _text_tensors(pb_utils, None, *full),  # the bundle's reference instruction
+        _text_tensors(pb_utils, "", *alone),
+        _text_tensors(pb_utils, LONG_PROMPT, *alone),
+        _text_tensors(pb_utils, b"Add the \xff defect to the image.", *alone),
+        _text_tensors(pb_utils, PROMPT, "reference", "source", "mask"),
+        _text_tensors(pb_utils, None, *alone),
+    ]
+    hole, crack, both, reference, empty, long, not_utf8, no_mask, nothing = model.execute(
+        [pb_utils.Request(tensors) for tensors in cases]
+    )
+    hole, crack = _outputs(hole), _outputs(crack)
+    metadata = json.loads(hole["METADATA"][0])
+    assert metadata["prompt"] == PROMPT and metadata["with_reference"] is False
+    source, mask = sample_arrays()["source"], hole["MASK"] > 0
+    assert masked_equal_outside(hole["IMAGE"], source, mask) and masked_equal_outside(crack["IMAGE"], source, mask)
+    assert not np.array_equal(hole["IMAGE"][mask], crack["IMAGE"][mask])  # the instruction matters, inside only
+    assert json.loads(_outputs(both)["METADATA"][0])["with_reference"] is True
+    assert json.loads(_outputs(reference)["METADATA"][0])["prompt"]
+    for response, words in [
+        (empty, "prompt is empty"),
+        (long, "at most 48"),
+        (not_utf8, "must be UTF-8"),
+        (no_mask, "input REFERENCE_MASK (reference mask)"),
+        (nothing, "input REFERENCE is missing"),
+    ]:
+        assert response.has_error() and words in response.error().message(), response.error().message()
+        assert response.error().code() == pb_utils.TritonError.INVALID_ARG
+    for response in (empty, long, not_utf8):
+        assert "input PROMPT" in response.error().message()
+    model.finalize()
+
+
+def test_a_prompt_for_a_reference_mode_model_is_refused_naming_it(bundle, tmp_path, pb_utils):
+    write_triton_repo(bundle, tmp_path / "repo", TritonRepoOptions(instance_kind="cpu"))
+    inputs = [i.name for i in parse_config(tmp_path / "repo" / "unidg" / "config.pbtxt").input]
+    assert "PROMPT" not in inputs  # a reference-mode repository is as before (Triton itself refuses PROMPT)
+    _, model = load_model(tmp_path / "repo")
+    prompt = pb_utils.Tensor("PROMPT", np.array([PROMPT.encode()], dtype=np.object_))
+    (response,) = model.execute([pb_utils.Request([*sample_request_tensors(pb_utils), prompt])])
+    assert response.has_error() and response.error().code() == pb_utils.TritonError.INVALID_ARG
+    assert "input PROMPT" in response.error().message() and "reference-mode bundle" in response.error().message()
+    model.finalize()
+
+
+def test_a_text_bundle_with_engines_is_refused(tmp_path):
+    folder = tmp_path / "text-engines"
+    shutil.copytree(text_bundle(), folder)
+    (folder / "engines").mkdir()
+    for name in GRAPH_NAMES:
+        (folder / "engines" / f"{name}.plan").write_bytes(b"placeholder")
+    rewrite_manifest(
+        folder,
+        lambda meta: meta.update(
+            engines={
+                "tensorrt_version": "10.13.0.35",
+                "compute_capability": [9, 0],
+                "plans": {name: {"file": f"engines/{name}.plan", "batch": [1, 1]} for name in GRAPH_NAMES},
+            }
+        ),
+    )
+    with pytest.raises(TritonRepoError, match="UniDG-Text bundle.*--no-engines"):
+        write_triton_repo(folder, tmp_path / "repo", TritonRepoOptions())
     assert not (tmp_path / "repo").exists()

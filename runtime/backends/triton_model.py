@@ -3,12 +3,15 @@
 Written into a model repository by ``unidg export triton``; runs inside Triton's Python backend, whose Python
 environment must have the lean ``unidg`` runtime installed (``pip install unidg`` or ``unidg[gpu]``) and, under
 Triton 24.10 (server 2.51) and older, numpy < 2 (``check_tensor_transport``; docs/triton.md says how the stub picks
-its environment). It wraps the runtime's ``DefectSynthesizer``; the sampler is not re-implemented here.
+its environment). It wraps the runtime's ``DefectSynthesizer``; the sampler is not re-implemented here. A UniDG-Text
+bundle also needs ``tokenizers`` there (``pip install 'unidg[text]'``) for its instructions.
 
 Inputs (no Triton batching: max_batch_size 0, one image set per request):
     REFERENCE UINT8 [H, W, 3], REFERENCE_MASK UINT8 [H, W] (nonzero = defect), SOURCE UINT8 [h, w, 3],
     TARGET_MASK UINT8 [h, w] (nonzero = where the defect goes); optional SEED INT64 [1] (default: drawn at random
     and reported), STEPS INT32 [1], GUIDANCE FP32 [1] (default: the bundle's), CATEGORY BYTES [1].
+    UniDG-Text bundles: optional PROMPT BYTES [1] (the instruction, UTF-8; default with a reference: the bundle's
+    reference instruction); with a PROMPT, REFERENCE and REFERENCE_MASK may be left out (both: the instruction alone).
 Outputs: IMAGE UINT8 [h, w, 3] (equal to SOURCE outside MASK), MASK UINT8 [h, w] (0/255, the dilated target mask),
     METADATA BYTES [1] (JSON: seed, steps, timings, bundle fingerprint, the Triton instance that served it...).
 
@@ -36,6 +39,7 @@ from unidg.runtime.synthesizer import DefectSynthesizer, RequestError, Synthesis
 
 IMAGE_INPUTS = ("REFERENCE", "SOURCE")
 MASK_INPUTS = ("REFERENCE_MASK", "TARGET_MASK")
+REFERENCE_INPUTS = ("REFERENCE", "REFERENCE_MASK")  # optional beside a PROMPT (UniDG-Text)
 # The runtime names inputs in words; Triton clients know the tensor names.
 TENSOR_OF_INPUT = {
     images.REFERENCE_IMAGE: "REFERENCE",
@@ -140,6 +144,31 @@ def _optional_scalar(request: object, name: str) -> object | None:
     return value.item() if isinstance(value, np.generic) else value
 
 
+def _prompt(request: object) -> str | None:
+    """The PROMPT input as text (None when absent); bytes that are not UTF-8 are refused naming it."""
+    tensor = pb_utils.get_input_tensor_by_name(request, "PROMPT")
+    if tensor is None:
+        return None
+    values = tensor.as_numpy().reshape(-1)
+    if values.size != 1:
+        raise RequestError(f"input PROMPT must hold exactly one instruction (got {values.size})", "prompt")
+    value = values[0]
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise RequestError(
+                f"input PROMPT must be UTF-8 text (byte 0x{value[error.start]:02x} at offset {error.start} is not); "
+                "send the instruction encoded as UTF-8",
+                "prompt",
+            ) from None
+    return str(value)
+
+
+def _request_error_message(error: RequestError) -> str:
+    return f"input PROMPT: {error}" if error.option == "prompt" and "input PROMPT" not in str(error) else str(error)
+
+
 def _progress_of(request: object) -> object:
     """Stop at the next step once Triton cancels the request (client gone, timeout); older Tritons never do."""
     cancelled = getattr(request, "is_cancelled", None)
@@ -189,11 +218,16 @@ class TritonPythonModel:
         self.instance_name = args.get("model_instance_name", self.model_name)
 
     def _synthesis_request(self, request: object) -> SynthesisRequest:
-        arrays = {}
+        prompt = _prompt(request)
+        arrays: dict[str, np.ndarray | None] = {}
         for name in (*IMAGE_INPUTS, *MASK_INPUTS):
             tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is None and prompt is not None and name in REFERENCE_INPUTS:
+                arrays[name] = None  # the instruction alone; one of the pair without the other: the runtime says so
+                continue
             if tensor is None:
-                raise RequestError(f"input {name} is missing")
+                text = name in REFERENCE_INPUTS and self.synthesizer.bundle.text
+                raise RequestError(f"input {name} is missing" + (" (or send a PROMPT alone)" if text else ""))
             value = tensor.as_numpy()
             if value.dtype != np.uint8:
                 raise RequestError(f"input {name} must be UINT8 (got {value.dtype})")
@@ -210,6 +244,7 @@ class TritonPythonModel:
             steps=steps,
             guidance=None if guidance is None else float(guidance),
             category=_optional_scalar(request, "CATEGORY") or None,
+            prompt=prompt,
             name=self.model_name,
         )
 
@@ -230,7 +265,10 @@ class TritonPythonModel:
                 responses.append(
                     pb_utils.InferenceResponse(output_tensors=[], error=_error(_input_error_message(error), True))
                 )
-            except (RequestError, ValueError) as error:
+            except RequestError as error:
+                message = _request_error_message(error)
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=_error(message, True)))
+            except ValueError as error:
                 responses.append(pb_utils.InferenceResponse(output_tensors=[], error=_error(str(error), True)))
             except GenerationCancelled as error:
                 responses.append(
