@@ -552,4 +552,5 @@ def test_a_prompt_for_a_reference_mode_bundle_is_refused_naming_the_field(bundle
             reply = post(url, *encode_multipart(form, {"prompt": PROMPT}))
             assert reply.status == 422 and reply.json()["field"] == "prompt", reply.body[:300]
             assert "reference-mode bundle" in reply.json()["message"]
+            assert str(bundle.parent) not in reply.body.decode()  # the runtime's message names the folder: redacted
         assert post(url, *encode_multipart(files)).status == 200  # no prompt: as ever

@@ -361,6 +361,7 @@ async def synthesize(request: Request) -> Any:
     reserved = [0]  # body bytes drawn from the upload budget
 
     def failed(error: ServiceError) -> JSONResponse:
+        error.message = redact_paths(error.message, config)  # e.g. a runtime message naming the bundle folder
         metrics.count_error(error.code)
         metrics.observe_request("/v1/synthesize", error.status, time.monotonic() - started)
         return json_error(error, request_id)
