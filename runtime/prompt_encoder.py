@@ -42,7 +42,13 @@ def _import_tokenizers():
 class PromptEncoder:
     """Tokenizes and encodes instructions with a text bundle's encoder graphs (onnxruntime, the given providers)."""
 
-    def __init__(self, bundle: Bundle, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0) -> None:
+    def __init__(
+        self,
+        bundle: Bundle,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+        provider_options: Sequence[dict] | None = None,
+        threads: int = 0,
+    ) -> None:
         import onnxruntime as ort
 
         if not bundle.text:
@@ -58,7 +64,9 @@ class PromptEncoder:
         for name in (CLIP_GRAPH, T5_GRAPH):
             path = bundle.graph_path(name)
             try:
-                self.sessions[name] = ort.InferenceSession(str(path), options, providers=list(providers))
+                self.sessions[name] = ort.InferenceSession(
+                    str(path), options, providers=list(providers), provider_options=provider_options
+                )
             except Exception as error:  # onnxruntime raises its own types for unreadable graphs
                 raise UniDGError(f"onnxruntime cannot load {path} ({error}); re-export the bundle") from error
         self._cache: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()

@@ -173,9 +173,8 @@ class DefectSynthesizer:
         so a static schedule refuses requests of another step count (the bundle's default just turns off for them)."""
         self.bundle = bundle
         self.backend = backend
-        # UniDG-Text: the instruction encoders run in onnxruntime with the backend's providers (CPU otherwise).
-        providers = getattr(backend, "providers", ["CPUExecutionProvider"])
-        self.prompts = PromptEncoder(bundle, providers) if bundle.text else None
+        # UniDG-Text: the instruction encoders run in onnxruntime beside the backend (its device; CPU otherwise).
+        self.prompts = PromptEncoder(bundle, *backend.onnxruntime_placement()) if bundle.text else None
         self.step_cache = step_cache
         self.cache_chosen = cache_chosen
         if max_batch is not None and max_batch < 1:

@@ -175,6 +175,12 @@ class OnnxRuntimeBackend(Backend):
         (x_next,) = self._run_all("step_cached", feeds, CACHE_GRAPH_OUTPUTS["step_cached"])
         return x_next
 
+    def onnxruntime_placement(self) -> tuple[list[str], list[dict] | None]:
+        session = self.sessions["step"]
+        providers = session.get_providers()
+        options = session.get_provider_options()
+        return providers, [options.get(p, {}) for p in providers]
+
     def close(self) -> None:
         self.sessions = {}
 
