@@ -72,7 +72,8 @@ class PromptEncoder:
         self._cache: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
 
     def check(self, prompt: object, name: str = "request") -> str:
-        """The instruction, refused when it is not a non-empty string of at most K T5 tokens."""
+        """The instruction, refused when it is not a non-empty string of at most K T5 tokens. The bundle's reference
+        instruction is taken at any length: the model was trained with it cut to K tokens, as it is encoded here."""
         if not isinstance(prompt, str):
             raise PromptError(f"{name}: prompt must be text (got {type(prompt).__name__})")
         if not prompt.strip():
@@ -80,7 +81,7 @@ class PromptEncoder:
                 f"{name}: the prompt is empty; describe the defect to add, e.g. 'Add the long thin scratch defect "
                 "to the image.'"
             )
-        if prompt not in self._cache:
+        if prompt not in self._cache and prompt != self.bundle.text.get("reference_instruction"):
             count = self.tokenizers.t5.token_count(prompt)
             if count > self.max_tokens:
                 raise PromptError(
