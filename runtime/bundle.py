@@ -14,7 +14,7 @@ from unidg.core.latents import COND_CHANNELS, LATENT_CHANNELS, PACKED_CHANNELS, 
 from unidg.core.layout import DiptychLayout, HasLayout
 from unidg.core.manifest import ManifestError, read_manifest, verify_files
 from unidg.core.settings import UniDGSettings
-from unidg.core.text import CLIP_GRAPH, T5_GRAPH, TEXT_GRAPH_IO, TOKENIZER_FILE
+from unidg.core.text import CLIP_GRAPH, T5_GRAPH, TEXT_GRAPH_IO, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 
 BUNDLE_KIND = "bundle"
 BUNDLE_FORMAT = "unidg-bundle"
@@ -466,6 +466,8 @@ def _parse_text(folder: Path, meta: dict, files: dict[str, str], version: object
     """The encoder graphs of a UniDG-Text bundle (its ``text`` table), checked; {} for a reference-mode bundle."""
     table = meta.get("text")
     if table is None:
+        if version == BUNDLE_FORMAT_VERSION_TEXT:  # its step graph takes `pooled`, which nothing would feed
+            raise _fail(folder, "format_version 3 is a UniDG-Text bundle, but the manifest has no 'text' table")
         return {}
     if version != BUNDLE_FORMAT_VERSION_TEXT:
         raise _fail(folder, f"manifest has a 'text' table but format_version {version!r} (needs 3)")
@@ -482,8 +484,9 @@ def _parse_text(folder: Path, meta: dict, files: dict[str, str], version: object
     if not isinstance(tokenizers, dict) or set(tokenizers) != {"clip", "t5"}:
         raise _fail(folder, f"text tokenizers is {tokenizers!r}, expected folders for 'clip' and 't5'")
     for which, sub in tokenizers.items():
-        if f"{sub}/{TOKENIZER_FILE}" not in files:
-            raise _fail(folder, f"the {which} tokenizer folder {sub}/ has no {TOKENIZER_FILE} in the manifest's files")
+        for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE):  # the runtime's tokenizers read both
+            if f"{sub}/{name}" not in files:
+                raise _fail(folder, f"the {which} tokenizer folder {sub}/ has no {name} in the manifest's files")
     graphs = {}
     for name, (inputs, outputs) in TEXT_GRAPH_IO.items():
         raw = table["graphs"].get(name)
@@ -492,13 +495,22 @@ def _parse_text(folder: Path, meta: dict, files: dict[str, str], version: object
         specs = {}
         for direction, wanted, dtype in (("inputs", inputs, "int64"), ("outputs", outputs, "float32")):
             given = raw.get(direction) or {}
-            if tuple(given) != wanted or any(given[t].get("dtype") != dtype for t in wanted):
+            if (
+                not isinstance(given, dict)
+                or tuple(given) != wanted
+                or any(not isinstance(given[t], dict) or given[t].get("dtype") != dtype for t in wanted)
+            ):
                 raise _fail(folder, f"text graph '{name}' {direction} are {given!r}, expected {list(wanted)} {dtype}")
             specs[direction] = {
                 t: TensorSpec(_parse_shape(folder, f"{name}.{t}", given[t].get("shape")), dtype) for t in wanted
             }
         graphs[name] = GraphSpec(name, raw["file"], specs["inputs"], specs["outputs"])
-    width = graphs[T5_GRAPH].outputs["hidden"].shape[-1]
-    if width != meta["joint_dim"] or graphs[CLIP_GRAPH].outputs["pooled"].shape[-1] != pooled:
-        raise _fail(folder, "the text graphs' widths do not feed the step graph (T5 width != joint_dim or CLIP's)")
+    t5_width = graphs[T5_GRAPH].outputs["hidden"].shape[-1:]
+    clip_width = graphs[CLIP_GRAPH].outputs["pooled"].shape[-1:]
+    if t5_width != (meta["joint_dim"],) or clip_width != (pooled,):
+        raise _fail(
+            folder,
+            f"the text graphs' widths do not feed the step graph: T5 hidden {list(t5_width)} for joint_dim "
+            f"{meta['joint_dim']}, CLIP pooled {list(clip_width)} for pooled_dim {pooled}",
+        )
     return graphs
