@@ -190,6 +190,11 @@ def add_cache_graphs(
     bundle = load_bundle(bundle_path)
     if bundle.cache_graphs:
         raise OutputFolderError(f"bundle {bundle.path} already has step-cache graphs; nothing to add")
+    if bundle.text:  # refused before the export: the runtime would refuse the result, a format-2 copy with text
+        raise ExportError(
+            f"bundle {bundle.path} is a UniDG-Text bundle: the step-cache graphs take no pooled input yet; run it "
+            "without step caching"
+        )
     weights = read_weights(weights_folder, progress=progress)
     wanted = (bundle.metadata.get("weights") or {}).get("fingerprint")
     if wanted and wanted != weights.fingerprint:
