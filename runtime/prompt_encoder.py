@@ -47,19 +47,22 @@ class PromptEncoder:
         bundle: Bundle,
         providers: Sequence[str] = ("CPUExecutionProvider",),
         provider_options: Sequence[dict] | None = None,
-        threads: int = 0,
+        session_options: object | None = None,
     ) -> None:
+        """``session_options``: the backend's onnxruntime.SessionOptions (threads, spinning); None: the CPU backend's
+        defaults (the cores this process may use, idle threads not spinning)."""
+        # onnxruntime loads with the first text bundle, as with the onnxruntime backend (whose creation checks the
+        # install first): a reference-mode station on another backend never imports it.
         import onnxruntime as ort
+
+        from unidg.runtime.backends.onnxruntime_backend import cpu_session_options
 
         if not bundle.text:
             raise UniDGError(f"bundle {bundle.path} is a reference-mode bundle: it has no text encoders")
         self.bundle = bundle
         self.max_tokens = bundle.text_tokens
         self.tokenizers = _import_tokenizers()(bundle.path, t5_max_length=self.max_tokens)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
+        options = session_options or cpu_session_options()
         self.sessions = {}
         for name in (CLIP_GRAPH, T5_GRAPH):
             path = bundle.graph_path(name)

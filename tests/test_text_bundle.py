@@ -144,7 +144,7 @@ def test_export_writes_a_format_3_bundle(bundle: Path, weights: Path, model: Uni
 def test_prompt_encoder_equals_the_torch_encoders(synth: DefectSynthesizer, encoders: TextEncoders) -> None:
     # The reference instruction and the repeated word go past K (and CLIP's 77): truncated alike on both sides.
     texts = [*PROMPTS, REFERENCE_INSTRUCTION, "crack " * 100]
-    prompts = PromptEncoder(synth.bundle, threads=1)
+    prompts = PromptEncoder(synth.bundle, *synth.backend.onnxruntime_placement())
     pooled, hidden = prompts.encode(texts)
     want_pooled, want_hidden = (t.numpy() for t in encoders.encode(texts, max_length=K))
     assert pooled.shape == want_pooled.shape == (len(texts), synth.bundle.text["pooled_dim"])
@@ -159,6 +159,15 @@ def test_prompt_encoder_equals_the_torch_encoders(synth: DefectSynthesizer, enco
     assert np.array_equal(again_pooled[[0, 2]], pooled[[2, 0]]) and np.array_equal(again_hidden[[0, 2]], hidden[[2, 0]])
     fresh = encoders.encode(["Add the dent defect to the image."], max_length=K)[1].numpy()
     assert float(np.abs(again_hidden[1] - fresh[0]).max()) <= ENCODER_TOLERANCE
+
+
+def test_prompt_encoder_runs_with_the_backends_thread_policy(bundle: Path) -> None:
+    for threads, spin in ((1, False), (2, True)):
+        with DefectSynthesizer.from_bundle(bundle, threads=threads, spin=spin) as synth:
+            for session in synth.prompts.sessions.values():
+                options = session.get_session_options()
+                assert options.intra_op_num_threads == threads
+                assert options.get_session_config_entry("session.intra_op.allow_spinning") == str(int(spin))
 
 
 def test_step_graph_equals_the_torch_step(bundle: Path, model: UniDGModel, encoders: TextEncoders) -> None:

@@ -178,10 +178,11 @@ class Backend(ABC):
         ``GenerationCancelled`` when it returns False."""
         raise BackendError(f"the {self.name} backend does not capture the denoising loop; call step() per step")
 
-    def onnxruntime_placement(self) -> tuple[list[str], list[dict] | None]:
-        """Where onnxruntime graphs beside this backend run (a text bundle's encoders): execution providers and their
-        options. The onnxruntime backend: its own (the same GPU); the others: the CPU."""
-        return ["CPUExecutionProvider"], None
+    def onnxruntime_placement(self) -> tuple[list[str], list[dict] | None, object | None]:
+        """Where onnxruntime graphs beside this backend run (a text bundle's encoders): execution providers, their
+        options and the session options (threads, spinning). The onnxruntime backend: its own (the same device and
+        thread policy); the others: None, the CPU with the runtime's defaults."""
+        return ["CPUExecutionProvider"], None, None
 
     def close(self) -> None:  # noqa: B027 - optional hook: most backends hold nothing to release
         """Release device memory and sessions (the backend is unusable afterwards)."""

@@ -63,6 +63,17 @@ def resolve_providers(requested: Sequence[str] | str, available: Sequence[str]) 
     return resolved
 
 
+def cpu_session_options(threads: int | None = None, spin: bool = False) -> ort.SessionOptions:
+    """Session options of the runtime's graphs: ``threads`` intra-op threads (default: the cores this process may use),
+    idle threads spinning only with ``spin`` (see OnnxRuntimeBackend.from_bundle), warnings off."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = int(threads) if threads else available_cores()
+    for pool in ("intra_op", "inter_op"):
+        options.add_session_config_entry(f"session.{pool}.allow_spinning", "1" if spin else "0")
+    options.log_severity_level = 3
+    return options
+
+
 def _session_shape(arg: ort.NodeArg) -> tuple[int | str, ...]:
     return tuple(d if isinstance(d, int) else str(d) for d in arg.shape)
 
@@ -102,11 +113,7 @@ class OnnxRuntimeBackend(Backend):
                 "kernels: run it with --backend tensorrt or on a CUDA device, or export it for the CPU "
                 "(`unidg export onnx --precision fp32`, `unidg export quantize --high-precision fp32`)"
             )
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(threads) if threads else available_cores()
-        for pool in ("intra_op", "inter_op"):
-            options.add_session_config_entry(f"session.{pool}.allow_spinning", "1" if spin else "0")
-        options.log_severity_level = 3
+        options = cpu_session_options(threads, spin)
         extra: dict = {}
         if bundle.precision == "fp8":
             # ModelOpt FP8 Q/DQ only run in onnxruntime with this graph rewrite off.
@@ -175,11 +182,11 @@ class OnnxRuntimeBackend(Backend):
         (x_next,) = self._run_all("step_cached", feeds, CACHE_GRAPH_OUTPUTS["step_cached"])
         return x_next
 
-    def onnxruntime_placement(self) -> tuple[list[str], list[dict] | None]:
+    def onnxruntime_placement(self) -> tuple[list[str], list[dict] | None, ort.SessionOptions | None]:
         session = self.sessions["step"]
         providers = session.get_providers()
         options = session.get_provider_options()
-        return providers, [options.get(p, {}) for p in providers]
+        return providers, [options.get(p, {}) for p in providers], session.get_session_options()
 
     def close(self) -> None:
         self.sessions = {}
