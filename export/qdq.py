@@ -53,12 +53,17 @@ def _rms_norm_symbolic(g, input, normalized_shape, weight, eps):  # noqa: A002 -
 
 
 @contextlib.contextmanager
-def rms_norm_symbolic(opset: int) -> Iterator[None]:
-    torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm_symbolic, opset)
+def _custom_symbolic(op: str, symbolic: Callable, opset: int) -> Iterator[None]:
+    """``symbolic`` exports ``op`` at ``opset`` for the duration of the block (the TorchScript exporter's registry)."""
+    torch.onnx.register_custom_op_symbolic(op, symbolic, opset)
     try:
         yield
     finally:
-        torch.onnx.unregister_custom_op_symbolic("aten::rms_norm", opset)
+        torch.onnx.unregister_custom_op_symbolic(op, opset)
+
+
+def rms_norm_symbolic(opset: int) -> contextlib.AbstractContextManager[None]:
+    return _custom_symbolic("aten::rms_norm", _rms_norm_symbolic, opset)
 
 
 def _fused_attention_symbolic(
@@ -94,13 +99,8 @@ def _fused_attention_symbolic(
     return out
 
 
-@contextlib.contextmanager
-def fused_attention_symbolic(opset: int) -> Iterator[None]:
-    torch.onnx.register_custom_op_symbolic("aten::scaled_dot_product_attention", _fused_attention_symbolic, opset)
-    try:
-        yield
-    finally:
-        torch.onnx.unregister_custom_op_symbolic("aten::scaled_dot_product_attention", opset)
+def fused_attention_symbolic(opset: int) -> contextlib.AbstractContextManager[None]:
+    return _custom_symbolic("aten::scaled_dot_product_attention", _fused_attention_symbolic, opset)
 
 
 @contextlib.contextmanager
