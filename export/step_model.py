@@ -59,17 +59,26 @@ def float32_rope(model: UniDGModel) -> Iterator[None]:
         transformer.pos_embed = original
 
 
-class StepModel(nn.Module):
+def _euler(x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
+    return x + (sigma_next - sigma).float()[:, None, None] * velocity.float()
+
+
+class ModelGraph(nn.Module):
+    """One graph of a bundle, computed from a ``UniDGModel`` (registered as ``model``, so every graph's weights are
+    named ``model.*``); subclasses say what ``forward`` computes."""
+
+    def __init__(self, model: UniDGModel) -> None:
+        super().__init__()
+        self.model = model
+
+
+class StepModel(ModelGraph):
     """x_next = x + (sigma_next - sigma) * v(x, cond, ctx, key_bias, sigma, guidance, img_ids, txt_ids[, pooled]).
 
     Inputs are float32 whatever the model's dtype; the transformer runs in its own dtype and the update in float32.
     ``pooled`` (a UniDG-Text bundle's tenth input): the instruction's CLIP pooled output; absent, zeros as in
     reference mode.
     """
-
-    def __init__(self, model: UniDGModel) -> None:
-        super().__init__()
-        self.model = model
 
     def forward(
         self,
@@ -89,36 +98,23 @@ class StepModel(nn.Module):
             x.to(dtype), cond.to(dtype), ctx.to(dtype), key_bias.float(), sigma, guidance, img_ids, txt_ids,
             pooled=None if pooled is None else pooled.to(dtype),
         )  # fmt: skip
-        step = (sigma_next - sigma).float()[:, None, None]
-        return x + step * velocity.float()
+        return _euler(x, sigma, sigma_next, velocity)
 
 
-def _euler(x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
-    return x + (sigma_next - sigma).float()[:, None, None] * velocity.float()
-
-
-class StepHeadModel(nn.Module):
+class StepHeadModel(ModelGraph):
     """Step caching, every step: embedders + first block -> (hidden, encoder_hidden, temb, first_residual), float32.
 
     The split of ``StepModel`` that ``unidg.runtime.step_cache`` runs: head + tail equals the step, head + cached
     step reuses the tail residual of the last full step.
     """
 
-    def __init__(self, model: UniDGModel) -> None:
-        super().__init__()
-        self.model = model
-
     def forward(self, x, cond, ctx, key_bias, sigma, guidance, img_ids, txt_ids) -> tuple[torch.Tensor, ...]:
         head = transformer_head(self.model, x, cond, ctx, key_bias.float(), sigma, guidance, img_ids, txt_ids)
         return head.hidden.float(), head.encoder_hidden.float(), head.temb.float(), head.first_residual.float()
 
 
-class StepTailModel(nn.Module):
+class StepTailModel(ModelGraph):
     """Step caching, a full step: the other blocks + output stage + Euler -> (x_next, tail_residual), float32."""
-
-    def __init__(self, model: UniDGModel) -> None:
-        super().__init__()
-        self.model = model
 
     def forward(
         self, hidden, encoder_hidden, temb, key_bias, img_ids, txt_ids, x, sigma, sigma_next
@@ -131,12 +127,8 @@ class StepTailModel(nn.Module):
         return _euler(x, sigma, sigma_next, velocity), (final - hidden).float()
 
 
-class StepCachedModel(nn.Module):
+class StepCachedModel(ModelGraph):
     """Step caching, a cached step: output stage on head output + kept tail residual, Euler -> x_next, float32."""
-
-    def __init__(self, model: UniDGModel) -> None:
-        super().__init__()
-        self.model = model
 
     def forward(self, hidden, tail_residual, temb, x, sigma, sigma_next) -> torch.Tensor:
         dtype = self.model.dtype
@@ -144,34 +136,22 @@ class StepCachedModel(nn.Module):
         return _euler(x, sigma, sigma_next, velocity)
 
 
-class VaeEncoderModel(nn.Module):
+class VaeEncoderModel(ModelGraph):
     """pixels [B, 3, S, 2S] in [-1, 1] -> normalized latents [B, 16, S/8, 2S/8] (posterior mean)."""
-
-    def __init__(self, model: UniDGModel) -> None:
-        super().__init__()
-        self.model = model
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.encode_images(pixels.to(self.model.vae.dtype)).float()
 
 
-class VaeDecoderModel(nn.Module):
+class VaeDecoderModel(ModelGraph):
     """normalized latents [B, 16, h, w] -> pixels [B, 3, 8h, 8w] in [-1, 1] (not clamped)."""
-
-    def __init__(self, model: UniDGModel) -> None:
-        super().__init__()
-        self.model = model
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         return self.model.decode_latents(latents.to(self.model.vae.dtype)).float()
 
 
-class ImageEncoderModel(nn.Module):
+class ImageEncoderModel(ModelGraph):
     """pixels [B, 3, P, P] in [-1, 1] (already resized to P by the caller) -> Redux tokens [B, R, J]."""
-
-    def __init__(self, model: UniDGModel) -> None:
-        super().__init__()
-        self.model = model
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.encode_reference(pixels).float()
