@@ -22,6 +22,7 @@ from PIL import Image
 
 from unidg.core.manifest import write_manifest
 from unidg.core.settings import UniDGSettings
+from unidg.runtime.backends.base import Backend
 
 OPSET = 17
 
@@ -235,3 +236,26 @@ def write_sample_files(folder: Path, name: str = "case", seed: int = 0) -> dict[
     Image.fromarray(source).save(paths["source"])
     Image.fromarray(target_mask.astype(np.uint8) * 255).save(paths["mask"])
     return paths
+
+
+class StepOnlyBackend(Backend):
+    """A numpy backend of Bundle format 1's four graphs and no step-cache graphs: the encoders and the decoder hand
+    their input back and a step keeps x. Subclasses give the step a test needs."""
+
+    name = "step-only"
+
+    @classmethod
+    def from_bundle(cls, bundle, **options):
+        return cls(bundle)
+
+    def encode_images(self, pixels):
+        return pixels
+
+    def decode_latents(self, latents):
+        return latents
+
+    def encode_reference(self, pixels):
+        return pixels
+
+    def step(self, x, conditioning, sigma, sigma_next):
+        return x

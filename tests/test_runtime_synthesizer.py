@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from runtime_fixtures import make_toy_bundle, rewrite_manifest, sample_request_arrays
+from runtime_fixtures import StepOnlyBackend, make_toy_bundle, rewrite_manifest, sample_request_arrays
 
 from unidg.core.schedule import flux_sigmas
 from unidg.core.settings import UniDGSettings
-from unidg.runtime.backends import Backend, GenerationCancelled, StepConditioning
+from unidg.runtime.backends import GenerationCancelled, StepConditioning
 from unidg.runtime.bundle import BundleError, load_bundle
 from unidg.runtime.sampler import denoise, initial_noise, sampling_sigmas
 from unidg.runtime.synthesizer import DefectSynthesizer, RequestError, SynthesisRequest
@@ -180,23 +180,10 @@ def test_verify_false_skips_hashing_only(tmp_path):
     assert load_bundle(folder, verify=False).resolution == 64
 
 
-class EulerCheck(Backend):
+class EulerCheck(StepOnlyBackend):
     """A numpy backend with v = x - target: the loop must reproduce x_N = target + prod(1 + dt_i) (x_0 - target)."""
 
     name = "euler-check"
-
-    @classmethod
-    def from_bundle(cls, bundle, **options):
-        return cls(bundle)
-
-    def encode_images(self, pixels):
-        raise NotImplementedError
-
-    def decode_latents(self, latents):
-        raise NotImplementedError
-
-    def encode_reference(self, pixels):
-        raise NotImplementedError
 
     def step(self, x, conditioning, sigma, sigma_next):
         return x + np.float32(sigma_next - sigma) * (x - conditioning.cond[..., :64])

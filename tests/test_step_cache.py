@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from runtime_fixtures import StepOnlyBackend
 
 import unidg.runtime.bundle as bundle_module
 import unidg.runtime.demo as demo
@@ -22,7 +23,7 @@ from unidg.core.manifest import write_manifest
 from unidg.core.weights_folder import read_weights
 from unidg.export.cache_calibrate import CacheGateError, cache_calibrate
 from unidg.runtime import sampler as runtime_sampler
-from unidg.runtime.backends.base import Backend, BackendError, StepConditioning
+from unidg.runtime.backends.base import BackendError, StepConditioning
 from unidg.runtime.bundle import BundleError, load_bundle
 from unidg.runtime.sampler import sampling_sigmas
 from unidg.runtime.step_cache import (
@@ -237,26 +238,7 @@ def test_the_onnx_form_equals_the_torch_form(synthesizers, one_torch_thread):
 
 
 def test_a_backend_without_the_cache_graphs_refuses_cached_steps_by_name():
-    class StepOnly(Backend):  # a backend that implements only the four graphs of format 1
-        name = "step-only"
-
-        @classmethod
-        def from_bundle(cls, bundle, **options):
-            return cls(bundle)
-
-        def encode_images(self, pixels):
-            return pixels
-
-        def decode_latents(self, latents):
-            return latents
-
-        def encode_reference(self, pixels):
-            return pixels
-
-        def step(self, x, conditioning, sigma, sigma_next):
-            return x
-
-    backend = StepOnly(load_bundle(SHIPPED, verify=False))
+    backend = StepOnlyBackend(load_bundle(SHIPPED, verify=False))
     with pytest.raises(BackendError, match="step-only backend does not run step caching"):
         backend.step_head(np.zeros((1, 2, 64), np.float32), None, 1.0)
 
