@@ -33,6 +33,13 @@ def options(parser: argparse.ArgumentParser) -> Iterator[argparse.Action]:
 ALL = list(commands(build_parser()))
 
 
+def every_option() -> Iterator[tuple[str, argparse.Action]]:
+    """(command, option) of every option of every command, the command as typed ("unidg train sft")."""
+    for path, parser, _ in ALL:
+        for action in options(parser):
+            yield " ".join(path), action
+
+
 def test_every_command_has_a_help_line_and_a_description() -> None:
     missing = [" ".join(path) for path, parser, help_line in ALL if not help_line or not parser.description]
     assert not missing, f"commands without a help line or description: {missing}"
@@ -40,19 +47,15 @@ def test_every_command_has_a_help_line_and_a_description() -> None:
 
 def test_every_option_says_what_it_does() -> None:
     missing = [
-        f"{' '.join(path)} {action.option_strings[0]}"
-        for path, parser, _ in ALL
-        for action in options(parser)
-        if not (action.help or "").strip()
+        f"{command} {action.option_strings[0]}" for command, action in every_option() if not (action.help or "").strip()
     ]
     assert not missing, f"options without help: {missing}"
 
 
 def test_retired_spellings_are_gone() -> None:
     found = [
-        f"{' '.join(path)} {flag} (use {RETIRED[flag]})"
-        for path, parser, _ in ALL
-        for action in options(parser)
+        f"{command} {flag} (use {RETIRED[flag]})"
+        for command, action in every_option()
         for flag in action.option_strings
         if flag in RETIRED
     ]
@@ -61,19 +64,16 @@ def test_retired_spellings_are_gone() -> None:
 
 def test_json_always_names_a_file_and_quiet_is_a_switch() -> None:
     wrong = []
-    for path, parser, _ in ALL:
-        for action in options(parser):
-            if "--json" in action.option_strings and action.nargs == 0:
-                wrong.append(f"{' '.join(path)} --json is a switch; it takes FILE")
-            if "--quiet" in action.option_strings and action.nargs != 0:
-                wrong.append(f"{' '.join(path)} --quiet takes a value")
+    for command, action in every_option():
+        if "--json" in action.option_strings and action.nargs == 0:
+            wrong.append(f"{command} --json is a switch; it takes FILE")
+        if "--quiet" in action.option_strings and action.nargs != 0:
+            wrong.append(f"{command} --quiet takes a value")
     assert not wrong, wrong
 
 
 def test_restart_only_where_a_run_resumes() -> None:
-    with_restart = {
-        " ".join(path) for path, parser, _ in ALL if any("--restart" in a.option_strings for a in options(parser))
-    }
+    with_restart = {command for command, action in every_option() if "--restart" in action.option_strings}
     assert with_restart == {"unidg train base", "unidg train sft", "unidg train text", "unidg train rft"}
 
 
