@@ -75,6 +75,15 @@ def _run_host(built, bundle: Path, mode: str, env: dict | None = None) -> subpro
     )
 
 
+def _assert_host_passed(result: subprocess.CompletedProcess, *checks: str) -> None:
+    """The host exited 0 with no failed check and printed every line of ``checks``."""
+    print(result.stdout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 check(s) failed" in result.stdout and "FAIL" not in result.stdout
+    missing = [check for check in checks if check not in result.stdout]
+    assert not missing, missing
+
+
 def test_header_declarations_parse_and_export(built):
     cdef = header_cdef(HEADER.read_text())
     assert "unidg_synth_run" in cdef and "#" not in cdef  # cffi reads this part: plain declarations only
@@ -85,43 +94,36 @@ def test_header_declarations_parse_and_export(built):
 
 
 def test_c_host_runs_the_nano_bundle_end_to_end_and_the_error_paths(built, pytestconfig):
-    result = _run_host(built, nano_bundle(pytestconfig), "full")
-    print(result.stdout)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "0 check(s) failed" in result.stdout
-    assert "FAIL" not in result.stdout
-    assert "ok   every pixel outside the dilated mask equals the source" in result.stdout
-    assert "ok   a nonzero progress return cancels" in result.stdout
-    assert "message names the path: bundle /nonexistent/unidg-bundle-for-capi-test" in result.stdout
-    # Out-of-range values are refused instead of silently running with the bundle's defaults.
-    assert "ok   negative steps are refused, not run with the default: request.steps is -5" in result.stdout
-    assert "ok   a NaN guidance is refused, not run with the default: request.guidance is nan" in result.stdout
-    assert "ok   a non-UTF-8 bundle_dir is refused naming it: bundle_dir is not valid UTF-8" in result.stdout
-    assert "ok   a non-UTF-8 category is refused naming it: request.category is not valid UTF-8" in result.stdout
-    # options.spin: onnxruntime only, and a host built before it existed (shorter struct) still works.
-    assert "ok   spin with the tensorrt backend is refused naming it: options.spin applies to the onnxruntime" in (
-        result.stdout
+    _assert_host_passed(
+        _run_host(built, nano_bundle(pytestconfig), "full"),
+        "ok   every pixel outside the dilated mask equals the source",
+        "ok   a nonzero progress return cancels",
+        "message names the path: bundle /nonexistent/unidg-bundle-for-capi-test",
+        # Out-of-range values are refused instead of silently running with the bundle's defaults.
+        "ok   negative steps are refused, not run with the default: request.steps is -5",
+        "ok   a NaN guidance is refused, not run with the default: request.guidance is nan",
+        "ok   a non-UTF-8 bundle_dir is refused naming it: bundle_dir is not valid UTF-8",
+        "ok   a non-UTF-8 category is refused naming it: request.category is not valid UTF-8",
+        # options.spin: onnxruntime only, and a host built before it existed (shorter struct) still works.
+        "ok   spin with the tensorrt backend is refused naming it: options.spin applies to the onnxruntime",
+        "ok   a first-version options struct is accepted and spin past its end is not read",
+        "ok   an options struct shorter than the first version is refused: options.struct_size is 28",
+        # request.prompt: refused by a reference-mode bundle; a host built before it (shorter struct) still runs.
+        "ok   a prompt for a reference-mode bundle is refused naming it: request.prompt",
+        "ok   a first-version request struct runs and its prompt past the end is not read",
     )
-    assert "ok   a first-version options struct is accepted and spin past its end is not read" in result.stdout
-    assert "ok   an options struct shorter than the first version is refused: options.struct_size is 28" in (
-        result.stdout
-    )
-    # request.prompt: refused by a reference-mode bundle; a host built before it (shorter struct) still runs.
-    assert "ok   a prompt for a reference-mode bundle is refused naming it: request.prompt" in result.stdout
-    assert "ok   a first-version request struct runs and its prompt past the end is not read" in result.stdout
 
 
 def test_c_host_runs_the_text_bundle_with_a_prompt_and_refuses_bad_prompts(built):
-    result = _run_host(built, text_bundle(), "text")
-    print(result.stdout)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "0 check(s) failed" in result.stdout and "FAIL" not in result.stdout
-    assert "ok   two prompts differ only inside the mask" in result.stdout
-    assert "ok   a bad prompt is refused naming request.prompt (UTF-8): request.prompt" in result.stdout
-    assert "not valid UTF-8" in result.stdout
-    assert "ok   a bad prompt is refused naming request.prompt (empty)" in result.stdout
-    assert "ok   a bad prompt is refused naming request.prompt (T5 tokens)" in result.stdout
-    assert "ok   a reference without its mask is refused naming it" in result.stdout
+    _assert_host_passed(
+        _run_host(built, text_bundle(), "text"),
+        "ok   two prompts differ only inside the mask",
+        "ok   a bad prompt is refused naming request.prompt (UTF-8): request.prompt",
+        "not valid UTF-8",
+        "ok   a bad prompt is refused naming request.prompt (empty)",
+        "ok   a bad prompt is refused naming request.prompt (T5 tokens)",
+        "ok   a reference without its mask is refused naming it",
+    )
 
 
 def test_a_library_whose_python_cannot_start_reports_a_status(built, tmp_path):
