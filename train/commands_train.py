@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Callable
+from typing import Any
 
 from unidg.core.errors import OptionError, UniDGError
 from unidg.runtime.cli_options import (
@@ -72,37 +74,33 @@ def _base(args: argparse.Namespace) -> int:
     return _train_run(args, load_base_config, train_base, lambda config, folder: f"base weights: {folder}")
 
 
+def _lora_written(what: str, *, merge_hint: bool = False) -> Callable[[Any, Any], str]:
+    """The ``done`` of a LoRA recipe: where ``what`` (the LoRA) and the run's log are; with ``merge_hint``, how to fold
+    it into the merged SFT weights it was trained on."""
+
+    def done(config, _) -> str:
+        from unidg.train.lora import LORA_FILE
+
+        written = f"{what}: {config.output}/{LORA_FILE} (log: {config.output}/log.jsonl)"
+        if not merge_hint:
+            return written
+        merge = f"unidg train merge --base {config.base} --lora {config.output} --out OUT"
+        return f"{written}; fold it into the SFT weights with `{merge}`"
+
+    return done
+
+
 def _sft(args: argparse.Namespace) -> int:
     from unidg.train.config import load_sft_config
-    from unidg.train.lora import LORA_FILE
     from unidg.train.sft import train_sft
 
-    return _train_run(
-        args,
-        load_sft_config,
-        train_sft,
-        lambda config, _: f"LoRA: {config.output}/{LORA_FILE} (log: {config.output}/log.jsonl)",
-    )
-
-
-def _merge_hint(config) -> str:
-    return (
-        f"fold it into the SFT weights with `unidg train merge --base {config.base} --lora {config.output} --out OUT`"
-    )
+    return _train_run(args, load_sft_config, train_sft, _lora_written("LoRA"))
 
 
 def _text(args: argparse.Namespace) -> int:
-    from unidg.train.lora import LORA_FILE
     from unidg.train.text_sft import load_text_config, train_text
 
-    return _train_run(
-        args,
-        load_text_config,
-        train_text,
-        lambda config, _: (
-            f"LoRA (UniDG-Text): {config.output}/{LORA_FILE} (log: {config.output}/log.jsonl); " + _merge_hint(config)
-        ),
-    )
+    return _train_run(args, load_text_config, train_text, _lora_written("LoRA (UniDG-Text)", merge_hint=True))
 
 
 def _cache(args: argparse.Namespace) -> int:
@@ -171,14 +169,7 @@ def _rft(args: argparse.Namespace) -> int:
     from unidg.train.rft import train_rft
     from unidg.train.rft_config import load_rft_config
 
-    return _train_run(
-        args,
-        load_rft_config,
-        train_rft,
-        lambda config, _: (
-            f"LoRA (EMA): {config.output}/lora.safetensors (log: {config.output}/log.jsonl); " + _merge_hint(config)
-        ),
-    )
+    return _train_run(args, load_rft_config, train_rft, _lora_written("LoRA (EMA)", merge_hint=True))
 
 
 def _reward_recog(args: argparse.Namespace) -> int:
