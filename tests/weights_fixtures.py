@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
 from unidg.train.model import UniDGModel, image_ids
-from unidg.train.presets import NANO, TransformerParams, UniDGPreset
+from unidg.train.presets import NANO
 
 
 def random_nano(seed: int = 7) -> UniDGModel:
@@ -57,19 +58,8 @@ def assert_same_model(loaded: UniDGModel, original: UniDGModel, atol: float = 0.
 
 # The nano model with a 512-wide transformer (~210 MB in float32): big enough to measure streaming, small enough to
 # write in a second.
-WIDE = UniDGPreset(
+WIDE = replace(
+    NANO,
     name="wide",
-    transformer=TransformerParams(
-        num_layers=4,
-        num_single_layers=4,
-        attention_head_dim=128,
-        num_attention_heads=4,
-        joint_attention_dim=NANO.transformer.joint_attention_dim,
-        pooled_projection_dim=NANO.transformer.pooled_projection_dim,
-        axes_dims_rope=(16, 56, 56),
-    ),
-    vae=NANO.vae,
-    image_encoder=NANO.image_encoder,
-    redux=NANO.redux,
-    settings=NANO.settings,
+    transformer=replace(NANO.transformer, num_layers=4, attention_head_dim=128, axes_dims_rope=(16, 56, 56)),
 )
