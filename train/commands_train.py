@@ -249,31 +249,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _register_stages(commands: argparse._SubParsersAction) -> None:
     """The training stages, each driven by a config: base, sft, text, rft."""
-    base = add_command(
-        commands, _base, "base", help="train a base model from scratch: autoencoder, then diptych inpainter"
+    stages = (
+        (_base, "base", "train a base model from scratch: autoencoder, then diptych inpainter"),
+        (_sft, "sft", "Diversity-SFT: LoRA on a base weights folder (flow matching + Eq. 9)"),
+        (_text, "text", "UniDG-Text: instruction-editing LoRA on merged SFT weights (with and without a reference)"),
+        (_rft, "rft", "Consistency-RFT: Flow-GRPO with a new LoRA on merged SFT weights, rewards from [reward]"),
     )
-    _add_config_arguments(base)
-
-    sft = add_command(
-        commands, _sft, "sft", help="Diversity-SFT: LoRA on a base weights folder (flow matching + Eq. 9)"
-    )
-    _add_config_arguments(sft)
-
-    text = add_command(
-        commands,
-        _text,
-        "text",
-        help="UniDG-Text: instruction-editing LoRA on merged SFT weights (with and without a reference)",
-    )
-    _add_config_arguments(text)
-
-    rft = add_command(
-        commands,
-        _rft,
-        "rft",
-        help="Consistency-RFT: Flow-GRPO with a new LoRA on merged SFT weights, rewards from [reward]",
-    )
-    _add_config_arguments(rft)
+    for handler, name, help_line in stages:
+        _add_config_arguments(add_command(commands, handler, name, help=help_line))
 
 
 def _register_reward_recog(commands: argparse._SubParsersAction) -> None:
