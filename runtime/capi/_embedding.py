@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -279,74 +280,74 @@ def install(ffi: Any, lib: Any) -> None:
     def fail(error: BaseException) -> Any:
         return lib._unidg_status_new(status_code_of(error), _message(error).encode("utf-8", "replace"))
 
-    @ffi.def_extern()
+    def extern(on_error: Callable[[BaseException], Any]) -> Callable[[Callable], Callable]:
+        """An extern "Python" function of the library: no exception crosses into C; the C caller gets
+        ``on_error(error)`` instead."""
+
+        def define(function: Callable) -> Callable:
+            def guarded(*args: Any) -> Any:
+                try:
+                    return function(*args)
+                except BaseException as error:
+                    return on_error(error)
+
+            return ffi.def_extern(name=function.__name__)(guarded)
+
+        return define
+
+    @extern(fail)
     def _unidg_py_create(bundle_dir: Any, options: Any, out: Any) -> Any:
-        try:
-            path = c_string(ffi, bundle_dir, "bundle_dir")
-            chosen = _options(ffi, options)
-            synthesizer = DefectSynthesizer.from_bundle(
-                path, backend=chosen["backend"], verify=chosen["verify"], **chosen["backend_options"]
-            )
-            out[0] = ffi.cast("unidg_synth*", _register(synthesizer))
-            return ffi.NULL
-        except BaseException as error:
-            return fail(error)
+        path = c_string(ffi, bundle_dir, "bundle_dir")
+        chosen = _options(ffi, options)
+        synthesizer = DefectSynthesizer.from_bundle(
+            path, backend=chosen["backend"], verify=chosen["verify"], **chosen["backend_options"]
+        )
+        out[0] = ffi.cast("unidg_synth*", _register(synthesizer))
+        return ffi.NULL
 
-    @ffi.def_extern()
+    @extern(lambda error: None)  # destroy has no status to report into
     def _unidg_py_destroy(synth: Any) -> None:
-        try:
-            handle_id = int(ffi.cast("uintptr_t", synth))
-            with _registry_lock:
-                handle = _handles.pop(handle_id, None)
-            if handle is not None:
-                with handle.lock:  # let a running call finish
-                    handle.synthesizer.close()
-        except BaseException:  # destroy has no status to report into
-            pass
+        handle_id = int(ffi.cast("uintptr_t", synth))
+        with _registry_lock:
+            handle = _handles.pop(handle_id, None)
+        if handle is not None:
+            with handle.lock:  # let a running call finish
+                handle.synthesizer.close()
 
-    @ffi.def_extern()
+    @extern(fail)
     def _unidg_py_run(synth: Any, request: Any, out_image: Any, out_mask: Any, completed: Any) -> Any:
+        handle = _lookup(ffi, synth)
+        if not handle.lock.acquire(blocking=False):
+            raise AbiError(UNIDG_BUSY, "the unidg_synth handle is running another call; handles are not re-entrant")
         try:
-            handle = _lookup(ffi, synth)
-            if not handle.lock.acquire(blocking=False):
-                raise AbiError(UNIDG_BUSY, "the unidg_synth handle is running another call; handles are not re-entrant")
-            try:
-                synthesis, callback, user = _request(ffi, request)
-                height, width = synthesis.source.shape[:2]
-                image_view = output_view(ffi, out_image, "out_image", 3, height, width)
-                mask_view = None
-                if out_mask != ffi.NULL:
-                    mask_view = output_view(ffi, out_mask, "out_mask", 1, height, width)
-                progress = None
-                if callback != ffi.NULL:
+            synthesis, callback, user = _request(ffi, request)
+            height, width = synthesis.source.shape[:2]
+            image_view = output_view(ffi, out_image, "out_image", 3, height, width)
+            mask_view = None
+            if out_mask != ffi.NULL:
+                mask_view = output_view(ffi, out_mask, "out_mask", 1, height, width)
+            progress = None
+            if callback != ffi.NULL:
 
-                    def progress(step: int, total: int) -> bool:
-                        return int(callback(step, total, user)) == 0
+                def progress(step: int, total: int) -> bool:
+                    return int(callback(step, total, user)) == 0
 
-                result = handle.synthesizer.generate(synthesis, progress=progress)
-                image_view[...] = result.image
-                if mask_view is not None:
-                    mask_view[..., 0] = np.where(result.mask, 255, 0).astype(np.uint8)
-                text = json.dumps(jsonable(result.metadata))
-                handle.metadata = ffi.new("char[]", text.encode("utf-8"))
-            finally:
-                handle.lock.release()
-            completed[0] = 1
-            return ffi.NULL
-        except BaseException as error:
-            return fail(error)
+            result = handle.synthesizer.generate(synthesis, progress=progress)
+            image_view[...] = result.image
+            if mask_view is not None:
+                mask_view[..., 0] = np.where(result.mask, 255, 0).astype(np.uint8)
+            text = json.dumps(jsonable(result.metadata))
+            handle.metadata = ffi.new("char[]", text.encode("utf-8"))
+        finally:
+            handle.lock.release()
+        completed[0] = 1
+        return ffi.NULL
 
-    @ffi.def_extern()
+    @extern(lambda error: ffi.NULL)
     def _unidg_py_last_metadata(synth: Any) -> Any:
-        try:
-            handle = _lookup(ffi, synth)
-            return handle.metadata if handle.metadata is not None else ffi.NULL
-        except BaseException:
-            return ffi.NULL
+        handle = _lookup(ffi, synth)
+        return handle.metadata if handle.metadata is not None else ffi.NULL
 
-    @ffi.def_extern()
+    @extern(lambda error: 0)
     def _unidg_py_resolution(synth: Any) -> int:
-        try:
-            return int(_lookup(ffi, synth).synthesizer.bundle.resolution)
-        except BaseException:
-            return 0
+        return int(_lookup(ffi, synth).synthesizer.bundle.resolution)
