@@ -181,16 +181,23 @@ def c_string(ffi: Any, pointer: Any, name: str) -> str:
         ) from None
 
 
-def _options(ffi: Any, options: Any) -> dict:
-    if options == ffi.NULL:
-        return {"backend": "onnxruntime", "verify": True, "backend_options": {}}
-    first_version = ffi.offsetof("unidg_options", "cache")  # the first version of the struct ends here
-    struct_size = int(options.struct_size)
+def _later_fields(ffi: Any, struct: Any, name: str, first_added: str) -> bool:
+    """Whether ``struct`` (a ``unidg_<name>``) was built with the fields added after its first version, which ends
+    where ``first_added`` begins; a struct_size short of the first version is refused."""
+    first_version = ffi.offsetof(f"unidg_{name}", first_added)
+    struct_size = int(struct.struct_size)
     if struct_size < first_version:
         raise AbiError(
             UNIDG_INVALID_ARGUMENT,
-            f"options.struct_size is {struct_size}, expected >= {first_version}: call unidg_options_init()",
+            f"{name}.struct_size is {struct_size}, expected >= {first_version}: call unidg_{name}_init()",
         )
+    return struct_size >= ffi.sizeof(f"unidg_{name}")
+
+
+def _options(ffi: Any, options: Any) -> dict:
+    if options == ffi.NULL:
+        return {"backend": "onnxruntime", "verify": True, "backend_options": {}}
+    later_fields = _later_fields(ffi, options, "options", "cache")  # a caller built with cache, spin
     backend = c_string(ffi, options.backend, "options.backend") if options.backend != ffi.NULL else "onnxruntime"
     device = c_string(ffi, options.device, "options.device") if options.device != ffi.NULL else None
     if backend not in BACKENDS:
@@ -206,7 +213,7 @@ def _options(ffi: Any, options: Any) -> dict:
                 f"options.threads applies to the onnxruntime backend only (backend is {backend!r})",
             )
         backend_options["threads"] = int(options.threads)
-    if struct_size >= ffi.sizeof("unidg_options"):  # a caller built against the fields added after it
+    if later_fields:
         backend_options |= _cache_options(ffi, options)
         if int(options.spin):
             if backend != "onnxruntime":
@@ -229,15 +236,8 @@ def _cache_options(ffi: Any, options: Any) -> dict:
 
 
 def _request(ffi: Any, request: Any) -> tuple[SynthesisRequest, Any, Any]:
-    first_version = ffi.offsetof("unidg_request", "prompt")  # the first version of the struct ends here
-    struct_size = int(request.struct_size)
-    if struct_size < first_version:
-        raise AbiError(
-            UNIDG_INVALID_ARGUMENT,
-            f"request.struct_size is {struct_size}, expected >= {first_version}: call unidg_request_init()",
-        )
     prompt = None
-    if struct_size >= ffi.sizeof("unidg_request") and request.prompt != ffi.NULL:  # a caller built with prompt
+    if _later_fields(ffi, request, "request", "prompt") and request.prompt != ffi.NULL:  # a caller built with prompt
         prompt = c_string(ffi, request.prompt, "request.prompt")
     reference = reference_mask = None
     # Beside a prompt the reference pair may be left out (data NULL); one without the other is the runtime's error.
