@@ -51,6 +51,7 @@ unidg_status* _unidg_status_new(int code, const char* message);
 
 C_SOURCE = r"""
 #include <pthread.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include "unidg.h"
@@ -136,24 +137,32 @@ void unidg_status_free(unidg_status* status) {
     }
 }
 
-void unidg_options_init(unidg_options* options) {
-    if (options == NULL) {
-        return;
+/* What every *_init does first: zero the struct and set struct_size, its first member, to the size this library was
+   built with. Returns 0 for NULL. */
+_Static_assert(offsetof(unidg_options, struct_size) == 0 && offsetof(unidg_request, struct_size) == 0,
+               "struct_size is the first member of every sized struct");
+static int unidg__init_sized(void* object, size_t size) {
+    uint32_t struct_size = (uint32_t)size;
+    if (object == NULL) {
+        return 0;
     }
-    memset(options, 0, sizeof(*options));
-    options->struct_size = (uint32_t)sizeof(*options);
-    options->verify_bundle = 1;
+    memset(object, 0, size);
+    memcpy(object, &struct_size, sizeof(struct_size));
+    return 1;
+}
+
+void unidg_options_init(unidg_options* options) {
+    if (unidg__init_sized(options, sizeof(*options))) {
+        options->verify_bundle = 1;
+    }
 }
 
 void unidg_request_init(unidg_request* request) {
-    if (request == NULL) {
-        return;
+    if (unidg__init_sized(request, sizeof(*request))) {
+        request->seed = 0;
+        request->steps = 0;
+        request->guidance = -1.0f;
     }
-    memset(request, 0, sizeof(*request));
-    request->struct_size = (uint32_t)sizeof(*request);
-    request->seed = 0;
-    request->steps = 0;
-    request->guidance = -1.0f;
 }
 
 unidg_status* unidg_synth_create(const char* bundle_dir, const unidg_options* options, unidg_synth** out) {
