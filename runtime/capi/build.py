@@ -49,7 +49,8 @@ C_HELPERS = """
 unidg_status* _unidg_status_new(int code, const char* message);
 """
 
-C_SOURCE = r"""
+C_SOURCE = (
+    r"""
 #include <pthread.h>
 #include <stddef.h>
 #include <stdlib.h>
@@ -78,14 +79,9 @@ unidg_status* _unidg_status_new(int code, const char* message) {
     return status;
 }
 
-/* Defined by cffi further down (extern "Python", unidg.runtime.capi._embedding). */
-unidg_status* _unidg_py_create(const char* bundle_dir, const unidg_options* options, unidg_synth** out);
-void _unidg_py_destroy(unidg_synth* synth);
-unidg_status* _unidg_py_run(unidg_synth* synth, const unidg_request* request, unidg_image* out_image,
-                            unidg_image* out_mask, int* completed);
-const char* _unidg_py_last_metadata(unidg_synth* synth);
-int32_t _unidg_py_resolution(const unidg_synth* synth);
-
+/* Defined by cffi further down (extern "Python", unidg.runtime.capi._embedding). */"""
+    + PYTHON_API
+    + r"""
 /* Start the interpreter as the build environment's own python (UNIDG_PYTHON overrides it), so Python's path logic
  * finds the environment (pyvenv.cfg) and its site-packages -- cffi's _cffi_backend included -- exactly as when that
  * python runs. A host that already embeds Python keeps its interpreter. */
@@ -223,6 +219,7 @@ int32_t unidg_synth_resolution(const unidg_synth* synth) {
     return _unidg_py_resolution(synth);
 }
 """
+)
 
 INIT_CODE = """
 from {module} import ffi, lib
