@@ -223,3 +223,54 @@ def test_demo_runs_on_the_shipped_bundle(tmp_path, capsys):
     sheet = Image.open(out / demo.CONTACT_SHEET)
     assert sheet.format == "PNG"
     assert sheet.size == (3 * 256 + 4 * 6, 24 + len(cases) * (256 + 20 + 6) + 6)
+
+
+# ------------------------------------------------------------------------------------------------- UniDG-nano-text
+MAX_TEXT_BUNDLE_ADDED_BYTES = 12 * 2**20  # what the text bundle adds beside the nano bundle (its own files)
+
+
+def test_text_bundle_is_a_text_bundle_that_shares_the_nano_graphs():
+    text = load_bundle(demo.DEFAULT_TEXT_BUNDLE)  # manifest, sha256 of every file, the text table, shapes
+    nano = load_bundle(bundle_folder())
+    assert text.metadata["format_version"] == 3 and text.text["mode"] == "instruction"
+    assert text.step_inputs[-1] == "pooled" and not text.fold_text_tokens
+    assert text.metadata["shared_graphs"]["fingerprint"] == nano.fingerprint
+    shared = text.metadata["shared_graphs"]["graphs"]
+    assert shared == ["vae_encoder", "vae_decoder", "image_encoder"]
+    for name in shared:  # byte for byte: a repository or a package stores them once
+        assert text.graph_path(name).read_bytes() == nano.graph_path(name).read_bytes(), name
+    own = [p for p in text.path.rglob("*") if p.is_file() and p.name not in {f"{n}.onnx" for n in shared}]
+    added = sum(p.stat().st_size for p in own)
+    assert added < MAX_TEXT_BUNDLE_ADDED_BYTES, f"the text bundle adds {added / 2**20:.1f} MiB"
+
+
+def test_demo_text_runs_both_forms_on_the_shipped_text_bundle(tmp_path, capsys):
+    pytest.importorskip("tokenizers", reason="tokenizers (unidg[text]) is not installed")
+    out = tmp_path / "demo-text"
+    assert main(["demo", "--text", "--out", str(out), "--steps", "2"]) == 0, capsys.readouterr().err
+    cases = demo.read_samples(samples_folder())
+    quadruplets = {q.id: q for q in read_index(out)}
+    assert sorted(quadruplets) == sorted(
+        [case.id for case in cases] + [f"{case.id}{demo.INSTRUCTION_SUFFIX}" for case in cases]
+    )
+    for case in cases:
+        with_reference = quadruplets[case.id].load_abnormal()
+        alone = quadruplets[f"{case.id}{demo.INSTRUCTION_SUFFIX}"].load_abnormal()
+        mask = quadruplets[case.id].load_mask()
+        source = load_image(case.source)
+        for output in (with_reference, alone):
+            assert np.array_equal(output[~mask], source[~mask]), f"{case.id}: pixels outside the mask changed"
+        assert not np.array_equal(with_reference, alone), f"{case.id}: both forms gave the same image"
+        metadata = json.loads((out / "metadata" / f"{case.id}{demo.INSTRUCTION_SUFFIX}.json").read_text())
+        assert metadata["prompt"] == f"Add the {case.category} defect to the image."
+        assert metadata["with_reference"] is False
+    sheet = Image.open(out / demo.CONTACT_SHEET)
+    assert sheet.size == (4 * 256 + 5 * 6, 24 + len(cases) * (256 + 20 + 6) + 6)
+
+
+def test_demo_text_refuses_a_reference_mode_bundle(tmp_path, capsys):
+    pytest.importorskip("tokenizers", reason="tokenizers (unidg[text]) is not installed")
+    code = main(["demo", "--text", "--bundle", str(bundle_folder()), "--out", str(tmp_path / "d"), "--steps", "1"])
+    assert code != 0
+    assert "--text needs a UniDG-Text bundle" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

@@ -77,6 +77,8 @@ def test_the_wheel_carries_the_bundle_and_samples_but_not_the_torch_weights(whee
     bundle = {Path(n).name for n in names if n.startswith(assets + "unidg-nano-bundle/")}
     assert {"manifest.json", "step.onnx", "vae_encoder.onnx", "vae_decoder.onnx", "image_encoder.onnx"} <= bundle
     assert any(n.startswith(assets + "samples/") and n.endswith("samples.json") for n in names)
+    text = {n.removeprefix(assets + "unidg-nano-text-bundle/") for n in names if "unidg-nano-text-bundle/" in n}
+    assert {"manifest.json", "step.onnx", "clip_text.onnx", "t5_text.onnx", "tokenizer_2/tokenizer.json"} <= text
     assert not [n for n in names if n.startswith(assets + "unidg-nano/")], "the torch weights are in the wheel"
     assert not [n for n in names if n.endswith(".safetensors")]
     assert "unidg/runtime/capi/unidg.h" in names
