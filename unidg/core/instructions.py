@@ -41,15 +41,26 @@ def _rng(seed: int, sample_id: str) -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "big"))
 
 
+def drawn_attributes(caption: dict, seed: int, sample_id: str) -> list[str]:
+    """The attribute words of a no-reference instruction: up to MAX_ATTRIBUTES of the caption's, which ones and how
+    many chosen by (seed, sample_id), in the reading order of ATTRIBUTE_FIELDS."""
+    words = defect_attributes(caption)
+    rng = _rng(seed, sample_id)
+    count = rng.randint(0, min(MAX_ATTRIBUTES, len(words))) if words else 0
+    return [words[i] for i in sorted(rng.sample(range(len(words)), count))]
+
+
+def no_reference_instruction(category: str, attributes: list[str]) -> str:
+    """NO_REFERENCE_TEMPLATE filled: the attributes comma-separated, then the category."""
+    check_category(category)
+    phrase = ", ".join(attributes)
+    return NO_REFERENCE_TEMPLATE.format(attributes=f"{phrase} " if phrase else "", category=category)
+
+
 def instruction(caption: dict, category: str, *, with_reference: bool, seed: int = 0, sample_id: str = "") -> str:
     """The instruction of one training sample or request: the reference form, or the attribute form drawn from the
     caption (up to MAX_ATTRIBUTES of its attributes, which ones and how many chosen by (seed, sample_id))."""
     check_category(category)
     if with_reference:
         return REFERENCE_INSTRUCTION
-    words = defect_attributes(caption)
-    rng = _rng(seed, sample_id)
-    count = rng.randint(0, min(MAX_ATTRIBUTES, len(words))) if words else 0
-    chosen = sorted(rng.sample(range(len(words)), count))  # keep the reading order of ATTRIBUTE_FIELDS
-    attributes = ", ".join(words[i] for i in chosen)
-    return NO_REFERENCE_TEMPLATE.format(attributes=f"{attributes} " if attributes else "", category=category)
+    return no_reference_instruction(category, drawn_attributes(caption, seed, sample_id))
