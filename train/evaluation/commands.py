@@ -1,4 +1,4 @@
-"""``unidg eval run|transfer|diversity`` (registered by unidg.cli; heavy imports inside the handler)."""
+"""``unidg eval run|transfer|diversity|instructions`` (registered by unidg.cli; heavy imports inside the handler)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,13 @@ import json
 
 from unidg.core.errors import UniDGError
 from unidg.runtime.cli_options import (
+    add_bundle_option,
     add_command,
     add_config_options,
     add_data_option,
     add_json_option,
+    add_out_option,
+    add_overwrite_option,
     add_quiet_option,
     add_seed_option,
     add_weights_option,
@@ -89,6 +92,32 @@ def _diversity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _instructions(args: argparse.Namespace) -> int:
+    from unidg.train.evaluation.instruction_agreement import measure_instructions, parse_seeds
+
+    report = measure_instructions(
+        args.bundle,
+        args.data,
+        args.recog,
+        args.out,
+        seeds=parse_seeds(args.seeds),
+        limit=args.limit,
+        threads=args.threads,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    pooled = report["pooled"]
+    low, high = pooled["difference_ci95"]
+    print(
+        f"matched {100 * pooled['matched_rate']:.1f} ± {100 * pooled['matched_se']:.1f} %, crossed "
+        f"{100 * pooled['crossed_rate']:.1f} ± {100 * pooled['crossed_se']:.1f} %, difference "
+        f"{100 * pooled['difference']:.1f} ± {100 * pooled['difference_se']:.1f} points (95 % [{100 * low:.1f}, "
+        f"{100 * high:.1f}]) over {pooled['quadruplets']} quadruplets x {len(report['seeds'])} seed(s)"
+    )
+    print(f"report: {args.out}/report.md ({report['seconds']:.0f} s)")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     from unidg.train.commands_train import eval_subparsers
 
@@ -156,3 +185,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--lpips",
         help="local LPIPS AlexNet checkpoint (.safetensors, layout in docs/eval.md); without it: 1 - SSIM substitute",
     )
+
+    agreement = add_command(
+        commands,
+        _instructions,
+        "instructions",
+        help="UniDG-Text without a reference: does the generated defect's category follow the instruction?",
+        description="Generates every held-out quadruplet (its normal image and mask) under its own no-reference "
+        "instruction and under the instruction of a quadruplet of another category, with the same seed, classifies "
+        "both with a Defect-Recog classifier and reports the matched and crossed rates with standard errors "
+        "(docs/eval.md). Writes OUT/report.json and OUT/report.md.",
+    )
+    add_bundle_option(agreement, help="UniDG-Text bundle folder (`unidg export onnx` of a merged `unidg train text`)")
+    add_data_option(agreement, "held-out UDG folder (index.jsonl with categories and captions)")
+    agreement.add_argument(
+        "--recog",
+        required=True,
+        help="Defect-Recog folder (`unidg train reward-recog`) whose classifier names the defect",
+    )
+    add_out_option(agreement, "report folder (report.json, report.md)")
+    add_overwrite_option(agreement)
+    agreement.add_argument(
+        "--seeds", default="0,1,2", help="comma-separated seeds: each draws the pairing, the wording and the noise"
+    )
+    agreement.add_argument("--limit", type=int, default=0, help="the first N quadruplets only (0: all)")
+    agreement.add_argument(
+        "--threads", type=int, default=None, help="onnxruntime CPU threads (default: the cores this process may use)"
+    )
+    add_quiet_option(agreement)
