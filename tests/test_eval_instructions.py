@@ -211,6 +211,7 @@ def test_bad_inputs_are_refused_by_name(tmp_path: Path, bundle: Path, udg: Path,
     refused(_command(bundle, udg, udg, tmp_path / "c"), "--recog", "recog.json")
     refused(_command(bundle, udg, recog, tmp_path / "d", "--limit", "4"), "more than half", "--limit")
     refused(_command(bundle, udg, recog, tmp_path / "e", "--seeds", "x"), "--seeds")
+    refused(_command(bundle, udg, recog, tmp_path / "e", "--threads", "0"), "--threads")
     assert not any(tmp_path.glob("[a-e]"))  # nothing written before the refusal
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "file").write_text("x")

@@ -178,6 +178,7 @@ def classify(recog: DefectRecogReward, images: Sequence[np.ndarray]) -> tuple[li
 
 
 def open_text_bundle(bundle: str | Path, threads: int | None) -> DefectSynthesizer:
+    """The bundle's synthesizer (onnxruntime), refused by name unless it is a UniDG-Text bundle."""
     synthesizer = DefectSynthesizer.from_bundle(bundle, threads=threads)
     if synthesizer.prompts is None:
         synthesizer.close()
@@ -205,6 +206,8 @@ def measure_instructions(
     started = time.perf_counter()
     if limit < 0:
         raise OptionError(f"--limit {limit}: give a count >= 1, or 0 for every quadruplet")
+    if threads is not None and threads < 1:
+        raise OptionError(f"--threads {threads}: give a thread count >= 1, or leave it out to use all cores")
     check_output_folder(out, replace=overwrite)  # refused before anything is generated
     quadruplets = read_index(data)[: limit or None]
     if len(quadruplets) >= SEED_STRIDE:
