@@ -1,6 +1,7 @@
-"""``unidg eval instructions``: the different-category pairing, the paired statistics, and one run on a tiny UniDG-Text
-bundle with a tiny Defect-Recog classifier (report contents consistent with its own samples, seeds independent of
-each other, bad inputs refused by name)."""
+"""``unidg eval instructions``: the different-category pairing, the paired statistics, the region classifier (its
+features see only the pixels inside the region, never its shape; its training), and runs on a tiny UniDG-Text bundle
+with a tiny Defect-Recog classifier and with the region classifier (report contents consistent with its own samples,
+seeds independent of each other, bad inputs refused by name)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,12 @@ from unidg.train.evaluation.instruction_agreement import (
     paired_summary,
     parse_seeds,
     summarize,
+)
+from unidg.train.evaluation.region_classifier import (
+    FEATURES,
+    RegionClassifier,
+    region_features,
+    train_region_classifier,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -119,6 +126,64 @@ def test_pooling_averages_a_quadruplets_seeds_first() -> None:
     assert summary["difference_se"] == pytest.approx(np.std([0.0, 0.75], ddof=1) / math.sqrt(2))
 
 
+# ------------------------------------------------------------------------------------------ the region classifier
+def _scene(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A 16 px normal image, an abnormal one with a reddish defect in a 4 x 4 square, and that square."""
+    rng = np.random.default_rng(seed)
+    normal = rng.integers(60, 120, size=(16, 16, 3), dtype=np.uint8)
+    region = np.zeros((16, 16), bool)
+    region[4:8, 6:10] = True
+    abnormal = normal.copy()
+    abnormal[region] = np.clip(abnormal[region] + rng.integers(0, 90, size=(16, 3)) * [1, 0, 0], 0, 255)
+    return abnormal, normal, region
+
+
+def test_region_features_see_the_region_pixels_not_its_shape() -> None:
+    abnormal, normal, region = _scene(0)
+    features = region_features(abnormal, normal, region, size=16)
+    assert features.shape == (FEATURES,)
+    outside = ~region
+    repainted = abnormal.copy()
+    repainted[outside] = 255 - repainted[outside]  # other pixels outside the region change nothing
+    assert np.array_equal(region_features(repainted, normal, region, size=16), features)
+    # The same pixel values (abnormal and normal together) moved into a 2 x 8 strip, in another order: same features.
+    strip = np.zeros_like(region)
+    strip[10:12, 2:10] = True
+    order = np.random.default_rng(1).permutation(int(region.sum()))
+    moved_abnormal, moved_normal = abnormal.copy(), normal.copy()
+    moved_abnormal[strip], moved_normal[strip] = abnormal[region][order], normal[region][order]
+    assert np.allclose(region_features(moved_abnormal, moved_normal, strip, size=16), features)
+    # What changed inside the region shows: a red-only change has a positive mean red change and no green one.
+    change_means = features[15:18]  # (A - N) mean per channel: after A's 5 statistics x 3 channels
+    assert change_means[0] > 0.05 and change_means[1] == change_means[2] == 0.0
+    assert not np.allclose(region_features(normal, normal, region, size=16), features)
+
+
+def test_region_classifier_is_deterministic_and_separates_colours() -> None:
+    """Red-changed defects against blue-changed ones: learned exactly, the same weights twice."""
+    red = [region_features(*_scene(seed), size=16) for seed in range(6)]
+    blue = []
+    for seed in range(6):
+        abnormal, normal, region = _scene(seed)
+        blue.append(region_features(abnormal[..., ::-1].copy(), normal[..., ::-1].copy(), region, size=16))
+    features, categories = np.stack(red + blue), ["rust"] * 6 + ["hole"] * 6
+    model = RegionClassifier.fit(features, categories)
+    assert model.predict(features) == categories
+    again = RegionClassifier.fit(features, categories)
+    assert np.array_equal(model.weight, again.weight) and np.array_equal(model.bias, again.bias)
+    with pytest.raises(UniDGError, match="at least 2 categories"):
+        RegionClassifier.fit(features[:6], categories[:6])
+
+
+def test_region_classifier_trains_on_a_udg_folder(udg: Path, tmp_path: Path) -> None:
+    model, training = train_region_classifier(udg, size=32, kernel=7, iterations=2)
+    assert training["quadruplets"] == 8 and training["categories"] == ["bruise", "missing"]
+    assert training["train_accuracy"] == 1.0  # 8 quadruplets, 36 features: separable
+    assert set(model.predict(np.zeros((3, FEATURES)))) <= {"bruise", "missing"}
+    with pytest.raises(UniDGError, match="--train-data.*index.jsonl"):
+        train_region_classifier(tmp_path, size=32, kernel=7, iterations=2)
+
+
 def test_seeds_are_parsed_and_refused_by_name() -> None:
     assert parse_seeds("0,1,2") == [0, 1, 2] and parse_seeds("7") == [7]
     for bad in ("a", "1,1", "-1", ""):
@@ -151,7 +216,9 @@ def recog(tmp_path_factory, udg: Path) -> Path:
 
 
 def _command(bundle: Path, udg: Path, recog: Path, out: Path, *extra: str) -> list[str]:
-    return ["eval", "instructions", "--bundle", str(bundle), "--data", str(udg), "--recog", str(recog)] + [
+    return ["eval", "instructions", "--bundle", str(bundle), "--data", str(udg), "--classifier", "recog"] + [
+        "--recog",
+        str(recog),
         "--out",
         str(out),
         "--quiet",
@@ -216,3 +283,35 @@ def test_bad_inputs_are_refused_by_name(tmp_path: Path, bundle: Path, udg: Path,
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "file").write_text("x")
     refused(_command(bundle, udg, recog, tmp_path / "full"), "already holds files")
+
+
+def _region_command(bundle: Path, udg: Path, out: Path, *extra: str) -> list[str]:
+    return ["eval", "instructions", "--bundle", str(bundle), "--data", str(udg), "--out", str(out), "--quiet", *extra]
+
+
+def test_the_region_classifier_is_the_default(tmp_path: Path, bundle: Path, udg: Path) -> None:
+    out = tmp_path / "region"
+    assert main(_region_command(bundle, udg, out, "--train-data", str(udg), "--seeds", "0")) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["classifier"] == "region" and report["recog"] is None
+    assert report["region_classifier"]["quadruplets"] == 8 and report["untrained_categories"] == []
+    assert report["real_accuracy"] == 1.0  # its own training quadruplets, learned exactly
+    assert report["pooled"] == summarize(report["samples"]) and report["generations"] == 16
+    assert all(s["top_own"] is None and s["predicted_own"] in {"bruise", "missing"} for s in report["samples"])
+    assert report["pooled"]["normal_share"] == 0.0
+    markdown = (out / "report.md").read_text()
+    assert "region statistics" in markdown and "| — |" in markdown
+
+
+def test_classifier_options_are_refused_by_name(tmp_path: Path, bundle: Path, udg: Path, recog: Path, capsys) -> None:
+    def refused(extra: list[str], *words: str) -> None:
+        assert main(_region_command(bundle, udg, tmp_path / "out", *extra)) == 2
+        error = capsys.readouterr().err
+        assert all(word in error for word in words), error
+
+    refused([], "--classifier region", "--train-data DIR", "--classifier recog")
+    refused(["--train-data", str(udg), "--recog", str(recog)], "--recog is read only with --classifier recog")
+    refused(["--classifier", "recog"], "--classifier recog needs --recog")
+    refused(["--classifier", "recog", "--recog", str(recog), "--train-data", str(udg)], "--train-data is read only")
+    refused(["--train-data", str(tmp_path)], "--train-data", "index.jsonl")
+    assert not (tmp_path / "out").exists()

@@ -98,8 +98,10 @@ def _instructions(args: argparse.Namespace) -> int:
     report = measure_instructions(
         args.bundle,
         args.data,
-        args.recog,
         args.out,
+        classifier=args.classifier,
+        recog=args.recog,
+        train_data=args.train_data,
         seeds=parse_seeds(args.seeds),
         limit=args.limit,
         threads=args.threads,
@@ -112,7 +114,9 @@ def _instructions(args: argparse.Namespace) -> int:
         f"matched {100 * pooled['matched_rate']:.1f} ± {100 * pooled['matched_se']:.1f} %, crossed "
         f"{100 * pooled['crossed_rate']:.1f} ± {100 * pooled['crossed_se']:.1f} %, difference "
         f"{100 * pooled['difference']:.1f} ± {100 * pooled['difference_se']:.1f} points (95 % [{100 * low:.1f}, "
-        f"{100 * high:.1f}]) over {pooled['quadruplets']} quadruplets x {len(report['seeds'])} seed(s)"
+        f"{100 * high:.1f}]) over {pooled['quadruplets']} quadruplets x {len(report['seeds'])} seed(s); the "
+        f"{report['classifier']} classifier names {100 * report['real_accuracy']:.1f} % of the real defects right "
+        f"(chance {100 * report['chance']:.1f} %)"
     )
     print(f"report: {args.out}/report.md ({report['seconds']:.0f} s)")
     return 0
@@ -193,15 +197,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="UniDG-Text without a reference: does the generated defect's category follow the instruction?",
         description="Generates every held-out quadruplet (its normal image and mask) under its own no-reference "
         "instruction and under the instruction of a quadruplet of another category, with the same seed, classifies "
-        "both with a Defect-Recog classifier and reports the matched and crossed rates with standard errors "
+        "both (by default from the pixels inside the target region, with a classifier trained on --train-data) and "
+        "reports the matched and crossed rates with standard errors "
         "(docs/eval.md). Writes OUT/report.json and OUT/report.md.",
     )
     add_bundle_option(agreement, help="UniDG-Text bundle folder (`unidg export onnx` of a merged `unidg train text`)")
     add_data_option(agreement, "held-out UDG folder (index.jsonl with categories and captions)")
     agreement.add_argument(
+        "--classifier",
+        choices=["region", "recog"],
+        default="region",
+        help="region: a linear classifier of the pixel statistics inside the dilated target mask, trained on "
+        "--train-data (default); recog: the Defect-Recog classifier of --recog on the whole image",
+    )
+    agreement.add_argument(
+        "--train-data",
+        metavar="DIR",
+        help="training UDG folder the region classifier learns the categories from (e.g. out/nano/data/train)",
+    )
+    agreement.add_argument(
         "--recog",
-        required=True,
-        help="Defect-Recog folder (`unidg train reward-recog`) whose classifier names the defect",
+        help="Defect-Recog folder (`unidg train reward-recog`) for --classifier recog",
     )
     add_out_option(agreement, "report folder (report.json, report.md)")
     add_overwrite_option(agreement)

@@ -5,9 +5,8 @@ the source object carry category cues too (a UDG category comes with its own sha
 defect can be classified right while the instruction is ignored. The measurement is therefore paired. Every held-out
 quadruplet i (its normal image as the source, its mask as the target region) is generated twice with one seed: under
 its own no-reference instruction A_i, and under B_i, the instruction of another quadruplet j = p(i) of a different
-category (p a seeded derangement: per seed, every instruction is also used once as another quadruplet's B). The
-Defect-Recog classifier (``unidg train reward-recog``, as the RFT reward applies it: the whole generated image resized
-to its input size) names the category of each generated image, and per quadruplet, with c the true categories,
+category (p a seeded derangement: per seed, every instruction is also used once as another quadruplet's B). A
+classifier names the category of each generated image, and per quadruplet, with c the true categories,
 
     matched_i = ([pred(A_i) = c_i] + [pred(B_i) = c_j]) / 2      crossed_i = ([pred(A_i) = c_j] + [pred(B_i) = c_i]) / 2
 
@@ -17,10 +16,14 @@ instruction-ignored control, and matched - crossed is what the instruction adds.
 of the per-quadruplet values (pooled over seeds, a quadruplet's seeds are averaged first, so they are not counted as
 independent), with a percentile bootstrap over quadruplets for a 95 % interval of the difference.
 
-The prediction is the classifier's top class among the 28 categories (``normal`` left out): every instruction names a
-defect category and the question is which one the painted defect reads as; a ``normal`` verdict would be a miss under
-both instructions alike and only shrink both rates. How often the unrestricted top class is ``normal`` is reported, and
-so is the classifier's accuracy on the quadruplets' real defect images, the ceiling of the matched rate.
+Two classifiers (``--classifier``). ``region`` (the default): a linear classifier of pixel statistics inside the
+dilated target region (``region_classifier``), trained here on a training UDG folder (``--train-data``); it sees the
+painted defect itself and names the held-out real defects right far more often. ``recog``: the Defect-Recog classifier
+(``unidg train reward-recog``, as the RFT reward applies it: the whole generated image resized to its input size), its
+top class among the 28 categories (``normal`` left out: every instruction names a defect category and the question is
+which one the painted defect reads as; a ``normal`` verdict would be a miss under both instructions alike and only
+shrink both rates; how often the unrestricted top class is ``normal`` is reported). Either way the classifier's
+accuracy on the quadruplets' real defect images, the ceiling of the matched rate, is reported.
 """
 
 from __future__ import annotations
@@ -32,12 +35,14 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from unidg.core.errors import OptionError, UniDGError
+from unidg.core.geometry import dilated_target_mask
 from unidg.core.instructions import drawn_attributes, no_reference_instruction
 from unidg.core.manifest import atomic_write_text
 from unidg.core.staging import check_output_folder, staged_folder
@@ -48,6 +53,7 @@ from unidg.runtime.synthesizer import DefectSynthesizer, SynthesisRequest
 from unidg.train.evaluation.bootstrap import interval
 from unidg.train.evaluation.datasets import resize_pair
 from unidg.train.evaluation.detector_training import as_input
+from unidg.train.evaluation.region_classifier import region_features, train_region_classifier
 from unidg.train.reward_recog import CLASSES, NORMAL, RECOG_JSON, DefectRecogReward
 
 BOOTSTRAP = 2000
@@ -56,6 +62,7 @@ DERANGEMENT_TRIES = 10_000
 SEED_STRIDE = 1_000_003  # generation seed of quadruplet i in round s: s * SEED_STRIDE + i (distinct for i < stride)
 MAX_ROUND_SEED = MAX_SEED // SEED_STRIDE - 1
 CATEGORY_COLUMNS = [CLASSES.index(c) for c in CATEGORIES]  # the classifier's outputs without ``normal``
+CLASSIFIERS = ("region", "recog")
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -177,6 +184,91 @@ def classify(recog: DefectRecogReward, images: Sequence[np.ndarray]) -> tuple[li
     return [CATEGORIES[k] for k in restricted], [CLASSES[k] for k in top]
 
 
+class Judge(Protocol):
+    """Names the defect category of images generated from one source image and target region."""
+
+    name: str
+
+    def classify(
+        self, images: Sequence[np.ndarray], source: np.ndarray, region: np.ndarray
+    ) -> tuple[list[str], list[str | None]]:
+        """Per image: the top class among the 28 categories, and the unrestricted top class (possibly ``normal``;
+        None for a classifier without a ``normal`` class)."""
+        ...
+
+    def describe(self) -> str: ...
+
+
+class RecogJudge:
+    """The Defect-Recog classifier on the whole image (source and region unused)."""
+
+    name = "recog"
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = str(folder)
+        self.recog = load_classifier(folder)
+
+    def classify(
+        self, images: Sequence[np.ndarray], source: np.ndarray, region: np.ndarray
+    ) -> tuple[list[str], list[str | None]]:
+        restricted, top = classify(self.recog, images)
+        return restricted, list(top)
+
+    def describe(self) -> str:
+        return (
+            f"Classifier: Defect-Recog `{self.folder}` (the whole image at {self.recog.size} px), top class of the 28 "
+            "categories."
+        )
+
+
+class RegionJudge:
+    """The region classifier, trained on ``train_data`` at the generator's resolution and dilation."""
+
+    name = "region"
+
+    def __init__(self, train_data: str | Path, size: int, kernel: int, iterations: int) -> None:
+        self.size = size
+        self.model, self.training = train_region_classifier(train_data, size, kernel, iterations)
+
+    def classify(
+        self, images: Sequence[np.ndarray], source: np.ndarray, region: np.ndarray
+    ) -> tuple[list[str], list[str | None]]:
+        features = np.stack([region_features(image, source, region, self.size) for image in images])
+        return self.model.predict(features), [None] * len(images)
+
+    def describe(self) -> str:
+        t = self.training
+        return (
+            f"Classifier: region statistics (the abnormal image and its change from the normal one inside the "
+            f"dilated mask, at {t['size']} px; no mask size or shape), linear softmax trained on `{t['train_data']}` "
+            f"({t['quadruplets']} quadruplets, {len(t['categories'])} categories, training accuracy "
+            f"{_percent(t['train_accuracy'])})."
+        )
+
+
+def check_classifier_options(classifier: str, recog: str | Path | None, train_data: str | Path | None) -> None:
+    """Refuse a classifier without its input, or an input the chosen classifier would not use."""
+    if classifier not in CLASSIFIERS:
+        raise OptionError(f"--classifier {classifier!r}: give one of {', '.join(CLASSIFIERS)}")
+    if classifier == "region":
+        if train_data is None:
+            raise OptionError(
+                "--classifier region trains its classifier on the real defects of a training UDG folder: give "
+                "--train-data DIR (e.g. out/nano/data/train, the folder the bundle's model was trained on), or use "
+                "--classifier recog --recog DEFECT_RECOG_FOLDER"
+            )
+        if recog is not None:
+            raise OptionError("--recog is read only with --classifier recog; leave it out or add --classifier recog")
+    else:
+        if recog is None:
+            raise OptionError(
+                "--classifier recog needs --recog DEFECT_RECOG_FOLDER (`unidg train reward-recog`), or use "
+                "--classifier region --train-data DIR"
+            )
+        if train_data is not None:
+            raise OptionError("--train-data is read only with --classifier region; leave it out")
+
+
 def open_text_bundle(bundle: str | Path, threads: int | None) -> DefectSynthesizer:
     """The bundle's synthesizer (onnxruntime), refused by name unless it is a UniDG-Text bundle."""
     synthesizer = DefectSynthesizer.from_bundle(bundle, threads=threads)
@@ -192,18 +284,22 @@ def open_text_bundle(bundle: str | Path, threads: int | None) -> DefectSynthesiz
 def measure_instructions(
     bundle: str | Path,
     data: str | Path,
-    recog: str | Path,
     out: str | Path,
     *,
+    classifier: str = "region",
+    recog: str | Path | None = None,
+    train_data: str | Path | None = None,
     seeds: Sequence[int] = (0, 1, 2),
     limit: int = 0,
     threads: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Generate every held-out quadruplet under its own and a crossed instruction per seed, classify, and write
+    """Generate every held-out quadruplet under its own and a crossed instruction per seed, classify with
+    ``classifier`` (``region``: trained on ``train_data``; ``recog``: the Defect-Recog folder ``recog``), and write
     ``out``/report.json and report.md (the folder appears whole or not at all). Returns the report."""
     started = time.perf_counter()
+    check_classifier_options(classifier, recog, train_data)
     if limit < 0:
         raise OptionError(f"--limit {limit}: give a count >= 1, or 0 for every quadruplet")
     if threads is not None and threads < 1:
@@ -214,22 +310,38 @@ def measure_instructions(
         raise OptionError(f"--data {data}: {len(quadruplets)} quadruplets; give --limit {SEED_STRIDE - 1} or fewer")
     categories = [q.category for q in quadruplets]
     partners = {seed: different_category_partners(categories, seed) for seed in seeds}  # refused before generating
-    classifier = load_classifier(recog)
-    real, _ = classify(classifier, [q.load_abnormal() for q in quadruplets])
-    real_correct = np.array([p == c for p, c in zip(real, categories)], dtype=np.float64)
     samples = []
     with open_text_bundle(bundle, threads) as synthesizer:
+        kernel, iterations = synthesizer.settings.dilate_kernel, synthesizer.settings.dilate_iterations
+        judge: Judge
+        if classifier == "region":
+            judge = RegionJudge(train_data, synthesizer.bundle.resolution, kernel, iterations)
+        else:
+            judge = RecogJudge(recog)
+        # The ceiling: the real defect images, their masks dilated as the generator dilates a target mask.
+        real = [
+            judge.classify(
+                [q.load_abnormal()], q.load_normal(), dilated_target_mask(q.load_mask(), kernel, iterations)
+            )[0][0]
+            for q in quadruplets
+        ]
+        real_correct = np.array([p == c for p, c in zip(real, categories)], dtype=np.float64)
         bar = tqdm(total=2 * len(seeds) * len(quadruplets), desc="instructions", unit="image", disable=not progress)
         for seed in seeds:
-            samples += run_seed(synthesizer, classifier, quadruplets, partners[seed], seed, bar)
+            samples += run_seed(synthesizer, judge, quadruplets, partners[seed], seed, bar)
         bar.close()
         fingerprint, text_tokens = synthesizer.bundle.fingerprint, synthesizer.bundle.text_tokens
+    trained = set(judge.training["categories"]) if isinstance(judge, RegionJudge) else set(CATEGORIES)
     report = {
         "bundle": str(bundle),
         "bundle_fingerprint": fingerprint,
         "text_tokens": text_tokens,
         "data": str(data),
-        "recog": str(recog),
+        "classifier": classifier,
+        "classifier_description": judge.describe(),
+        "recog": None if recog is None else str(recog),
+        "region_classifier": judge.training if isinstance(judge, RegionJudge) else None,
+        "untrained_categories": sorted(set(categories) - trained),
         "quadruplets": len(quadruplets),
         "categories": len(set(categories)),
         "seeds": list(seeds),
@@ -266,7 +378,7 @@ def own_instruction(quadruplet: Quadruplet, seed: int, prompts: PromptEncoder) -
 
 def run_seed(
     synthesizer: DefectSynthesizer,
-    classifier: DefectRecogReward,
+    judge: Judge,
     quadruplets: Sequence[Quadruplet],
     partners: Sequence[int],
     seed: int,
@@ -294,7 +406,7 @@ def run_seed(
             region = result.mask  # the dilated target region: the same for both instructions
             bar.update()
         change = np.abs(images[0].astype(np.int16) - images[1].astype(np.int16))[region]
-        (predicted_own, predicted_crossed), (top_own, top_crossed) = classify(classifier, images)
+        (predicted_own, predicted_crossed), (top_own, top_crossed) = judge.classify(images, source, region)
         samples.append(
             {
                 "seed": seed,
@@ -348,8 +460,9 @@ def markdown(report: dict) -> str:
         "",
         f"Bundle `{report['bundle']}` (fingerprint {report['bundle_fingerprint'][:12]}), held-out "
         f"`{report['data']}`: {report['quadruplets']} quadruplets, {report['categories']} categories, seeds "
-        f"{', '.join(map(str, report['seeds']))}; {report['generations']} generations in {report['seconds']:.0f} s. "
-        f"Classifier `{report['recog']}`, top class of the 28 categories.",
+        f"{', '.join(map(str, report['seeds']))}; {report['generations']} generations in {report['seconds']:.0f} s.",
+        "",
+        report["classifier_description"],
         "",
         "Each quadruplet is generated under its own instruction and under the instruction of a quadruplet of another "
         "category, with the same seed. *Matched*: the prediction is the category of the instruction used; "
@@ -360,6 +473,7 @@ def markdown(report: dict) -> str:
         "instr. | own category: crossed instr. | normal | same | change |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    has_normal = report["classifier"] == "recog"  # the region classifier has no ``normal`` class
     rows = [(seed, summary) for seed, summary in report["per_seed"].items()]
     if len(rows) > 1:
         rows.append(("pooled", report["pooled"]))
@@ -370,7 +484,8 @@ def markdown(report: dict) -> str:
             f"{_percent(s['crossed_rate'], s['crossed_se'])} | {_percent(s['difference'], s['difference_se'])} | "
             f"[{100 * low:.1f}, {100 * high:.1f}] | {s['matched_above_crossed']} / {s['crossed_above_matched']} | "
             f"{_percent(s['accuracy'], s['accuracy_se'])} | "
-            f"{_percent(s['accuracy_crossed'], s['accuracy_crossed_se'])} | {_percent(s['normal_share'])} | "
+            f"{_percent(s['accuracy_crossed'], s['accuracy_crossed_se'])} | "
+            f"{_percent(s['normal_share']) if has_normal else '—'} | "
             f"{_percent(s['same_prediction'])} | {s['region_change']:.1f} |"
         )
     lines += [
@@ -378,10 +493,20 @@ def markdown(report: dict) -> str:
         "*+ / −*: quadruplets whose matched value is above / below their crossed value. *Own category*: the "
         "prediction names the quadruplet's own category, under its own instruction (plain accuracy) and under the "
         "crossed one (as high if the category read follows the scene rather than the instruction). *Normal*: "
-        "generations whose unrestricted top class is `normal`. *Same*: pairs whose two generations get the same "
+        "generations whose unrestricted top class is `normal` (—: the classifier has no `normal` class). *Same*: "
+        "pairs whose two generations get the same "
         "prediction. *Change*: the mean absolute difference (0–255) between a pair's two images in the target "
         "region. Pooled values average a quadruplet's seeds first.",
         "",
+        *(
+            [
+                f"Held-out categories absent from the classifier's training data (never predicted): "
+                f"{', '.join(report['untrained_categories'])}.",
+                "",
+            ]
+            if report["untrained_categories"]
+            else []
+        ),
         f"Context: chance is {_percent(report['chance'])}; the classifier names "
         f"{_percent(report['real_accuracy'], report['real_accuracy_se'])} of these quadruplets' real defect images "
         "right (the ceiling of the matched rate). Instructions shortened to the bundle's "
