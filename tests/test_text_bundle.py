@@ -3,7 +3,8 @@ runtime's instruction encoders, step graph and generation against the torch mode
 text encoders, manifests) and `unidg generate --prompt`.
 
 One tiny model serves the module: a nano merged SFT folder, `unidg train text` for 2 steps with random nano encoders,
-`unidg train merge`, then one export with a dynamic batch (so one runtime pass mixes both instruction forms)."""
+`unidg train merge`, then one export with a dynamic batch (so one runtime pass mixes both instruction forms) and
+torch programs (for `--backend torch`)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ from unidg.export.bundle import export_bundle
 from unidg.export.cache_graphs import add_cache_graphs
 from unidg.export.onnx_export import ExportError, ModelFacts, step_example_inputs
 from unidg.export.step_model import StepModel
-from unidg.runtime.backends.base import BackendError
+from unidg.runtime.backends import create_backend
+from unidg.runtime.backends.base import BackendError, StepConditioning
 from unidg.runtime.bundle import GRAPH_NAMES, TEXT_STEP_INPUTS, BundleError, load_bundle
 from unidg.runtime.demo import DEFAULT_BUNDLE
 from unidg.runtime.prompt_encoder import PromptEncoder
@@ -77,6 +79,7 @@ def weights(tmp_path_factory) -> Path:
 def bundle(tmp_path_factory, weights: Path) -> Path:
     out = tmp_path_factory.mktemp("bundle") / "text-bundle"
     args = ["export", "onnx", "--weights", str(weights), "--out", str(out), "--batch", "dynamic", "--max-batch", "4"]
+    args.append("--torch-programs")
     assert main(args) == 0
     return out
 
@@ -134,7 +137,9 @@ def test_export_writes_a_format_3_bundle(bundle: Path, weights: Path, model: Uni
         for folder in (CLIP_TOKENIZER_FOLDER, T5_TOKENIZER_FOLDER)
         for name in (TOKENIZER_FILE, "tokenizer_config.json")
     }
-    assert set(loaded.files) == graph_files | tokenizer_files
+    program_files = {f"torch/{name}.pt2" for name in GRAPH_NAMES}  # --torch-programs: the four graphs, not the encoders
+    assert meta["torch_programs"] == {name: f"torch/{name}.pt2" for name in GRAPH_NAMES}
+    assert set(loaded.files) == graph_files | tokenizer_files | program_files
     for name, digest in loaded.files.items():
         assert sha256_file(bundle / name) == digest, name
     assert set(loaded.text_graphs) == {CLIP_GRAPH, T5_GRAPH}
@@ -310,10 +315,72 @@ def test_the_reference_mode_bundle_refuses_prompts_and_requests_without_referenc
     assert "needs the reference image and its defect mask" in message
 
 
-@pytest.mark.parametrize("backend", ["torch", "tensorrt"])
-def test_other_backends_refuse_a_text_bundle_by_name(bundle: Path, backend: str) -> None:
-    with pytest.raises(BackendError, match=r"UniDG-Text bundle.*only the onnxruntime backend.*--backend onnxruntime"):
-        DefectSynthesizer.from_bundle(bundle, backend=backend)
+def test_the_tensorrt_backend_refuses_a_text_bundle_by_name(bundle: Path) -> None:
+    # Refused before TensorRT is imported: the message is the same whether it is installed or not.
+    words = r"UniDG-Text bundle.*only the onnxruntime and torch backends.*--backend onnxruntime.*--backend torch"
+    with pytest.raises(BackendError, match=words):
+        DefectSynthesizer.from_bundle(bundle, backend="tensorrt")
+
+
+# ---------------------------------------------------------------------------------------------- the torch backend
+TORCH_TOLERANCE = 1e-4  # the exported fp32 step program vs the fp32 ONNX step graph, both on the CPU
+
+
+def test_torch_backend_steps_equal_onnxruntime(bundle: Path, model: UniDGModel, encoders: TextEncoders) -> None:
+    # Per step and as the captured loop (--cuda-graph: on the CPU the same euler_loop runs without a graph), with
+    # the instructions' pooled features fed as the program's tenth input.
+    loaded = load_bundle(bundle)
+    feeds = step_example_inputs(ModelFacts.of(model, model.settings.resolution, text=True), batch=2, seed=4)
+    pooled, hidden = encoders.encode(PROMPTS[:2], max_length=K)
+    feeds["ctx"][:, :K] = hidden.numpy()
+    feeds["pooled"] = pooled.numpy()
+    conditioning = StepConditioning(
+        **{name: feeds[name] for name in ("cond", "ctx", "key_bias", "guidance", "img_ids", "txt_ids", "pooled")}
+    )
+    sigmas = sampling_sigmas(STEPS, feeds["x"].shape[1])
+    with (
+        create_backend("onnxruntime", loaded, threads=1) as onnx_backend,
+        create_backend("torch", loaded) as torch_backend,
+        create_backend("torch", loaded, cuda_graph=True) as loop_backend,
+    ):
+        assert loop_backend.captures_loop
+        expected = actual = feeds["x"]
+        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+            expected = onnx_backend.step(expected, conditioning, float(sigma), float(sigma_next))
+            actual = torch_backend.step(actual, conditioning, float(sigma), float(sigma_next))
+        looped = loop_backend.denoise_all(feeds["x"], conditioning, sigmas)
+        unpooled = torch_backend.step(
+            feeds["x"], replace(conditioning, pooled=np.zeros_like(feeds["pooled"])), float(sigmas[0]), float(sigmas[1])
+        )
+        first = onnx_backend.step(feeds["x"], conditioning, float(sigmas[0]), float(sigmas[1]))
+    step_error = float(np.abs(actual - expected).max())
+    loop_error = float(np.abs(looped - expected).max())
+    moved = float(np.abs(unpooled - first).max())
+    figures = f"{STEPS} steps: max |torch - onnxruntime| {step_error:.2e}, captured loop {loop_error:.2e} "
+    figures += f"(|x| up to {np.abs(expected).max():.2f}); zero pooled moves one torch step by {moved:.2e}"
+    print(figures)
+    assert step_error <= TORCH_TOLERANCE and loop_error <= TORCH_TOLERANCE, figures
+    assert moved > 10 * TORCH_TOLERANCE, figures  # the program reads the pooled input it is fed
+
+
+def test_torch_backend_generates_what_onnxruntime_does(synth: DefectSynthesizer) -> None:
+    requests = [
+        synth.check(_request(prompt=PROMPT, seed=5, steps=STEPS, name="free")),
+        synth.check(_request(with_reference=True, seed=6, steps=STEPS, name="referenced")),
+    ]
+    expected = synth.generate_batch(requests)
+    with DefectSynthesizer.from_bundle(synth.bundle.path, backend="torch", device="cpu") as torch_synth:
+        assert torch_synth.backend.name == "torch" and torch_synth.prompts is not None
+        actual = torch_synth.generate_batch(requests)
+    figures = []
+    for request, ours, theirs in zip(requests, actual, expected):
+        error = int(np.abs(ours.diptych.astype(np.int16) - theirs.diptych).max())
+        figures.append(f"{request.name}: max {error} uint8 levels")
+        # float differences of ~1e-5 of [-1, 1] only flip a rounding: at most one level
+        assert error <= 1, figures
+        assert np.array_equal(ours.image[~ours.mask], request.source[~ours.mask])
+        assert ours.metadata["prompt"] == request.prompt == theirs.metadata["prompt"]
+    print("; ".join(figures))
 
 
 # ---------------------------------------------------------------------------------------------- refused exports

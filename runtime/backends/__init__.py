@@ -41,10 +41,11 @@ def backend_class(name: str) -> type[Backend]:
 
 def create_backend(name: str, bundle: Bundle, **options: object) -> Backend:
     """Create backend ``name`` for ``bundle``; options are backend-specific (onnxruntime: providers=["cuda"])."""
-    if bundle.text and name != "onnxruntime":
+    if bundle.text and name not in ("onnxruntime", "torch"):
         raise BackendError(
             f"bundle {bundle.path} is a UniDG-Text bundle: its step takes the instruction's pooled features, which "
-            "only the onnxruntime backend feeds so far; use --backend onnxruntime (--device cuda on a GPU)"
+            "only the onnxruntime and torch backends feed so far; use --backend onnxruntime (--device cuda on a GPU), "
+            "or --backend torch with a bundle exported with --torch-programs"
         )
     return backend_class(name).from_bundle(bundle, **options)
 

@@ -6,8 +6,9 @@ the manifest's files and named in its metadata:
     "torch_programs": {"step": "torch/step.pt2", "vae_encoder": "torch/vae_encoder.pt2", ...}
 
 (without that table, ``torch/<graph>.pt2`` files in the manifest are used). Each program takes the graph's inputs
-positionally in Bundle-format-v1 order (float32) and returns its outputs, exactly like the ONNX graph. The loop
-keeps x and the conditioning on the device between steps.
+positionally in Bundle-format-v1 order (float32; a UniDG-Text bundle's step takes ``pooled`` last:
+``Bundle.step_inputs``) and returns its outputs, exactly like the ONNX graph. The loop keeps x and the conditioning on
+the device between steps.
 
 Step caching (docs/step-cache.md): a format-2 bundle whose table also names ``step_head``, ``step_tail`` and
 ``step_cached`` programs (``unidg export cache-graphs`` writes them when its input bundle has torch programs) runs
@@ -42,10 +43,10 @@ from unidg.runtime.backends.torch_step_options import (
     import_torch,
     optimize_step_program,
 )
-from unidg.runtime.bundle import CACHE_GRAPH_INPUTS, CACHE_GRAPH_NAMES, GRAPH_INPUTS, GRAPH_NAMES, Bundle
+from unidg.runtime.bundle import CACHE_GRAPH_INPUTS, CACHE_GRAPH_NAMES, GRAPH_NAMES, Bundle
 
 PROGRAM_DIR = "torch"
-CONDITIONING_INPUTS = ("cond", "ctx", "key_bias", "guidance", "img_ids", "txt_ids")
+PER_STEP_INPUTS = ("x", "sigma", "sigma_next")  # the step's inputs that change every step; the rest stay resident
 
 
 def torch_program_files(bundle: Bundle) -> dict[str, str]:
@@ -118,6 +119,8 @@ class TorchBackend(Backend):
                 self.programs["step"], self.options, self.device
             )
         self._loop = GraphRunner(euler_loop(self.programs["step"]), self.device) if self.options.cuda_graph else None
+        # cond, ctx, key_bias, guidance, img_ids, txt_ids (+ a text bundle's pooled): euler_loop's argument order
+        self.conditioning_inputs = tuple(name for name in bundle.step_inputs if name not in PER_STEP_INPUTS)
         self._conditioning: StepConditioning | None = None
         self._resident: dict = {}
         self._last_x: np.ndarray | None = None
@@ -178,7 +181,7 @@ class TorchBackend(Backend):
     def _upload_conditioning(self, x: np.ndarray, conditioning: StepConditioning) -> dict:
         if conditioning is not self._conditioning:  # upload the loop's constant inputs once
             feeds = step_feeds(x, conditioning, 0.0, 0.0)
-            self._resident = {name: self._tensor(feeds[name]) for name in CONDITIONING_INPUTS}
+            self._resident = {name: self._tensor(feeds[name]) for name in self.conditioning_inputs}
             self._conditioning = conditioning
             self._last_x = None
         return self._resident
@@ -191,7 +194,7 @@ class TorchBackend(Backend):
         inputs["sigma"] = self._tensor(np.full((batch,), sigma, dtype=np.float32))
         inputs["sigma_next"] = self._tensor(np.full((batch,), sigma_next, dtype=np.float32))
         with self.torch.inference_mode():
-            output = self.programs["step"](*(inputs[name] for name in GRAPH_INPUTS["step"]))
+            output = self.programs["step"](*(inputs[name] for name in self.bundle.step_inputs))
         if isinstance(output, tuple | list):
             (output,) = output
         self._last_x_device = output
@@ -302,7 +305,7 @@ class TorchBackend(Backend):
             x = self._loop(
                 self._tensor(noise),
                 self._tensor(np.asarray(sigmas, dtype=np.float32)),
-                *(resident[name] for name in CONDITIONING_INPUTS),
+                *(resident[name] for name in self.conditioning_inputs),
             )
             result = x.float().cpu().numpy()
         steps = len(sigmas) - 1

@@ -355,14 +355,15 @@ class GraphRunner:
 
 
 def euler_loop(step: Callable) -> Callable:
-    """``loop(x, sigmas, *conditioning)``: every step of the flow, sigma rows taken from the on-device table."""
+    """``loop(x, sigmas, *conditioning)``: every step of the flow, sigma rows taken from the on-device table.
 
-    def loop(x, sigmas, cond, ctx, key_bias, guidance, img_ids, txt_ids):
+    ``extra``: the step's inputs after ``txt_ids`` (a UniDG-Text bundle's ``pooled``), passed on unchanged."""
+
+    def loop(x, sigmas, cond, ctx, key_bias, guidance, img_ids, txt_ids, *extra):
         batch = x.shape[0]
         for i in range(sigmas.shape[0] - 1):
-            x = step(
-                x, cond, ctx, key_bias, sigmas[i].expand(batch), sigmas[i + 1].expand(batch), guidance, img_ids, txt_ids
-            )
+            sigma, sigma_next = sigmas[i].expand(batch), sigmas[i + 1].expand(batch)
+            x = step(x, cond, ctx, key_bias, sigma, sigma_next, guidance, img_ids, txt_ids, *extra)
             if isinstance(x, tuple | list):
                 (x,) = x
         return x
