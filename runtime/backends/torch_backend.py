@@ -59,7 +59,7 @@ def torch_program_files(bundle: Bundle) -> dict[str, str]:
         if not table:
             raise BackendError(
                 f"bundle {bundle.path} has no torch exported programs ({PROGRAM_DIR}/<graph>.pt2); export it with "
-                "torch programs, or run it with --backend onnxruntime"
+                "`unidg export onnx --torch-programs`, or run it with --backend onnxruntime"
             )
     if not isinstance(table, dict):
         raise BackendError(f"bundle {bundle.path}: manifest 'torch_programs' must map graph names to files")
