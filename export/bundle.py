@@ -91,6 +91,7 @@ def bundle_metadata(
         "precision": precision or options.precision,
         "attention": options.attention,
         "attention_form": options.mask_form,
+        "rope": options.rope,
         "latent_channels": LATENT_CHANNELS,
         "vae_scale": vae_scale,
         "vae_shift": vae_shift,
@@ -130,6 +131,7 @@ def export_bundle(
     verify_weights: bool = True,
     torch_programs: bool = False,
     fuse_qkv: bool = False,
+    rope: str = "op",
     text_encoders: str | Path | None = None,
     share_graphs_with: str | Path | None = None,
     progress: Progress | None = print_progress,
@@ -138,8 +140,9 @@ def export_bundle(
 
     ``torch_programs`` also saves each graph as a ``torch.export`` program (``torch/<graph>.pt2``, listed in the
     manifest's files and its ``torch_programs`` table) for ``--backend torch``; without it the bundle is unchanged.
-    ``fuse_qkv``: Q, K and V (and the single blocks' projections) as one matmul per attention stream: fewer, larger
-    kernels behind the same graph interface; outputs differ from the unfused graph by float rounding only.
+    ``fuse_qkv``: the torch programs' Q, K and V (and the single blocks' projections) as one matmul per attention
+    stream; the ONNX step graphs are always exported so (``unidg.export.lowered_flux``). ``rope``: ``"op"`` (ONNX
+    RotaryEmbedding) or ``"elementwise"`` RoPE in the step graphs.
 
     A UniDG-Text model (its manifest's ``text`` record, ``unidg train text`` + merge) gives a text bundle (format 3):
     the step takes ``pooled``, and the encoders the model was trained with (``text_encoders``, default: the folder its
@@ -163,6 +166,7 @@ def export_bundle(
         max_batch=max_batch,
         dynamic_sequence=dynamic_sequence,
         attention=attention,
+        rope=rope,
         **option_args,
     )
     if progress:

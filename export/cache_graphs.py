@@ -14,7 +14,6 @@ too (``torch/step_head.pt2`` ...), from the same modules and example inputs, so 
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 from pathlib import Path
 
@@ -35,8 +34,8 @@ from unidg.export.onnx_export import (
     cast_for_precision,
     export_module,
     float32_rope,
+    lowered_transformer,
     parameter_bytes,
-    portable_attention,
     print_progress,
     step_example_inputs,
     torch_program_file,
@@ -105,13 +104,14 @@ def export_cache_graphs(
     facts = ModelFacts.of(model, options.resolution)
     examples = cache_example_inputs(model, facts, options.example_batch)
     records = {}
+    blocks = len(model.transformer.transformer_blocks) + len(model.transformer.single_transformer_blocks)
+    # The step graph's form, cut after the first block; step_cached is the output stage only.
+    ranges = {"step_head": (0, 1), "step_tail": (1, blocks)}
     for name in CACHE_GRAPH_NAMES:
-        context = contextlib.ExitStack()
-        context.enter_context(float32_rope(model))
-        context.enter_context(portable_attention(model, options.mask_form))
-        with context:
+        lowered = lowered_transformer(model, options, ranges[name]) if name in ranges else None
+        with float32_rope(model):
             record = export_module(
-                CACHE_MODULES[name](model).eval(),
+                CACHE_MODULES[name](model, lowered).eval(),
                 examples[name],
                 Path(folder) / f"{name}.onnx",
                 CACHE_GRAPH_OUTPUTS[name],
@@ -175,6 +175,7 @@ def bundle_export_options(bundle: Bundle) -> ExportOptions:
         portable_mask=str(meta.get("attention_form", "expand")) if meta.get("attention") != "plugin" else "expand",
         opset=int(meta.get("opset", 23)),
         max_batch=int(meta.get("max_batch", 16)),
+        rope=str(meta.get("rope", "op")),
     )
 
 

@@ -91,7 +91,14 @@ def _register_onnx(export: argparse._SubParsersAction) -> None:
     onnx.add_argument(
         "--fuse-qkv",
         action="store_true",
-        help="Q, K and V as one matmul per attention stream (594 -> 554 kernels on the nano step; same interface)",
+        help="the torch programs' Q, K and V as one matmul per attention stream (the ONNX step graphs always are)",
+    )
+    onnx.add_argument(
+        "--rope",
+        choices=("op", "elementwise"),
+        default="op",
+        help="RoPE in the step graphs: op = ONNX RotaryEmbedding (onnxruntime, default); elementwise = Mul/Add, for "
+        "a runtime without RotaryEmbedding",
     )
     onnx.add_argument(
         "--text-encoders",
@@ -367,6 +374,7 @@ def run_onnx(args: argparse.Namespace) -> int:
         verify_weights=not args.no_verify,
         torch_programs=args.torch_programs,
         fuse_qkv=args.fuse_qkv,
+        rope=args.rope,
         text_encoders=args.text_encoders,
         share_graphs_with=args.share_graphs,
     )

@@ -5,6 +5,9 @@ emits fused ``Attention`` and ``RMSNormalization`` at opset 23, where the TorchS
 ``aten::rms_norm``. Graphs larger than 2 GB keep their weights in one external-data file beside the graph
 (``step.onnx.data``).
 
+The step graph's transformer is ``unidg.export.lowered_flux.LoweredFlux``: diffusers' arithmetic in fewer, larger
+kernels (token-major activations, fused projections, RoPE as ``RotaryEmbedding`` or elementwise).
+
 Attention in the step graph:
 - ``portable`` (default): opset-23 ``Attention`` with a float mask. onnxruntime's CPU kernel refuses a key-only mask
   ``[B, 1, 1, S]``, so the per-key bias is broadcast in the graph (``Expand`` to ``[B, 1, S, S]``) — or, with
@@ -38,15 +41,16 @@ from unidg.core.latents import LATENT_CHANNELS, MASK_CHANNELS, text_ids
 from unidg.core.layout import DiptychLayout, HasLayout
 from unidg.core.schedule import flux_sigmas
 from unidg.core.settings import MAX_RESOLUTION
+from unidg.export.lowered_flux import LoweredFlux
 from unidg.export.plugins.onnx_rewrite import rewrite_attention_file
 from unidg.export.step_model import ImageEncoderModel, StepModel, VaeDecoderModel, VaeEncoderModel, float32_rope
 from unidg.runtime.bundle import GRAPH_INPUTS, GRAPH_NAMES, GRAPH_OUTPUTS, STEP_INPUTS, TEXT_STEP_INPUTS
-from unidg.train.attention import KeyBiasAttnProcessor, flux_attention_modules
 from unidg.train.model import UniDGModel
 
 OPSET = 23
 PRECISIONS = ("fp32", "fp16", "bf16")
 ATTENTION_FORMS = ("portable", "plugin")
+ROPE_FORMS = ("op", "elementwise")  # unidg.export.lowered_flux: RotaryEmbedding, or Mul/Add for runtimes without it
 PORTABLE_MASKS = ("expand", "fold")
 DEFAULT_PORTABLE_MASK = "expand"  # measured faster in onnxruntime at the nano shape, equally exact: docs/export.md
 TWO_GIGABYTES = 2**31
@@ -83,6 +87,7 @@ class ExportOptions:
     portable_mask: str = DEFAULT_PORTABLE_MASK
     opset: int = OPSET
     max_batch: int = 16  # upper bound of a dynamic batch axis (export-time constraint)
+    rope: str = "op"  # the step graphs' RoPE: ONNX RotaryEmbedding, or elementwise
 
     def __post_init__(self) -> None:
         if not 16 <= self.resolution <= MAX_RESOLUTION or self.resolution % 16:
@@ -96,6 +101,8 @@ class ExportOptions:
             raise ExportError(f"--attention {self.attention!r}: choose one of {list(ATTENTION_FORMS)}")
         if self.portable_mask not in PORTABLE_MASKS:
             raise ExportError(f"portable mask form {self.portable_mask!r}: choose one of {list(PORTABLE_MASKS)}")
+        if self.rope not in ROPE_FORMS:
+            raise ExportError(f"--rope {self.rope!r}: choose one of {list(ROPE_FORMS)}")
         if self.batch != "dynamic" and (not isinstance(self.batch, int) or isinstance(self.batch, bool)):
             raise ExportError(f"--batch {self.batch!r}: give a positive integer or 'dynamic'")
         if isinstance(self.batch, int) and self.batch < 1:
@@ -273,37 +280,6 @@ def _dynamic_shapes(name: str, facts: ModelFacts, options: ExportOptions) -> dic
     return {"pixels": _axes(a0=batch)}
 
 
-# ------------------------------------------------------------------------------------------------ attention forms
-class _ExpandedMaskProcessor(KeyBiasAttnProcessor):
-    """Key-bias attention whose float mask is broadcast to [B, 1, S_q, S_k] before SDPA (onnxruntime needs it)."""
-
-    def attention(self, query, key, value, key_bias):
-        if key_bias is None:
-            return torch.nn.functional.scaled_dot_product_attention(query, key, value)
-        bias = key_bias.to(query.dtype)
-        if bias.ndim == 1:
-            bias = bias[None]
-        mask = bias[:, None, None, :].expand(query.shape[0], 1, query.shape[2], key.shape[2])
-        return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask)
-
-
-@contextlib.contextmanager
-def portable_attention(model: UniDGModel, form: str) -> Iterator[None]:
-    """Install the ONNX-friendly attention form on every block for the duration of an export."""
-    if form not in PORTABLE_MASKS:
-        raise ExportError(f"portable mask form {form!r}: choose one of {list(PORTABLE_MASKS)}")
-    modules = flux_attention_modules(model.transformer)
-    saved = [attn.processor for attn in modules]
-    replacement = _ExpandedMaskProcessor() if form == "expand" else KeyBiasAttnProcessor(backend="headdim_fold")
-    try:
-        for attn in modules:
-            attn.set_processor(replacement)
-        yield
-    finally:
-        for attn, processor in zip(modules, saved):
-            attn.set_processor(processor)
-
-
 # ------------------------------------------------------------------------------------------------ exporting
 def parameter_bytes(*modules: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for module in modules for p in module.parameters())
@@ -418,6 +394,14 @@ def graph_module(name: str, model: UniDGModel) -> torch.nn.Module:
     }[name](model).eval()
 
 
+def lowered_transformer(
+    model: UniDGModel, options: ExportOptions, blocks: tuple[int, int] | None = None
+) -> LoweredFlux:
+    """The transformer of the ONNX step graphs (``blocks``: a range of it): diffusers' arithmetic in fewer, larger
+    kernels."""
+    return LoweredFlux(model, attention=options.mask_form, rope=options.rope, blocks=blocks).eval()
+
+
 def cast_for_precision(model: UniDGModel, precision: str) -> UniDGModel:
     """Cast in place: transformer and image encoder to the precision; the VAE too, except fp16 for a VAE whose
     config asks for fp32 (``force_upcast``, as the FLUX VAE: it overflows in fp16)."""
@@ -461,25 +445,19 @@ def export_graph(
     """Export one bundle graph (``step``, ``vae_encoder``, ``vae_decoder``, ``image_encoder``) into ``folder``."""
     facts = facts or ModelFacts.of(model, options.resolution)
     inputs = graph_example_inputs(name, facts, options.example_batch)
-    module = graph_module(name, model)
+    module = StepModel(model, lowered_transformer(model, options)) if name == "step" else graph_module(name, model)
     path = Path(folder) / f"{name}.onnx"
-    spec = _dynamic_shapes(name, facts, options)
-    context = contextlib.ExitStack()
-    if name == "step":
-        context.enter_context(float32_rope(model))
-        context.enter_context(portable_attention(model, options.mask_form))
-    with context:
-        record = export_module(
-            module,
-            inputs,
-            path,
-            GRAPH_OUTPUTS[name],
-            dynamic_shapes=spec,
-            opset=options.opset,
-            external_data=external_data,
-            weight_bytes=parameter_bytes(*graph_parameters(name, model)),
-            progress=progress,
-        )
+    record = export_module(
+        module,
+        inputs,
+        path,
+        GRAPH_OUTPUTS[name],
+        dynamic_shapes=_dynamic_shapes(name, facts, options),
+        opset=options.opset,
+        external_data=external_data,
+        weight_bytes=parameter_bytes(*graph_parameters(name, model)),
+        progress=progress,
+    )
     wanted = facts.step_inputs if name == "step" else GRAPH_INPUTS[name]
     if tuple(record.inputs) != wanted or tuple(record.outputs) != GRAPH_OUTPUTS[name]:
         raise ExportError(

@@ -18,6 +18,7 @@ import torch
 from diffusers.models.embeddings import get_1d_rotary_pos_embed
 from torch import nn
 
+from unidg.export.lowered_flux import LoweredFlux
 from unidg.train.model import UniDGModel
 from unidg.train.split_transformer import rotary_embedding, run_tail_blocks, transformer_head, velocity_out
 
@@ -65,11 +66,15 @@ def _euler(x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, veloc
 
 class ModelGraph(nn.Module):
     """One graph of a bundle, computed from a ``UniDGModel`` (registered as ``model``, so every graph's weights are
-    named ``model.*``); subclasses say what ``forward`` computes."""
+    named ``model.*``); subclasses say what ``forward`` computes.
 
-    def __init__(self, model: UniDGModel) -> None:
+    ``lowered``: the step graphs' transformer as ``unidg.export.lowered_flux.LoweredFlux`` computes it (the ONNX
+    graphs); None runs the model's own diffusers forward (the torch programs)."""
+
+    def __init__(self, model: UniDGModel, lowered: LoweredFlux | None = None) -> None:
         super().__init__()
         self.model = model
+        self.lowered = lowered
 
 
 class StepModel(ModelGraph):
@@ -94,11 +99,12 @@ class StepModel(ModelGraph):
         pooled: torch.Tensor | None = None,
     ) -> torch.Tensor:
         dtype = self.model.dtype
-        velocity = self.model.velocity(
+        velocity = self.model.velocity if self.lowered is None else self.lowered
+        v = velocity(
             x.to(dtype), cond.to(dtype), ctx.to(dtype), key_bias.float(), sigma, guidance, img_ids, txt_ids,
             pooled=None if pooled is None else pooled.to(dtype),
         )  # fmt: skip
-        return _euler(x, sigma, sigma_next, velocity)
+        return _euler(x, sigma, sigma_next, v)
 
 
 class StepHeadModel(ModelGraph):
@@ -109,8 +115,23 @@ class StepHeadModel(ModelGraph):
     """
 
     def forward(self, x, cond, ctx, key_bias, sigma, guidance, img_ids, txt_ids) -> tuple[torch.Tensor, ...]:
+        if self.lowered is not None:
+            return self._lowered(x, cond, ctx, key_bias, sigma, guidance, img_ids, txt_ids)
         head = transformer_head(self.model, x, cond, ctx, key_bias.float(), sigma, guidance, img_ids, txt_ids)
         return head.hidden.float(), head.encoder_hidden.float(), head.temb.float(), head.first_residual.float()
+
+    def _lowered(self, x, cond, ctx, key_bias, sigma, guidance, img_ids, txt_ids) -> tuple[torch.Tensor, ...]:
+        lowered = self.lowered
+        embedded, context, temb = lowered.embed(x, cond, ctx, sigma, guidance)
+        conditioning = lowered.conditioning(temb, key_bias.float(), img_ids, txt_ids)
+        hidden, context = lowered.run_blocks(embedded, context, conditioning)
+        batch = conditioning.batch
+        return (
+            lowered.unsplit(hidden, batch).float(),
+            lowered.unsplit(context, batch).float(),
+            temb.float(),
+            lowered.unsplit(hidden - embedded, batch).float(),
+        )
 
 
 class StepTailModel(ModelGraph):
@@ -121,6 +142,14 @@ class StepTailModel(ModelGraph):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = self.model.dtype
         hidden = hidden.to(dtype)
+        if self.lowered is not None:
+            lowered = self.lowered
+            conditioning = lowered.conditioning(temb.to(dtype), key_bias.float(), img_ids, txt_ids)
+            batch = conditioning.batch
+            tokens = (lowered.tokens(t, batch) for t in (hidden, encoder_hidden.to(dtype)))
+            final, _ = lowered.run_blocks(*tokens, conditioning)
+            velocity = lowered.velocity_out(final, conditioning)
+            return _euler(x, sigma, sigma_next, velocity), (lowered.unsplit(final, batch) - hidden).float()
         rotary = rotary_embedding(self.model, img_ids, txt_ids)
         final = run_tail_blocks(self.model, hidden, encoder_hidden.to(dtype), temb.to(dtype), rotary, key_bias.float())
         velocity = velocity_out(self.model, final, temb.to(dtype))

@@ -115,9 +115,10 @@ def _nano_model():
     return load_nano_model()
 
 
-def test_fused_qkv_step_graph_has_one_matmul_per_stream_and_the_same_outputs(tmp_path):
-    """``export onnx --fuse-qkv``: Q, K and V as one matmul per attention stream (2 per double block, 1 per single
-    block), the same graph interface and the unfused model's outputs to float rounding."""
+def test_step_graph_has_one_matmul_per_stream_and_the_same_outputs_fused_or_not(tmp_path):
+    """The step graph's Q, K and V are one matmul per attention stream (2 per double block), a single block's with its
+    MLP input (1 per single block), whether or not the model's own projections were fused (``--fuse-qkv``): same
+    graph interface, the unfused model's outputs to float rounding."""
     model = _nano_model()
     feeds = graph_example_inputs("step", ModelFacts.of(model, RESOLUTION), 1)
     with torch.no_grad(), float32_rope(model):
@@ -128,13 +129,15 @@ def test_fused_qkv_step_graph_has_one_matmul_per_stream_and_the_same_outputs(tmp
     graph = onnx.load(str(tmp_path / "step.onnx"))
     config = model.transformer.config
     inner = config.num_attention_heads * config.attention_head_dim
-    shapes = {tensor.name: tuple(tensor.dims) for tensor in graph.graph.initializer}
-    qkv = [
-        node
-        for node in graph.graph.node
-        if node.op_type in ("MatMul", "Gemm") and any(shapes.get(x) == (inner, 3 * inner) for x in node.input)
-    ]
-    assert len(qkv) == 2 * config.num_layers + config.num_single_layers
+    mlp = model.transformer.single_transformer_blocks[0].mlp_hidden_dim
+    weights = {tensor.name: sorted(tensor.dims) for tensor in graph.graph.initializer if "model." not in tensor.name}
+
+    def projections(width: int) -> int:  # matmuls whose weight the lowering fused (not one of the model's own)
+        matmuls = [node for node in graph.graph.node if node.op_type in ("MatMul", "Gemm")]
+        return sum(any(weights.get(x) == sorted((inner, width)) for x in node.input) for node in matmuls)
+
+    assert projections(3 * inner) == 2 * config.num_layers
+    assert projections(3 * inner + mlp) == config.num_single_layers
     session = ort.InferenceSession(str(tmp_path / "step.onnx"), providers=["CPUExecutionProvider"])
     assert np.abs(session.run(None, feeds)[0] - expected).max() < 1e-4
 
