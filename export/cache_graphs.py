@@ -44,10 +44,10 @@ from unidg.export.onnx_export import (
 from unidg.export.step_model import StepCachedModel, StepHeadModel, StepTailModel
 from unidg.runtime.bundle import (
     BUNDLE_FORMAT_VERSION_STEP_CACHE,
-    CACHE_GRAPH_INPUTS,
     CACHE_GRAPH_NAMES,
     CACHE_GRAPH_OUTPUTS,
     Bundle,
+    cache_graph_inputs,
     load_bundle,
 )
 from unidg.runtime.step_cache import SIGNAL
@@ -65,14 +65,15 @@ def hidden_dim(model: UniDGModel) -> int:
 
 def cache_example_inputs(model: UniDGModel, facts: ModelFacts, batch: int, seed: int = 0) -> dict[str, dict]:
     """Example inputs of the three graphs: the step's example inputs, the head's real outputs for the others."""
+    inputs = cache_graph_inputs(facts.pooled_dim is not None)
     step = step_example_inputs(facts, batch, seed)
-    head_inputs = {name: step[name] for name in CACHE_GRAPH_INPUTS["step_head"]}
+    head_inputs = {name: step[name] for name in inputs["step_head"]}
     with torch.no_grad(), float32_rope(model):
         outputs = StepHeadModel(model)(*(torch.from_numpy(v) for v in head_inputs.values()))
     head = dict(zip(CACHE_GRAPH_OUTPUTS["step_head"], (t.numpy() for t in outputs)))
     rng = np.random.default_rng(seed + 1)
     arrays = {**step, **head, "tail_residual": rng.standard_normal(head["hidden"].shape, dtype=np.float32)}
-    return {name: {t: arrays[t] for t in CACHE_GRAPH_INPUTS[name]} for name in CACHE_GRAPH_NAMES}
+    return {name: {t: arrays[t] for t in inputs[name]} for name in CACHE_GRAPH_NAMES}
 
 
 def _cache_dynamic_shapes(name: str, facts: ModelFacts, options: ExportOptions) -> dict | None:
@@ -82,7 +83,7 @@ def _cache_dynamic_shapes(name: str, facts: ModelFacts, options: ExportOptions) 
     batch = dim(BATCH_AXIS, min=1, max=options.max_batch) if options.dynamic_batch else None
     tokens = dim("image_tokens", min=2, max=2**16) if options.dynamic_sequence else None
     spec = {}
-    for tensor in CACHE_GRAPH_INPUTS[name]:
+    for tensor in cache_graph_inputs(facts.pooled_dim is not None)[name]:
         axes: dict[int, object] = {}
         if tensor == "img_ids":
             axes = {0: tokens} if tokens is not None else {}
@@ -98,10 +99,16 @@ def _cache_dynamic_shapes(name: str, facts: ModelFacts, options: ExportOptions) 
 
 
 def export_cache_graphs(
-    model: UniDGModel, folder: Path, options: ExportOptions, progress: Progress | None = print_progress
+    model: UniDGModel,
+    folder: Path,
+    options: ExportOptions,
+    progress: Progress | None = print_progress,
+    text: bool = False,
 ) -> dict[str, GraphRecord]:
-    """Export ``step_head``, ``step_tail`` and ``step_cached`` of ``model`` (cast already) into ``folder``."""
-    facts = ModelFacts.of(model, options.resolution)
+    """Export ``step_head``, ``step_tail`` and ``step_cached`` of ``model`` (cast already) into ``folder``; ``text``:
+    a UniDG-Text bundle's, whose head takes ``pooled``."""
+    facts = ModelFacts.of(model, options.resolution, text)
+    inputs = cache_graph_inputs(text)
     examples = cache_example_inputs(model, facts, options.example_batch)
     records = {}
     blocks = len(model.transformer.transformer_blocks) + len(model.transformer.single_transformer_blocks)
@@ -120,10 +127,10 @@ def export_cache_graphs(
                 weight_bytes=parameter_bytes(model.transformer),
                 progress=progress,
             )
-        if tuple(record.inputs) != CACHE_GRAPH_INPUTS[name] or tuple(record.outputs) != CACHE_GRAPH_OUTPUTS[name]:
+        if tuple(record.inputs) != inputs[name] or tuple(record.outputs) != CACHE_GRAPH_OUTPUTS[name]:
             raise ExportError(
                 f"{name}.onnx has inputs {list(record.inputs)} / outputs {list(record.outputs)}; the step cache needs "
-                f"{list(CACHE_GRAPH_INPUTS[name])} / {list(CACHE_GRAPH_OUTPUTS[name])}"
+                f"{list(inputs[name])} / {list(CACHE_GRAPH_OUTPUTS[name])}"
             )
         if name != "step_cached" and options.attention == "plugin":
             record = _rewrite_to_plugin(Path(folder) / record.file, record, progress)
@@ -132,12 +139,16 @@ def export_cache_graphs(
 
 
 def export_cache_programs(
-    model: UniDGModel, folder: Path, options: ExportOptions, progress: Progress | None = print_progress
+    model: UniDGModel,
+    folder: Path,
+    options: ExportOptions,
+    progress: Progress | None = print_progress,
+    text: bool = False,
 ) -> dict[str, str]:
     """Save ``step_head``, ``step_tail`` and ``step_cached`` as ``torch.export`` programs for the torch backend;
     returns graph -> file (relative to ``folder``). The modules and example inputs the ONNX graphs are exported from,
     with the model's own key-bias attention (as the step's torch program keeps it)."""
-    facts = ModelFacts.of(model, options.resolution)
+    facts = ModelFacts.of(model, options.resolution, text)
     examples = cache_example_inputs(model, facts, options.example_batch)
     files = {}
     for name in CACHE_GRAPH_NAMES:
@@ -147,7 +158,7 @@ def export_cache_programs(
             program = torch.export.export(
                 CACHE_MODULES[name](model).eval(),
                 args,
-                dynamic_shapes=tuple(spec[t] for t in CACHE_GRAPH_INPUTS[name]) if spec else None,
+                dynamic_shapes=tuple(spec[t] for t in examples[name]) if spec else None,
             )
         files[name] = torch_program_file(name)
         path = Path(folder) / files[name]
@@ -191,11 +202,6 @@ def add_cache_graphs(
     bundle = load_bundle(bundle_path)
     if bundle.cache_graphs:
         raise OutputFolderError(f"bundle {bundle.path} already has step-cache graphs; nothing to add")
-    if bundle.text:  # refused before the export: the runtime would refuse the result, a format-2 copy with text
-        raise ExportError(
-            f"bundle {bundle.path} is a UniDG-Text bundle: the step-cache graphs take no pooled input yet; run it "
-            "without step caching"
-        )
     weights = read_weights(weights_folder, progress=progress)
     wanted = (bundle.metadata.get("weights") or {}).get("fingerprint")
     if wanted and wanted != weights.fingerprint:
@@ -210,12 +216,14 @@ def add_cache_graphs(
             target = staging / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(bundle.file_path(relative), target)
-        records = export_cache_graphs(model, staging, options, progress)
+        text = bool(bundle.text)
+        records = export_cache_graphs(model, staging, options, progress, text)
         metadata = dict(bundle.metadata)
         if isinstance(metadata.get("torch_programs"), dict):  # the torch backend runs this bundle: cache it there too
-            programs = export_cache_programs(model, staging, options, progress)
+            programs = export_cache_programs(model, staging, options, progress, text)
             metadata["torch_programs"] = {**metadata["torch_programs"], **programs}
-        metadata["format_version"] = BUNDLE_FORMAT_VERSION_STEP_CACHE
+        if not text:  # a UniDG-Text bundle stays format 3, which may carry the step cache
+            metadata["format_version"] = BUNDLE_FORMAT_VERSION_STEP_CACHE
         metadata["step_cache"] = {
             "signal": SIGNAL,
             "hidden_dim": hidden_dim(model),

@@ -109,20 +109,27 @@ class StepModel(ModelGraph):
 
 class StepHeadModel(ModelGraph):
     """Step caching, every step: embedders + first block -> (hidden, encoder_hidden, temb, first_residual), float32.
+    ``pooled``: a UniDG-Text bundle's head input (the instruction's CLIP pooled output); zeros without it.
 
     The split of ``StepModel`` that ``unidg.runtime.step_cache`` runs: head + tail equals the step, head + cached
     step reuses the tail residual of the last full step.
     """
 
-    def forward(self, x, cond, ctx, key_bias, sigma, guidance, img_ids, txt_ids) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self, x, cond, ctx, key_bias, sigma, guidance, img_ids, txt_ids, pooled=None
+    ) -> tuple[torch.Tensor, ...]:
+        if pooled is not None:
+            pooled = pooled.to(self.model.dtype)
         if self.lowered is not None:
-            return self._lowered(x, cond, ctx, key_bias, sigma, guidance, img_ids, txt_ids)
-        head = transformer_head(self.model, x, cond, ctx, key_bias.float(), sigma, guidance, img_ids, txt_ids)
+            return self._lowered(x, cond, ctx, key_bias, sigma, guidance, img_ids, txt_ids, pooled)
+        head = transformer_head(
+            self.model, x, cond, ctx, key_bias.float(), sigma, guidance, img_ids, txt_ids, pooled=pooled
+        )
         return head.hidden.float(), head.encoder_hidden.float(), head.temb.float(), head.first_residual.float()
 
-    def _lowered(self, x, cond, ctx, key_bias, sigma, guidance, img_ids, txt_ids) -> tuple[torch.Tensor, ...]:
+    def _lowered(self, x, cond, ctx, key_bias, sigma, guidance, img_ids, txt_ids, pooled) -> tuple[torch.Tensor, ...]:
         lowered = self.lowered
-        embedded, context, temb = lowered.embed(x, cond, ctx, sigma, guidance)
+        embedded, context, temb = lowered.embed(x, cond, ctx, sigma, guidance, pooled)
         conditioning = lowered.conditioning(temb, key_bias.float(), img_ids, txt_ids)
         hidden, context = lowered.run_blocks(embedded, context, conditioning)
         batch = conditioning.batch

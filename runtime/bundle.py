@@ -56,6 +56,9 @@ CACHE_GRAPH_INPUTS = {
     "step_tail": ("hidden", "encoder_hidden", "temb", "key_bias", "img_ids", "txt_ids", "x", "sigma", "sigma_next"),
     "step_cached": ("hidden", "tail_residual", "temb", "x", "sigma", "sigma_next"),
 }
+# A UniDG-Text bundle's head also takes ``pooled``: the instruction enters the transformer only through temb, which
+# the head hands to the tail and the cached step, so their inputs stay those above.
+TEXT_CACHE_GRAPH_INPUTS = {**CACHE_GRAPH_INPUTS, "step_head": (*CACHE_GRAPH_INPUTS["step_head"], "pooled")}
 CACHE_GRAPH_OUTPUTS = {
     "step_head": ("hidden", "encoder_hidden", "temb", "first_residual"),
     "step_tail": ("x_next", "tail_residual"),
@@ -114,6 +117,11 @@ class Bundle(HasLayout):
     def step_inputs(self) -> tuple[str, ...]:
         """The step graph's inputs in call order: Bundle format v1's, plus ``pooled`` in a text bundle."""
         return TEXT_STEP_INPUTS if self.text else STEP_INPUTS
+
+    @property
+    def cache_inputs(self) -> dict[str, tuple[str, ...]]:
+        """The step-cache graphs' inputs in call order (a text bundle's head also takes ``pooled``)."""
+        return cache_graph_inputs(bool(self.text))
 
     @property
     def step_cache(self) -> dict:
@@ -398,8 +406,14 @@ def load_bundle(
     )
 
 
+def cache_graph_inputs(text: bool) -> dict[str, tuple[str, ...]]:
+    """The step-cache graphs' inputs in call order, in a reference-mode or a UniDG-Text (``text``) bundle."""
+    return TEXT_CACHE_GRAPH_INPUTS if text else CACHE_GRAPH_INPUTS
+
+
 def expected_cache_shapes(meta: dict, hidden_dim: int, batch: Dim) -> dict[str, dict[str, tuple[Dim, ...]]]:
     """The shape of every step-cache graph tensor (``hidden_dim``: the transformer's inner width D)."""
+    inputs = cache_graph_inputs(isinstance(meta.get("text"), dict))
     step = expected_shapes(meta, batch)["step"]
     n, c = step["x"][1], step["ctx"][1]
     hidden, encoder, temb = (batch, n, hidden_dim), (batch, c, hidden_dim), (batch, hidden_dim)
@@ -410,8 +424,7 @@ def expected_cache_shapes(meta: dict, hidden_dim: int, batch: Dim) -> dict[str, 
         "step_cached": {**common, "tail_residual": hidden},
     }
     return {
-        name: {t: tables[name][t] for t in (*CACHE_GRAPH_INPUTS[name], *CACHE_GRAPH_OUTPUTS[name])}
-        for name in CACHE_GRAPH_NAMES
+        name: {t: tables[name][t] for t in (*inputs[name], *CACHE_GRAPH_OUTPUTS[name])} for name in CACHE_GRAPH_NAMES
     }
 
 
@@ -445,8 +458,9 @@ def _parse_step_cache(
     missing = [g for g in CACHE_GRAPH_NAMES if g not in table["graphs"]]
     if missing:
         raise _fail(folder, f"step_cache lacks graphs {missing}", "re-run `unidg export cache-graphs`")
+    inputs = cache_graph_inputs(isinstance(meta.get("text"), dict))
     graphs = {
-        name: _parse_graph(folder, name, table["graphs"][name], files, CACHE_GRAPH_INPUTS, CACHE_GRAPH_OUTPUTS)
+        name: _parse_graph(folder, name, table["graphs"][name], files, inputs, CACHE_GRAPH_OUTPUTS)
         for name in CACHE_GRAPH_NAMES
     }
     want = expected_cache_shapes(meta, hidden_dim, batch if batch is not None else "batch")
@@ -473,8 +487,6 @@ def _parse_text(folder: Path, meta: dict, files: dict[str, str], version: object
         raise _fail(folder, f"manifest has a 'text' table but format_version {version!r} (needs 3)")
     if meta.get("fold_text_tokens"):
         raise _fail(folder, "a UniDG-Text bundle cannot fold its text tokens (fold_text_tokens is true)")
-    if meta.get("step_cache") is not None:
-        raise _fail(folder, "a UniDG-Text bundle with step-cache graphs: their head takes no pooled input yet")
     if not isinstance(table, dict) or not isinstance(table.get("graphs"), dict):
         raise _fail(folder, "manifest 'text' has no 'graphs' table")
     pooled = table.get("pooled_dim")

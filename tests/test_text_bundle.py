@@ -30,8 +30,8 @@ from unidg.core.manifest import read_manifest, sha256_file
 from unidg.core.text import CLIP_GRAPH, CLIP_TOKENIZER_FOLDER, T5_GRAPH, T5_TOKENIZER_FOLDER, TOKENIZER_FILE
 from unidg.core.weights_folder import WeightsError
 from unidg.export.bundle import export_bundle
-from unidg.export.cache_graphs import add_cache_graphs
-from unidg.export.onnx_export import ExportError, ModelFacts, step_example_inputs
+from unidg.export.cache_graphs import add_cache_graphs, cache_example_inputs
+from unidg.export.onnx_export import ModelFacts, step_example_inputs
 from unidg.export.step_model import StepModel
 from unidg.runtime.backends import create_backend
 from unidg.runtime.backends.base import BackendError, StepConditioning
@@ -405,10 +405,44 @@ def test_export_refuses_missing_or_other_text_encoders(tmp_path: Path, weights: 
     assert not (tmp_path / "out").exists()
 
 
-def test_step_cache_graphs_are_refused_for_a_text_bundle(tmp_path: Path, bundle: Path, weights: Path) -> None:
-    with pytest.raises(ExportError, match=r"is a UniDG-Text bundle: the step-cache graphs take no pooled input"):
-        add_cache_graphs(bundle, weights, tmp_path / "cached", progress=None)
-    assert not (tmp_path / "cached").exists()
+@pytest.fixture(scope="module")
+def cached_bundle(tmp_path_factory, bundle: Path, weights: Path) -> Path:
+    out = tmp_path_factory.mktemp("text-cache") / "bundle"
+    add_cache_graphs(bundle, weights, out, progress=None)
+    return out
+
+
+def test_step_cache_graphs_of_a_text_bundle_take_the_instruction(cached_bundle: Path, bundle: Path) -> None:
+    """A UniDG-Text bundle gets the step-cache graphs (format 3 kept); its head takes ``pooled``, the only way the
+    instruction reaches temb, so every step cached or not follows the instruction. A threshold no step stays under
+    runs head + tail every step: the uncached generation to float rounding."""
+    loaded = load_bundle(cached_bundle)
+    assert loaded.metadata["format_version"] == 3 and loaded.text and loaded.cache_graphs
+    assert loaded.cache_inputs["step_head"][-1] == "pooled"
+    assert loaded.cache_graphs["step_head"].inputs["pooled"].shape[-1] == loaded.text["pooled_dim"]
+    prompt = "Add the scratch defect to the image."
+    for request in (_request(steps=6, seed=3, prompt=prompt), _request(with_reference=True, steps=6, seed=3)):
+        with DefectSynthesizer.from_bundle(bundle, threads=1) as plain:
+            uncached = plain.generate(plain.check(request))
+        with DefectSynthesizer.from_bundle(cached_bundle, threads=1, cache="dynamic", cache_threshold=1e-9) as full:
+            every_step = full.generate(full.check(request))
+        assert every_step.metadata["step_cache"]["full_steps"] == 6
+        levels = np.abs(every_step.image.astype(int) - uncached.image.astype(int)).max()
+        assert levels <= 1, levels
+        with DefectSynthesizer.from_bundle(cached_bundle, threads=1, cache="dynamic", cache_threshold=10.0) as loose:
+            skipping = loose.generate(loose.check(request))
+        assert skipping.metadata["step_cache"]["full_steps"] < 6
+        assert _psnr(skipping.image, uncached.image) > 15
+
+
+def test_the_text_head_reads_pooled(cached_bundle: Path, model: UniDGModel) -> None:
+    loaded = load_bundle(cached_bundle)
+    facts = ModelFacts.of(model, loaded.resolution, text=True)
+    feeds = cache_example_inputs(model, facts, 1)["step_head"]
+    session = ort.InferenceSession(str(loaded.graph_path("step_head")), providers=["CPUExecutionProvider"])
+    temb = session.run(["temb"], feeds)[0]
+    other = session.run(["temb"], {**feeds, "pooled": feeds["pooled"] + 1.0})[0]
+    assert np.abs(temb - other).max() > 1e-4
 
 
 # ---------------------------------------------------------------------------------------------- refused manifests
@@ -450,7 +484,7 @@ MANIFEST_CASES = [
     ("ids-as-floats", _text_edit(_float_ids), ["text graph 'clip_text' inputs", "['input_ids'] int64"]),
     ("spec-not-a-table", _text_edit(_bare_dtype), ["text graph 't5_text' outputs", "['hidden'] float32"]),
     ("graph-not-listed", _text_edit(lambda t: t["graphs"][T5_GRAPH].update(file="t5.onnx")), ["t5_text", "not listed"]),
-    ("step-cache", _meta_edit(lambda m: m.update(step_cache={"graphs": {}})), ["step-cache graphs", "pooled"]),
+    ("step-cache", _meta_edit(lambda m: m.update(step_cache={"graphs": {}})), ["step_cache hidden_dim", "None"]),
 ]
 
 

@@ -45,14 +45,17 @@ def transformer_head(
     guidance: torch.Tensor | float,
     img_ids: torch.Tensor,
     txt_ids: torch.Tensor,
+    pooled: torch.Tensor | None = None,
 ) -> TransformerHead:
-    """Embedders + first double block, with ``UniDGModel.velocity``'s input conventions."""
+    """Embedders + first double block, with ``UniDGModel.velocity``'s input conventions (``pooled``: a UniDG-Text
+    instruction's CLIP pooled output; zeros without one)."""
     transformer = model.transformer
     config = transformer.config
     batch = x.shape[0]
     dtype = model.dtype
     sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).reshape(-1).expand(batch)
-    pooled = torch.zeros(batch, config.pooled_projection_dim, device=x.device, dtype=dtype)
+    if pooled is None:
+        pooled = torch.zeros(batch, config.pooled_projection_dim, device=x.device, dtype=dtype)
     embedded = transformer.x_embedder(torch.cat([x.to(dtype), cond.to(dtype)], dim=2))
     timestep = sigma.to(embedded.dtype) * 1000
     if config.guidance_embeds:

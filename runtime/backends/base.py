@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from unidg.core.errors import UniDGError
-from unidg.runtime.bundle import CACHE_GRAPH_INPUTS, Bundle
+from unidg.runtime.bundle import Bundle, cache_graph_inputs
 
 ProgressCallback = Callable[[int, int], "bool | None"]  # (step done, total) -> False cancels
 
@@ -205,14 +205,14 @@ def check_finite(array: np.ndarray, what: str, bundle: Bundle) -> None:
 
 
 def cache_feeds(graph: str, batch: int, arrays: dict[str, np.ndarray], sigma: float, sigma_next: float) -> dict:
-    """The named float32 inputs of a step-cache graph, from ``arrays`` plus the per-sample sigmas."""
+    """The named float32 inputs of a step-cache graph, from ``arrays`` plus the per-sample sigmas (a text bundle's
+    head: ``pooled`` too, which ``step_feeds`` puts in its arrays)."""
     scalars = {
         "sigma": np.full((batch,), sigma, dtype=np.float32),
         "sigma_next": np.full((batch,), sigma_next, dtype=np.float32),
     }
-    return {
-        name: np.ascontiguousarray({**arrays, **scalars}[name], dtype=np.float32) for name in CACHE_GRAPH_INPUTS[graph]
-    }
+    names = cache_graph_inputs("pooled" in arrays)[graph]
+    return {name: np.ascontiguousarray({**arrays, **scalars}[name], dtype=np.float32) for name in names}
 
 
 def step_feeds(x: np.ndarray, conditioning: StepConditioning, sigma: float, sigma_next: float) -> dict[str, np.ndarray]:

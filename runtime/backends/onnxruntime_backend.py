@@ -17,7 +17,6 @@ from unidg.runtime.backends.base import (
     step_feeds,
 )
 from unidg.runtime.bundle import (
-    CACHE_GRAPH_INPUTS,
     CACHE_GRAPH_NAMES,
     CACHE_GRAPH_OUTPUTS,
     GRAPH_INPUTS,
@@ -197,7 +196,7 @@ def _check_session(bundle: Bundle, graph: str, session: ort.InferenceSession) ->
     batch = bundle.batch if bundle.batch is not None else "batch"
     if graph in CACHE_GRAPH_NAMES:
         want = expected_cache_shapes(bundle.metadata, int(bundle.step_cache["hidden_dim"]), batch)[graph]
-        tensors = (*CACHE_GRAPH_INPUTS[graph], *CACHE_GRAPH_OUTPUTS[graph])
+        tensors = (*bundle.cache_inputs[graph], *CACHE_GRAPH_OUTPUTS[graph])
     else:
         want = expected_shapes(bundle.metadata, batch)[graph]
         inputs = bundle.step_inputs if graph == "step" else GRAPH_INPUTS[graph]

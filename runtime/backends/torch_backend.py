@@ -43,7 +43,7 @@ from unidg.runtime.backends.torch_step_options import (
     import_torch,
     optimize_step_program,
 )
-from unidg.runtime.bundle import CACHE_GRAPH_INPUTS, CACHE_GRAPH_NAMES, GRAPH_NAMES, Bundle
+from unidg.runtime.bundle import CACHE_GRAPH_NAMES, GRAPH_NAMES, Bundle
 
 PROGRAM_DIR = "torch"
 PER_STEP_INPUTS = ("x", "sigma", "sigma_next")  # the step's inputs that change every step; the rest stay resident
@@ -234,7 +234,7 @@ class TorchBackend(Backend):
         if problem:
             raise BackendError(problem)
         inputs = []
-        for name in CACHE_GRAPH_INPUTS[graph]:
+        for name in self.bundle.cache_inputs[graph]:
             if name in ("sigma", "sigma_next"):
                 value = sigma if name == "sigma" else sigma_next
                 inputs.append(self._tensor(np.full((batch,), value, dtype=np.float32)))
