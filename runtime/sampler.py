@@ -76,6 +76,13 @@ def denoise_cached(
     steps, the cached-step graph otherwise. Returns x and the decisions taken (full evaluations, schedule)."""
     total = len(sigmas) - 1
     decider = CacheDecider(cache, total)
+    if cache.mode == "static":  # a fixed schedule: the backend may run the loop without the host in between
+        fused = backend.denoise_static_cache(noise, conditioning, sigmas, tuple(cache.schedule), callback)
+        if fused is not None:
+            for i in range(total):
+                decider.full_step(i, None)
+            check_finite(fused, f"step-cache graphs ({total} steps)", backend.bundle)
+            return fused, decider
     x = noise
     tail_residual = None
     for i in range(total):

@@ -143,7 +143,7 @@ def resolve_step_cache(
     gated default, which turns off on a backend that cannot run the cache graphs; a chosen mode is refused there."""
     step_cache = bundle_step_cache(bundle, mode, threshold)
     chosen = mode is not None or threshold is not None
-    problem = backend.step_cache_problem() if step_cache.enabled else None
+    problem = backend.step_cache_problem(step_cache.mode) if step_cache.enabled else None
     if problem:
         if not chosen:
             return OFF, False

@@ -124,5 +124,50 @@ def test_torch_without_cache_programs_or_with_speed_options_declines_by_name(tmp
         assert synth.step_cache.mode == "off"
     with pytest.raises(StepCacheError, match="no torch programs for the step-cache graphs.*--torch-programs"):
         DefectSynthesizer.from_bundle(stripped, "torch", cache="static")
-    with pytest.raises(StepCacheError, match="--cuda-graph apply to the uncached step program only"):
+    with pytest.raises(StepCacheError, match="--cuda-graph captures a static step-cache schedule.*--cache static"):
         DefectSynthesizer.from_bundle(cached, "torch", cache="dynamic", cuda_graph=True)
+    with pytest.raises(StepCacheError, match="--compile, --fp8 and --fused-attention apply to the uncached step"):
+        DefectSynthesizer.from_bundle(cached, "torch", cache="static", compile=True)
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_static_schedule_runs_on_the_device_and_equals_the_per_call_loop(cuda_graph, monkeypatch):
+    """A static schedule runs as one device-resident loop (``denoise_static_cache``; with --cuda-graph through the
+    GraphRunner that captures it on CUDA and runs it on its static buffers here): the same final latents, to the bit,
+    as the head / tail / cached-step calls through the host, the same steps in full, progress for every step."""
+    _, cached = bundles()
+    steps_seen = []
+    with (
+        single_thread(),
+        DefectSynthesizer.from_bundle(cached, "torch", cache="static", cuda_graph=cuda_graph) as synth,
+    ):
+        request = synth.check(_request(7))
+        calls = []
+        real = type(synth.backend).denoise_static_cache
+
+        def counted(self, *args, **kwargs):
+            calls.append(1)
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(type(synth.backend), "denoise_static_cache", counted)
+        fused, x_fused = _generate_with(synth, request, monkeypatch, steps_seen)
+        monkeypatch.setattr(type(synth.backend), "denoise_static_cache", lambda self, *a, **k: None)
+        per_call, x_per_call = _generate_with(synth, request, monkeypatch, [])
+    assert calls == [1]
+    assert np.array_equal(x_fused, x_per_call)
+    assert fused.metadata["step_cache"]["ran"] == per_call.metadata["step_cache"]["ran"]
+    assert steps_seen == list(range(1, STEPS + 1))
+
+
+def _generate_with(synth, request, monkeypatch, steps_seen: list):
+    kept = {}
+    real = synthesizer_module.denoise_cached
+
+    def spy(*args, **kwargs):
+        x, decider = real(*args, **kwargs)
+        kept["x"] = x.copy()
+        return x, decider
+
+    monkeypatch.setattr(synthesizer_module, "denoise_cached", spy)
+    result = synth.generate(request, progress=lambda step, total: steps_seen.append(step) or True)
+    return result, kept["x"]

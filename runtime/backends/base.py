@@ -137,8 +137,9 @@ class Backend(ABC):
         """Step caching, a cached step: the head's output + a kept tail residual -> x at ``sigma_next``."""
         raise self._no_step_cache()
 
-    def step_cache_problem(self) -> str | None:
-        """Why this backend cannot run this bundle's step-cache graphs (a message naming the fix), or None when it can.
+    def step_cache_problem(self, mode: str | None = None) -> str | None:
+        """Why this backend cannot run this bundle's step-cache graphs (a message naming the fix), or None when it can;
+        ``mode``: the cache mode asked for (``static`` / ``dynamic``), where a backend runs only one of them.
 
         A synthesizer turns the bundle's default cache setting off where this is not None and refuses a chosen one
         with this message. The default: a backend runs step caching when it implements the three step-cache calls.
@@ -152,6 +153,19 @@ class Backend(ABC):
         return BackendError(
             problem or f"the {self.name} backend cannot run step caching with bundle {self.bundle.path}"
         )
+
+    def denoise_static_cache(
+        self,
+        noise: np.ndarray,
+        conditioning: StepConditioning,
+        sigmas: np.ndarray,
+        schedule: tuple[bool, ...],
+        callback: ProgressCallback | None = None,
+    ) -> np.ndarray | None:
+        """A static cache schedule's whole loop in one call where the backend keeps its tensors on the device between
+        the head, tail and cached-step calls (torch; with ``cuda_graph`` one captured CUDA graph); None: the sampler
+        makes the three calls per step through the host."""
+        return None
 
     def denoise_all(
         self,

@@ -266,7 +266,7 @@ class TensorRTBackend(Backend):
         return self.engines["image_encoder"].run({"pixels": pixels})
 
     # ------------------------------------------------------------------------------------------------ step caching
-    def step_cache_problem(self) -> str | None:
+    def step_cache_problem(self, mode: str | None = None) -> str | None:
         return tensorrt_step_cache_problem(self.bundle, set(self.engines), self.cuda_graph)
 
     def _run_cache(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -12,16 +12,20 @@ the device between steps.
 
 Step caching (docs/step-cache.md): a format-2 bundle whose table also names ``step_head``, ``step_tail`` and
 ``step_cached`` programs (``unidg export cache-graphs`` writes them when its input bundle has torch programs) runs
-the static and dynamic modes through them, the same calls as the onnxruntime backend. Arrays the sampler hands back
-unchanged (the head's outputs, the kept tail residual, x) are not uploaded again: the backend keeps their device
-copies. The speed options (``TorchOptions``, ``unidg.runtime.backends.torch_step_options``: FP8 linears, fused
-attention, torch.compile, the loop as one CUDA graph) apply to the uncached step program only, so with any of them set
-the backend declines step caching (``step_cache_problem``).
+the static and dynamic modes through them, the same decisions as the onnxruntime backend. A static schedule runs as
+one loop with every tensor on the device (``denoise_static_cache``: nothing comes back to the host until the last
+step), and with ``cuda_graph`` that loop is one captured CUDA graph per schedule. A dynamic run reads each step's
+signal on the host: the sampler makes the three calls per step, and arrays it hands back unchanged (the head's
+outputs, the kept tail residual, x) are not uploaded again: the backend keeps their device copies. FP8 linears, fused
+attention and torch.compile (``TorchOptions``, ``unidg.runtime.backends.torch_step_options``) apply to the uncached
+step program only, so with any of them set the backend declines step caching (``step_cache_problem``), as it
+declines a dynamic run with ``cuda_graph``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 
@@ -42,6 +46,7 @@ from unidg.runtime.backends.torch_step_options import (
     euler_loop,
     import_torch,
     optimize_step_program,
+    static_cache_loop,
 )
 from unidg.runtime.bundle import CACHE_GRAPH_NAMES, GRAPH_NAMES, Bundle
 
@@ -126,6 +131,7 @@ class TorchBackend(Backend):
         self._last_x: np.ndarray | None = None
         self._last_x_device = None
         self._kept: dict[str, tuple[np.ndarray, object]] = {}  # step-cache arrays handed out -> their device copies
+        self._cache_loops: dict[tuple[bool, ...], GraphRunner] = {}  # captured static step-cache loops, by schedule
 
     @classmethod
     def from_bundle(
@@ -202,7 +208,7 @@ class TorchBackend(Backend):
         return self._last_x
 
     # ------------------------------------------------------------------------------------------------ step caching
-    def step_cache_problem(self) -> str | None:
+    def step_cache_problem(self, mode: str | None = None) -> str | None:
         if not self.bundle.cache_graphs:
             return (
                 f"bundle {self.bundle.path} has no step-cache graphs; add them with `unidg export cache-graphs`, "
@@ -215,10 +221,15 @@ class TorchBackend(Backend):
                 "`unidg export cache-graphs` on a bundle exported with --torch-programs, or use --backend "
                 "onnxruntime, or --cache off"
             )
-        if self.options != TorchOptions():
+        if replace(self.options, cuda_graph=False) != TorchOptions():
             return (
-                "the torch backend's --compile, --fp8, --fused-attention and --cuda-graph apply to the uncached step "
-                "program only; drop them to run step caching, or run with --cache off"
+                "the torch backend's --compile, --fp8 and --fused-attention apply to the uncached step program only; "
+                "drop them to run step caching, or run with --cache off"
+            )
+        if self.options.cuda_graph and mode == "dynamic":
+            return (
+                "--cuda-graph captures a static step-cache schedule (the dynamic decision reads each step's signal on "
+                "the host); use --cache static, or drop --cuda-graph"
             )
         return None
 
@@ -292,6 +303,46 @@ class TorchBackend(Backend):
         (x_next,) = self._run_cache("step_cached", arrays, x.shape[0], sigma, sigma_next)
         return self._keep("x", x_next)
 
+    def denoise_static_cache(
+        self,
+        noise: np.ndarray,
+        conditioning: StepConditioning,
+        sigmas: np.ndarray,
+        schedule: tuple[bool, ...],
+        callback: ProgressCallback | None = None,
+    ) -> np.ndarray:
+        """The static schedule's loop with every tensor on the device: per step progress; with ``cuda_graph`` one
+        captured CUDA graph per schedule and shape, progress at its end."""
+        problem = self.step_cache_problem("static")
+        if problem:
+            raise BackendError(problem)
+        steps = len(sigmas) - 1
+        resident = self._upload_conditioning(noise, conditioning)
+        arguments = (self._tensor(noise), self._tensor(np.asarray(sigmas, dtype=np.float32)))
+        arguments += tuple(resident[name] for name in self.conditioning_inputs)
+        inputs, names = self.bundle.cache_inputs, self.conditioning_inputs
+        if self.options.cuda_graph:
+            runner = self._cache_loops.get(schedule)
+            if runner is None:
+                runner = GraphRunner(static_cache_loop(self.programs, inputs, names, schedule), self.device)
+                self._cache_loops[schedule] = runner
+            with self.torch.inference_mode():
+                result = runner(*arguments).float().cpu().numpy()
+            for i in range(steps):
+                if callback is not None and callback(i + 1, steps) is False:
+                    raise GenerationCancelled(f"cancelled after the captured {steps}-step loop (step {i + 1} reported)")
+        else:
+
+            def progress(step: int) -> None:
+                if callback is not None and callback(step, steps) is False:
+                    raise GenerationCancelled(f"cancelled after step {step}/{steps}")
+
+            with self.torch.inference_mode():
+                loop = static_cache_loop(self.programs, inputs, names, schedule, progress)
+                result = loop(*arguments).float().cpu().numpy()
+        self._last_x = None
+        return result
+
     @property
     def captures_loop(self) -> bool:
         return self._loop is not None
@@ -316,5 +367,5 @@ class TorchBackend(Backend):
         return result
 
     def close(self) -> None:
-        self.programs, self._resident, self._loop, self._kept = {}, {}, None, {}
+        self.programs, self._resident, self._loop, self._kept, self._cache_loops = {}, {}, None, {}, {}
         self._conditioning = self._last_x = self._last_x_device = None

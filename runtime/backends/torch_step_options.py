@@ -393,3 +393,37 @@ def optimize_step_program(program, options: TorchOptions, device) -> tuple[Calla
         program = torch.compile(program)
         report["compiled"] = True
     return program, report
+
+
+def static_cache_loop(
+    programs: dict[str, Callable],
+    inputs: dict[str, tuple[str, ...]],
+    conditioning: tuple[str, ...],
+    schedule: tuple[bool, ...],
+    progress: Callable[[int], None] | None = None,
+) -> Callable:
+    """``loop(x, sigmas, *conditioning)``: a static step-cache schedule over the head, tail and cached-step programs,
+    every tensor kept on the device (the decisions are fixed, so nothing is read back between steps and the loop can
+    be captured as one CUDA graph). ``inputs``: each program's argument names (``Bundle.cache_inputs``);
+    ``conditioning``: the names of the loop's arguments after ``sigmas``; ``progress(step)`` after each step (not
+    while capturing)."""
+
+    def first(outputs):
+        return outputs[0] if isinstance(outputs, tuple | list) else outputs
+
+    def loop(x, sigmas, *values):
+        named = dict(zip(conditioning, values, strict=True))
+        batch = x.shape[0]
+        for i, full in enumerate(schedule):
+            named.update(x=x, sigma=sigmas[i].expand(batch), sigma_next=sigmas[i + 1].expand(batch))
+            hidden, encoder_hidden, temb, _ = programs["step_head"](*(named[n] for n in inputs["step_head"]))
+            named.update(hidden=hidden, encoder_hidden=encoder_hidden, temb=temb)
+            if full:
+                x, named["tail_residual"] = programs["step_tail"](*(named[n] for n in inputs["step_tail"]))
+            else:
+                x = first(programs["step_cached"](*(named[n] for n in inputs["step_cached"])))
+            if progress is not None:
+                progress(i + 1)
+        return x
+
+    return loop
