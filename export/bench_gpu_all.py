@@ -21,8 +21,8 @@ Rows, in the order they run (``bench_gpu_all_rows.AllRun.run``):
    sample (SigLIP + Redux, VAE encode, 28 steps, VAE decode) with the fastest step configuration measured so far,
    captured as a CUDA graph where capture paid and the attention allows it; named in the row.
 5. **stock end to end** per sample (same stages, diffusers' ``FlowMatchEulerDiscreteScheduler``, eager), the stock
-   step compiled (``compile_repeated_blocks``), the step-caching estimate (derived, not measured: a static schedule's
-   full-step fraction from a bundle manifest or ``--cache-full-steps``), the Triton tile sweep, ``unidg bench
+   step compiled (``compile_repeated_blocks``), end to end under a static step-cache schedule (measured: the gated
+   schedule of a bundle manifest or ``--cache-full-steps`` spread evenly), the Triton tile sweep, ``unidg bench
    train``, and the shipped ONNX bundle on onnxruntime's CUDA execution provider where onnxruntime-gpu is present.
 
 ``--dry-run`` runs every row on the CPU at the tiny dry-run size (float32, FP8 emulated, the kernel interpreted, no
@@ -38,7 +38,7 @@ from unidg.core.errors import OptionError
 from unidg.export.bench_cli import command_line, use_triton_interpreter
 from unidg.export.bench_gpu_all_plan import AllResult
 from unidg.export.bench_gpu_all_report import format_markdown, write_all_report
-from unidg.export.step_cache_fraction import read_full_step_fraction
+from unidg.export.step_cache_fraction import read_static_schedule
 from unidg.runtime.cli_options import option_values
 
 
@@ -47,7 +47,7 @@ def bench_gpu_all(args: argparse.Namespace) -> int:
     if args.dry_run:
         use_triton_interpreter()
     if args.cache_full_steps is not None or args.cache_manifest is not None:
-        read_full_step_fraction(args.cache_full_steps, args.cache_manifest, args.steps or 28)  # refuse bad input first
+        read_static_schedule(args.cache_full_steps, args.cache_manifest, args.steps or 28)  # refuse bad input first
     command = command_line("unidg bench gpu --all")
     out = Path(args.out)
 

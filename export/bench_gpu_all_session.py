@@ -17,9 +17,14 @@ from unidg.export.bench_gpu_all_plan import PlanRow
 from unidg.export.bench_gpu_model import compile_blocks, dry_run_preset, fused_key_bias_processor
 from unidg.export.fp8_transformer import Fp8Transformer
 from unidg.export.key_group_attention import contiguous_key_order, key_range_attention, key_range_bounds
-from unidg.runtime.backends.torch_step_options import GraphRunner, euler_loop
+from unidg.export.step_model import StepCachedModel, StepHeadModel, StepTailModel
+from unidg.runtime.backends.torch_step_options import GraphRunner, euler_loop, static_cache_loop
+from unidg.runtime.bundle import CACHE_GRAPH_INPUTS
 from unidg.train.attention import KeyBiasAttnProcessor, flux_attention_modules
 from unidg.train.model import UniDGModel, unpack_latents
+
+# The loop's arguments after (x, sigmas), as euler_loop takes them.
+LOOP_CONDITIONING = ("cond", "ctx", "key_bias", "guidance", "img_ids", "txt_ids")
 
 STOCK_ATTENTION = "stock"
 BASE_ATTENTION = "sdpa_float_mask"
@@ -307,12 +312,25 @@ class GpuSession:
         return [t / steps for t in times], bool(getattr(loop, "captured", False))
 
     # ---------------------------------------------------------------- end to end
-    def project_sample(self, config: StepConfig, graph: bool) -> Callable[[], object]:
-        """One sample, the project's way: SigLIP + Redux, VAE encode + packing, the loop, VAE decode."""
+    def cache_loop_function(self, schedule: tuple[bool, ...], graph: bool) -> Callable:
+        """``loop(x, sigmas, cond, ctx, key_bias, guidance, img_ids, txt_ids)`` over a static step-cache schedule: the
+        model cut after its first block (head every step, tail on full steps, the cached step otherwise:
+        ``unidg.export.step_model``), every tensor on the device; captured as one CUDA graph if asked."""
+        model = self.model
+        programs = {"step_head": StepHeadModel(model), "step_tail": StepTailModel(model)}
+        programs["step_cached"] = StepCachedModel(model)
+        loop = static_cache_loop(programs, CACHE_GRAPH_INPUTS, LOOP_CONDITIONING, schedule)
+        return GraphRunner(loop, self.device) if graph else loop
+
+    def project_sample(
+        self, config: StepConfig, graph: bool, schedule: tuple[bool, ...] | None = None
+    ) -> Callable[[], object]:
+        """One sample, the project's way: SigLIP + Redux, VAE encode + packing, the loop, VAE decode; ``schedule``: the
+        loop under that static step-cache schedule."""
         torch, model = self.torch, self.model
         self.use(config)
         ranges = config.attention == "sdpa_key_ranges"
-        loop = self.loop_function(config, graph)
+        loop = self.loop_function(config, graph) if schedule is None else self.cache_loop_function(schedule, graph)
         sigmas = self.sigmas(self.steps)
         guidance = self._scalar(float(model.settings.guidance))
 

@@ -21,7 +21,7 @@ from unidg.export.bench_gpu_all_plan import STOCK_STEP_ROW, AllResult, Budget, P
 from unidg.export.bench_gpu_all_report import JSON_NAME, MARKDOWN_NAME, write_all_report  # noqa: E402
 from unidg.export.bench_gpu_all_session import GpuSession, StepConfig  # noqa: E402
 from unidg.export.machine_record import machine_record  # noqa: E402
-from unidg.export.step_cache_fraction import read_full_step_fraction  # noqa: E402
+from unidg.export.step_cache_fraction import read_static_schedule  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,16 +90,23 @@ def test_machine_record_names_versions_and_optional_imports():
     assert record["nvidia_smi"]  # the tool's output, or why it is not available
 
 
-def test_step_caching_fraction_from_the_option_or_a_manifest(tmp_path):
-    assert read_full_step_fraction(14, None, 28) == (0.5, "--cache-full-steps 14 of 28")
-    # The shipped nano bundle's gated schedule (unidg export cache-calibrate): 9 of 28 steps in full.
-    fraction, source = read_full_step_fraction(None, str(ROOT / "runtime" / "assets" / "unidg-nano-bundle"), 28)
-    assert fraction == pytest.approx(9 / 28) and "9 of 28" in source
+def test_step_caching_schedule_from_the_option_or_a_manifest(tmp_path):
+    schedule, source = read_static_schedule(9, None, 28)
+    assert source == "--cache-full-steps 9 of 28" and sum(schedule) == 9 and schedule[0]
+    assert [i for i, full in enumerate(schedule) if full] == [0, 3, 6, 9, 12, 15, 18, 21, 24]
+    assert read_static_schedule(28, None, 28)[0] == (True,) * 28
+    # The shipped nano bundle's gated schedule (unidg export cache-calibrate): 9 of 28 steps in full, as recorded.
+    bundle = ROOT / "runtime" / "assets" / "unidg-nano-bundle"
+    schedule, source = read_static_schedule(None, str(bundle), 28)
+    recorded = json.loads((bundle / "manifest.json").read_text())["metadata"]["step_cache"]["gate"]["static"]
+    assert list(schedule) == [bool(flag) for flag in recorded["schedule"]] and "9 of 28" in source
+    with pytest.raises(OptionError, match="its schedule has 28 steps, the bench runs 10; pass --steps 28"):
+        read_static_schedule(None, str(bundle), 10)
     (tmp_path / "manifest.json").write_text(json.dumps({"metadata": {"graphs": {}}}))
     with pytest.raises(OptionError, match="step_cache.gate.static.schedule"):
-        read_full_step_fraction(None, str(tmp_path), 28)
+        read_static_schedule(None, str(tmp_path), 28)
     with pytest.raises(OptionError, match="1..28"):
-        read_full_step_fraction(30, None, 28)
+        read_static_schedule(30, None, 28)
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +140,21 @@ def test_key_ranges_and_flex_steps_equal_the_float_mask_step(session):
     reference = step_output(session, StepConfig())
     for form in ("sdpa_key_ranges", "flex_score_mod", "sdpa_headdim_fold"):
         torch.testing.assert_close(step_output(session, StepConfig(attention=form)), reference, rtol=0, atol=2e-5)
+
+
+def test_static_cache_loop_equals_the_euler_loop_when_every_step_is_full(session):
+    """Row 10's loop: head + tail every step is the step; a schedule with cached steps runs them on the kept tail
+    residual (finite, and not the full loop's result)."""
+    session.use(StepConfig())
+    work = session.inputs_for("sdpa_float_mask")
+    sigmas = session.sigmas(4)
+    args = (work.x, sigmas, work.cond, work.ctx, work.key_bias, session._scalar(1.0), work.img_ids, work.txt_ids)
+    with torch.inference_mode():
+        full = session.loop_function(StepConfig(), graph=False)(*args)
+        every_step = session.cache_loop_function((True,) * 4, graph=False)(*args)
+        cached = session.cache_loop_function((True, False, False, True), graph=True)(*args)
+    torch.testing.assert_close(every_step, full, rtol=0, atol=2e-5)
+    assert torch.isfinite(cached).all() and (cached - full).abs().max() > 1e-6
 
 
 def test_fp8_fused_projections_stay_close_and_restore_exactly(session):
@@ -174,7 +196,7 @@ def test_dry_run_all_runs_every_row_and_records_the_machine(tmp_path):
         "compile + attention winner + FP8",
         "end to end per sample, fastest combination",
         "stock diffusers end to end per sample, eager",
-        "end to end with static step caching (derived)",
+        "end to end with static step caching",
         "attention: Triton tile sweep",
         "bench train: SFT step, full-width slice",
         "ONNX bundle step on onnxruntime (CUDA EP)",
@@ -184,7 +206,9 @@ def test_dry_run_all_runs_every_row_and_records_the_machine(tmp_path):
     assert rows["stock diffusers step, eager"]["speedup_vs_stock"] == 1.0
     assert rows["base + torch.compile"]["speedup_vs_stock"] > 0
     assert rows["end to end per sample, fastest combination"]["speedup_vs_stock"] > 0
-    assert "DERIVED, not measured" in rows["end to end with static step caching (derived)"]["note"]
+    caching = rows["end to end with static step caching"]
+    assert "measured: 1 of 1 steps run the transformer in full" in caching["note"]
+    assert "static step cache (--cache-full-steps 1 of 1)" in caching["configuration"]
     assert report["winners"]["attention"]["form"] and report["winners"]["end_to_end"]
     forms = {r["variant"] for r in report["attention"]["rows"]}
     assert {"sdpa_key_ranges", "flex_score_mod", "triton_biased", "sdpa_float_mask"} <= forms
