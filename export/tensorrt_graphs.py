@@ -10,6 +10,9 @@ A bundle keeps the form onnxruntime runs; TensorRT needs a few changes, made on 
   attention layer non-decomposable unless the node carries it, so a build with no matching fused kernel fails instead
   of falling back to MatMul/Softmax/MatMul. The attribute is TensorRT's own: ``onnx.checker`` rejects it, so the
   file is checked with the attribute stripped (the only difference) and then written with it.
+- **Elementwise RoPE** (``elementwise_rope``): the ONNX ``RotaryEmbedding`` nodes of the step graphs
+  (``unidg.export.lowered_flux``, ``--rope op``) become the Mul/Sub/Add rotation they define, so a TensorRT whose
+  ONNX parser lacks the operator builds the same graph (TensorRT fuses the pointwise chain either way).
 - **fp32 ``Resize``**: TensorRT has no bf16 ``Resize`` in strongly typed networks, so every bf16 ``Resize`` gets its
   data input cast to fp32 and its output cast back (what NVIDIA's demo/Diffusion does around the VAE upsamplers).
   In nearest mode (the VAE decoder's three upsamplers) the result is bit-identical: bf16 -> fp32 -> bf16 is exact.
@@ -26,6 +29,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from unidg.export.plugins.onnx_rewrite import (
@@ -42,6 +46,7 @@ from unidg.export.plugins.onnx_rewrite import (
 ATTENTION_MASKS = ("key", "full")
 DECOMPOSABLE_ATTRIBUTE = "TRT_decomposable"
 RESIZE_OP = "Resize"
+ROTARY_OP = "RotaryEmbedding"
 # Element types TensorRT resizes only in fp32 in strongly typed networks.
 FP32_RESIZE_TYPES = (onnx.TensorProto.BFLOAT16,)
 
@@ -54,6 +59,7 @@ class GraphDerivation:
     attention_mask: str = "key"  # native step attention: "key" [B, 1, 1, S] or "full" [B, 1, S, S]
     decomposable: bool = False  # TRT_decomposable = 1 on every Attention node
     fp32_resize: bool = True  # cast bf16 Resize to fp32
+    elementwise_rope: bool = True  # RotaryEmbedding nodes as Mul/Sub/Add
 
     def changes(self, model: onnx.ModelProto, attention_form: str | None) -> bool:
         """Would deriving change ``model`` (a graph whose step attention form is ``attention_form``)?"""
@@ -62,6 +68,8 @@ class GraphDerivation:
         if self.attention == "native" and self.attention_mask == "key" and attention_form != "fold":
             return True
         if self.decomposable and any(_is_attention(n) for n in model.graph.node):
+            return True
+        if self.elementwise_rope and any(_is_rotary(n) for n in model.graph.node):
             return True
         return self.fp32_resize and bool(low_precision_resizes(model))
 
@@ -79,6 +87,69 @@ class GraphDerivation:
 
 def _is_attention(node: onnx.NodeProto) -> bool:
     return node.op_type == ATTENTION_OP and node.domain in ONNX_DOMAINS
+
+
+def _is_rotary(node: onnx.NodeProto) -> bool:
+    return node.op_type == ROTARY_OP and node.domain in ONNX_DOMAINS
+
+
+def rotary_to_elementwise(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """A copy of ``model`` with every ``RotaryEmbedding`` node (the form ``LoweredFlux`` writes: 4-D input
+    ``[B, H, S, d]``, interleaved pairs, caches ``[B, S, d/2]``, no position ids) as the rotation it defines:
+    ``(a, b) -> (a cos - b sin, b cos + a sin)`` on each pair; (model, count). Other forms are refused by name."""
+    out = copy.deepcopy(model)
+    if not any(_is_rotary(node) for node in out.graph.node):
+        return out, 0
+    make, nodes, count = onnx.helper.make_node, [], 0
+    constants = {
+        "rope/pairs": [0, 0, 0, -1, 2],  # [B, H, S, d] -> [B, H, S, d/2, 2]; 0 keeps a dimension
+        "rope/flat": [0, 0, 0, -1],
+        "rope/cache_axes": [1, 4],  # [B, S, d/2] -> [B, 1, S, d/2, 1]
+    }
+    for name, values in constants.items():
+        out.graph.initializer.append(onnx.numpy_helper.from_array(np.array(values, dtype=np.int64), name))
+    caches: dict[str, str] = {}
+    for node in out.graph.node:
+        if not _is_rotary(node):
+            nodes.append(node)
+            continue
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        inputs = [name for name in node.input]
+        if (
+            attributes.get("interleaved") != 1
+            or attributes.get("rotary_embedding_dim", 0)
+            or attributes.get("num_heads", 0)
+            or len(inputs) > 3
+            and inputs[3]
+        ):
+            raise ValueError(
+                f"RotaryEmbedding node {node.name!r}: only the 4-D interleaved form without position ids or partial "
+                f"rotation is rewritten (attributes {attributes}); export the bundle with --rope elementwise"
+            )
+        x, cos, sin = inputs[:3]
+        prefix = f"{node.name or f'rotary_{count}'}/"
+        for cache in (cos, sin):
+            if cache not in caches:
+                caches[cache] = f"{cache}/pairs"
+                nodes.append(make("Unsqueeze", [cache, "rope/cache_axes"], [caches[cache]], f"{cache}/unsqueeze"))
+        pairs, even, odd = prefix + "pairs", prefix + "even", prefix + "odd"
+        nodes.append(make("Reshape", [x, "rope/pairs"], [pairs], prefix + "to_pairs"))
+        nodes.append(make("Split", [pairs], [even, odd], prefix + "split", axis=-1, num_outputs=2))
+        products = {}
+        for part in (even, odd):
+            for cache in (cos, sin):
+                products[part, cache] = f"{part}*{cache}"
+                nodes.append(make("Mul", [part, caches[cache]], [products[part, cache]], f"{part}/mul_{cache}"))
+        rotated_even, rotated_odd = prefix + "rotated_even", prefix + "rotated_odd"
+        nodes.append(make("Sub", [products[even, cos], products[odd, sin]], [rotated_even], prefix + "sub"))
+        nodes.append(make("Add", [products[odd, cos], products[even, sin]], [rotated_odd], prefix + "add"))
+        joined = prefix + "joined"
+        nodes.append(make("Concat", [rotated_even, rotated_odd], [joined], prefix + "concat", axis=-1))
+        nodes.append(make("Reshape", [joined, "rope/flat"], [node.output[0]], prefix + "from_pairs"))
+        count += 1
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out, count
 
 
 def value_types(model: onnx.ModelProto) -> dict[str, int]:
@@ -171,6 +242,7 @@ def tensorrt_graph_census(model: onnx.ModelProto) -> dict:
         "attention_masks": attention_mask_shapes(without_tensorrt_attributes(model)),
         "decomposable": decomposable,
         "plugin_nodes": count_plugin_nodes(model),
+        "rotary_nodes": sum(1 for node in model.graph.node if _is_rotary(node)),
     }
 
 
@@ -196,6 +268,8 @@ def derive_graph_model(
         check_rewritten_model(original, model, run_checker=False)
     elif derivation.attention == "native" and derivation.attention_mask == "key" and attention_form != "fold":
         model, _ = rewrite_attention_to_key_mask(model)
+    if derivation.elementwise_rope:
+        model, _ = rotary_to_elementwise(model)
     if derivation.fp32_resize:
         model, _ = cast_resize_to_fp32(model)
     else:

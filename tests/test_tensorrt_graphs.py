@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from export_fixtures import RESOLUTION, bf16_bundle, fp8_bf16_bundle
+from export_fixtures import RESOLUTION, bf16_bundle, fp8_bf16_bundle, nano_bundle
 
 from unidg.export.bf16_emulation import emulate_bf16
 from unidg.export.plugins.onnx_rewrite import (
@@ -26,6 +26,7 @@ from unidg.export.tensorrt_graphs import (
     GraphDerivation,
     cast_resize_to_fp32,
     derive_graph_file,
+    rotary_to_elementwise,
     tensorrt_graph_census,
     value_types,
 )
@@ -104,6 +105,31 @@ def test_mask_forms_and_the_decomposable_attribute(tmp_path, mask):
         onnx.checker.check_model(saved)  # why the file is validated without it
     plain = derive_graph_file(folder / "step.onnx", tmp_path / "plain.onnx", GraphDerivation(attention="native"))
     assert plain["decomposable"] == [None] * attentions
+
+
+def test_rotary_nodes_become_the_rotation_they_define(tmp_path):
+    """A step graph exported with RotaryEmbedding (``--rope op``) reaches TensorRT without it: each node is the
+    Mul/Sub/Add rotation it defines, the same outputs in onnxruntime; bf16 graphs likewise."""
+    source = nano_bundle() / "step.onnx"
+    original = onnx.load(str(source))
+    rotary = sum(node.op_type == "RotaryEmbedding" for node in original.graph.node)
+    assert rotary == 2 * count_attention_nodes(original)  # Q and K of every attention
+    rewritten, count = rotary_to_elementwise(original)
+    assert count == rotary and tensorrt_graph_census(rewritten)["rotary_nodes"] == 0
+    rng = np.random.default_rng(0)
+    sessions = [
+        ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]) for m in (original, rewritten)
+    ]
+    feeds = {i.name: rng.standard_normal(i.shape).astype(np.float32) for i in sessions[0].get_inputs()}
+    want, got = (session.run(None, feeds)[0] for session in sessions)
+    assert np.abs(got - want).max() <= 1e-5 * max(1.0, float(np.abs(want).max()))
+    census = derive_graph_file(source, tmp_path / "step.native.onnx", GraphDerivation(attention="native"))
+    assert census["rotary_nodes"] == 0
+    assert (
+        derive_graph_file(bf16_bundle() / "step.onnx", tmp_path / "bf16.onnx", GraphDerivation())["rotary_nodes"] == 0
+    )
+    kept = GraphDerivation(attention="native", elementwise_rope=False)
+    assert derive_graph_file(source, tmp_path / "kept.onnx", kept)["rotary_nodes"] == rotary
 
 
 def test_the_derived_graph_never_replaces_its_source(tmp_path):
