@@ -54,19 +54,23 @@ def _request(seed: int) -> SynthesisRequest:
     return SynthesisRequest.from_files(case.reference, case.reference_mask, case.source, case.mask, seed=seed)
 
 
-def _generate(bundle: Path, backend: str, seed: int, monkeypatch=None, **options):
-    """One result, and with ``monkeypatch`` the final latents the cached sampler returned (a spy: it calls the real
-    sampler and keeps what it returned)."""
+def _spy_on_cached_latents(monkeypatch) -> dict:
+    """Keep (as ``["x"]``) the final latents the cached sampler returns: a spy that calls the real sampler."""
     kept = {}
-    if monkeypatch is not None:
-        real = synthesizer_module.denoise_cached
+    real = synthesizer_module.denoise_cached
 
-        def spy(*args, **kwargs):
-            x, decider = real(*args, **kwargs)
-            kept["x"] = x.copy()
-            return x, decider
+    def spy(*args, **kwargs):
+        x, decider = real(*args, **kwargs)
+        kept["x"] = x.copy()
+        return x, decider
 
-        monkeypatch.setattr(synthesizer_module, "denoise_cached", spy)
+    monkeypatch.setattr(synthesizer_module, "denoise_cached", spy)
+    return kept
+
+
+def _generate(bundle: Path, backend: str, seed: int, monkeypatch=None, **options):
+    """One result, and with ``monkeypatch`` the final latents the cached sampler returned."""
+    kept = _spy_on_cached_latents(monkeypatch) if monkeypatch is not None else {}
     if backend == "onnxruntime":
         options["threads"] = 1
     with single_thread(), DefectSynthesizer.from_bundle(bundle, backend, **options) as synth:
@@ -160,14 +164,6 @@ def test_static_schedule_runs_on_the_device_and_equals_the_per_call_loop(cuda_gr
 
 
 def _generate_with(synth, request, monkeypatch, steps_seen: list):
-    kept = {}
-    real = synthesizer_module.denoise_cached
-
-    def spy(*args, **kwargs):
-        x, decider = real(*args, **kwargs)
-        kept["x"] = x.copy()
-        return x, decider
-
-    monkeypatch.setattr(synthesizer_module, "denoise_cached", spy)
+    kept = _spy_on_cached_latents(monkeypatch)
     result = synth.generate(request, progress=lambda step, total: steps_seen.append(step) or True)
     return result, kept["x"]
