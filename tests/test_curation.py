@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from skimage.filters import threshold_otsu
-from train_fixtures import procedural_udg
+from train_fixtures import udg_fixture
 
 from unidg.cli import main
 from unidg.core.udg import read_index
@@ -27,9 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NANO_BUNDLE = ROOT / "runtime" / "assets" / "unidg-nano-bundle"
 
 
-@pytest.fixture(scope="module")
-def udg(tmp_path_factory) -> Path:
-    return procedural_udg(tmp_path_factory, 48, seed=5)
+udg = udg_fixture(48, seed=5)
 
 
 @pytest.fixture(scope="module")

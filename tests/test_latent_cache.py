@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from train_fixtures import SETTINGS, nano_sft_config, procedural_udg
+from train_fixtures import SETTINGS, nano_sft_config, udg_fixture
 
 from unidg.train.config import DataConfig, LossConfig, SFTConfig, settings_of
 from unidg.train.latent_cache import (
@@ -32,9 +32,7 @@ from unidg.train.model import UniDGModel
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def udg(tmp_path_factory) -> Path:
-    return procedural_udg(tmp_path_factory, 8)
+udg = udg_fixture(8)
 
 
 @pytest.fixture(scope="module")

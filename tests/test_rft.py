@@ -13,7 +13,7 @@ import torch
 from fs_fixtures import immutable
 from PIL import Image
 from test_judge import server  # noqa: F401  (the local judge server fixture)
-from train_fixtures import procedural_udg
+from train_fixtures import udg_fixture
 
 from unidg.cli import main
 from unidg.train.config import ConfigError, DataConfig, LoraConfig, OptimConfig
@@ -31,9 +31,7 @@ SETTINGS = {"resolution": 32}  # 2 x 4 image tokens
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def udg(tmp_path_factory) -> Path:
-    return procedural_udg(tmp_path_factory, 8)
+udg = udg_fixture(8)
 
 
 def _config(udg: Path, output: Path, steps: int = 3, **grpo) -> RFTConfig:

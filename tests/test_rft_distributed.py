@@ -8,10 +8,9 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from test_rft import NANO, _config
-from train_fixtures import checkpoint_weights, procedural_udg
+from train_fixtures import checkpoint_weights, udg_fixture
 
 from unidg.runtime.serve_client import free_loopback_port
 from unidg.train.checkpoints import read_log
@@ -33,9 +32,7 @@ def _worker(rank: int, world: int, port: int, config_json: str) -> None:
     train_rft(from_dict(RFTConfig, json.loads(config_json), "test config"), resume=True)
 
 
-@pytest.fixture(scope="module")
-def udg(tmp_path_factory) -> Path:
-    return procedural_udg(tmp_path_factory, 8)
+udg = udg_fixture(8)
 
 
 def _two_prompt_config(udg: Path, output: Path, steps: int):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from train_fixtures import procedural_udg
+from train_fixtures import udg_fixture
 
 from unidg.cli import main
 from unidg.core.errors import UniDGError
@@ -21,10 +21,7 @@ from unidg.train.detectors import ResNet34
 from unidg.train.reward_recog import CLASSES, DefectRecogReward, load_pretrained_backbone
 from unidg.train.rewards import RewardError, RewardInputs, load_reward_config
 
-
-@pytest.fixture(scope="module")
-def udg(tmp_path_factory) -> Path:
-    return procedural_udg(tmp_path_factory, 6)
+udg = udg_fixture(6)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_fixtures import SETTINGS, nano_sft_config, procedural_udg
+from train_fixtures import SETTINGS, nano_sft_config, udg_fixture
 
 from unidg.train.checkpoints import (
     CHECKPOINTS,
@@ -32,9 +32,7 @@ from unidg.train.trainer import distribution_sequence, sample_schedule
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def udg(tmp_path_factory) -> Path:
-    return procedural_udg(tmp_path_factory, 12)
+udg = udg_fixture(12)
 
 
 @pytest.fixture(scope="module")

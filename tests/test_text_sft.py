@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
-from train_fixtures import procedural_udg
+from train_fixtures import udg_fixture
 
 from unidg.cli import main
 from unidg.core.instructions import REFERENCE_INSTRUCTION
@@ -59,9 +59,7 @@ from unidg.train.trainer import Placement, sample_schedule
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def udg(tmp_path_factory) -> Path:
-    return procedural_udg(tmp_path_factory, 8, size=32)
+udg = udg_fixture(8, size=32)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from train_fixtures import checkpoint_weights, nano_sft_config, procedural_udg
+from train_fixtures import checkpoint_weights, nano_sft_config, udg_fixture
 
 from unidg.runtime.serve_client import free_loopback_port
 from unidg.train.checkpoints import CHECKPOINTS, read_log
@@ -57,9 +57,7 @@ def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> f
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def udg(tmp_path_factory) -> Path:
-    return procedural_udg(tmp_path_factory, 12)
+udg = udg_fixture(12)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,17 @@ def procedural_udg(tmp_path_factory: pytest.TempPathFactory, count: int, *, seed
     return folder
 
 
+def udg_fixture(count: int, *, seed: int = 3, size: int = 64):
+    """A module-scoped ``udg`` fixture (``udg = udg_fixture(8)`` in a test module): ``procedural_udg`` of ``count``
+    quadruplets, built once per module."""
+
+    @pytest.fixture(scope="module")
+    def udg(tmp_path_factory: pytest.TempPathFactory) -> Path:
+        return procedural_udg(tmp_path_factory, count, seed=seed, size=size)
+
+    return udg
+
+
 def checkpoint_weights(run: Path, step: int) -> dict:
     """The trainable weights a training run saved at ``step``."""
     from safetensors.torch import load_file
