@@ -20,6 +20,7 @@ from unidg.train.curation import (
     LOG_FILE,
     AgentConfig,
     CurateConfig,
+    CurationError,
     curate,
     inpaint_biharmonic,
     read_items,
@@ -186,6 +187,20 @@ def test_inputs_and_config_errors(tmp_path, server, factory) -> None:
     shutil.copyfile(factory / "masks" / "part00.png", mvtec / "ground_truth" / "broken_large" / "000_mask.png")
     (item,) = read_items(tmp_path / "mvtec", "mvtec")
     assert (item.defect_type, item.object_name, item.id) == ("broken_large", "bottle", "bottle-broken_large-000")
+    # VisA: the split CSV as a spreadsheet exports it (UTF-8 with a byte-order mark) reads like the plain file.
+    visa = tmp_path / "visa"
+    (visa / "split_csv").mkdir(parents=True)
+    rows = "object,split,label,image,mask\ncandle,test,anomaly,images/part00.png,masks/part00.png\n"
+    (visa / "split_csv" / "1cls.csv").write_text(rows, encoding="utf-8-sig")
+    (item,) = read_items(visa, "visa")
+    assert (item.object_name, item.image, item.mask) == (
+        "candle",
+        visa / "images/part00.png",
+        visa / "masks/part00.png",
+    )
+    (visa / "split_csv" / "1cls.csv").write_bytes(b"object,split\n\xff\n")
+    with pytest.raises(CurationError, match="1cls.csv is not UTF-8 text .* save VisA's split CSV as UTF-8"):
+        read_items(visa, "visa")
     with pytest.raises(ConfigError, match="captioner.models"):
         CurateConfig(input="x", output="y", verifier=AgentConfig(url=server, model="v")).validate("c.toml")
     with pytest.raises(ConfigError, match="verifier.url"):

@@ -40,6 +40,7 @@ from unidg.core.udg import CATEGORIES, INDEX_FILE, UDGWriter, caption_problems
 from unidg.runtime.synthesizer import DefectSynthesizer, SynthesisRequest
 from unidg.train.chat_client import ChatClient, connection_problems, parse_json_answer, png_data_url
 from unidg.train.config import ConfigError, load_config
+from unidg.train.evaluation.datasets import read_visa_rows
 from unidg.train.judge import Score, ScoredAnswer
 
 PROMPTS = Path(__file__).parent / "prompts"
@@ -212,12 +213,7 @@ def read_items(folder: str | Path, layout: str) -> list[CurationItem]:
         table = root / "split_csv" / "1cls.csv"
         if not table.is_file():
             raise CurationError(f"--in {root}: no split_csv/1cls.csv; is this the VisA root folder?")
-        try:
-            with open(table, newline="", encoding="utf-8") as handle:
-                rows = list(csv.DictReader(handle))
-        except UnicodeDecodeError as error:
-            raise CurationError(f"{table} is not UTF-8 text ({error.reason}); save it as UTF-8") from error
-        for row in rows:
+        for row in read_visa_rows(table, CurationError):
             if row.get("label") != "anomaly" or not row.get("mask"):
                 continue
             image = root / row["image"]

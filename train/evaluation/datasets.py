@@ -158,19 +158,25 @@ def _read_mvtec_object(folder: Path, reference_shots: int) -> InspectionSplit:
 
 
 # ---------------------------------------------------------------------------------------------------------- VisA
+def read_visa_rows(split_csv: Path, error: type[UniDGError] = DatasetLayoutError) -> list[dict[str, str]]:
+    """The rows of VisA's split CSV by column name. A byte-order mark (a spreadsheet's UTF-8 export) is dropped; a file
+    that is not UTF-8 raises ``error`` naming it."""
+    try:
+        with open(split_csv, newline="", encoding="utf-8-sig") as handle:
+            return list(csv.DictReader(handle))
+    except UnicodeDecodeError as decode:
+        raise error(
+            f"{split_csv} is not UTF-8 text (byte {decode.start}: {decode.reason}); save VisA's split CSV as UTF-8"
+        ) from decode
+
+
 def read_visa(root: str | Path, split_csv: str | Path, objects: list[str] | None = None) -> list[InspectionSplit]:
     """Objects of a VisA-layout dataset from its split CSV (``object,split,label,image,mask``; paths relative to
     ``root``). VisA names no defect types: every anomaly is "anomaly"."""
     root, split_csv = Path(root), Path(split_csv)
     if not split_csv.is_file():
         raise DatasetLayoutError(f"{split_csv} does not exist; pass VisA's split CSV (e.g. split_csv/1cls.csv)")
-    try:
-        with open(split_csv, newline="", encoding="utf-8-sig") as handle:
-            rows = list(csv.DictReader(handle))
-    except UnicodeDecodeError as error:
-        raise DatasetLayoutError(
-            f"{split_csv} is not UTF-8 text (byte {error.start}: {error.reason}); save VisA's split CSV as UTF-8"
-        ) from error
+    rows = read_visa_rows(split_csv)
     columns = set(rows[0]) if rows else set()
     missing = [c for c in VISA_COLUMNS if c not in columns]
     if missing:
