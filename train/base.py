@@ -40,14 +40,11 @@ from unidg.train.flow import step_generator
 from unidg.train.loading import save_model
 from unidg.train.model import UniDGModel
 from unidg.train.pairs import pools_of, prepare_pairs, select_pairs
-from unidg.train.sft import training_guidance
 from unidg.train.trainer import (
-    FlowTrainer,
     Placement,
     barrier,
-    build_optimizer,
     distributed,
-    run_options,
+    recipe_trainer,
     sample_schedule,
 )
 
@@ -397,8 +394,13 @@ def train_inpainter(
     for prefix in ("transformer", "image_encoder", "redux"):
         for name, parameter in getattr(model, prefix).named_parameters():
             trainable[f"{prefix}.{name}"] = parameter
-    optim = OptimConfig(name="adamw", lr=stage.lr, weight_decay=stage.weight_decay)
-    optimizer = build_optimizer(list(trainable.values()), optim)
+    optim = OptimConfig(
+        name="adamw",
+        lr=stage.lr,
+        weight_decay=stage.weight_decay,
+        warmup_steps=stage.warmup_steps,
+        grad_clip=stage.grad_clip,
+    )
     schedule = sample_schedule(pools_of(data), stage.mix, stage.steps, stage.batch_size, config.seed)
     loss = LossConfig(
         logit_mean=config.loss.logit_mean,
@@ -409,23 +411,20 @@ def train_inpainter(
     # Without the step count, so a finished run can be extended (as in ``unidg.train.sft.setup_sft``).
     inpainter = {k: v for k, v in to_dict(stage).items() if k != "steps"}
     fingerprint = {"data": data.keys[:3] + [len(data.keys)], "inpainter": inpainter, "seed": config.seed}
-    trainer = FlowTrainer(
+    trainer = recipe_trainer(
         model,
         data,
         trainable,
-        optimizer,
+        optim,
         schedule,
         loss,
         settings,
-        training_guidance(config.train.guidance, settings),
+        config.train,
         config.seed,
         run_dir / INPAINTER_STAGE,
-        grad_clip=stage.grad_clip,
-        warmup_steps=stage.warmup_steps,
-        fingerprint=json.loads(json.dumps(fingerprint)),
+        fingerprint=fingerprint,
         description="inpainter",
         placement=placement,
-        **run_options(config.train),
     )
     started = time.time()
     records = trainer.run(resume=resume)

@@ -10,7 +10,6 @@ training tensors in ``unidg.train.dataset`` (in memory) and ``unidg.train.latent
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,16 +24,11 @@ from unidg.train.run_setup import attach_lora, frozen_model, limit_threads, open
 from unidg.train.trainer import (
     FlowTrainer,
     Placement,
-    build_optimizer,
     current_placement,
     distributed,
-    run_options,
+    recipe_trainer,
     sample_schedule,
 )
-
-
-def training_guidance(configured: float, settings: UniDGSettings) -> float:
-    return settings.guidance if configured < 0 else configured
 
 
 def load_training_data(config: SFTConfig, model, settings: UniDGSettings, placement: Placement):
@@ -78,7 +72,6 @@ def setup_sft(config: SFTConfig, model=None, data=None, placement: Placement | N
             "cache built for these settings, or set settings.resolution to match it"
         )
     modules, trainable = attach_lora(model, config.lora, config.seed, config.train.gradient_checkpointing)
-    optimizer = build_optimizer(list(trainable.values()), config.optim)
     # A dataset with other pools than the three distributions (UniDG-Text's two forms) says how to draw from them.
     pools, weights = (
         data.schedule_pools(config.train.mix) if hasattr(data, "schedule_pools") else (pools_of(data), config.train.mix)
@@ -93,23 +86,20 @@ def setup_sft(config: SFTConfig, model=None, data=None, placement: Placement | N
         "batch_size": config.train.batch_size,
         "mix": list(config.train.mix),
     }
-    trainer = FlowTrainer(
+    trainer = recipe_trainer(
         model,
         data,
         trainable,
-        optimizer,
+        config.optim,
         schedule,
         config.loss,
         settings,
-        training_guidance(config.train.guidance, settings),
+        config.train,
         config.seed,
         Path(config.output),
-        grad_clip=config.optim.grad_clip,
-        warmup_steps=config.optim.warmup_steps,
-        fingerprint=json.loads(json.dumps(fingerprint)),
+        fingerprint=fingerprint,
         description="diversity-sft",
         placement=placement,
-        **run_options(config.train),
     )
     return SFTRun(model, trainer, modules, settings)
 

@@ -16,6 +16,7 @@ reproduces the uninterrupted run's losses.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import time
@@ -215,6 +216,10 @@ def run_options(train: LoopConfig) -> dict:
         "progress": train.progress,
         "micro_batch": train.micro_batch,
     }
+
+
+def training_guidance(configured: float, settings: UniDGSettings) -> float:
+    return settings.guidance if configured < 0 else configured
 
 
 def build_optimizer(params: Sequence[nn.Parameter], optim: OptimConfig) -> torch.optim.Optimizer:
@@ -451,3 +456,43 @@ class FlowTrainer:
             self.save_checkpoint()
         self.model.eval()
         return records
+
+
+def recipe_trainer(
+    model,
+    data,
+    trainable: dict[str, nn.Parameter],
+    optim: OptimConfig,
+    schedule: np.ndarray,
+    loss: LossConfig,
+    settings: UniDGSettings,
+    train: LoopConfig,
+    seed: int,
+    run_dir: str | Path,
+    *,
+    fingerprint: dict,
+    description: str,
+    placement: Placement | None = None,
+) -> FlowTrainer:
+    """The FlowTrainer of a recipe (base inpainter, Diversity-SFT): ``optim``'s optimizer over ``trainable`` with its
+    warm-up and gradient clipping, the guidance of ``train.guidance`` (< 0: the settings'), the loop options of
+    ``run_options(train)``, and ``fingerprint`` as JSON stores it, so it compares equal to the one read back on
+    resume."""
+    return FlowTrainer(
+        model,
+        data,
+        trainable,
+        build_optimizer(list(trainable.values()), optim),
+        schedule,
+        loss,
+        settings,
+        training_guidance(train.guidance, settings),
+        seed,
+        run_dir,
+        grad_clip=optim.grad_clip,
+        warmup_steps=optim.warmup_steps,
+        fingerprint=json.loads(json.dumps(fingerprint)),
+        description=description,
+        placement=placement,
+        **run_options(train),
+    )
