@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import shutil
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ from unidg.core.manifest import Manifest
 from unidg.core.staging import OutputFolderError
 from unidg.core.weights_folder import staged_folder
 from unidg.export.bundle import write_bundle_manifest
-from unidg.export.parity import json_figures, psnr
+from unidg.export.parity import gate_figures, psnr, verdict
 from unidg.runtime.backends.base import StepConditioning
 from unidg.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 from unidg.runtime.bundle import Bundle, load_bundle
@@ -74,17 +74,14 @@ class CandidateResult:
         return 1.0 - self.full_steps_mean / self.steps
 
     def to_dict(self) -> dict:
-        data = asdict(self)
-        data["schedule"] = list(self.schedule) if self.schedule is not None else None
-        data.update(passed=self.passed, saved_fraction=round(self.saved_fraction, 4))
-        return json_figures(data)
+        schedule = list(self.schedule) if self.schedule is not None else None
+        return gate_figures(self, schedule=schedule, saved_fraction=round(self.saved_fraction, 4))
 
     def row(self) -> str:
-        verdict = "PASS" if self.passed else "FAIL"
         return (
             f"{self.name:<40} full {self.full_steps_mean:5.1f}/{self.steps} ({100 * self.saved_fraction:4.1f}% saved)  "
             f"PSNR {self.psnr_min:5.1f}/{self.psnr_mean:5.1f} dB  defect {self.defect_psnr_min:5.1f}/"
-            f"{self.defect_psnr_mean:5.1f} dB  latent {self.latent_max_abs:.4f}  {verdict}"
+            f"{self.defect_psnr_mean:5.1f} dB  latent {self.latent_max_abs:.4f}  {verdict(self.passed)}"
         )
 
 

@@ -90,6 +90,17 @@ def json_figures(data: dict) -> dict:
     return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in data.items()}
 
 
+def gate_figures(report, **extra) -> dict:
+    """A gated report (a dataclass with a ``passed`` property) for a JSON report: its fields, ``passed``, then
+    ``extra`` (a field named there is replaced in place)."""
+    return json_figures({**asdict(report), "passed": report.passed, **extra})
+
+
+def verdict(passed: bool) -> str:
+    """The word a gated report's line ends with."""
+    return "PASS" if passed else "FAIL"
+
+
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
     denominator = float(np.linalg.norm(a) * np.linalg.norm(b))

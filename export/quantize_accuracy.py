@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,7 @@ import torch
 from unidg.calib.build import CalibSet
 from unidg.core.latents import model_to_pixels
 from unidg.export.bf16_emulation import emulated_bf16_file
-from unidg.export.parity import compare, cosine, json_figures, onnx_session, psnr
+from unidg.export.parity import compare, cosine, gate_figures, onnx_session, psnr, verdict
 from unidg.export.quantize_modelopt import QuantizationError
 from unidg.runtime.bundle import STEP_INPUTS, STEP_POSITION_INPUTS, Bundle
 from unidg.runtime.sampler import sampling_sigmas
@@ -58,17 +58,14 @@ class AccuracyReport:
         return self.velocity_cosine_mean >= self.min_cosine and self.psnr_min >= self.min_psnr
 
     def to_dict(self) -> dict:
-        data = asdict(self)
-        data["passed"] = self.passed
-        return json_figures(data)
+        return gate_figures(self)
 
     def __str__(self) -> str:
-        verdict = "PASS" if self.passed else "FAIL"
         return (
             f"{self.format} accuracy on {self.samples} held-out samples ({self.records} step inputs): velocity cosine "
             f"mean {self.velocity_cosine_mean:.4f} (min {self.velocity_cosine_min:.4f}, gate >= {self.min_cosine}); "
             f"final diptych PSNR mean {self.psnr_mean:.2f} dB (min {self.psnr_min:.2f} dB, gate >= {self.min_psnr}); "
-            f"{verdict}"
+            f"{verdict(self.passed)}"
         )
 
 
