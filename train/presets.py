@@ -19,8 +19,16 @@ from unidg.core.settings import UniDGSettings
 TRANSFORMER_IN_CHANNELS = PACKED_CHANNELS + CONDITION_CHANNELS
 
 
+class ModelParams:
+    """The keyword arguments of one model class, as dataclass fields."""
+
+    def config(self) -> dict:
+        """The constructor's keyword arguments (a part whose class wants lists or derived keys adds them)."""
+        return asdict(self)
+
+
 @dataclass(frozen=True)
-class TransformerParams:
+class TransformerParams(ModelParams):
     """Keyword arguments of diffusers' ``FluxTransformer2DModel``."""
 
     num_layers: int
@@ -48,13 +56,13 @@ class TransformerParams:
         return self.num_attention_heads * self.attention_head_dim
 
     def config(self) -> dict:
-        config = asdict(self)
+        config = super().config()
         config["axes_dims_rope"] = list(self.axes_dims_rope)
         return config
 
 
 @dataclass(frozen=True)
-class VaeParams:
+class VaeParams(ModelParams):
     """Keyword arguments of diffusers' ``AutoencoderKL`` in the FLUX layout (no quant convs, 8x downsampling)."""
 
     block_out_channels: tuple[int, ...]
@@ -77,7 +85,7 @@ class VaeParams:
             raise UniDGError(f"the Fill layout needs an 8x VAE: 4 blocks (got {self.block_out_channels})")
 
     def config(self) -> dict:
-        config = asdict(self)
+        config = super().config()
         blocks = len(self.block_out_channels)
         config["block_out_channels"] = list(self.block_out_channels)
         config["down_block_types"] = ["DownEncoderBlock2D"] * blocks
@@ -86,7 +94,7 @@ class VaeParams:
 
 
 @dataclass(frozen=True)
-class ImageEncoderParams:
+class ImageEncoderParams(ModelParams):
     """Keyword arguments of transformers' ``SiglipVisionConfig`` (the Redux reference encoder)."""
 
     hidden_size: int
@@ -104,19 +112,13 @@ class ImageEncoderParams:
     def num_tokens(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
-    def config(self) -> dict:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
-class ReduxParams:
+class ReduxParams(ModelParams):
     """Keyword arguments of diffusers' ``ReduxImageEncoder``."""
 
     redux_dim: int
     txt_in_features: int
-
-    def config(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -145,26 +147,15 @@ class UniDGPreset:
         return self.image_encoder.num_tokens
 
 
+# The transformer's and the image encoder's widths in their fields' order. TransformerParams: num_layers,
+# num_single_layers, attention_head_dim, num_attention_heads, joint_attention_dim, pooled_projection_dim,
+# axes_dims_rope. ImageEncoderParams: hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
+# patch_size, image_size.
 FULL = UniDGPreset(
     name="full",
-    transformer=TransformerParams(
-        num_layers=19,
-        num_single_layers=38,
-        attention_head_dim=128,
-        num_attention_heads=24,
-        joint_attention_dim=4096,
-        pooled_projection_dim=768,
-        axes_dims_rope=(16, 56, 56),
-    ),
+    transformer=TransformerParams(19, 38, 128, 24, 4096, 768, (16, 56, 56)),
     vae=VaeParams(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=1024),
-    image_encoder=ImageEncoderParams(
-        hidden_size=1152,
-        intermediate_size=4304,
-        num_hidden_layers=27,
-        num_attention_heads=16,
-        patch_size=14,
-        image_size=384,
-    ),
+    image_encoder=ImageEncoderParams(1152, 4304, 27, 16, 14, 384),
     redux=ReduxParams(redux_dim=1152, txt_in_features=4096),
     settings=UniDGSettings(),
 )
@@ -172,26 +163,10 @@ FULL = UniDGPreset(
 # Same classes at tiny widths: trains and samples on a laptop CPU (the shipped demo model and the tests).
 NANO = UniDGPreset(
     name="nano",
-    transformer=TransformerParams(
-        num_layers=2,
-        num_single_layers=4,
-        attention_head_dim=32,
-        num_attention_heads=4,
-        joint_attention_dim=64,
-        pooled_projection_dim=32,
-        axes_dims_rope=(8, 12, 12),
-    ),
+    transformer=TransformerParams(2, 4, 32, 4, 64, 32, (8, 12, 12)),
     # 8 groups: 4 channels per group at width 32, as in the FLUX autoencoder (128 wide, 32 groups).
     vae=VaeParams(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=8, sample_size=256),
-    image_encoder=ImageEncoderParams(
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        patch_size=8,
-        image_size=64,
-        vision_use_head=False,
-    ),
+    image_encoder=ImageEncoderParams(64, 256, 2, 4, 8, 64, vision_use_head=False),
     redux=ReduxParams(redux_dim=64, txt_in_features=64),
     # Trained from scratch without guidance distillation: guidance is a constant input, 1.0 by convention.
     settings=UniDGSettings(resolution=256, text_tokens=8, steps=28, guidance=1.0),

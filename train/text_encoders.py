@@ -101,30 +101,11 @@ class TextParams:
         )
 
 
-# FLUX's encoders: openai/clip-vit-large-patch14's text tower and google/t5-v1_1-xxl's encoder.
-FULL_TEXT = TextParams(
-    clip_hidden=768,
-    clip_layers=12,
-    clip_heads=12,
-    clip_intermediate=3072,
-    t5_d_model=4096,
-    t5_d_ff=10240,
-    t5_d_kv=64,
-    t5_heads=64,
-    t5_layers=24,
-)
-# The nano transformer's widths (pooled_projection_dim 32, joint_attention_dim 64).
-NANO_TEXT = TextParams(
-    clip_hidden=32,
-    clip_layers=2,
-    clip_heads=2,
-    clip_intermediate=64,
-    t5_d_model=64,
-    t5_d_ff=128,
-    t5_d_kv=16,
-    t5_heads=4,
-    t5_layers=2,
-)
+# One row a preset, the columns TextParams' fields in order: CLIP hidden, layers, heads, intermediate; T5 d_model, d_ff,
+# d_kv, heads, layers. full: FLUX's encoders (openai/clip-vit-large-patch14's text tower, google/t5-v1_1-xxl's
+# encoder); nano: the nano transformer's widths (pooled_projection_dim 32, joint_attention_dim 64).
+FULL_TEXT = TextParams(768, 12, 12, 3072, 4096, 10240, 64, 64, 24)
+NANO_TEXT = TextParams(32, 2, 2, 64, 64, 128, 16, 4, 2)
 TEXT_PRESETS = {"full": FULL_TEXT, "nano": NANO_TEXT}
 
 
