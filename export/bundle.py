@@ -130,7 +130,6 @@ def export_bundle(
     overwrite: bool = False,
     verify_weights: bool = True,
     torch_programs: bool = False,
-    fuse_qkv: bool = False,
     rope: str = "op",
     text_encoders: str | Path | None = None,
     share_graphs_with: str | Path | None = None,
@@ -140,9 +139,9 @@ def export_bundle(
 
     ``torch_programs`` also saves each graph as a ``torch.export`` program (``torch/<graph>.pt2``, listed in the
     manifest's files and its ``torch_programs`` table) for ``--backend torch``; without it the bundle is unchanged.
-    ``fuse_qkv``: the torch programs' Q, K and V (and the single blocks' projections) as one matmul per attention
-    stream; the ONNX step graphs are always exported so (``unidg.export.lowered_flux``). ``rope``: ``"op"`` (ONNX
-    RotaryEmbedding) or ``"elementwise"`` RoPE in the step graphs.
+    The step graphs and programs compute the transformer in the lowered form (``unidg.export.lowered_flux``: fused
+    projections, token-major activations); ``rope``: ``"op"`` (ONNX RotaryEmbedding) or ``"elementwise"`` RoPE in the
+    ONNX step graphs (the torch programs use the elementwise form).
 
     A UniDG-Text model (its manifest's ``text`` record, ``unidg train text`` + merge) gives a text bundle (format 3):
     the step takes ``pooled``, and the encoders the model was trained with (``text_encoders``, default: the folder its
@@ -174,8 +173,6 @@ def export_bundle(
     record = weights.manifest.metadata.get("text")
     encoders = load_trained_encoders(weights, record, text_encoders) if record else None
     model = cast_for_precision(load_weights_model(weights, settings), precision)
-    if fuse_qkv:
-        model.transformer.fuse_qkv_projections()
     facts = ModelFacts.of(model, resolution, text=encoders is not None)
     with staged_folder(out, overwrite=overwrite) as staging:
         records = export_graphs(

@@ -23,6 +23,7 @@ import torch
 from unidg.core.manifest import Manifest
 from unidg.core.weights_folder import OutputFolderError, read_weights, staged_folder
 from unidg.export.bundle import write_bundle_manifest
+from unidg.export.lowered_flux import LoweredFlux
 from unidg.export.onnx_export import (
     BATCH_AXIS,
     ExportError,
@@ -33,7 +34,6 @@ from unidg.export.onnx_export import (
     _rewrite_to_plugin,
     cast_for_precision,
     export_module,
-    float32_rope,
     lowered_transformer,
     parameter_bytes,
     print_progress,
@@ -41,7 +41,7 @@ from unidg.export.onnx_export import (
     torch_program_file,
     warnings_quiet,
 )
-from unidg.export.step_model import StepCachedModel, StepHeadModel, StepTailModel
+from unidg.export.step_model import StepCachedModel, StepHeadModel, StepTailModel, float32_rope
 from unidg.runtime.bundle import (
     BUNDLE_FORMAT_VERSION_STEP_CACHE,
     CACHE_GRAPH_NAMES,
@@ -111,11 +111,8 @@ def export_cache_graphs(
     inputs = cache_graph_inputs(text)
     examples = cache_example_inputs(model, facts, options.example_batch)
     records = {}
-    blocks = len(model.transformer.transformer_blocks) + len(model.transformer.single_transformer_blocks)
-    # The step graph's form, cut after the first block; step_cached is the output stage only.
-    ranges = {"step_head": (0, 1), "step_tail": (1, blocks)}
     for name in CACHE_GRAPH_NAMES:
-        lowered = lowered_transformer(model, options, ranges[name]) if name in ranges else None
+        lowered = cache_lowered(model, options, name)
         with float32_rope(model):
             record = export_module(
                 CACHE_MODULES[name](model, lowered).eval(),
@@ -138,6 +135,14 @@ def export_cache_graphs(
     return records
 
 
+def cache_lowered(model: UniDGModel, options: ExportOptions, name: str, program: bool = False) -> LoweredFlux | None:
+    """The step graph's lowered transformer cut after its first block: blocks 0-1 for the head, the rest for the
+    tail; None for the cached step (the output stage only)."""
+    blocks = len(model.transformer.transformer_blocks) + len(model.transformer.single_transformer_blocks)
+    ranges = {"step_head": (0, 1), "step_tail": (1, blocks)}
+    return lowered_transformer(model, options, ranges[name], program) if name in ranges else None
+
+
 def export_cache_programs(
     model: UniDGModel,
     folder: Path,
@@ -147,16 +152,16 @@ def export_cache_programs(
 ) -> dict[str, str]:
     """Save ``step_head``, ``step_tail`` and ``step_cached`` as ``torch.export`` programs for the torch backend;
     returns graph -> file (relative to ``folder``). The modules and example inputs the ONNX graphs are exported from,
-    with the model's own key-bias attention (as the step's torch program keeps it)."""
+    in the step program's form (key-only mask, elementwise RoPE)."""
     facts = ModelFacts.of(model, options.resolution, text)
     examples = cache_example_inputs(model, facts, options.example_batch)
     files = {}
     for name in CACHE_GRAPH_NAMES:
         args = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in examples[name].values())
         spec = _cache_dynamic_shapes(name, facts, options)
-        with float32_rope(model), torch.no_grad(), warnings_quiet():
+        with torch.no_grad(), warnings_quiet():
             program = torch.export.export(
-                CACHE_MODULES[name](model).eval(),
+                CACHE_MODULES[name](model, cache_lowered(model, options, name, program=True)).eval(),
                 args,
                 dynamic_shapes=tuple(spec[t] for t in examples[name]) if spec else None,
             )

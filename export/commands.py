@@ -89,11 +89,6 @@ def _register_onnx(export: argparse._SubParsersAction) -> None:
         help="also save each graph as a torch.export program (torch/<graph>.pt2) for --backend torch",
     )
     onnx.add_argument(
-        "--fuse-qkv",
-        action="store_true",
-        help="the torch programs' Q, K and V as one matmul per attention stream (the ONNX step graphs always are)",
-    )
-    onnx.add_argument(
         "--rope",
         choices=("op", "elementwise"),
         default="op",
@@ -373,7 +368,6 @@ def run_onnx(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         verify_weights=not args.no_verify,
         torch_programs=args.torch_programs,
-        fuse_qkv=args.fuse_qkv,
         rope=args.rope,
         text_encoders=args.text_encoders,
         share_graphs_with=args.share_graphs,

@@ -34,8 +34,9 @@ from unidg.train.headdim_fold import folded_attention
 from unidg.train.model import UniDGModel
 
 ROPE_FORMS = ("op", "elementwise")
-# The attention forms the graph is traced in: the ONNX exporter's two portable masks, and no bias at all.
-ATTENTION_FORMS = ("expand", "fold")
+# The attention forms it is traced in: the ONNX exporter's two portable masks, and the key-only mask of the torch
+# programs (the torch backend's --fused-attention rewrites that SDPA call).
+ATTENTION_FORMS = ("expand", "fold", "key")
 NORM_EPS = 1e-6  # FLUX's LayerNorm and QK RMSNorm epsilon
 
 
@@ -84,8 +85,9 @@ class _Modulation:
 class LoweredFlux(nn.Module):
     """velocity(x, cond, ctx, key_bias, sigma, guidance, img_ids, txt_ids[, pooled]) as ``UniDGModel.velocity``.
 
-    ``attention``: ``"expand"`` (the per-key bias as a float mask ``[B, 1, S, S]``, onnxruntime's form) or
-    ``"fold"`` (folded into an extra head dimension, ``unidg.train.headdim_fold``). ``rope``: see the module doc.
+    ``attention``: ``"expand"`` (the per-key bias as a float mask ``[B, 1, S, S]``, onnxruntime's form), ``"fold"``
+    (folded into an extra head dimension, ``unidg.train.headdim_fold``) or ``"key"`` (the key-only mask
+    ``[B, 1, 1, S]`` torch's SDPA broadcasts: the torch programs). ``rope``: see the module doc.
     ``blocks``: (first, stop) of the blocks it runs (double blocks first), for the step-cache head and tail; the
     whole transformer by default. The fused weights are copies: about 40 % of the blocks' weights in memory.
     """
@@ -224,6 +226,8 @@ class LoweredFlux(nn.Module):
         mask = _key_bias_mask(key_bias, batch, keys, torch.float32)  # (B, 1, 1, S), validated
         if self.attention_form == "fold":
             return mask[:, 0, 0, :].expand(batch, -1)
+        if self.attention_form == "key":
+            return mask.to(self.model.dtype)
         return mask.to(self.model.dtype).expand(batch, 1, keys, keys)
 
     def _attend(self, q, k, v, rope: tuple, bias: torch.Tensor | None) -> torch.Tensor:

@@ -43,7 +43,7 @@ from unidg.core.schedule import flux_sigmas
 from unidg.core.settings import MAX_RESOLUTION
 from unidg.export.lowered_flux import LoweredFlux
 from unidg.export.plugins.onnx_rewrite import rewrite_attention_file
-from unidg.export.step_model import ImageEncoderModel, StepModel, VaeDecoderModel, VaeEncoderModel, float32_rope
+from unidg.export.step_model import ImageEncoderModel, StepModel, VaeDecoderModel, VaeEncoderModel
 from unidg.runtime.bundle import GRAPH_INPUTS, GRAPH_NAMES, GRAPH_OUTPUTS, STEP_INPUTS, TEXT_STEP_INPUTS
 from unidg.train.model import UniDGModel
 
@@ -395,10 +395,12 @@ def graph_module(name: str, model: UniDGModel) -> torch.nn.Module:
 
 
 def lowered_transformer(
-    model: UniDGModel, options: ExportOptions, blocks: tuple[int, int] | None = None
+    model: UniDGModel, options: ExportOptions, blocks: tuple[int, int] | None = None, program: bool = False
 ) -> LoweredFlux:
-    """The transformer of the ONNX step graphs (``blocks``: a range of it): diffusers' arithmetic in fewer, larger
-    kernels."""
+    """The transformer of the step graphs (``blocks``: a range of it): diffusers' arithmetic in fewer, larger kernels.
+    ``program``: for a torch program (key-only mask, elementwise RoPE) instead of an ONNX graph."""
+    if program:
+        return LoweredFlux(model, attention="key", rope="elementwise", blocks=blocks).eval()
     return LoweredFlux(model, attention=options.mask_form, rope=options.rope, blocks=blocks).eval()
 
 
@@ -481,9 +483,10 @@ def export_torch_program(
 ) -> Path:
     """Save one bundle graph as a ``torch.export`` program (``.pt2``) for the runtime's torch backend.
 
-    Same module, example inputs, dynamic shapes and float32 RoPE as the ONNX graph; the step keeps the model's own
-    key-bias attention (one ``scaled_dot_product_attention`` with a per-key mask ``[B, 1, 1, N]``), the form the
-    torch backend's ``--fused-attention`` rewrites. The attention form chosen for ONNX does not apply here.
+    Same module, example inputs and dynamic shapes as the ONNX graph; the step's lowered transformer takes the torch
+    program form: one ``scaled_dot_product_attention`` per attention with a key-only mask ``[B, 1, 1, N]`` (the form
+    the torch backend's ``--fused-attention`` rewrites) and diffusers' elementwise RoPE. The attention and RoPE forms
+    chosen for ONNX do not apply here.
     """
     started = time.perf_counter()
     facts = facts or ModelFacts.of(model, options.resolution)
@@ -492,13 +495,12 @@ def export_torch_program(
     spec = _dynamic_shapes(name, facts, options)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    context = contextlib.ExitStack()
     if name == "step":
-        context.enter_context(float32_rope(model))
-    with context, torch.no_grad(), warnings_quiet():
-        program = torch.export.export(
-            graph_module(name, model), args, dynamic_shapes=tuple(spec[k] for k in inputs) if spec else None
-        )
+        module = StepModel(model, lowered_transformer(model, options, program=True)).eval()
+    else:
+        module = graph_module(name, model)
+    with torch.no_grad(), warnings_quiet():
+        program = torch.export.export(module, args, dynamic_shapes=tuple(spec[k] for k in inputs) if spec else None)
     torch.export.save(program, str(path))
     if progress:
         progress(f"{name}: torch program {path.name} in {time.perf_counter() - started:.1f} s")

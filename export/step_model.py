@@ -68,8 +68,8 @@ class ModelGraph(nn.Module):
     """One graph of a bundle, computed from a ``UniDGModel`` (registered as ``model``, so every graph's weights are
     named ``model.*``); subclasses say what ``forward`` computes.
 
-    ``lowered``: the step graphs' transformer as ``unidg.export.lowered_flux.LoweredFlux`` computes it (the ONNX
-    graphs); None runs the model's own diffusers forward (the torch programs)."""
+    ``lowered``: the step graphs' transformer as ``unidg.export.lowered_flux.LoweredFlux`` computes it (every exported
+    step graph and program); None runs the model's own diffusers forward (the reference the tests compare with)."""
 
     def __init__(self, model: UniDGModel, lowered: LoweredFlux | None = None) -> None:
         super().__init__()

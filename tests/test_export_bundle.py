@@ -24,11 +24,11 @@ from unidg.export.onnx_export import (
     ExportOptions,
     ModelFacts,
     export_graph,
-    float32_rope,
     graph_example_inputs,
     graph_module,
 )
 from unidg.export.preset_slice import export_slice
+from unidg.export.step_model import float32_rope
 from unidg.runtime.bundle import GRAPH_INPUTS, GRAPH_NAMES, BundleError, load_bundle
 
 
@@ -117,7 +117,7 @@ def _nano_model():
 
 def test_step_graph_has_one_matmul_per_stream_and_the_same_outputs_fused_or_not(tmp_path):
     """The step graph's Q, K and V are one matmul per attention stream (2 per double block), a single block's with its
-    MLP input (1 per single block), whether or not the model's own projections were fused (``--fuse-qkv``): same
+    MLP input (1 per single block), whether or not diffusers' ``fuse_qkv_projections()`` fused the model's own: same
     graph interface, the unfused model's outputs to float rounding."""
     model = _nano_model()
     feeds = graph_example_inputs("step", ModelFacts.of(model, RESOLUTION), 1)
