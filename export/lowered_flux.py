@@ -8,12 +8,11 @@ streams in every single block), this module computes the same velocity with:
 - token-major activations: at batch 1 every stream is a 2-D ``[tokens, D]`` matrix, so each linear layer is one
   Gemm; a batch larger than 1 keeps ``[B, tokens, D]``;
 - one matmul per projection group: Q, K and V of a stream (and a single block's MLP input with them) as one Gemm,
-  Q and K RMS-normalised together (one normalisation and one scale per stream);
+  split into heads by views, Q and K each through its own RMSNorm as trained;
 - every block's AdaLN modulation from one Gemm on ``silu(temb)`` (it depends on the step, not on the block), with
   the ``1 +`` of each scale folded into that Gemm's bias;
-- RoPE as one rotation of Q and K together per attention, from (cos, sin) tables computed once per step: the ONNX
-  ``RotaryEmbedding`` operator (``rope="op"``), or, for runtimes without it, the elementwise rotation of diffusers
-  (``rope="elementwise"``);
+- RoPE from (cos, sin) tables computed once per step: one ONNX ``RotaryEmbedding`` operator per Q and per K
+  (``rope="op"``), or, for runtimes without it, the elementwise rotation of diffusers (``rope="elementwise"``);
 - the attention mask broadcast once per step, not once per block; the two streams joined once before the single
   blocks and split once after them.
 
