@@ -261,3 +261,27 @@ def test_sixteen_bit_masks_are_read_exactly(tmp_path, toy, samples, capsys):
     assert main(_args(toy, {**samples, "mask": path}, out_16)) == 0, capsys.readouterr().err
     assert main(_args(toy, samples, out_8)) == 0
     assert (out_16 / "abnormal/000000.png").read_bytes() == (out_8 / "abnormal/000000.png").read_bytes()
+
+
+def test_an_operator_without_a_kernel_asks_for_a_newer_onnxruntime(tmp_path):
+    """A graph this onnxruntime has no kernel for (here Erf on float64; in the field, opset-23 operators on an old
+    onnxruntime) is not a broken bundle: the message names the version floor and the upgrade, not a re-export."""
+    import onnxruntime as ort
+
+    from unidg.runtime.backends.onnxruntime_backend import MIN_ONNXRUNTIME, session_load_error
+
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Erf", ["x"], ["y"])],
+        "no_kernel",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.DOUBLE, [2])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.DOUBLE, [2])],
+    )
+    path = tmp_path / "step.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 23)]), str(path))
+    with pytest.raises(Exception) as raised:
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    message = str(session_load_error(path, raised.value))
+    assert f"onnxruntime {ort.__version__} has no kernel" in message and str(path) in message
+    assert f"pip install -U 'onnxruntime>={MIN_ONNXRUNTIME}'" in message and "re-export" not in message
+    other = str(session_load_error(path, ValueError("protobuf parsing failed")))
+    assert "re-export the bundle" in other

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -73,6 +74,23 @@ def cpu_session_options(threads: int | None = None, spin: bool = False) -> ort.S
     return options
 
 
+# The bundle graphs' newest operators (opset 23: Attention, RMSNormalization, RotaryEmbedding) have kernels from here.
+MIN_ONNXRUNTIME = "1.23"
+
+
+def session_load_error(path: Path, error: Exception) -> BackendError:
+    """Why onnxruntime could not load a bundle graph, and the fix: an operator this onnxruntime has no kernel for
+    needs a newer onnxruntime (the graph is fine); anything else, a re-export."""
+    text = f"{type(error).__name__}: {error}"
+    if "NOT_IMPLEMENTED" in text or "Could not find an implementation" in text:
+        return BackendError(
+            f"onnxruntime {ort.__version__} has no kernel for an operator of {path} ({text}); the bundle graphs use "
+            f"opset-23 operators that need onnxruntime >= {MIN_ONNXRUNTIME}: pip install -U 'onnxruntime>="
+            f"{MIN_ONNXRUNTIME}' (or onnxruntime-gpu)"
+        )
+    return BackendError(f"onnxruntime cannot load {path} ({text}); re-export the bundle")
+
+
 def _session_shape(arg: ort.NodeArg) -> tuple[int | str, ...]:
     return tuple(d if isinstance(d, int) else str(d) for d in arg.shape)
 
@@ -125,9 +143,7 @@ class OnnxRuntimeBackend(Backend):
                     str(path), options, providers=resolved, provider_options=provider_options, **extra
                 )
             except Exception as error:  # onnxruntime raises its own exception types for unreadable graphs
-                raise BackendError(
-                    f"onnxruntime cannot load {path} ({type(error).__name__}: {error}); re-export the bundle"
-                ) from error
+                raise session_load_error(path, error) from error
             _check_session(bundle, name, sessions[name])
         return cls(bundle, sessions, resolved)
 
