@@ -38,6 +38,7 @@ CPU_NOTE = (
     "emulated, the Triton kernel interpreted, no CUDA-graph capture); the timings are not performance figures."
 )
 CACHING_ROW = "end to end with static step caching"
+LOWERED_ROW = "project step, lowered (the torch backend's program form), eager"
 
 
 class AllRun:
@@ -79,6 +80,7 @@ class AllRun:
         self.rows["attention"] = plan.row("attention alone: every biased form", "attention", 45, self.attention_alone)
         # 3. options, each alone against the same base
         self.rows["base"] = self.step_row("project step, eager (base: folded, SDPA float mask)", base, 15)
+        self.rows["lowered"] = plan.row(LOWERED_ROW, "step", 25, self.lowered_step)
         # On a GPU the winner alone (budget); the dry run checks every form's step-level path.
         alternatives = [f for f in CAPTURABLE_FORMS if f != BASE_ATTENTION] if self.dry_run else [self.attention]
         for form in alternatives:
@@ -117,6 +119,14 @@ class AllRun:
         if row.status == "done" and not stock_compile:
             self.step_rows[config] = row
         return row
+
+    def lowered_step(self, row: PlanRow) -> None:
+        """The step ``--backend torch`` runs (programs traced from the lowered transformer), beside the base row."""
+        self.session().time_lowered_step(row)
+        record_speedup(row, self.rows.get("stock"))
+        base = self.rows.get("base")
+        if base is not None and base.median_ms and row.median_ms:
+            row.note = f"{base.median_ms / row.median_ms:.2f}x the base row (same inputs, diffusers' forward)"
 
     def stock_step(self, row: PlanRow) -> None:
         s = self.session()

@@ -17,7 +17,8 @@ from unidg.export.bench_gpu_all_plan import PlanRow
 from unidg.export.bench_gpu_model import compile_blocks, dry_run_preset, fused_key_bias_processor
 from unidg.export.fp8_transformer import Fp8Transformer
 from unidg.export.key_group_attention import contiguous_key_order, key_range_attention, key_range_bounds
-from unidg.export.step_model import StepCachedModel, StepHeadModel, StepTailModel
+from unidg.export.lowered_flux import LoweredFlux
+from unidg.export.step_model import StepCachedModel, StepHeadModel, StepModel, StepTailModel
 from unidg.runtime.backends.torch_step_options import GraphRunner, euler_loop, static_cache_loop
 from unidg.runtime.bundle import CACHE_GRAPH_INPUTS
 from unidg.train.attention import KeyBiasAttnProcessor, flux_attention_modules
@@ -278,6 +279,31 @@ class GpuSession:
         row.tokens = work.tokens
         row.median_ms, row.min_ms, row.peak_memory_gib = statistics.median(times), min(times), self.peak()
         row.configuration = config.describe() if not stock_compile else "diffusers stock, compile_repeated_blocks"
+
+    def lowered_step(self) -> Callable:
+        """The step as ``--backend torch`` runs it: the programs' lowered transformer (``unidg.export.lowered_flux``:
+        fused projections, one modulation GEMM, key-only-mask SDPA, elementwise RoPE) with the Euler update, eager.
+        Its fused weights are copies: drop the callable to free them."""
+        lowered = LoweredFlux(self.model, attention="key", rope="elementwise")
+        return StepModel(self.model, lowered).eval()
+
+    def time_lowered_step(self, row: PlanRow) -> None:
+        torch = self.torch
+        self.use(StepConfig())
+        work = self.inputs_for(BASE_ATTENTION)
+        step = self.lowered_step()
+        scalar = self._scalar
+        args = (work.x, work.cond, work.ctx, work.key_bias, scalar(0.8), scalar(0.75), scalar(1.0))
+        args += (work.img_ids, work.txt_ids)
+        self.reset_peak()
+        with torch.inference_mode():
+            times = self.timed(lambda: step(*args), self.repeats, self.warmup)
+        row.tokens = work.tokens
+        row.median_ms, row.min_ms, row.peak_memory_gib = statistics.median(times), min(times), self.peak()
+        row.configuration = "lowered transformer (the torch backend's step program), SDPA key-only mask, eager"
+        step = None  # frees the fused weight copies
+        if self.cuda:
+            torch.cuda.empty_cache()
 
     def timed(self, fn: Callable, repeats: int, warmup: int) -> list[float]:
         return time_call(fn, repeats, warmup, self.cuda)

@@ -157,6 +157,19 @@ def test_static_cache_loop_equals_the_euler_loop_when_every_step_is_full(session
     assert torch.isfinite(cached).all() and (cached - full).abs().max() > 1e-6
 
 
+def test_the_lowered_step_equals_the_base_step(session):
+    """The row timing what --backend torch runs computes the base row's step."""
+    reference = step_output(session, StepConfig())
+    work = session.inputs_for("sdpa_float_mask")
+    scalar = session._scalar
+    with torch.inference_mode():
+        lowered = session.lowered_step()(
+            work.x, work.cond, work.ctx, work.key_bias, scalar(0.8), scalar(0.75), scalar(1.0), work.img_ids,
+            work.txt_ids,
+        )  # fmt: skip
+    torch.testing.assert_close(lowered, reference, rtol=0, atol=2e-5)
+
+
 def test_fp8_fused_projections_stay_close_and_restore_exactly(session):
     reference = step_output(session, StepConfig())
     fp8 = step_output(session, StepConfig(fp8=True))
@@ -191,6 +204,7 @@ def test_dry_run_all_runs_every_row_and_records_the_machine(tmp_path):
         "stock diffusers step, eager",
         "stock diffusers step, torch.compile",
         "base + torch.compile",
+        "project step, lowered (the torch backend's program form), eager",
         "base + CUDA graph (loop)",
         "base + FP8 (fused QKV, bf16 modulation), eager",
         "compile + attention winner + FP8",
