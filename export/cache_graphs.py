@@ -112,18 +112,16 @@ def export_cache_graphs(
     examples = cache_example_inputs(model, facts, options.example_batch)
     records = {}
     for name in CACHE_GRAPH_NAMES:
-        lowered = cache_lowered(model, options, name)
-        with float32_rope(model):
-            record = export_module(
-                CACHE_MODULES[name](model, lowered).eval(),
-                examples[name],
-                Path(folder) / f"{name}.onnx",
-                CACHE_GRAPH_OUTPUTS[name],
-                dynamic_shapes=_cache_dynamic_shapes(name, facts, options),
-                opset=options.opset,
-                weight_bytes=parameter_bytes(model.transformer),
-                progress=progress,
-            )
+        record = export_module(
+            CACHE_MODULES[name](model, cache_lowered(model, options, name)).eval(),
+            examples[name],
+            Path(folder) / f"{name}.onnx",
+            CACHE_GRAPH_OUTPUTS[name],
+            dynamic_shapes=_cache_dynamic_shapes(name, facts, options),
+            opset=options.opset,
+            weight_bytes=parameter_bytes(model.transformer),
+            progress=progress,
+        )
         if tuple(record.inputs) != inputs[name] or tuple(record.outputs) != CACHE_GRAPH_OUTPUTS[name]:
             raise ExportError(
                 f"{name}.onnx has inputs {list(record.inputs)} / outputs {list(record.outputs)}; the step cache needs "

@@ -41,7 +41,7 @@ from unidg.core.latents import LATENT_CHANNELS, MASK_CHANNELS, text_ids
 from unidg.core.layout import DiptychLayout, HasLayout
 from unidg.core.schedule import flux_sigmas
 from unidg.core.settings import MAX_RESOLUTION
-from unidg.export.lowered_flux import LoweredFlux
+from unidg.export.lowered_flux import ROPE_FORMS, LoweredFlux
 from unidg.export.plugins.onnx_rewrite import rewrite_attention_file
 from unidg.export.step_model import ImageEncoderModel, StepModel, VaeDecoderModel, VaeEncoderModel
 from unidg.runtime.bundle import GRAPH_INPUTS, GRAPH_NAMES, GRAPH_OUTPUTS, STEP_INPUTS, TEXT_STEP_INPUTS
@@ -50,7 +50,6 @@ from unidg.train.model import UniDGModel
 OPSET = 23
 PRECISIONS = ("fp32", "fp16", "bf16")
 ATTENTION_FORMS = ("portable", "plugin")
-ROPE_FORMS = ("op", "elementwise")  # unidg.export.lowered_flux: RotaryEmbedding, or Mul/Add for runtimes without it
 PORTABLE_MASKS = ("expand", "fold")
 DEFAULT_PORTABLE_MASK = "expand"  # measured faster in onnxruntime at the nano shape, equally exact: docs/export.md
 TWO_GIGABYTES = 2**31

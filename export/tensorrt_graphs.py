@@ -114,13 +114,13 @@ def rotary_to_elementwise(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]
             nodes.append(node)
             continue
         attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        inputs = [name for name in node.input]
+        inputs = list(node.input)
+        position_ids = len(inputs) > 3 and bool(inputs[3])
         if (
             attributes.get("interleaved") != 1
             or attributes.get("rotary_embedding_dim", 0)
             or attributes.get("num_heads", 0)
-            or len(inputs) > 3
-            and inputs[3]
+            or position_ids
         ):
             raise ValueError(
                 f"RotaryEmbedding node {node.name!r}: only the 4-D interleaved form without position ids or partial "
